@@ -1,0 +1,75 @@
+// pybind11 bindings of the CPU kernels. They take raw addresses and sizes, not tensors, so the
+// extension does not link libtorch (no ABI coupling to a torch version). The Python layer
+// (poissonflow/_cpu.py) validates every argument and owns every buffer; here the GIL is released
+// around the compute and allocation failures become MemoryError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdint.h>
+
+#include "cpu/dispatch.h"
+
+namespace py = pybind11;
+using namespace poissonflow;
+
+namespace {
+
+template <typename P>
+P* as_ptr(uintptr_t addr) {
+  return reinterpret_cast<P*>(addr);
+}
+
+FieldArgs make_field_args(uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t exclude,
+                          uintptr_t eps2_rows, int64_t N, int64_t B, int64_t D, double power,
+                          double eps2, bool is_double, int num_threads) {
+  FieldArgs a;
+  a.x = as_ptr<const void>(x);
+  a.y = as_ptr<const void>(y);
+  a.w = as_ptr<const void>(w);
+  a.exclude = as_ptr<const int64_t>(exclude);
+  a.eps2_rows = as_ptr<const void>(eps2_rows);
+  a.N = N;
+  a.B = B;
+  a.D = D;
+  a.power = power;
+  a.eps2 = eps2;
+  a.is_double = is_double;
+  a.num_threads = num_threads > 0 ? num_threads : 1;
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "poissonflow CPU kernels (raw-pointer interface; use poissonflow.poisson_field)";
+
+  m.def("available_isas", &available_isas,
+        "Instruction sets compiled into this build that this CPU supports, best first.");
+
+  m.def(
+      "field_forward",
+      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t exclude, uintptr_t eps2_rows,
+         int64_t N, int64_t B, int64_t D, double power, double eps2, bool is_double,
+         uintptr_t v, uintptr_t log_scale, int num_threads, const std::string& isa) {
+        FieldArgs a = make_field_args(x, y, w, exclude, eps2_rows, N, B, D, power, eps2,
+                                      is_double, num_threads);
+        a.v = as_ptr<void>(v);
+        a.log_scale = as_ptr<void>(log_scale);
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = field_forward(a, isa);
+        }
+        if (rc != 0) throw std::bad_alloc();
+      },
+      py::arg("x"), py::arg("y"), py::arg("w"), py::arg("exclude"), py::arg("eps2_rows"),
+      py::arg("N"), py::arg("B"), py::arg("D"), py::arg("power"), py::arg("eps2"),
+      py::arg("is_double"), py::arg("v"), py::arg("log_scale"), py::arg("num_threads"),
+      py::arg("isa"));
+
+#ifdef _OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+}

@@ -1,0 +1,78 @@
+// Compiled with the baseline flags only: it must run on any CPU of the architecture.
+#include "dispatch.h"
+
+#include <stdexcept>
+
+namespace poissonflow {
+
+#define PF_DECLARE_ISA(ns)                 \
+  namespace ns {                           \
+  int field_forward(const FieldArgs& a);   \
+  }
+
+PF_DECLARE_ISA(isa_generic)
+#ifdef PF_HAVE_AVX2
+PF_DECLARE_ISA(isa_avx2)
+#endif
+#ifdef PF_HAVE_AVX512
+PF_DECLARE_ISA(isa_avx512)
+#endif
+
+namespace {
+
+struct KernelTable {
+  const char* name;
+  bool (*supported)();
+  int (*field_forward)(const FieldArgs&);
+};
+
+bool always() { return true; }
+#if defined(PF_HAVE_AVX2) || defined(PF_HAVE_AVX512)
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+}
+#endif
+
+#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward}
+
+const KernelTable kTables[] = {
+#ifdef PF_HAVE_AVX512
+    PF_TABLE_ENTRY("avx512", isa_avx512, has_avx512),
+#endif
+#ifdef PF_HAVE_AVX2
+    PF_TABLE_ENTRY("avx2", isa_avx2, has_avx2),
+#endif
+    PF_TABLE_ENTRY("generic", isa_generic, always),
+};
+
+const KernelTable& pick(const std::string& isa) {
+  for (const KernelTable& t : kTables) {
+    if (!t.supported()) continue;
+    if (isa == "auto" || isa == t.name) return t;
+  }
+  throw std::invalid_argument("isa '" + isa + "' is not available on this CPU/build; available: " +
+                              [] {
+                                std::string s;
+                                for (const auto& n : available_isas()) s += (s.empty() ? "" : ", ") + n;
+                                return s;
+                              }());
+}
+
+}  // namespace
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const KernelTable& t : kTables)
+    if (t.supported()) out.push_back(t.name);
+  return out;
+}
+
+int field_forward(const FieldArgs& a, const std::string& isa) { return pick(isa).field_forward(a); }
+
+}  // namespace poissonflow

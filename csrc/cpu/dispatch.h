@@ -1,0 +1,19 @@
+// Run-time choice among the per-ISA copies of the CPU kernels (declared here with shapes in
+// kernel_args.h). Every entry point returns 0 on success, non-zero if scratch could not be
+// allocated; inputs are validated in Python before any of these runs.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernel_args.h"
+
+namespace poissonflow {
+
+// Instruction sets compiled into this build that the running CPU supports, best first.
+std::vector<std::string> available_isas();
+
+// "auto" or one of available_isas(); throws std::invalid_argument otherwise.
+int field_forward(const FieldArgs& a, const std::string& isa);
+
+}  // namespace poissonflow

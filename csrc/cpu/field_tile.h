@@ -1,0 +1,351 @@
+// The field of one tile of queries against all charges: the inner loop that the forward kernel,
+// the fused flow steps and (in its phase-A form) the backward kernel share.
+//
+// Layout. Charges are packed once per call into yT (D x Bp, lanes over charges, Bp a multiple of
+// the charge block) and lw (Bp, log2 of the weights, kNoCharge for padding and zero weights).
+// Vectorising over charges rather than dimensions means no dimension padding, so D = 3 and
+// D = 129 run the same code without waste.
+//
+// Per charge tile (CT charges) the work is three phases:
+//   A  r2 by direct differences (never |x|^2 + |y|^2 - 2 x.y: DESIGN.md section 2), QB queries x
+//      CB charge vectors held in registers, then s = log2 w - (p/2) log2(max(r2 + eps2, tiny)).
+//   B  online softmax in base 2 with a lazy maximum: the running max m moves only when a tile
+//      exceeds it by more than kTau, so p = 2^(s - m) <= 2^kTau and rescaling is rare.
+//   C  acc += p * (y - x), again by differences: x - mu would cancel catastrophically when a
+//      query sits next to a charge far from the origin.
+// All sums run in a fixed order inside one thread, so results do not depend on thread count.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+namespace poissonflow {
+namespace PF_ISA_NS {
+
+// Score of a padding lane or of a zero-weight charge: finite, so that no inf - inf appears.
+template <typename T>
+struct Limits;
+template <>
+struct Limits<float> {
+  static constexpr float kNoCharge = -1e30f;
+  static constexpr float kTiny = 1.17549435e-38f;  // smallest normal: floor of r2
+};
+template <>
+struct Limits<double> {
+  static constexpr double kNoCharge = -1e300;
+  static constexpr double kTiny = 2.2250738585072014e-308;
+};
+
+// Running maxima below this are "no real charge seen yet".
+template <typename T>
+static inline bool is_real_score(T s) {
+  return s > Limits<T>::kNoCharge * (T)0.5;
+}
+
+constexpr int kTau = 8;  // lazy-rescale threshold in log2 units
+
+// Tile geometry for this ISA and element type.
+template <typename T>
+struct Geometry {
+  static constexpr int W = VecTraits<T>::W;
+  static constexpr int QB = 4;             // phase A: queries per register block
+#if defined(PF_ISA_AVX512)
+  static constexpr int CB = 2;             // phase A: charge vectors per register block
+  static constexpr int QC = 2;             // phase C: queries per register block
+  static constexpr int KB = 6;             // phase C: dimensions per register block
+#else
+  static constexpr int CB = 2;
+  static constexpr int QC = 2;
+  static constexpr int KB = 3;
+#endif
+  static constexpr int CT = 16 * W;        // charges per tile
+  static constexpr int kChargeAlign = CB * W;  // Bp is a multiple of this
+};
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+static inline void* aligned_buffer(size_t bytes) {
+  size_t n = (size_t)round_up((int64_t)(bytes ? bytes : 64), 64);
+  return aligned_alloc(64, n);
+}
+
+// Charges in the kernel layout.
+template <typename T>
+struct Packed {
+  T* yT = nullptr;  // (D, Bp)
+  T* lw = nullptr;  // (Bp,)
+  int64_t B = 0, Bp = 0, D = 0;
+  double log_wsum = 0.0;  // natural log of the sum of weights
+
+  bool allocate(int64_t B_, int64_t D_) {
+    B = B_;
+    D = D_;
+    Bp = round_up(B_, Geometry<T>::kChargeAlign);
+    yT = (T*)aligned_buffer(sizeof(T) * (size_t)(D * Bp));
+    lw = (T*)aligned_buffer(sizeof(T) * (size_t)Bp);
+    return yT && lw;
+  }
+  void release() {
+    free(yT);
+    free(lw);
+    yT = lw = nullptr;
+  }
+};
+
+// Transposes y (B, D) into yT and takes log2 of the weights; the weight sum is accumulated in
+// double in index order.
+template <typename T>
+static void pack_charges(const T* y, const T* w, Packed<T>& pk) {
+  const int64_t B = pk.B, Bp = pk.Bp, D = pk.D;
+  for (int64_t k = 0; k < D; ++k) {
+    T* row = pk.yT + k * Bp;
+    for (int64_t j = 0; j < B; ++j) row[j] = y[j * D + k];
+    for (int64_t j = B; j < Bp; ++j) row[j] = (T)0;
+  }
+  double wsum = 0.0;
+  for (int64_t j = 0; j < B; ++j) {
+    double wj = w ? (double)w[j] : 1.0;
+    wsum += wj;
+    pk.lw[j] = wj > 0.0 ? (T)log2(wj) : Limits<T>::kNoCharge;
+  }
+  for (int64_t j = B; j < Bp; ++j) pk.lw[j] = Limits<T>::kNoCharge;
+  pk.log_wsum = log(wsum);
+}
+
+// Per-thread scratch for one query tile.
+template <typename T>
+struct TileScratch {
+  static constexpr int W = VecTraits<T>::W;
+  int QT = 0;          // queries per tile
+  int64_t D = 0;
+  T* xt = nullptr;     // (QT, D) the tile's queries
+  T* e2 = nullptr;     // (QT,) softening squared
+  int64_t* excl = nullptr;  // (QT,) excluded charge or -1
+  T* S = nullptr;      // (QT, CT) scores, then probabilities
+  T* acc = nullptr;    // (QT, D, W) lane partial sums of p * (y - x)
+  T* lvec = nullptr;   // (QT, W) lane partial sums of p
+  T* m = nullptr;      // (QT,) running max of scores (log2)
+  T* out_v = nullptr;  // (QT, D) field of the tile
+  T* out_lse = nullptr;  // (QT,) log-sum-exp in log2 units (-inf: no charge)
+
+  bool allocate(int QT_, int64_t D_) {
+    QT = QT_;
+    D = D_;
+    const int CT = Geometry<T>::CT;
+    xt = (T*)aligned_buffer(sizeof(T) * QT * D);
+    e2 = (T*)aligned_buffer(sizeof(T) * QT);
+    excl = (int64_t*)aligned_buffer(sizeof(int64_t) * QT);
+    S = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    acc = (T*)aligned_buffer(sizeof(T) * QT * D * W);
+    lvec = (T*)aligned_buffer(sizeof(T) * QT * W);
+    m = (T*)aligned_buffer(sizeof(T) * QT);
+    out_v = (T*)aligned_buffer(sizeof(T) * QT * D);
+    out_lse = (T*)aligned_buffer(sizeof(T) * QT);
+    return xt && e2 && excl && S && acc && lvec && m && out_v && out_lse;
+  }
+  void release() {
+    free(xt); free(e2); free(excl); free(S); free(acc); free(lvec); free(m); free(out_v);
+    free(out_lse);
+    xt = e2 = S = acc = lvec = m = out_v = out_lse = nullptr;
+    excl = nullptr;
+  }
+};
+
+// Queries per tile: as many as keep the accumulator near 256 KiB (it lives in L2), a multiple of
+// the register blocks, at least one block.
+template <typename T>
+static inline int query_tile_size(int64_t D) {
+  typedef Geometry<T> G;
+  const int64_t budget = 256 * 1024;
+  int64_t qt = budget / ((int64_t)sizeof(T) * (D > 0 ? D : 1) * G::W);
+  if (qt > 32) qt = 32;
+  const int blk = G::QB > G::QC ? G::QB : G::QC;  // both are powers of two
+  qt = qt / blk * blk;
+  if (qt < blk) qt = blk;
+  return (int)qt;
+}
+
+// Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0.
+template <typename T, int QB, int CB>
+static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t j,
+                                int col, T half_p) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = pk.D, Bp = pk.Bp;
+  const int CT = Geometry<T>::CT;
+  V acc[QB][CB];
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) acc[q][c] = V{};
+  const T* xq[QB];
+  for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
+  const T* yk = pk.yT + j;
+  for (int64_t k = 0; k < D; ++k, yk += Bp) {
+    V y[CB];
+    for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
+    for (int q = 0; q < QB; ++q) {
+      const T xs = xq[q][k];
+      for (int c = 0; c < CB; ++c) {
+        V d = y[c] - xs;
+        acc[q][c] += d * d;
+      }
+    }
+  }
+  const V tiny = vbroadcast<T>(Limits<T>::kTiny);
+  for (int c = 0; c < CB; ++c) {
+    const V lw = vload<T>(pk.lw + j + c * W);
+    const V real = lw;  // kNoCharge lanes stay at kNoCharge below
+    for (int q = 0; q < QB; ++q) {
+      V r2 = vmax<T>(acc[q][c] + sc.e2[q0 + q], tiny);
+      V s = lw - half_p * vlog2<T>(r2);
+      s = real > (T)(Limits<T>::kNoCharge * (T)0.5) ? s : vbroadcast<T>(Limits<T>::kNoCharge);
+      vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
+    }
+  }
+}
+
+// Phase C for QC queries x KBr dimensions starting at dimension k0, over nvec charge vectors.
+template <typename T, int QC, int KBr>
+static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t k0,
+                                    int64_t j0, int nvec) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = pk.D, Bp = pk.Bp;
+  const int CT = Geometry<T>::CT;
+  V acc[QC][KBr];
+  T xs[QC][KBr];
+  for (int q = 0; q < QC; ++q)
+    for (int kk = 0; kk < KBr; ++kk) {
+      acc[q][kk] = vload<T>(sc.acc + ((int64_t)(q0 + q) * D + k0 + kk) * W);
+      xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
+    }
+  const T* prow[QC];
+  for (int q = 0; q < QC; ++q) prow[q] = sc.S + (int64_t)(q0 + q) * CT;
+  const T* ybase = pk.yT + k0 * Bp + j0;
+  for (int c = 0; c < nvec; ++c) {
+    V p[QC];
+    for (int q = 0; q < QC; ++q) p[q] = vload<T>(prow[q] + c * W);
+    for (int kk = 0; kk < KBr; ++kk) {
+      const V y = vload<T>(ybase + kk * Bp + c * W);
+      for (int q = 0; q < QC; ++q) acc[q][kk] += p[q] * (y - xs[q][kk]);
+    }
+  }
+  for (int q = 0; q < QC; ++q)
+    for (int kk = 0; kk < KBr; ++kk)
+      vstore<T>(sc.acc + ((int64_t)(q0 + q) * D + k0 + kk) * W, acc[q][kk]);
+}
+
+template <typename T, int QC, int KBr>
+static inline void accumulate_tail(TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t k0,
+                                   int64_t j0, int nvec, int rem) {
+  if constexpr (KBr > 0) {
+    if (rem == KBr)
+      accumulate_block<T, QC, KBr>(sc, pk, q0, k0, j0, nvec);
+    else
+      accumulate_tail<T, QC, KBr - 1>(sc, pk, q0, k0, j0, nvec, rem);
+  }
+}
+
+// Field of the tile's first nq queries (sc.xt, sc.e2, sc.excl filled by the caller; rows nq..QT
+// must hold finite copies). Writes sc.out_v (the field v = x - mu) and sc.out_lse (log2 units).
+template <typename T>
+static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq) {
+  typedef VecT<T> V;
+  typedef Geometry<T> G;
+  constexpr int W = G::W;
+  const int QT = sc.QT;
+  const int64_t D = pk.D, Bp = pk.Bp;
+  const int CT = G::CT;
+
+  for (int q = 0; q < QT; ++q) {
+    sc.m[q] = Limits<T>::kNoCharge;
+    vstore<T>(sc.lvec + (int64_t)q * W, V{});
+  }
+  for (int64_t i = 0; i < (int64_t)QT * D * W; ++i) sc.acc[i] = (T)0;
+
+  for (int64_t j0 = 0; j0 < Bp; j0 += CT) {
+    const int ncharges = (int)(Bp - j0 < CT ? Bp - j0 : CT);  // multiple of CB * W
+    const int nvec = ncharges / W;
+    // Phase A: scores.
+    for (int q0 = 0; q0 < QT; q0 += G::QB)
+      for (int c0 = 0; c0 < nvec; c0 += G::CB)
+        scores_block<T, G::QB, G::CB>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W, half_p);
+    // Excluded self-charges.
+    for (int q = 0; q < QT; ++q) {
+      const int64_t e = sc.excl[q];
+      if (e >= j0 && e < j0 + ncharges) sc.S[(int64_t)q * CT + (e - j0)] = Limits<T>::kNoCharge;
+    }
+    // Phase B: online softmax.
+    for (int q = 0; q < QT; ++q) {
+      T* srow = sc.S + (int64_t)q * CT;
+      V mx = vload<T>(srow);
+      for (int c = 1; c < nvec; ++c) mx = vmax<T>(mx, vload<T>(srow + c * W));
+      const T tmax = vhmax<T>(mx);
+      T m = sc.m[q];
+      if (is_real_score(tmax) && (!is_real_score(m) || tmax > m + (T)kTau)) {
+        if (is_real_score(m)) {
+          const T alpha = (T)exp2((double)(m - tmax));
+          T* a = sc.acc + (int64_t)q * D * W;
+          for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
+          vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
+        }
+        m = tmax;
+        sc.m[q] = m;
+      }
+      if (!is_real_score(m)) {
+        for (int c = 0; c < nvec; ++c) vstore<T>(srow + c * W, V{});
+        continue;
+      }
+      V l = vload<T>(sc.lvec + (int64_t)q * W);
+      for (int c = 0; c < nvec; ++c) {
+        V p = vexp2<T>(vload<T>(srow + c * W) - m);
+        vstore<T>(srow + c * W, p);
+        l += p;
+      }
+      vstore<T>(sc.lvec + (int64_t)q * W, l);
+    }
+    // Phase C: accumulate p * (y - x).
+    for (int q0 = 0; q0 < QT; q0 += G::QC) {
+      int64_t k0 = 0;
+      for (; k0 + G::KB <= D; k0 += G::KB)
+        accumulate_block<T, G::QC, G::KB>(sc, pk, q0, k0, j0, nvec);
+      if (k0 < D) accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, q0, k0, j0, nvec, (int)(D - k0));
+    }
+  }
+
+  // Finalise: v = x - mu = -sum p (y - x) / sum p; lse = m + log2(sum p).
+  for (int q = 0; q < nq; ++q) {
+    const T l = vhsum<T>(vload<T>(sc.lvec + (int64_t)q * W));
+    T* vq = sc.out_v + (int64_t)q * D;
+    if (!(l > (T)0) || !is_real_score(sc.m[q])) {
+      // No charge reaches this query (all weights zero or its only charge excluded): no field.
+      for (int64_t k = 0; k < D; ++k) vq[k] = (T)0;
+      sc.out_lse[q] = (T)-INFINITY;
+      continue;
+    }
+    const T inv = (T)1 / l;
+    const T* a = sc.acc + (int64_t)q * D * W;
+    for (int64_t k = 0; k < D; ++k) vq[k] = -vhsum<T>(vload<T>(a + k * W)) * inv;
+    sc.out_lse[q] = (T)((double)sc.m[q] + log2((double)l));
+  }
+}
+
+// Fills the tile's query rows [i0, i0 + nq) of x (rows past nq repeat the last one so that every
+// lane stays finite), its softening and its excluded charges.
+template <typename T>
+static inline void load_query_tile(TileScratch<T>& sc, const FieldArgs& a, int64_t i0, int nq) {
+  const T* x = (const T*)a.x;
+  const T* e2r = (const T*)a.eps2_rows;
+  const int64_t D = a.D;
+  for (int q = 0; q < sc.QT; ++q) {
+    const int64_t i = i0 + (q < nq ? q : nq - 1);
+    memcpy(sc.xt + (int64_t)q * D, x + i * D, sizeof(T) * D);
+    sc.e2[q] = e2r ? e2r[i] : (T)a.eps2;
+    sc.excl[q] = (a.exclude && q < nq) ? a.exclude[i] : -1;
+  }
+}
+
+}  // namespace PF_ISA_NS
+}  // namespace poissonflow

@@ -1,0 +1,222 @@
+// Portable SIMD layer for the CPU kernels.
+//
+// The kernels are written once against `Vec<T, W>` (GCC/Clang vector extensions) and compiled
+// several times, once per instruction set (see CMakeLists.txt: generic, AVX2+FMA, AVX-512),
+// each copy inside its own namespace PF_ISA_NS so that the copies never meet at link time.
+// No STL templates are used here or in the kernels: an inline STL function instantiated in an
+// AVX-512 translation unit could be picked by the linker for the generic path as well.
+//
+// Besides + - * (contracted to FMA by -ffp-contract=fast) the kernels need broadcast, loads,
+// stores, max, select, a horizontal sum in a fixed order, and exp2/log2 accurate to a few ulp.
+// exp2/log2 are polynomial (no libm per lane): log2 uses the atanh series of ln on
+// [sqrt(1/2), sqrt(2)), exp2 a Taylor polynomial on [-1/2, 1/2]; both degrees are chosen so the
+// truncation error is below the type's half-ulp (float: 5e-9 and 4e-11; double: 4e-18, 6e-19).
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#ifndef PF_ISA_NS
+#error "PF_ISA_NS must name the instruction-set namespace of this translation unit"
+#endif
+
+namespace poissonflow {
+namespace PF_ISA_NS {
+
+// Vector width in bytes for this translation unit.
+#if defined(PF_ISA_AVX512)
+constexpr int kVecBytes = 64;
+#elif defined(PF_ISA_AVX2)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct VecTraits;
+
+template <>
+struct VecTraits<float> {
+  static constexpr int W = kVecBytes / 4;
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t I __attribute__((vector_size(kVecBytes)));
+  typedef int32_t SInt;
+  static constexpr int kMantBits = 23;
+  static constexpr int kExpBias = 127;
+  static constexpr int kMinExp = -126;  // smallest normal exponent
+};
+
+template <>
+struct VecTraits<double> {
+  static constexpr int W = kVecBytes / 8;
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  typedef int64_t I __attribute__((vector_size(kVecBytes)));
+  typedef int64_t SInt;
+  static constexpr int kMantBits = 52;
+  static constexpr int kExpBias = 1023;
+  static constexpr int kMinExp = -1022;
+};
+
+template <typename T>
+using VecT = typename VecTraits<T>::V;
+template <typename T>
+using IVecT = typename VecTraits<T>::I;
+
+template <typename T>
+static inline VecT<T> vbroadcast(T s) {
+  return VecT<T>{} + s;
+}
+
+template <typename T>
+static inline VecT<T> vload(const T* p) {
+  VecT<T> v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+static inline void vstore(T* p, VecT<T> v) {
+  memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+static inline VecT<T> vmax(VecT<T> a, VecT<T> b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+static inline VecT<T> vmin(VecT<T> a, VecT<T> b) {
+  return a < b ? a : b;
+}
+
+// Horizontal sum, always in the same order (pairwise over lanes), so results never depend on
+// the thread that computed them.
+template <typename T>
+static inline T vhsum(VecT<T> v) {
+  constexpr int W = VecTraits<T>::W;
+  T lanes[W];
+  memcpy(lanes, &v, sizeof(v));
+  for (int step = 1; step < W; step *= 2)
+    for (int i = 0; i + step < W; i += 2 * step) lanes[i] += lanes[i + step];
+  return lanes[0];
+}
+
+template <typename T>
+static inline T vhmax(VecT<T> v) {
+  constexpr int W = VecTraits<T>::W;
+  T lanes[W];
+  memcpy(lanes, &v, sizeof(v));
+  T m = lanes[0];
+  for (int i = 1; i < W; ++i) m = lanes[i] > m ? lanes[i] : m;
+  return m;
+}
+
+// Round to nearest integer (ties to even) for |x| < 2^(mantissa bits - 1), by the magic-number
+// trick; the build never uses -ffast-math, so the compiler keeps (x + c) - c.
+template <typename T>
+static inline VecT<T> vround(VecT<T> x) {
+  const T magic = (T)1.5 * (T)(1LL << VecTraits<T>::kMantBits);
+  VecT<T> t = x + magic;
+  return t - magic;
+}
+
+// 2^x. Arguments below the smallest normal exponent give 0 (a weight that small relative to the
+// running maximum cannot change a float sum); arguments are never above 2^TAU in the kernels.
+template <typename T>
+static inline VecT<T> vexp2(VecT<T> x) {
+  typedef VecTraits<T> Tr;
+  typedef VecT<T> V;
+  typedef IVecT<T> I;
+  const V lo = vbroadcast<T>((T)(Tr::kMinExp));
+  V xc = vmax<T>(x, lo);
+  V n = vround<T>(xc);
+  V f = xc - n;  // in [-1/2, 1/2]
+  V p;
+  if (sizeof(T) == 4) {
+    // Taylor coefficients (ln 2)^k / k!, degree 7: truncation 5e-9 relative.
+    p = vbroadcast<T>((T)1.525273380405984028e-5);
+    p = p * f + (T)1.540353039338160995e-4;
+    p = p * f + (T)1.333355814642844342e-3;
+    p = p * f + (T)9.618129107628477162e-3;
+    p = p * f + (T)5.550410866482157995e-2;
+    p = p * f + (T)2.402265069591007123e-1;
+    p = p * f + (T)6.931471805599453094e-1;
+    p = p * f + (T)1.0;
+  } else {
+    // degree 13: truncation 4e-18 relative.
+    p = vbroadcast<T>((T)1.369148885390412888e-12);
+    p = p * f + (T)2.567843599348820514e-11;
+    p = p * f + (T)4.445538271870811498e-10;
+    p = p * f + (T)7.054911620801123330e-9;
+    p = p * f + (T)1.017808600923969973e-7;
+    p = p * f + (T)1.321548679014430949e-6;
+    p = p * f + (T)1.525273380405984028e-5;
+    p = p * f + (T)1.540353039338160995e-4;
+    p = p * f + (T)1.333355814642844342e-3;
+    p = p * f + (T)9.618129107628477162e-3;
+    p = p * f + (T)5.550410866482157995e-2;
+    p = p * f + (T)2.402265069591007123e-1;
+    p = p * f + (T)6.931471805599453094e-1;
+    p = p * f + (T)1.0;
+  }
+  I ni = __builtin_convertvector(n, I);
+  I bits = (ni + (typename Tr::SInt)Tr::kExpBias) << Tr::kMantBits;
+  V scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  V r = p * scale;
+  // below the normal range: 0 (the clamp above kept the bit trick valid)
+  return x < lo ? V{} : r;
+}
+
+// log2(x) for positive normal x (the kernels clamp r2 to the smallest normal number first).
+template <typename T>
+static inline VecT<T> vlog2(VecT<T> x) {
+  typedef VecTraits<T> Tr;
+  typedef VecT<T> V;
+  typedef IVecT<T> I;
+  typedef typename Tr::SInt S;
+  I bits;
+  memcpy(&bits, &x, sizeof(bits));
+  I e = ((bits >> Tr::kMantBits) & (I{} + (S)((1 << (sizeof(T) == 4 ? 8 : 11)) - 1))) -
+        (S)Tr::kExpBias;
+  const S mant_mask = (S)((((int64_t)1) << Tr::kMantBits) - 1);
+  const S one_bits = (S)Tr::kExpBias << Tr::kMantBits;
+  I mbits = (bits & mant_mask) | one_bits;
+  V m;
+  memcpy(&m, &mbits, sizeof(m));  // m in [1, 2)
+  const V sqrt2 = vbroadcast<T>((T)1.4142135623730950488);
+  auto big = m > sqrt2;
+  m = big ? m * (T)0.5 : m;  // m in [sqrt(1/2), sqrt(2))
+  e = e + (big & (I{} + (S)1));
+  V s = (m - (T)1) / (m + (T)1);  // |s| <= 0.1716
+  V s2 = s * s;
+  V q;
+  if (sizeof(T) == 4) {
+    // ln m = 2 atanh(s) = 2 s (1 + s2/3 + s2^2/5 + ...), six terms: 2e-9 relative.
+    q = vbroadcast<T>((T)(1.0 / 11));
+    q = q * s2 + (T)(1.0 / 9);
+    q = q * s2 + (T)(1.0 / 7);
+    q = q * s2 + (T)(1.0 / 5);
+    q = q * s2 + (T)(1.0 / 3);
+    q = q * s2 + (T)1;
+  } else {
+    q = vbroadcast<T>((T)(1.0 / 23));
+    q = q * s2 + (T)(1.0 / 21);
+    q = q * s2 + (T)(1.0 / 19);
+    q = q * s2 + (T)(1.0 / 17);
+    q = q * s2 + (T)(1.0 / 15);
+    q = q * s2 + (T)(1.0 / 13);
+    q = q * s2 + (T)(1.0 / 11);
+    q = q * s2 + (T)(1.0 / 9);
+    q = q * s2 + (T)(1.0 / 7);
+    q = q * s2 + (T)(1.0 / 5);
+    q = q * s2 + (T)(1.0 / 3);
+    q = q * s2 + (T)1;
+  }
+  // log2 m = ln m / ln 2 = s * q * (2 / ln 2)
+  V lm = s * q * (T)2.8853900817779268147;
+  return __builtin_convertvector(e, V) + lm;
+}
+
+}  // namespace PF_ISA_NS
+}  // namespace poissonflow

@@ -1,0 +1,87 @@
+"""Input validation shared by every public entry point.
+
+Every check runs before any kernel and raises an exception that names the argument. Kernels may
+therefore assume: 2-D contiguous tensors on one device, one floating dtype, finite values,
+non-negative weights with a positive sum, at least one charge.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+# Largest number of elements one input may have: C++ indexes with int64 and the packed copy of
+# the charges must be allocatable; beyond 2**40 elements (4 TiB of float32) nothing is sensible.
+MAX_NUMEL = 2**40
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.numel() > MAX_NUMEL:
+        raise ValueError(f"{name} has {t.numel()} elements, more than the supported {MAX_NUMEL}")
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def check_scalar(value, name: str, *, minimum: float = 0.0, allow_equal: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if v < minimum or (not allow_equal and v == minimum):
+        op = ">=" if allow_equal else ">"
+        raise ValueError(f"{name} must be {op} {minimum}, got {value}")
+    return v
+
+
+def check_field_inputs(x, charges, weights, power, eps):
+    """Validates poisson_field's arguments; returns (power, eps) as floats."""
+    check_tensor(x, "x", ndim=2)
+    check_tensor(charges, "charges", ndim=2)
+    if charges.shape[0] == 0:
+        raise ValueError("charges is empty: the field needs at least one charge")
+    if x.shape[1] != charges.shape[1]:
+        raise ValueError(
+            f"x and charges must have the same number of columns (dimension D): "
+            f"x has {x.shape[1]}, charges has {charges.shape[1]}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError("x and charges have zero columns: the dimension D must be >= 1")
+    if charges.dtype != x.dtype:
+        raise TypeError(f"charges has dtype {charges.dtype} but x has {x.dtype}; they must match")
+    if charges.device != x.device:
+        raise ValueError(f"charges is on {charges.device} but x is on {x.device}")
+    check_finite(x, "x")
+    check_finite(charges, "charges")
+    if weights is not None:
+        check_tensor(weights, "weights", ndim=1)
+        if weights.shape[0] != charges.shape[0]:
+            raise ValueError(
+                f"weights must have one entry per charge: got {weights.shape[0]} for "
+                f"{charges.shape[0]} charges"
+            )
+        if weights.dtype != x.dtype:
+            raise TypeError(f"weights has dtype {weights.dtype} but x has {x.dtype}")
+        if weights.device != x.device:
+            raise ValueError(f"weights is on {weights.device} but x is on {x.device}")
+        check_finite(weights, "weights")
+        if bool((weights < 0).any()):
+            raise ValueError("weights must be non-negative")
+        if not float(weights.detach().double().sum()) > 0.0:
+            raise ValueError("weights must have a positive sum (all charges are zero)")
+    p = float(x.shape[1]) if power is None else check_scalar(power, "power")
+    e = check_scalar(eps, "eps")
+    return p, e

@@ -1,0 +1,58 @@
+"""Thin calls into the C++ CPU kernels: allocate outputs, pass addresses, nothing else.
+
+Callers have validated the arguments (poissonflow._checks); here tensors are only made
+contiguous (a copy for strided views) and handed over by address with their sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ext import cpu_module, default_cpu_isa
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def check_cpu_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in _CPU_DTYPES:
+        raise TypeError(
+            f"x has dtype {x.dtype}; the cpu backend computes in float32 or float64 "
+            "(convert with x.float(), or use backend='reference')"
+        )
+
+
+def field_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    power: float,
+    eps: float,
+    *,
+    exclude: torch.Tensor | None = None,
+    eps_rows: torch.Tensor | None = None,
+    isa: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_cpu_dtype(x)
+    x = x.detach().contiguous()
+    y = y.detach().contiguous()
+    w = None if w is None else w.detach().contiguous()
+    N, D = x.shape
+    B = y.shape[0]
+    v = torch.empty((N, D), dtype=x.dtype)
+    log_scale = torch.empty((N,), dtype=x.dtype)
+    if N == 0:
+        return v, log_scale
+    if exclude is not None:
+        exclude = exclude.to(torch.int64).contiguous()
+    eps2_rows = None if eps_rows is None else (eps_rows.detach().to(x.dtype) ** 2).contiguous()
+    cpu_module().field_forward(
+        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), eps2_rows=_addr(eps2_rows),
+        N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2,
+        is_double=x.dtype == torch.float64, v=_addr(v), log_scale=_addr(log_scale),
+        num_threads=torch.get_num_threads(), isa=isa or default_cpu_isa(),
+    )
+    return v, log_scale

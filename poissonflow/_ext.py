@@ -1,0 +1,103 @@
+"""Loading of the compiled extensions and the list of backends that can run here.
+
+Nothing here touches a GPU at import: the CUDA module is imported only when asked for, and
+Triton only when installed and asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+
+__all__ = ["cpu_module", "cpu_isas", "default_cpu_isa", "backends"]
+
+
+@functools.cache
+def cpu_module():
+    """The C++ CPU extension (`poissonflow._C`); raises ImportError with a hint if unbuilt."""
+    try:
+        return importlib.import_module("poissonflow._C")
+    except ImportError as err:  # pragma: no cover - only on broken installs
+        raise ImportError(
+            "poissonflow's C++ extension (poissonflow._C) is not built. Install the package with "
+            "`pip install .` (or `pip install -e .` for development) so that CMake compiles it."
+        ) from err
+
+
+def cpu_isas() -> list[str]:
+    """Instruction sets of the CPU kernels usable on this machine, best first."""
+    return list(cpu_module().available_isas())
+
+
+def default_cpu_isa() -> str:
+    """The CPU kernel copy to use: $POISSONFLOW_CPU_ISA if set (for testing), else the best."""
+    forced = os.environ.get("POISSONFLOW_CPU_ISA", "").strip()
+    if forced and forced != "auto":
+        if forced not in cpu_isas():
+            raise ValueError(
+                f"POISSONFLOW_CPU_ISA={forced!r} is not available here; choose one of {cpu_isas()}"
+            )
+        return forced
+    return "auto"
+
+
+@functools.cache
+def _cuda_module():
+    try:
+        return importlib.import_module("poissonflow._cuda")
+    except ImportError:
+        return None
+
+
+def cuda_extension_built() -> bool:
+    """True when the CUDA kernels were compiled into this install (says nothing about a GPU)."""
+    return importlib.util.find_spec("poissonflow._cuda") is not None
+
+
+def _cuda_device_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """Every backend with whether it can run here and why not.
+
+    >>> sorted(backends())
+    ['cpu', 'cuda', 'reference', 'triton']
+    """
+    out: dict[str, dict[str, object]] = {
+        "reference": {"available": True, "detail": "pure PyTorch, float64"},
+    }
+    try:
+        isas = cpu_isas()
+        out["cpu"] = {
+            "available": True,
+            "detail": f"C++ kernels, isas={isas}, openmp={bool(cpu_module().has_openmp)}",
+        }
+    except ImportError as err:
+        out["cpu"] = {"available": False, "detail": str(err)}
+    gpu = _cuda_device_present()
+    triton_ok = _triton_installed()
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    out["triton"] = {
+        "available": triton_ok and (gpu or interp),
+        "detail": (
+            "not installed (pip install 'poissonflow[triton]')"
+            if not triton_ok
+            else ("CUDA device" if gpu else ("interpreter on CPU tensors" if interp else "no GPU"))
+        ),
+    }
+    built = cuda_extension_built()
+    out["cuda"] = {
+        "available": built and gpu,
+        "detail": ("compiled" if built else "not compiled (no CUDA compiler at build time)")
+        + ("" if gpu else ", no GPU"),
+    }
+    return out

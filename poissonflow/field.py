@@ -1,0 +1,71 @@
+"""`poisson_field`: the empirical Poisson field of weighted charges, on every backend.
+
+    r2_ij       = ||x_i - y_j||^2 + eps^2
+    s_ij        = log w_j - (p/2) log r2_ij
+    pi_ij       = softmax_j(s_ij)
+    v_i         = sum_j pi_ij (x_i - y_j)  =  x_i - sum_j pi_ij y_j
+    log_scale_i = logsumexp_j(s_ij) - log sum_j w_j
+
+The physical field (mean over the charges of (x - y)/|x - y|^p) is exp(log_scale) * v; returning
+the pair keeps everything finite (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _cpu
+from .reference import poisson_field_reference
+
+__all__ = ["poisson_field", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        raise ValueError(f"backend='auto' has no kernel for tensors on {device} yet")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"backend={backend!r} is not available in this build")
+    return backend
+
+
+def poisson_field(
+    x: torch.Tensor,
+    charges: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    power: float | None = None,
+    eps: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Field of `charges` (B, D) at queries `x` (N, D): returns `(v, log_scale)`.
+
+    Args:
+        x: queries (N, D), float32 or float64 (any float dtype for backend="reference").
+        charges: charge positions (B, D), same dtype and device as x, B >= 1.
+        weights: optional non-negative charge weights (B,) with a positive sum.
+        power: p in r^-p; defaults to D.
+        eps: softening >= 0, added as eps^2 to every squared distance.
+        backend: "auto" (the fastest kernel for the tensors' device), "reference" (float64
+            pure PyTorch), "cpu" (C++), "triton" or "cuda".
+
+    Returns:
+        v (N, D) = x - sum_j pi_ij y_j and log_scale (N,), in x's dtype.
+
+    Exact coincidence (a query equal to a charge, eps = 0): r2 is floored at the smallest normal
+    number of the dtype, so that charge dominates, contributes exactly zero to v, and log_scale
+    is large and finite. A query that no charge reaches (all weights zero) gets v = 0 and
+    log_scale = -inf.
+    """
+    p, e = _checks.check_field_inputs(x, charges, weights, power, eps)
+    which = resolve_backend(backend, x.device)
+    if which == "reference":
+        return poisson_field_reference(x, charges, weights, p, e)
+    return _cpu.field_forward(x, charges, weights, p, e)
