@@ -29,10 +29,28 @@ def check_tensor(t, name: str, *, ndim: int | None = None) -> torch.Tensor:
     return t
 
 
-def check_finite(t: torch.Tensor, name: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+def check_finite(t: torch.Tensor, name: str, *, dim: int | None = None) -> None:
+    """NaN/inf check, and (with `dim`) a magnitude check: squared distances between points of
+    that dimension must not overflow the dtype (4 * dim * max|t|^2 < the dtype's max), or the
+    kernels would see r2 = inf and silently return wrong weights."""
+    if not t.numel():
+        return
+    amax = float(t.detach().abs().amax())
+    if not math.isfinite(amax):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    if dim is not None:
+        limit = max_coordinate(t.dtype, dim)
+        if amax > limit:
+            raise ValueError(
+                f"{name} has values up to {amax:.3g} in magnitude; squared distances in "
+                f"{dim} dimensions would overflow {t.dtype} (limit {limit:.3g}); rescale the inputs"
+            )
+
+
+def max_coordinate(dtype: torch.dtype, dim: int) -> float:
+    """Largest coordinate magnitude for which sum of squared differences stays finite."""
+    return math.sqrt(torch.finfo(dtype).max / (4.0 * max(1, dim))) * 0.5
 
 
 def check_scalar(value, name: str, *, minimum: float = 0.0, allow_equal: bool = True) -> float:
@@ -64,8 +82,8 @@ def check_field_inputs(x, charges, weights, power, eps):
         raise TypeError(f"charges has dtype {charges.dtype} but x has {x.dtype}; they must match")
     if charges.device != x.device:
         raise ValueError(f"charges is on {charges.device} but x is on {x.device}")
-    check_finite(x, "x")
-    check_finite(charges, "charges")
+    check_finite(x, "x", dim=x.shape[1])
+    check_finite(charges, "charges", dim=x.shape[1])
     if weights is not None:
         check_tensor(weights, "weights", ndim=1)
         if weights.shape[0] != charges.shape[0]:
@@ -84,4 +102,10 @@ def check_field_inputs(x, charges, weights, power, eps):
             raise ValueError("weights must have a positive sum (all charges are zero)")
     p = float(x.shape[1]) if power is None else check_scalar(power, "power")
     e = check_scalar(eps, "eps")
+    if e > max_coordinate(x.dtype, 1):
+        raise ValueError(f"eps = {e:.3g} is too large: eps^2 overflows {x.dtype}")
+    # s = log w - (p/2) log r2 must stay far from the kernels' "no charge" sentinel (-1e30 in
+    # float32): |log2 r2| <= 128, so p up to 1e20 is safe; nothing physical comes close.
+    if p > 1e20:
+        raise ValueError(f"power = {p:.3g} is too large (at most 1e20)")
     return p, e

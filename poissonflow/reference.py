@@ -43,15 +43,18 @@ def poisson_field_reference(
     *,
     exclude: torch.Tensor | None = None,
     eps_rows: torch.Tensor | None = None,
+    r2_floor: float | None = None,
     block: int = DEFAULT_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference field (v, log_scale) computed in float64, returned in x's dtype.
 
     `exclude` (N,) int64 gives for each query a charge index it ignores (-1: none);
-    `eps_rows` (N,) gives a per-query softening that replaces `eps`.
+    `eps_rows` (N,) gives a per-query softening that replaces `eps`; `r2_floor` overrides the
+    floor of r2 (default: smallest normal of x's dtype; pass float32's when checking a float32
+    kernel on float64 copies of its inputs).
     """
     out_dtype = x.dtype
-    tiny = torch.finfo(out_dtype).tiny
+    tiny = torch.finfo(out_dtype).tiny if r2_floor is None else float(r2_floor)
     x = x.to(torch.float64)
     y = charges.to(torch.float64)
     N, D = x.shape

@@ -1,0 +1,36 @@
+"""The installed package: the C++ extension is built and importing needs no GPU."""
+
+import subprocess
+import sys
+
+import poissonflow
+
+
+def test_cpu_backend_is_built_and_listed():
+    b = poissonflow.backends()
+    assert b["cpu"]["available"], b["cpu"]["detail"]
+    assert b["reference"]["available"]
+    isas = poissonflow._ext.cpu_isas()
+    assert isas[-1] == "generic"  # the portable copy is always compiled and usable
+
+
+def test_import_needs_no_gpu_and_does_no_work():
+    """Importing poissonflow with CUDA hidden must work and must not load the CUDA module."""
+    code = (
+        "import os, sys; os.environ['CUDA_VISIBLE_DEVICES'] = '';"
+        "import poissonflow; assert 'poissonflow._cuda' not in sys.modules;"
+        "assert 'triton' not in sys.modules; assert 'sklearn' not in sys.modules;"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_demo_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "max relative error of v against the float64 reference" in out.stdout
+    err = float(out.stdout.strip().splitlines()[-1].split()[-1])
+    assert err < 1e-4

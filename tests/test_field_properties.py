@@ -1,0 +1,51 @@
+"""Property test: on random shapes and values the cpu kernel agrees with the reference.
+
+Arbitrary inputs can make v cancel (points placed symmetrically), so the bound used here is the
+error scaled by sum_j pi_ij |x_i - y_j| (tests/helpers.py), which no configuration can fool.
+"""
+
+from __future__ import annotations
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import poissonflow
+from helpers import TOL_LS, TOL_V, field_errors
+
+
+@st.composite
+def field_problems(draw):
+    N = draw(st.integers(1, 40))
+    B = draw(st.integers(1, 60))
+    D = draw(st.integers(1, 20))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    elems = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=32)
+    x = draw(hnp.arrays(dtype, (N, D), elements=elems)) * scale
+    y = draw(hnp.arrays(dtype, (B, D), elements=elems)) * scale
+    weighted = draw(st.booleans())
+    w = None
+    if weighted:
+        w = draw(hnp.arrays(dtype, (B,), elements=st.floats(0, 5, width=32)))
+        if not w.sum() > 0:
+            w[0] = 1.0
+    power = draw(st.one_of(st.none(), st.floats(0.5, 40)))
+    eps = draw(st.sampled_from([0.0, 1e-3 * scale, scale]))
+    return x, y, w, power, eps
+
+
+@settings(max_examples=60, deadline=None)
+@given(field_problems())
+def test_cpu_matches_reference_on_random_problems(problem):
+    x, y, w, power, eps = problem
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    w = None if w is None else torch.from_numpy(w)
+    v, ls = poissonflow.poisson_field(x, y, weights=w, power=power, eps=eps, backend="cpu")
+    assert torch.isfinite(v).all()
+    assert not torch.isnan(ls).any()
+    _, cond, ls_err = field_errors(x, y, v, ls, weights=w, power=power, eps=eps)
+    assert cond <= TOL_V[x.dtype]
+    assert ls_err <= TOL_LS[x.dtype]
