@@ -67,6 +67,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("is_double"), py::arg("v"), py::arg("log_scale"), py::arg("num_threads"),
       py::arg("isa"));
 
+  m.def(
+      "field_backward",
+      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t exclude, uintptr_t eps2_rows,
+         int64_t N, int64_t B, int64_t D, double power, double eps2, bool is_double,
+         uintptr_t v, uintptr_t log_scale, uintptr_t gv, uintptr_t gl, uintptr_t gx,
+         uintptr_t gy, uintptr_t gw, int num_threads, const std::string& isa) {
+        FieldBackwardArgs b;
+        b.fwd = make_field_args(x, y, w, exclude, eps2_rows, N, B, D, power, eps2, is_double,
+                                num_threads);
+        b.fwd.v = as_ptr<void>(v);
+        b.fwd.log_scale = as_ptr<void>(log_scale);
+        b.gv = as_ptr<const void>(gv);
+        b.gl = as_ptr<const void>(gl);
+        b.gx = as_ptr<void>(gx);
+        b.gy = as_ptr<void>(gy);
+        b.gw = as_ptr<void>(gw);
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = field_backward(b, isa);
+        }
+        if (rc != 0) throw std::bad_alloc();
+      },
+      py::arg("x"), py::arg("y"), py::arg("w"), py::arg("exclude"), py::arg("eps2_rows"),
+      py::arg("N"), py::arg("B"), py::arg("D"), py::arg("power"), py::arg("eps2"),
+      py::arg("is_double"), py::arg("v"), py::arg("log_scale"), py::arg("gv"), py::arg("gl"),
+      py::arg("gx"), py::arg("gy"), py::arg("gw"), py::arg("num_threads"), py::arg("isa"));
+
 #ifdef _OPENMP
   m.attr("has_openmp") = true;
 #else

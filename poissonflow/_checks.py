@@ -65,8 +65,13 @@ def check_scalar(value, name: str, *, minimum: float = 0.0, allow_equal: bool = 
     return v
 
 
-def check_field_inputs(x, charges, weights, power, eps):
-    """Validates poisson_field's arguments; returns (power, eps) as floats."""
+def check_field_inputs(x, charges, weights, power, eps, exclude=None):
+    """Validates poisson_field's arguments; returns (power, eps) as floats.
+
+    While torch.compile traces (`torch.compiler.is_compiling()`), the checks that read tensor
+    values (NaN/inf, magnitudes, negative weights) are skipped: they would force graph breaks.
+    Shapes, dtypes and devices are always checked."""
+    values = not torch.compiler.is_compiling()
     check_tensor(x, "x", ndim=2)
     check_tensor(charges, "charges", ndim=2)
     if charges.shape[0] == 0:
@@ -82,8 +87,9 @@ def check_field_inputs(x, charges, weights, power, eps):
         raise TypeError(f"charges has dtype {charges.dtype} but x has {x.dtype}; they must match")
     if charges.device != x.device:
         raise ValueError(f"charges is on {charges.device} but x is on {x.device}")
-    check_finite(x, "x", dim=x.shape[1])
-    check_finite(charges, "charges", dim=x.shape[1])
+    if values:
+        check_finite(x, "x", dim=x.shape[1])
+        check_finite(charges, "charges", dim=x.shape[1])
     if weights is not None:
         check_tensor(weights, "weights", ndim=1)
         if weights.shape[0] != charges.shape[0]:
@@ -95,11 +101,14 @@ def check_field_inputs(x, charges, weights, power, eps):
             raise TypeError(f"weights has dtype {weights.dtype} but x has {x.dtype}")
         if weights.device != x.device:
             raise ValueError(f"weights is on {weights.device} but x is on {x.device}")
-        check_finite(weights, "weights")
-        if bool((weights < 0).any()):
-            raise ValueError("weights must be non-negative")
-        if not float(weights.detach().double().sum()) > 0.0:
-            raise ValueError("weights must have a positive sum (all charges are zero)")
+        if values:
+            check_finite(weights, "weights")
+            if bool((weights < 0).any()):
+                raise ValueError("weights must be non-negative")
+            if not float(weights.detach().double().sum()) > 0.0:
+                raise ValueError("weights must have a positive sum (all charges are zero)")
+    if exclude is not None:
+        check_exclude(exclude, x.shape[0], charges.shape[0], x.device, values)
     p = float(x.shape[1]) if power is None else check_scalar(power, "power")
     e = check_scalar(eps, "eps")
     if e > max_coordinate(x.dtype, 1):
@@ -109,3 +118,24 @@ def check_field_inputs(x, charges, weights, power, eps):
     if p > 1e20:
         raise ValueError(f"power = {p:.3g} is too large (at most 1e20)")
     return p, e
+
+
+def check_exclude(exclude, n_queries: int, n_charges: int, device, values: bool = True) -> None:
+    if not isinstance(exclude, torch.Tensor):
+        raise TypeError(f"exclude must be a torch.Tensor of charge indices, got {type(exclude)}")
+    if exclude.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"exclude must hold int64 charge indices, got dtype {exclude.dtype}")
+    if exclude.shape != (n_queries,):
+        raise ValueError(
+            f"exclude must have one entry per query, shape ({n_queries},); got "
+            f"{tuple(exclude.shape)}"
+        )
+    if exclude.device != device:
+        raise ValueError(f"exclude is on {exclude.device} but x is on {device}")
+    if values and exclude.numel():
+        lo, hi = int(exclude.min()), int(exclude.max())
+        if lo < -1 or hi >= n_charges:
+            raise ValueError(
+                f"exclude must hold charge indices in [0, {n_charges}) or -1 (none); "
+                f"got values in [{lo}, {hi}]"
+            )

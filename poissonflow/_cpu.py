@@ -56,3 +56,43 @@ def field_forward(
         num_threads=torch.get_num_threads(), isa=isa or default_cpu_isa(),
     )
     return v, log_scale
+
+
+def field_backward(
+    x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
+    exclude=None, eps_rows=None, isa=None,
+):
+    """Gradients (dL/dx, dL/dy, dL/dw) of L with dL/dv = gv, dL/dlog_scale = gl (None: zero).
+
+    Inputs must be those of the forward call that produced v and log_scale; outputs not asked
+    for are None and cost nothing.
+    """
+    check_cpu_dtype(x)
+    dt = x.dtype
+
+    def prep(t):
+        return None if t is None else t.detach().to(dt).contiguous()
+
+    x, y, w, v, log_scale, gv, gl = map(prep, (x, y, w, v, log_scale, gv, gl))
+    N, D = x.shape
+    B = y.shape[0]
+    gx = torch.empty((N, D), dtype=dt) if need_x else None
+    gy = torch.empty((B, D), dtype=dt) if need_y else None
+    gw = torch.empty((B,), dtype=dt) if (need_w and w is not None) else None
+    if N == 0:
+        if gy is not None:
+            gy.zero_()
+        if gw is not None:
+            gw.zero_()
+        return gx, gy, gw
+    if exclude is not None:
+        exclude = exclude.to(torch.int64).contiguous()
+    eps2_rows = None if eps_rows is None else (eps_rows.detach().to(dt) ** 2).contiguous()
+    cpu_module().field_backward(
+        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), eps2_rows=_addr(eps2_rows),
+        N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2, is_double=dt == torch.float64,
+        v=_addr(v), log_scale=_addr(log_scale), gv=_addr(gv), gl=_addr(gl),
+        gx=_addr(gx), gy=_addr(gy), gw=_addr(gw),
+        num_threads=torch.get_num_threads(), isa=isa or default_cpu_isa(),
+    )
+    return gx, gy, gw

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _cpu
+from . import _checks, ops
 from .reference import poisson_field_reference
 
 __all__ = ["poisson_field", "BACKENDS"]
@@ -43,6 +43,7 @@ def poisson_field(
     weights: torch.Tensor | None = None,
     power: float | None = None,
     eps: float = 0.0,
+    exclude: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Field of `charges` (B, D) at queries `x` (N, D): returns `(v, log_scale)`.
@@ -53,19 +54,30 @@ def poisson_field(
         weights: optional non-negative charge weights (B,) with a positive sum.
         power: p in r^-p; defaults to D.
         eps: softening >= 0, added as eps^2 to every squared distance.
+        exclude: optional int64 (N,): for each query the index of one charge to ignore, or -1
+            (leave-one-out when the queries are the charges: `exclude=torch.arange(N)`).
         backend: "auto" (the fastest kernel for the tensors' device), "reference" (float64
             pure PyTorch), "cpu" (C++), "triton" or "cuda".
 
     Returns:
         v (N, D) = x - sum_j pi_ij y_j and log_scale (N,), in x's dtype.
 
+    Differentiable with respect to x, charges and weights on every backend (the "cpu" and
+    "cuda" kernels through the custom op poissonflow::field, whose backward recomputes the
+    softmax weights from log_scale; "reference" through plain autograd).
+
     Exact coincidence (a query equal to a charge, eps = 0): r2 is floored at the smallest normal
     number of the dtype, so that charge dominates, contributes exactly zero to v, and log_scale
     is large and finite. A query that no charge reaches (all weights zero) gets v = 0 and
     log_scale = -inf.
     """
-    p, e = _checks.check_field_inputs(x, charges, weights, power, eps)
+    p, e = _checks.check_field_inputs(x, charges, weights, power, eps, exclude)
     which = resolve_backend(backend, x.device)
     if which == "reference":
-        return poisson_field_reference(x, charges, weights, p, e)
-    return _cpu.field_forward(x, charges, weights, p, e)
+        return poisson_field_reference(x, charges, weights, p, e, exclude=exclude)
+    if which == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"x has dtype {x.dtype}; the cpu backend computes in float32 or float64 "
+            "(convert with x.float(), or use backend='reference')"
+        )
+    return ops.field(x, charges, weights, p, e, exclude, None, which)

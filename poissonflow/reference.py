@@ -4,7 +4,8 @@ Small and deliberately plain. It follows DESIGN.md section 2 line by line:
 
     r2_ij       = max(||x_i - y_j||^2 + eps^2, tiny)      (direct differences, never expanded)
     s_ij        = log w_j - (p/2) log r2_ij
-    pi_ij       = softmax_j(s_ij)
+    pi_ij       = softmax_j(s_ij)  =  w_j e^(u_ij - m_i) / sum_k w_k e^(u_ik - m_i),
+                  u = -(p/2) log r2, m_i = max over counted charges (differentiable at w = 0)
     v_i         = sum_j pi_ij (x_i - y_j)
     log_scale_i = logsumexp_j(s_ij) - log sum_j w_j
 
@@ -24,7 +25,7 @@ import math
 
 import torch
 
-__all__ = ["poisson_field_reference", "flow_velocity_reference"]
+__all__ = ["poisson_field_reference", "field_backward_reference", "flow_velocity_reference"]
 
 DEFAULT_BLOCK = 2**22  # pair-dimension elements per chunk: 32 MiB of float64
 
@@ -60,13 +61,8 @@ def poisson_field_reference(
     N, D = x.shape
     B = y.shape[0]
     p = float(D) if power is None else float(power)
-    if weights is None:
-        logw = torch.zeros(B, dtype=torch.float64, device=x.device)
-        log_wsum = math.log(B)
-    else:
-        w = weights.to(torch.float64)
-        logw = torch.log(w)
-        log_wsum = torch.log(w.sum())
+    w = None if weights is None else weights.to(torch.float64)
+    log_wsum = math.log(B) if w is None else torch.log(w.sum())
     e2 = (
         torch.full((N,), float(eps) ** 2, dtype=torch.float64, device=x.device)
         if eps_rows is None
@@ -78,33 +74,93 @@ def poisson_field_reference(
     vs, lss = [], []
     for i0, i1 in _chunks(N, q_chunk):
         xi = x[i0:i1]
-        scores = []
+        # u_ij = -(p/2) log r2_ij; the weight multiplies exp(u) (rather than adding log w to u)
+        # so that the reference stays differentiable at w_j = 0.
+        us = []
         for j0, j1 in _chunks(B, b_chunk):
             diff = xi[:, None, :] - y[None, j0:j1, :]
             r2 = (diff * diff).sum(-1) + e2[i0:i1, None]
-            r2 = r2.clamp_min(tiny)
-            scores.append(logw[None, j0:j1] - 0.5 * p * torch.log(r2))
-        s = torch.cat(scores, dim=1)
+            us.append(-0.5 * p * torch.log(r2.clamp_min(tiny)))
+        u = torch.cat(us, dim=1)
+        valid = torch.ones_like(u, dtype=torch.bool)  # pairs not excluded
         if exclude is not None:
             ex = exclude[i0:i1]
             rows = torch.nonzero(ex >= 0).flatten()
-            if rows.numel():
-                mask = torch.zeros_like(s, dtype=torch.bool)
-                mask[rows, ex[rows]] = True
-                s = s.masked_fill(mask, -math.inf)
-        lse = torch.logsumexp(s, dim=1)
-        dead = torch.isneginf(lse)  # no charge reaches these queries
-        pi = torch.exp(s - torch.where(dead, 0.0, lse)[:, None])
-        pi = torch.where(dead[:, None], 0.0, pi)
+            valid[rows, ex[rows]] = False
+        counts = valid if w is None else valid & (w > 0)[None, :]
+        # shift by the largest exponent among the charges that count (it cancels exactly);
+        # zero-weight charges stay in the sum (as w * e = 0) so that d/dw is right at w = 0
+        m = torch.where(counts, u, -math.inf).amax(dim=1).detach()
+        dead = torch.isneginf(m)  # no charge reaches these queries
+        e = torch.exp(u - torch.where(dead, 0.0, m)[:, None])
+        ew = e if w is None else e * w[None, :]
+        ew = torch.where(valid, ew, 0.0)
+        Z = ew.sum(1)
+        pi = torch.where(dead[:, None], 0.0, ew / torch.where(dead, 1.0, Z)[:, None])
         v = torch.zeros_like(xi)
         for j0, j1 in _chunks(B, b_chunk):
             diff = xi[:, None, :] - y[None, j0:j1, :]
             v = v + (pi[:, j0:j1, None] * diff).sum(1)
         vs.append(v)
+        lse = torch.where(dead, -math.inf, m + torch.log(torch.where(dead, 1.0, Z)))
         lss.append(lse - log_wsum)
     if N == 0:
         return x.new_zeros((0, D), dtype=out_dtype), x.new_zeros((0,), dtype=out_dtype)
     return torch.cat(vs).to(out_dtype), torch.cat(lss).to(out_dtype)
+
+
+@torch.no_grad()
+def field_backward_reference(
+    x, charges, weights, power, eps, grad_v, grad_log_scale, *, exclude=None, block=DEFAULT_BLOCK
+):
+    """Gradients (dx, dy, dw) of <v, grad_v> + <log_scale, grad_log_scale> in float64 from the
+    closed-form expressions of docs/ARCHITECTURE.md, chunked over queries with no autograd graph:
+    the oracle for large shapes, where autograd through poisson_field_reference would keep the
+    whole N x B x D computation alive. Checked against that autograd on small shapes
+    (tests/test_field_autograd.py)."""
+    x = x.double()
+    y = charges.double()
+    N, D = x.shape
+    B = y.shape[0]
+    p = float(D) if power is None else float(power)
+    w = None if weights is None else weights.double()
+    gv = torch.zeros_like(x) if grad_v is None else grad_v.double()
+    gl = x.new_zeros(N) if grad_log_scale is None else grad_log_scale.double()
+    v, _ = poisson_field_reference(x, y, w, p, eps, exclude=exclude)
+    dx = gv.clone()
+    dy = torch.zeros_like(y)
+    dw = torch.zeros(B, dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    rows = max(1, block // max(1, B * D))
+    for i0, i1 in _chunks(N, rows):
+        diff = x[i0:i1, None, :] - y[None, :, :]  # x_i - y_j
+        r2raw = (diff * diff).sum(-1) + float(eps) ** 2
+        r2 = r2raw.clamp_min(tiny)
+        u = -0.5 * p * torch.log(r2)
+        valid = torch.ones_like(u, dtype=torch.bool)
+        if exclude is not None:
+            ex = exclude[i0:i1]
+            sel = torch.nonzero(ex >= 0).flatten()
+            valid[sel, ex[sel]] = False
+        counts = valid if w is None else valid & (w > 0)[None, :]
+        m = torch.where(counts, u, -math.inf).amax(1, keepdim=True)
+        m = torch.where(torch.isneginf(m), 0.0, m)
+        e = torch.where(valid, torch.exp(u - m), 0.0)  # pi / w up to the row normaliser
+        ew = e if w is None else e * w[None, :]
+        Z = ew.sum(1, keepdim=True)
+        Zs = torch.where(Z > 0, Z, 1.0)
+        pi = ew / Zs
+        piw = e / Zs
+        g = gv[i0:i1]
+        h = (g[:, None, :] * diff).sum(-1) - (g * v[i0:i1]).sum(1, keepdim=True) + gl[i0:i1, None]
+        gs = pi * h
+        c = torch.where(r2raw < tiny, 0.0, p * gs / r2)
+        dx[i0:i1] -= (c[:, :, None] * diff).sum(1)
+        dy += (c[:, :, None] * diff).sum(0) - pi.T @ g
+        dw += (piw * h).sum(0)
+    if w is None:
+        return dx, dy, None
+    return dx, dy, dw - gl.sum() / w.sum()
 
 
 def flow_velocity_reference(

@@ -8,6 +8,7 @@ namespace poissonflow {
 #define PF_DECLARE_ISA(ns)                 \
   namespace ns {                           \
   int field_forward(const FieldArgs& a);   \
+  int field_backward(const FieldBackwardArgs& b); \
   }
 
 PF_DECLARE_ISA(isa_generic)
@@ -24,6 +25,7 @@ struct KernelTable {
   const char* name;
   bool (*supported)();
   int (*field_forward)(const FieldArgs&);
+  int (*field_backward)(const FieldBackwardArgs&);
 };
 
 bool always() { return true; }
@@ -39,7 +41,7 @@ bool has_avx512() {
 }
 #endif
 
-#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward}
+#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward, &ns::field_backward}
 
 const KernelTable kTables[] = {
 #ifdef PF_HAVE_AVX512
@@ -74,5 +76,9 @@ std::vector<std::string> available_isas() {
 }
 
 int field_forward(const FieldArgs& a, const std::string& isa) { return pick(isa).field_forward(a); }
+
+int field_backward(const FieldBackwardArgs& b, const std::string& isa) {
+  return pick(isa).field_backward(b);
+}
 
 }  // namespace poissonflow

@@ -1,10 +1,12 @@
 // CPU kernels of the Poisson field, compiled once per instruction set (CMakeLists.txt passes
 // -DPF_ISA_NS=... and the matching -m flags). dispatch.cpp picks a copy at run time.
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "kernel_args.h"
+#include "field_backward.h"
 #include "field_tile.h"
 
 #ifdef _OPENMP
@@ -46,6 +48,138 @@ static int forward_impl(const FieldArgs& a) {
   }
   pk.release();
   return failed;
+}
+
+// Spins (then yields) until *flag > value; the acquire pairs with the release of the writer, so
+// its dy/dw additions are visible afterwards.
+static void wait_until_greater(const int64_t* flag, int64_t value) {
+  for (int spins = 0; __atomic_load_n(flag, __ATOMIC_ACQUIRE) <= value; ++spins)
+    if (spins > 64) sched_yield();
+}
+
+// Loads query tile t for the backward pass: x, g, softening, exclusion, lse2 and g.v - gl.
+template <typename T>
+static void load_backward_tile(BackwardScratch<T>& sc, const FieldBackwardArgs& b,
+                               double log_wsum, int64_t i0, int nq) {
+  const FieldArgs& a = b.fwd;
+  const int64_t D = a.D;
+  const T* x = (const T*)a.x;
+  const T* gv = (const T*)b.gv;
+  const T* gl = (const T*)b.gl;
+  const T* v = (const T*)a.v;
+  const T* ls = (const T*)a.log_scale;
+  const T* e2r = (const T*)a.eps2_rows;
+  for (int q = 0; q < sc.QT; ++q) {
+    const int64_t i = i0 + (q < nq ? q : nq - 1);
+    memcpy(sc.xt + (int64_t)q * D, x + i * D, sizeof(T) * D);
+    if (gv)
+      memcpy(sc.gt + (int64_t)q * D, gv + i * D, sizeof(T) * D);
+    else
+      for (int64_t k = 0; k < D; ++k) sc.gt[(int64_t)q * D + k] = (T)0;
+    sc.e2[q] = e2r ? e2r[i] : (T)a.eps2;
+    sc.excl[q] = a.exclude ? a.exclude[i] : -1;
+    const double lsi = (double)ls[i];
+    sc.lse2[q] = lsi > -INFINITY ? (T)((lsi + log_wsum) * 1.4426950408889634074) : (T)INFINITY;
+    double gvv = 0.0;
+    if (gv)
+      for (int64_t k = 0; k < D; ++k) gvv += (double)gv[i * D + k] * (double)v[i * D + k];
+    sc.delta[q] = (T)(gvv - (gl ? (double)gl[i] : 0.0));
+  }
+}
+
+template <typename T>
+static int backward_impl(const FieldBackwardArgs& b) {
+  const FieldArgs& a = b.fwd;
+  const int64_t N = a.N, D = a.D, B = a.B;
+  const bool need_x = b.gx != nullptr, need_y = b.gy != nullptr, need_w = b.gw != nullptr;
+  Packed<T> pk;
+  if (!pk.allocate(B, D)) return 1;
+  pack_charges<T>((const T*)a.y, (const T*)a.w, pk);
+  T* dyT = need_y ? (T*)aligned_buffer(sizeof(T) * (size_t)(D * pk.Bp)) : nullptr;
+  T* gwT = need_w ? (T*)aligned_buffer(sizeof(T) * (size_t)pk.Bp) : nullptr;
+  if ((need_y && !dyT) || (need_w && !gwT)) {
+    free(dyT); free(gwT); pk.release();
+    return 1;
+  }
+  if (dyT) memset(dyT, 0, sizeof(T) * (size_t)(D * pk.Bp));
+  if (gwT) memset(gwT, 0, sizeof(T) * (size_t)pk.Bp);
+  T* gx = (T*)b.gx;
+  if (need_x) {
+    if (b.gv) memcpy(gx, b.gv, sizeof(T) * (size_t)(N * D));
+    else memset(gx, 0, sizeof(T) * (size_t)(N * D));
+  }
+  const int QT = query_tile_size<T>(D);
+  const int CT = Geometry<T>::CT;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t I = (N + QT - 1) / QT, J = (pk.Bp + CT - 1) / CT;
+  const T half_p = (T)(0.5 * a.power);
+  // Row pipeline: each thread takes whole query tiles (rows) round-robin and sweeps all charge
+  // tiles, keeping dx in its lane accumulator like the forward. dy and dw are summed over rows:
+  // row i may add to charge tile j only after row i - 1 has (progress[i - 1] > j), so every
+  // column is summed in increasing row order whatever the thread count. Without dy/dw the rows
+  // are independent.
+  const bool ordered = need_y || need_w;
+  int64_t* progress = (int64_t*)aligned_buffer(sizeof(int64_t) * (size_t)(I > 0 ? I : 1));
+  if (!progress) {
+    free(dyT); free(gwT); pk.release();
+    return 1;
+  }
+  for (int64_t i = 0; i < I; ++i) progress[i] = 0;
+  int failed = 0;
+#pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
+  {
+    int tid = 0, nth = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    nth = omp_get_num_threads();
+#endif
+    BackwardScratch<T> sc;
+    const bool ok = sc.allocate(QT, D);
+    if (!ok) failed = 1;
+    for (int64_t i = tid; i < I; i += nth) {
+      const int64_t i0 = i * QT;
+      const int nq = (int)(N - i0 < QT ? N - i0 : QT);
+      if (ok) {
+        load_backward_tile<T>(sc, b, pk.log_wsum, i0, nq);
+        if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
+      }
+      for (int64_t j = 0; j < J; ++j) {
+        if (ordered && i > 0) wait_until_greater(&progress[i - 1], j);
+        if (ok)
+          backward_item<T>(sc, pk, j * CT, half_p, b.gv != nullptr, need_x, need_y, need_w, dyT,
+                           gwT, nq);
+        __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
+      }
+      if (ok && need_x)
+        for (int q = 0; q < nq; ++q)
+          for (int64_t k = 0; k < D; ++k)
+            gx[(i0 + q) * D + k] += vhsum<T>(vload<T>(sc.accdx + ((int64_t)q * D + k) * W));
+    }
+    sc.release();
+  }
+  free(progress);
+  if (need_y) {
+    T* gy = (T*)b.gy;
+    for (int64_t j = 0; j < B; ++j)
+      for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[k * pk.Bp + j];
+  }
+  if (need_w) {
+    // dL/dw_j = sum_i (pi_ij / w_j) h_ij - sum_i gl_i / sum_k w_k
+    double glsum = 0.0;
+    if (b.gl)
+      for (int64_t i = 0; i < N; ++i) glsum += (double)((const T*)b.gl)[i];
+    const double corr = glsum / exp(pk.log_wsum);
+    T* gw = (T*)b.gw;
+    for (int64_t j = 0; j < B; ++j) gw[j] = (T)((double)gwT[j] - corr);
+  }
+  free(dyT);
+  free(gwT);
+  pk.release();
+  return failed;
+}
+
+int field_backward(const FieldBackwardArgs& b) {
+  return b.fwd.is_double ? backward_impl<double>(b) : backward_impl<float>(b);
 }
 
 int field_forward(const FieldArgs& a) {

@@ -13,6 +13,7 @@
 // truncation error is below the type's half-ulp (float: 5e-9 and 4e-11; double: 4e-18, 6e-19).
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -121,14 +122,16 @@ static inline VecT<T> vround(VecT<T> x) {
 }
 
 // 2^x. Arguments below the smallest normal exponent give 0 (a weight that small relative to the
-// running maximum cannot change a float sum); arguments are never above 2^TAU in the kernels.
+// running maximum cannot change a float sum); arguments above the exponent bias give inf (a
+// slight underestimate of the overflow threshold, irrelevant to the kernels).
 template <typename T>
 static inline VecT<T> vexp2(VecT<T> x) {
   typedef VecTraits<T> Tr;
   typedef VecT<T> V;
   typedef IVecT<T> I;
   const V lo = vbroadcast<T>((T)(Tr::kMinExp));
-  V xc = vmax<T>(x, lo);
+  const V hi = vbroadcast<T>((T)(Tr::kExpBias));  // largest exponent with a finite 2^n
+  V xc = vmin<T>(vmax<T>(x, lo), hi);
   V n = vround<T>(xc);
   V f = xc - n;  // in [-1/2, 1/2]
   V p;
@@ -164,8 +167,9 @@ static inline VecT<T> vexp2(VecT<T> x) {
   V scale;
   memcpy(&scale, &bits, sizeof(scale));
   V r = p * scale;
-  // below the normal range: 0 (the clamp above kept the bit trick valid)
-  return x < lo ? V{} : r;
+  // below the normal range: 0; above it: inf (the clamps above kept the bit trick valid)
+  r = x < lo ? V{} : r;
+  return x > hi ? vbroadcast<T>((T)INFINITY) : r;
 }
 
 // log2(x) for positive normal x (the kernels clamp r2 to the smallest normal number first).

@@ -1,0 +1,265 @@
+// Backward pass of the field (formulas in docs/ARCHITECTURE.md), one fused sweep over
+// (query tile, charge tile) items that recomputes the softmax weights from the forward's
+// log-sum-exp (FlashAttention-2 style) and never stores an N x B quantity.
+//
+// Per item, with d = y - x formed once per (pair, dimension):
+//   A'  r2 (the forward's blocked sum, so pi is recomputed from bit-identical r2) and gd = g.(x-y)
+//   B'  pi = 2^(lw - (p/2) log2 r2 - lse2), gs = pi (gd - g.v + gl), c = p gs / r2,
+//       and for dL/dw: (pi / w) (gd - g.v + gl), lanes over charges, summed over the tile's rows
+//   C'  t = c d;  dx_i += sum_j t  (lanes over charges, reduced per item);
+//       dy_j -= sum_i (t + pi g_i)  (lanes over charges: no reduction needed)
+//
+// Determinism without atomics or per-thread partial copies: items run in anti-diagonal
+// wavefronts (item (i, j) after (i, j-1) and (i-1, j)), so every dx row is summed over charge
+// tiles in increasing j and every dy column over query tiles in increasing i, whatever the
+// number of threads. Memory: the packed charges, dy in the same packed layout, and per-thread
+// tiles: O((N + B) D).
+#pragma once
+
+#include "field_tile.h"
+
+namespace poissonflow {
+namespace PF_ISA_NS {
+
+template <typename T>
+struct BackwardScratch {
+  static constexpr int W = VecTraits<T>::W;
+  int QT = 0;
+  int64_t D = 0;
+  T* xt = nullptr;     // (QT, D) queries
+  T* gt = nullptr;     // (QT, D) upstream gradient of v
+  T* e2 = nullptr;     // (QT,)
+  int64_t* excl = nullptr;
+  T* lse2 = nullptr;   // (QT,) log-sum-exp in log2 units (+inf: dead row, every pi = 0)
+  T* delta = nullptr;  // (QT,) g.v - gl
+  T* R = nullptr;      // (QT, CT) r2 (unclamped + eps2)
+  T* G = nullptr;      // (QT, CT) gd = g.(x - y)
+  T* P = nullptr;      // (QT, CT) pi
+  T* C = nullptr;      // (QT, CT) c = p gs / r2
+  T* accdx = nullptr;  // (QT, D, W)
+
+  bool allocate(int QT_, int64_t D_) {
+    QT = QT_;
+    D = D_;
+    const int CT = Geometry<T>::CT;
+    xt = (T*)aligned_buffer(sizeof(T) * QT * D);
+    gt = (T*)aligned_buffer(sizeof(T) * QT * D);
+    e2 = (T*)aligned_buffer(sizeof(T) * QT);
+    excl = (int64_t*)aligned_buffer(sizeof(int64_t) * QT);
+    lse2 = (T*)aligned_buffer(sizeof(T) * QT);
+    delta = (T*)aligned_buffer(sizeof(T) * QT);
+    R = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    G = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    P = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    C = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    accdx = (T*)aligned_buffer(sizeof(T) * QT * D * W);
+    return xt && gt && e2 && excl && lse2 && delta && R && G && P && C && accdx;
+  }
+  void release() {
+    free(xt); free(gt); free(e2); free(excl); free(lse2); free(delta);
+    free(R); free(G); free(P); free(C); free(accdx);
+    xt = gt = e2 = lse2 = delta = R = G = P = C = accdx = nullptr;
+    excl = nullptr;
+  }
+};
+
+// Phase A': r2 (same blocked summation as the forward) and gd = g.(x - y) = -g.d.
+template <typename T, int QB, int CB, bool kGrad>
+static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>& pk, int q0,
+                                        int64_t j, int col) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  constexpr int64_t kSumBlock = 16;
+  const int64_t D = pk.D, Bp = pk.Bp;
+  const int CT = Geometry<T>::CT;
+  V acc[QB][CB], gd[QB][CB];
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) acc[q][c] = gd[q][c] = V{};
+  const T* xq[QB];
+  const T* gq[QB];
+  for (int q = 0; q < QB; ++q) {
+    xq[q] = sc.xt + (int64_t)(q0 + q) * D;
+    gq[q] = sc.gt + (int64_t)(q0 + q) * D;
+  }
+  const T* yk = pk.yT + j;
+  for (int64_t k0 = 0; k0 < D; k0 += kSumBlock) {
+    const int64_t k1 = k0 + kSumBlock < D ? k0 + kSumBlock : D;
+    V part[QB][CB];
+    for (int q = 0; q < QB; ++q)
+      for (int c = 0; c < CB; ++c) part[q][c] = V{};
+    for (int64_t k = k0; k < k1; ++k, yk += Bp) {
+      V y[CB];
+      for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
+      for (int q = 0; q < QB; ++q) {
+        const T xs = xq[q][k];
+        for (int c = 0; c < CB; ++c) {
+          V d = y[c] - xs;
+          part[q][c] += d * d;
+          if (kGrad) gd[q][c] -= gq[q][k] * d;
+        }
+      }
+    }
+    for (int q = 0; q < QB; ++q)
+      for (int c = 0; c < CB; ++c) acc[q][c] += part[q][c];
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) {
+      const int64_t off = (int64_t)(q0 + q) * CT + col + c * W;
+      vstore<T>(sc.R + off, acc[q][c] + sc.e2[q0 + q]);
+      vstore<T>(sc.G + off, gd[q][c]);
+    }
+}
+
+// Phase C': dx and dy for QC queries x KBr dimensions over nvec charge vectors.
+template <typename T, int QC, int KBr, bool kDx, bool kDy, bool kGrad>
+static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                             T* dyT, int q0, int64_t k0, int64_t j0, int nvec) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = pk.D, Bp = pk.Bp;
+  const int CT = Geometry<T>::CT;
+  V acc[QC][KBr];
+  T xs[QC][KBr], gs[QC][KBr];
+  for (int q = 0; q < QC; ++q)
+    for (int kk = 0; kk < KBr; ++kk) {
+      acc[q][kk] = kDx ? vload<T>(sc.accdx + ((int64_t)(q0 + q) * D + k0 + kk) * W) : V{};
+      xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
+      gs[q][kk] = sc.gt[(int64_t)(q0 + q) * D + k0 + kk];
+    }
+  const T* ybase = pk.yT + k0 * Bp + j0;
+  T* dybase = dyT + k0 * Bp + j0;
+  for (int c = 0; c < nvec; ++c) {
+    V cc[QC], pp[QC];
+    for (int q = 0; q < QC; ++q) {
+      cc[q] = vload<T>(sc.C + (int64_t)(q0 + q) * CT + c * W);
+      pp[q] = vload<T>(sc.P + (int64_t)(q0 + q) * CT + c * W);
+    }
+    for (int kk = 0; kk < KBr; ++kk) {
+      const V y = vload<T>(ybase + kk * Bp + c * W);
+      V dy = kDy ? vload<T>(dybase + kk * Bp + c * W) : V{};
+      for (int q = 0; q < QC; ++q) {
+        const V t = cc[q] * (y - xs[q][kk]);
+        if (kDx) acc[q][kk] += t;
+        if (kDy) dy -= kGrad ? t + pp[q] * gs[q][kk] : t;
+      }
+      if (kDy) vstore<T>(dybase + kk * Bp + c * W, dy);
+    }
+  }
+  if (kDx)
+    for (int q = 0; q < QC; ++q)
+      for (int kk = 0; kk < KBr; ++kk)
+        vstore<T>(sc.accdx + ((int64_t)(q0 + q) * D + k0 + kk) * W, acc[q][kk]);
+}
+
+template <typename T, int QC, int KBr, bool kDx, bool kDy, bool kGrad>
+static inline void backward_accumulate_tail(BackwardScratch<T>& sc, const Packed<T>& pk, T* dyT,
+                                            int q0, int64_t k0, int64_t j0, int nvec, int rem) {
+  if constexpr (KBr > 0) {
+    if (rem == KBr)
+      backward_accumulate_block<T, QC, KBr, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec);
+    else
+      backward_accumulate_tail<T, QC, KBr - 1, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec,
+                                                                rem);
+  }
+}
+
+// Register blocks of phase C': dy is read and written once per QC queries, so QC is larger
+// than the forward's when dy is computed (4 x 3 instead of 2 x 6 on AVX-512).
+template <typename T, bool kDy>
+struct BackwardBlock {
+  static constexpr int QC = kDy ? 4 : Geometry<T>::QC;
+  static constexpr int KB = kDy ? (Geometry<T>::KB + 1) / 2 : Geometry<T>::KB;
+};
+
+template <typename T, bool kDx, bool kDy, bool kGrad>
+static void backward_accumulate(BackwardScratch<T>& sc, const Packed<T>& pk, T* dyT, int64_t j0,
+                                int nvec) {
+  constexpr int QC = BackwardBlock<T, kDy>::QC, KB = BackwardBlock<T, kDy>::KB;
+  const int64_t D = pk.D;
+  for (int q0 = 0; q0 < sc.QT; q0 += QC) {
+    int64_t k0 = 0;
+    for (; k0 + KB <= D; k0 += KB)
+      backward_accumulate_block<T, QC, KB, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec);
+    if (k0 < D)
+      backward_accumulate_tail<T, QC, KB - 1, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec,
+                                                               (int)(D - k0));
+  }
+}
+
+// One item: query tile [i0, i0 + nq) (already loaded in sc) against charge tile j0.
+// Adds to accdx (lanes), dyT[:, tile] and gw[tile] (owned by this item during its wavefront).
+template <typename T>
+static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j0, T half_p,
+                          bool has_g, bool need_x, bool need_y, bool need_w, T* dyT, T* gwT,
+                          int nq) {
+  typedef VecT<T> V;
+  typedef Geometry<T> G;
+  constexpr int W = G::W;
+  const int QT = sc.QT;
+  const int CT = G::CT;
+  const int ncharges = (int)(pk.Bp - j0 < CT ? pk.Bp - j0 : CT);
+  const int nvec = ncharges / W;
+
+  for (int q0 = 0; q0 < QT; q0 += G::QB)
+    for (int c0 = 0; c0 < nvec; c0 += G::CB) {
+      if (has_g)
+        backward_pairs_block<T, G::QB, G::CB, true>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W);
+      else
+        backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W);
+    }
+
+  // Phase B'.
+  const V tiny = vbroadcast<T>(Limits<T>::kTiny);
+  const T p = half_p * (T)2;
+  for (int q = 0; q < QT; ++q) {
+    T* rrow = sc.R + (int64_t)q * CT;
+    T* grow = sc.G + (int64_t)q * CT;
+    T* prow = sc.P + (int64_t)q * CT;
+    T* crow = sc.C + (int64_t)q * CT;
+    const bool live = q < nq && sc.lse2[q] < (T)INFINITY;
+    const T lse2 = sc.lse2[q];
+    const T dl = sc.delta[q];
+    // The excluded charge of this row, if it is in this tile: its lane is multiplied by 0.
+    const int64_t e = sc.excl[q];
+    const int ecol = (e >= j0 && e < j0 + ncharges) ? (int)(e - j0) : -1;
+    for (int c = 0; c < nvec; ++c) {
+      const V r2raw = vload<T>(rrow + c * W);
+      const V r2 = vmax<T>(r2raw, tiny);
+      const V u = -half_p * vlog2<T>(r2) - lse2;  // log2 (pi / w)
+      const V lw = vload<T>(pk.lw + j0 + c * W);
+      V keep = vbroadcast<T>(live ? (T)1 : (T)0);
+      if (ecol >= 0 && ecol / W == c) {
+        T lanes[W];
+        for (int l = 0; l < W; ++l) lanes[l] = (T)1;
+        lanes[ecol % W] = (T)0;
+        keep = keep * vload<T>(lanes);
+      }
+      V pi = vexp2<T>(lw + u) * keep;  // lw = kNoCharge (zero weight, padding): 2^-huge = 0
+      const V h = vload<T>(grow + c * W) - dl;  // gd - g.v + gl
+      // The clamp r2 >= tiny has zero derivative: no pull from a charge the query sits on.
+      V cc = p * pi * h / r2;
+      cc = r2raw < tiny ? V{} : cc;
+      vstore<T>(prow + c * W, pi);
+      vstore<T>(crow + c * W, cc);
+      if (need_w && live) {
+        // dL/dw_j gets (pi / w_j) h, finite also for w_j = 0; padding lanes (j >= B) are never
+        // read back.
+        const V piw = vexp2<T>(u) * keep;
+        vstore<T>(gwT + j0 + c * W, vload<T>(gwT + j0 + c * W) + piw * h);
+      }
+    }
+  }
+
+  if (need_x && need_y) {
+    if (has_g) backward_accumulate<T, true, true, true>(sc, pk, dyT, j0, nvec);
+    else backward_accumulate<T, true, true, false>(sc, pk, dyT, j0, nvec);
+  } else if (need_x) {
+    backward_accumulate<T, true, false, false>(sc, pk, dyT, j0, nvec);
+  } else if (need_y) {
+    if (has_g) backward_accumulate<T, false, true, true>(sc, pk, dyT, j0, nvec);
+    else backward_accumulate<T, false, true, false>(sc, pk, dyT, j0, nvec);
+  }
+}
+
+}  // namespace PF_ISA_NS
+}  // namespace poissonflow
