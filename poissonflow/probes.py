@@ -1,0 +1,234 @@
+"""Downstream probes of a representation: a tuned linear probe, the blog's default logistic
+regression, and k-nearest-neighbour accuracy (DESIGN.md section 5).
+
+scikit-learn is imported inside the functions, so `import poissonflow` stays light. Features
+may be numpy arrays or torch tensors (detached and copied to the CPU); labels are 1-D arrays of
+class labels (ints or strings).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ProbeResult", "linear_probe", "knn_accuracy", "DEFAULT_CS"]
+
+# The regularisation grid of the tuned probe: logistic regression's inverse strength C from
+# 1e-3 to 1e3, a decade apart.
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of `linear_probe`.
+
+    train_accuracy / test_accuracy: of the final model, fit on the whole training set.
+    val_accuracy: of the chosen C on the validation split (None in blog mode).
+    C: the chosen (or, in blog mode, default 1.0) inverse regularisation strength.
+    val_accuracies: validation accuracy of every C tried, in grid order (empty in blog mode).
+    convergence_warnings: every ConvergenceWarning raised by any fit, prefixed by the fit it
+        came from; an empty list means every fit converged.
+    mode: "tuned" or "blog".
+    """
+
+    train_accuracy: float
+    val_accuracy: float | None
+    test_accuracy: float
+    C: float
+    mode: str
+    val_accuracies: dict[float, float] = field(default_factory=dict)
+    convergence_warnings: list[str] = field(default_factory=list)
+
+
+def _features(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns")
+    x = x.astype(np.float64, copy=False)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains {int((~np.isfinite(x)).sum())} NaN or infinite value(s)")
+    return x
+
+
+def _labels(y, n: int, name: str, xname: str) -> np.ndarray:
+    if hasattr(y, "detach") and hasattr(y, "cpu"):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per sample), got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} labels but {xname} has {n} samples")
+    return y
+
+
+def _check_probe_inputs(train_x, train_y, test_x, test_y, min_train: int):
+    xtr = _features(train_x, "train_x")
+    xte = _features(test_x, "test_x")
+    if xtr.shape[0] < min_train:
+        raise ValueError(f"train_x needs at least {min_train} samples, got {xtr.shape[0]}")
+    if xte.shape[0] < 1:
+        raise ValueError("test_x needs at least 1 sample")
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(
+            f"train_x and test_x must have the same number of features: "
+            f"{xtr.shape[1]} and {xte.shape[1]}"
+        )
+    ytr = _labels(train_y, xtr.shape[0], "train_y", "train_x")
+    yte = _labels(test_y, xte.shape[0], "test_y", "test_x")
+    if np.unique(ytr).size < 2:
+        raise ValueError("train_y must contain at least 2 classes")
+    return xtr, ytr, xte, yte
+
+
+class _WarningLog:
+    """Collects ConvergenceWarnings of each fit under a label; other warnings pass through."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def fit(self, label: str, model, x, y):
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y)
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                self.messages.append(f"{label}: {' '.join(str(w.message).split())}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model
+
+
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    *,
+    Cs=DEFAULT_CS,
+    val_size: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 1000,
+    blog: bool = False,
+) -> ProbeResult:
+    """Linear-probe accuracy of a representation.
+
+    Tuned mode (default): a stratified validation split of `val_size` of the training set is
+    drawn with `seed`; for each C in `Cs` a StandardScaler + LogisticRegression(C, lbfgs,
+    max_iter) pipeline is fit on the rest (the scaler sees only those rows) and scored on the
+    split. The C with the best validation accuracy wins (ties: the smallest C, the strongest
+    regularisation). The pipeline is then refit on the whole training set with that C (scaler
+    refit on it too) and scored once on the test set. lbfgs fits the multinomial (softmax)
+    model for three or more classes, the binary logistic model for two.
+
+    blog=True: scikit-learn's default `LogisticRegression()` (C = 1, lbfgs, max_iter = 100) on
+    the unscaled features, fit on the whole training set, as the blog did; `Cs`, `val_size`,
+    `seed` and `max_iter` are not used. With C fixed, its regularisation depends on the
+    features' scale (DESIGN.md section 4), so compare it with the tuned mode.
+
+    Every ConvergenceWarning is recorded in the result, never silenced without trace.
+    """
+    xtr, ytr, xte, yte = _check_probe_inputs(train_x, train_y, test_x, test_y, min_train=2)
+    from sklearn.linear_model import LogisticRegression
+
+    log = _WarningLog()
+    if blog:
+        model = log.fit("blog LogisticRegression()", LogisticRegression(), xtr, ytr)
+        return ProbeResult(
+            train_accuracy=float(model.score(xtr, ytr)),
+            val_accuracy=None,
+            test_accuracy=float(model.score(xte, yte)),
+            C=float(model.C),
+            mode="blog",
+            convergence_warnings=log.messages,
+        )
+
+    grid = _check_grid(Cs)
+    if not (isinstance(val_size, float) and 0.0 < val_size < 1.0):
+        raise ValueError(f"val_size must be a float in (0, 1), got {val_size!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    x_fit, x_val, y_fit, y_val = _stratified_split(xtr, ytr, val_size, seed)
+
+    val_acc: dict[float, float] = {}
+    for c in grid:
+        model = log.fit(f"C={c:g} (validation fit)", _scaled_logreg(c, max_iter), x_fit, y_fit)
+        val_acc[c] = float(model.score(x_val, y_val))
+    best = max(val_acc.values())
+    chosen = min(c for c in grid if val_acc[c] == best)
+    final = log.fit(f"C={chosen:g} (final fit)", _scaled_logreg(chosen, max_iter), xtr, ytr)
+    return ProbeResult(
+        train_accuracy=float(final.score(xtr, ytr)),
+        val_accuracy=val_acc[chosen],
+        test_accuracy=float(final.score(xte, yte)),
+        C=chosen,
+        mode="tuned",
+        val_accuracies=val_acc,
+        convergence_warnings=log.messages,
+    )
+
+
+def _check_grid(Cs) -> list[float]:
+    try:
+        grid = [float(c) for c in Cs]
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"Cs must be an iterable of positive numbers, got {Cs!r}") from err
+    if not grid or not all(np.isfinite(c) and c > 0 for c in grid):
+        raise ValueError(f"Cs must be a non-empty list of positive finite numbers, got {Cs!r}")
+    return grid
+
+
+def _stratified_split(x, y, val_size: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2:
+        rare = classes[counts.argmin()].item()  # a python scalar prints plainly
+        raise ValueError(
+            f"train_y class {rare!r} has {counts.min()} sample: a stratified validation split "
+            f"needs at least 2 per class"
+        )
+    n_val = int(np.ceil(val_size * len(y)))
+    if n_val < classes.size or len(y) - n_val < classes.size:
+        raise ValueError(
+            f"val_size={val_size} gives {n_val} validation and {len(y) - n_val} fitting samples; "
+            f"each must hold at least one per class ({classes.size} classes)"
+        )
+    return train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
+
+
+def _scaled_logreg(c: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 5) -> float:
+    """Accuracy of a k-nearest-neighbour classifier under cosine similarity: each test point
+    gets the majority label of its k most cosine-similar training points (uniform votes; a tie
+    between classes goes to the smallest label, scikit-learn's rule). Brute-force search
+    (scikit-learn's KNeighborsClassifier, metric="cosine"). Zero rows have no direction and are
+    an error. Returns a float in [0, 1]."""
+    xtr, ytr, xte, yte = _check_probe_inputs(train_x, train_y, test_x, test_y, min_train=1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= xtr.shape[0]:
+        raise ValueError(f"k must be an int in [1, {xtr.shape[0]}] (training samples), got {k!r}")
+    for x, name in ((xtr, "train_x"), (xte, "test_x")):
+        zero = int((np.linalg.norm(x, axis=1) == 0).sum())
+        if zero:
+            raise ValueError(f"{name} has {zero} zero row(s): cosine similarity is undefined")
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+    return float(clf.fit(xtr, ytr).score(xte, yte))
