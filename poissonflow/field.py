@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
+import os
+
 from . import _checks, ops
+from ._ext import backends, cuda_extension_built
 from .reference import poisson_field_reference
 
 __all__ = ["poisson_field", "BACKENDS"]
@@ -23,17 +26,53 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` on tensors of `device` (errors name what is missing).
+
+    "auto": the C++ kernel on CPU tensors; on CUDA tensors the CUDA kernels when compiled into
+    this install, else Triton (the faster of the two on a given GPU is to be measured with
+    bench/gpu_check.py; $POISSONFLOW_GPU_BACKEND=triton|cuda overrides the choice).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
             return "cpu"
-        raise ValueError(f"backend='auto' has no kernel for tensors on {device} yet")
+        if device.type == "cuda":
+            preferred = os.environ.get("POISSONFLOW_GPU_BACKEND", "cuda")
+            order = ["cuda", "triton"] if preferred != "triton" else ["triton", "cuda"]
+            for name in order:
+                if _gpu_backend_ready(name):
+                    return name
+            raise ValueError(
+                "backend='auto' found no GPU kernel for CUDA tensors: the CUDA extension is not "
+                "compiled and triton is not installed (pip install 'poissonflow[triton]')"
+            )
+        raise ValueError(f"no backend runs on tensors on {device}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"backend={backend!r} is not available in this build")
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        if not triton_backend.available():
+            raise ValueError(
+                "backend='triton' is not available: it needs the triton package and a CUDA "
+                "device (or TRITON_INTERPRET=1 for CPU tensors, for testing); "
+                f"{backends()['triton']['detail']}"
+            )
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _gpu_backend_ready("cuda"):
+            raise ValueError(f"backend='cuda' is not available: {backends()['cuda']['detail']}")
     return backend
+
+
+def _gpu_backend_ready(name: str) -> bool:
+    if name == "cuda":
+        return cuda_extension_built() and torch.cuda.is_available()
+    from . import triton as triton_backend
+
+    return triton_backend.available()
 
 
 def poisson_field(
@@ -80,4 +119,9 @@ def poisson_field(
             f"x has dtype {x.dtype}; the cpu backend computes in float32 or float64 "
             "(convert with x.float(), or use backend='reference')"
         )
+    if which == "triton":
+        from .triton import ops as triton_ops  # registers the triton_op kernels on first use
+
+        v, log_scale, _, _ = triton_ops.triton_field_fwd(x, charges, weights, p, e, exclude, None)
+        return v, log_scale
     return ops.field(x, charges, weights, p, e, exclude, None, which)

@@ -1,0 +1,124 @@
+"""Triton fused steps of the Poisson flow (DESIGN.md section 3).
+
+In t = log z, with the charges on the plane z = 0 of R^(d+1),
+
+    dx/dt = v(x; e = z = e^t, p = d + 1)         (the forward field's v at height z)
+
+Euler:  x <- x + dt k1
+RK4:    k1 = v(x, t)              x2 = x + dt/2 k1
+        k2 = v(x2, t + dt/2)      x3 = x + dt/2 k2
+        k3 = v(x3, t + dt/2)      x4 = x + dt k3
+        k4 = v(x4, t + dt)        x <- x + dt/6 (k1 + 2 k2 + 2 k3 + k4)
+
+Every query's trajectory depends only on itself and the (fixed) charges, so one launch does the
+whole integration: a program takes BLOCK_M queries through all n_steps and all stages. Each
+stage is one field pass (_field_tile) whose epilogue forms the next stage input and the k-sum
+in the same chunked sweep over D. The state, the stage input, the k-sum and the field
+accumulator are rows [BLOCK_M, D] of a scratch buffer owned by the program (in L1/L2): the
+state is read from DRAM once at the start and written once at the end, whatever n_steps is.
+t = t0 + step * dt is recomputed each step (not accumulated) so that long runs do not drift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._field_fwd import (
+    _finish_rows,
+    _field_tile,
+    autotune,
+    charge_terms,
+    compute_dtype,
+    index_rows,
+    make_configs,
+    scalar_params,
+    wrap_triton,
+)
+
+SOLVER_STAGES = {"euler": 1, "rk4": 4}
+# The forward's GPU shapes less (64, 64, 4, 8), which spills in this kernel (sm_90, D = 129).
+_FLOW_SHAPES = ((32, 32, 4, 4), (32, 32, 8, 4), (64, 32, 8, 8), (32, 64, 8, 8))
+
+
+# The kernel integrates STATE in place: autotuning must restore it after each timed run.
+@autotune(make_configs(_FLOW_SHAPES), restore_value=("STATE",))
+@triton.jit
+def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
+                 N_STAGES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """STATE (N, D), in and out, and WORK (slots, N, D) in the compute dtype: slot 0 the field
+    accumulator, for RK4 slot 1 the stage input and slot 2 the k-sum."""
+    cdt: tl.constexpr = SCAL.dtype.element_ty
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < N
+    half_p = tl.load(SCAL)
+    tiny = tl.load(SCAL + 1)
+    t0 = tl.load(T0 + rows, mask=mask_m, other=0.0)
+    dt = tl.load(DT + rows, mask=mask_m, other=0.0)
+    slot = N.to(tl.int64) * D
+    ACC = WORK
+    XS = WORK + slot
+    KS = WORK + 2 * slot
+    for step in range(n_steps):
+        t = t0 + step * dt
+        for stage in range(N_STAGES):
+            # Stage times t, t + dt/2, t + dt/2, t + dt; the first stage reads the state itself.
+            frac = tl.where(stage > 0, 0.5, 0.0) + tl.where(stage == 3, 0.5, 0.0)
+            tau = t + frac * dt
+            e2 = tl.exp(2.0 * tau)
+            if stage == 0:
+                x_in = STATE
+            else:
+                x_in = XS
+            m, l = _field_tile(x_in, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt,
+                               BLOCK_M, BLOCK_N, BLOCK_D)
+            neg_inv, lse2 = _finish_rows(m, l)
+            # RK4 coefficients of this stage: weight of k in the k-sum (1 2 2 1) and step to the
+            # next stage input (1/2 1/2 1).
+            k_weight = tl.where((stage == 1) | (stage == 2), 2.0, 1.0)
+            next_step = dt * tl.where(stage == 2, 1.0, 0.5)
+            more = stage < N_STAGES - 1
+            last = stage == N_STAGES - 1
+            for d0 in range(0, D, BLOCK_D):
+                dims = d0 + tl.arange(0, BLOCK_D)
+                mask = mask_m[:, None] & (dims < D)[None, :]
+                offs = rows[:, None] * D + dims[None, :]
+                k = tl.load(ACC + offs, mask=mask, other=0.0) * neg_inv[:, None]
+                x = tl.load(STATE + offs, mask=mask, other=0.0)
+                if N_STAGES == 1:
+                    tl.store(STATE + offs, x + dt[:, None] * k, mask=mask)
+                else:
+                    ks = tl.load(KS + offs, mask=mask & (stage > 0), other=0.0) + k_weight * k
+                    tl.store(KS + offs, ks, mask=mask & more)
+                    tl.store(XS + offs, x + next_step[:, None] * k, mask=mask & more)
+                    tl.store(STATE + offs, x + (dt / 6.0)[:, None] * ks, mask=mask & last)
+            tl.debug_barrier()
+
+
+def flow_steps_launch(x, y, w, t0, dt, n_steps, solver, exclude=None):
+    """Integrates the flow for n_steps from per-query log-heights t0 with per-query steps dt.
+
+    Returns the end state in x's dtype (computed in float32, or float64 for float64 input).
+    Traceable by make_fx, as torch.library.triton_op requires.
+    """
+    N, D = x.shape
+    B = y.shape[0]
+    cdt = compute_dtype(x.dtype)
+    n_stages = SOLVER_STAGES[solver]
+    state = x.detach().to(dtype=cdt, copy=True).contiguous()
+    if N == 0:
+        return state.to(x.dtype)
+    work = torch.empty((1 if n_stages == 1 else 3, N, D), dtype=cdt, device=x.device)
+    lw, _ = charge_terms(y, w, cdt)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]),)
+
+    wrap_triton(_flow_kernel)[grid](
+        y.detach().contiguous(), lw, index_rows(exclude), scalar_params(D + 1, cdt, x.device),
+        t0.detach().to(cdt).contiguous(), dt.detach().to(cdt).contiguous(), state, work,
+        N, B, D, int(n_steps), N_STAGES=n_stages,
+    )
+    return state.to(x.dtype)
