@@ -1,0 +1,298 @@
+"""Check every GPU kernel of poissonflow against the float64 reference and measure throughput.
+
+    python bench/gpu_check.py            # pass/fail table + throughput table
+    python bench/gpu_check.py --json     # the same as one JSON document on stdout
+    python bench/gpu_check.py --no-perf  # correctness only
+
+Backends: "cuda" (poissonflow._cuda_backend, when poissonflow._cuda is compiled) and "triton"
+(poissonflow.triton, when it imports); both expose the protocol of docs/ARCHITECTURE.md.
+Operations: forward, backward (dL/dx, dL/dy, dL/dw), fused Euler and RK4 flow steps, each in
+float32 and bfloat16, against poissonflow.reference in float64 on the same (rounded) inputs.
+
+Throughput (DESIGN.md section 7) at N = B = 65536, D = 129 in float32 by default: GFLOP/s with
+4*D flops per (query, charge) pair for a field pass (backward: 11*D, its dL/dx kernel forms r2
+and g.(x - y) then sum a (y - x), its dL/dy kernel the same plus pi * g), as a ratio to the
+float32 GEMM rate of torch.mm on 4096 x 4096 matrices (TF32 off) measured in the same run, and
+to the float32 CUDA-core peak (SMs x FP32 lanes x 2 x boost clock) when the clock is known.
+Without a GPU it prints "no GPU present" and exits 0. Exit status 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout too
+
+from poissonflow.reference import flow_velocity_reference, poisson_field_reference  # noqa: E402
+
+# Tolerances (max abs error / max |reference|): see tests/test_cuda_backend.py for the argument.
+TOL = {"float32": 2e-4, "bfloat16": 2**-7}
+FLOW_TOL = {"float32": 2e-4, "bfloat16": 2**-6}  # a backend may round a bf16 state every step
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def discover_backends() -> tuple[dict, dict]:
+    """({name: protocol module}, {name: why unavailable})."""
+    found, missing = {}, {}
+    if importlib.util.find_spec("poissonflow._cuda") is None:
+        missing["cuda"] = "poissonflow._cuda not compiled (no nvcc at install time)"
+    else:
+        found["cuda"] = importlib.import_module("poissonflow._cuda_backend")
+    try:
+        mod = importlib.import_module("poissonflow.triton")
+    except Exception as err:  # noqa: BLE001 - report any import failure
+        missing["triton"] = f"poissonflow.triton does not import: {err}"
+    else:
+        protocol = ("field_forward", "field_backward", "flow_steps")
+        lacking = [f for f in protocol if not hasattr(mod, f)]
+        if lacking:
+            missing["triton"] = f"poissonflow.triton lacks {lacking}"
+        else:
+            found["triton"] = mod
+    return found, missing
+
+
+def rel_err(got, want) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+def problem(N, B, D, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, D, device="cuda", generator=g, dtype=torch.float64)
+    y = torch.randn(B, D, device="cuda", generator=g, dtype=torch.float64)
+    w = torch.rand(B, device="cuda", generator=g, dtype=torch.float64) + 0.1
+    # A query 1e-3 from a charge of norm 10: the case that breaks the GEMM expansion of r2.
+    y[0] = y[0] / y[0].norm() * 10
+    step = torch.randn(D, device="cuda", generator=g, dtype=torch.float64)
+    x[0] = y[0] + 1e-3 * step / step.norm()
+    return x.to(dtype), y.to(dtype), w.to(dtype)
+
+
+def reference_grads(x, y, w, p, gv, gl, exclude):
+    x, y, w = (t.double().requires_grad_() for t in (x, y, w))
+    v, ls = poisson_field_reference(x, y, w, p, 0.0, exclude=exclude)
+    loss = (v * gv.double()).sum() + (ls * gl.double()).sum()
+    return torch.autograd.grad(loss, (x, y, w))
+
+
+def reference_flow(x, y, w, t0, dt, n_steps, solver):
+    x, y, w, t0, dt = (t.double() for t in (x, y, w, t0, dt))
+    h = dt[:, None]
+    f = lambda s, t: flow_velocity_reference(s, torch.exp(t), y, w)  # noqa: E731
+    for n in range(n_steps):
+        t = t0 + n * dt
+        if solver == "euler":
+            x = x + h * f(x, t)
+        else:
+            k1 = f(x, t)
+            k2 = f(x + 0.5 * h * k1, t + 0.5 * dt)
+            k3 = f(x + 0.5 * h * k2, t + 0.5 * dt)
+            k4 = f(x + h * k3, t + dt)
+            x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def check_backend(name, mod, dtype_name) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    rows = []
+
+    def record(op, err, tol):
+        ok = math.isfinite(err) and err <= tol
+        rows.append(dict(backend=name, op=op, dtype=dtype_name, error=err, tol=tol, passed=ok))
+
+    def guarded(op, tol, fn):
+        try:
+            record(op, fn(), tol)
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed check, not the end
+            rows.append(dict(backend=name, op=op, dtype=dtype_name, error=None, tol=tol,
+                             passed=False, message=f"{type(exc).__name__}: {exc}"))
+
+    N, B, D = 1000, 3000, 129
+    x, y, w = problem(N, B, D, dtype, seed=1)
+    gen = torch.Generator("cuda").manual_seed(2)
+    exclude = torch.randint(-1, B, (N,), device="cuda", generator=gen)
+
+    def forward():
+        v, ls = mod.field_forward(x, y, w, float(D), 0.0, exclude=exclude)
+        vr, lsr = poisson_field_reference(x, y, w, float(D), 0.0, exclude=exclude)
+        return max(rel_err(v, vr), rel_err(ls, lsr))
+
+    def backward():
+        xs, ys, ws = x[:500], y[:800], w[:800]
+        ex = exclude[:500].clamp(max=799)
+        v, ls = mod.field_forward(xs, ys, ws, float(D), 0.0, exclude=ex)
+        gv = torch.randn_like(xs, dtype=torch.float32).to(dtype)
+        gl = torch.randn(500, device="cuda").to(dtype)
+        got = mod.field_backward(xs, ys, ws, float(D), 0.0, v, ls, gv, gl, need_x=True,
+                                 need_y=True, need_w=True, exclude=ex)
+        want = reference_grads(xs, ys, ws, float(D), gv, gl, ex)
+        return max(rel_err(g, r.to(dtype)) for g, r in zip(got, want))
+
+    def flow(solver):
+        xs, ys, ws = x[:500, :128].contiguous(), y[:700, :128].contiguous(), w[:700]
+        t0 = torch.full((500,), math.log(0.5), device="cuda", dtype=dtype)
+        dt = torch.full((500,), 0.1, device="cuda", dtype=dtype)
+        out = mod.flow_steps(xs, ys, ws, t0, dt, 4, solver)
+        want = reference_flow(xs, ys, ws, t0, dt, 4, solver)
+        return rel_err(out, want.to(dtype))
+
+    guarded("forward", TOL[dtype_name], forward)
+    guarded("backward", TOL[dtype_name], backward)
+    guarded("euler", FLOW_TOL[dtype_name], lambda: flow("euler"))
+    guarded("rk4", FLOW_TOL[dtype_name], lambda: flow("rk4"))
+    return rows
+
+
+def timed(fn, repeat=3) -> float:
+    """Median seconds of fn() on the GPU (one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_gflops() -> float:
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(4096, 4096, device="cuda")
+        b = torch.randn(4096, 4096, device="cuda")
+        return 2 * 4096**3 / timed(lambda: torch.mm(a, b), repeat=5) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def fp32_lanes_per_sm(major: int, minor: int) -> int:
+    """FP32 units per SM: 64 on V100, T4 and A100 (sm_70, sm_75, sm_80), 128 from sm_86 on."""
+    return 64 if (major, minor) in ((7, 0), (7, 2), (7, 5), (8, 0)) else 128
+
+
+def fp32_peak_gflops() -> float | None:
+    """SMs x FP32 lanes per SM x 2 (FMA) x boost clock; None when the clock is unknown."""
+    if importlib.util.find_spec("poissonflow._cuda") is None:
+        return None
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    info = importlib.import_module("poissonflow._cuda").device_info(device)
+    lanes = fp32_lanes_per_sm(props.major, props.minor)
+    return props.multi_processor_count * lanes * 2 * info["clock_khz"] * 1e3 / 1e9
+
+
+def measure(found, N, B, D) -> list[dict]:
+    out = []
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(N, D, device="cuda", generator=g)
+    y = torch.randn(B, D, device="cuda", generator=g)
+    xf, yf = x[:, : D - 1].contiguous(), y[:, : D - 1].contiguous()  # flow state: d = D - 1
+    t0 = torch.full((N,), math.log(0.5), device="cuda")
+    dt = torch.full((N,), 0.1, device="cuda")
+    pairs = N * B
+    for name, mod in found.items():
+        v, ls = mod.field_forward(x, y, None, float(D), 0.0)
+        gv, gl = torch.randn_like(v), torch.randn_like(ls)
+        cases = [
+            ("forward", 4 * D * pairs, lambda: mod.field_forward(x, y, None, float(D), 0.0)),
+            ("backward", 11 * D * pairs, lambda: mod.field_backward(
+                x, y, None, float(D), 0.0, v, ls, gv, gl, need_x=True, need_y=True, need_w=True)),
+            ("euler step", 4 * (D - 1) * pairs,
+             lambda: mod.flow_steps(xf, yf, None, t0, dt, 1, "euler")),
+            ("rk4 step", 16 * (D - 1) * pairs,
+             lambda: mod.flow_steps(xf, yf, None, t0, dt, 1, "rk4")),
+        ]
+        for op, flops, fn in cases:
+            try:
+                seconds = timed(fn)
+                out.append(dict(backend=name, op=op, seconds=seconds, gflops=flops / seconds / 1e9))
+            except Exception as exc:  # noqa: BLE001
+                out.append(dict(backend=name, op=op, seconds=None, gflops=None,
+                                message=f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def print_tables(report) -> None:
+    print(f"device: {report['device']}")
+    for name, why in report["unavailable"].items():
+        print(f"  {name}: not checked ({why})")
+    print(f"\n{'backend':8} {'op':9} {'dtype':9} {'error':>10} {'tol':>9}  result")
+    for r in report["results"]:
+        err = "-" if r["error"] is None else f"{r['error']:.2e}"
+        line = f"{r['backend']:8} {r['op']:9} {r['dtype']:9} {err:>10} {r['tol']:9.1e}  "
+        print(line + ("PASS" if r["passed"] else "FAIL " + r.get("message", "")))
+    if not report["perf"]:
+        return
+    gemm, peak = report["gemm_gflops"], report["fp32_peak_gflops"]
+    n, b, d = report["perf_shape"]
+    print(f"\nthroughput, float32, N = {n}, B = {b}, D = {d} (flow: d = {d - 1}); "
+          f"torch.mm GEMM {gemm:.0f} GFLOP/s" + (f", FP32 peak {peak:.0f} GFLOP/s" if peak else ""))
+    print(f"{'backend':8} {'op':11} {'ms':>9} {'GFLOP/s':>9} {'/GEMM':>7} {'/peak':>7} "
+          f"{'cuda/triton':>12}")
+    by = {(p["backend"], p["op"]): p for p in report["perf"]}
+    for p in report["perf"]:
+        if p["seconds"] is None:
+            print(f"{p['backend']:8} {p['op']:11} failed: {p['message']}")
+            continue
+        other = by.get(("triton", p["op"])) if p["backend"] == "cuda" else None
+        ratio = (f"{other['seconds'] / p['seconds']:.2f}x" if other and other["seconds"] else "")
+        frac_peak = f"{p['gflops'] / peak:.1%}" if peak else "n/a"
+        print(f"{p['backend']:8} {p['op']:11} {p['seconds'] * 1e3:9.2f} {p['gflops']:9.0f} "
+              f"{p['gflops'] / gemm:7.2f} {frac_peak:>7} {ratio:>12}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    ap.add_argument("--no-perf", action="store_true", help="skip the throughput measurements")
+    ap.add_argument("--size", type=int, default=65536, help="N = B for the throughput runs")
+    ap.add_argument("--dim", type=int, default=129, help="D for the throughput runs")
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        msg = "no GPU present (torch.cuda.is_available() is False): nothing to check"
+        report = {"gpu": False, "message": msg, "results": [], "perf": []}
+        print(json.dumps(report) if args.json else msg)
+        return 0
+
+    found, missing = discover_backends()
+    report = {
+        "gpu": True,
+        "device": torch.cuda.get_device_name(0),
+        "unavailable": missing,
+        "results": [],
+        "perf": [],
+    }
+    for name, mod in found.items():
+        for dtype_name in DTYPES:
+            report["results"] += check_backend(name, mod, dtype_name)
+    if not args.no_perf and found:
+        report["gemm_gflops"] = gemm_gflops()
+        report["fp32_peak_gflops"] = fp32_peak_gflops()
+        report["perf_shape"] = (args.size, args.size, args.dim)
+        report["perf"] = measure(found, args.size, args.size, args.dim)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        if not found:
+            why = "; ".join(f"{k}: {v}" for k, v in missing.items())
+            print(f"no GPU backend is available: {why}")
+        print_tables(report)
+    return 0 if all(r["passed"] for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
