@@ -95,6 +95,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("is_double"), py::arg("v"), py::arg("log_scale"), py::arg("gv"), py::arg("gl"),
       py::arg("gx"), py::arg("gy"), py::arg("gw"), py::arg("num_threads"), py::arg("isa"));
 
+  m.def(
+      "flow_steps",
+      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t exclude, int64_t N, int64_t B,
+         int64_t D, double power, bool is_double, uintptr_t t0, uintptr_t dt, int64_t n_steps,
+         int solver, uintptr_t x_out, int num_threads, const std::string& isa) {
+        FlowArgs f;
+        f.field = make_field_args(x, y, w, exclude, 0, N, B, D, power, 0.0, is_double,
+                                  num_threads);
+        f.t0 = as_ptr<const double>(t0);
+        f.dt = as_ptr<const double>(dt);
+        f.n_steps = n_steps;
+        f.solver = solver;
+        f.x_out = as_ptr<void>(x_out);
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = flow_steps(f, isa);
+        }
+        if (rc != 0) throw std::bad_alloc();
+      },
+      py::arg("x"), py::arg("y"), py::arg("w"), py::arg("exclude"), py::arg("N"), py::arg("B"),
+      py::arg("D"), py::arg("power"), py::arg("is_double"), py::arg("t0"), py::arg("dt"),
+      py::arg("n_steps"), py::arg("solver"), py::arg("x_out"), py::arg("num_threads"),
+      py::arg("isa"));
+
 #ifdef _OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -96,3 +96,31 @@ def field_backward(
         num_threads=torch.get_num_threads(), isa=isa or default_cpu_isa(),
     )
     return gx, gy, gw
+
+
+SOLVERS = {"euler": 0, "rk4": 1}
+
+
+def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
+    """End states after `n_steps` fused Euler/RK4 steps of dx/dt = v(x; z = e^t, p = d + 1)
+    from log-heights t0 (N,) with steps dt (N,); one call, each query tile carried through all
+    steps and stages inside the kernel."""
+    check_cpu_dtype(x)
+    x = x.detach().contiguous()
+    y = y.detach().to(x.dtype).contiguous()
+    w = None if w is None else w.detach().to(x.dtype).contiguous()
+    N, D = x.shape
+    out = torch.empty_like(x)
+    if N == 0:
+        return out
+    t0 = torch.as_tensor(t0, dtype=torch.float64).expand(N).contiguous()
+    dt = torch.as_tensor(dt, dtype=torch.float64).expand(N).contiguous()
+    if exclude is not None:
+        exclude = exclude.to(torch.int64).contiguous()
+    cpu_module().flow_steps(
+        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), N=N, B=y.shape[0], D=D,
+        power=float(D + 1), is_double=x.dtype == torch.float64, t0=_addr(t0), dt=_addr(dt),
+        n_steps=int(n_steps), solver=SOLVERS[solver], x_out=_addr(out),
+        num_threads=torch.get_num_threads(), isa=isa or default_cpu_isa(),
+    )
+    return out

@@ -9,6 +9,7 @@ namespace poissonflow {
   namespace ns {                           \
   int field_forward(const FieldArgs& a);   \
   int field_backward(const FieldBackwardArgs& b); \
+  int flow_steps(const FlowArgs& f);       \
   }
 
 PF_DECLARE_ISA(isa_generic)
@@ -26,6 +27,7 @@ struct KernelTable {
   bool (*supported)();
   int (*field_forward)(const FieldArgs&);
   int (*field_backward)(const FieldBackwardArgs&);
+  int (*flow_steps)(const FlowArgs&);
 };
 
 bool always() { return true; }
@@ -41,7 +43,7 @@ bool has_avx512() {
 }
 #endif
 
-#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward, &ns::field_backward}
+#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward, &ns::field_backward, &ns::flow_steps}
 
 const KernelTable kTables[] = {
 #ifdef PF_HAVE_AVX512
@@ -80,5 +82,7 @@ int field_forward(const FieldArgs& a, const std::string& isa) { return pick(isa)
 int field_backward(const FieldBackwardArgs& b, const std::string& isa) {
   return pick(isa).field_backward(b);
 }
+
+int flow_steps(const FlowArgs& f, const std::string& isa) { return pick(isa).flow_steps(f); }
 
 }  // namespace poissonflow

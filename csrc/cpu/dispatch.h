@@ -16,5 +16,6 @@ std::vector<std::string> available_isas();
 // "auto" or one of available_isas(); throws std::invalid_argument otherwise.
 int field_forward(const FieldArgs& a, const std::string& isa);
 int field_backward(const FieldBackwardArgs& b, const std::string& isa);
+int flow_steps(const FlowArgs& f, const std::string& isa);
 
 }  // namespace poissonflow

@@ -182,6 +182,113 @@ int field_backward(const FieldBackwardArgs& b) {
   return b.fwd.is_double ? backward_impl<double>(b) : backward_impl<float>(b);
 }
 
+// Whole trajectories of one tile of queries: every step and every RK4 stage runs here, so the
+// state is read from memory once and written once (queries never interact: the charges are
+// fixed). Each stage is one field_tile call with the stage's heights as softening.
+template <typename T>
+static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FlowArgs& f, T half_p,
+                      int64_t i0, int nq, T* xs, T* ks) {
+  const FieldArgs& a = f.field;
+  const int QT = sc.QT;
+  const int64_t D = a.D;
+  const T* x = (const T*)a.x;
+  for (int q = 0; q < QT; ++q) {
+    const int64_t i = i0 + (q < nq ? q : nq - 1);
+    memcpy(xs + (int64_t)q * D, x + i * D, sizeof(T) * D);
+    sc.excl[q] = (a.exclude && q < nq) ? a.exclude[i] : -1;
+  }
+  auto row = [&](int q) { return i0 + (q < nq ? q : nq - 1); };
+  auto set_heights = [&](double frac, int64_t step) {
+    for (int q = 0; q < QT; ++q) {
+      const int64_t i = row(q);
+      const double t = f.t0[i] + ((double)step + frac) * f.dt[i];
+      sc.e2[q] = (T)exp(2.0 * t);
+    }
+  };
+  const int64_t n = (int64_t)QT * D;
+  for (int64_t step = 0; step < f.n_steps; ++step) {
+    if (f.solver == 0) {  // Euler: x += dt v(x, t)
+      memcpy(sc.xt, xs, sizeof(T) * n);
+      set_heights(0.0, step);
+      field_tile<T>(sc, pk, half_p, QT);
+      for (int q = 0; q < QT; ++q) {
+        const T h = (T)f.dt[row(q)];
+        for (int64_t k = 0; k < D; ++k) xs[q * D + k] += h * sc.out_v[q * D + k];
+      }
+      continue;
+    }
+    // Classic RK4: k1 at (x, t), k2 at (x + h/2 k1, t + h/2), k3 at (x + h/2 k2, t + h/2),
+    // k4 at (x + h k3, t + h); x += h/6 (k1 + 2 k2 + 2 k3 + k4).
+    static const double kNext[3] = {0.5, 0.5, 1.0};   // offset of the next stage's input
+    static const double kWeight[4] = {1.0, 2.0, 2.0, 1.0};
+    static const double kTime[4] = {0.0, 0.5, 0.5, 1.0};
+    memcpy(sc.xt, xs, sizeof(T) * n);
+    for (int stage = 0; stage < 4; ++stage) {
+      set_heights(kTime[stage], step);
+      field_tile<T>(sc, pk, half_p, QT);
+      for (int q = 0; q < QT; ++q) {
+        const T h = (T)f.dt[row(q)];
+        const T wgt = (T)kWeight[stage];
+        T* kq = ks + (int64_t)q * D;
+        const T* vq = sc.out_v + (int64_t)q * D;
+        if (stage == 0)
+          for (int64_t k = 0; k < D; ++k) kq[k] = vq[k];
+        else
+          for (int64_t k = 0; k < D; ++k) kq[k] += wgt * vq[k];
+        if (stage < 3) {
+          const T off = (T)kNext[stage] * h;
+          const T* xq = xs + (int64_t)q * D;
+          T* xin = sc.xt + (int64_t)q * D;
+          for (int64_t k = 0; k < D; ++k) xin[k] = xq[k] + off * vq[k];
+        }
+      }
+    }
+    for (int q = 0; q < QT; ++q) {
+      const T h6 = (T)(f.dt[row(q)] / 6.0);
+      for (int64_t k = 0; k < D; ++k) xs[q * D + k] += h6 * ks[q * D + k];
+    }
+  }
+  T* out = (T*)f.x_out;
+  memcpy(out + i0 * D, xs, sizeof(T) * (size_t)nq * D);
+}
+
+template <typename T>
+static int flow_impl(const FlowArgs& f) {
+  const FieldArgs& a = f.field;
+  Packed<T> pk;
+  if (!pk.allocate(a.B, a.D)) return 1;
+  pack_charges<T>((const T*)a.y, (const T*)a.w, pk);
+  const int QT = query_tile_size<T>(a.D);
+  const int64_t ntiles = (a.N + QT - 1) / QT;
+  const T half_p = (T)(0.5 * a.power);
+  int failed = 0;
+#pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
+  {
+    TileScratch<T> sc;
+    T* xs = (T*)aligned_buffer(sizeof(T) * QT * a.D);
+    T* ks = (T*)aligned_buffer(sizeof(T) * QT * a.D);
+    if (!sc.allocate(QT, a.D) || !xs || !ks) {
+      failed = 1;
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t i0 = t * QT;
+        const int nq = (int)(a.N - i0 < QT ? a.N - i0 : QT);
+        flow_tile<T>(sc, pk, f, half_p, i0, nq, xs, ks);
+      }
+    }
+    free(xs);
+    free(ks);
+    sc.release();
+  }
+  pk.release();
+  return failed;
+}
+
+int flow_steps(const FlowArgs& f) {
+  return f.field.is_double ? flow_impl<double>(f) : flow_impl<float>(f);
+}
+
 int field_forward(const FieldArgs& a) {
   return a.is_double ? forward_impl<double>(a) : forward_impl<float>(a);
 }

@@ -36,13 +36,15 @@ struct FieldBackwardArgs {
 
 // Fused flow steps (DESIGN.md section 3): states x (N, D) with heights z = exp(t), integrated in
 // t = log z by `n_steps` steps of size dt (per query) from t0 (per query), charges on z = 0.
+// The field uses field.power (d + 1 for the flow) and r2 = |x - y|^2 + z^2; field.eps2 and
+// field.eps2_rows are ignored.
 struct FlowArgs {
-  FieldArgs field;          // x is the start state; eps2/eps2_rows are unused (z takes its place)
-  const void* t0 = nullptr;  // (N,) start log-height per query
-  const void* dt = nullptr;  // (N,) step size in t per query
+  FieldArgs field;           // x: the start states; exclude/w/power as for the field
+  const double* t0 = nullptr;  // (N,) start log-height per query
+  const double* dt = nullptr;  // (N,) step in t per query (any sign)
   int64_t n_steps = 1;
   int solver = 0;            // 0: Euler, 1: classic RK4
-  void* x_out = nullptr;     // out (N, D): end state (may alias nothing)
+  void* x_out = nullptr;     // out (N, D): end states
 };
 
 }  // namespace poissonflow

@@ -1,0 +1,298 @@
+"""`poissonflow.transform`: push features through a Poisson flow, get uniformised features.
+
+    z = poissonflow.transform(features)            # (N, d) -> (N, d + 1) on the unit sphere
+
+The features are charges on the plane z = 0 of R^(d+1) (or `charges` are, when given); each
+point starts at (x, z_min) ("plane") or on a tiny hemisphere around its own charge ("flux") and
+follows the field up to z_max. `output="sphere"` returns the end points as directions from the
+charges' centre, (x - c, z) / |(x - c, z)| on the upper hemisphere of S^d; `"raw"` the end points.
+
+Train and test points are treated alike: a query that coincides exactly with a charge ignores
+that charge (`exclude_self=True`, leave-one-out), so the features that are charges move like
+held-out ones. Measured on digits (tuned linear probe on the sphere output, z_min = 0.5 x NN):
+with exclusion train/test accuracy 71% / 64%; without it 99.9% / 20% - training points sitting on
+their own charge become a different population.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _checks, horizon
+from .field import resolve_backend
+from .flow import SOLVERS, empirical_flow, field_flow
+
+__all__ = ["transform", "coincident_charge", "DEFAULT_STEPS"]
+
+DEFAULT_STEPS = {"rk4": 32, "euler": 256}
+STARTS = ("plane", "flux")
+OUTPUTS = ("sphere", "raw")
+PARAMETERIZATIONS = ("logz", "radial")
+
+
+def transform(
+    features,
+    *,
+    charges=None,
+    weights=None,
+    field: Any = "empirical",
+    start: str = "plane",
+    solver: str | None = None,
+    steps: int | None = None,
+    z_min: float | str = "auto",
+    z_max: float | str = "auto",
+    parameterization: str | None = None,
+    output: str = "sphere",
+    exclude_self: bool = True,
+    seed: int | None = None,
+    backend: str = "auto",
+    progress: bool | None = None,
+    batch_size: int = 16384,
+    return_info: bool = False,
+):
+    """Poisson-flow transform of `features` (N, d), a torch tensor or numpy array; returns the
+    same kind (numpy float64/float32 by input, torch on the input's device and dtype).
+
+    Args:
+        charges: (B, d) charge positions; default: the features themselves.
+        weights: optional (B,) non-negative charge weights.
+        field: "empirical" (the exact field of the charges, fused kernels) or a learned field
+            (an object with `field_fn(x, z) -> (f_x, f_z)` and `default_flow()`, e.g.
+            poissonflow.LearnedField), integrated step by step.
+        start: "plane" - (x, z_min); "flux" - (y_j + delta u_x, delta |u_z|) with u uniform on
+            S^d, seeded, around each point's own charge: exactly uniform end points
+            (DESIGN.md section 3); needs every query to be a charge.
+        solver: "rk4" (default) or "euler"; steps: per point (default 32 for RK4, 256 Euler).
+        z_min, z_max: the horizon, or "auto" (poissonflow.horizon: 0.5 x median
+            nearest-neighbour distance, 1e3 x data scale).
+        parameterization: "logz" (PFGM, default for the empirical field) or "radial" (the
+            blog's y <- y + delta f / (f . y), delta = (z_max^2 - z_min^2) / (2 steps)).
+        output: "sphere" (d + 1 columns on the unit sphere) or "raw" (end points (x, z)).
+        exclude_self: a query equal to a charge ignores it (leave-one-out); default True.
+        seed: for start="flux" directions.
+        backend: field kernels: "auto", "cpu", "cuda", "triton" or "reference".
+        progress: tqdm bar; None shows it for long runs (> 1e10 pair-steps).
+        batch_size: queries per kernel call.
+        return_info: also return a dict with the horizon, steps, exclusions and timing.
+    """
+    t_start = time.perf_counter()
+    x, kind = _as_tensor(features, "features")
+    _validate_enums(start, output, solver, parameterization)
+    learned = not isinstance(field, str)
+    if not learned and field != "empirical":
+        raise ValueError(f"field must be 'empirical' or a learned field object, got {field!r}")
+    y, w = _resolve_charges(charges, weights, x)
+    N, d = x.shape
+
+    # A learned field brings its own defaults (its preset's ODE); explicit arguments win.
+    defaults = field.default_flow() if learned else {}
+    solver = solver or defaults.get("solver", "rk4")
+    parameterization = parameterization or defaults.get("parameterization", "logz")
+    if steps is None:
+        steps = defaults.get("steps", DEFAULT_STEPS[solver])
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
+    # z_min = 0 (the blog's start on the plane) is defined only for a learned field in the
+    # radial parameterisation; log-z time needs z > 0.
+    zero_ok = learned and parameterization == "radial"
+    zmin = _horizon_value(
+        z_min, "z_min", lambda: defaults.get("z_min", None) if "z_min" in defaults
+        else horizon.auto_z_min(y), allow_zero=zero_ok,
+    )
+    zmax = _horizon_value(
+        z_max, "z_max", lambda: defaults.get("z_max") or horizon.auto_z_max(y, w)
+    )
+    if not zmin < zmax:
+        raise ValueError(f"z_min must be < z_max, got z_min={zmin:.4g}, z_max={zmax:.4g}")
+    if zmin <= 0 and not zero_ok:
+        raise ValueError("z_min must be > 0 (log-z time starts at log z_min)")
+    delta = defaults.get("delta") if parameterization == "radial" else None
+    if parameterization == "radial" and delta is None:
+        delta = (zmax**2 - zmin**2) / (2.0 * steps)  # |y~|^2 / 2 rises by this per step
+
+    exclude = coincident_charge(x, y) if (exclude_self or start == "flux") else None
+    if start == "flux":
+        if bool((exclude < 0).any()):
+            raise ValueError(
+                f"start='flux' starts each point next to its own charge, but "
+                f"{int((exclude < 0).sum())} of the {N} features are not charges; use "
+                "start='plane' for held-out points"
+            )
+        x0, z0 = _flux_start(y, exclude, horizon.flux_delta(y), seed)
+        excl_used = None  # a flux start must feel its own charge: that is where its line starts
+    else:
+        x0 = x
+        z0 = torch.full((N,), zmin, dtype=torch.float64, device=x.device)
+        excl_used = exclude if exclude_self else None
+
+    which = backend if backend == "reference" else resolve_backend(backend, x.device)
+    if progress is None:
+        progress = N * y.shape[0] * steps * (4 if solver == "rk4" else 1) > 1e10
+    info: dict[str, Any] = {
+        "z_min": zmin, "z_max": zmax, "steps": steps, "solver": solver, "start": start,
+        "parameterization": parameterization, "backend": which,
+        "exclude_self": bool(exclude_self), "field": "learned" if learned else "empirical",
+        "excluded": 0 if excl_used is None else int((excl_used >= 0).sum()),
+        "delta": delta,
+    }
+    if not learned and parameterization == "logz":
+        xe = empirical_flow(
+            x0, z0, y, w, zmax, steps, solver, exclude=excl_used, backend=which,
+            progress=progress, batch_size=batch_size,
+        )
+        ze = torch.full((N,), zmax, dtype=x.dtype, device=x.device)
+    else:
+        fn = field.field_fn if learned else _empirical_field_fn(y, w, excl_used, which)
+        xe, ze, stats = field_flow(
+            fn, x0, z0.to(x.dtype), parameterization=parameterization, solver=solver,
+            steps=steps, z_end=zmax, delta=delta, progress=progress,
+        )
+        info["guard_fired"] = stats.guard_fired
+    out = _output(xe, ze, y, w, output)
+    info["seconds"] = time.perf_counter() - t_start
+    result = _back(out, kind, features)
+    return (result, info) if return_info else result
+
+
+def coincident_charge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: for each query the index of the first charge with bitwise identical
+    coordinates, or -1. O((N + B) d) through a hash of the rows."""
+    if x is y:
+        return torch.arange(x.shape[0], device=x.device)
+    ya = np.ascontiguousarray(y.detach().cpu().numpy())
+    xa = np.ascontiguousarray(x.detach().to(y.dtype).cpu().numpy())
+    first: dict[bytes, int] = {}
+    for j in range(ya.shape[0] - 1, -1, -1):
+        first[ya[j].tobytes()] = j
+    out = np.fromiter((first.get(r.tobytes(), -1) for r in xa), dtype=np.int64, count=len(xa))
+    return torch.from_numpy(out).to(x.device)
+
+
+def _empirical_field_fn(y, w, exclude, backend):
+    """f(x, z) of the exact field for the radial parameterisation: (v, z) up to exp(log_scale)
+    (the z component of sum_j pi_ij (x~_i - y~_j) is z, as the charges sit at z = 0)."""
+    from .flow import flow_velocity_reference
+    from .ops import backend_module
+
+    def fn(xx, zz):
+        if backend == "reference":
+            v = flow_velocity_reference(xx, zz, y, w, exclude=exclude)
+        else:
+            mod = backend_module(backend) if backend != "triton" else _triton()
+            v, _ = mod.field_forward(
+                xx, y, w, float(xx.shape[1] + 1), 0.0, exclude=exclude, eps_rows=zz
+            )
+        return v, zz
+
+    return fn
+
+
+def _triton():
+    from . import triton
+
+    return triton
+
+
+def _flux_start(y, own, delta, seed):
+    """(y_j + delta u_x, delta |u_z|) for each point's own charge j, u uniform on S^d."""
+    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    d = y.shape[1]
+    u = torch.randn(own.shape[0], d + 1, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    x0 = (y[own].double() + delta * u[:, :d]).to(y.dtype)
+    z0 = (delta * u[:, d].abs()).clamp_min(1e-300 if y.dtype == torch.float64 else 1e-30)
+    return x0, z0.to(y.device)
+
+
+def _output(xe, ze, y, w, output):
+    if output == "raw":
+        return torch.cat([xe, ze[:, None].to(xe.dtype)], dim=1)
+    if w is None:
+        c = y.mean(0)
+    else:
+        c = (w[:, None] * y).sum(0) / w.sum()
+    u = torch.cat([(xe - c).double(), ze[:, None].double()], dim=1)
+    return (u / u.norm(dim=1, keepdim=True)).to(xe.dtype)
+
+
+def _horizon_value(value, name, auto, allow_zero=False):
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be a positive number or 'auto', got {value!r}")
+        return float(auto())
+    v = _checks.check_scalar(value, name, minimum=0.0, allow_equal=allow_zero)
+    if v > 1e18:
+        raise ValueError(f"{name} = {v:.3g} is too large (z^2 must fit in float32)")
+    return v
+
+
+def _validate_enums(start, output, solver, parameterization):
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if parameterization is not None and parameterization not in PARAMETERIZATIONS:
+        raise ValueError(
+            f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
+        )
+
+
+def _as_tensor(a, name: str) -> tuple[torch.Tensor, str]:
+    """A 2-D float tensor (float32 stays float32, everything else becomes float64), N >= 1."""
+    if isinstance(a, torch.Tensor):
+        kind = "torch"
+        t = a.detach()
+    elif isinstance(a, np.ndarray):
+        kind = "numpy"
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"{name} must be a numeric array, got dtype {a.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(a).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 samples): nothing to transform")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has 0 features")
+    if t.dtype != torch.float32:
+        t = t.to(torch.float64)
+    _checks.check_finite(t, name, dim=t.shape[1] + 1)
+    return t.contiguous(), kind
+
+
+def _resolve_charges(charges, weights, x):
+    if charges is None:
+        y = x
+    else:
+        y, _ = _as_tensor(charges, "charges")
+        y = y.to(device=x.device, dtype=x.dtype)
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"charges have {y.shape[1]} features but the features to transform have "
+                f"{x.shape[1]}"
+            )
+    w = None
+    if weights is not None:
+        w, _ = _as_tensor(np.asarray(weights)[:, None] if not isinstance(weights, torch.Tensor)
+                          else weights[:, None], "weights")
+        w = w[:, 0].to(device=x.device, dtype=x.dtype)
+        if w.shape[0] != y.shape[0]:
+            raise ValueError(f"weights must have one entry per charge ({y.shape[0]})")
+        if bool((w < 0).any()) or not float(w.sum()) > 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+    return y, w
+
+
+def _back(out: torch.Tensor, kind: str, like):
+    if kind == "numpy":
+        return out.cpu().numpy()
+    return out.to(like.device)
