@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -31,6 +32,12 @@ import poissonflow  # noqa: E402
 
 
 def timed(fn, repeat):
+    """Minimum over `repeat` calls after one warm-up call; repeat=0 times a single call
+    without warm-up (for long runs whose kernels are already warm)."""
+    if repeat == 0:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeat):
@@ -95,24 +102,152 @@ def forward_rows(N, D, impls, gemm, repeat, peer_rows, seed=0):
     return rows
 
 
+def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
+    """Forward + backward (gradients for x and charges) of the cpu kernel against its forward
+    alone, and against autograd through the pure-PyTorch field (on peer_rows queries)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    y = torch.randn(N, D, generator=g)
+    gv = torch.randn(N, D, generator=g)
+    gl = torch.randn(N, generator=g)
+    power = float(D)
+    fwd = timed(lambda: poissonflow.poisson_field(x, y, power=power, backend="cpu"), repeat)
+    ours = peers.poissonflow_backward("cpu")
+    both = timed(lambda: ours(x, y, power, gv, gl), repeat)
+    rows = [{
+        "impl": "poissonflow-cpu", "op": "fwd+bwd", "N": N, "B": N, "D": D, "status": "ok",
+        "seconds": both, "forward_seconds": fwd, "backward_over_forward": (both - fwd) / fwd,
+        "gflops": 4.0 * D * N * N / both / 1e9, "frac_gemm": 4.0 * D * N * N / both / 1e9 / gemm,
+    }]
+    n = min(N, peer_rows)
+    need = 12 * n * N * 4  # the autograd graph keeps ~a dozen n x B float32 matrices
+    if need < 0.5 * available_memory_bytes():
+        xs, gvs, gls = x[:n], gv[:n], gl[:n]
+        sec = timed(lambda: peers.torch_autograd_backward(xs, y, power, gvs, gls), repeat)
+        ours_n = timed(lambda: ours(xs, y, power, gvs, gls), repeat)
+        rows.append({
+            "impl": "torch-autograd", "op": "fwd+bwd", "N": n, "B": N, "D": D, "status": "ok",
+            "seconds": sec, "gflops": 4.0 * D * n * N / sec / 1e9,
+            "frac_gemm": 4.0 * D * n * N / sec / 1e9 / gemm,
+            "speedup_of_poissonflow": sec / ours_n,
+        })
+    return rows
+
+
+def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
+    """Seconds per Euler / RK4 step of the fused trajectory kernel, against one field
+    evaluation and against an unfused loop (poisson_field call + update in Python)."""
+    from poissonflow import _cpu
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g)
+    y = torch.randn(N, d, generator=g)
+    z = torch.full((N,), 0.5)
+    field = timed(
+        lambda: poissonflow.ops.field(x, y, None, float(d + 1), 0.0, None, z, "cpu"), 1
+    )
+    rows = []
+    for solver, steps, evals in (("euler", euler_steps, 1), ("rk4", rk4_steps, 4)):
+        t0 = torch.full((N,), math.log(0.5), dtype=torch.float64)
+        dt = torch.full((N,), 0.05, dtype=torch.float64)
+        fused = timed(lambda: _cpu.flow_steps(x, y, None, t0, dt, steps, solver), 0) / steps
+        unfused = timed(lambda: _unfused_flow(x, y, 0.5, 0.05, steps, solver), 0) / steps
+        rows.append({
+            "impl": "poissonflow-cpu", "op": f"{solver} step", "N": N, "B": N, "D": d,
+            "status": "ok", "steps": steps, "seconds_per_step": fused,
+            "field_seconds": field, "step_over_field": fused / field,
+            "target_over_field": 1.1 * evals, "unfused_seconds_per_step": unfused,
+            "fused_speedup": unfused / fused,
+        })
+    return rows
+
+
+def _unfused_flow(x, y, z0, h, steps, solver):
+    """The same ODE as a Python loop of field calls and tensor updates (no fusion)."""
+    d = x.shape[1]
+    p = float(d + 1)
+
+    def vel(xx, t):
+        zz = torch.full((xx.shape[0],), math.exp(t), dtype=xx.dtype)
+        return poissonflow.ops.field(xx, y, None, p, 0.0, None, zz, "cpu")[0]
+
+    t = math.log(z0)
+    for s in range(steps):
+        ts = t + s * h
+        if solver == "euler":
+            x = x + h * vel(x, ts)
+        else:
+            k1 = vel(x, ts)
+            k2 = vel(x + 0.5 * h * k1, ts + 0.5 * h)
+            k3 = vel(x + 0.5 * h * k2, ts + 0.5 * h)
+            k4 = vel(x + h * k3, ts + h)
+            x = x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
 def print_table(rows, gemm):
     print(f"\nfloat32 GEMM (torch.mm 4096^2) in this run: {gemm:.1f} GFLOP/s")
+    fwd = [r for r in rows if r["op"] == "forward"]
     hdr = (
-        f"{'op':8} {'impl':20} {'N=B':>6} {'D':>4} {'seconds':>9} {'pairs/s':>9} "
+        f"{'impl':20} {'N=B':>6} {'D':>4} {'seconds':>9} {'pairs/s':>9} "
         f"{'GFLOP/s':>8} {'xGEMM':>6} {'pf speedup':>10} {'err v':>8} {'err ls':>8}"
     )
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
+    print("\nforward field, float32\n" + hdr + "\n" + "-" * len(hdr))
+    for r in fwd:
         if r.get("status") != "ok":
-            print(f"{r['op']:8} {r['impl']:20} {r['N']:>6} {r['D']:>4}  {r['status']}")
+            print(f"{r['impl']:20} {r['N']:>6} {r['D']:>4}  {r['status']}")
             continue
         print(
-            f"{r['op']:8} {r['impl']:20} {r['N']:>6} {r['D']:>4} {r['seconds']:>9.3f} "
+            f"{r['impl']:20} {r['N']:>6} {r['D']:>4} {r['seconds']:>9.3f} "
             f"{r['pairs_per_s']:>9.2e} {r['gflops']:>8.1f} {r['frac_gemm']:>6.2f} "
             f"{r.get('speedup_of_poissonflow', float('nan')):>9.1f}x "
             f"{r['err_v']:>8.1e} {r['err_log_scale']:>8.1e}"
         )
+    bwd = [r for r in rows if r["op"] == "fwd+bwd"]
+    if bwd:
+        print("\nforward + backward (gradients for x and charges), float32")
+        for r in bwd:
+            extra = (
+                f"backward/forward {r['backward_over_forward']:.2f} (target <= 2.5)"
+                if "backward_over_forward" in r
+                else f"timed on {r['N']} queries; poissonflow {r['speedup_of_poissonflow']:.1f}x "
+                "faster on the same queries"
+            )
+            print(f"  {r['impl']:16} N=B={r['B']:>6} D={r['D']:>4} {r['seconds']:8.3f} s  "
+                  f"{r['gflops']:6.1f} GFLOP/s  {extra}")
+    ode = [r for r in rows if r["op"].endswith("step")]
+    if ode:
+        print("\nflow steps (fused trajectory kernel), float32")
+        for r in ode:
+            print(f"  {r['op']:11} N=B={r['N']} d={r['D']}: {r['seconds_per_step']:.3f} s/step "
+                  f"= {r['step_over_field']:.2f} field evaluations (target <= "
+                  f"{r['target_over_field']:.1f}); unfused loop {r['unfused_seconds_per_step']:.3f}"
+                  f" s/step ({r['fused_speedup']:.2f}x)")
+
+
+def plot_rows(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fwd = [r for r in rows if r["op"] == "forward" and r.get("status") == "ok"]
+    dims = sorted({r["D"] for r in fwd})
+    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.6), squeeze=False)
+    for ax, D in zip(axes[0], dims):
+        for impl in sorted({r["impl"] for r in fwd}):
+            pts = sorted((r["N"], r["gflops"]) for r in fwd if r["D"] == D and r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"D = {D}")
+        ax.set_xlabel("N = B")
+        ax.set_ylabel("GFLOP/s (4 D per pair)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -122,13 +257,19 @@ def main(argv=None):
     ap.add_argument("--dims", type=int, nargs="*", help="D values")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--peer-rows", type=int, default=1024, help="queries timed for slow peers")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--no-ode", action="store_true")
     ap.add_argument("--json", help="write every figure and setting to this file")
+    ap.add_argument("--plot", help="draw GFLOP/s against size to this PNG")
     args = ap.parse_args(argv)
 
     if args.quick:
         sizes, dims, repeat, peer_rows = [2048], [3, 129], 2, 256
+        bwd_sizes, ode = [1024], (1024, 128, 4, 1)
     else:
-        sizes, dims, repeat, peer_rows = [8192], [3, 33, 129, 513], args.repeat, args.peer_rows
+        sizes, dims = [1024, 4096, 8192, 16384], [3, 33, 129, 513]
+        repeat, peer_rows = args.repeat, args.peer_rows
+        bwd_sizes, ode = [8192], (8192, 128, 100, 25)
     sizes = args.sizes or sizes
     dims = args.dims or dims
 
@@ -138,22 +279,31 @@ def main(argv=None):
     rows = []
     for N in sizes:
         for D in dims:
-            rows += forward_rows(N, D, impls, gemm, repeat, peer_rows)
+            rows += forward_rows(N, D, impls if N <= 8192 or D == 129 else impls[:1], gemm,
+                                 repeat, peer_rows)
+    if not args.no_backward:
+        for N in bwd_sizes:
+            rows += backward_rows(N, 129, gemm, repeat, peer_rows)
+    if not args.no_ode:
+        rows += ode_rows(*ode[:2], gemm, *ode[2:])
     print_table(rows, gemm)
     meta = {
         "date": datetime.date.today().isoformat(),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        "command": " ".join(["python bench/field_throughput.py"] + (argv or sys.argv[1:])),
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "poissonflow": poissonflow.__version__,
+        "cpu_isas": poissonflow._ext.cpu_isas(),
         "backends": poissonflow.backends(),
         "gemm_gflops": gemm,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    if args.plot:
+        plot_rows(rows, args.plot)
     return rows
 
 

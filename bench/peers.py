@@ -143,3 +143,30 @@ def reference_error(impl: Impl, x, y, power, rows: int = 256) -> tuple[float, fl
     ev = ((v.double().cpu() - v_ref).norm(dim=1) / v_ref.norm(dim=1)).max().item()
     el = ((ls.double().cpu() - ls_ref).abs() / (1 + ls_ref.abs())).max().item()
     return ev, el
+
+
+def torch_autograd_backward(x, y, power, gv, gl, chunk=1024):
+    """The pure-PyTorch backward: autograd through a chunked float32 field with direct
+    differences (torch.cdist's direct mode) and pi @ y; its graph holds every N x B chunk, so
+    it is timed on sizes it can hold."""
+    xl = x.detach().clone().requires_grad_()
+    yl = y.detach().clone().requires_grad_()
+    vs, ls = [], []
+    for i in range(0, x.shape[0], chunk):
+        xi = xl[i : i + chunk]
+        r2 = torch.cdist(xi, yl, compute_mode="donot_use_mm_for_euclid_dist").square()
+        s = -0.5 * power * torch.log(r2.clamp_min(_tiny(x.dtype)))
+        ls.append(torch.logsumexp(s, 1))
+        vs.append(xi - torch.softmax(s, 1) @ yl)
+    loss = (torch.cat(vs) * gv).sum() + (torch.cat(ls) * gl).sum()
+    return torch.autograd.grad(loss, [xl, yl])
+
+
+def poissonflow_backward(backend="cpu"):
+    def fn(x, y, power, gv, gl):
+        xl = x.detach().clone().requires_grad_()
+        yl = y.detach().clone().requires_grad_()
+        v, ls = poissonflow.poisson_field(xl, yl, power=power, backend=backend)
+        return torch.autograd.grad([v, ls], [xl, yl], [gv, gl])
+
+    return fn

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 # Part of every cache key: bump it whenever a change here changes trained features.
-ENCODER_VERSION = 1
+ENCODER_VERSION = 2  # 2: two augmented views of the test set (positive pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,10 +463,13 @@ class EncodedDataset:
     train_acc / test_acc: the head's accuracy on clean images (eval mode).
     train_acc_augmented: the head's accuracy on one seeded augmented pass over the train images
     (eval mode); history.epoch_acc[-1] is the blog's number (train mode, last epoch's batches).
+    views_test: features of two independently augmented passes over the test images (positive
+    pairs for the alignment metric); equal to features_test when augmentation is off.
     """
 
     features_train: np.ndarray
     features_test: np.ndarray
+    views_test: tuple[np.ndarray, np.ndarray]
     logits_train: np.ndarray
     logits_test: np.ndarray
     y_train: np.ndarray
@@ -524,8 +527,12 @@ def encode_dataset(
     f_test, lg_test = extract_features(model, dataset.x_test)
     _, lg_aug = extract_features(model, dataset.x_train, augmentation=settings.augmentation,
                                  seed=settings.seed + 1)
+    aug = settings.augmentation if settings.augmentation.active else None
+    view_a, _ = extract_features(model, dataset.x_test, augmentation=aug, seed=settings.seed + 2)
+    view_b, _ = extract_features(model, dataset.x_test, augmentation=aug, seed=settings.seed + 3)
     arrays = {"features_train": f_train, "features_test": f_test,
-              "logits_train": lg_train, "logits_test": lg_test}
+              "logits_train": lg_train, "logits_test": lg_test,
+              "view_a_test": view_a, "view_b_test": view_b}
     meta = {"train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
             "epoch_loss": history.epoch_loss, "epoch_acc": history.epoch_acc,
             "epoch_seconds": history.epoch_seconds}
@@ -540,6 +547,7 @@ def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cach
     return EncodedDataset(
         features_train=arrays["features_train"],
         features_test=arrays["features_test"],
+        views_test=(arrays["view_a_test"], arrays["view_b_test"]),
         logits_train=arrays["logits_train"],
         logits_test=arrays["logits_test"],
         y_train=dataset.y_train,

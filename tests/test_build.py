@@ -14,7 +14,7 @@ def test_cpu_backend_is_built_and_listed():
     assert isas[-1] == "generic"  # the portable copy is always compiled and usable
 
 
-def test_import_needs_no_gpu_and_does_no_work():
+def test_import_needs_no_gpu_and_does_no_work(tmp_path):
     """Importing poissonflow with CUDA hidden must work and must not load the CUDA module."""
     code = (
         "import os, sys; os.environ['CUDA_VISIBLE_DEVICES'] = '';"
@@ -22,13 +22,16 @@ def test_import_needs_no_gpu_and_does_no_work():
         "assert 'triton' not in sys.modules; assert 'sklearn' not in sys.modules;"
         "print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # cwd outside the repository: from its root, `python -c` would import the source tree
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_cli_demo_runs():
+def test_cli_demo_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True
+        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "max relative error of v against the float64 reference" in out.stdout
