@@ -1,6 +1,8 @@
 """Command line: `python -m poissonflow <command>` (also installed as `poissonflow`).
 
 Commands:
+    experiment   the end-to-end experiment (default data: scikit-learn's digits); see
+                 poissonflow/experiment.py and `python -m poissonflow experiment --help`
     demo         compute a field on scikit-learn's digits and print a summary
 """
 
@@ -39,9 +41,17 @@ def _demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poissonflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
+    exp = sub.add_parser("experiment", help="does Poisson-flow uniformity help a linear probe?")
+    from .experiment import add_arguments
+
+    add_arguments(exp)
     demo = sub.add_parser("demo", help="compute a field on the digits data set")
     demo.add_argument("--eps", type=float, default=0.1)
     args = parser.parse_args(argv)
+    if args.command == "experiment":
+        from .experiment import main as experiment_main
+
+        return experiment_main(args)
     if args.command == "demo":
         return _demo(args)
     parser.print_help()

@@ -47,7 +47,7 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         z_min="auto",
         z_max="auto",
         parameterization=None,
-        output="sphere",
+        output=None,
         exclude_self=True,
         seed=None,
         backend="auto",

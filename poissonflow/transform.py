@@ -47,7 +47,7 @@ def transform(
     z_min: float | str = "auto",
     z_max: float | str = "auto",
     parameterization: str | None = None,
-    output: str = "sphere",
+    output: str | None = None,
     exclude_self: bool = True,
     seed: int | None = None,
     backend: str = "auto",
@@ -72,8 +72,12 @@ def transform(
             nearest-neighbour distance, 1e3 x data scale).
         parameterization: "logz" (PFGM, default for the empirical field) or "radial" (the
             blog's y <- y + delta f / (f . y), delta = (z_max^2 - z_min^2) / (2 steps)).
-        output: "sphere" (d + 1 columns on the unit sphere) or "raw" (end points (x, z)).
-        exclude_self: a query equal to a charge ignores it (leave-one-out); default True.
+        output: "sphere" (d + 1 columns on the unit sphere, directions from the charges' mean,
+            or from a learned field's training mean) or "raw" (end points (x, z)); default
+            "sphere", or the learned field's preset's ("raw" for the blog, as it fed them to
+            its classifier).
+        exclude_self: a query equal to a charge ignores it (leave-one-out; empirical field only,
+            a learned field is one fixed function); default True.
         seed: for start="flux" directions.
         backend: field kernels: "auto", "cpu", "cuda", "triton" or "reference".
         progress: tqdm bar; None shows it for long runs (> 1e10 pair-steps).
@@ -91,6 +95,7 @@ def transform(
 
     # A learned field brings its own defaults (its preset's ODE); explicit arguments win.
     defaults = field.default_flow() if learned else {}
+    output = output or defaults.get("output", "sphere")
     solver = solver or defaults.get("solver", "rk4")
     parameterization = parameterization or defaults.get("parameterization", "logz")
     if steps is None:
@@ -116,7 +121,11 @@ def transform(
     if parameterization == "radial" and delta is None:
         delta = (zmax**2 - zmin**2) / (2.0 * steps)  # |y~|^2 / 2 rises by this per step
 
-    exclude = coincident_charge(x, y) if (exclude_self or start == "flux") else None
+    exclude = (
+        coincident_charge(x, y) if (not learned and (exclude_self or start == "flux")) else None
+    )
+    if learned and start == "flux":
+        raise ValueError("start='flux' needs the empirical field (it starts next to a charge)")
     if start == "flux":
         if bool((exclude < 0).any()):
             raise ValueError(
@@ -129,7 +138,7 @@ def transform(
     else:
         x0 = x
         z0 = torch.full((N,), zmin, dtype=torch.float64, device=x.device)
-        excl_used = exclude if exclude_self else None
+        excl_used = exclude if (exclude_self and not learned) else None
 
     which = backend if backend == "reference" else resolve_backend(backend, x.device)
     if progress is None:
@@ -137,7 +146,8 @@ def transform(
     info: dict[str, Any] = {
         "z_min": zmin, "z_max": zmax, "steps": steps, "solver": solver, "start": start,
         "parameterization": parameterization, "backend": which,
-        "exclude_self": bool(exclude_self), "field": "learned" if learned else "empirical",
+        "exclude_self": bool(exclude_self) and not learned,
+        "field": "learned" if learned else "empirical", "output": output,
         "excluded": 0 if excl_used is None else int((excl_used >= 0).sum()),
         "delta": delta,
     }
@@ -154,7 +164,8 @@ def transform(
             steps=steps, z_end=zmax, delta=delta, progress=progress,
         )
         info["guard_fired"] = stats.guard_fired
-    out = _output(xe, ze, y, w, output)
+    centre = getattr(field, "center_", None) if learned else None
+    out = _output(xe, ze, y, w, output, centre)
     info["seconds"] = time.perf_counter() - t_start
     result = _back(out, kind, features)
     return (result, info) if return_info else result
@@ -210,10 +221,12 @@ def _flux_start(y, own, delta, seed):
     return x0, z0.to(y.device)
 
 
-def _output(xe, ze, y, w, output):
+def _output(xe, ze, y, w, output, centre=None):
     if output == "raw":
         return torch.cat([xe, ze[:, None].to(xe.dtype)], dim=1)
-    if w is None:
+    if centre is not None:  # a learned field: its training mean, whatever is in this batch
+        c = torch.as_tensor(centre).to(xe.device, xe.dtype)
+    elif w is None:
         c = y.mean(0)
     else:
         c = (w[:, None] * y).sum(0) / w.sum()
@@ -235,7 +248,7 @@ def _horizon_value(value, name, auto, allow_zero=False):
 def _validate_enums(start, output, solver, parameterization):
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if output not in OUTPUTS:
+    if output is not None and output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if solver is not None and solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

@@ -1,0 +1,548 @@
+"""`LearnedField`: a small network trained to predict PFGM's normalised Poisson field.
+
+    field = poissonflow.LearnedField(preset="blog").fit(features)     # (N, d) numpy or torch
+    z = poissonflow.transform(features, field=field)                  # flows through the network
+
+The blog's method (DESIGN.md section 4) does not flow through the exact empirical field: it
+trains an MLP n(x, z) on PFGM's objective and integrates the flow of n. The transform is then a
+fixed function of a feature, whatever points are charges.
+
+Training (PFGM, `losses.py::get_loss_fn`): every iteration takes a large batch of clean points
+(the charges), perturbs its first `small_batch` rows (poissonflow.pfgm.pfgm_perturb), computes
+the targets -sqrt(d) v~ / (||v~|| + gamma) of the large batch at the perturbed points with the
+fused field kernel (poissonflow.pfgm.field_targets) and takes one Adam step on
+
+    loss = mean_i || n(x'_i, z_i) - target_i ||^2            (sum over the d + 1 outputs).
+
+Batches are reshuffled every epoch (the blog's code did not shuffle); an incomplete last large
+batch is dropped when the data hold more than one (its few charges would give a biased field),
+so every epoch has floor(N / large_batch) iterations, or one when N <= large_batch.
+
+Presets (every value can be overridden by the matching argument):
+
+| setting | None (default) | "blog" | "pfgm" |
+|---|---|---|---|
+| network | Linear(d+1, h)-ReLU x depth, Linear(h, d+1); h = d + 1, depth = 2 | same | same |
+| M | PFGM's rule | 20 | PFGM's rule |
+| tau | 0.03 | 0.03 | 0.03 |
+| sigma | 0.01 x data norm | 0.01 | 0.01 |
+| gamma | 0.05 x data norm | 0.3 | 5 |
+| restrict_M | False | False | True |
+| large / small batch | 1024 / 128 | 1024 / 128 | 4096 / 128 |
+| epochs | 200 | 200 | 200 (PFGM: 1.3M iterations) |
+| lr (Adam) | 1e-3 | 1e-3 (torch default) | 2e-4 |
+| grad_clip | None | None | 2.0 (PFGM clips at 1 the gradient of loss / 2) |
+| ema (weight averaging) | 0.99 | None | 0.9999 |
+| flow | log-z RK4 x 32, sigma..z_max | radial Euler 100 x 0.01 from 0 | RK4 x 32, 1e-3..z_max |
+
+"data norm" is sqrt(mean ||x||^2) (poissonflow.pfgm.data_norm). M's rule and z_max:
+poissonflow.pfgm.pfgm_M / pfgm_z_max. ema is the decay of an exponential moving average of the
+weights with PFGM's warm-up (models/ema.py); the fitted network holds the average (0 disables).
+
+Why the default preset differs from the blog's (measured on the 2-D toy of tests/test_learned.py,
+16384 charges, width 128, 800 iterations, seeds 0-5): sigma, gamma and the horizon are lengths,
+so they are taken in units of the data norm (training on 10 x the features then learns 10 x the
+field; for unit-norm features sigma is the blog's 0.01). gamma only weights the loss (the
+target's direction is that of v~ for any gamma); 0.05 instead of 0.3 weights the points just
+above the plane more and raised the mean cosine to the exact field on held-out perturbed points
+from 0.948-0.961 to 0.975-0.976. Averaging the weights (ema 0.99) removed a seed-dependent drift
+of the far field: the flow's end azimuth had KS p between 1e-4 and 0.4 without it, 0.2-0.7
+with it. The blog's M = 20 trains only within (1.03)^20 sigma sqrt(d) of the data, while its
+flow climbs to radius sqrt(3); PFGM's rule covers the whole climb. The width d + 1 is the
+blog's; in very low dimension it is too narrow (the toy uses 128).
+
+Not reproduced from PFGM: its NCSN++ network, the 5000-iteration learning-rate warm-up, its
+adaptive RK45 solver, and its substitution of the network's z output below z_exp (Appendix
+B.2.3; measured on the toy: no better than the plain field with z_exp = 0.1 x the data norm,
+worse when applied at every height).
+
+The blog's flow (preset "blog", poissonflow.flow.field_flow with parameterization "radial"):
+each point starts on the plane, y~ = (x, 0), and takes 100 Euler steps y~ <- y~ + delta f /
+(f . y~) with delta = 0.01, f the network's field. Along the exact ODE d(|y~|^2 / 2)/ds = 1, so
+|y~|^2 / 2 rises by delta per unit step; one Euler step raises it by delta + delta^2 |f|^2 /
+(2 (f . y~)^2), i.e. by at least delta. A unit feature therefore ends at radius >= sqrt(1 + 2 *
+100 * 0.01) = sqrt(3). The update does not depend on the sign or the scale of f, and is undefined
+where f . y~ = 0 (there flow.py skips the step and counts it). The origin, not the data's
+centre, is the centre of the radial motion (the blog's features are L2-normalised).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .pfgm import data_norm, field_targets, pfgm_M, pfgm_perturb, pfgm_z_max
+
+__all__ = ["LearnedField", "PRESETS", "FILE_FORMAT"]
+
+FILE_FORMAT = 1  # bumped when the saved layout changes
+PRESETS = (None, "blog", "pfgm")
+
+# "auto" values are resolved from the data in fit(); "norm:<k>" means k x the data norm.
+_PRESET_SETTINGS: dict[Any, dict[str, Any]] = {
+    None: {
+        "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": "norm:0.01",
+        "gamma": "norm:0.05", "restrict_M": False, "large_batch": 1024, "small_batch": 128,
+        "epochs": 200, "lr": 1e-3, "grad_clip": None, "ema": 0.99, "z_min": "sigma",
+        "z_max": "auto",
+    },
+    "blog": {
+        "hidden": "auto", "depth": 2, "M": 20.0, "tau": 0.03, "sigma": 0.01, "gamma": 0.3,
+        "restrict_M": False, "large_batch": 1024, "small_batch": 128, "epochs": 200,
+        "lr": 1e-3, "grad_clip": None, "ema": None, "z_min": 0.0, "z_max": "radial",
+    },
+    "pfgm": {
+        "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": 0.01, "gamma": 5.0,
+        "restrict_M": True, "large_batch": 4096, "small_batch": 128, "epochs": 200,
+        "lr": 2e-4, "grad_clip": 2.0, "ema": 0.9999, "z_min": 1e-3, "z_max": "auto",
+    },
+}
+_FLOWS = {
+    None: {"parameterization": "logz", "solver": "rk4", "steps": 32},
+    "blog": {"parameterization": "radial", "solver": "euler", "steps": 100, "delta": 0.01,
+             "output": "raw"},
+    "pfgm": {"parameterization": "logz", "solver": "rk4", "steps": 32},
+}
+_SETTINGS = tuple(_PRESET_SETTINGS[None])
+
+
+class LearnedField:
+    """The field network n(x, z) ~ -sqrt(d) v~ / (||v~|| + gamma) (PFGM's normalised field).
+
+    Args (None takes the preset's value; see the module table):
+        preset: None, "blog" (every setting of the blog's code) or "pfgm" (PFGM's defaults).
+        hidden: hidden width ("auto": d + 1); depth: number of hidden Linear-ReLU layers.
+        M: perturbation exponent range, m ~ U[0, M) ("auto": PFGM's rule from the data).
+        tau, sigma: perturbation growth (1 + tau)^m and base scale (sigma > 0).
+        gamma: the target's normaliser ||v~|| + gamma.
+        restrict_M: PFGM's restriction of m for points with a small height draw.
+        large_batch, small_batch: charges per iteration, perturbed points per iteration.
+        epochs, lr: Adam epochs and learning rate; grad_clip: max gradient norm or None.
+        z_min, z_max: the flow's horizon reported by default_flow() ("auto": PFGM's z_max).
+        seed: initialisation, shuffling and perturbation are reproducible for a fixed seed.
+        device: "auto" (CUDA when available), "cpu", "cuda" or a torch.device.
+        backend: field kernel for the targets ("auto", "cpu", "cuda", "triton", "reference").
+
+    Fitted attributes: n_features_in_, settings_ (resolved values), data_norm_, center_ (the
+    training mean, float64), net_, and the training history: loss_history_ (mean loss per
+    epoch), wrong_sign_history_ (per epoch, perturbed training points where the network's field
+    pointed toward the plane, n_z <= 0 away from the data: the log-z flow's guard condition),
+    timing_ (seconds per epoch: "epoch", and its phases "data" (batch gather + perturbation),
+    "target" (field kernel), "network" (forward, backward, Adam)), n_iterations_, fit_seconds_.
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        *,
+        hidden=None,
+        depth=None,
+        M=None,
+        tau=None,
+        sigma=None,
+        gamma=None,
+        restrict_M=None,
+        large_batch=None,
+        small_batch=None,
+        epochs=None,
+        lr=None,
+        grad_clip=None,
+        ema=None,
+        z_min=None,
+        z_max=None,
+        seed: int = 0,
+        device="auto",
+        backend: str = "auto",
+    ):
+        self.preset = preset
+        self.hidden = hidden
+        self.depth = depth
+        self.M = M
+        self.tau = tau
+        self.sigma = sigma
+        self.gamma = gamma
+        self.restrict_M = restrict_M
+        self.large_batch = large_batch
+        self.small_batch = small_batch
+        self.epochs = epochs
+        self.lr = lr
+        self.grad_clip = grad_clip
+        self.ema = ema
+        self.z_min = z_min
+        self.z_max = z_max
+        self.seed = seed
+        self.device = device
+        self.backend = backend
+
+    # ------------------------------------------------------------------ settings
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments as given (what save() stores to rebuild the object)."""
+        names = ("preset",) + _SETTINGS + ("seed", "device", "backend")
+        params = {k: getattr(self, k) for k in names}
+        if isinstance(params["device"], torch.device):
+            params["device"] = str(params["device"])
+        return params
+
+    def _resolve(self, X: torch.Tensor) -> dict[str, Any]:
+        """Settings with the preset filled in and the data-dependent values computed."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        s = dict(_PRESET_SETTINGS[self.preset])
+        for k in _SETTINGS:
+            if getattr(self, k) is not None:
+                s[k] = getattr(self, k)
+        n, d = X.shape
+        norm = data_norm(X)
+        if not norm > 0:
+            raise ValueError("features are all zero: the data norm that sets the scale is 0")
+        for k in ("sigma", "gamma"):
+            if isinstance(s[k], str) and s[k].startswith("norm:"):
+                s[k] = float(s[k][5:]) * norm
+        if s["hidden"] == "auto":
+            s["hidden"] = d + 1
+        for k, least in (("hidden", 1), ("depth", 0), ("large_batch", 1), ("small_batch", 1),
+                         ("epochs", 1)):
+            s[k] = _check_int(s[k], k, least)
+        for k in ("tau", "sigma", "lr"):
+            s[k] = _check_positive(s[k], k)
+        s["gamma"] = _check_positive(s["gamma"], "gamma", allow_zero=True)
+        if s["grad_clip"] is not None:
+            s["grad_clip"] = _check_positive(s["grad_clip"], "grad_clip")
+        if s["ema"] is not None:
+            s["ema"] = _check_positive(s["ema"], "ema", allow_zero=True)
+            if s["ema"] >= 1:
+                raise ValueError(f"ema must be a decay rate in [0, 1) or None, got {s['ema']!r}")
+        if not isinstance(s["restrict_M"], (bool, np.bool_)):
+            raise TypeError(f"restrict_M must be a bool, got {s['restrict_M']!r}")
+        s["restrict_M"] = bool(s["restrict_M"])
+        if s["M"] == "auto":
+            s["M"] = float(pfgm_M(norm, d, s["sigma"], s["tau"]))
+        s["M"] = _check_positive(s["M"], "M")
+        flow = _FLOWS[self.preset]
+        if s["z_max"] == "auto":
+            s["z_max"] = pfgm_z_max(s["M"], s["sigma"], s["tau"])
+        elif s["z_max"] == "radial" and "delta" in flow:
+            # nominal end height of a point starting at the origin: |y~|^2 / 2 = steps * delta
+            s["z_max"] = math.sqrt(2.0 * flow["steps"] * flow["delta"])
+        if s["z_min"] == "sigma":
+            s["z_min"] = s["sigma"]
+        s["z_max"] = _check_positive(s["z_max"], "z_max")
+        s["z_min"] = _check_positive(s["z_min"], "z_min", allow_zero=True)
+        if not s["z_min"] < s["z_max"]:
+            raise ValueError(f"z_min ({s['z_min']:.4g}) must be < z_max ({s['z_max']:.4g})")
+        return s
+
+    # ------------------------------------------------------------------ training
+    def fit(self, features, progress: bool = True, profile: bool = False) -> "LearnedField":
+        """Trains the network on `features` (N, d) (numpy or torch); returns self.
+
+        profile=True synchronises CUDA after each phase so that timing_ splits a GPU epoch
+        exactly (on the CPU it always does; synchronising slows a GPU run slightly).
+        """
+        device = _resolve_device(self.device)
+        X = _as_features(features, "features").to(device=device, dtype=torch.float32)
+        n, d = X.shape
+        s = self._resolve(X)
+        from .field import resolve_backend
+
+        backend = resolve_backend(self.backend, device)
+        seed = _check_int(self.seed, "seed", 0)
+
+        self.n_features_in_ = d
+        self.settings_ = s
+        self.data_norm_ = data_norm(X)
+        self.center_ = X.double().mean(0).cpu()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = _mlp(d, s["hidden"], s["depth"])
+        self.net_ = net.to(device)
+        opt = torch.optim.Adam(self.net_.parameters(), lr=s["lr"])
+        # the weights' moving average (ema), copied into the network at the end
+        shadow = None if s["ema"] is None else [
+            p.detach().clone() for p in self.net_.parameters()]
+        gen = torch.Generator(device=device).manual_seed(seed)
+        sync = (lambda: torch.cuda.synchronize(device)) if (
+            profile and device.type == "cuda") else (lambda: None)
+
+        self.loss_history_, self.wrong_sign_history_ = [], []
+        self.timing_ = {k: [] for k in ("epoch", "data", "target", "network")}
+        self.n_iterations_ = 0
+        bar = _epoch_bar(s["epochs"], progress)
+        t_fit = time.perf_counter()
+        for _ in range(s["epochs"]):
+            loss, wrong, seconds = self._train_epoch(X, s, opt, shadow, gen, backend, sync)
+            self.loss_history_.append(loss)
+            self.wrong_sign_history_.append(wrong)
+            for k, v in seconds.items():
+                self.timing_[k].append(v)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4g}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.fit_seconds_ = time.perf_counter() - t_fit
+        if shadow is not None:  # the field is the averaged network (PFGM samples with it)
+            with torch.no_grad():
+                for avg, p in zip(shadow, self.net_.parameters()):
+                    p.copy_(avg)
+        self.net_.eval()
+        for p in self.net_.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def _train_epoch(self, X, s, opt, shadow, gen, backend, sync):
+        """One pass over a fresh permutation of X; returns (mean loss, wrong-sign count,
+        seconds per phase: data (gather + perturbation), target, network (forward, backward,
+        optimiser))."""
+        n, d = X.shape
+        large, small = s["large_batch"], s["small_batch"]
+        per_epoch = max(1, n // large)
+        clock = {"data": 0.0, "target": 0.0, "network": 0.0}
+        loss_sum = torch.zeros((), device=X.device)
+        wrong = torch.zeros((), dtype=torch.int64, device=X.device)
+        t_epoch = time.perf_counter()
+        perm = torch.randperm(n, generator=gen, device=X.device)
+        for it in range(per_epoch):
+            t0 = time.perf_counter()
+            batch = X[perm[it * large:(it + 1) * large]]
+            x_pert, z = pfgm_perturb(
+                batch[:small], s["M"], s["sigma"], s["tau"], s["restrict_M"], gen
+            )
+            sync()
+            t1 = time.perf_counter()
+            target = field_targets(x_pert, z, batch, s["gamma"], backend)
+            sync()
+            t2 = time.perf_counter()
+            pred = self.net_(torch.cat([x_pert, z[:, None]], dim=1))
+            loss = ((pred - target) ** 2).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s["grad_clip"] is not None:
+                torch.nn.utils.clip_grad_norm_(self.net_.parameters(), s["grad_clip"])
+            opt.step()
+            self.n_iterations_ += 1
+            if shadow is not None:
+                self._update_average(shadow, s["ema"])
+            loss_sum += loss.detach()
+            # n_z >= 0 toward the data is n_z <= 0 away from it: the log-z guard's condition
+            wrong += (pred.detach()[:, d] >= 0).sum()
+            sync()
+            t3 = time.perf_counter()
+            clock["data"] += t1 - t0
+            clock["target"] += t2 - t1
+            clock["network"] += t3 - t2
+        loss_mean = float(loss_sum) / per_epoch
+        clock["epoch"] = time.perf_counter() - t_epoch
+        return loss_mean, int(wrong), clock
+
+    def _update_average(self, shadow: list[torch.Tensor], rate: float) -> None:
+        """Exponential moving average of the weights with PFGM's warm-up (models/ema.py): the
+        decay after k updates is min(rate, (1 + k) / (10 + k)), so a short run averages over
+        roughly its last k / 9 iterations instead of keeping the initial weights."""
+        k = self.n_iterations_
+        decay = min(rate, (1.0 + k) / (10.0 + k))
+        with torch.no_grad():
+            for avg, p in zip(shadow, self.net_.parameters()):
+                avg.lerp_(p, 1.0 - decay)
+
+    # ------------------------------------------------------------------ use in the flow
+    def predict(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The network's output n(x, z) (N, d + 1) in float32 on the field's device: the
+        normalised field pointing toward the data (PFGM's sign convention)."""
+        self._check_fitted()
+        x = _check_query(x, "x", self.n_features_in_)
+        if not isinstance(z, torch.Tensor) or z.shape != (x.shape[0],):
+            raise ValueError(f"z must be a tensor of shape ({x.shape[0]},)")
+        dev = next(self.net_.parameters()).device
+        with torch.no_grad():
+            inp = torch.cat([x.to(dev, torch.float32), z.to(dev, torch.float32)[:, None]], 1)
+            return self.net_(inp)
+
+    def field_fn(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_x (N, d), f_z (N,)) = -n(x, z): the field direction pointing away from the data
+        (the convention of poissonflow.flow.field_flow), in x's dtype and device."""
+        out = -self.predict(x, z)
+        d = self.n_features_in_
+        return out[:, :d].to(x.device, x.dtype), out[:, d].to(x.device, x.dtype)
+
+    def default_flow(self) -> dict[str, Any]:
+        """The preset's ODE for poissonflow.transform: parameterization, solver, steps, the
+        horizon z_min / z_max, and delta (radial step) for the blog's flow."""
+        self._check_fitted()
+        flow = dict(_FLOWS[self.preset])
+        flow["z_min"] = self.settings_["z_min"]
+        flow["z_max"] = self.settings_["z_max"]
+        return flow
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Writes the weights (state_dict), the settings, the history and the package version
+        to `path` (torch.save; reload with LearnedField.load, no retraining)."""
+        self._check_fitted()
+        from . import __version__
+
+        torch.save(
+            {
+                "format": FILE_FORMAT,
+                "poissonflow_version": __version__,
+                "params": self.get_params(),
+                "settings": dict(self.settings_),
+                "n_features_in": int(self.n_features_in_),
+                "data_norm": float(self.data_norm_),
+                "center": self.center_.clone(),
+                "state_dict": {k: v.detach().cpu() for k, v in self.net_.state_dict().items()},
+                "history": {
+                    "loss": list(self.loss_history_),
+                    "wrong_sign": list(self.wrong_sign_history_),
+                    "timing": {k: list(v) for k, v in self.timing_.items()},
+                    "n_iterations": int(self.n_iterations_),
+                    "fit_seconds": float(self.fit_seconds_),
+                },
+            },
+            Path(path),
+        )
+
+    @classmethod
+    def load(cls, path, *, n_features: int | None = None, device=None) -> "LearnedField":
+        """A fitted LearnedField from a file written by save(). `n_features`, when given, must
+        match the dimension the field was trained on; `device` overrides the saved device."""
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != FILE_FORMAT:
+            raise ValueError(
+                f"{path} is not a LearnedField file of format {FILE_FORMAT} "
+                f"(found format {blob.get('format') if isinstance(blob, dict) else None!r})"
+            )
+        d = int(blob["n_features_in"])
+        if n_features is not None and int(n_features) != d:
+            raise ValueError(
+                f"{path} holds a field trained on {d}-dimensional features, but n_features = "
+                f"{n_features} was asked for"
+            )
+        params = dict(blob["params"])
+        if device is not None:
+            params["device"] = device
+        obj = cls(**params)
+        s = blob["settings"]
+        net = _mlp(d, s["hidden"], s["depth"])
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        saved = {k: tuple(v.shape) for k, v in blob["state_dict"].items()}
+        if shapes != saved:
+            raise ValueError(
+                f"{path}: the saved weights do not fit a {d}-dimensional field of width "
+                f"{s['hidden']} and depth {s['depth']} (saved shapes {saved})"
+            )
+        net.load_state_dict(blob["state_dict"])
+        obj.net_ = net.to(_resolve_device(params["device"])).eval()
+        for p in obj.net_.parameters():
+            p.requires_grad_(False)
+        obj.n_features_in_ = d
+        obj.settings_ = dict(s)
+        obj.data_norm_ = float(blob["data_norm"])
+        obj.center_ = blob["center"]
+        h = blob["history"]
+        obj.loss_history_ = list(h["loss"])
+        obj.wrong_sign_history_ = list(h["wrong_sign"])
+        obj.timing_ = {k: list(v) for k, v in h["timing"].items()}
+        obj.n_iterations_ = int(h["n_iterations"])
+        obj.fit_seconds_ = float(h["fit_seconds"])
+        obj.saved_version_ = str(blob["poissonflow_version"])
+        return obj
+
+    # ------------------------------------------------------------------ helpers
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise RuntimeError("this LearnedField is not fitted yet: call fit(features) first")
+
+    def __repr__(self) -> str:
+        given = {k: v for k, v in self.get_params().items()
+                 if v is not None and not (k == "seed" and v == 0)
+                 and not (k in ("device", "backend") and v == "auto")}
+        return "LearnedField(" + ", ".join(f"{k}={v!r}" for k, v in given.items()) + ")"
+
+
+def _mlp(d: int, hidden: int, depth: int) -> torch.nn.Sequential:
+    """Linear(d+1, h)-ReLU, (depth - 1) x Linear(h, h)-ReLU, Linear(h, d+1): the blog's network
+    for h = d + 1, depth = 2."""
+    layers: list[torch.nn.Module] = []
+    width = d + 1
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, hidden), torch.nn.ReLU()]
+        width = hidden
+    layers.append(torch.nn.Linear(width, d + 1))
+    return torch.nn.Sequential(*layers)
+
+
+def _epoch_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="LearnedField", unit="epoch", leave=False)
+
+
+def _resolve_device(device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', a device string or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got "
+                         f"{device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def _as_features(a, name: str) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise TypeError(f"{name} must be a numeric array, got dtype {a.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
+    elif isinstance(a, torch.Tensor):
+        t = a.detach()
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(a).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+    if t.shape[0] < 2 or t.shape[1] < 1:
+        raise ValueError(f"{name} needs at least 2 samples and 1 feature, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _check_query(x, name: str, d: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, but this LearnedField was trained on "
+            f"{d}-dimensional features"
+        )
+    return x
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(value, name: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v

@@ -1,0 +1,181 @@
+"""Outputs of the experiment: the summary over seeds, the markdown table, the JSON file and the
+plots. Files are written atomically (temporary file + os.replace), so an interrupted run never
+leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["summarise", "markdown_table", "write_outputs"]
+
+# (column title, path into a row) in table order
+COLUMNS = [
+    ("blog LR train", ("blog", "train")),
+    ("blog LR test", ("blog", "test")),
+    ("tuned train", ("tuned", "train")),
+    ("tuned test", ("tuned", "test")),
+    ("alignment", ("metrics", "alignment")),
+    ("uniform_loss", ("metrics", "uniform_loss")),
+    ("W2 unif.", ("metrics", "wasserstein_uniformity")),
+    ("eff. rank", ("metrics", "effective_rank")),
+]
+
+
+def _get(row: dict, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(row, dict) or k not in row:
+            return None
+        row = row[k]
+    return row
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    arr = np.asarray(vals)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+            "n": len(arr)}
+
+
+def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every number of every row."""
+    names = list(per_seed[0]["rows"])
+    summary: dict[str, Any] = {}
+    for name in names:
+        rows = [s["rows"][name] for s in per_seed]
+        entry: dict[str, Any] = {}
+        for title, path in COLUMNS + [
+            ("head train", ("head", "train")), ("head train (augmented)", ("head", "train_augmented")),
+            ("head train (last epoch, augmented)", ("head", "train_last_epoch")),
+            ("head test", ("head", "test")), ("tuned C", ("tuned", "C")),
+            ("mean norm", ("mean_norm",)),
+        ]:
+            st = _stats([_get(r, path) for r in rows])
+            if st is not None:
+                entry[title] = st
+        summary[name] = entry
+    return summary
+
+
+def _fmt(st: dict[str, float] | None, pct: bool) -> str:
+    if st is None:
+        return "–"
+    if pct:
+        return f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}"
+    return f"{st['mean']:.3f} ± {st['std']:.3f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    summary = results["summary"]
+    n = len(results["per_seed"])
+    ds = results["dataset"]
+    lines = [
+        f"### {ds['name']}: {ds['n_train']} train / {ds['n_test']} test, "
+        f"mean ± std over {n} seed(s)",
+        "",
+        "Accuracies in %. Metrics on the L2-normalised test features: alignment (lower: "
+        "views closer), uniform_loss and W2 (lower: more uniform), effective rank.",
+        "",
+        "| row | " + " | ".join(t for t, _ in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for name, entry in summary.items():
+        if name == "encoder head":
+            cells = [_fmt(entry.get("head train (last epoch, augmented)"), True),
+                     _fmt(entry.get("head test"), True), _fmt(entry.get("head train"), True),
+                     _fmt(entry.get("head test"), True)]
+            cells += [_fmt(entry.get(t), False) for t, _ in COLUMNS[4:]]
+            name = "encoder head (own classifier)"
+        else:
+            cells = [_fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "encoder head: its train accuracy is the blog's figure (last epoch, augmented batches) "
+        "in the 'blog LR train' column and on clean images in 'tuned train'.",
+    ]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "results.json",
+                  json.dumps(_jsonable(results), indent=1).encode())
+    _atomic_write(out_dir / "results.md", (markdown_table(results) + "\n").encode())
+    sweeps = [p for s in results["per_seed"] for p in s.get("sweep", [])]
+    if sweeps:
+        plot_sweep(sweeps, out_dir / "accuracy_vs_uniformity.png",
+                   title=f"{results['dataset']['name']}: accuracy along the flow")
+
+
+def plot_sweep(points: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Two panels: tuned-probe test accuracy against Wasserstein uniformity (the trade-off
+    curve), and against the horizon knob; one line per curve, mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for curve in sorted({p["curve"] for p in points}):
+        pts = [p for p in points if p["curve"] == curve]
+        values = sorted({p["value"] for p in pts})
+        acc = [np.mean([p["test_accuracy"] for p in pts if p["value"] == v]) for v in values]
+        w2 = [np.mean([p["wasserstein_uniformity"] for p in pts if p["value"] == v])
+              for v in values]
+        knob = pts[0]["knob"]
+        axes[0].plot(w2, acc, "o-", label=curve)
+        axes[1].plot(values, acc, "o-", label=f"{curve} ({knob})")
+        if knob == "z_max":
+            axes[1].set_xscale("log")
+    axes[0].set_xlabel("Wasserstein uniformity of test features (lower: more uniform)")
+    axes[0].set_ylabel("tuned linear probe, test accuracy")
+    axes[1].set_xlabel("horizon: blog steps / exact-field z_max")
+    axes[1].set_ylabel("tuned linear probe, test accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
