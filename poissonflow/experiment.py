@@ -58,7 +58,8 @@ class ExperimentConfig:
     encoder_epochs: int | None = None  # None: the dataset's default (digits 20, CIFAR-10 20)
     field_epochs: int | None = None  # None: each preset's default
     sweep: bool = True
-    progress: bool = True
+    limit: int | None = None  # use only the first `limit` train and limit // 3 test examples
+    progress: bool | None = None  # None: progress bars when stderr is a terminal
 
 
 # --------------------------------------------------------------------------- feature makers
@@ -118,7 +119,7 @@ def _learned_flow(preset: str, output: str):
             outs.append(out)
         info = {"field_train_seconds": ctx[("field_seconds", preset)], "guard_fired": guard}
         if preset == "blog":
-            ctx["blog_flow"] = (outs[0], outs[1])  # for the scale control rows
+            ctx["blog_flow"] = (outs[0], outs[1], tuple(outs[2:]))  # for the control rows
         return outs[0], outs[1], tuple(outs[2:]), info
 
     return make
@@ -132,12 +133,12 @@ def _scale_control(ftr, fte, views, ctx):
 
 def _blog_unit(ftr, fte, views, ctx):
     """The blog-flowed features scaled back to unit norm."""
-    gtr, gte = ctx["blog_flow"]
+    gtr, gte, gviews = ctx["blog_flow"]
 
     def unit(a):
         return a / np.linalg.norm(a, axis=1, keepdims=True)
 
-    return unit(gtr), unit(gte), (), {}
+    return unit(gtr), unit(gte), tuple(unit(v) for v in gviews), {}
 
 
 def _exact_flow(ftr, fte, views, ctx):
@@ -224,20 +225,28 @@ def horizon_sweep(ftr, ytr, fte, yte, ctx) -> list[dict[str, Any]]:
             else:
                 gtr = transform(ftr, field=field, steps=k, output="raw")
                 gte = transform(fte, field=field, steps=k, output="raw")
-            points.append(_sweep_point("blog preset", "steps", k, gtr, ytr, gte, yte, ctx))
+            points.append(
+                _sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte, ctx)
+            )
     charges = torch.from_numpy(np.ascontiguousarray(ftr, dtype=np.float64))
     zmin, zmax = auto_z_min(charges), auto_z_max(charges)
     for zend in np.geomspace(2 * zmin, zmax, 7):
         gtr = transform(ftr, charges=ftr, z_max=float(zend))
         gte = transform(fte, charges=ftr, z_max=float(zend))
-        points.append(_sweep_point("exact field", "z_max", float(zend), gtr, ytr, gte, yte, ctx))
+        frac = float(np.log(zend / zmin) / np.log(zmax / zmin))
+        points.append(
+            _sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte, ctx)
+        )
     return points
 
 
-def _sweep_point(curve, knob, value, gtr, ytr, gte, yte, ctx):
+def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, ctx):
+    """One point of a sweep; `fraction` is how far along the flow it is (blog: steps / 100,
+    exact field: log(z_end / z_min) / log(z_max / z_min))."""
     tuned = linear_probe(gtr, ytr, gte, yte, seed=ctx["seed"])
     m = representation_metrics(gte, ())
-    return {"curve": curve, "knob": knob, "value": value, "test_accuracy": tuned.test_accuracy,
+    return {"curve": curve, "knob": knob, "value": value, "fraction": fraction,
+            "test_accuracy": tuned.test_accuracy,
             "wasserstein_uniformity": m["wasserstein_uniformity"],
             "uniform_loss": m["uniform_loss"]}
 
@@ -274,9 +283,8 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
         row["info"] = info
         row["seconds"] = time.perf_counter() - t
         rows[name] = row
-        if cfg.progress:
-            print(f"  seed {seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
-                  f"({row['seconds']:.1f} s)", file=sys.stderr)
+        print(f"  seed {seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
+              f"({row['seconds']:.1f} s)", file=sys.stderr)
     out = {"seed": seed, "rows": rows, "seconds": seconds}
     if cfg.sweep:
         t = time.perf_counter()
@@ -294,12 +302,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     from . import __version__, report
     from .data import load_dataset
 
+    if cfg.progress is None:
+        cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.limit is not None:
+        n_test = max(10, cfg.limit // 3)
+        dataset = dataclasses.replace(
+            dataset, x_train=dataset.x_train[: cfg.limit], y_train=dataset.y_train[: cfg.limit],
+            x_test=dataset.x_test[:n_test], y_test=dataset.y_test[:n_test],
+        )
     per_seed = []
     for seed in cfg.seeds:
-        if cfg.progress:
-            print(f"{dataset.name}: seed {seed}", file=sys.stderr)
+        print(f"{dataset.name}: seed {seed}", file=sys.stderr)
         per_seed.append(run_seed(dataset, cfg, seed))
     results = {
         "config": dataclasses.asdict(cfg),
@@ -336,6 +351,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--encoder-epochs", type=int, default=None)
     parser.add_argument("--field-epochs", type=int, default=None)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N train (N/3 test) examples (quick runs)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -344,7 +361,8 @@ def config_from_args(args) -> ExperimentConfig:
         dataset=args.dataset, data_dir=args.data_dir, seeds=tuple(args.seeds),
         out_dir=args.out or f"results/{args.dataset}", cache_dir=args.cache_dir,
         device=args.device, encoder_epochs=args.encoder_epochs, field_epochs=args.field_epochs,
-        sweep=not args.no_sweep, progress=not args.no_progress,
+        sweep=not args.no_sweep, limit=args.limit,
+        progress=False if args.no_progress else None,
     )
 
 

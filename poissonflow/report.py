@@ -147,7 +147,8 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
 
 def plot_sweep(points: list[dict[str, Any]], path: Path, title: str) -> None:
     """Two panels: tuned-probe test accuracy against Wasserstein uniformity (the trade-off
-    curve), and against the horizon knob; one line per curve, mean over seeds."""
+    curve), and against the fraction of the flow completed; one line per curve, mean over
+    seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,18 +157,18 @@ def plot_sweep(points: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for curve in sorted({p["curve"] for p in points}):
         pts = [p for p in points if p["curve"] == curve]
-        values = sorted({p["value"] for p in pts})
-        acc = [np.mean([p["test_accuracy"] for p in pts if p["value"] == v]) for v in values]
-        w2 = [np.mean([p["wasserstein_uniformity"] for p in pts if p["value"] == v])
-              for v in values]
-        knob = pts[0]["knob"]
+        fracs = sorted({round(p["fraction"], 9) for p in pts})
+
+        def mean(key, f, pts=pts):
+            return np.mean([p[key] for p in pts if round(p["fraction"], 9) == f])
+
+        acc = [mean("test_accuracy", f) for f in fracs]
+        w2 = [mean("wasserstein_uniformity", f) for f in fracs]
         axes[0].plot(w2, acc, "o-", label=curve)
-        axes[1].plot(values, acc, "o-", label=f"{curve} ({knob})")
-        if knob == "z_max":
-            axes[1].set_xscale("log")
+        axes[1].plot(fracs, acc, "o-", label=f"{curve} ({pts[0]['knob']})")
     axes[0].set_xlabel("Wasserstein uniformity of test features (lower: more uniform)")
     axes[0].set_ylabel("tuned linear probe, test accuracy")
-    axes[1].set_xlabel("horizon: blog steps / exact-field z_max")
+    axes[1].set_xlabel("fraction of the flow (blog: steps / 100; exact: log z / log z_max)")
     axes[1].set_ylabel("tuned linear probe, test accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)
