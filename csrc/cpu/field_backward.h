@@ -25,6 +25,7 @@ template <typename T>
 struct BackwardScratch {
   static constexpr int W = VecTraits<T>::W;
   int QT = 0;
+  int CT = 0;
   int64_t D = 0;
   T* xt = nullptr;     // (QT, D) queries
   T* gt = nullptr;     // (QT, D) upstream gradient of v
@@ -38,10 +39,10 @@ struct BackwardScratch {
   T* C = nullptr;      // (QT, CT) c = p gs / r2
   T* accdx = nullptr;  // (QT, D, W)
 
-  bool allocate(int QT_, int64_t D_) {
-    QT = QT_;
+  bool allocate(TileShape<T> shape, int64_t D_) {
+    QT = shape.QT;
+    CT = shape.CT;
     D = D_;
-    const int CT = Geometry<T>::CT;
     xt = (T*)aligned_buffer(sizeof(T) * QT * D);
     gt = (T*)aligned_buffer(sizeof(T) * QT * D);
     e2 = (T*)aligned_buffer(sizeof(T) * QT);
@@ -65,13 +66,13 @@ struct BackwardScratch {
 
 // Phase A': r2 (same blocked summation as the forward) and gd = g.(x - y) = -g.d.
 template <typename T, int QB, int CB, bool kGrad>
-static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>& pk, int q0,
-                                        int64_t j, int col) {
+static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                        const T* ytile, int64_t ld, int q0, int col) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
   constexpr int64_t kSumBlock = 16;
-  const int64_t D = pk.D, Bp = pk.Bp;
-  const int CT = Geometry<T>::CT;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
   V acc[QB][CB], gd[QB][CB];
   for (int q = 0; q < QB; ++q)
     for (int c = 0; c < CB; ++c) acc[q][c] = gd[q][c] = V{};
@@ -81,13 +82,13 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
     xq[q] = sc.xt + (int64_t)(q0 + q) * D;
     gq[q] = sc.gt + (int64_t)(q0 + q) * D;
   }
-  const T* yk = pk.yT + j;
+  const T* yk = ytile + col;
   for (int64_t k0 = 0; k0 < D; k0 += kSumBlock) {
     const int64_t k1 = k0 + kSumBlock < D ? k0 + kSumBlock : D;
     V part[QB][CB];
     for (int q = 0; q < QB; ++q)
       for (int c = 0; c < CB; ++c) part[q][c] = V{};
-    for (int64_t k = k0; k < k1; ++k, yk += Bp) {
+    for (int64_t k = k0; k < k1; ++k, yk += ld) {
       V y[CB];
       for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
       for (int q = 0; q < QB; ++q) {
@@ -113,11 +114,12 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
 // Phase C': dx and dy for QC queries x KBr dimensions over nvec charge vectors.
 template <typename T, int QC, int KBr, bool kDx, bool kDy, bool kGrad>
 static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packed<T>& pk,
-                                             T* dyT, int q0, int64_t k0, int64_t j0, int nvec) {
+                                             const T* ytile, T* dytile, int64_t ld, int q0,
+                                             int64_t k0, int nvec) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  const int64_t D = pk.D, Bp = pk.Bp;
-  const int CT = Geometry<T>::CT;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
   V acc[QC][KBr];
   T xs[QC][KBr], gs[QC][KBr];
   for (int q = 0; q < QC; ++q)
@@ -126,8 +128,8 @@ static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packe
       xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
       gs[q][kk] = sc.gt[(int64_t)(q0 + q) * D + k0 + kk];
     }
-  const T* ybase = pk.yT + k0 * Bp + j0;
-  T* dybase = dyT + k0 * Bp + j0;
+  const T* ybase = ytile + k0 * ld;
+  T* dybase = dytile ? dytile + k0 * ld : nullptr;
   for (int c = 0; c < nvec; ++c) {
     V cc[QC], pp[QC];
     for (int q = 0; q < QC; ++q) {
@@ -135,14 +137,14 @@ static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packe
       pp[q] = vload<T>(sc.P + (int64_t)(q0 + q) * CT + c * W);
     }
     for (int kk = 0; kk < KBr; ++kk) {
-      const V y = vload<T>(ybase + kk * Bp + c * W);
-      V dy = kDy ? vload<T>(dybase + kk * Bp + c * W) : V{};
+      const V y = vload<T>(ybase + kk * ld + c * W);
+      V dy = kDy ? vload<T>(dybase + kk * ld + c * W) : V{};
       for (int q = 0; q < QC; ++q) {
         const V t = cc[q] * (y - xs[q][kk]);
         if (kDx) acc[q][kk] += t;
         if (kDy) dy -= kGrad ? t + pp[q] * gs[q][kk] : t;
       }
-      if (kDy) vstore<T>(dybase + kk * Bp + c * W, dy);
+      if (kDy) vstore<T>(dybase + kk * ld + c * W, dy);
     }
   }
   if (kDx)
@@ -152,14 +154,16 @@ static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packe
 }
 
 template <typename T, int QC, int KBr, bool kDx, bool kDy, bool kGrad>
-static inline void backward_accumulate_tail(BackwardScratch<T>& sc, const Packed<T>& pk, T* dyT,
-                                            int q0, int64_t k0, int64_t j0, int nvec, int rem) {
+static inline void backward_accumulate_tail(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                            const T* ytile, T* dytile, int64_t ld, int q0,
+                                            int64_t k0, int nvec, int rem) {
   if constexpr (KBr > 0) {
     if (rem == KBr)
-      backward_accumulate_block<T, QC, KBr, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec);
+      backward_accumulate_block<T, QC, KBr, kDx, kDy, kGrad>(sc, pk, ytile, dytile, ld, q0, k0,
+                                                             nvec);
     else
-      backward_accumulate_tail<T, QC, KBr - 1, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec,
-                                                                rem);
+      backward_accumulate_tail<T, QC, KBr - 1, kDx, kDy, kGrad>(sc, pk, ytile, dytile, ld, q0,
+                                                                k0, nvec, rem);
   }
 }
 
@@ -175,14 +179,17 @@ template <typename T, bool kDx, bool kDy, bool kGrad>
 static void backward_accumulate(BackwardScratch<T>& sc, const Packed<T>& pk, T* dyT, int64_t j0,
                                 int nvec) {
   constexpr int QC = BackwardBlock<T, kDy>::QC, KB = BackwardBlock<T, kDy>::KB;
-  const int64_t D = pk.D;
+  const int64_t D = pk.D, ld = pk.width(j0);
+  const T* ytile = pk.tile(j0);
+  T* dytile = dyT ? dyT + j0 * D : nullptr;  // dy uses the charges' tiled layout
   for (int q0 = 0; q0 < sc.QT; q0 += QC) {
     int64_t k0 = 0;
     for (; k0 + KB <= D; k0 += KB)
-      backward_accumulate_block<T, QC, KB, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec);
+      backward_accumulate_block<T, QC, KB, kDx, kDy, kGrad>(sc, pk, ytile, dytile, ld, q0, k0,
+                                                            nvec);
     if (k0 < D)
-      backward_accumulate_tail<T, QC, KB - 1, kDx, kDy, kGrad>(sc, pk, dyT, q0, k0, j0, nvec,
-                                                               (int)(D - k0));
+      backward_accumulate_tail<T, QC, KB - 1, kDx, kDy, kGrad>(sc, pk, ytile, dytile, ld, q0, k0,
+                                                               nvec, (int)(D - k0));
   }
 }
 
@@ -196,16 +203,17 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j
   typedef Geometry<T> G;
   constexpr int W = G::W;
   const int QT = sc.QT;
-  const int CT = G::CT;
-  const int ncharges = (int)(pk.Bp - j0 < CT ? pk.Bp - j0 : CT);
+  const int CT = sc.CT;
+  const int ncharges = (int)pk.width(j0);
   const int nvec = ncharges / W;
+  const T* ytile = pk.tile(j0);
 
   for (int q0 = 0; q0 < QT; q0 += G::QB)
     for (int c0 = 0; c0 < nvec; c0 += G::CB) {
       if (has_g)
-        backward_pairs_block<T, G::QB, G::CB, true>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W);
+        backward_pairs_block<T, G::QB, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
       else
-        backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W);
+        backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
     }
 
   // Phase B'.

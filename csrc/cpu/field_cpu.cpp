@@ -18,17 +18,18 @@ namespace PF_ISA_NS {
 
 template <typename T>
 static int forward_impl(const FieldArgs& a) {
+  const TileShape<T> shape = tile_shape<T>(a.D);
   Packed<T> pk;
-  if (!pk.allocate(a.B, a.D)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk);
-  const int QT = query_tile_size<T>(a.D);
+  if (!pk.allocate(a.B, a.D, shape.CT)) return 1;
+  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
+  const int QT = shape.QT;
   const int64_t ntiles = (a.N + QT - 1) / QT;
   const T half_p = (T)(0.5 * a.power);
   int failed = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
   {
     TileScratch<T> sc;
-    if (!sc.allocate(QT, a.D)) {
+    if (!sc.allocate(shape, a.D)) {
       failed = 1;
     } else {
 #pragma omp for schedule(dynamic, 1)
@@ -87,44 +88,84 @@ static void load_backward_tile(BackwardScratch<T>& sc, const FieldBackwardArgs& 
   }
 }
 
+// Number of row groups with private dy/dw partial sums: as many as fit a 256 MiB budget, at most
+// 16 and at most one per query tile. It depends on the problem's sizes only, never on the number
+// of threads, so the sums below have the same grouping (and bits) at any thread count.
+template <typename T>
+static int64_t backward_groups(int64_t I, int64_t D, int64_t Bp, bool need_y, bool need_w) {
+  if (!need_y && !need_w) return I;  // rows are independent: no partials needed
+  const int64_t per_group = (int64_t)sizeof(T) * ((need_y ? D : 0) + 1) * Bp;
+  int64_t g = (int64_t)(256 << 20) / (per_group > 0 ? per_group : 1);
+  if (g > 16) g = 16;
+  if (g > I) g = I;
+  return g < 1 ? 1 : g;
+}
+
+// One thread's sweep of query tiles [r0, r1) against every charge tile. With `progress` (the
+// single-group fallback) row i adds to charge tile j only after row i - 1 has.
+template <typename T>
+static void backward_rows(BackwardScratch<T>& sc, const FieldBackwardArgs& b, const Packed<T>& pk,
+                          int64_t r0, int64_t r1, int64_t step, T* dyT, T* gwT,
+                          int64_t* progress) {
+  const FieldArgs& a = b.fwd;
+  const int64_t N = a.N, D = a.D;
+  constexpr int W = VecTraits<T>::W;
+  const int QT = sc.QT, CT = sc.CT;
+  const int64_t J = (pk.Bp + CT - 1) / CT;
+  const bool need_x = b.gx != nullptr, need_y = b.gy != nullptr, need_w = b.gw != nullptr;
+  const T half_p = (T)(0.5 * a.power);
+  T* gx = (T*)b.gx;
+  for (int64_t i = r0; i < r1; i += step) {
+    const int64_t i0 = i * QT;
+    const int nq = (int)(N - i0 < QT ? N - i0 : QT);
+    load_backward_tile<T>(sc, b, pk.log_wsum, i0, nq);
+    if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
+    for (int64_t j = 0; j < J; ++j) {
+      if (progress && i > 0) wait_until_greater(&progress[i - 1], j);
+      backward_item<T>(sc, pk, j * CT, half_p, b.gv != nullptr, need_x, need_y, need_w, dyT,
+                       gwT, nq);
+      if (progress) __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
+    }
+    if (need_x)
+      for (int q = 0; q < nq; ++q)
+        for (int64_t k = 0; k < D; ++k)
+          gx[(i0 + q) * D + k] += vhsum<T>(vload<T>(sc.accdx + ((int64_t)q * D + k) * W));
+  }
+}
+
 template <typename T>
 static int backward_impl(const FieldBackwardArgs& b) {
   const FieldArgs& a = b.fwd;
   const int64_t N = a.N, D = a.D, B = a.B;
   const bool need_x = b.gx != nullptr, need_y = b.gy != nullptr, need_w = b.gw != nullptr;
+  const TileShape<T> shape = tile_shape<T>(D);
   Packed<T> pk;
-  if (!pk.allocate(B, D)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk);
-  T* dyT = need_y ? (T*)aligned_buffer(sizeof(T) * (size_t)(D * pk.Bp)) : nullptr;
-  T* gwT = need_w ? (T*)aligned_buffer(sizeof(T) * (size_t)pk.Bp) : nullptr;
-  if ((need_y && !dyT) || (need_w && !gwT)) {
-    free(dyT); free(gwT); pk.release();
+  if (!pk.allocate(B, D, shape.CT)) return 1;
+  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
+  const int64_t I = (N + shape.QT - 1) / shape.QT;
+  // Rows (query tiles) are split into G contiguous groups; each group sums dy and dw into its
+  // own partial buffers, a thread takes a whole group (no waiting), and the partials are added
+  // in group order at the end. When memory allows only one group, threads share it through a
+  // row pipeline that keeps the same order (row i adds to tile j after row i - 1 has).
+  const int64_t G = backward_groups<T>(I, D, pk.Bp, need_y, need_w);
+  const bool partials = (need_y || need_w) && G > 1;
+  const int64_t ny = need_y ? D * pk.Bp : 0, nw = need_w ? pk.Bp : 0;
+  const int64_t copies = partials ? G : 1;
+  T* dyT = need_y ? (T*)aligned_buffer(sizeof(T) * (size_t)(copies * ny)) : nullptr;
+  T* gwT = need_w ? (T*)aligned_buffer(sizeof(T) * (size_t)(copies * nw)) : nullptr;
+  int64_t* progress = (int64_t*)aligned_buffer(sizeof(int64_t) * (size_t)(I > 0 ? I : 1));
+  if ((need_y && !dyT) || (need_w && !gwT) || !progress) {
+    free(dyT); free(gwT); free(progress); pk.release();
     return 1;
   }
-  if (dyT) memset(dyT, 0, sizeof(T) * (size_t)(D * pk.Bp));
-  if (gwT) memset(gwT, 0, sizeof(T) * (size_t)pk.Bp);
+  if (dyT) memset(dyT, 0, sizeof(T) * (size_t)(copies * ny));
+  if (gwT) memset(gwT, 0, sizeof(T) * (size_t)(copies * nw));
+  for (int64_t i = 0; i < I; ++i) progress[i] = 0;
   T* gx = (T*)b.gx;
   if (need_x) {
     if (b.gv) memcpy(gx, b.gv, sizeof(T) * (size_t)(N * D));
     else memset(gx, 0, sizeof(T) * (size_t)(N * D));
   }
-  const int QT = query_tile_size<T>(D);
-  const int CT = Geometry<T>::CT;
-  constexpr int W = VecTraits<T>::W;
-  const int64_t I = (N + QT - 1) / QT, J = (pk.Bp + CT - 1) / CT;
-  const T half_p = (T)(0.5 * a.power);
-  // Row pipeline: each thread takes whole query tiles (rows) round-robin and sweeps all charge
-  // tiles, keeping dx in its lane accumulator like the forward. dy and dw are summed over rows:
-  // row i may add to charge tile j only after row i - 1 has (progress[i - 1] > j), so every
-  // column is summed in increasing row order whatever the thread count. Without dy/dw the rows
-  // are independent.
-  const bool ordered = need_y || need_w;
-  int64_t* progress = (int64_t*)aligned_buffer(sizeof(int64_t) * (size_t)(I > 0 ? I : 1));
-  if (!progress) {
-    free(dyT); free(gwT); pk.release();
-    return 1;
-  }
-  for (int64_t i = 0; i < I; ++i) progress[i] = 0;
   int failed = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
   {
@@ -134,34 +175,41 @@ static int backward_impl(const FieldBackwardArgs& b) {
     nth = omp_get_num_threads();
 #endif
     BackwardScratch<T> sc;
-    const bool ok = sc.allocate(QT, D);
+    const bool ok = sc.allocate(shape, D);
     if (!ok) failed = 1;
-    for (int64_t i = tid; i < I; i += nth) {
-      const int64_t i0 = i * QT;
-      const int nq = (int)(N - i0 < QT ? N - i0 : QT);
-      if (ok) {
-        load_backward_tile<T>(sc, b, pk.log_wsum, i0, nq);
-        if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
+    if (partials || !(need_y || need_w)) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t g = 0; g < G; ++g) {
+        if (!ok) continue;
+        const int64_t r0 = g * I / G, r1 = (g + 1) * I / G;
+        backward_rows<T>(sc, b, pk, r0, r1, 1, dyT ? dyT + (partials ? g * ny : 0) : nullptr,
+                         gwT ? gwT + (partials ? g * nw : 0) : nullptr, nullptr);
       }
-      for (int64_t j = 0; j < J; ++j) {
-        if (ordered && i > 0) wait_until_greater(&progress[i - 1], j);
-        if (ok)
-          backward_item<T>(sc, pk, j * CT, half_p, b.gv != nullptr, need_x, need_y, need_w, dyT,
-                           gwT, nq);
-        __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
-      }
-      if (ok && need_x)
-        for (int q = 0; q < nq; ++q)
-          for (int64_t k = 0; k < D; ++k)
-            gx[(i0 + q) * D + k] += vhsum<T>(vload<T>(sc.accdx + ((int64_t)q * D + k) * W));
+    } else if (ok) {
+      backward_rows<T>(sc, b, pk, tid, I, nth, dyT, gwT, progress);
+    } else {
+      // keep the pipeline moving for the other threads: mark this thread's rows as done
+      for (int64_t i = tid; i < I; i += nth) __atomic_store_n(&progress[i], (int64_t)1 << 62,
+                                                              __ATOMIC_RELEASE);
     }
     sc.release();
   }
   free(progress);
+  if (partials) {  // add the groups' partial sums, every element in group order
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
+    for (int64_t e = 0; e < ny; ++e) {
+      T acc = dyT[e];
+      for (int64_t g = 1; g < G; ++g) acc += dyT[g * ny + e];
+      dyT[e] = acc;
+    }
+    for (int64_t e = 0; e < nw; ++e)
+      for (int64_t g = 1; g < G; ++g) gwT[e] += gwT[g * nw + e];
+  }
   if (need_y) {
     T* gy = (T*)b.gy;
+#pragma omp parallel for schedule(static) num_threads(a.num_threads)
     for (int64_t j = 0; j < B; ++j)
-      for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[k * pk.Bp + j];
+      for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[pk.index(k, j)];
   }
   if (need_w) {
     // dL/dw_j = sum_i (pi_ij / w_j) h_ij - sum_i gl_i / sum_k w_k
@@ -255,10 +303,11 @@ static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FlowArgs& f
 template <typename T>
 static int flow_impl(const FlowArgs& f) {
   const FieldArgs& a = f.field;
+  const TileShape<T> shape = tile_shape<T>(a.D);
   Packed<T> pk;
-  if (!pk.allocate(a.B, a.D)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk);
-  const int QT = query_tile_size<T>(a.D);
+  if (!pk.allocate(a.B, a.D, shape.CT)) return 1;
+  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
+  const int QT = shape.QT;
   const int64_t ntiles = (a.N + QT - 1) / QT;
   const T half_p = (T)(0.5 * a.power);
   int failed = 0;
@@ -267,7 +316,7 @@ static int flow_impl(const FlowArgs& f) {
     TileScratch<T> sc;
     T* xs = (T*)aligned_buffer(sizeof(T) * QT * a.D);
     T* ks = (T*)aligned_buffer(sizeof(T) * QT * a.D);
-    if (!sc.allocate(QT, a.D) || !xs || !ks) {
+    if (!sc.allocate(shape, a.D) || !xs || !ks) {
       failed = 1;
     } else {
 #pragma omp for schedule(dynamic, 1)

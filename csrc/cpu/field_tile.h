@@ -1,8 +1,12 @@
 // The field of one tile of queries against all charges: the inner loop that the forward kernel,
 // the fused flow steps and (in its phase-A form) the backward kernel share.
 //
-// Layout. Charges are packed once per call into yT (D x Bp, lanes over charges, Bp a multiple of
-// the charge block) and lw (Bp, log2 of the weights, kNoCharge for padding and zero weights).
+// Layout. Charges are packed once per call into yT, tile by tile: the tile of charges
+// [j0, j0 + w) is a contiguous w x ... block holding D rows of w values (lanes over charges, w the
+// tile width CT, less for the last tile, always a multiple of the charge block), and lw (Bp,
+// log2 of the weights, kNoCharge for padding and zero weights). Contiguous tiles keep a tile's
+// D rows on few pages (a global D x B array would put every row 4 B bytes apart: one TLB entry
+// per dimension, measured 30% slower at D = 513, B = 8192).
 // Vectorising over charges rather than dimensions means no dimension padding, so D = 3 and
 // D = 129 run the same code without waste.
 //
@@ -61,8 +65,8 @@ struct Geometry {
   static constexpr int QC = 2;
   static constexpr int KB = 3;
 #endif
-  static constexpr int CT = 16 * W;        // charges per tile
-  static constexpr int kChargeAlign = CB * W;  // Bp is a multiple of this
+  static constexpr int CT_MAX = 16 * W;    // charges per tile, at most
+  static constexpr int kChargeAlign = CB * W;  // Bp and every tile width are multiples of this
 };
 
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -75,14 +79,15 @@ static inline void* aligned_buffer(size_t bytes) {
 // Charges in the kernel layout.
 template <typename T>
 struct Packed {
-  T* yT = nullptr;  // (D, Bp)
+  T* yT = nullptr;  // tiles of D x width values (see the layout note above)
   T* lw = nullptr;  // (Bp,)
-  int64_t B = 0, Bp = 0, D = 0;
+  int64_t B = 0, Bp = 0, D = 0, CT = 0;
   double log_wsum = 0.0;  // natural log of the sum of weights
 
-  bool allocate(int64_t B_, int64_t D_) {
+  bool allocate(int64_t B_, int64_t D_, int64_t CT_) {
     B = B_;
     D = D_;
+    CT = CT_;
     Bp = round_up(B_, Geometry<T>::kChargeAlign);
     yT = (T*)aligned_buffer(sizeof(T) * (size_t)(D * Bp));
     lw = (T*)aligned_buffer(sizeof(T) * (size_t)Bp);
@@ -93,17 +98,30 @@ struct Packed {
     free(lw);
     yT = lw = nullptr;
   }
+  // Width of the tile starting at charge j0 (a multiple of CT), and the start of its rows.
+  int64_t width(int64_t j0) const { return Bp - j0 < CT ? Bp - j0 : CT; }
+  T* tile(int64_t j0) const { return yT + j0 * D; }
+  // Position of (dimension k, charge j) in any array of this layout.
+  int64_t index(int64_t k, int64_t j) const {
+    const int64_t j0 = j / CT * CT;
+    return j0 * D + k * width(j0) + (j - j0);
+  }
 };
 
-// Transposes y (B, D) into yT and takes log2 of the weights; the weight sum is accumulated in
-// double in index order.
+// Transposes y (B, D) into the tiled layout and takes log2 of the weights; the weight sum is
+// accumulated in double in index order.
 template <typename T>
-static void pack_charges(const T* y, const T* w, Packed<T>& pk) {
+static void pack_charges(const T* y, const T* w, Packed<T>& pk, int num_threads) {
   const int64_t B = pk.B, Bp = pk.Bp, D = pk.D;
-  for (int64_t k = 0; k < D; ++k) {
-    T* row = pk.yT + k * Bp;
-    for (int64_t j = 0; j < B; ++j) row[j] = y[j * D + k];
-    for (int64_t j = B; j < Bp; ++j) row[j] = (T)0;
+  (void)num_threads;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t j0 = 0; j0 < Bp; j0 += pk.CT) {
+    const int64_t wdt = pk.width(j0);
+    T* base = pk.tile(j0);
+    for (int64_t k = 0; k < D; ++k) {
+      T* row = base + k * wdt;
+      for (int64_t c = 0; c < wdt; ++c) row[c] = j0 + c < B ? y[(j0 + c) * D + k] : (T)0;
+    }
   }
   double wsum = 0.0;
   for (int64_t j = 0; j < B; ++j) {
@@ -115,11 +133,37 @@ static void pack_charges(const T* y, const T* w, Packed<T>& pk) {
   pk.log_wsum = log(wsum);
 }
 
+// Tile shape (QT queries x CT charges), chosen so that one tile's working set stays in a 1 MiB
+// L2: the charges' slice of yT (D x CT) within 256 KiB and the lane accumulator (QT x D x W)
+// within 512 KiB. Large QT re-uses each yT slice (streamed from L3) for more queries; large CT
+// amortises the accumulator's read-modify-write over more charges. D = 129 float: 32 x 256;
+// D = 513: 16 x 96 (a fixed 256-charge tile would have left room for only 4 queries).
+template <typename T>
+struct TileShape {
+  int QT, CT;
+};
+
+template <typename T>
+static inline TileShape<T> tile_shape(int64_t D) {
+  typedef Geometry<T> G;
+  const int64_t d = D > 0 ? D : 1, s = (int64_t)sizeof(T);
+  int64_t ct = (256 * 1024) / (d * s) / G::kChargeAlign * G::kChargeAlign;
+  if (ct > G::CT_MAX) ct = G::CT_MAX;
+  if (ct < G::kChargeAlign) ct = G::kChargeAlign;
+  int64_t qt = (512 * 1024) / (s * d * G::W);
+  if (qt > 32) qt = 32;
+  const int blk = G::QB > G::QC ? G::QB : G::QC;  // both are powers of two
+  qt = qt / blk * blk;
+  if (qt < blk) qt = blk;
+  return TileShape<T>{(int)qt, (int)ct};
+}
+
 // Per-thread scratch for one query tile.
 template <typename T>
 struct TileScratch {
   static constexpr int W = VecTraits<T>::W;
   int QT = 0;          // queries per tile
+  int CT = 0;          // charges per tile
   int64_t D = 0;
   T* xt = nullptr;     // (QT, D) the tile's queries
   T* e2 = nullptr;     // (QT,) softening squared
@@ -131,10 +175,10 @@ struct TileScratch {
   T* out_v = nullptr;  // (QT, D) field of the tile
   T* out_lse = nullptr;  // (QT,) log-sum-exp in log2 units (-inf: no charge)
 
-  bool allocate(int QT_, int64_t D_) {
-    QT = QT_;
+  bool allocate(TileShape<T> shape, int64_t D_) {
+    QT = shape.QT;
+    CT = shape.CT;
     D = D_;
-    const int CT = Geometry<T>::CT;
     xt = (T*)aligned_buffer(sizeof(T) * QT * D);
     e2 = (T*)aligned_buffer(sizeof(T) * QT);
     excl = (int64_t*)aligned_buffer(sizeof(int64_t) * QT);
@@ -154,28 +198,14 @@ struct TileScratch {
   }
 };
 
-// Queries per tile: as many as keep the accumulator near 256 KiB (it lives in L2), a multiple of
-// the register blocks, at least one block.
-template <typename T>
-static inline int query_tile_size(int64_t D) {
-  typedef Geometry<T> G;
-  const int64_t budget = 256 * 1024;
-  int64_t qt = budget / ((int64_t)sizeof(T) * (D > 0 ? D : 1) * G::W);
-  if (qt > 32) qt = 32;
-  const int blk = G::QB > G::QC ? G::QB : G::QC;  // both are powers of two
-  qt = qt / blk * blk;
-  if (qt < blk) qt = blk;
-  return (int)qt;
-}
-
 // Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0.
 template <typename T, int QB, int CB>
-static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t j,
-                                int col, T half_p) {
+static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                int64_t ld, int q0, int64_t j, int col, T half_p) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  const int64_t D = pk.D, Bp = pk.Bp;
-  const int CT = Geometry<T>::CT;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
   V acc[QB][CB];
   for (int q = 0; q < QB; ++q)
     for (int c = 0; c < CB; ++c) acc[q][c] = V{};
@@ -185,13 +215,13 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, i
   // running sum over D = 300 terms has a rounding error ~sqrt(D/3) ulp of r2, which p/2 in the
   // exponent turns into 3e-5 relative error of the weights; blocking cuts it about fourfold.
   constexpr int64_t kSumBlock = 16;
-  const T* yk = pk.yT + j;
+  const T* yk = ytile + col;
   for (int64_t k0 = 0; k0 < D; k0 += kSumBlock) {
     const int64_t k1 = k0 + kSumBlock < D ? k0 + kSumBlock : D;
     V part[QB][CB];
     for (int q = 0; q < QB; ++q)
       for (int c = 0; c < CB; ++c) part[q][c] = V{};
-    for (int64_t k = k0; k < k1; ++k, yk += Bp) {
+    for (int64_t k = k0; k < k1; ++k, yk += ld) {
       V y[CB];
       for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
       for (int q = 0; q < QB; ++q) {
@@ -220,12 +250,12 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, i
 
 // Phase C for QC queries x KBr dimensions starting at dimension k0, over nvec charge vectors.
 template <typename T, int QC, int KBr>
-static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t k0,
-                                    int64_t j0, int nvec) {
+static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                    int64_t ld, int q0, int64_t k0, int nvec) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  const int64_t D = pk.D, Bp = pk.Bp;
-  const int CT = Geometry<T>::CT;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
   V acc[QC][KBr];
   T xs[QC][KBr];
   for (int q = 0; q < QC; ++q)
@@ -235,12 +265,12 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, int
     }
   const T* prow[QC];
   for (int q = 0; q < QC; ++q) prow[q] = sc.S + (int64_t)(q0 + q) * CT;
-  const T* ybase = pk.yT + k0 * Bp + j0;
+  const T* ybase = ytile + k0 * ld;
   for (int c = 0; c < nvec; ++c) {
     V p[QC];
     for (int q = 0; q < QC; ++q) p[q] = vload<T>(prow[q] + c * W);
     for (int kk = 0; kk < KBr; ++kk) {
-      const V y = vload<T>(ybase + kk * Bp + c * W);
+      const V y = vload<T>(ybase + kk * ld + c * W);
       for (int q = 0; q < QC; ++q) acc[q][kk] += p[q] * (y - xs[q][kk]);
     }
   }
@@ -250,13 +280,13 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, int
 }
 
 template <typename T, int QC, int KBr>
-static inline void accumulate_tail(TileScratch<T>& sc, const Packed<T>& pk, int q0, int64_t k0,
-                                   int64_t j0, int nvec, int rem) {
+static inline void accumulate_tail(TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                   int64_t ld, int q0, int64_t k0, int nvec, int rem) {
   if constexpr (KBr > 0) {
     if (rem == KBr)
-      accumulate_block<T, QC, KBr>(sc, pk, q0, k0, j0, nvec);
+      accumulate_block<T, QC, KBr>(sc, pk, ytile, ld, q0, k0, nvec);
     else
-      accumulate_tail<T, QC, KBr - 1>(sc, pk, q0, k0, j0, nvec, rem);
+      accumulate_tail<T, QC, KBr - 1>(sc, pk, ytile, ld, q0, k0, nvec, rem);
   }
 }
 
@@ -269,7 +299,7 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
   constexpr int W = G::W;
   const int QT = sc.QT;
   const int64_t D = pk.D, Bp = pk.Bp;
-  const int CT = G::CT;
+  const int CT = sc.CT;  // == pk.CT
 
   for (int q = 0; q < QT; ++q) {
     sc.m[q] = Limits<T>::kNoCharge;
@@ -278,12 +308,14 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
   for (int64_t i = 0; i < (int64_t)QT * D * W; ++i) sc.acc[i] = (T)0;
 
   for (int64_t j0 = 0; j0 < Bp; j0 += CT) {
-    const int ncharges = (int)(Bp - j0 < CT ? Bp - j0 : CT);  // multiple of CB * W
+    const int ncharges = (int)pk.width(j0);  // multiple of CB * W
     const int nvec = ncharges / W;
+    const T* ytile = pk.tile(j0);
     // Phase A: scores.
     for (int q0 = 0; q0 < QT; q0 += G::QB)
       for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QB, G::CB>(sc, pk, q0, j0 + (int64_t)c0 * W, c0 * W, half_p);
+        scores_block<T, G::QB, G::CB>(sc, pk, ytile, ncharges, q0, j0 + (int64_t)c0 * W, c0 * W,
+                                      half_p);
     // Excluded self-charges.
     for (int q = 0; q < QT; ++q) {
       const int64_t e = sc.excl[q];
@@ -318,13 +350,16 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
       }
       vstore<T>(sc.lvec + (int64_t)q * W, l);
     }
-    // Phase C: accumulate p * (y - x).
-    for (int q0 = 0; q0 < QT; q0 += G::QC) {
-      int64_t k0 = 0;
-      for (; k0 + G::KB <= D; k0 += G::KB)
-        accumulate_block<T, G::QC, G::KB>(sc, pk, q0, k0, j0, nvec);
-      if (k0 < D) accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, q0, k0, j0, nvec, (int)(D - k0));
-    }
+    // Phase C: accumulate p * (y - x). Dimension blocks outside, query pairs inside: the
+    // block's KB rows of yT (KB x CT) stay in L1 while every query pair reads them.
+    int64_t k0 = 0;
+    for (; k0 + G::KB <= D; k0 += G::KB)
+      for (int q0 = 0; q0 < QT; q0 += G::QC)
+        accumulate_block<T, G::QC, G::KB>(sc, pk, ytile, ncharges, q0, k0, nvec);
+    if (k0 < D)
+      for (int q0 = 0; q0 < QT; q0 += G::QC)
+        accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, ytile, ncharges, q0, k0, nvec,
+                                             (int)(D - k0));
   }
 
   // Finalise: v = x - mu = -sum p (y - x) / sum p; lse = m + log2(sum p).
