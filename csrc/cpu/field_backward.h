@@ -64,45 +64,22 @@ struct BackwardScratch {
   }
 };
 
-// Phase A': r2 (same blocked summation as the forward) and gd = g.(x - y) = -g.d.
+// Phase A': r2 (the forward's distance_block, so bit-identical) and gd = g.(x - y).
 template <typename T, int QB, int CB, bool kGrad>
 static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>& pk,
                                         const T* ytile, int64_t ld, int q0, int col) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  constexpr int64_t kSumBlock = 16;
   const int64_t D = pk.D;
   const int CT = sc.CT;
   V acc[QB][CB], gd[QB][CB];
-  for (int q = 0; q < QB; ++q)
-    for (int c = 0; c < CB; ++c) acc[q][c] = gd[q][c] = V{};
   const T* xq[QB];
   const T* gq[QB];
   for (int q = 0; q < QB; ++q) {
     xq[q] = sc.xt + (int64_t)(q0 + q) * D;
     gq[q] = sc.gt + (int64_t)(q0 + q) * D;
   }
-  const T* yk = ytile + col;
-  for (int64_t k0 = 0; k0 < D; k0 += kSumBlock) {
-    const int64_t k1 = k0 + kSumBlock < D ? k0 + kSumBlock : D;
-    V part[QB][CB];
-    for (int q = 0; q < QB; ++q)
-      for (int c = 0; c < CB; ++c) part[q][c] = V{};
-    for (int64_t k = k0; k < k1; ++k, yk += ld) {
-      V y[CB];
-      for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
-      for (int q = 0; q < QB; ++q) {
-        const T xs = xq[q][k];
-        for (int c = 0; c < CB; ++c) {
-          V d = y[c] - xs;
-          part[q][c] += d * d;
-          if (kGrad) gd[q][c] -= gq[q][k] * d;
-        }
-      }
-    }
-    for (int q = 0; q < QB; ++q)
-      for (int c = 0; c < CB; ++c) acc[q][c] += part[q][c];
-  }
+  distance_block<T, QB, CB, kGrad>(xq, gq, ytile + col, ld, D, acc, gd);
   for (int q = 0; q < QB; ++q)
     for (int c = 0; c < CB; ++c) {
       const int64_t off = (int64_t)(q0 + q) * CT + col + c * W;

@@ -198,24 +198,23 @@ struct TileScratch {
   }
 };
 
-// Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0.
-template <typename T, int QB, int CB>
-static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
-                                int64_t ld, int q0, int64_t j, int col, T half_p) {
+// The distance loop shared by the forward (phase A) and the backward (phase A'): for QB queries
+// (rows xq[q]) x CB charge vectors (columns of the tile at yk, rows ld apart) it sums
+// r2 = |x - y|^2 by direct differences into acc and, with kGrad, gd = g.(x - y) = -g.d with
+// g rows gq[q]. The backward recomputes the softmax weights from the forward's log-sum-exp, so
+// both must form r2 with exactly this code (bit-identical sums).
+//
+// r2 is summed in blocks of kSumBlock dimensions, each block added to the total: a float32
+// running sum over D = 300 terms has a rounding error ~sqrt(D/3) ulp of r2, which p/2 in the
+// exponent turns into 3e-5 relative error of the weights; blocking cuts it about fourfold.
+template <typename T, int QB, int CB, bool kGrad>
+static inline void distance_block(const T* const* xq, const T* const* gq, const T* yk, int64_t ld,
+                                  int64_t D, VecT<T> (&acc)[QB][CB], VecT<T> (&gd)[QB][CB]) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  const int64_t D = pk.D;
-  const int CT = sc.CT;
-  V acc[QB][CB];
-  for (int q = 0; q < QB; ++q)
-    for (int c = 0; c < CB; ++c) acc[q][c] = V{};
-  const T* xq[QB];
-  for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
-  // r2 is summed in blocks of kSumBlock dimensions, each block added to the total: a float32
-  // running sum over D = 300 terms has a rounding error ~sqrt(D/3) ulp of r2, which p/2 in the
-  // exponent turns into 3e-5 relative error of the weights; blocking cuts it about fourfold.
   constexpr int64_t kSumBlock = 16;
-  const T* yk = ytile + col;
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) acc[q][c] = gd[q][c] = V{};
   for (int64_t k0 = 0; k0 < D; k0 += kSumBlock) {
     const int64_t k1 = k0 + kSumBlock < D ? k0 + kSumBlock : D;
     V part[QB][CB];
@@ -229,20 +228,36 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, c
         for (int c = 0; c < CB; ++c) {
           V d = y[c] - xs;
           part[q][c] += d * d;
+          if (kGrad) gd[q][c] -= gq[q][k] * d;
         }
       }
     }
     for (int q = 0; q < QB; ++q)
       for (int c = 0; c < CB; ++c) acc[q][c] += part[q][c];
   }
+}
+
+// Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0:
+// scores s = log2 w - (p/2) log2(max(r2 + eps2, tiny)) into S.
+template <typename T, int QB, int CB>
+static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                int64_t ld, int q0, int64_t j, int col, T half_p) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
+  V acc[QB][CB], unused[QB][CB];
+  const T* xq[QB];
+  for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
+  distance_block<T, QB, CB, false>(xq, xq, ytile + col, ld, D, acc, unused);
   const V tiny = vbroadcast<T>(Limits<T>::kTiny);
   for (int c = 0; c < CB; ++c) {
     const V lw = vload<T>(pk.lw + j + c * W);
-    const V real = lw;  // kNoCharge lanes stay at kNoCharge below
     for (int q = 0; q < QB; ++q) {
       V r2 = vmax<T>(acc[q][c] + sc.e2[q0 + q], tiny);
       V s = lw - half_p * vlog2<T>(r2);
-      s = real > (T)(Limits<T>::kNoCharge * (T)0.5) ? s : vbroadcast<T>(Limits<T>::kNoCharge);
+      // padding and zero-weight lanes (lw = kNoCharge) keep exactly kNoCharge
+      s = lw > (T)(Limits<T>::kNoCharge * (T)0.5) ? s : vbroadcast<T>(Limits<T>::kNoCharge);
       vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
     }
   }
