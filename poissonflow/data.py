@@ -144,7 +144,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, seed: int = 0
         if path is None:
             raise DataNotFoundError(
                 f"dataset 'cifar10-subset': no file at the default location "
-                f"{_default_subset_path()}; pass data_dir (the .npz or its folder)"
+                f"{' or '.join(str(c) for c in _default_subset_candidates())}; pass data_dir "
+                f"(the .npz or its folder)"
             )
         return load_cifar10_subset(path)
     raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
@@ -335,21 +336,26 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _default_subset_path() -> Path:
-    return _repo_root() / DEFAULT_SUBSET_RELPATH
+def _default_subset_candidates() -> list[Path]:
+    """Where the shared copy may be: next to the repository this package was imported from
+    (editable installs), or next to the current directory when the command runs from the
+    repository root (a `pip install .` puts the package in site-packages)."""
+    return [_repo_root() / DEFAULT_SUBSET_RELPATH, Path.cwd() / DEFAULT_SUBSET_RELPATH]
 
 
 def find_cifar10_subset(path: str | Path | None = None) -> Path | None:
     """Where the CIFAR-10 subset is.
 
-    path None: the shared copy at ``<repo>/../shared/data/cifar10-subset/cifar10_subset.npz``,
-    or None when it is absent (a user's machine has no ../shared). An explicit path (the .npz,
+    path None: the shared copy at ``<repo>/../shared/data/cifar10-subset/cifar10_subset.npz``
+    (the repository of this package, or the current directory), or None when it is absent (a user's machine has no ../shared). An explicit path (the .npz,
     or a folder holding ``cifar10_subset.npz``) must exist: a mistyped path raises
     DataNotFoundError rather than silently skipping the data set.
     """
     if path is None:
-        default = _default_subset_path()
-        return default.resolve() if default.is_file() else None
+        for default in _default_subset_candidates():
+            if default.is_file():
+                return default.resolve()
+        return None
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / DEFAULT_SUBSET_RELPATH.name

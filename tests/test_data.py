@@ -212,6 +212,7 @@ def test_subset_missing(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     monkeypatch.setattr(data, "_repo_root", lambda: repo)
+    monkeypatch.chdir(repo)  # the other default candidate, <cwd>/../shared, is the same place
     assert data.find_cifar10_subset() is None
     with pytest.raises(data.DataNotFoundError, match="default location"):
         data.load_dataset("cifar10-subset")
@@ -221,6 +222,19 @@ def test_subset_missing(tmp_path, monkeypatch):
     assert data.find_cifar10_subset() == (shared / "cifar10_subset.npz").resolve()
     assert data.find_cifar10_subset(shared) == (shared / "cifar10_subset.npz").resolve()
     assert data.load_dataset("cifar10-subset").x_train.shape == (20, 3, 32, 32)
+
+
+def test_subset_found_from_the_current_directory(tmp_path, monkeypatch):
+    """An installed package (site-packages) finds the shared copy from the repository root,
+    i.e. through the current directory."""
+    monkeypatch.setattr(data, "_repo_root", lambda: tmp_path / "site-packages")
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    shared = tmp_path / "shared" / "data" / "cifar10-subset"
+    shared.mkdir(parents=True)
+    _write_subset(shared / "cifar10_subset.npz")
+    monkeypatch.chdir(repo)
+    assert data.find_cifar10_subset() == (shared / "cifar10_subset.npz").resolve()
 
 
 def test_shared_subset_when_present():
