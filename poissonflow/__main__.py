@@ -3,6 +3,7 @@
 Commands:
     experiment   the end-to-end experiment (default data: scikit-learn's digits); see
                  poissonflow/experiment.py and `python -m poissonflow experiment --help`
+    report       render results.md and the plot again from an experiment's results.json
     demo         compute a field on scikit-learn's digits and print a summary
 """
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from .experiment import add_arguments
 
     add_arguments(exp)
+    rep = sub.add_parser("report", help="render results.md and the plot from a results.json")
+    rep.add_argument("results_json", help="an experiment's results.json (outputs go beside it)")
     demo = sub.add_parser("demo", help="compute a field on the digits data set")
     demo.add_argument("--eps", type=float, default=0.1)
     args = parser.parse_args(argv)
@@ -52,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         from .experiment import main as experiment_main
 
         return experiment_main(args)
+    if args.command == "report":
+        from pathlib import Path
+
+        from .report import rewrite_outputs
+
+        path = Path(args.results_json)
+        if not path.is_file():
+            parser.error(f"results_json: no such file: {path}")
+        rewrite_outputs(path)
+        print(f"wrote {path.parent / 'results.md'} and its plot")
+        return 0
     if args.command == "demo":
         return _demo(args)
     parser.print_help()

@@ -103,7 +103,30 @@ def markdown_table(results: dict[str, Any]) -> str:
         "encoder head: its train accuracy is the blog's figure (last epoch, augmented batches) "
         "in the 'blog LR train' column and on clean images in 'tuned train'.",
     ]
+    sweeps = [seed.get("sweep", []) for seed in results["per_seed"]]
+    if any(sweeps):
+        lines += ["", sweep_table(sweeps)]
     return "\n".join(lines)
+
+
+def sweep_table(per_seed: list[list[dict[str, Any]]]) -> str:
+    """The horizon sweep as markdown: per curve and point, how far along the flow, the tuned
+    probe's test accuracy and W2 (mean ± std over seeds)."""
+    lines = ["Horizon sweep (tuned probe, test accuracy in %; W2 of the test features):", "",
+             "| curve | fraction of the flow | test accuracy | W2 unif. |", "|---|---|---|---|"]
+    for curve, c in sweep_curves(per_seed).items():
+        for i in range(len(c["fraction"])):
+            lines.append(
+                f"| {curve} | {c['fraction'][i]:.2f} | {100 * c['accuracy'][i]:.1f} ± "
+                f"{100 * c['accuracy_std'][i]:.1f} | {c['w2'][i]:.3f} ± {c['w2_std'][i]:.3f} |")
+    return "\n".join(lines)
+
+
+def rewrite_outputs(results_json: Path) -> None:
+    """Render results.md and the plot again from a results.json (after a change to this
+    module), next to that file."""
+    path = Path(results_json)
+    write_outputs(json.loads(path.read_text()), path.parent)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -139,33 +162,58 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     _atomic_write(out_dir / "results.json",
                   json.dumps(_jsonable(results), indent=1).encode())
     _atomic_write(out_dir / "results.md", (markdown_table(results) + "\n").encode())
-    sweeps = [p for s in results["per_seed"] for p in s.get("sweep", [])]
-    if sweeps:
+    sweeps = [s.get("sweep", []) for s in results["per_seed"]]
+    if any(sweeps):
         plot_sweep(sweeps, out_dir / "accuracy_vs_uniformity.png",
                    title=f"{results['dataset']['name']}: accuracy along the flow")
 
 
-def plot_sweep(points: list[dict[str, Any]], path: Path, title: str) -> None:
+def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Mean and standard deviation over seeds of each sweep curve, point by point.
+
+    Points are matched by their position along the curve, not by value: the exact field's
+    horizon (z_max from the seed's own charges) differs slightly between seeds, so its values
+    never coincide. Returns {curve: {"fraction", "accuracy", "w2" (means), "accuracy_std",
+    "w2_std", "knob"}}; a curve with a different number of points in some seed is refused.
+    """
+    by_curve: dict[str, list[list[dict[str, Any]]]] = {}
+    for points in per_seed:
+        seen: dict[str, list[dict[str, Any]]] = {}
+        for p in points:
+            seen.setdefault(p["curve"], []).append(p)
+        for curve, pts in seen.items():
+            by_curve.setdefault(curve, []).append(pts)
+    out = {}
+    for curve, runs in sorted(by_curve.items()):
+        if len({len(r) for r in runs}) != 1:
+            raise ValueError(f"sweep curve {curve!r} has different lengths across seeds")
+
+        def stack(key, runs=runs):
+            return np.array([[p[key] for p in r] for r in runs], dtype=np.float64)
+
+        frac, acc, w2 = stack("fraction"), stack("test_accuracy"), stack("wasserstein_uniformity")
+        out[curve] = {"fraction": frac.mean(0), "accuracy": acc.mean(0), "w2": w2.mean(0),
+                      "accuracy_std": acc.std(0), "w2_std": w2.std(0),
+                      "knob": runs[0][0]["knob"], "seeds": len(runs)}
+    return out
+
+
+def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> None:
     """Two panels: tuned-probe test accuracy against Wasserstein uniformity (the trade-off
     curve), and against the fraction of the flow completed; one line per curve, mean over
-    seeds."""
+    seeds with the seeds' standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for curve in sorted({p["curve"] for p in points}):
-        pts = [p for p in points if p["curve"] == curve]
-        fracs = sorted({round(p["fraction"], 9) for p in pts})
-
-        def mean(key, f, pts=pts):
-            return np.mean([p[key] for p in pts if round(p["fraction"], 9) == f])
-
-        acc = [mean("test_accuracy", f) for f in fracs]
-        w2 = [mean("wasserstein_uniformity", f) for f in fracs]
-        axes[0].plot(w2, acc, "o-", label=curve)
-        axes[1].plot(fracs, acc, "o-", label=f"{curve} ({pts[0]['knob']})")
+    for curve, c in sweep_curves(per_seed).items():
+        n = c["seeds"]
+        axes[0].errorbar(c["w2"], c["accuracy"], xerr=c["w2_std"], yerr=c["accuracy_std"],
+                         fmt="o-", capsize=2, label=f"{curve} ({n} seed{'s' * (n > 1)})")
+        axes[1].errorbar(c["fraction"], c["accuracy"], yerr=c["accuracy_std"], fmt="o-",
+                         capsize=2, label=f"{curve} ({c['knob']})")
     axes[0].set_xlabel("Wasserstein uniformity of test features (lower: more uniform)")
     axes[0].set_ylabel("tuned linear probe, test accuracy")
     axes[1].set_xlabel("fraction of the flow (blog: steps / 100; exact: log z / log z_max)")

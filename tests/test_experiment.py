@@ -80,7 +80,38 @@ def test_summary_json_table_and_plot(results):
     for name, _ in ROWS:
         assert f"| {name} |" in table
     assert (out / "accuracy_vs_uniformity.png").stat().st_size > 10_000
+    assert "Horizon sweep" in table and "| exact field | 1.00 |" in table
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_report_command_renders_again_from_the_json(results, tmp_path):
+    from poissonflow.__main__ import main
+
+    res, out = results
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    assert main(["report", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "accuracy_vs_uniformity.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "missing.json")])
+
+
+def _point(curve, fraction, acc, w2):
+    return {"curve": curve, "knob": "z_max", "value": fraction, "fraction": fraction,
+            "test_accuracy": acc, "wasserstein_uniformity": w2, "uniform_loss": -1.0}
+
+
+def test_sweep_curves_average_by_position_across_seeds():
+    # the exact field's horizon differs slightly per seed: points pair up by position
+    seed0 = [_point("exact field", 0.061, 0.9, 1.2), _point("exact field", 1.0, 0.8, 1.0)]
+    seed1 = [_point("exact field", 0.062, 0.7, 1.4), _point("exact field", 1.0, 0.6, 1.0)]
+    c = report.sweep_curves([seed0, seed1])["exact field"]
+    assert c["seeds"] == 2 and len(c["fraction"]) == 2
+    assert c["accuracy"].tolist() == pytest.approx([0.8, 0.7])
+    assert c["accuracy_std"].tolist() == pytest.approx([0.1, 0.1])
+    assert c["w2"].tolist() == pytest.approx([1.3, 1.0])
+    with pytest.raises(ValueError, match="different lengths"):
+        report.sweep_curves([seed0, seed1[:1]])
 
 
 def test_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
