@@ -124,9 +124,9 @@ def sweep_table(per_seed: list[list[dict[str, Any]]]) -> str:
 
 def rewrite_outputs(results_json: Path) -> None:
     """Render results.md and the plot again from a results.json (after a change to this
-    module), next to that file."""
+    module), next to that file; the JSON itself is left as it is."""
     path = Path(results_json)
-    write_outputs(json.loads(path.read_text()), path.parent)
+    render_outputs(json.loads(path.read_text()), path.parent)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -161,6 +161,11 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / "results.json",
                   json.dumps(_jsonable(results), indent=1).encode())
+    render_outputs(results, out_dir)
+
+
+def render_outputs(results: dict[str, Any], out_dir: Path) -> None:
+    """results.md and the sweep plot, from the results (as run or as read from the JSON)."""
     _atomic_write(out_dir / "results.md", (markdown_table(results) + "\n").encode())
     sweeps = [s.get("sweep", []) for s in results["per_seed"]]
     if any(sweeps):
@@ -174,7 +179,7 @@ def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np
     Points are matched by their position along the curve, not by value: the exact field's
     horizon (z_max from the seed's own charges) differs slightly between seeds, so its values
     never coincide. Returns {curve: {"fraction", "accuracy", "w2" (means), "accuracy_std",
-    "w2_std", "knob"}}; a curve with a different number of points in some seed is refused.
+    "w2_std", "knob", "seeds"}}; a curve with a different number of points in some seed is refused.
     """
     by_curve: dict[str, list[list[dict[str, Any]]]] = {}
     for points in per_seed:

@@ -91,6 +91,7 @@ def test_report_command_renders_again_from_the_json(results, tmp_path):
     (tmp_path / "results.json").write_text((out / "results.json").read_text())
     assert main(["report", str(tmp_path / "results.json")]) == 0
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()
     assert (tmp_path / "accuracy_vs_uniformity.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path / "missing.json")])
