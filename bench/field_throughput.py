@@ -4,7 +4,7 @@
     python bench/field_throughput.py --quick    # under a minute
     python bench/field_throughput.py --json out.json --plot out.png
 
-Method (DESIGN.md section 7): 4*D floating-point operations per (query, charge) pair for the
+Method (docs/DESIGN.md section 7): 4*D floating-point operations per (query, charge) pair for the
 forward field; every figure is also given as a ratio measured in the same run: against float32
 GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. Each
 implementation is checked against the float64 reference before it is timed, and its error is
@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 
 import poissonflow  # noqa: E402
+from poissonflow import flow, reference, registry  # noqa: E402
+from poissonflow.reference import field_backward_reference  # noqa: E402
+from poissonflow.testing import flow_errors, row_errors  # noqa: E402
 
 
 def timed(fn, repeat):
@@ -112,6 +115,11 @@ def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
     gl = torch.randn(N, generator=g)
     power = float(D)
     ours = peers.poissonflow_backward("cpu")
+    # checked first: the first 128 queries against all charges (a complete sub-problem)
+    n_chk = min(N, 128)
+    dx, dy = ours(x[:n_chk], y, power, gv[:n_chk], gl[:n_chk])
+    rx, ry, _ = field_backward_reference(x[:n_chk], y, None, power, 0.0, gv[:n_chk], gl[:n_chk])
+    err_dx, err_dy = row_errors(dx, rx), row_errors(dy, ry)
     # forward and backward timed separately in the same autograd calls (min over repeats)
     fwd, bwd = float("inf"), float("inf")
     for _ in range(repeat + 1):
@@ -126,7 +134,7 @@ def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
     rows = [{
         "impl": "poissonflow-cpu", "op": "fwd+bwd", "N": N, "B": N, "D": D, "status": "ok",
         "seconds": both, "forward_seconds": fwd, "backward_seconds": bwd,
-        "backward_over_forward": bwd / fwd,
+        "backward_over_forward": bwd / fwd, "err_dx": err_dx, "err_dy": err_dy,
         "gflops": 4.0 * D * N * N / both / 1e9, "frac_gemm": 4.0 * D * N * N / both / 1e9 / gemm,
     }]
     n = min(N, peer_rows)
@@ -147,8 +155,7 @@ def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
 def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
     """Seconds per Euler / RK4 step of the fused trajectory kernel, against one field
     evaluation and against an unfused loop (poisson_field call + update in Python)."""
-    from poissonflow import _cpu
-
+    flow_steps = registry.get("cpu").module().flow_steps
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, d, generator=g)
     y = torch.randn(N, d, generator=g)
@@ -160,39 +167,37 @@ def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
     for solver, steps, evals in (("euler", euler_steps, 1), ("rk4", rk4_steps, 4)):
         t0 = torch.full((N,), math.log(0.5), dtype=torch.float64)
         dt = torch.full((N,), 0.05, dtype=torch.float64)
-        fused = timed(lambda: _cpu.flow_steps(x, y, None, t0, dt, steps, solver), 0) / steps
+        # checked first: 32 queries against all charges, against the float64 reference flow
+        n = min(N, 32)
+        want = reference.flow_steps(x[:n].double(), y, None, t0[:n], dt[:n], steps, solver)
+        err = flow_errors(flow_steps(x[:n], y, None, t0[:n], dt[:n], steps, solver), want, x[:n])
+        err_unfused = flow_errors(_unfused_flow(x[:n], y, 0.5, 0.05, steps, solver), want, x[:n])
+        fused = timed(lambda: flow_steps(x, y, None, t0, dt, steps, solver), 0) / steps
         unfused = timed(lambda: _unfused_flow(x, y, 0.5, 0.05, steps, solver), 0) / steps
         rows.append({
             "impl": "poissonflow-cpu", "op": f"{solver} step", "N": N, "B": N, "D": d,
             "status": "ok", "steps": steps, "seconds_per_step": fused,
             "field_seconds": field, "step_over_field": fused / field,
             "target_over_field": 1.1 * evals, "unfused_seconds_per_step": unfused,
-            "fused_speedup": unfused / fused,
+            "fused_speedup": unfused / fused, "err": err, "err_unfused": err_unfused,
         })
     return rows
 
 
 def _unfused_flow(x, y, z0, h, steps, solver):
-    """The same ODE as a Python loop of field calls and tensor updates (no fusion)."""
+    """The same ODE as a Python loop of field calls and tensor updates (no fusion), through
+    the package's one Python RK4 driver (poissonflow.flow.integrate); flow time in float64."""
     d = x.shape[1]
     p = float(d + 1)
 
     def vel(xx, t):
-        zz = torch.full((xx.shape[0],), math.exp(t), dtype=xx.dtype)
+        zz = torch.exp(t).to(xx.dtype)
         return poissonflow.ops.field(xx, y, None, p, 0.0, None, zz, "cpu")[0]
 
-    t = math.log(z0)
-    for s in range(steps):
-        ts = t + s * h
-        if solver == "euler":
-            x = x + h * vel(x, ts)
-        else:
-            k1 = vel(x, ts)
-            k2 = vel(x + 0.5 * h * k1, ts + 0.5 * h)
-            k3 = vel(x + 0.5 * h * k2, ts + 0.5 * h)
-            k4 = vel(x + h * k3, ts + h)
-            x = x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    n = x.shape[0]
+    t0 = torch.full((n,), math.log(z0), dtype=torch.float64)
+    dt = torch.full((n,), float(h), dtype=torch.float64)
+    return flow.integrate(vel, x, t0, dt, steps, solver)
 
 
 def print_table(rows, gemm):
@@ -218,7 +223,8 @@ def print_table(rows, gemm):
         print("\nforward + backward (gradients for x and charges), float32")
         for r in bwd:
             extra = (
-                f"backward/forward {r['backward_over_forward']:.2f} (target <= 2.5)"
+                f"backward/forward {r['backward_over_forward']:.2f} (target <= 2.5), "
+                f"error dx {r['err_dx']:.1e} dy {r['err_dy']:.1e}"
                 if "backward_over_forward" in r
                 else f"timed on {r['N']} queries; poissonflow {r['speedup_of_poissonflow']:.1f}x "
                 "faster on the same queries"
@@ -232,7 +238,8 @@ def print_table(rows, gemm):
             print(f"  {r['op']:11} N=B={r['N']} d={r['D']}: {r['seconds_per_step']:.3f} s/step "
                   f"= {r['step_over_field']:.2f} field evaluations (target <= "
                   f"{r['target_over_field']:.1f}); unfused loop {r['unfused_seconds_per_step']:.3f}"
-                  f" s/step ({r['fused_speedup']:.2f}x)")
+                  f" s/step ({r['fused_speedup']:.2f}x); error {r['err']:.1e} "
+                  f"(unfused {r['err_unfused']:.1e})")
 
 
 def plot_rows(rows, path):

@@ -4,12 +4,14 @@
     python bench/gpu_check.py --json     # the same as one JSON document on stdout
     python bench/gpu_check.py --no-perf  # correctness only
 
-Backends: "cuda" (poissonflow._cuda_backend, when poissonflow._cuda is compiled) and "triton"
-(poissonflow.triton, when it imports); both expose the protocol of docs/ARCHITECTURE.md.
-Operations: forward, backward (dL/dx, dL/dy, dL/dw), fused Euler and RK4 flow steps, each in
-float32 and bfloat16, against poissonflow.reference in float64 on the same (rounded) inputs.
+Backends: every entry of the registry (poissonflow/registry.py) that runs on CUDA tensors
+("cuda" when poissonflow._cuda is compiled, "triton" when triton is installed); each exposes the
+protocol of docs/ARCHITECTURE.md. Operations: forward, backward (dL/dx, dL/dy, dL/dw), fused
+Euler and RK4 flow steps, each in float32 and bfloat16, against poissonflow.reference in float64
+on the same (rounded) inputs, with the test suite's error measure and tolerances
+(poissonflow/testing.py: per-row relative errors, TOLERANCES[dtype]).
 
-Throughput (DESIGN.md section 7) at N = B = 65536, D = 129 in float32 by default: GFLOP/s with
+Throughput (docs/DESIGN.md section 7) at N = B = 65536, D = 129 in float32 by default: GFLOP/s with
 4*D flops per (query, charge) pair for a field pass (backward: 11*D, its dL/dx kernel forms r2
 and g.(x - y) then sum a (y - x), its dL/dy kernel the same plus pi * g), as a ratio to the
 float32 GEMM rate of torch.mm on 4096 x 4096 matrices (TF32 off) measured in the same run, and
@@ -31,39 +33,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout too
 
-from poissonflow.flow import flow_steps_reference  # noqa: E402
+from poissonflow import reference, registry  # noqa: E402
 from poissonflow.reference import poisson_field_reference  # noqa: E402
+from poissonflow.testing import field_errors, flow_errors, row_errors, tolerance  # noqa: E402
 
-# Tolerances (max abs error / max |reference|): see tests/test_cuda_backend.py for the argument.
-TOL = {"float32": 2e-4, "bfloat16": 2**-7}
-FLOW_TOL = {"float32": 2e-4, "bfloat16": 2**-6}  # a backend may round a bf16 state every step
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROTOCOL = ("field_forward", "field_backward", "flow_steps")
 
 
 def discover_backends() -> tuple[dict, dict]:
-    """({name: protocol module}, {name: why unavailable})."""
+    """({name: protocol module}, {name: why unavailable}) for every registry entry that runs on
+    CUDA tensors (the reference is the oracle, not a GPU kernel)."""
     found, missing = {}, {}
-    if importlib.util.find_spec("poissonflow._cuda") is None:
-        missing["cuda"] = "poissonflow._cuda not compiled (no nvcc at install time)"
-    else:
-        found["cuda"] = importlib.import_module("poissonflow._cuda_backend")
-    try:
-        mod = importlib.import_module("poissonflow.triton")
-    except Exception as err:  # noqa: BLE001 - report any import failure
-        missing["triton"] = f"poissonflow.triton does not import: {err}"
-    else:
-        protocol = ("field_forward", "field_backward", "flow_steps")
-        lacking = [f for f in protocol if not hasattr(mod, f)]
+    for name, entry in registry.REGISTRY.items():
+        if name == "reference" or "cuda" not in entry.devices:
+            continue
+        ok, detail = entry.availability()
+        if not ok:
+            missing[name] = detail
+            continue
+        try:
+            mod = entry.module()
+        except Exception as err:  # noqa: BLE001 - report any import failure
+            missing[name] = f"{entry.module_name} does not import: {err}"
+            continue
+        lacking = [f for f in PROTOCOL if not hasattr(mod, f)]
         if lacking:
-            missing["triton"] = f"poissonflow.triton lacks {lacking}"
+            missing[name] = f"{entry.module_name} lacks {lacking}"
         else:
-            found["triton"] = mod
+            found[name] = mod
     return found, missing
-
-
-def rel_err(got, want) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 
 def problem(N, B, D, dtype, seed):
@@ -86,7 +85,7 @@ def reference_grads(x, y, w, p, gv, gl, exclude):
 
 
 def reference_flow(x, y, w, t0, dt, n_steps, solver):
-    return flow_steps_reference(x.double(), y, w, t0, dt, n_steps, solver)
+    return reference.flow_steps(x.double(), y, w, t0, dt, n_steps, solver)
 
 
 def check_backend(name, mod, dtype_name) -> list[dict]:
@@ -111,8 +110,9 @@ def check_backend(name, mod, dtype_name) -> list[dict]:
 
     def forward():
         v, ls = mod.field_forward(x, y, w, float(D), 0.0, exclude=exclude)
-        vr, lsr = poisson_field_reference(x, y, w, float(D), 0.0, exclude=exclude)
-        return max(rel_err(v, vr), rel_err(ls, lsr))
+        rel, _, ls_err = field_errors(x, y, v, ls, weights=w, power=float(D), exclude=exclude)
+        # one number per check: the larger of the two, each against its own (equal) bound
+        return max(rel, ls_err)
 
     def backward():
         xs, ys, ws = x[:500], y[:800], w[:800]
@@ -123,20 +123,22 @@ def check_backend(name, mod, dtype_name) -> list[dict]:
         got = mod.field_backward(xs, ys, ws, float(D), 0.0, v, ls, gv, gl, need_x=True,
                                  need_y=True, need_w=True, exclude=ex)
         want = reference_grads(xs, ys, ws, float(D), gv, gl, ex)
-        return max(rel_err(g, r.to(dtype)) for g, r in zip(got, want))
+        return max(row_errors(g, r) for g, r in zip(got, want))
 
     def flow(solver):
         xs, ys, ws = x[:500, :128].contiguous(), y[:700, :128].contiguous(), w[:700]
-        t0 = torch.full((500,), math.log(0.5), device="cuda", dtype=dtype)
-        dt = torch.full((500,), 0.1, device="cuda", dtype=dtype)
+        # flow time in float64 on every path (docs/ARCHITECTURE.md)
+        t0 = torch.full((500,), math.log(0.5), device="cuda", dtype=torch.float64)
+        dt = torch.full((500,), 0.1, device="cuda", dtype=torch.float64)
         out = mod.flow_steps(xs, ys, ws, t0, dt, 4, solver)
         want = reference_flow(xs, ys, ws, t0, dt, 4, solver)
-        return rel_err(out, want.to(dtype))
+        return flow_errors(out, want, xs)
 
-    guarded("forward", TOL[dtype_name], forward)
-    guarded("backward", TOL[dtype_name], backward)
-    guarded("euler", FLOW_TOL[dtype_name], lambda: flow("euler"))
-    guarded("rk4", FLOW_TOL[dtype_name], lambda: flow("rk4"))
+    tol = tolerance(dtype)
+    guarded("forward", tol.v, forward)
+    guarded("backward", tol.grad, backward)
+    guarded("euler", tol.flow, lambda: flow("euler"))
+    guarded("rk4", tol.flow, lambda: flow("rk4"))
     return rows
 
 
@@ -188,8 +190,8 @@ def measure(found, N, B, D) -> list[dict]:
     x = torch.randn(N, D, device="cuda", generator=g)
     y = torch.randn(B, D, device="cuda", generator=g)
     xf, yf = x[:, : D - 1].contiguous(), y[:, : D - 1].contiguous()  # flow state: d = D - 1
-    t0 = torch.full((N,), math.log(0.5), device="cuda")
-    dt = torch.full((N,), 0.1, device="cuda")
+    t0 = torch.full((N,), math.log(0.5), device="cuda", dtype=torch.float64)
+    dt = torch.full((N,), 0.1, device="cuda", dtype=torch.float64)
     pairs = N * B
     for name, mod in found.items():
         v, ls = mod.field_forward(x, y, None, float(D), 0.0)

@@ -1,10 +1,13 @@
 """Thin calls into the C++ CPU kernels: allocate outputs, pass addresses, nothing else.
 
 Callers have validated the arguments (poissonflow._checks); here tensors are only made
-contiguous (a copy for strided views) and handed over by address with their sizes.
+contiguous (a copy for strided views) and handed over by address with their sizes, as keyword
+arguments named after the fields of the kernels' argument struct (csrc/common/field_args.h).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -115,6 +118,10 @@ def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
     """End states after `n_steps` fused Euler/RK4 steps of dx/dt = v(x; z = e^t, p = d + 1)
     from log-heights t0 (N,) with steps dt (N,); one call, each query tile carried through all
     steps and stages inside the kernel."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {tuple(SOLVERS)}, got {solver!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
     check_cpu_dtype(x)
     x = x.detach().contiguous()
     y = y.detach().to(x.dtype).contiguous()
@@ -135,3 +142,8 @@ def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
         isa=isa or default_cpu_isa(),
     )
     return out
+
+
+def numerics() -> dict:
+    """The CPU kernels' numerical constants by name (csrc/common/field_numerics.h)."""
+    return dict(cpu_module().numerics())

@@ -29,10 +29,18 @@ _LN2 = math.log(2.0)
 MODE_FORWARD, MODE_FLOW, MODE_BACKWARD_X, MODE_BACKWARD_Y = 0, 1, 2, 3
 _SOLVERS = {"euler": 0, "rk4": 1}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# numerics::InputDtype codes (csrc/common/field_numerics.h); the kernels take the r2 floor of the
+# input dtype from them. tests/test_cuda_backend.py checks them against the compiled numerics().
+_INPUT_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 # --------------------------------------------------------------------------------------------
 # Where kernels run: the GPU (here) or the host emulator (tests/cuda_emulation), same interface.
+
+
+def numerics() -> dict:
+    """The CUDA kernels' numerical constants by name (csrc/common/field_numerics.h)."""
+    return dict(_cuda_module().numerics())
 
 
 def _cuda_module():
@@ -65,7 +73,7 @@ class _DeviceRunner:
     def launch(self, **args) -> None:
         args["device"] = self.index
         args["stream"] = torch.cuda.current_stream(self.device).cuda_stream
-        self.mod.launch(args)
+        self.mod.launch(**args)
 
 
 def _require_cuda(**tensors) -> torch.device:
@@ -170,14 +178,14 @@ class _Problem:
         self.eps_rows = _vector(eps_rows, self.acc)
         self.power = float(power)
         self.eps2 = float(eps) ** 2
-        # r2 floor: the smallest normal number of the *input* dtype, as in the reference.
-        self.tiny = float(torch.finfo(x.dtype).tiny)
+        # The kernels floor r2 at the smallest normal number of the *input* dtype.
+        self.input_dtype = _INPUT_DTYPE[x.dtype]
 
     def args(self, **extra) -> dict:
         a = dict(
             x=_addr(self.x), y=_addr(self.y), w=_addr(self.w), exclude=_addr(self.exclude),
             eps_rows=_addr(self.eps_rows), N=self.N, B=self.B, D=self.D, ld=self.ld,
-            eps2=self.eps2, power=self.power, tiny=self.tiny,
+            eps2=self.eps2, power=self.power, input_dtype=self.input_dtype,
             is_double=int(self.acc == torch.float64),
         )
         a.update(extra)
@@ -235,6 +243,9 @@ def _field_backward(run, x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, n
         gxb = pb.empty(N, pb.ld)
         run.launch(**pb.args(mode=MODE_BACKWARD_X, gx=_addr(gxb), **common))
         gx = _out(gxb, D, x.dtype)
+        # a row no charge reaches has v = 0 whatever x is: its dL/dx is 0, not the kernel's
+        # g_v + sum (which assumes the weights sum to 1)
+        gx = torch.where(torch.isneginf(log_scale)[:, None], torch.zeros_like(gx), gx)
     if need_y or need_w:
         gyb = pb.empty(B, pb.ld) if need_y else None
         gws = pb.empty(B) if need_w else None
@@ -256,8 +267,9 @@ def _flow_steps(run, x, y, w, t0, dt, n_steps, solver, *, exclude=None):
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
     N, d = x.shape
     pb = _Problem(x, y, w, exclude, None, d + 1, 0.0, copy_x=True)
-    t0b = _per_query(t0, N, pb.acc, x.device, "t0")
-    dtb = _per_query(dt, N, pb.acc, x.device, "dt")
+    # Times in float64 on every path, as on the CPU: t0 + step * dt must keep the step's bits.
+    t0b = _per_query(t0, N, torch.float64, x.device, "t0")
+    dtb = _per_query(dt, N, torch.float64, x.device, "dt")
     if N == 0:
         return x.detach().clone()
     try:
@@ -275,23 +287,15 @@ def _flow_unfused(run, pb: _Problem, t0, dt, n_steps: int, solver: str) -> None:
     """Flow for states wider than the fused kernel's window: one field pass per stage, the
     stage arithmetic in PyTorch. Updates pb.x in place; same t and z as the fused kernel."""
 
+    from .flow import integrate  # the package's one Python RK4 driver
+
     def velocity(state, t):
         pb.x, pb.eps_rows = state.contiguous(), torch.exp(t).to(pb.acc)
         return pb.forward(run)[0]
 
-    t0d, dtd = t0.double(), dt.double()
-    state, h = pb.x, dt[:, None]
-    for n in range(n_steps):
-        t = t0d + n * dtd
-        if solver == "euler":
-            state = state + h * velocity(state, t)
-            continue
-        k1 = velocity(state, t)
-        k2 = velocity(state + 0.5 * h * k1, t + 0.5 * dtd)
-        k3 = velocity(state + 0.5 * h * k2, t + 0.5 * dtd)
-        k4 = velocity(state + h * k3, t + dtd)
-        state = state + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-    pb.x, pb.eps_rows = state, None
+    # Stage times in float64 (z = e^t rounded once, to the compute type, per stage).
+    pb.x = integrate(velocity, pb.x, t0.double(), dt.double(), n_steps, solver)
+    pb.eps_rows = None
 
 
 def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):

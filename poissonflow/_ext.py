@@ -30,10 +30,13 @@ def cpu_module():
         os.environ["GOMP_SPINCOUNT"] = _DEFAULT_SPINCOUNT
     try:
         return importlib.import_module("poissonflow._C")
-    except ImportError as err:  # pragma: no cover - only on broken installs
+    except ImportError as err:
+        here = os.path.dirname(os.path.abspath(__file__))
         raise ImportError(
-            "poissonflow's C++ extension (poissonflow._C) is not built. Install the package with "
-            "`pip install .` (or `pip install -e .` for development) so that CMake compiles it."
+            f"poissonflow was imported from {here}, which holds no compiled C++ extension "
+            "(poissonflow._C), and no installed poissonflow was found on sys.path. Run "
+            "`pip install .` in the repository root (it compiles the extension), or "
+            "`pip install --no-build-isolation -e .` for development."
         ) from err
 
 
@@ -67,48 +70,13 @@ def cuda_extension_built() -> bool:
     return importlib.util.find_spec("poissonflow._cuda") is not None
 
 
-def _cuda_device_present() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def backends() -> dict[str, dict[str, object]]:
-    """Every backend with whether it can run here and why not.
+    """Every registered backend (poissonflow/registry.py) with whether it can run here and why
+    not, the devices and dtypes it takes and a one-line summary.
 
     >>> sorted(backends())
     ['cpu', 'cuda', 'reference', 'triton']
     """
-    out: dict[str, dict[str, object]] = {
-        "reference": {"available": True, "detail": "pure PyTorch, float64"},
-    }
-    try:
-        isas = cpu_isas()
-        out["cpu"] = {
-            "available": True,
-            "detail": f"C++ kernels, isas={isas}, openmp={bool(cpu_module().has_openmp)}",
-        }
-    except ImportError as err:
-        out["cpu"] = {"available": False, "detail": str(err)}
-    gpu = _cuda_device_present()
-    triton_ok = _triton_installed()
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
-    out["triton"] = {
-        "available": triton_ok and (gpu or interp),
-        "detail": (
-            "not installed (pip install 'poissonflow[triton]')"
-            if not triton_ok
-            else ("CUDA device" if gpu else ("interpreter on CPU tensors" if interp else "no GPU"))
-        ),
-    }
-    built = cuda_extension_built()
-    out["cuda"] = {
-        "available": built and gpu,
-        "detail": ("compiled" if built else "not compiled (no CUDA compiler at build time)")
-        + ("" if gpu else ", no GPU"),
-    }
-    return out
+    from . import registry
+
+    return registry.report()

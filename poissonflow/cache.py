@@ -1,18 +1,22 @@
-"""An on-disk cache of numpy arrays keyed by settings, safe against interruption.
+"""An on-disk cache keyed by settings, safe against interruption: numpy arrays (the encoder's
+features) and whole objects that save themselves to a file (a trained LearnedField).
 
 An entry is one ``<key>.npz`` file holding the arrays, a JSON metadata string and a sha256 of
-the arrays. Guarantees:
+the arrays. An object is stored as the bytes of the file its `save` writes, one uint8 array of
+an ordinary entry, so objects get the same guarantees:
 
-- Atomic: an entry is written to a temporary file in the same folder, flushed and fsync'ed, then
-  renamed onto its final name with `os.replace` (atomic on POSIX and Windows within one file
-  system). A Ctrl-C or crash at any moment leaves either no entry or a complete one; the
-  temporary file is removed when Python gets the chance (a hard kill can leave a ``.tmp-*``
-  file, which is never read and is removed by `ArrayCache.clear_temporaries`).
+- Atomic: an entry is written through `poissonflow._io.atomic_write` (temporary file in the same
+  folder, fsync, `os.replace`). A Ctrl-C or crash at any moment leaves either no entry or a
+  complete one; a hard kill can leave a ``.tmp-*`` file, which is never read and is removed by
+  `ArrayCache.clear_temporaries`.
 - Verified: `get` recomputes the checksum; an unreadable, truncated or mismatching entry is
-  deleted and reported as a miss, never returned.
+  deleted and reported as a miss, never returned. An object entry that its `load` refuses is
+  treated the same way.
 
     key = cache_key({"epochs": 20, ...}, dataset.fingerprint())
     arrays = cache.get_or_compute(key, lambda: {"features": f}, meta={...})
+    field, meta, hit = cache.get_or_compute_object(key, lambda: LearnedField().fit(f),
+                                                   save=LearnedField.save, load=LearnedField.load)
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
+
+from ._io import TMP_PREFIX, atomic_write
 
 __all__ = ["ArrayCache", "cache_key", "arrays_sha256", "CACHE_FORMAT_VERSION"]
 
@@ -35,7 +42,10 @@ CACHE_FORMAT_VERSION = 1
 _META = "__meta__"
 _CHECKSUM = "__sha256__"
 _RESERVED = (_META, _CHECKSUM)
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
+_OBJECT = "object_file"  # the array holding an object entry's file bytes
+
+T = TypeVar("T")
 
 
 def _canonical(obj):
@@ -126,35 +136,82 @@ class ArrayCache:
         meta_json = json.dumps(_canonical(dict(meta or {})), sort_keys=True, allow_nan=False)
         checksum = arrays_sha256(arrays, meta_json)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npz", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays, **{_META: np.array(meta_json), _CHECKSUM: np.array(checksum)})
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            # Also on KeyboardInterrupt: the final name was never touched, drop the partial file.
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(
+            f, **arrays, **{_META: np.array(meta_json), _CHECKSUM: np.array(checksum)}))
 
     def get_or_compute(
         self,
         key: str,
-        compute: Callable[[], Mapping[str, np.ndarray]],
+        compute: Callable[[], Mapping[str, np.ndarray] | tuple[Mapping[str, np.ndarray], Mapping]],
         meta: Mapping | None = None,
     ) -> tuple[dict[str, np.ndarray], dict, bool]:
-        """(arrays, meta, hit): the cached entry, or compute(), store it and return it."""
+        """(arrays, meta, hit): the cached entry, or compute(), store it and return it.
+
+        compute() returns the arrays, or (arrays, meta) when the metadata is only known once
+        the work is done (a training history); then `meta` must be None.
+        """
         found = self.get(key)
         if found is not None:
             return found[0], found[1], True
-        arrays = {str(k): np.asarray(v) for k, v in compute().items()}
+        result = compute()
+        if isinstance(result, tuple):
+            if meta is not None:
+                raise ValueError("compute() returned (arrays, meta) but meta was also given")
+            result, meta = result
+        arrays = {str(k): np.asarray(v) for k, v in result.items()}
         self.put(key, arrays, meta)
         return arrays, _canonical(dict(meta or {})), False
+
+    # ------------------------------------------------------------------ objects
+    def put_object(self, key: str, obj: Any, save: Callable[[Any, Path], None],
+                   meta: Mapping | None = None) -> Path:
+        """Stores `obj` as the file save(obj, path) writes; returns the entry's path."""
+        with tempfile.TemporaryDirectory(prefix="poissonflow-cache-") as folder:
+            file = Path(folder) / "object"
+            save(obj, file)
+            data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+        return self.put(key, {_OBJECT: data}, meta)
+
+    def get_object(self, key: str, load: Callable[[Path], T]) -> tuple[T, dict] | None:
+        """(load(path of the stored file), meta) of a verified object entry, or None. An entry
+        that is not an object entry, or whose file `load` refuses (ValueError, KeyError,
+        RuntimeError, OSError: written by an incompatible version), is deleted: a miss."""
+        found = self.get(key)
+        if found is None:
+            return None
+        arrays, meta = found
+        path = self.path(key)
+        if set(arrays) != {_OBJECT} or arrays[_OBJECT].dtype != np.uint8:
+            self._discard(path, "not an object entry")
+            return None
+        with tempfile.TemporaryDirectory(prefix="poissonflow-cache-") as folder:
+            file = Path(folder) / "object"
+            file.write_bytes(arrays[_OBJECT].tobytes())
+            try:
+                obj = load(file)
+            except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                self._discard(path, f"refused by its loader ({type(exc).__name__}: {exc})")
+                return None
+        return obj, meta
+
+    def get_or_compute_object(
+        self,
+        key: str,
+        compute: Callable[[], T],
+        *,
+        save: Callable[[T, Path], None],
+        load: Callable[[Path], T],
+        meta: Mapping | Callable[[T], Mapping] | None = None,
+    ) -> tuple[T, dict, bool]:
+        """(object, meta, hit): the cached object, or compute(), store it and return it.
+        `meta` may be a function of the computed object (its training time, say)."""
+        found = self.get_object(key, load)
+        if found is not None:
+            return found[0], found[1], True
+        obj = compute()
+        meta = meta(obj) if callable(meta) else meta
+        self.put_object(key, obj, save, meta)
+        return obj, _canonical(dict(meta or {})), False
 
     def clear_temporaries(self) -> int:
         """Removes temporary files left by killed writers; returns how many. Only call it when

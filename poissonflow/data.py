@@ -10,7 +10,7 @@ Every loader returns a `Dataset`: images as float32 arrays in [0, 1], channels f
   rows, the 1024 R values, then G, then B, each plane row-major) and ``b'labels'``).
 - ``cifar10-subset``: one ``.npz`` holding ``x_train``/``x_test`` (N, 3, 32, 32) uint8 and
   ``y_train``/``y_test`` (N,) labels; the project's shared copy lives in
-  ``../shared/data/cifar10-subset/`` next to the repository (see its README).
+  ``../shared/data/cifar10-subset/`` next to the repository.
 
 A missing, truncated or malformed file raises `DataError` (or `DataNotFoundError`) naming the
 file, never a bare traceback from pickle or zipfile.
@@ -49,8 +49,8 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 
-# From ../shared/data/cifar10-subset/README.md; a loaded subset whose file hash differs is still
-# accepted (tests write tiny files in the same format), the caller can compare.
+# The sha256 published with the shared subset file; a loaded subset whose file hash differs is
+# still accepted (tests write tiny files in the same format), the caller can compare.
 CIFAR10_SUBSET_SHA256 = "7021bfe0a9bb6270aa0744b7f68907010f37120d36b5b3d6f130c32193530d59"
 
 # Relative to the repository root (the folder holding the `poissonflow` package).

@@ -1,6 +1,6 @@
 """The experiment's encoder: the blog's SmallAlexNet, trained through a linear head.
 
-Architecture (DESIGN.md section 4), for 32x32 RGB input (`BLOG_ALEXNET`):
+Architecture (docs/DESIGN.md section 4), for 32x32 RGB input (`BLOG_ALEXNET`):
 
     5 blocks  conv3x3(pad 1, no bias) - BatchNorm2d - ReLU, widths 96, 192, 384, 384, 192,
               MaxPool2d(3, stride 2) after blocks 1, 2 and 5       (32 -> 15 -> 7 -> 3)
@@ -514,34 +514,36 @@ def encode_dataset(
          "torch": torch.__version__, "device": dev.type, "settings": settings.to_dict()},
         dataset.fingerprint(),
     )
-    store = _cache.ArrayCache(cache_dir) if cache_dir is not None else None
-    if store is not None:
-        found = store.get(key)
-        if found is not None:
-            arrays, meta = found
-            return _encoded_from_arrays(arrays, meta, dataset, settings, dev.type, key)
 
-    model, history = train_encoder(dataset.x_train, dataset.y_train, dataset.n_classes, settings,
-                                   device=dev, progress=progress)
-    f_train, lg_train = extract_features(model, dataset.x_train)
-    f_test, lg_test = extract_features(model, dataset.x_test)
-    _, lg_aug = extract_features(model, dataset.x_train, augmentation=settings.augmentation,
-                                 seed=settings.seed + 1)
-    aug = settings.augmentation if settings.augmentation.active else None
-    view_a, _ = extract_features(model, dataset.x_test, augmentation=aug, seed=settings.seed + 2)
-    view_b, _ = extract_features(model, dataset.x_test, augmentation=aug, seed=settings.seed + 3)
-    arrays = {"features_train": f_train, "features_test": f_test,
-              "logits_train": lg_train, "logits_test": lg_test,
-              "view_a_test": view_a, "view_b_test": view_b}
-    meta = {"train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
-            "epoch_loss": history.epoch_loss, "epoch_acc": history.epoch_acc,
-            "epoch_seconds": history.epoch_seconds}
-    if store is not None:
-        store.put(key, arrays, meta)
-    return _encoded_from_arrays(arrays, meta, dataset, settings, dev.type, key, from_cache=False)
+    def compute():
+        model, history = train_encoder(dataset.x_train, dataset.y_train, dataset.n_classes,
+                                       settings, device=dev, progress=progress)
+        f_train, lg_train = extract_features(model, dataset.x_train)
+        f_test, lg_test = extract_features(model, dataset.x_test)
+        _, lg_aug = extract_features(model, dataset.x_train, augmentation=settings.augmentation,
+                                     seed=settings.seed + 1)
+        aug = settings.augmentation if settings.augmentation.active else None
+        view_a, _ = extract_features(model, dataset.x_test, augmentation=aug,
+                                     seed=settings.seed + 2)
+        view_b, _ = extract_features(model, dataset.x_test, augmentation=aug,
+                                     seed=settings.seed + 3)
+        arrays = {"features_train": f_train, "features_test": f_test,
+                  "logits_train": lg_train, "logits_test": lg_test,
+                  "view_a_test": view_a, "view_b_test": view_b}
+        meta = {"train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
+                "epoch_loss": history.epoch_loss, "epoch_acc": history.epoch_acc,
+                "epoch_seconds": history.epoch_seconds}
+        return arrays, meta
+
+    if cache_dir is None:
+        arrays, meta = compute()
+        hit = False
+    else:
+        arrays, meta, hit = _cache.ArrayCache(cache_dir).get_or_compute(key, compute)
+    return _encoded_from_arrays(arrays, meta, dataset, settings, dev.type, key, from_cache=hit)
 
 
-def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cache=True):
+def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cache):
     history = TrainResult(list(meta["epoch_loss"]), list(meta["epoch_acc"]),
                           list(meta["epoch_seconds"]))
     return EncodedDataset(

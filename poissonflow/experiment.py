@@ -6,7 +6,9 @@
 
 Per seed: train the encoder (the blog's SmallAlexNet through a linear head; features cached on
 disk), then evaluate every row of the table below on the same features, and sweep the horizon
-of the flow. Rows (DESIGN.md sections 4-5):
+of the flow. Each row declares the values it needs (the graph below), so any row can be computed
+alone; the learned fields are cached on disk like the features, keyed by their settings and the
+training features. Rows (docs/DESIGN.md sections 4-5):
 
   encoder head          the head's own accuracy (what the blog reports as "AlexNet")
   raw features          the baseline the blog never ran
@@ -32,6 +34,7 @@ image, their uniformity with t = 2, Fang et al.'s Wasserstein uniformity, effect
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import sys
 import time
@@ -44,7 +47,9 @@ import torch
 from . import metrics
 from .probes import linear_probe
 
-__all__ = ["ExperimentConfig", "run_experiment", "main"]
+__all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
+           "ROWS", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
+           "row_graph", "evaluate_rows"]
 
 
 @dataclasses.dataclass
@@ -58,113 +63,247 @@ class ExperimentConfig:
     encoder_epochs: int | None = None  # None: the dataset's default (digits 20, CIFAR-10 20)
     field_epochs: int | None = None  # None: each preset's default
     sweep: bool = True
-    limit: int | None = None  # use only the first `limit` train and limit // 3 test examples
+    limit: int | None = None  # only the first `limit` (>= MIN_LIMIT) train, limit // 3 test
     progress: bool | None = None  # None: progress bars when stderr is a terminal
 
 
-# --------------------------------------------------------------------------- feature makers
-# Each row turns (train features, test features, test views) into new features; returns
-# (train, test, views, extra info). Fitted on train only.
+# --------------------------------------------------------------------------- the row graph
+# Every row, and every value rows share (a trained field, the blog flow), is a `Node` that
+# declares by name what it needs; `Graph` computes a node's needs first, each value once per
+# seed. A row can therefore run alone (the "scale control" row trains and runs the blog flow it
+# scales by), the order of ROWS is only the table's order, and no row reads state that another
+# row happened to leave behind.
+#
+# Inputs of the graph: "features" (a Features of the encoder), "labels" ((y_train, y_test)),
+# "run" (a RunSettings). A node's make takes the values of its needs, in order; a row's returns
+# a RowOutput, fitted on train only.
 
 
-def _identity(ftr, fte, views, ctx):
-    return ftr, fte, views, {}
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Train features, test features and the test set's augmented views (positive pairs)."""
+
+    train: np.ndarray
+    test: np.ndarray
+    views: tuple[np.ndarray, ...]
+
+    def map(self, f: Callable[[np.ndarray], np.ndarray]) -> Features:
+        return Features(f(self.train), f(self.test), tuple(f(v) for v in self.views))
 
 
-def _l2_centred(ftr, fte, views, ctx):
-    mean = ftr.mean(0, keepdims=True)
+@dataclasses.dataclass(frozen=True)
+class RowOutput:
+    features: Features
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What the nodes of one seed read besides the data."""
+
+    seed: int
+    device: str = "cpu"
+    progress: bool = False
+    field_epochs: int | None = None
+    cache_dir: Path | None = None  # learned fields are cached there (None: always train)
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedField:
+    field: Any  # a fitted poissonflow.LearnedField
+    train_seconds: float  # of the training run (the original one when from_cache)
+    from_cache: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """make(*values of needs, in order) computes the node's value."""
+
+    needs: tuple[str, ...]
+    make: Callable[..., Any]
+
+
+class Graph:
+    """Values by name, computed on first request from `nodes` (after their needs) or given
+    as `inputs`. `computed` lists the nodes computed so far, in order."""
+
+    def __init__(self, inputs: dict[str, Any], nodes: dict[str, Node]):
+        clash = set(inputs) & set(nodes)
+        if clash:
+            raise ValueError(f"names both given and computed: {sorted(clash)}")
+        unknown = {n for node in nodes.values() for n in node.needs} - set(inputs) - set(nodes)
+        if unknown:
+            raise ValueError(f"nodes need values nothing provides: {sorted(unknown)}")
+        self._values = dict(inputs)
+        self._nodes = nodes
+        self._active: list[str] = []
+        self.computed: list[str] = []
+
+    def get(self, name: str) -> Any:
+        if name in self._values:
+            return self._values[name]
+        if name not in self._nodes:
+            raise KeyError(f"no node or input named {name!r}")
+        if name in self._active:
+            raise RuntimeError(f"dependency cycle: {' -> '.join(self._active + [name])}")
+        self._active.append(name)
+        try:
+            node = self._nodes[name]
+            value = node.make(*[self.get(n) for n in node.needs])
+        finally:
+            self._active.pop()
+        self._values[name] = value
+        self.computed.append(name)
+        return value
+
+
+def _identity(features):
+    return RowOutput(features, {})
+
+
+def _l2_centred(features):
+    mean = features.train.mean(0, keepdims=True)
 
     def f(a):
         c = a - mean
         return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
-    return f(ftr), f(fte), tuple(f(v) for v in views), {}
+    return RowOutput(features.map(f), {})
 
 
-def _zca(ftr, fte, views, ctx, eps=1e-5):
+def _zca(features, eps=1e-5):
     """ZCA whitening W = U diag(1 / sqrt(lambda + eps * mean lambda)) U^T, fitted on train."""
-    x = ftr.astype(np.float64)
+    x = features.train.astype(np.float64)
     mean = x.mean(0, keepdims=True)
     cov = np.cov(x - mean, rowvar=False, bias=True)
     lam, U = np.linalg.eigh(cov)
     lam = np.clip(lam, 0.0, None)
     W = (U / np.sqrt(lam + eps * lam.mean())) @ U.T
+    return RowOutput(features.map(lambda a: (a - mean) @ W), {})
 
-    def f(a):
-        return (a - mean) @ W
 
-    return f(ftr), f(fte), tuple(f(v) for v in views), {}
+# Part of a learned field's cache key: bump it whenever a change in learned.py or pfgm.py
+# changes what training produces for the same settings (the package version alone does not
+# change between development commits).
+LEARNED_FIELD_CACHE_VERSION = 1
+
+
+# LearnedField parameters that only change what is displayed, not the trained field.
+_DISPLAY_ONLY = ("progress",)
+
+
+def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str:
+    """Cache key of a learned field: its constructor settings (get_params(), less the display
+    options), the versions that determine the trained weights and the file layout, and a
+    fingerprint of the training features."""
+    from . import __version__
+    from .cache import arrays_sha256, cache_key
+    from .learned import FILE_FORMAT
+
+    settings = {k: v for k, v in params.items() if k not in _DISPLAY_ONLY}
+    return cache_key(
+        {"what": "learned-field", "cache_version": LEARNED_FIELD_CACHE_VERSION,
+         "file_format": FILE_FORMAT, "poissonflow": __version__, "torch": torch.__version__,
+         "params": settings},
+        arrays_sha256({"features_train": np.ascontiguousarray(train_features)}),
+    )
+
+
+def _fit_field(preset: str):
+    """Node: the learned field of `preset`, trained on the train features, or loaded from the
+    cache when the same settings were trained on the same features before."""
+
+    def make(features, run):
+        from .cache import ArrayCache
+        from .learned import LearnedField
+
+        kwargs = {"preset": preset, "seed": run.seed, "device": run.device}
+        if run.field_epochs is not None:
+            kwargs["epochs"] = run.field_epochs
+        field = LearnedField(**kwargs)
+        field_seconds = [0.0]  # set by fit(): the training time stored with a cached field
+
+        def fit():
+            t0 = time.perf_counter()
+            field.fit(features.train, progress=run.progress)
+            field_seconds[0] = time.perf_counter() - t0
+            return field
+
+        if run.cache_dir is None:
+            return FittedField(fit(), field_seconds[0], False)
+        d = features.train.shape[1]
+        fitted, meta, hit = ArrayCache(run.cache_dir).get_or_compute_object(
+            learned_field_key(field.get_params(), features.train), fit,
+            save=lambda f, path: f.save(path),
+            load=lambda path: LearnedField.load(path, n_features=d, device=run.device),
+            meta=lambda f: {"train_seconds": field_seconds[0]},
+        )
+        return FittedField(fitted, float(meta["train_seconds"]), hit)
+
+    return Node(("features", "run"), make)
 
 
 def _learned_flow(preset: str, output: str):
-    def make(ftr, fte, views, ctx):
-        from .learned import LearnedField
+    """Row: the features flowed through the preset's learned field (its own ODE)."""
+
+    def make(features, fitted):
         from .transform import transform
 
-        key = ("field", preset)
-        if key not in ctx:
-            kwargs = {"preset": preset, "seed": ctx["seed"], "device": ctx["device"]}
-            if ctx["field_epochs"] is not None:
-                kwargs["epochs"] = ctx["field_epochs"]
-            t0 = time.perf_counter()
-            field = LearnedField(**kwargs).fit(ftr, progress=ctx["progress"])
-            ctx[key] = field
-            ctx[("field_seconds", preset)] = time.perf_counter() - t0
-        field = ctx[key]
-        outs = []
         guard = 0
-        for a in (ftr, fte) + tuple(views):
-            out, info = transform(a, field=field, output=output, return_info=True)
+
+        def flow(a):
+            nonlocal guard
+            out, info = transform(a, field=fitted.field, output=output, return_info=True)
             guard += info.get("guard_fired", 0)
-            outs.append(out)
-        info = {"field_train_seconds": ctx[("field_seconds", preset)], "guard_fired": guard}
-        if preset == "blog":
-            ctx["blog_flow"] = (outs[0], outs[1], tuple(outs[2:]))  # for the control rows
-        return outs[0], outs[1], tuple(outs[2:]), info
+            return out
 
-    return make
+        flowed = features.map(flow)
+        return RowOutput(flowed, {"field_train_seconds": fitted.train_seconds,
+                                  "field_from_cache": fitted.from_cache, "guard_fired": guard})
+
+    return Node(("features", f"field: {preset}"), make)
 
 
-def _scale_control(ftr, fte, views, ctx):
+def _scale_control(features, blog):
     """Raw features times the blog-flowed train features' mean norm (same classifier)."""
-    s = float(np.linalg.norm(ctx["blog_flow"][0], axis=1).mean())
-    return ftr * s, fte * s, tuple(v * s for v in views), {"scale": s}
+    s = float(np.linalg.norm(blog.features.train, axis=1).mean())
+    return RowOutput(features.map(lambda a: a * s), {"scale": s})
 
 
-def _blog_unit(ftr, fte, views, ctx):
+def _blog_unit(blog):
     """The blog-flowed features scaled back to unit norm."""
-    gtr, gte, gviews = ctx["blog_flow"]
-
-    def unit(a):
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-    return unit(gtr), unit(gte), tuple(unit(v) for v in gviews), {}
+    return RowOutput(blog.features.map(lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)),
+                     {})
 
 
-def _exact_flow(ftr, fte, views, ctx):
+def _exact_flow(features):
     from .transform import transform
 
-    outs, infos = [], []
-    for a in (ftr, fte) + tuple(views):
-        out, info = transform(a, charges=ftr, return_info=True, progress=False)
-        outs.append(out)
+    infos = []
+
+    def flow(a):
+        out, info = transform(a, charges=features.train, return_info=True, progress=False)
         infos.append(info)
-    i = infos[0]
-    return outs[0], outs[1], tuple(outs[2:]), {
-        "z_min": i["z_min"], "z_max": i["z_max"], "steps": i["steps"],
-        "train_excluded": i["excluded"],
-    }
+        return out
+
+    flowed = features.map(flow)
+    i = infos[0]  # the train features' flow
+    return RowOutput(flowed, {"z_min": i["z_min"], "z_max": i["z_max"], "steps": i["steps"],
+                              "train_excluded": i["excluded"]})
 
 
-ROWS: list[tuple[str, Callable]] = [
-    ("raw features", _identity),
-    ("L2 (centred)", _l2_centred),
-    ("ZCA whitening", _zca),
-    ("flow: blog preset", _learned_flow("blog", "raw")),
-    ("scale control", _scale_control),
-    ("flow: blog, unit norm", _blog_unit),
+BLOG_ROW = "flow: blog preset"
+
+# The table's rows, in table order.
+ROWS: list[tuple[str, Node]] = [
+    ("raw features", Node(("features",), _identity)),
+    ("L2 (centred)", Node(("features",), _l2_centred)),
+    ("ZCA whitening", Node(("features",), _zca)),
+    (BLOG_ROW, _learned_flow("blog", "raw")),
+    ("scale control", Node(("features", BLOG_ROW), _scale_control)),
+    ("flow: blog, unit norm", Node((BLOG_ROW,), _blog_unit)),
     ("flow: PFGM preset", _learned_flow("pfgm", "sphere")),
-    ("flow: exact field", _exact_flow),
+    ("flow: exact field", Node(("features",), _exact_flow)),
 ]
 
 
@@ -206,28 +345,30 @@ def score_row(ftr, ytr, fte, yte, views, seed) -> dict[str, Any]:
 # --------------------------------------------------------------------------- horizon sweep
 
 
-def horizon_sweep(ftr, ytr, fte, yte, ctx) -> list[dict[str, Any]]:
+def horizon_sweep(features: Features, labels, run: RunSettings,
+                  blog: FittedField) -> list[dict[str, Any]]:
     """Accuracy and uniformity along the flow: the blog preset after k of its 100 steps, and
     the exact field stopped at growing z_max. Each point: tuned-probe test accuracy, W2,
     uniform_loss."""
     from .horizon import auto_z_max, auto_z_min
     from .transform import transform
 
+    ftr, fte = features.train, features.test
+    ytr, yte = labels
     points = []
-    field = ctx.get(("field", "blog"))
-    if field is not None:
-        total = field.default_flow().get("steps", 100)
-        for k in sorted({0, total // 20, total // 10, total // 5, 2 * total // 5,
-                         3 * total // 5, 4 * total // 5, total}):
-            if k == 0:
-                gtr = np.hstack([ftr, np.zeros((len(ftr), 1))])
-                gte = np.hstack([fte, np.zeros((len(fte), 1))])
-            else:
-                gtr = transform(ftr, field=field, steps=k, output="raw")
-                gte = transform(fte, field=field, steps=k, output="raw")
-            points.append(
-                _sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte, ctx)
-            )
+    field = blog.field
+    total = field.default_flow().get("steps", 100)
+    for k in sorted({0, total // 20, total // 10, total // 5, 2 * total // 5,
+                     3 * total // 5, 4 * total // 5, total}):
+        if k == 0:
+            gtr = np.hstack([ftr, np.zeros((len(ftr), 1))])
+            gte = np.hstack([fte, np.zeros((len(fte), 1))])
+        else:
+            gtr = transform(ftr, field=field, steps=k, output="raw")
+            gte = transform(fte, field=field, steps=k, output="raw")
+        points.append(
+            _sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte, run.seed)
+        )
     charges = torch.from_numpy(np.ascontiguousarray(ftr, dtype=np.float64))
     zmin, zmax = auto_z_min(charges), auto_z_max(charges)
     for zend in np.geomspace(2 * zmin, zmax, 7):
@@ -235,20 +376,61 @@ def horizon_sweep(ftr, ytr, fte, yte, ctx) -> list[dict[str, Any]]:
         gte = transform(fte, charges=ftr, z_max=float(zend))
         frac = float(np.log(zend / zmin) / np.log(zmax / zmin))
         points.append(
-            _sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte, ctx)
+            _sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte, run.seed)
         )
     return points
 
 
-def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, ctx):
+def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, seed):
     """One point of a sweep; `fraction` is how far along the flow it is (blog: steps / 100,
     exact field: log(z_end / z_min) / log(z_max / z_min))."""
-    tuned = linear_probe(gtr, ytr, gte, yte, seed=ctx["seed"])
+    tuned = linear_probe(gtr, ytr, gte, yte, seed=seed)
     m = representation_metrics(gte, ())
     return {"curve": curve, "knob": knob, "value": value, "fraction": fraction,
             "test_accuracy": tuned.test_accuracy,
             "wasserstein_uniformity": m["wasserstein_uniformity"],
             "uniform_loss": m["uniform_loss"]}
+
+
+SWEEP = "horizon sweep"
+
+# Every node: the rows, the fields they share and the sweep.
+NODES: dict[str, Node] = {
+    **dict(ROWS),
+    "field: blog": _fit_field("blog"),
+    "field: pfgm": _fit_field("pfgm"),
+    SWEEP: Node(("features", "labels", "run", "field: blog"), horizon_sweep),
+}
+
+
+def row_graph(features: Features, labels, run: RunSettings) -> Graph:
+    """The graph of one seed's rows over these features."""
+    return Graph({"features": features, "labels": labels, "run": run}, NODES)
+
+
+def evaluate_rows(graph: Graph, names=None) -> dict[str, Any]:
+    """Computes and scores the named rows (default: every row, in table order); each row's
+    needs are computed on the way, once. Returns {name: scored row}; a row's "seconds" include
+    the needs computed first for it."""
+    names = [name for name, _ in ROWS] if names is None else list(names)
+    rows_known = dict(ROWS)
+    unknown = [n for n in names if n not in rows_known]
+    if unknown:
+        raise ValueError(f"unknown row(s) {unknown}; rows are {[n for n, _ in ROWS]}")
+    ytr, yte = graph.get("labels")
+    run = graph.get("run")
+    out = {}
+    for name in names:
+        t = time.perf_counter()
+        made = graph.get(name)
+        g = made.features
+        row = score_row(g.train, ytr, g.test, yte, g.views, run.seed)
+        row["info"] = made.info
+        row["seconds"] = time.perf_counter() - t
+        out[name] = row
+        print(f"  seed {run.seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
+              f"({row['seconds']:.1f} s)", file=sys.stderr)
+    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -265,30 +447,23 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
                          progress=cfg.progress)
     seconds = {"encoder": time.perf_counter() - t0}
     ytr, yte = dataset.y_train, dataset.y_test
-    ftr, fte, views = enc.features_train, enc.features_test, enc.views_test
+    features = Features(enc.features_train, enc.features_test, tuple(enc.views_test))
     rows: dict[str, Any] = {
         "encoder head": {
             "head": {"train": enc.train_acc, "train_augmented": enc.train_acc_augmented,
                      "train_last_epoch": enc.history.epoch_acc[-1], "test": enc.test_acc},
-            "metrics": representation_metrics(fte, views),
-            "dim": int(ftr.shape[1]), "encoder_from_cache": enc.from_cache,
+            "metrics": representation_metrics(features.test, features.views),
+            "dim": int(features.train.shape[1]), "encoder_from_cache": enc.from_cache,
         }
     }
-    ctx: dict[Any, Any] = {"seed": seed, "device": cfg.device, "progress": cfg.progress,
-                           "field_epochs": cfg.field_epochs}
-    for name, make in ROWS:
-        t = time.perf_counter()
-        gtr, gte, gviews, info = make(ftr, fte, views, ctx)
-        row = score_row(gtr, ytr, gte, yte, gviews, seed)
-        row["info"] = info
-        row["seconds"] = time.perf_counter() - t
-        rows[name] = row
-        print(f"  seed {seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
-              f"({row['seconds']:.1f} s)", file=sys.stderr)
+    run = RunSettings(seed=seed, device=cfg.device, progress=bool(cfg.progress),
+                      field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg))
+    graph = row_graph(features, (ytr, yte), run)
+    rows.update(evaluate_rows(graph))
     out = {"seed": seed, "rows": rows, "seconds": seconds}
     if cfg.sweep:
         t = time.perf_counter()
-        out["sweep"] = horizon_sweep(ftr, ytr, fte, yte, ctx)
+        out["sweep"] = graph.get(SWEEP)
         seconds["sweep"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return out
@@ -302,6 +477,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     from . import __version__, report
     from .data import load_dataset
 
+    validate_config(cfg)
     if cfg.progress is None:
         cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     t0 = time.perf_counter()
@@ -339,21 +515,131 @@ def _sklearn_version() -> str:
     return sklearn.__version__
 
 
+# --------------------------------------------------------------------------- command line
+
+# The smallest --limit: ten classes must leave the tuned probe's stratified validation split
+# (20% of train) at least 2 examples a class and its fitting part at least one, which 50
+# balanced examples just reach; 100 (10 a class on average, 33 test images) keeps that true for
+# the unequal class counts of the data sets' first rows, and is still a quick run.
+MIN_LIMIT = 100
+
+
+class ConfigError(ValueError):
+    """A bad experiment setting, named as its command-line option (`option`), found before
+    any work starts. str() reads like argparse's own errors: "argument --limit: ..."."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"argument {option}: {message}")
+        self.option = option
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_readable(path: Path, option: str, what: str) -> None:
+    if not path.exists():
+        raise ConfigError(option, f"{what} {path} does not exist")
+    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, mode):
+        raise ConfigError(option, f"{what} {path} is not readable")
+
+
+def _check_writable_folder(path: Path, option: str) -> None:
+    """The folder exists and is writable, or can be created (its nearest existing ancestor is
+    a writable folder): a run must not fail at its end for want of a place to write."""
+    p = path.expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(option, f"{p} exists and is not a folder")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise ConfigError(option, f"cannot write to {p} ({q} is not a writable folder)")
+
+
+def validate_config(cfg: ExperimentConfig) -> None:
+    """Raises ConfigError (a ValueError naming the command-line option) for any bad setting;
+    cheap, so run_experiment and main call it before loading data or training anything."""
+    from .data import DATASETS, find_cifar10_subset
+
+    if cfg.dataset not in DATASETS:
+        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, "
+                                       f"got {cfg.dataset!r}")
+    seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else None
+    if not seeds:
+        raise ConfigError("--seeds", f"must be one or more integers, got {cfg.seeds!r}")
+    for seed in seeds:
+        if not _is_int(seed) or seed < 0:
+            raise ConfigError("--seeds", f"seeds must be non-negative integers, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds", f"a seed is given twice in {list(seeds)}")
+    if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < MIN_LIMIT):
+        raise ConfigError("--limit", f"must be an integer >= {MIN_LIMIT} (enough examples for "
+                                     f"the probe's validation split), got {cfg.limit!r}")
+    for option, value in (("--encoder-epochs", cfg.encoder_epochs),
+                          ("--field-epochs", cfg.field_epochs)):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ConfigError(option, f"must be an integer >= 1, got {value!r}")
+    try:
+        dev = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {cfg.device!r}") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {cfg.device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{cfg.device!r} was asked for but CUDA is not available")
+    if cfg.data_dir is not None:
+        if cfg.dataset == "digits":
+            raise ConfigError("--data-dir", "digits are bundled with scikit-learn and read no "
+                                            "folder; drop --data-dir or choose another --dataset")
+        _check_readable(Path(cfg.data_dir).expanduser(), "--data-dir",
+                        "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file")
+    elif cfg.dataset == "cifar10":
+        raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir: the official "
+                                        "'cifar-10-batches-py' folder or the folder holding it")
+    elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
+        raise ConfigError("--data-dir", "--dataset cifar10-subset found no shared copy at its "
+                                        "default location; pass --data-dir (the .npz or its "
+                                        "folder)")
+    _check_writable_folder(Path(cfg.out_dir), "--out")
+    if cfg.cache_dir is not None:
+        _check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--dataset", default="digits",
-                        choices=["digits", "cifar10", "cifar10-subset"])
+                        choices=["digits", "cifar10", "cifar10-subset"],
+                        help="digits: scikit-learn's bundled 8x8 digits (default); cifar10: the "
+                             "official batches (needs --data-dir); cifar10-subset: the shared "
+                             "5085/1017-image subset, or --data-dir")
     parser.add_argument("--data-dir", default=None,
-                        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=None, help="output folder (default results/<dataset>)")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--encoder-epochs", type=int, default=None)
-    parser.add_argument("--field-epochs", type=int, default=None)
-    parser.add_argument("--no-sweep", action="store_true")
+                        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
+                             "(cifar10-subset); not allowed with digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="non-negative seeds, one full run each (encoder, probe split, flow; "
+                             "default: 0 1 2)")
+    parser.add_argument("--out", default=None,
+                        help="output folder for results.json, results.md and the plot "
+                             "(default: results/<dataset>)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where encoder features and learned fields are cached "
+                             "(default: <out>/cache)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the encoder and the learned fields: cpu "
+                             "(default) or cuda[:index]")
+    parser.add_argument("--encoder-epochs", type=int, default=None,
+                        help="encoder training epochs, >= 1 (default: 20, the blog's)")
+    parser.add_argument("--field-epochs", type=int, default=None,
+                        help="learned-field training epochs, >= 1 (default: each preset's, 200)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the horizon sweep (accuracy along the flow) and its plot")
     parser.add_argument("--limit", type=int, default=None,
-                        help="use only the first N train (N/3 test) examples (quick runs)")
-    parser.add_argument("--no-progress", action="store_true")
+                        help=f"use only the first N train and N/3 test examples, N >= "
+                             f"{MIN_LIMIT} (quick runs)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: bars when stderr is a terminal)")
 
 
 def config_from_args(args) -> ExperimentConfig:
@@ -367,9 +653,12 @@ def config_from_args(args) -> ExperimentConfig:
 
 
 def main(args) -> int:
+    """The `experiment` command. Bad settings raise ConfigError (a ValueError) before any
+    work; the command line turns it into one line and exit code 2."""
     from . import report
 
     cfg = config_from_args(args)
+    validate_config(cfg)
     results = run_experiment(cfg)
     print(report.markdown_table(results))
     print(f"\nwrote {Path(cfg.out_dir) / 'results.json'} and plots in {cfg.out_dir} "

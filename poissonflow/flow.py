@@ -1,4 +1,4 @@
-"""The Poisson flow ODE (DESIGN.md section 3): integrators and their time parameterisations.
+"""The Poisson flow ODE (docs/DESIGN.md section 3): integrators and their time parameterisations.
 
 State x~ = (x, z) in R^(d+1), charges (y_j, 0) on the plane z = 0.
 
@@ -16,25 +16,39 @@ empirical field for the radial preset) step by step in Python.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .reference import flow_velocity_reference
+from . import registry
+from .reference import flow_steps as flow_steps_reference
 
-__all__ = ["empirical_flow", "field_flow", "flow_steps_reference", "FlowStats", "SOLVERS"]
+__all__ = [
+    "empirical_flow",
+    "field_flow",
+    "flow_steps_reference",
+    "integrate",
+    "step",
+    "FlowStats",
+    "SOLVERS",
+    "RK4_A",
+    "RK4_B",
+    "RK4_C",
+]
 
 SOLVERS = ("euler", "rk4")
 STEP_CHUNKS = 20  # calls per batch: progress granularity (does not depend on `progress`)
 
-_FLOW_BACKENDS = {
-    "cpu": "poissonflow._cpu",
-    "cuda": "poissonflow._cuda_backend",
-    "triton": "poissonflow.triton",
-}
+# The classic RK4 tableau, the one copy on the Python side (this driver and the Triton flow
+# kernel read it; the compiled kernels' copy, poissonflow._C.numerics(), is checked equal to it
+# by tests/conformance): stage i is evaluated at t + C[i] h on the state x + A[i] h k_(i-1),
+# and the step is x + h (B[0] k_0 + ... + B[3] k_3) / RK4_B_DIV.
+RK4_A = (0.0, 0.5, 0.5, 1.0)
+RK4_C = (0.0, 0.5, 0.5, 1.0)
+RK4_B = (1.0, 2.0, 2.0, 1.0)
+RK4_B_DIV = 6.0
 
 
 @dataclass
@@ -71,13 +85,11 @@ def empirical_flow(
     batch_size: int = 16384,
 ) -> torch.Tensor:
     """x at height z_end for points starting at (x0, z0) (z0 per point), log-z time, `steps`
-    fused steps per point (per-point step dt = (log z_end - log z0) / steps)."""
+    fused steps per point (per-point step dt = (log z_end - log z0) / steps). Flow time t0 and
+    dt are float64 on every backend (what each kernel does with them: docs/ARCHITECTURE.md)."""
     t0 = torch.log(z0.to(torch.float64))
     dt = (math.log(z_end) - t0) / steps
-    if backend == "reference":
-        step_fn = flow_steps_reference
-    else:
-        step_fn = importlib.import_module(_FLOW_BACKENDS[backend]).flow_steps
+    step_fn = registry.get(backend).module().flow_steps
     n = x0.shape[0]
     chunk = max(1, math.ceil(steps / STEP_CHUNKS))
     bar = _progress_bar(n * steps, progress, f"Poisson flow ({solver})")
@@ -98,31 +110,6 @@ def empirical_flow(
     if bar is not None:
         bar.close()
     return torch.cat(out) if out else x0.clone()
-
-
-def flow_steps_reference(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
-    """Pure-PyTorch float64 Euler/RK4 of dx/dt = v(x; z = e^t, p = d + 1): the oracle of the
-    fused kernels (same protocol as the backends' flow_steps)."""
-    xd = x.double()
-    yd = y.double()
-    wd = None if w is None else w.double()
-    t0 = torch.as_tensor(t0, dtype=torch.float64).expand(x.shape[0])
-    h = torch.as_tensor(dt, dtype=torch.float64).expand(x.shape[0])
-
-    def f(xx, tt):
-        return flow_velocity_reference(xx, torch.exp(tt), yd, wd, exclude=exclude)
-
-    for s in range(int(n_steps)):
-        t = t0 + s * h
-        if solver == "euler":
-            xd = xd + h[:, None] * f(xd, t)
-            continue
-        k1 = f(xd, t)
-        k2 = f(xd + 0.5 * h[:, None] * k1, t + 0.5 * h)
-        k3 = f(xd + 0.5 * h[:, None] * k2, t + 0.5 * h)
-        k4 = f(xd + h[:, None] * k3, t + h)
-        xd = xd + h[:, None] / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return xd.to(x.dtype)
 
 
 FieldFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -180,15 +167,16 @@ def field_flow(
         return fx * scale[:, None], fz * scale
 
     if parameterization == "logz":
-        t = torch.log(z)
-        h = ((math.log(z_end) - t) / steps).to(x.dtype)
-        # in log-z time z is known exactly: z = exp(t); only x is integrated
-        for s in range(steps):
-            ts = t + s * h
-            x = _step(lambda xx, tt: velocity(xx, torch.exp(tt))[0], x, ts, h, solver)
-            if bar is not None:
-                bar.update(1)
-        z = torch.exp(t + steps * h)
+        # in log-z time z is known exactly: z = exp(t); only x is integrated. t and h are
+        # float64 (as on every flow path); z is handed to the field in x's dtype.
+        t = torch.log(z0.to(torch.float64))
+        h = (math.log(z_end) - t) / steps
+
+        def f(xx, tt):
+            return velocity(xx, torch.exp(tt).to(xx.dtype))[0]
+
+        x = integrate(f, x, t, h, steps, solver, on_step=None if bar is None else bar.update)
+        z = torch.exp(t + steps * h).to(x.dtype)
     else:
         h = torch.full_like(z, float(delta))
         for _ in range(steps):
@@ -198,7 +186,7 @@ def field_flow(
                 vx, vz = velocity(st[:, :-1], st[:, -1])
                 return torch.cat([vx, vz[:, None]], 1)
 
-            state = _step(g, state, torch.zeros_like(z), h, solver)
+            state = step(g, state, torch.zeros_like(z), h, solver)
             x, z = state[:, :-1], state[:, -1]
             if bar is not None:
                 bar.update(1)
@@ -207,13 +195,34 @@ def field_flow(
     return x, z, stats
 
 
-def _step(f, x, t, h, solver):
-    """One Euler or classic RK4 step of dx/dt = f(x, t) with per-point step h (N,)."""
-    hc = h[:, None]
+def step(f, x, t, h, solver):
+    """One Euler or classic RK4 step of dx/dt = f(x, t): x (N, d), t and h (N,) per point.
+
+    The only RK4 written in Python: every unfused path (the reference flow, the learned and
+    radial flows here, the CUDA backend's per-stage fallback, the benchmarks' unfused loop)
+    steps through it. t and h may be float64 while x is float32: the stage times stay in t's
+    dtype, the state update is in x's.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    hc = h[:, None].to(x.dtype)
     if solver == "euler":
         return x + hc * f(x, t)
-    k1 = f(x, t)
-    k2 = f(x + 0.5 * hc * k1, t + 0.5 * h)
-    k3 = f(x + 0.5 * hc * k2, t + 0.5 * h)
-    k4 = f(x + hc * k3, t + h)
-    return x + hc / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+    ks = []
+    for a, c in zip(RK4_A, RK4_C):
+        xi = x if not ks else x + a * hc * ks[-1]
+        ks.append(f(xi, t if c == 0.0 else t + c * h))
+    total = RK4_B[0] * ks[0]
+    for b, k in zip(RK4_B[1:], ks[1:]):
+        total = total + b * k
+    return x + hc / RK4_B_DIV * total
+
+
+def integrate(f, x, t0, h, n_steps: int, solver: str, *, on_step=None):
+    """n_steps of `step` from per-point times t0 with per-point steps h (N,): t = t0 + s h is
+    recomputed each step (not accumulated), so long runs do not drift. on_step(1) after each."""
+    for s in range(int(n_steps)):
+        x = step(f, x, t0 + s * h, h, solver)
+        if on_step is not None:
+            on_step(1)
+    return x

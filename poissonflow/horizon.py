@@ -1,22 +1,19 @@
 """Where the flow starts and ends: the "auto" rules for z_min and z_max, from the charges.
 
-Measured (see README, "Choosing the horizon"):
+* z_min = Z_MIN_FACTOR (0.5) x the median nearest-neighbour distance of the charges. Below the
+  nearest-neighbour scale the flux through the plane z = z_min is that of point charges, not of
+  the density the queries come from; well above it the start is no longer "on the plane".
+  Larger z_min keeps more class structure at the cost of uniformity: the horizon is a
+  trade-off, and the experiment sweeps it.
+* z_max = Z_MAX_FACTOR (1e3) x the data scale (root-mean-square distance of the charges to their
+  mean): far enough that the end directions have settled (the far field is that of one charge
+  at the centre, corrections fall off like scale / z).
+* flux start: delta = FLUX_DELTA_FACTOR (1e-3) x the median nearest-neighbour distance (the
+  flux start needs delta far below the nearest-neighbour distance).
 
-* z_min = 0.5 x the median nearest-neighbour distance of the charges. In 3-D (2000 charges of
-  an anisotropic Gaussian mixture, 1000 held-out points, RK4 to 1e4 x the data scale) the
-  end points' height had KS statistic 0.016-0.059 against the uniform hemisphere over 10 seeds
-  and the azimuth passed a KS test (p > 0.01) in 10/10; at 0.1 x the height KS grew to 0.07,
-  at 2 x to 0.08, at 4 x to 0.13. Below the nearest-neighbour scale the flux through the
-  plane z = z_min is that of point charges, not of the density the queries come from; well
-  above it the start is no longer "on the plane". Larger z_min keeps more class structure
-  (digits, tuned probe test accuracy: 0.5 x: 64%, 1 x: 76%, 2 x: 89%, raw: 97%) at the cost of
-  uniformity: the horizon is a trade-off, and the experiment sweeps it.
-* z_max = 1e3 x the data scale (root-mean-square distance of the charges to their mean): far
-  enough that the end directions have settled (the far field is that of one charge at the
-  centre, corrections fall off like scale / z); on digits 10 x and 1e4 x gave the same probe
-  accuracy and W2 to three digits.
-* flux start: delta = 1e-3 x the median nearest-neighbour distance (DESIGN.md section 3 needs
-  delta << the nearest-neighbour distance).
+The reasoning is docs/DESIGN.md section 3 ("The horizon"); the measurements behind the three
+factors, with the commands that repeat them, are its facts H2 (z_min), H4 (z_max) and H5 (the
+trade-off).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import torch
 from . import _checks
 
 __all__ = [
+    "l2_normalize",
     "align_loss",
     "uniform_loss",
     "wasserstein_uniformity",
@@ -71,9 +72,11 @@ def as_features(x, name: str, *, min_rows: int = 2) -> torch.Tensor:
     return x
 
 
-def l2_normalize(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows divided by their Euclidean norm; a zero row has no direction, so it is an error
-    (F.normalize would silently map it to zero)."""
+def l2_normalize(x, name: str = "x") -> torch.Tensor:
+    """Rows of `x` (N, D) divided by their Euclidean norm, as a tensor (numpy is wrapped); a
+    zero row has no direction, so it is an error (F.normalize would silently map it to zero).
+    `name` is the argument named in error messages."""
+    x = as_features(x, name, min_rows=1)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     zero = int((norms == 0).sum())
     if zero:

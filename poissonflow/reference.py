@@ -1,6 +1,6 @@
 """Pure-PyTorch float64 reference of the Poisson field: the oracle every kernel is tested against.
 
-Small and deliberately plain. It follows DESIGN.md section 2 line by line:
+Small and deliberately plain. It follows docs/DESIGN.md section 2 line by line:
 
     r2_ij       = max(||x_i - y_j||^2 + eps^2, tiny)      (direct differences, never expanded)
     s_ij        = log w_j - (p/2) log r2_ij
@@ -25,9 +25,17 @@ import math
 
 import torch
 
-__all__ = ["poisson_field_reference", "field_backward_reference", "flow_velocity_reference"]
+__all__ = [
+    "poisson_field_reference",
+    "field_backward_reference",
+    "flow_velocity_reference",
+    "field_forward",
+    "field_backward",
+    "flow_steps",
+]
 
 DEFAULT_BLOCK = 2**22  # pair-dimension elements per chunk: 32 MiB of float64
+_EXP_CAP = 700.0  # largest exponent of a charge that does not count (see the forward)
 
 
 def _chunks(n: int, size: int):
@@ -92,7 +100,14 @@ def poisson_field_reference(
         # zero-weight charges stay in the sum (as w * e = 0) so that d/dw is right at w = 0
         m = torch.where(counts, u, -math.inf).amax(dim=1).detach()
         dead = torch.isneginf(m)  # no charge reaches these queries
-        e = torch.exp(u - torch.where(dead, 0.0, m)[:, None])
+        # excluded pairs are masked before exp: an excluded coincident charge has u ~ 1e3 and
+        # exp(u - m) = inf, whose gradient through the mask would be 0 * inf = NaN
+        # A zero-weight charge can lie far above the shift m (a query exactly on it): its
+        # exp(u - m) would overflow and w * inf = NaN. Its term is 0 whatever the cap, so the
+        # exponent of charges that do not count is capped (e^700 ~ 1e304 is finite in float64);
+        # only d/dw of such a charge, astronomically large in truth, is then capped too.
+        shifted = torch.where(valid, u, -math.inf) - torch.where(dead, 0.0, m)[:, None]
+        e = torch.exp(torch.where(counts, shifted, shifted.clamp_max(_EXP_CAP)))
         ew = e if w is None else e * w[None, :]
         ew = torch.where(valid, ew, 0.0)
         Z = ew.sum(1)
@@ -118,6 +133,7 @@ def field_backward_reference(
     the oracle for large shapes, where autograd through poisson_field_reference would keep the
     whole N x B x D computation alive. Checked against that autograd on small shapes
     (tests/test_field_autograd.py)."""
+    tiny = torch.finfo(x.dtype).tiny  # the input dtype's, as in the forward
     x = x.double()
     y = charges.double()
     N, D = x.shape
@@ -126,11 +142,10 @@ def field_backward_reference(
     w = None if weights is None else weights.double()
     gv = torch.zeros_like(x) if grad_v is None else grad_v.double()
     gl = x.new_zeros(N) if grad_log_scale is None else grad_log_scale.double()
-    v, _ = poisson_field_reference(x, y, w, p, eps, exclude=exclude)
+    v, _ = poisson_field_reference(x, y, w, p, eps, exclude=exclude, r2_floor=tiny)
     dx = gv.clone()
     dy = torch.zeros_like(y)
     dw = torch.zeros(B, dtype=torch.float64)
-    tiny = torch.finfo(torch.float64).tiny
     rows = max(1, block // max(1, B * D))
     for i0, i1 in _chunks(N, rows):
         diff = x[i0:i1, None, :] - y[None, :, :]  # x_i - y_j
@@ -166,11 +181,77 @@ def field_backward_reference(
 def flow_velocity_reference(
     x: torch.Tensor, z: torch.Tensor, charges: torch.Tensor, weights=None, *, exclude=None
 ) -> torch.Tensor:
-    """dx/dt = x - mu(x, z) of the Poisson flow in t = log z (DESIGN.md section 3): the field of
-    the augmented charges (y, 0) at (x, z) in d + 1 dimensions, power d + 1, per-query height z.
+    """dx/dt = x - mu(x, z) of the Poisson flow in t = log z (docs/DESIGN.md section 3): the
+    field of the augmented charges (y, 0) at (x, z) in d + 1 dimensions, power d + 1, per-query
+    height z.
     """
     d = x.shape[1]
     v, _ = poisson_field_reference(
         x, charges, weights, power=d + 1, eps_rows=z, exclude=exclude
     )
     return v
+
+
+# -------------------------------------------------------------------------------------------
+# The backend protocol (docs/ARCHITECTURE.md) on the reference: registry entry "reference".
+# Computed in float64 and returned in x's dtype, with the r2 floor of x's dtype.
+
+
+def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
+    """(v, log_scale) of the protocol; differentiable by autograd."""
+    return poisson_field_reference(x, y, w, power, eps, exclude=exclude, eps_rows=eps_rows)
+
+
+def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
+                   exclude=None, eps_rows=None):
+    """(dL/dx, dL/dy, dL/dw) of L = <v, gv> + <log_scale, gl> by autograd through the float64
+    reference (v and log_scale are recomputed; the arguments only complete the protocol). Rows
+    that no charge reaches (log_scale = -inf) carry no log_scale gradient."""
+    need_w = bool(need_w and w is not None)
+    wanted = (bool(need_x), bool(need_y), need_w)
+    if not any(wanted):
+        return None, None, None
+    floor = torch.finfo(x.dtype).tiny
+    with torch.enable_grad():
+        leaves = [
+            None if t is None else t.detach().double().requires_grad_(n)
+            for t, n in zip((x, y, w), wanted)
+        ]
+        e = None if eps_rows is None else eps_rows.detach().double()
+        vr, lr = poisson_field_reference(*leaves, power, eps, exclude=exclude, eps_rows=e,
+                                         r2_floor=floor)
+        loss = vr.new_zeros(())
+        if gv is not None:
+            loss = loss + (vr * gv.detach().double()).sum()
+        if gl is not None:
+            live = torch.isfinite(lr)
+            loss = loss + torch.where(live, lr * gl.detach().double(), 0.0).sum()
+        asked = [t for t, n in zip(leaves, wanted) if n]
+        got = list(torch.autograd.grad(loss, asked, allow_unused=True)) if loss.requires_grad \
+            else [None] * len(asked)
+    out = []
+    for t, n in zip(leaves, wanted):
+        if not n:
+            out.append(None)
+            continue
+        g = got.pop(0)
+        out.append((torch.zeros_like(t) if g is None else g).to(x.dtype))
+    return tuple(out)
+
+
+def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
+    """Euler / classic RK4 of dx/dt = v(x; z = e^t, p = d + 1) in float64 with the package's one
+    RK4 driver (poissonflow.flow.integrate); t0, dt (N,) or scalars, taken in float64; the end
+    state in x's dtype."""
+    from .flow import integrate  # flow imports this module
+
+    xd = x.double()
+    yd = y.double()
+    wd = None if w is None else w.double()
+    t0 = torch.as_tensor(t0, dtype=torch.float64, device=x.device).expand(x.shape[0])
+    h = torch.as_tensor(dt, dtype=torch.float64, device=x.device).expand(x.shape[0])
+
+    def velocity(xx, tt):
+        return flow_velocity_reference(xx, torch.exp(tt), yd, wd, exclude=exclude)
+
+    return integrate(velocity, xd, t0, h, int(n_steps), solver).to(x.dtype)

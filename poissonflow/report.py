@@ -1,20 +1,27 @@
 """Outputs of the experiment: the summary over seeds, the markdown table, the JSON file and the
-plots. Files are written atomically (temporary file + os.replace), so an interrupted run never
-leaves a half-written result.
+plots. Files are written atomically (poissonflow._io: temporary file + os.replace, normal
+permissions), so an interrupted run never leaves a half-written result.
+
+matplotlib is imported only by `plot_sweep`, when a plot is drawn: the rest of the package (and
+`summarise`, `markdown_table`) never needs it, and a missing install gets one clear error.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["summarise", "markdown_table", "write_outputs"]
+from ._io import atomic_write, atomic_write_bytes, atomic_write_text
+
+__all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
+           "rerender"]
+
+# What a results.json written by write_outputs holds at its top level (what rendering reads).
+_RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
 
 # (column title, path into a row) in table order
 COLUMNS = [
@@ -122,26 +129,53 @@ def sweep_table(per_seed: list[list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def rewrite_outputs(results_json: Path) -> None:
+def load_results(results_json: str | Path) -> dict[str, Any]:
+    """The results of an experiment, read from its results.json.
+
+    Raises FileNotFoundError for a missing file and ValueError ("not an experiment
+    results.json: ...") for a file that is not JSON or does not hold an experiment's results,
+    so that a wrong path gets one clear line instead of a KeyError deep in the rendering.
+    """
+    path = Path(results_json)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"not an experiment results.json: {path} is a folder") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"not an experiment results.json: {path} is not UTF-8 text") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not an experiment results.json: {path} is not JSON ({exc})") from None
+    _check_results(results, str(path))
+    return results
+
+
+def _check_results(results: Any, where: str) -> None:
+    if not isinstance(results, dict):
+        raise ValueError(f"not an experiment results.json: {where} holds a "
+                         f"{type(results).__name__}, not an object")
+    missing = [k for k in _RESULT_KEYS if k not in results]
+    if missing:
+        raise ValueError(f"not an experiment results.json: {where} lacks {', '.join(missing)}")
+    per_seed = results["per_seed"]
+    if not isinstance(per_seed, list) or not per_seed or not all(
+            isinstance(s, dict) and isinstance(s.get("rows"), dict) for s in per_seed):
+        raise ValueError(f"not an experiment results.json: {where}: per_seed is not a "
+                         "non-empty list of seeds with rows")
+    if not isinstance(results["dataset"], dict) or not {"name", "n_train", "n_test"} <= set(
+            results["dataset"]):
+        raise ValueError(f"not an experiment results.json: {where}: dataset lacks name, "
+                         "n_train or n_test")
+
+
+def rerender(results_json: str | Path) -> None:
     """Render results.md and the plot again from a results.json (after a change to this
     module), next to that file; the JSON itself is left as it is."""
     path = Path(results_json)
-    render_outputs(json.loads(path.read_text()), path.parent)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    render_outputs(load_results(path), path.parent)
 
 
 def _jsonable(obj):
@@ -158,15 +192,18 @@ def _jsonable(obj):
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.json",
-                  json.dumps(_jsonable(results), indent=1).encode())
+    atomic_write_bytes(out_dir / "results.json",
+                       json.dumps(_jsonable(results), indent=1).encode())
     render_outputs(results, out_dir)
 
 
 def render_outputs(results: dict[str, Any], out_dir: Path) -> None:
     """results.md and the sweep plot, from the results (as run or as read from the JSON)."""
-    _atomic_write(out_dir / "results.md", (markdown_table(results) + "\n").encode())
+    _check_results(results, "the results")
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "results.md", markdown_table(results) + "\n")
     sweeps = [s.get("sweep", []) for s in results["per_seed"]]
     if any(sweeps):
         plot_sweep(sweeps, out_dir / "accuracy_vs_uniformity.png",
@@ -207,10 +244,7 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
     """Two panels: tuned-probe test accuracy against Wasserstein uniformity (the trade-off
     curve), and against the fraction of the flow completed; one line per curve, mean over
     seeds with the seeds' standard deviation as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for curve, c in sweep_curves(per_seed).items():
@@ -228,8 +262,23 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), imported here and
+    not at module import, so that a missing matplotlib fails only where a plot is drawn."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "the experiment's plot needs matplotlib, a dependency of poissonflow that is not "
+            "installed here: pip install matplotlib (or reinstall poissonflow)"
+        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -9,27 +9,30 @@ charges' centre, (x - c, z) / |(x - c, z)| on the upper hemisphere of S^d; `"raw
 
 Train and test points are treated alike: a query that coincides exactly with a charge ignores
 that charge (`exclude_self=True`, leave-one-out), so the features that are charges move like
-held-out ones. Measured on digits (tuned linear probe on the sphere output, z_min = 0.5 x NN):
-with exclusion train/test accuracy 71% / 64%; without it 99.9% / 20% - training points sitting on
-their own charge become a different population.
+held-out ones (docs/DESIGN.md section 3 and fact H6: without it, training points sitting on their
+own charge become a different population).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _checks, horizon
+from . import _checks, horizon, registry
 from .field import resolve_backend
 from .flow import SOLVERS, empirical_flow, field_flow
 
 __all__ = ["transform", "coincident_charge", "DEFAULT_STEPS"]
 
 DEFAULT_STEPS = {"rk4": 32, "euler": 256}
+# More steps than this is a mistake, not a finer integration: RK4's error falls 12-20x per
+# doubling of the steps (docs/DESIGN.md, fact H1), so a few hundred steps are already at float32
+# rounding, while a million steps of a 10k-point flow is hours of kernel time on a CPU.
+MAX_STEPS = 1_000_000
 STARTS = ("plane", "flux")
 OUTPUTS = ("sphere", "raw")
 PARAMETERIZATIONS = ("logz", "radial")
@@ -56,7 +59,15 @@ def transform(
     return_info: bool = False,
 ):
     """Poisson-flow transform of `features` (N, d), a torch tensor or numpy array; returns the
-    same kind (numpy float64/float32 by input, torch on the input's device and dtype).
+    same kind, in the input's floating dtype (float64 for integer input) and, for torch, on the
+    input's device. float32 input is computed in float32, everything else in float64.
+
+    Not differentiable: a tensor that requires grad (with grad mode on) is refused rather than
+    silently detached. The flow's fused kernels have no backward, and an unfused RK4 through the
+    autograd-aware field op was measured at 6.0x the fused flow's time (N = B = 2048, d = 32,
+    RK4 x 32, forward + backward) with every stage's state kept for the backward; the exclusion by
+    exact coincidence and the data-driven horizon are not differentiable choices either. For a
+    differentiable objective use `poisson_field` (autograd-aware) or `poissonflow.losses`.
 
     Args:
         charges: (B, d) charge positions; default: the features themselves.
@@ -66,7 +77,7 @@ def transform(
             poissonflow.LearnedField), integrated step by step.
         start: "plane" - (x, z_min); "flux" - (y_j + delta u_x, delta |u_z|) with u uniform on
             S^d, seeded, around each point's own charge: exactly uniform end points
-            (DESIGN.md section 3); needs every query to be a charge.
+            (docs/DESIGN.md section 3); needs every query to be a charge.
         solver: "rk4" (default) or "euler"; steps: per point (default 32 for RK4, 256 Euler).
         z_min, z_max: the horizon, or "auto" (poissonflow.horizon: 0.5 x median
             nearest-neighbour distance, 1e3 x data scale).
@@ -80,12 +91,19 @@ def transform(
             a learned field is one fixed function); default True.
         seed: for start="flux" directions.
         backend: field kernels: "auto", "cpu", "cuda", "triton" or "reference".
-        progress: tqdm bar; None shows it for long runs (> 1e10 pair-steps).
-        batch_size: queries per kernel call.
+        progress: tqdm bar with an estimate of the time left; None shows it only for long runs
+            (> 1e10 pair-steps) when stderr is a terminal.
+        batch_size: queries per kernel call (an integer >= 1; memory, not results, depends on
+            it).
         return_info: also return a dict with the horizon, steps, exclusions and timing.
     """
     t_start = time.perf_counter()
-    x, kind = _as_tensor(features, "features")
+    x, kind, x_dtype = _as_tensor(features, "features", keep_dtype=True)
+    batch_size = _check_count(batch_size, "batch_size", 1, None)
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    if not isinstance(exclude_self, (bool, np.bool_)):
+        raise TypeError(f"exclude_self must be True or False, got {exclude_self!r}")
     _validate_enums(start, output, solver, parameterization)
     learned = not isinstance(field, str)
     if not learned and field != "empirical":
@@ -100,9 +118,7 @@ def transform(
     parameterization = parameterization or defaults.get("parameterization", "logz")
     if steps is None:
         steps = defaults.get("steps", DEFAULT_STEPS[solver])
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    steps = int(steps)
+    steps = _check_count(steps, "steps", 1, MAX_STEPS)
     # z_min = 0 (the blog's start on the plane) is defined only for a learned field in the
     # radial parameterisation; log-z time needs z > 0.
     zero_ok = learned and parameterization == "radial"
@@ -140,9 +156,11 @@ def transform(
         z0 = torch.full((N,), zmin, dtype=torch.float64, device=x.device)
         excl_used = exclude if (exclude_self and not learned) else None
 
-    which = backend if backend == "reference" else resolve_backend(backend, x.device)
+    which = resolve_backend(backend, x.device)
     if progress is None:
-        progress = N * y.shape[0] * steps * (4 if solver == "rk4" else 1) > 1e10
+        progress = sys.stderr.isatty() and (
+            N * y.shape[0] * steps * (4 if solver == "rk4" else 1) > 1e10
+        )
     info: dict[str, Any] = {
         "z_min": zmin, "z_max": zmax, "steps": steps, "solver": solver, "start": start,
         "parameterization": parameterization, "backend": which,
@@ -167,7 +185,7 @@ def transform(
     centre = getattr(field, "center_", None) if learned else None
     out = _output(xe, ze, y, w, output, centre)
     info["seconds"] = time.perf_counter() - t_start
-    result = _back(out, kind, features)
+    result = _back(out, kind, x_dtype, features)
     return (result, info) if return_info else result
 
 
@@ -188,26 +206,14 @@ def coincident_charge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _empirical_field_fn(y, w, exclude, backend):
     """f(x, z) of the exact field for the radial parameterisation: (v, z) up to exp(log_scale)
     (the z component of sum_j pi_ij (x~_i - y~_j) is z, as the charges sit at z = 0)."""
-    from .flow import flow_velocity_reference
-    from .ops import backend_module
+    mod = registry.get(backend).module()
 
     def fn(xx, zz):
-        if backend == "reference":
-            v = flow_velocity_reference(xx, zz, y, w, exclude=exclude)
-        else:
-            mod = backend_module(backend) if backend != "triton" else _triton()
-            v, _ = mod.field_forward(
-                xx, y, w, float(xx.shape[1] + 1), 0.0, exclude=exclude, eps_rows=zz
-            )
+        v, _ = mod.field_forward(xx, y, w, float(xx.shape[1] + 1), 0.0, exclude=exclude,
+                                 eps_rows=zz)
         return v, zz
 
     return fn
-
-
-def _triton():
-    from . import triton
-
-    return triton
 
 
 def _flux_start(y, own, delta, seed):
@@ -258,16 +264,30 @@ def _validate_enums(start, output, solver, parameterization):
         )
 
 
-def _as_tensor(a, name: str) -> tuple[torch.Tensor, str]:
-    """A 2-D float tensor (float32 stays float32, everything else becomes float64), N >= 1."""
+def _as_tensor(a, name: str, keep_dtype: bool = False):
+    """A 2-D float tensor (float32 stays float32, everything else becomes float64), N >= 1; with
+    keep_dtype also the floating dtype the result goes back in."""
     if isinstance(a, torch.Tensor):
         kind = "torch"
+        if a.is_complex():
+            raise TypeError(f"{name} is a complex tensor ({a.dtype}); the flow is defined for "
+                            "real features")
+        if not (a.is_floating_point() or a.dtype in _INT_DTYPES):
+            raise TypeError(f"{name} must be a real numeric tensor, got dtype {a.dtype}")
+        if a.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but transform is not differentiable (its ODE kernels "
+                f"have no backward): pass {name}.detach(), or call it under torch.no_grad(); "
+                "poisson_field and poissonflow.losses are the differentiable pieces"
+            )
         t = a.detach()
+        out_dtype = t.dtype if t.is_floating_point() else torch.float64
     elif isinstance(a, np.ndarray):
         kind = "numpy"
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-            raise TypeError(f"{name} must be a numeric array, got dtype {a.dtype}")
+            raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
         t = torch.from_numpy(np.ascontiguousarray(a))
+        out_dtype = t.dtype if t.is_floating_point() else torch.float64
     else:
         raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(a).__name__}")
     if t.ndim != 2:
@@ -279,7 +299,22 @@ def _as_tensor(a, name: str) -> tuple[torch.Tensor, str]:
     if t.dtype != torch.float32:
         t = t.to(torch.float64)
     _checks.check_finite(t, name, dim=t.shape[1] + 1)
+    if keep_dtype:
+        return t.contiguous(), kind, out_dtype
     return t.contiguous(), kind
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_count(value, name: str, least: int, most: int | None) -> int:
+    """An integer in [least, most], named in the error (bools and floats are refused: 2.5
+    steps or batch_size=True is a mistake, not a request)."""
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
+    if not ok or value < least or (most is not None and value > most):
+        bound = f"an integer >= {least}" + ("" if most is None else f" and <= {most:,}")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return int(value)
 
 
 def _resolve_charges(charges, weights, x):
@@ -305,7 +340,8 @@ def _resolve_charges(charges, weights, x):
     return y, w
 
 
-def _back(out: torch.Tensor, kind: str, like):
+def _back(out: torch.Tensor, kind: str, dtype: torch.dtype, like):
+    out = out.to(dtype)
     if kind == "numpy":
         return out.cpu().numpy()
     return out.to(like.device)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -188,3 +190,74 @@ def test_bad_arguments(tmp_path):
         store.put("k", _arrays(), {"bad": object()})
     assert not any(p.name == "k.npz" for p in tmp_path.iterdir())
     assert os.listdir(tmp_path) == []
+
+
+def test_get_or_compute_with_metadata_known_after_the_work(tmp_path):
+    """compute() may return (arrays, meta): a training history is only known afterwards."""
+    store = ArrayCache(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return _arrays(2), {"history": [0.5, 0.25]}
+
+    a, meta, hit = store.get_or_compute("k", compute)
+    b, meta2, hit2 = store.get_or_compute("k", compute)
+    assert (hit, hit2) == (False, True) and len(calls) == 1
+    assert meta == meta2 == {"history": [0.5, 0.25]}
+    np.testing.assert_array_equal(a["features"], b["features"])
+    with pytest.raises(ValueError, match="meta was also given"):
+        store.get_or_compute("k2", compute, {"n": 1})
+
+
+class _Saved:
+    """A stand-in for an object with its own file format (like LearnedField.save / load)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def save(self, path):
+        path.write_text(json.dumps({"format": 1, "values": self.values}))
+
+    @classmethod
+    def load(cls, path):
+        blob = json.loads(path.read_text())
+        if blob.get("format") != 1:
+            raise ValueError(f"{path} is not a format-1 file")
+        return cls(blob["values"])
+
+
+def test_objects_round_trip_through_their_own_save_and_load(tmp_path):
+    store = ArrayCache(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return _Saved([1.5, 2.5])
+
+    kw = {"save": _Saved.save, "load": _Saved.load, "meta": lambda o: {"n": len(o.values)}}
+    obj, meta, hit = store.get_or_compute_object("obj", compute, **kw)
+    again, meta2, hit2 = store.get_or_compute_object("obj", compute, **kw)
+    assert (hit, hit2) == (False, True) and len(calls) == 1
+    assert again.values == obj.values == [1.5, 2.5] and meta == meta2 == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obj.npz"]  # one verified entry
+
+
+def test_object_entry_its_loader_refuses_is_recomputed(tmp_path):
+    store = ArrayCache(tmp_path)
+    store.put_object("obj", _Saved([1]), lambda o, p: p.write_text('{"format": 0}'))
+    with pytest.warns(RuntimeWarning, match="refused by its loader"):
+        assert store.get_object("obj", _Saved.load) is None
+    assert not (tmp_path / "obj.npz").exists()
+    store.put("arrays", _arrays())  # an array entry is not an object entry
+    with pytest.warns(RuntimeWarning, match="not an object entry"):
+        assert store.get_object("arrays", _Saved.load) is None
+
+
+def test_entries_are_written_with_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ArrayCache(tmp_path).put("k", _arrays())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

@@ -32,9 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from poissonflow import _C as poissonflow_C
 from poissonflow import _cuda_backend as cb
 from poissonflow.flow import flow_steps_reference
-from poissonflow.reference import poisson_field_reference
+from poissonflow.reference import field_backward_reference, poisson_field_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-4, torch.float64: 1e-11, torch.bfloat16: 2**-7, torch.float16: 2**-9}
@@ -106,19 +107,25 @@ def test_cuda_module_is_compiled_into_the_install():
     assert mod.device_count() >= 0
     # The module plans with the same code as the emulator (block_plan.h).
     assert mod.plan(cb.MODE_FORWARD, False, 129, 232448) == {
-        "upt": 3, "window": 132, "splits": 1, "packs": 33, "smem_bytes": 95520,
+        "upt": 3, "window": 132, "splits": 1, "packs": 33, "smem_bytes": 94752,
     }
-    if mod.device_count() == 0:
-        # Every LaunchArgs field (as mirrored for the emulator) is a key the binding accepts:
-        # the call gets past argument parsing and fails only for want of a GPU.
-        from cuda_emulation.emulator import LaunchArgs
+    # The module, the CPU module and the emulator are built from the same numerics header.
+    from cuda_emulation.emulator import Emulator, build
 
-        args = {name: 0 for name, _ in LaunchArgs._fields_}
+    emu = Emulator(build())
+    assert mod.numerics() == poissonflow_C.numerics() == emu.numerics()
+    assert mod.arg_names() == emu.arg_names()
+    with pytest.raises(TypeError, match="unknown argument 'tiny'"):
+        mod.launch(tiny=1.0)
+    if mod.device_count() == 0:
+        # Every LaunchArgs field is a keyword the binding accepts: the call gets past argument
+        # parsing and fails only for want of a GPU.
+        args = {name: 0 for name in mod.arg_names()}
         buf = torch.zeros(8)
         args.update(x=buf.data_ptr(), y=buf.data_ptr(), v=buf.data_ptr(), lse2=buf.data_ptr(),
                     N=1, B=1, D=1, ld=4)
         with pytest.raises(RuntimeError, match="poissonflow CUDA: cudaGetDevice"):
-            mod.launch(args)
+            mod.launch(**args)
 
 
 def test_importing_poissonflow_does_not_load_cuda():
@@ -179,7 +186,7 @@ def test_emulated_forward_per_query_softening(runner, dtype):
 
 
 def test_emulated_near_coincident_query_keeps_direct_differences(runner):
-    # A query 1e-3 from a charge of norm 10 in D = 129 (DESIGN.md section 2): the expansion
+    # A query 1e-3 from a charge of norm 10 in D = 129 (docs/DESIGN.md section 2): the expansion
     # |x|^2 + |y|^2 - 2 x.y loses r2 entirely in float32; direct differences keep it.
     D = 129
     x, y, _ = make_problem(6, 300, D, torch.float64, seed=5)
@@ -212,7 +219,9 @@ def test_emulated_dead_rows_have_no_field(runner):
         runner(), x, y, w, 4.0, 0.0, v, ls, torch.ones(3, 4), torch.ones(3),
         need_x=True, need_y=True, need_w=True, exclude=exclude,
     )
-    assert torch.equal(gx[0], torch.ones(4))  # dL/dx = g_v where there is no field
+    # v = 0 there whatever x is, so dL/dx = 0 (the same on every backend; the conformance
+    # suite's dead-rows test holds them all to it)
+    assert torch.equal(gx[0], torch.zeros(4))
     assert torch.isfinite(gy).all() and torch.isfinite(gw).all()
 
 
@@ -351,6 +360,46 @@ def test_emulated_gradcheck_float64(runner):
     x, y, w = make_problem(4, 6, 3, torch.float64, seed=12)
     inputs = tuple(t.requires_grad_() for t in (x, y, w))
     assert torch.autograd.gradcheck(Field.apply, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unit", "weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_emulated_leave_one_out_gradients_at_exact_coincidence(runner, dtype, weighted):
+    # Queries are the charges and each excludes its own (as transform and the pairwise losses
+    # call the field): the excluded pair has r2 = 0, floored, so its weight overflows; it must be
+    # dropped by a select, never multiplied by 0 (inf * 0 = NaN in every dL/dy and dL/dw entry).
+    N, D, p = 50, 6, 4.0
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    w = torch.rand(N, generator=torch.Generator().manual_seed(21), dtype=torch.float64) + 0.5
+    x, w = x.to(dtype), (w.to(dtype) if weighted else None)
+    exclude = torch.arange(N)
+    exclude[::7] = -1  # some queries keep their own charge: a clamped (zero-slope) pair
+    v, ls = cb._field_forward(runner(), x, x, w, p, 0.0, exclude=exclude)
+    gv, gl = torch.ones(N, D, dtype=dtype), torch.ones(N, dtype=dtype)
+    got = cb._field_backward(runner(), x, x, w, p, 0.0, v, ls, gv, gl, need_x=True,
+                             need_y=True, need_w=weighted, exclude=exclude)
+    want = field_backward_reference(x, x, w, p, 0.0, gv, gl, exclude=exclude)
+    for name, g, r in zip("xyw", got, want):
+        if r is None or (name == "w" and not weighted):
+            continue
+        assert bool(torch.isfinite(g).all()), f"dL/d{name} has non-finite entries"
+        assert rel_err(g, r) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_emulated_low_precision_exact_coincidence_uses_the_input_dtype_floor(runner, dtype):
+    # float16/bfloat16 are computed in float32 but r2 is floored at the input dtype's smallest
+    # normal number (float16: 2^-14, far above float32's): log_scale of a query sitting on a
+    # charge is then -(p/2) log(floor) + ..., as in the reference on the same inputs.
+    x, y, w = make_problem(20, 30, 5, dtype, seed=22)
+    x[3], x[11] = y[7], y[0]
+    v, ls = cb._field_forward(runner(), x, y, w, 5.0, 0.0)
+    vr, lsr = poisson_field_reference(x, y, w, 5.0, 0.0)  # floor of x's dtype
+    assert rel_err(ls, lsr) < TOL[dtype] and rel_err(v, vr) < TOL[dtype]
+    if dtype == torch.float16:  # float32's floor would give a clearly different log_scale
+        f32_floor = torch.finfo(torch.float32).tiny
+        ls32 = poisson_field_reference(x, y, w, 5.0, 0.0, r2_floor=f32_floor)[1]
+        assert float((ls.double() - ls32.double()).abs()[[3, 11]].min()) > 1.0
 
 
 @pytest.mark.parametrize("solver", ["euler", "rk4"])
@@ -516,6 +565,34 @@ def test_launch_checks_reject_bad_layouts(emulator):
     with pytest.raises(RuntimeError, match="row stride"):
         emulator.launch(dict(mode=0, x=x.data_ptr(), y=x.data_ptr(), v=x.data_ptr(),
                              lse2=x.data_ptr(), N=4, B=4, D=3, ld=3))
+
+
+def test_launch_checks_reject_an_input_dtype_that_does_not_match(emulator):
+    x = torch.zeros(4, 4)
+    args = dict(mode=0, x=x.data_ptr(), y=x.data_ptr(), v=x.data_ptr(), lse2=x.data_ptr(),
+                N=4, B=4, D=3, ld=4)
+    with pytest.raises(RuntimeError, match="input_dtype float64 is computed in double"):
+        emulator.launch(dict(args, input_dtype=1))  # float64 floor on float buffers
+    with pytest.raises(RuntimeError, match="input_dtype must be"):
+        emulator.launch(dict(args, input_dtype=7))
+
+
+def test_numerics_are_one_definition(emulator):
+    # The CPU module and the emulator (hence the CUDA block program) read one header.
+    consts = poissonflow_C.numerics()
+    assert emulator.numerics() == consts
+    for dtype, code in cb._INPUT_DTYPE.items():
+        name = str(dtype).removeprefix("torch.")
+        assert consts[f"input_dtype_{name}"] == code
+        assert consts[f"r2_floor_{name}"] == torch.finfo(dtype).tiny  # the input dtype's floor
+    assert consts["rk4_stages"] == 4 and consts["lazy_rescale_tau_log2"] == 8
+    b = [consts[f"rk4_b{s}"] for s in range(1, 5)]
+    assert b == [1 / 6, 1 / 3, 1 / 3, 1 / 6]
+    assert consts["rk4_weight_denominator"] == 6  # the kernels sum k1 + 2 k2 + 2 k3 + k4
+    assert [consts[f"rk4_c{s}"] for s in range(1, 5)] == [0.0, 0.5, 0.5, 1.0]
+    assert [consts[k] for k in ("rk4_a21", "rk4_a32", "rk4_a43")] == [0.5, 0.5, 1.0]
+    assert consts["no_charge_float32"] == float(torch.tensor(-1e30, dtype=torch.float32))
+    assert consts["no_charge_float64"] == -1e300
 
 
 def test_gpu_check_script_exits_cleanly_without_gpu():

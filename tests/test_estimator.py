@@ -54,5 +54,7 @@ def test_dimension_mismatch_between_fit_and_transform():
 
 
 def test_unknown_field_is_rejected():
-    with pytest.raises(ValueError, match="field must be 'empirical' or 'learned'"):
+    # scikit-learn's wording (InvalidParameterError, a ValueError): the parameter and its choices
+    with pytest.raises(ValueError, match="'field' parameter of PoissonFlow must be") as err:
         PoissonFlow(field="exact").fit(digits()[0])
+    assert "'empirical'" in str(err.value) and "'learned'" in str(err.value)

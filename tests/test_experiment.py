@@ -4,13 +4,18 @@ tests/test_data.py and tests/test_cache.py."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import os
+import stat
+import sys
 
+import numpy as np
 import pytest
 
-from poissonflow import report
+from poissonflow import _io, experiment, report
 from poissonflow.experiment import ROWS, ExperimentConfig, run_experiment
 
 # possible range of every reported number (features are L2-normalised for the metrics)
@@ -93,8 +98,7 @@ def test_report_command_renders_again_from_the_json(results, tmp_path):
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
     assert (tmp_path / "results.json").read_text() == (out / "results.json").read_text()
     assert (tmp_path / "accuracy_vs_uniformity.png").stat().st_size > 10_000
-    with pytest.raises(SystemExit):
-        main(["report", str(tmp_path / "missing.json")])
+    assert main(["report", str(tmp_path / "missing.json")]) == 2  # one-line error, exit 2
 
 
 def _point(curve, fraction, acc, w2):
@@ -122,8 +126,268 @@ def test_interrupted_write_leaves_the_previous_file(tmp_path, monkeypatch):
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report.os, "replace", interrupted)
+    monkeypatch.setattr(_io.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        report._atomic_write(target, b"new contents")
+        _io.atomic_write_bytes(target, b"new contents")
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_results_files_have_normal_permissions(results):
+    """Written like open() writes (0o666 less the umask), not 0600 as tempfile.mkstemp would:
+    a results folder shared with others must be readable by them."""
+    _, out = results
+    expected = 0o666 & ~_umask()
+    for name in ("results.json", "results.md", "accuracy_vs_uniformity.png"):
+        assert _mode(out / name) == expected, name
+
+
+def test_atomic_write_applies_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _io.atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        _io.atomic_write_text(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a.txt") == 0o644
+    assert _mode(tmp_path / "b.txt") == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+# --------------------------------------------------------------------------- the row graph
+
+
+def _toy_features(n_train=200, n_test=80, d=16, seed=0):
+    """Four well-separated clusters on the unit sphere (no encoder needed)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((4, d))
+
+    def draw(n):
+        y = np.arange(n) % 4
+        x = centres[y] + 0.3 * rng.standard_normal((n, d))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    ftr, ytr = draw(n_train)
+    fte, yte = draw(n_test)
+    views = tuple((fte + 0.01 * rng.standard_normal(fte.shape)).astype(np.float32)
+                  for _ in range(2))
+    return experiment.Features(ftr, fte, views), (ytr, yte)
+
+
+def test_a_row_runs_alone_and_computes_what_it_needs():
+    features, labels = _toy_features()
+    graph = experiment.row_graph(features, labels, experiment.RunSettings(seed=0, field_epochs=1))
+    rows = experiment.evaluate_rows(graph, ["scale control"])
+    assert list(rows) == ["scale control"]
+    # the blog field and flow were computed for it, in dependency order, and nothing else
+    assert graph.computed == ["field: blog", "flow: blog preset", "scale control"]
+    blog = graph.get("flow: blog preset")
+    expected = float(np.linalg.norm(blog.features.train, axis=1).mean())
+    assert rows["scale control"]["info"]["scale"] == pytest.approx(expected, rel=1e-12)
+    assert expected > 1.2  # the blog flow ends at radius >= sqrt(3) for unit features
+    # a second row that needs the same flow reuses it
+    experiment.evaluate_rows(graph, ["flow: blog, unit norm"])
+    assert graph.computed[3:] == ["flow: blog, unit norm"]
+    unit = graph.get("flow: blog, unit norm").features.test
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)  # float32
+    with pytest.raises(ValueError, match="unknown row"):
+        experiment.evaluate_rows(graph, ["no such row"])
+
+
+def test_every_row_declares_needs_the_graph_provides():
+    features, labels = _toy_features()
+    graph = experiment.row_graph(features, labels, experiment.RunSettings(seed=0))
+    inputs = {"features", "labels", "run"}
+    for name, node in experiment.NODES.items():
+        assert node.needs and set(node.needs) <= inputs | set(experiment.NODES), name
+    assert graph.computed == []  # building the graph computes nothing
+
+
+def test_graph_reports_cycles_and_missing_inputs():
+    nodes = {"a": experiment.Node(("b",), lambda b: b), "b": experiment.Node(("a",), lambda a: a)}
+    with pytest.raises(RuntimeError, match="cycle: a -> b -> a"):
+        experiment.Graph({}, nodes).get("a")
+    with pytest.raises(ValueError, match="nothing provides"):
+        experiment.Graph({}, {"a": experiment.Node(("x",), lambda x: x)})
+    with pytest.raises(ValueError, match="both given and computed"):
+        experiment.Graph({"a": 1}, {"a": experiment.Node(("a",), lambda a: a)})
+
+
+def test_learned_field_is_cached_and_not_retrained(tmp_path, monkeypatch):
+    from poissonflow.learned import LearnedField
+
+    features, labels = _toy_features()
+    run = experiment.RunSettings(seed=0, field_epochs=1, cache_dir=tmp_path)
+    first = experiment.row_graph(features, labels, run)
+    cold = first.get("field: blog")
+    assert not cold.from_cache and len(list(tmp_path.glob("*.npz"))) == 1
+
+    def no_training(self, *a, **k):
+        raise AssertionError("a cached learned field must not be retrained")
+
+    monkeypatch.setattr(LearnedField, "fit", no_training)
+    second = experiment.row_graph(features, labels, run)
+    warm = second.get("field: blog")
+    assert warm.from_cache and warm.train_seconds == pytest.approx(cold.train_seconds)
+    # the loaded field flows bit for bit like the trained one
+    a = first.get("flow: blog preset").features
+    b = second.get("flow: blog preset").features
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test)
+    assert second.get("flow: blog preset").info["field_from_cache"] is True
+    # other settings or other features: another key (so a new training run)
+    key = experiment.learned_field_key(cold.field.get_params(), features.train)
+    assert experiment.learned_field_key(cold.field.get_params(), features.test) != key
+    other = dict(cold.field.get_params(), epochs=2)
+    assert experiment.learned_field_key(other, features.train) != key
+    shown = dict(cold.field.get_params(), progress=True)  # display only: same field
+    assert experiment.learned_field_key(shown, features.train) == key
+    with pytest.raises(AssertionError, match="must not be retrained"):
+        experiment.row_graph(features, labels,
+                             dataclasses.replace(run, field_epochs=2)).get("field: blog")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="poissonflow experiment")
+    experiment.add_arguments(parser)
+    return parser
+
+
+def test_every_option_has_help_text():
+    for action in _parser()._actions:
+        assert action.help and action.help.strip(), action.option_strings
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--limit", "-5"], "--limit"),
+    (["--limit", "0"], "--limit"),
+    (["--limit", "99"], "--limit"),
+    (["--encoder-epochs", "0"], "--encoder-epochs"),
+    (["--field-epochs", "0"], "--field-epochs"),
+    (["--seeds", "0", "-1"], "--seeds"),
+    (["--seeds", "1", "1"], "--seeds"),
+    (["--data-dir", "."], "--data-dir"),  # digits read no folder
+    (["--dataset", "cifar10"], "--data-dir"),  # cifar10 needs one
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
+    (["--dataset", "cifar10-subset", "--data-dir", "/nonexistent/subset.npz"], "--data-dir"),
+    (["--device", "tpu"], "--device"),
+    (["--out", __file__], "--out"),  # an existing file, not a folder
+])
+def test_bad_settings_are_rejected_before_any_work(argv, option, monkeypatch, tmp_path):
+    def no_work(*a, **k):
+        raise AssertionError("validation must come before any work")
+
+    monkeypatch.setattr("poissonflow.data.load_dataset", no_work)
+    monkeypatch.setattr(experiment, "run_seed", no_work)
+    if "--out" not in argv:
+        argv = argv + ["--out", str(tmp_path / "out")]
+    args = _parser().parse_args(argv)
+    with pytest.raises(experiment.ConfigError) as err:
+        experiment.main(args)
+    assert isinstance(err.value, ValueError) and err.value.option == option
+    assert str(err.value).startswith(f"argument {option}: ")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_data_folder(tmp_path):
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        if os.access(folder, os.R_OK):
+            pytest.skip("running as a user that can read any folder (root)")
+        cfg = ExperimentConfig(dataset="cifar10", data_dir=str(folder), out_dir=str(tmp_path))
+        with pytest.raises(experiment.ConfigError, match="--data-dir: .* is not readable"):
+            experiment.validate_config(cfg)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_good_settings_pass_validation(tmp_path):
+    cfg = experiment.config_from_args(_parser().parse_args(
+        ["--limit", str(experiment.MIN_LIMIT), "--seeds", "0", "3", "--encoder-epochs", "1",
+         "--out", str(tmp_path / "new" / "folder")]))
+    experiment.validate_config(cfg)
+    assert cfg.seeds == (0, 3) and cfg.limit == experiment.MIN_LIMIT
+
+
+# --------------------------------------------------------------------------- report input
+
+
+@pytest.mark.parametrize("content, words", [
+    ("not json at all", "is not JSON"),
+    ("[1, 2, 3]", "holds a list"),
+    ('{"config": {}}', "lacks dataset, per_seed, summary"),
+    ('{"config": {}, "dataset": {"name": "d", "n_train": 1, "n_test": 1}, "per_seed": [],'
+     ' "summary": {}}', "per_seed"),
+])
+def test_report_refuses_a_file_that_is_not_results(tmp_path, content, words):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="not an experiment results.json") as err:
+        report.rerender(path)
+    assert words in str(err.value)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        report.load_results(path)
+    with pytest.raises(ValueError, match="is a folder"):
+        report.load_results(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        report.load_results(tmp_path / "missing.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # nothing written
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match="needs matplotlib.*pip install matplotlib"):
+        report.plot_sweep([[_point("exact field", 1.0, 0.5, 1.0)]], "unused.png", "t")
+
+
+_RUNTIME_ONLY = """
+import sys
+
+# the test, bench and triton extras: the main job must not need them (scipy, also a test
+# extra, stays: scikit-learn depends on it). A None entry makes `import` fail and
+# importlib.util.find_spec report the module absent, as if it were not installed.
+for name in ("hypothesis", "pytest", "pytest_benchmark", "pykeops", "triton"):
+    sys.modules[name] = None
+import numpy as np
+from poissonflow import experiment, report
+rng = np.random.default_rng(0)
+x = rng.standard_normal((120, 8)); x /= np.linalg.norm(x, axis=1, keepdims=True)
+y = np.arange(120) % 3
+feats = experiment.Features(x[:90].astype(np.float32), x[90:].astype(np.float32), ())
+run = experiment.RunSettings(seed=0, field_epochs=1)
+graph = experiment.row_graph(feats, (y[:90], y[90:]), run)
+experiment.evaluate_rows(graph, ["scale control", "flow: exact field"])
+point = {"curve": "c", "knob": "k", "value": 1.0, "fraction": 1.0, "test_accuracy": 0.5,
+         "wasserstein_uniformity": 1.0, "uniform_loss": -1.0}
+report.plot_sweep([[point]], sys.argv[1], "t")
+print("ok")
+"""
+
+
+def test_the_main_job_needs_only_runtime_dependencies(tmp_path):
+    """Rows, learned field, flow, probes and the plot with the test extras made unimportable
+    (run outside the source tree, which would shadow the install)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RUNTIME_ONLY, str(tmp_path / "p.png")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok"
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -5,11 +5,11 @@
 
 namespace poissonflow {
 
-#define PF_DECLARE_ISA(ns)                 \
-  namespace ns {                           \
-  int field_forward(const FieldArgs& a);   \
-  int field_backward(const FieldBackwardArgs& b); \
-  int flow_steps(const FlowArgs& f);       \
+#define PF_DECLARE_ISA(ns)                \
+  namespace ns {                          \
+  int field_forward(const FieldArgs& a);  \
+  int field_backward(const FieldArgs& a); \
+  int flow_steps(const FieldArgs& a);     \
   }
 
 PF_DECLARE_ISA(isa_generic)
@@ -26,8 +26,8 @@ struct KernelTable {
   const char* name;
   bool (*supported)();
   int (*field_forward)(const FieldArgs&);
-  int (*field_backward)(const FieldBackwardArgs&);
-  int (*flow_steps)(const FlowArgs&);
+  int (*field_backward)(const FieldArgs&);
+  int (*flow_steps)(const FieldArgs&);
 };
 
 bool always() { return true; }
@@ -79,10 +79,10 @@ std::vector<std::string> available_isas() {
 
 int field_forward(const FieldArgs& a, const std::string& isa) { return pick(isa).field_forward(a); }
 
-int field_backward(const FieldBackwardArgs& b, const std::string& isa) {
-  return pick(isa).field_backward(b);
+int field_backward(const FieldArgs& a, const std::string& isa) {
+  return pick(isa).field_backward(a);
 }
 
-int flow_steps(const FlowArgs& f, const std::string& isa) { return pick(isa).flow_steps(f); }
+int flow_steps(const FieldArgs& a, const std::string& isa) { return pick(isa).flow_steps(a); }
 
 }  // namespace poissonflow

@@ -1,12 +1,12 @@
-// Run-time choice among the per-ISA copies of the CPU kernels (declared here with shapes in
-// kernel_args.h). Every entry point returns 0 on success, non-zero if scratch could not be
+// Run-time choice among the per-ISA copies of the CPU kernels (their arguments, with shapes:
+// common/field_args.h). Every entry point returns 0 on success, non-zero if scratch could not be
 // allocated; inputs are validated in Python before any of these runs.
 #pragma once
 
 #include <string>
 #include <vector>
 
-#include "kernel_args.h"
+#include "common/field_args.h"
 
 namespace poissonflow {
 
@@ -15,7 +15,7 @@ std::vector<std::string> available_isas();
 
 // "auto" or one of available_isas(); throws std::invalid_argument otherwise.
 int field_forward(const FieldArgs& a, const std::string& isa);
-int field_backward(const FieldBackwardArgs& b, const std::string& isa);
-int flow_steps(const FlowArgs& f, const std::string& isa);
+int field_backward(const FieldArgs& a, const std::string& isa);
+int flow_steps(const FieldArgs& a, const std::string& isa);
 
 }  // namespace poissonflow

@@ -1,19 +1,22 @@
-// Backward pass of the field (formulas in docs/ARCHITECTURE.md), one fused sweep over
+// Backward pass of the field (docs/DESIGN.md section 2, "Gradients"), one fused sweep over
 // (query tile, charge tile) items that recomputes the softmax weights from the forward's
 // log-sum-exp (FlashAttention-2 style) and never stores an N x B quantity.
 //
 // Per item, with d = y - x formed once per (pair, dimension):
 //   A'  r2 (the forward's blocked sum, so pi is recomputed from bit-identical r2) and gd = g.(x-y)
-//   B'  pi = 2^(lw - (p/2) log2 r2 - lse2), gs = pi (gd - g.v + gl), c = p gs / r2,
-//       and for dL/dw: (pi / w) (gd - g.v + gl), lanes over charges, summed over the tile's rows
-//   C'  t = c d;  dx_i += sum_j t  (lanes over charges, reduced per item);
+//   B'  the shared per-pair term (common/field_numerics.h, pair_gradient): pi, a = p gs / r2 and
+//       (pi / w) h for dL/dw, lanes over charges, summed over the tile's rows
+//   C'  t = a d;  dx_i += sum_j t  (lanes over charges, reduced per item);
 //       dy_j -= sum_i (t + pi g_i)  (lanes over charges: no reduction needed)
 //
-// Determinism without atomics or per-thread partial copies: items run in anti-diagonal
-// wavefronts (item (i, j) after (i, j-1) and (i-1, j)), so every dx row is summed over charge
-// tiles in increasing j and every dy column over query tiles in increasing i, whatever the
-// number of threads. Memory: the packed charges, dy in the same packed layout, and per-thread
-// tiles: O((N + B) D).
+// Determinism without atomics (field_cpu.cpp, backward_impl): query tiles are split into a fixed
+// number of contiguous row groups that depends on the problem's sizes only; each group sums dy
+// and dw into its own partial buffers, one thread per group, and the partials are added in group
+// order at the end. When memory allows a single group, threads share it through a row pipeline
+// (row i adds to charge tile j only after row i - 1 has), which keeps the same summation order.
+// Either way every dx row is summed over charge tiles in increasing j and every dy column over
+// query tiles in increasing i, whatever the number of threads. Memory: the packed charges, dy in
+// the same packed layout (once per group), and per-thread tiles: O((N + B) D).
 #pragma once
 
 #include "field_tile.h"
@@ -170,8 +173,18 @@ static void backward_accumulate(BackwardScratch<T>& sc, const Packed<T>& pk, T* 
   }
 }
 
+// v with lane `lane` set to 0.
+template <typename T>
+static inline VecT<T> zero_lane(VecT<T> v, int lane) {
+  T lanes[VecTraits<T>::W];
+  vstore<T>(lanes, v);
+  lanes[lane] = (T)0;
+  return vload<T>(lanes);
+}
+
 // One item: query tile [i0, i0 + nq) (already loaded in sc) against charge tile j0.
-// Adds to accdx (lanes), dyT[:, tile] and gw[tile] (owned by this item during its wavefront).
+// Adds to accdx (lanes), dyT[:, tile] and gw[tile] (this row group's partials, which no other
+// thread touches meanwhile: see the header comment).
 template <typename T>
 static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j0, T half_p,
                           bool has_g, bool need_x, bool need_y, bool need_w, T* dyT, T* gwT,
@@ -193,44 +206,38 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j
         backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
     }
 
-  // Phase B'.
-  const V tiny = vbroadcast<T>(Limits<T>::kTiny);
+  // Phase B': the shared per-pair gradient term on a vector of charges.
   const T p = half_p * (T)2;
   for (int q = 0; q < QT; ++q) {
-    T* rrow = sc.R + (int64_t)q * CT;
-    T* grow = sc.G + (int64_t)q * CT;
+    const T* rrow = sc.R + (int64_t)q * CT;
+    const T* grow = sc.G + (int64_t)q * CT;
     T* prow = sc.P + (int64_t)q * CT;
     T* crow = sc.C + (int64_t)q * CT;
+    // Padding rows (q >= nq repeat the last query) and dead rows have no weight at all:
+    // lse2 = +inf makes every 2^(... - lse2) exactly 0.
     const bool live = q < nq && sc.lse2[q] < (T)INFINITY;
-    const T lse2 = sc.lse2[q];
+    const T lse2 = live ? sc.lse2[q] : (T)INFINITY;
     const T dl = sc.delta[q];
-    // The excluded charge of this row, if it is in this tile: its lane is multiplied by 0.
+    // The excluded charge of this row, if it is in this tile: its lane is replaced by zeros
+    // (a select: at an exact coincidence that lane holds inf).
     const int64_t e = sc.excl[q];
     const int ecol = (e >= j0 && e < j0 + ncharges) ? (int)(e - j0) : -1;
     for (int c = 0; c < nvec; ++c) {
-      const V r2raw = vload<T>(rrow + c * W);
-      const V r2 = vmax<T>(r2raw, tiny);
-      const V u = -half_p * vlog2<T>(r2) - lse2;  // log2 (pi / w)
-      const V lw = vload<T>(pk.lw + j0 + c * W);
-      V keep = vbroadcast<T>(live ? (T)1 : (T)0);
-      if (ecol >= 0 && ecol / W == c) {
-        T lanes[W];
-        for (int l = 0; l < W; ++l) lanes[l] = (T)1;
-        lanes[ecol % W] = (T)0;
-        keep = keep * vload<T>(lanes);
+      PairGrad<V> g = pair_gradient<VecMath<T>>(vload<T>(rrow + c * W), vload<T>(grow + c * W),
+                                                vload<T>(pk.lw + j0 + c * W), lse2, dl, p,
+                                                half_p, Limits<T>::kTiny);
+      const bool has_excluded = ecol >= 0 && ecol / W == c;
+      if (has_excluded) {
+        g.pi = zero_lane<T>(g.pi, ecol % W);
+        g.a = zero_lane<T>(g.a, ecol % W);
       }
-      V pi = vexp2<T>(lw + u) * keep;  // lw = kNoCharge (zero weight, padding): 2^-huge = 0
-      const V h = vload<T>(grow + c * W) - dl;  // gd - g.v + gl
-      // The clamp r2 >= tiny has zero derivative: no pull from a charge the query sits on.
-      V cc = p * pi * h / r2;
-      cc = r2raw < tiny ? V{} : cc;
-      vstore<T>(prow + c * W, pi);
-      vstore<T>(crow + c * W, cc);
+      vstore<T>(prow + c * W, g.pi);
+      vstore<T>(crow + c * W, g.a);
       if (need_w && live) {
-        // dL/dw_j gets (pi / w_j) h, finite also for w_j = 0; padding lanes (j >= B) are never
-        // read back.
-        const V piw = vexp2<T>(u) * keep;
-        vstore<T>(gwT + j0 + c * W, vload<T>(gwT + j0 + c * W) + piw * h);
+        // dL/dw_j gets (pi / w_j) h; padding lanes (j >= B) are never read back.
+        V pw = pair_weight_gradient<VecMath<T>>(g);
+        if (has_excluded) pw = zero_lane<T>(pw, ecol % W);
+        vstore<T>(gwT + j0 + c * W, vload<T>(gwT + j0 + c * W) + pw);
       }
     }
   }

@@ -5,7 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "kernel_args.h"
+#include "common/field_args.h"
 #include "field_backward.h"
 #include "field_tile.h"
 
@@ -16,8 +16,12 @@
 namespace poissonflow {
 namespace PF_ISA_NS {
 
-template <typename T>
-static int forward_impl(const FieldArgs& a) {
+// The charges packed once, then every query tile [i0, i0 + nq) handed to
+// body(sc, pk, half_p, i0, nq, xs, ks) on the OpenMP threads (dynamic: tiles cost the same, but
+// threads share the machine). xs and ks are two (QT, D) per-thread buffers, allocated only with
+// kFlowBuffers (the fused flow's state and slope combination).
+template <typename T, bool kFlowBuffers, class Body>
+static int sweep_query_tiles(const FieldArgs& a, Body&& body) {
   const TileShape<T> shape = tile_shape<T>(a.D);
   Packed<T> pk;
   if (!pk.allocate(a.B, a.D, shape.CT)) return 1;
@@ -29,26 +33,39 @@ static int forward_impl(const FieldArgs& a) {
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
   {
     TileScratch<T> sc;
-    if (!sc.allocate(shape, a.D)) {
+    const size_t flow_bytes = kFlowBuffers ? sizeof(T) * QT * a.D : 0;
+    T* xs = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
+    T* ks = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
+    if (!sc.allocate(shape, a.D) || (kFlowBuffers && (!xs || !ks))) {
       failed = 1;
     } else {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t i0 = t * QT;
         const int nq = (int)(a.N - i0 < QT ? a.N - i0 : QT);
-        load_query_tile<T>(sc, a, i0, nq);
-        field_tile<T>(sc, pk, half_p, nq);
-        T* v = (T*)a.v + i0 * a.D;
-        T* ls = (T*)a.log_scale + i0;
-        memcpy(v, sc.out_v, sizeof(T) * nq * a.D);
-        for (int q = 0; q < nq; ++q)
-          ls[q] = (T)((double)sc.out_lse[q] * 0.69314718055994530942 - pk.log_wsum);
+        body(sc, pk, half_p, i0, nq, xs, ks);
       }
     }
+    free(xs);
+    free(ks);
     sc.release();
   }
   pk.release();
   return failed;
+}
+
+template <typename T>
+static int forward_impl(const FieldArgs& a) {
+  return sweep_query_tiles<T, false>(a, [&](TileScratch<T>& sc, const Packed<T>& pk, T half_p,
+                                            int64_t i0, int nq, T*, T*) {
+    load_query_tile<T>(sc, a, i0, nq);
+    field_tile<T>(sc, pk, half_p, nq);
+    T* v = (T*)a.v + i0 * a.D;
+    T* ls = (T*)a.log_scale + i0;
+    memcpy(v, sc.out_v, sizeof(T) * nq * a.D);
+    for (int q = 0; q < nq; ++q)
+      ls[q] = (T)((double)sc.out_lse[q] * 0.69314718055994530942 - pk.log_wsum);
+  });
 }
 
 // Spins (then yields) until *flag > value; the acquire pairs with the release of the writer, so
@@ -60,13 +77,12 @@ static void wait_until_greater(const int64_t* flag, int64_t value) {
 
 // Loads query tile t for the backward pass: x, g, softening, exclusion, lse2 and g.v - gl.
 template <typename T>
-static void load_backward_tile(BackwardScratch<T>& sc, const FieldBackwardArgs& b,
+static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a,
                                double log_wsum, int64_t i0, int nq) {
-  const FieldArgs& a = b.fwd;
   const int64_t D = a.D;
   const T* x = (const T*)a.x;
-  const T* gv = (const T*)b.gv;
-  const T* gl = (const T*)b.gl;
+  const T* gv = (const T*)a.gv;
+  const T* gl = (const T*)a.gl;
   const T* v = (const T*)a.v;
   const T* ls = (const T*)a.log_scale;
   const T* e2r = (const T*)a.eps2_rows;
@@ -104,25 +120,24 @@ static int64_t backward_groups(int64_t I, int64_t D, int64_t Bp, bool need_y, bo
 // One thread's sweep of query tiles [r0, r1) against every charge tile. With `progress` (the
 // single-group fallback) row i adds to charge tile j only after row i - 1 has.
 template <typename T>
-static void backward_rows(BackwardScratch<T>& sc, const FieldBackwardArgs& b, const Packed<T>& pk,
+static void backward_rows(BackwardScratch<T>& sc, const FieldArgs& a, const Packed<T>& pk,
                           int64_t r0, int64_t r1, int64_t step, T* dyT, T* gwT,
                           int64_t* progress) {
-  const FieldArgs& a = b.fwd;
   const int64_t N = a.N, D = a.D;
   constexpr int W = VecTraits<T>::W;
   const int QT = sc.QT, CT = sc.CT;
   const int64_t J = (pk.Bp + CT - 1) / CT;
-  const bool need_x = b.gx != nullptr, need_y = b.gy != nullptr, need_w = b.gw != nullptr;
+  const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   const T half_p = (T)(0.5 * a.power);
-  T* gx = (T*)b.gx;
+  T* gx = (T*)a.gx;
   for (int64_t i = r0; i < r1; i += step) {
     const int64_t i0 = i * QT;
     const int nq = (int)(N - i0 < QT ? N - i0 : QT);
-    load_backward_tile<T>(sc, b, pk.log_wsum, i0, nq);
+    load_backward_tile<T>(sc, a, pk.log_wsum, i0, nq);
     if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
     for (int64_t j = 0; j < J; ++j) {
       if (progress && i > 0) wait_until_greater(&progress[i - 1], j);
-      backward_item<T>(sc, pk, j * CT, half_p, b.gv != nullptr, need_x, need_y, need_w, dyT,
+      backward_item<T>(sc, pk, j * CT, half_p, a.gv != nullptr, need_x, need_y, need_w, dyT,
                        gwT, nq);
       if (progress) __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
     }
@@ -134,10 +149,9 @@ static void backward_rows(BackwardScratch<T>& sc, const FieldBackwardArgs& b, co
 }
 
 template <typename T>
-static int backward_impl(const FieldBackwardArgs& b) {
-  const FieldArgs& a = b.fwd;
+static int backward_impl(const FieldArgs& a) {
   const int64_t N = a.N, D = a.D, B = a.B;
-  const bool need_x = b.gx != nullptr, need_y = b.gy != nullptr, need_w = b.gw != nullptr;
+  const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   const TileShape<T> shape = tile_shape<T>(D);
   Packed<T> pk;
   if (!pk.allocate(B, D, shape.CT)) return 1;
@@ -161,10 +175,15 @@ static int backward_impl(const FieldBackwardArgs& b) {
   if (dyT) memset(dyT, 0, sizeof(T) * (size_t)(copies * ny));
   if (gwT) memset(gwT, 0, sizeof(T) * (size_t)(copies * nw));
   for (int64_t i = 0; i < I; ++i) progress[i] = 0;
-  T* gx = (T*)b.gx;
+  T* gx = (T*)a.gx;
   if (need_x) {
-    if (b.gv) memcpy(gx, b.gv, sizeof(T) * (size_t)(N * D));
+    if (a.gv) memcpy(gx, a.gv, sizeof(T) * (size_t)(N * D));
     else memset(gx, 0, sizeof(T) * (size_t)(N * D));
+    // A row no charge reaches has v = 0 whatever x is, so its dL/dx is 0 (the g_v term above
+    // comes from v = x - sum pi y with sum pi = 1, which does not hold there).
+    const T* ls = (const T*)a.log_scale;
+    for (int64_t i = 0; i < N; ++i)
+      if (ls[i] == -(T)INFINITY) memset(gx + i * D, 0, sizeof(T) * (size_t)D);
   }
   int failed = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
@@ -182,11 +201,11 @@ static int backward_impl(const FieldBackwardArgs& b) {
       for (int64_t g = 0; g < G; ++g) {
         if (!ok) continue;
         const int64_t r0 = g * I / G, r1 = (g + 1) * I / G;
-        backward_rows<T>(sc, b, pk, r0, r1, 1, dyT ? dyT + (partials ? g * ny : 0) : nullptr,
+        backward_rows<T>(sc, a, pk, r0, r1, 1, dyT ? dyT + (partials ? g * ny : 0) : nullptr,
                          gwT ? gwT + (partials ? g * nw : 0) : nullptr, nullptr);
       }
     } else if (ok) {
-      backward_rows<T>(sc, b, pk, tid, I, nth, dyT, gwT, progress);
+      backward_rows<T>(sc, a, pk, tid, I, nth, dyT, gwT, progress);
     } else {
       // keep the pipeline moving for the other threads: mark this thread's rows as done
       for (int64_t i = tid; i < I; i += nth) __atomic_store_n(&progress[i], (int64_t)1 << 62,
@@ -206,7 +225,7 @@ static int backward_impl(const FieldBackwardArgs& b) {
       for (int64_t g = 1; g < G; ++g) gwT[e] += gwT[g * nw + e];
   }
   if (need_y) {
-    T* gy = (T*)b.gy;
+    T* gy = (T*)a.gy;
 #pragma omp parallel for schedule(static) num_threads(a.num_threads)
     for (int64_t j = 0; j < B; ++j)
       for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[pk.index(k, j)];
@@ -214,10 +233,10 @@ static int backward_impl(const FieldBackwardArgs& b) {
   if (need_w) {
     // dL/dw_j = sum_i (pi_ij / w_j) h_ij - sum_i gl_i / sum_k w_k
     double glsum = 0.0;
-    if (b.gl)
-      for (int64_t i = 0; i < N; ++i) glsum += (double)((const T*)b.gl)[i];
+    if (a.gl)
+      for (int64_t i = 0; i < N; ++i) glsum += (double)((const T*)a.gl)[i];
     const double corr = glsum / exp(pk.log_wsum);
-    T* gw = (T*)b.gw;
+    T* gw = (T*)a.gw;
     for (int64_t j = 0; j < B; ++j) gw[j] = (T)((double)gwT[j] - corr);
   }
   free(dyT);
@@ -226,17 +245,18 @@ static int backward_impl(const FieldBackwardArgs& b) {
   return failed;
 }
 
-int field_backward(const FieldBackwardArgs& b) {
-  return b.fwd.is_double ? backward_impl<double>(b) : backward_impl<float>(b);
+int field_backward(const FieldArgs& a) {
+  return a.is_double ? backward_impl<double>(a) : backward_impl<float>(a);
 }
 
 // Whole trajectories of one tile of queries: every step and every RK4 stage runs here, so the
 // state is read from memory once and written once (queries never interact: the charges are
-// fixed). Each stage is one field_tile call with the stage's heights as softening.
+// fixed). Each stage is one field_tile call with the stage's heights as softening; the tableau,
+// the heights and the updates are common/field_numerics.h's (shared with the CUDA kernels).
+// xs holds the state, ks the running slope combination, sc.xt the next stage's input.
 template <typename T>
-static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FlowArgs& f, T half_p,
+static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FieldArgs& a, T half_p,
                       int64_t i0, int nq, T* xs, T* ks) {
-  const FieldArgs& a = f.field;
   const int QT = sc.QT;
   const int64_t D = a.D;
   const T* x = (const T*)a.x;
@@ -246,96 +266,49 @@ static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FlowArgs& f
     sc.excl[q] = (a.exclude && q < nq) ? a.exclude[i] : -1;
   }
   auto row = [&](int q) { return i0 + (q < nq ? q : nq - 1); };
-  auto set_heights = [&](double frac, int64_t step) {
+  auto set_heights = [&](double c, int64_t step) {
     for (int q = 0; q < QT; ++q) {
       const int64_t i = row(q);
-      const double t = f.t0[i] + ((double)step + frac) * f.dt[i];
-      sc.e2[q] = (T)exp(2.0 * t);
+      sc.e2[q] = (T)stage_height2(a.t0[i], a.dt[i], step, c);
     }
   };
+  typedef ScalarMath<T> SM;
   const int64_t n = (int64_t)QT * D;
-  for (int64_t step = 0; step < f.n_steps; ++step) {
-    if (f.solver == 0) {  // Euler: x += dt v(x, t)
-      memcpy(sc.xt, xs, sizeof(T) * n);
-      set_heights(0.0, step);
+  const int n_stages = a.solver == 1 ? kRk4Stages : 1;
+  for (int64_t step = 0; step < a.n_steps; ++step) {
+    memcpy(sc.xt, xs, sizeof(T) * n);  // the first stage's input is the state
+    for (int stage = 0; stage < n_stages; ++stage) {
+      set_heights(n_stages == 1 ? 0.0 : rk4_c(stage), step);
       field_tile<T>(sc, pk, half_p, QT);
       for (int q = 0; q < QT; ++q) {
-        const T h = (T)f.dt[row(q)];
-        for (int64_t k = 0; k < D; ++k) xs[q * D + k] += h * sc.out_v[q * D + k];
-      }
-      continue;
-    }
-    // Classic RK4: k1 at (x, t), k2 at (x + h/2 k1, t + h/2), k3 at (x + h/2 k2, t + h/2),
-    // k4 at (x + h k3, t + h); x += h/6 (k1 + 2 k2 + 2 k3 + k4).
-    static const double kNext[3] = {0.5, 0.5, 1.0};   // offset of the next stage's input
-    static const double kWeight[4] = {1.0, 2.0, 2.0, 1.0};
-    static const double kTime[4] = {0.0, 0.5, 0.5, 1.0};
-    memcpy(sc.xt, xs, sizeof(T) * n);
-    for (int stage = 0; stage < 4; ++stage) {
-      set_heights(kTime[stage], step);
-      field_tile<T>(sc, pk, half_p, QT);
-      for (int q = 0; q < QT; ++q) {
-        const T h = (T)f.dt[row(q)];
-        const T wgt = (T)kWeight[stage];
-        T* kq = ks + (int64_t)q * D;
+        const T h = (T)a.dt[row(q)];
         const T* vq = sc.out_v + (int64_t)q * D;
-        if (stage == 0)
-          for (int64_t k = 0; k < D; ++k) kq[k] = vq[k];
-        else
-          for (int64_t k = 0; k < D; ++k) kq[k] += wgt * vq[k];
-        if (stage < 3) {
-          const T off = (T)kNext[stage] * h;
-          const T* xq = xs + (int64_t)q * D;
-          T* xin = sc.xt + (int64_t)q * D;
-          for (int64_t k = 0; k < D; ++k) xin[k] = xq[k] + off * vq[k];
+        T* xq = xs + (int64_t)q * D;
+        if (n_stages == 1) {
+          for (int64_t k = 0; k < D; ++k) xq[k] = euler_update<SM>(xq[k], vq[k], h);
+          continue;
         }
+        T* kq = ks + (int64_t)q * D;
+        T* xin = sc.xt + (int64_t)q * D;
+        for (int64_t k = 0; k < D; ++k)
+          xin[k] = rk4_stage_update<SM>(stage, vq[k], h, xq[k], kq[k]);
       }
-    }
-    for (int q = 0; q < QT; ++q) {
-      const T h6 = (T)(f.dt[row(q)] / 6.0);
-      for (int64_t k = 0; k < D; ++k) xs[q * D + k] += h6 * ks[q * D + k];
     }
   }
-  T* out = (T*)f.x_out;
+  T* out = (T*)a.x_out;
   memcpy(out + i0 * D, xs, sizeof(T) * (size_t)nq * D);
 }
 
 template <typename T>
-static int flow_impl(const FlowArgs& f) {
-  const FieldArgs& a = f.field;
-  const TileShape<T> shape = tile_shape<T>(a.D);
-  Packed<T> pk;
-  if (!pk.allocate(a.B, a.D, shape.CT)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
-  const int QT = shape.QT;
-  const int64_t ntiles = (a.N + QT - 1) / QT;
-  const T half_p = (T)(0.5 * a.power);
-  int failed = 0;
-#pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
-  {
-    TileScratch<T> sc;
-    T* xs = (T*)aligned_buffer(sizeof(T) * QT * a.D);
-    T* ks = (T*)aligned_buffer(sizeof(T) * QT * a.D);
-    if (!sc.allocate(shape, a.D) || !xs || !ks) {
-      failed = 1;
-    } else {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t i0 = t * QT;
-        const int nq = (int)(a.N - i0 < QT ? a.N - i0 : QT);
-        flow_tile<T>(sc, pk, f, half_p, i0, nq, xs, ks);
-      }
-    }
-    free(xs);
-    free(ks);
-    sc.release();
-  }
-  pk.release();
-  return failed;
+static int flow_impl(const FieldArgs& a) {
+  return sweep_query_tiles<T, true>(a, [&](TileScratch<T>& sc, const Packed<T>& pk, T half_p,
+                                           int64_t i0, int nq, T* xs, T* ks) {
+    flow_tile<T>(sc, pk, a, half_p, i0, nq, xs, ks);
+  });
 }
 
-int flow_steps(const FlowArgs& f) {
-  return f.field.is_double ? flow_impl<double>(f) : flow_impl<float>(f);
+int flow_steps(const FieldArgs& a) {
+  return a.is_double ? flow_impl<double>(a) : flow_impl<float>(a);
 }
 
 int field_forward(const FieldArgs& a) {

@@ -10,9 +10,11 @@
 // Vectorising over charges rather than dimensions means no dimension padding, so D = 3 and
 // D = 129 run the same code without waste.
 //
-// Per charge tile (CT charges) the work is three phases:
-//   A  r2 by direct differences (never |x|^2 + |y|^2 - 2 x.y: DESIGN.md section 2), QB queries x
-//      CB charge vectors held in registers, then s = log2 w - (p/2) log2(max(r2 + eps2, tiny)).
+// Per charge tile (CT charges) the work is three phases (the formulas of scores, online softmax
+// and finalisation are common/field_numerics.h's, shared with the CUDA kernels):
+//   A  r2 by direct differences (never |x|^2 + |y|^2 - 2 x.y: docs/DESIGN.md section 2), QB
+//      queries x CB charge vectors held in registers, then s = log2 w - (p/2) log2(max(r2 +
+//      eps2, tiny)).
 //   B  online softmax in base 2 with a lazy maximum: the running max m moves only when a tile
 //      exceeds it by more than kTau, so p = 2^(s - m) <= 2^kTau and rescaling is rare.
 //   C  acc += p * (y - x), again by differences: x - mu would cancel catastrophically when a
@@ -24,32 +26,28 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "common/field_numerics.h"
 #include "simd.h"
 
 namespace poissonflow {
 namespace PF_ISA_NS {
 
-// Score of a padding lane or of a zero-weight charge: finite, so that no inf - inf appears.
+// The shared numerics (sentinels, floor, online softmax, pair gradient: common/field_numerics.h,
+// docs/DESIGN.md section 2) evaluated on SIMD vectors of charges: the math policy they are
+// instantiated with here. fma is a * b + c: -ffp-contract=fast makes it one instruction where
+// the ISA has FMA, and the generic copy gets a multiply and an add instead of a libm call.
 template <typename T>
-struct Limits;
-template <>
-struct Limits<float> {
-  static constexpr float kNoCharge = -1e30f;
-  static constexpr float kTiny = 1.17549435e-38f;  // smallest normal: floor of r2
+struct VecMath {
+  typedef T S;
+  typedef VecT<T> V;
+  static inline V exp2(V a) { return vexp2<T>(a); }
+  static inline V log2(V a) { return vlog2<T>(a); }
+  static inline V fma(V a, V b, V c) { return a * b + c; }
+  static inline V max(V a, V b) { return vmax<T>(a, b); }
+  template <class Mask>
+  static inline V select(Mask m, V a, V b) { return m ? a : b; }
+  static inline V splat(T a) { return vbroadcast<T>(a); }
 };
-template <>
-struct Limits<double> {
-  static constexpr double kNoCharge = -1e300;
-  static constexpr double kTiny = 2.2250738585072014e-308;
-};
-
-// Running maxima below this are "no real charge seen yet".
-template <typename T>
-static inline bool is_real_score(T s) {
-  return s > Limits<T>::kNoCharge * (T)0.5;
-}
-
-constexpr int kTau = 8;  // lazy-rescale threshold in log2 units
 
 // Tile geometry for this ISA and element type.
 template <typename T>
@@ -127,7 +125,7 @@ static void pack_charges(const T* y, const T* w, Packed<T>& pk, int num_threads)
   for (int64_t j = 0; j < B; ++j) {
     double wj = w ? (double)w[j] : 1.0;
     wsum += wj;
-    pk.lw[j] = wj > 0.0 ? (T)log2(wj) : Limits<T>::kNoCharge;
+    pk.lw[j] = log2_weight<ScalarMath<T>>((T)wj);
   }
   for (int64_t j = B; j < Bp; ++j) pk.lw[j] = Limits<T>::kNoCharge;
   pk.log_wsum = log(wsum);
@@ -250,14 +248,11 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, c
   const T* xq[QB];
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
   distance_block<T, QB, CB, false>(xq, xq, ytile + col, ld, D, acc, unused);
-  const V tiny = vbroadcast<T>(Limits<T>::kTiny);
   for (int c = 0; c < CB; ++c) {
     const V lw = vload<T>(pk.lw + j + c * W);
     for (int q = 0; q < QB; ++q) {
-      V r2 = vmax<T>(acc[q][c] + sc.e2[q0 + q], tiny);
-      V s = lw - half_p * vlog2<T>(r2);
-      // padding and zero-weight lanes (lw = kNoCharge) keep exactly kNoCharge
-      s = lw > (T)(Limits<T>::kNoCharge * (T)0.5) ? s : vbroadcast<T>(Limits<T>::kNoCharge);
+      const V s = pair_score<VecMath<T>>(acc[q][c] + sc.e2[q0 + q], lw, half_p,
+                                         Limits<T>::kTiny);
       vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
     }
   }
@@ -341,25 +336,23 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
       T* srow = sc.S + (int64_t)q * CT;
       V mx = vload<T>(srow);
       for (int c = 1; c < nvec; ++c) mx = vmax<T>(mx, vload<T>(srow + c * W));
-      const T tmax = vhmax<T>(mx);
-      T m = sc.m[q];
-      if (is_real_score(tmax) && (!is_real_score(m) || tmax > m + (T)kTau)) {
-        if (is_real_score(m)) {
-          const T alpha = (T)exp2((double)(m - tmax));
-          T* a = sc.acc + (int64_t)q * D * W;
-          for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
-          vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
-        }
-        m = tmax;
-        sc.m[q] = m;
+      const T m_before = sc.m[q];
+      T m = m_before;
+      const T alpha = online_max_update<ScalarMath<T>>(m, vhmax<T>(mx));
+      // The first real charge of a row finds its accumulators still zero: nothing to rescale.
+      if (alpha != (T)1 && is_real_score(m_before)) {
+        T* a = sc.acc + (int64_t)q * D * W;
+        for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
+        vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
       }
+      sc.m[q] = m;
       if (!is_real_score(m)) {
         for (int c = 0; c < nvec; ++c) vstore<T>(srow + c * W, V{});
         continue;
       }
       V l = vload<T>(sc.lvec + (int64_t)q * W);
       for (int c = 0; c < nvec; ++c) {
-        V p = vexp2<T>(vload<T>(srow + c * W) - m);
+        const V p = online_weight<VecMath<T>>(vload<T>(srow + c * W), m);
         vstore<T>(srow + c * W, p);
         l += p;
       }
@@ -377,20 +370,15 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
                                              (int)(D - k0));
   }
 
-  // Finalise: v = x - mu = -sum p (y - x) / sum p; lse = m + log2(sum p).
+  // Finalise: v = x - mu = -sum p (y - x) / sum p; lse = m + log2(sum p). A dead row (no
+  // charge reaches it: all weights zero or its only charge excluded) has no field.
   for (int q = 0; q < nq; ++q) {
     const T l = vhsum<T>(vload<T>(sc.lvec + (int64_t)q * W));
+    const bool dead = row_is_dead(sc.m[q], l);
     T* vq = sc.out_v + (int64_t)q * D;
-    if (!(l > (T)0) || !is_real_score(sc.m[q])) {
-      // No charge reaches this query (all weights zero or its only charge excluded): no field.
-      for (int64_t k = 0; k < D; ++k) vq[k] = (T)0;
-      sc.out_lse[q] = (T)-INFINITY;
-      continue;
-    }
-    const T inv = (T)1 / l;
     const T* a = sc.acc + (int64_t)q * D * W;
-    for (int64_t k = 0; k < D; ++k) vq[k] = -vhsum<T>(vload<T>(a + k * W)) * inv;
-    sc.out_lse[q] = (T)((double)sc.m[q] + log2((double)l));
+    for (int64_t k = 0; k < D; ++k) vq[k] = field_from_acc(vhsum<T>(vload<T>(a + k * W)), l, dead);
+    sc.out_lse[q] = row_lse2(sc.m[q], l, dead);
   }
 }
 

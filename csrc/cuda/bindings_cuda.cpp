@@ -1,6 +1,8 @@
 // pybind11 module poissonflow._cuda: the CUDA kernels behind raw addresses, sizes and a stream
-// handle (no libtorch, no CUDA header here: see launch.h). poissonflow/_cuda_backend.py owns
-// every buffer and validates every tensor; this layer only converts arguments and errors.
+// handle (no libtorch, no CUDA header here: see launch.h). launch() takes the fields of
+// LaunchArgs (common/field_args.h) as keyword arguments, the binding style of poissonflow._C too.
+// poissonflow/_cuda_backend.py owns every buffer and validates every tensor; this layer only
+// converts arguments and errors.
 // Importing the module does not touch the GPU (the CUDA runtime is linked statically and starts
 // on the first call), so it imports on machines without a driver.
 #include <pybind11/pybind11.h>
@@ -12,52 +14,13 @@
 #include <string>
 
 #include "block_plan.h"
+#include "common/bind_args.h"
 #include "launch.h"
 
 namespace py = pybind11;
 using namespace poissonflow::cuda;
 
 namespace {
-
-// LaunchArgs fields by name (the keys poissonflow/_cuda_backend.py passes).
-LaunchArgs args_from_dict(const py::dict& d) {
-  LaunchArgs a;
-  struct U64 { const char* name; uint64_t LaunchArgs::*field; };
-  struct I64 { const char* name; int64_t LaunchArgs::*field; };
-  struct F64 { const char* name; double LaunchArgs::*field; };
-  struct I32 { const char* name; int32_t LaunchArgs::*field; };
-  static const U64 u64[] = {
-      {"x", &LaunchArgs::x},         {"y", &LaunchArgs::y},         {"w", &LaunchArgs::w},
-      {"exclude", &LaunchArgs::exclude}, {"eps_rows", &LaunchArgs::eps_rows},
-      {"v", &LaunchArgs::v},         {"lse2", &LaunchArgs::lse2},   {"gv", &LaunchArgs::gv},
-      {"lse2_in", &LaunchArgs::lse2_in}, {"delta", &LaunchArgs::delta}, {"gl", &LaunchArgs::gl},
-      {"gx", &LaunchArgs::gx},       {"gy", &LaunchArgs::gy},       {"gwsum", &LaunchArgs::gwsum},
-      {"t0", &LaunchArgs::t0},       {"dt", &LaunchArgs::dt},       {"comb", &LaunchArgs::comb},
-      {"stream", &LaunchArgs::stream}};
-  static const I64 i64[] = {{"N", &LaunchArgs::N},   {"B", &LaunchArgs::B},
-                            {"D", &LaunchArgs::D},   {"ld", &LaunchArgs::ld},
-                            {"n_steps", &LaunchArgs::n_steps},
-                            {"max_window", &LaunchArgs::max_window}};
-  static const F64 f64[] = {{"eps2", &LaunchArgs::eps2}, {"power", &LaunchArgs::power},
-                            {"tiny", &LaunchArgs::tiny}};
-  static const I32 i32[] = {{"mode", &LaunchArgs::mode}, {"is_double", &LaunchArgs::is_double},
-                            {"solver", &LaunchArgs::solver}, {"device", &LaunchArgs::device}};
-  size_t used = 0;
-  for (const auto& f : u64)
-    if (d.contains(f.name)) { a.*(f.field) = d[f.name].cast<uint64_t>(); ++used; }
-  for (const auto& f : i64)
-    if (d.contains(f.name)) { a.*(f.field) = d[f.name].cast<int64_t>(); ++used; }
-  for (const auto& f : f64)
-    if (d.contains(f.name)) { a.*(f.field) = d[f.name].cast<double>(); ++used; }
-  for (const auto& f : i32)
-    if (d.contains(f.name)) { a.*(f.field) = d[f.name].cast<int32_t>(); ++used; }
-  if (used != d.size()) {
-    std::string names;
-    for (auto item : d) names += " " + item.first.cast<std::string>();
-    throw std::invalid_argument("poissonflow._cuda.launch: unknown argument among:" + names);
-  }
-  return a;
-}
 
 py::dict plan_dict(const Plan& p) {
   py::dict d;
@@ -80,14 +43,17 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def(
       "launch",
-      [](const py::dict& d) {
-        const LaunchArgs a = args_from_dict(d);
+      [](const py::kwargs& kw) {
+        const LaunchArgs a = poissonflow::bind::args_from_kwargs<LaunchArgs>(kw, "launch");
         py::gil_scoped_release release;
         launch(a);
       },
-      py::arg("args"),
-      "Enqueue one kernel (asynchronous) on args['stream']; the keys are the LaunchArgs fields "
-      "of csrc/cuda/block_plan.h. Raises RuntimeError with the CUDA error string on failure.");
+      "Enqueue one kernel (asynchronous) on the given stream; keywords: the LaunchArgs fields "
+      "(arg_names()). Raises RuntimeError with the CUDA error string on failure.");
+  m.def("arg_names", &poissonflow::bind::field_names<LaunchArgs>,
+        "The keyword arguments of launch() (LaunchArgs fields, csrc/common/field_args.h).");
+  m.def("numerics", &poissonflow::bind::numerics_dict,
+        "The kernels' numerical constants (sentinels, r2 floors, kTau, RK4 tableau) by name.");
 
   m.def(
       "plan",

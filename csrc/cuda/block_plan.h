@@ -25,6 +25,9 @@
 
 #include <string>
 
+#include "common/field_args.h"
+#include "common/field_numerics.h"
+
 namespace poissonflow {
 namespace cuda {
 
@@ -46,10 +49,11 @@ struct Geo {
   static constexpr int kLdp = BR + kVec;              // coefficient tile row stride: odd packs
 };
 
-// Per-row scalars kept in shared memory (own rows: BR entries each, other rows: BO).
-enum OwnRow : int { kRowM = 0, kRowL, kRowAlpha, kRowE2, kRowLse2, kRowDelta, kRowGl, kRowLw,
-                    kRowDw, kRowT0, kRowDt, kOwnRowArrays };
-enum OtherRow : int { kOthLw = 0, kOthE2, kOthLse2, kOthDelta, kOthGl, kOtherRowArrays };
+// Per-row scalars kept in shared memory (own rows: BR entries each, other rows: BO). kRowDelta /
+// kOthDelta hold a query's g_v . v - g_l (the backward's per-row part of h_ij).
+enum OwnRow : int { kRowM = 0, kRowL, kRowAlpha, kRowE2, kRowLse2, kRowDelta, kRowLw, kRowDw,
+                    kRowDt, kOwnRowArrays };
+enum OtherRow : int { kOthLw = 0, kOthE2, kOthLse2, kOthDelta, kOtherRowArrays };
 
 // Everything a kernel needs to know about the geometry of one call; passed by value.
 struct Plan {
@@ -152,22 +156,7 @@ inline bool make_plan(int mode, bool is_double, int64_t D, int64_t smem_limit, i
                    : make_plan_t<float>(mode, D, smem_limit, max_window, p, err);
 }
 
-// Arguments of one launch, by address. The Python layer allocates every buffer: rows of x, y,
-// gv, v are in the compute type (float32 or float64) with a row stride `ld` (a multiple of 16
-// bytes, zero-filled past D). Addresses of 0 mean "absent".
-struct LaunchArgs {
-  uint64_t x = 0, y = 0, w = 0, exclude = 0, eps_rows = 0;
-  uint64_t v = 0, lse2 = 0;                      // forward outputs (log2-sum-exp per row)
-  uint64_t gv = 0, lse2_in = 0, delta = 0, gl = 0;  // backward inputs
-  uint64_t gx = 0, gy = 0, gwsum = 0;            // backward outputs (gwsum = sum_i gs_ij / w_j)
-  uint64_t t0 = 0, dt = 0, comb = 0;             // flow; x is the in/out state
-  int64_t N = 0, B = 0, D = 0, ld = 0;
-  int64_t n_steps = 0;
-  int64_t max_window = 0;                        // 0: as wide as registers allow
-  double eps2 = 0.0, power = 0.0, tiny = 0.0;
-  int32_t mode = 0, is_double = 0, solver = 0, device = 0;
-  uint64_t stream = 0;
-};
+// The arguments of one launch (LaunchArgs) are declared in common/field_args.h.
 
 // Checks that do not need the data: sizes, strides, required buffers. Empty string when fine.
 inline std::string check_launch_args(const LaunchArgs& a) {
@@ -175,6 +164,11 @@ inline std::string check_launch_args(const LaunchArgs& a) {
   if (a.N < 0 || a.B < 1 || a.D < 1) return "need N >= 0, B >= 1, D >= 1";
   if (a.ld < a.D || a.ld % vec != 0) return "row stride ld must be >= D and a multiple of 16 bytes";
   if (!a.x || !a.y) return "x and y are required";
+  if (!numerics::valid_input_dtype(a.input_dtype))
+    return "input_dtype must be a numerics::InputDtype code (0 float32, 1 float64, 2 float16, "
+           "3 bfloat16)";
+  if ((a.input_dtype == numerics::kInputFloat64) != (a.is_double != 0))
+    return "input_dtype float64 is computed in double, every other input dtype in float";
   const uint64_t align_mask = 15;
   const uint64_t rows[] = {a.x, a.y, a.v, a.gv, a.gx, a.gy, a.comb};
   for (uint64_t r : rows)

@@ -14,7 +14,18 @@
 // therefore go through shared memory in a fixed order, which also makes results bit-identical
 // from run to run.
 //
-// Geometry and the shared-memory layout: block_plan.h. Arithmetic: field_math.cuh.
+// Geometry and the shared-memory layout: block_plan.h. Arithmetic: field_math.cuh on top of
+// common/field_numerics.h (the formulas shared with the CPU kernels).
+//
+// The program, one function per phase (run_block at the end puts them together):
+//   init_block     own rows' scalars, own tiles, zero accumulators
+//   sweep          for every tile of other rows:
+//     distances      phase A over D in window-sized chunks (phase_a: one loop for every mode)
+//     softmax_tile   forward/flow: scores, lazy online-softmax update, probabilities, phase C
+//     gradient_tile  backward: pair gradient terms, dL/dw partial sums, phase C
+//   write_outputs  v and lse2, dL/dx, or dL/dy and sum_i gs / w
+//   flow_block     the fused flow: one sweep per step and stage, Euler / RK4 update epilogue
+// Each mode is a compile-time parameter (ModeTraits), so every inner loop stays straight-line.
 #pragma once
 
 #include <stdint.h>
@@ -43,8 +54,8 @@ struct Params {
   T* gx;
   T* gy;
   T* gwsum;
-  const T* t0;
-  const T* dt;
+  const double* t0;  // flow times in float64, as on the CPU (t0 + step dt keeps its bits)
+  const double* dt;
   T* comb;
   T* state;
   int64_t N, B, D, ld, n_steps;
@@ -69,8 +80,8 @@ inline Params<T> typed_params(const LaunchArgs& a) {
   p.gx = (T*)a.gx;
   p.gy = (T*)a.gy;
   p.gwsum = (T*)a.gwsum;
-  p.t0 = (const T*)a.t0;
-  p.dt = (const T*)a.dt;
+  p.t0 = (const double*)a.t0;
+  p.dt = (const double*)a.dt;
   p.comb = (T*)a.comb;
   p.state = (T*)a.x;
   p.N = a.N;
@@ -81,7 +92,7 @@ inline Params<T> typed_params(const LaunchArgs& a) {
   p.eps2 = (T)a.eps2;
   p.power = (T)a.power;
   p.half_p = (T)(0.5 * a.power);
-  p.tiny = (T)a.tiny;
+  p.tiny = (T)numerics::r2_floor(a.input_dtype);  // the input dtype's floor (field_numerics.h)
   p.solver = a.solver;
   return p;
 }
@@ -198,65 +209,54 @@ PF_DEV void stage_rows(int tid, T* dst, const T* src, int64_t row0, int nvalid, 
   }
 }
 
-// Phase A over one staged chunk of `klen` dimensions: r2 (and g . (x - y)) by differences.
-// M == kBackwardY has own = charges, other = queries: its difference is other - own = x - y.
+// What each mode's block program does, decided at compile time.
+template <int M>
+struct ModeTraits {
+  static constexpr bool kOwnIsQuery = M != kBackwardY;  // dL/dy: own rows are the charges
+  static constexpr bool kSoftmax = M == kForward || M == kFlow;
+  static constexpr bool kGrad = M == kBackwardX || M == kBackwardY;  // phase A sums g . (x - y)
+  static constexpr bool kGradOnOwn = M == kBackwardX;  // g rows are staged with the query side
+};
+
+// Phase A over one staged chunk of `klen` dimensions: r2 (and, in the backward, g . (x - y)) by
+// direct differences, AR x AO pairs per thread. The difference is always x - y, whichever side
+// the queries are on, so every mode forms bit-identical r2 (the backward recomputes pi from the
+// forward's log-sum-exp).
 template <typename T, int UPT, int M>
 PF_DEV void phase_a(int tid, const Tiles<T>& sm, int64_t klen, ThreadState<T, UPT>& ts) {
   typedef Geo<T> G;
+  typedef ModeTraits<M> MT;
   constexpr int V = G::kVec;
   constexpr int kOwnStride = (G::BR + 1) * V, kOthStride = (G::BO + 1) * V;
+  constexpr int kGRows = MT::kGradOnOwn ? G::AR : G::AO;
+  constexpr int kGStride = MT::kGradOnOwn ? kOwnStride : kOthStride;
   const int tr = tid / G::kLanes, to = tid % G::kLanes;
   const int packs = (int)(klen / V);
   const T* xp = pack_at<T, G::BR>(sm.own, tr, 0);
   const T* yp = pack_at<T, G::BO>(sm.other, to, 0);
-  const T* gp = M == kBackwardX ? pack_at<T, G::BR>(sm.g, tr, 0) : pack_at<T, G::BO>(sm.g, to, 0);
-  constexpr int kGStride = M == kBackwardX ? kOwnStride : kOthStride;
+  const T* gp = MT::kGradOnOwn ? pack_at<T, G::BR>(sm.g, tr, 0) : pack_at<T, G::BO>(sm.g, to, 0);
 #pragma unroll 2
   for (int p = 0; p < packs; ++p, xp += kOwnStride, yp += kOthStride, gp += kGStride) {
-    Pack<T> xo[G::AR], yo[G::AO];
+    Pack<T> xo[G::AR], yo[G::AO], go[kGRows];
 #pragma unroll
     for (int i = 0; i < G::AR; ++i) xo[i] = ld16(xp + G::kLanes * i * V);
 #pragma unroll
     for (int j = 0; j < G::AO; ++j) yo[j] = ld16(yp + G::kLanes * j * V);
-    if (M == kBackwardX) {
-      Pack<T> go[G::AR];
+    if constexpr (MT::kGrad) {
 #pragma unroll
-      for (int i = 0; i < G::AR; ++i) go[i] = ld16(gp + G::kLanes * i * V);
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-#pragma unroll
-        for (int i = 0; i < G::AR; ++i)
-#pragma unroll
-          for (int j = 0; j < G::AO; ++j) {
-            const T d = xo[i].v[e] - yo[j].v[e];
-            ts.ra[i][j] = pf_fma(d, d, ts.ra[i][j]);
-            ts.ga[i][j] = pf_fma(go[i].v[e], d, ts.ga[i][j]);
-          }
-    } else if (M == kBackwardY) {
-      Pack<T> go[G::AO];
-#pragma unroll
-      for (int j = 0; j < G::AO; ++j) go[j] = ld16(gp + G::kLanes * j * V);
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-#pragma unroll
-        for (int i = 0; i < G::AR; ++i)
-#pragma unroll
-          for (int j = 0; j < G::AO; ++j) {
-            const T d = yo[j].v[e] - xo[i].v[e];
-            ts.ra[i][j] = pf_fma(d, d, ts.ra[i][j]);
-            ts.ga[i][j] = pf_fma(go[j].v[e], d, ts.ga[i][j]);
-          }
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e)
-#pragma unroll
-        for (int i = 0; i < G::AR; ++i)
-#pragma unroll
-          for (int j = 0; j < G::AO; ++j) {
-            const T d = xo[i].v[e] - yo[j].v[e];
-            ts.ra[i][j] = pf_fma(d, d, ts.ra[i][j]);
-          }
+      for (int g = 0; g < kGRows; ++g) go[g] = ld16(gp + G::kLanes * g * V);
     }
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+#pragma unroll
+      for (int i = 0; i < G::AR; ++i)
+#pragma unroll
+        for (int j = 0; j < G::AO; ++j) {
+          const T d = MT::kOwnIsQuery ? xo[i].v[e] - yo[j].v[e] : yo[j].v[e] - xo[i].v[e];
+          ts.ra[i][j] = Math<T>::fma(d, d, ts.ra[i][j]);
+          if constexpr (MT::kGrad)
+            ts.ga[i][j] = Math<T>::fma(go[MT::kGradOnOwn ? i : j].v[e], d, ts.ga[i][j]);
+        }
   }
 }
 
@@ -273,7 +273,7 @@ PF_DEV void phase_c(int tid, const Tiles<T>& sm, int ncc, ThreadState<T, UPT>& t
     if (U < n_units) {
       const int r0 = (U / ncc) * G::TM;
       const int kc = (U % ncc) * G::TN;
-      if (M == kForward || M == kFlow) {
+      if constexpr (ModeTraits<M>::kSoftmax) {
         T alpha[G::TM];
         load_tm(&sm.ro(kRowAlpha, r0), alpha);
 #pragma unroll
@@ -297,15 +297,16 @@ PF_DEV void phase_c(int tid, const Tiles<T>& sm, int ncc, ThreadState<T, UPT>& t
         for (int i = 0; i < G::TM; ++i)
 #pragma unroll
           for (int j = 0; j < G::TN; ++j)
-            ts.acc[u][i][j] = pf_fma(pc[i], yc.v[j] - xw[i].v[j], ts.acc[u][i][j]);
-        if (M == kBackwardY) {
+            ts.acc[u][i][j] = Math<T>::fma(pc[i], yc.v[j] - xw[i].v[j], ts.acc[u][i][j]);
+        if constexpr (M == kBackwardY) {
           T pi[G::TM];
           load_tm(sm.coef2 + c * G::kLdp + r0, pi);
           const Pack<T> gc = ld16(gp + c * V);
 #pragma unroll
           for (int i = 0; i < G::TM; ++i)
 #pragma unroll
-            for (int j = 0; j < G::TN; ++j) ts.acc[u][i][j] = pf_fma(-pi[i], gc.v[j], ts.acc[u][i][j]);
+            for (int j = 0; j < G::TN; ++j)
+              ts.acc[u][i][j] = Math<T>::fma(-pi[i], gc.v[j], ts.acc[u][i][j]);
         }
       }
     }
@@ -325,7 +326,7 @@ PF_DEV void zero_acc(ThreadState<T, UPT>& ts) {
 // Per-query scalars of row q (q < N) or of a padding row.
 template <typename T>
 struct QueryRow {
-  T e2, lse2, delta, gl;
+  T e2, lse2, dl;  // dl = g_v . v - g_l
   int64_t excl;
 };
 
@@ -337,314 +338,296 @@ PF_DEV QueryRow<T> load_query_row(const Params<T>& P, int64_t q) {
     r.e2 = P.eps_rows ? e * e : P.eps2;
     r.excl = P.exclude ? P.exclude[q] : -1;
     r.lse2 = P.lse2_in ? P.lse2_in[q] : (T)0;
-    r.delta = P.delta ? P.delta[q] : (T)0;
-    r.gl = P.gl ? P.gl[q] : (T)0;
+    r.dl = (P.delta ? P.delta[q] : (T)0) - (P.gl ? P.gl[q] : (T)0);
   } else {
     r.e2 = (T)1;
     r.excl = -1;
     r.lse2 = (T)-INFINITY;  // a padding query has no field and no gradient
-    r.delta = (T)0;
-    r.gl = (T)0;
+    r.dl = (T)0;
   }
   return r;
 }
 
-// One block: own rows [bx * BR, ...), dimension window `by` of the plan.
-template <typename T, int UPT, int M, class Exec>
-PF_DEV void run_block(Exec& ex, const Params<T>& P, const Plan& pl, unsigned char* smem, int64_t bx,
-                      int64_t by) {
-  typedef Geo<T> G;
-  typedef ThreadState<T, UPT> TS;
-  const Tiles<T> sm(smem, pl);
-  constexpr int kLdp = G::kLdp;
-  constexpr bool own_is_query = M != kBackwardY;
-  const int64_t n_own = own_is_query ? P.N : P.B;
-  const int64_t n_oth = own_is_query ? P.B : P.N;
-  const int64_t own0 = bx * G::BR;
-  const int own_cnt = (int)(n_own - own0 < G::BR ? n_own - own0 : G::BR);
-  const T* own_src = own_is_query ? P.x : P.y;
-  const T* oth_src = own_is_query ? P.y : P.x;
-  const int64_t S = pl.splits, W = pl.window;
-  const int64_t w0 = by * W;
-  const int64_t wlen = pl.dv - w0 < W ? pl.dv - w0 : W;
-  const int ncc = (int)(wlen / G::TN);
-  auto st = ex.template states<TS>();
+// Where one block stands: own rows [own0, own0 + own_cnt) and dimension window `by`.
+template <typename T>
+struct BlockCtx {
+  Tiles<T> sm;
+  const Params<T>& P;
+  const Plan& pl;
+  int64_t n_oth, own0, S, W, w0, wlen, by;
+  int own_cnt, ncc;
+  const T* own_src;
+  const T* oth_src;
 
-  // Own rows and their scalars (staged once when the window is all of D).
+  template <int M>
+  PF_DEV static BlockCtx make(const Params<T>& P, const Plan& pl, unsigned char* smem, int64_t bx,
+                              int64_t by) {
+    typedef Geo<T> G;
+    constexpr bool q = ModeTraits<M>::kOwnIsQuery;
+    const int64_t n_own = q ? P.N : P.B;
+    const int64_t own0 = bx * G::BR;
+    const int64_t w0 = by * pl.window;
+    const int64_t wlen = pl.dv - w0 < pl.window ? pl.dv - w0 : pl.window;
+    return BlockCtx{Tiles<T>(smem, pl), P, pl, q ? P.B : P.N, own0, pl.splits, pl.window, w0,
+                    wlen, by, (int)(n_own - own0 < G::BR ? n_own - own0 : G::BR),
+                    (int)(wlen / G::TN), q ? P.x : P.y, q ? P.y : P.x};
+  }
+  // Length of dimension chunk ch (phase A stages D in window-sized chunks).
+  PF_DEV int64_t chunk_len(int64_t ch) const { return pl.dv - ch * W < W ? pl.dv - ch * W : W; }
+};
+
+// Own rows and their scalars, the own tiles when the window is all of D, zero accumulators.
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void init_block(Exec& ex, const BlockCtx<T>& c, States& st) {
+  typedef Geo<T> G;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
   ex.each([&](int t) {
     for (int r = t; r < G::BR; r += G::kThreads) {
-      const int64_t i = own0 + r;
+      const int64_t i = c.own0 + r;
       sm.ro(kRowM, r) = Limits<T>::kNoCharge;
       sm.ro(kRowL, r) = (T)0;
       sm.ro(kRowAlpha, r) = (T)1;
       sm.ro(kRowDw, r) = (T)0;
-      if (own_is_query) {
+      if constexpr (ModeTraits<M>::kOwnIsQuery) {
         const QueryRow<T> q = load_query_row(P, i);
         sm.ro(kRowE2, r) = q.e2;
         sm.ro(kRowLse2, r) = q.lse2;
-        sm.ro(kRowDelta, r) = q.delta;
-        sm.ro(kRowGl, r) = q.gl;
+        sm.ro(kRowDelta, r) = q.dl;
         sm.excl_own[r] = q.excl;
-        if (M == kFlow) {
-          sm.ro(kRowT0, r) = i < P.N ? P.t0[i] : (T)0;
-          sm.ro(kRowDt, r) = i < P.N ? P.dt[i] : (T)0;
+        if constexpr (M == kFlow) {
+          sm.ro(kRowDt, r) = i < P.N ? (T)P.dt[i] : (T)0;  // the step of the state updates
         }
       } else {
-        sm.ro(kRowLw, r) = i < P.B ? log2_weight(P.w, i) : Limits<T>::kNoCharge;
+        sm.ro(kRowLw, r) = i < P.B ? charge_log2_weight(P.w, i) : Limits<T>::kNoCharge;
         sm.excl_own[r] = -1;
       }
     }
-    if (S == 1) {
-      stage_rows<T, G::BR>(t, sm.own, own_src, own0, own_cnt, P.ld, 0, pl.dv);
-      if (M == kBackwardX) stage_rows<T, G::BR>(t, sm.g, P.gv, own0, own_cnt, P.ld, 0, pl.dv);
+    if (c.S == 1) {
+      stage_rows<T, G::BR>(t, sm.own, c.own_src, c.own0, c.own_cnt, P.ld, 0, c.pl.dv);
+      if (M == kBackwardX)
+        stage_rows<T, G::BR>(t, sm.g, P.gv, c.own0, c.own_cnt, P.ld, 0, c.pl.dv);
     }
     zero_acc(st(t));
   });
   ex.sync();
+}
 
-  // All other-row tiles: accumulate this block's window into the registers.
-  auto field_pass = [&]() {
-    for (int64_t o0 = 0; o0 < n_oth; o0 += G::BO) {
-      const int oth_cnt = (int)(n_oth - o0 < G::BO ? n_oth - o0 : G::BO);
-      for (int64_t ch = 0; ch < S; ++ch) {
-        ex.each([&](int t) {
-          if (ch == 0) {
-            for (int o = t; o < G::BO; o += G::kThreads) {
-              const int64_t j = o0 + o;
-              if (own_is_query) {
-                sm.rt(kOthLw, o) = j < P.B ? log2_weight(P.w, j) : Limits<T>::kNoCharge;
-              } else {
-                const QueryRow<T> q = load_query_row(P, j);
-                sm.rt(kOthE2, o) = q.e2;
-                sm.rt(kOthLse2, o) = q.lse2;
-                sm.rt(kOthDelta, o) = q.delta;
-                sm.rt(kOthGl, o) = q.gl;
-                sm.excl_oth[o] = q.excl;
-              }
-            }
-          }
-          const int64_t k0 = ch * W;
-          const int64_t klen = pl.dv - k0 < W ? pl.dv - k0 : W;
-          stage_rows<T, G::BO>(t, sm.other, oth_src, o0, oth_cnt, P.ld, k0, klen);
-          if (M == kBackwardY) stage_rows<T, G::BO>(t, sm.g, P.gv, o0, oth_cnt, P.ld, k0, klen);
-          if (S > 1) {
-            stage_rows<T, G::BR>(t, sm.own, own_src, own0, own_cnt, P.ld, k0, klen);
-            if (M == kBackwardX) stage_rows<T, G::BR>(t, sm.g, P.gv, own0, own_cnt, P.ld, k0, klen);
-          }
-        });
-        ex.sync();
-        ex.each([&](int t) {
-          TS& ts = st(t);
-          if (ch == 0) {
-#pragma unroll
-            for (int i = 0; i < G::AR; ++i)
-#pragma unroll
-              for (int j = 0; j < G::AO; ++j) ts.ra[i][j] = ts.ga[i][j] = (T)0;
-          }
-          const int64_t k0 = ch * W;
-          phase_a<T, UPT, M>(t, sm, pl.dv - k0 < W ? pl.dv - k0 : W, ts);
-        });
-        ex.sync();
-      }
-      if (S > 1 && by != S - 1) {  // phase C needs this block's window back in shared memory
-        ex.each([&](int t) {
-          stage_rows<T, G::BO>(t, sm.other, oth_src, o0, oth_cnt, P.ld, w0, wlen);
-          stage_rows<T, G::BR>(t, sm.own, own_src, own0, own_cnt, P.ld, w0, wlen);
-          if (M == kBackwardX) stage_rows<T, G::BR>(t, sm.g, P.gv, own0, own_cnt, P.ld, w0, wlen);
-          if (M == kBackwardY) stage_rows<T, G::BO>(t, sm.g, P.gv, o0, oth_cnt, P.ld, w0, wlen);
-        });
-        ex.sync();
-      }
-
-      if (M == kForward || M == kFlow) {
-        // Scores and each thread's partial row maxima.
-        ex.each([&](int t) {
-          TS& ts = st(t);
-          const int tr = t / G::kLanes, to = t % G::kLanes;
-#pragma unroll
-          for (int i = 0; i < G::AR; ++i) {
-            const int r = tr + G::kLanes * i;
-            const T e2 = sm.ro(kRowE2, r);
-            const int64_t ex_j = sm.excl_own[r];
-            T pm = Limits<T>::kNoCharge;
-#pragma unroll
-            for (int j = 0; j < G::AO; ++j) {
-              const int o = to + G::kLanes * j;
-              const bool valid = o < oth_cnt && ex_j != o0 + o;
-              ts.ra[i][j] = pair_score(ts.ra[i][j], e2, sm.rt(kOthLw, o), P.half_p, P.tiny, valid);
-              pm = pf_max(pm, ts.ra[i][j]);
-            }
-            sm.red[r * kRedStride + to] = pm;
-          }
-        });
-        ex.sync();
-        // Row maxima, lazy move of the running max.
-        ex.each([&](int t) {
-          for (int r = t; r < G::BR; r += G::kThreads) {
-            T tmax = sm.red[r * kRedStride];
-            for (int l = 1; l < G::kLanes; ++l) tmax = pf_max(tmax, sm.red[r * kRedStride + l]);
-            T m = sm.ro(kRowM, r);
-            sm.ro(kRowAlpha, r) = online_max_update(m, tmax);
-            sm.ro(kRowM, r) = m;
-          }
-        });
-        ex.sync();
-        // Probabilities into the coefficient tile, partial row sums.
-        ex.each([&](int t) {
-          TS& ts = st(t);
-          const int tr = t / G::kLanes, to = t % G::kLanes;
-#pragma unroll
-          for (int i = 0; i < G::AR; ++i) {
-            const int r = tr + G::kLanes * i;
-            const T m = sm.ro(kRowM, r);
-            T ps = (T)0;
-#pragma unroll
-            for (int j = 0; j < G::AO; ++j) {
-              const int o = to + G::kLanes * j;
-              const T p = online_weight(ts.ra[i][j], m);
-              sm.coef[o * kLdp + r] = p;
-              ps += p;
-            }
-            sm.red[r * kRedStride + to] = ps;
-          }
-        });
-        ex.sync();
-        ex.each([&](int t) {
-          for (int r = t; r < G::BR; r += G::kThreads) {
-            T s = (T)0;
-            for (int l = 0; l < G::kLanes; ++l) s += sm.red[r * kRedStride + l];
-            sm.ro(kRowL, r) = pf_fma(sm.ro(kRowL, r), sm.ro(kRowAlpha, r), s);
-          }
-          phase_c<T, UPT, M>(t, sm, ncc, st(t));
-        });
-        ex.sync();
-      } else {
-        // Backward: pi and a = p gs / r2 into the coefficient tiles; dL/dw partial sums.
-        ex.each([&](int t) {
-          TS& ts = st(t);
-          const int tr = t / G::kLanes, to = t % G::kLanes;
-#pragma unroll
-          for (int i = 0; i < G::AR; ++i) {
-            const int r = tr + G::kLanes * i;
-            T pws = (T)0;
-#pragma unroll
-            for (int j = 0; j < G::AO; ++j) {
-              const int o = to + G::kLanes * j;
-              PairGrad<T> pg;
-              if (M == kBackwardX) {
-                const bool valid = o < oth_cnt && sm.excl_own[r] != o0 + o;
-                pg = backward_pair(ts.ra[i][j], ts.ga[i][j], sm.ro(kRowE2, r), sm.rt(kOthLw, o),
-                                   sm.ro(kRowLse2, r), sm.ro(kRowDelta, r), sm.ro(kRowGl, r),
-                                   P.half_p, P.power, P.tiny, valid);
-              } else {
-                const bool valid = o < oth_cnt && r < own_cnt && sm.excl_oth[o] != own0 + r;
-                pg = backward_pair(ts.ra[i][j], ts.ga[i][j], sm.rt(kOthE2, o), sm.ro(kRowLw, r),
-                                   sm.rt(kOthLse2, o), sm.rt(kOthDelta, o), sm.rt(kOthGl, o),
-                                   P.half_p, P.power, P.tiny, valid);
-                sm.coef2[o * kLdp + r] = pg.pi;
-                pws += pg.pw;
-              }
-              sm.coef[o * kLdp + r] = pg.a;
-            }
-            if (M == kBackwardY) sm.red[r * kRedStride + to] = pws;
-          }
-        });
-        ex.sync();
-        ex.each([&](int t) {
-          if (M == kBackwardY) {
-            for (int r = t; r < G::BR; r += G::kThreads) {
-              T s = (T)0;
-              for (int l = 0; l < G::kLanes; ++l) s += sm.red[r * kRedStride + l];
-              sm.ro(kRowDw, r) += s;
-            }
-            if (P.gy == nullptr) return;  // only dL/dw was asked for
-          }
-          phase_c<T, UPT, M>(t, sm, ncc, st(t));
-        });
-        ex.sync();
-      }
-    }
-  };
-
-  if (M == kFlow) {
-    const int n_stages = P.solver == 1 ? 4 : 1;
-    for (int64_t step = 0; step < P.n_steps; ++step) {
-      for (int stage = 0; stage < n_stages; ++stage) {
-        ex.each([&](int t) {
-          for (int r = t; r < G::BR; r += G::kThreads) {
-            // z = exp(t) of this stage, t = t0 + (step + c_stage) dt, in double.
-            const double tq = (double)sm.ro(kRowT0, r) +
-                              ((double)step + rk4_time_offset(n_stages == 1 ? 0 : stage)) *
-                                  (double)sm.ro(kRowDt, r);
-            const double z = exp(tq);
-            sm.ro(kRowE2, r) = (T)(z * z);
-            sm.ro(kRowM, r) = Limits<T>::kNoCharge;
-            sm.ro(kRowL, r) = (T)0;
-          }
-          zero_acc(st(t));
-        });
-        ex.sync();
-        field_pass();
-        // Epilogue: v = -acc / l, then the Euler update or the RK4 stage combination. Every
-        // (row, dim) entry belongs to one thread for the whole call, so the RK4 base and running
-        // combination (global scratch) are only ever touched by that thread.
-        ex.each([&](int t) {
-          TS& ts = st(t);
-#pragma unroll
-          for (int u = 0; u < UPT; ++u) {
-            const int U = u * G::kThreads + t;
-            if (U >= G::kRowGroups * ncc) continue;
-            const int r0 = (U / ncc) * G::TM, kc = (U % ncc) * G::TN;
-#pragma unroll
-            for (int i = 0; i < G::TM; ++i) {
-              const int r = r0 + i;
-              if (r >= own_cnt) continue;
-              const int64_t q = own0 + r;
-              const T l = sm.ro(kRowL, r);
-              const bool dead = row_is_dead(sm.ro(kRowM, r), l);
-              const T dtq = sm.ro(kRowDt, r);
-              T* xs = pack_at<T, G::BR>(sm.own, r, kc / G::kVec);
-#pragma unroll
-              for (int j = 0; j < G::TN; ++j) {
-                const T vq = field_from_acc(ts.acc[u][i][j], l, dead);
-                if (n_stages == 1) {
-                  xs[j] = euler_epilogue(xs[j], vq, dtq);
-                } else {
-                  const int64_t at = q * P.ld + kc + j;
-                  T base = P.state[at];
-                  T comb = stage == 0 ? (T)0 : P.comb[at];
-                  xs[j] = rk4_epilogue(stage, vq, dtq, base, comb);
-                  P.comb[at] = comb;
-                  if (stage == 3) P.state[at] = base;
-                }
-              }
-            }
-          }
-        });
-        ex.sync();
-      }
-    }
+// Pairwise r2 (and g . (x - y)) of the own rows against other rows [o0, o0 + oth_cnt), chunk by
+// chunk over D; afterwards the staged tiles hold this block's window (phase C reads it).
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void distances(Exec& ex, const BlockCtx<T>& c, States& st, int64_t o0, int oth_cnt) {
+  typedef Geo<T> G;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
+  for (int64_t ch = 0; ch < c.S; ++ch) {
+    const int64_t k0 = ch * c.W, klen = c.chunk_len(ch);
     ex.each([&](int t) {
-      for (int it = t; it < own_cnt * ncc; it += G::kThreads) {
-        const int r = it / ncc, kc = (it % ncc) * G::TN;
-        st16(P.state + (own0 + r) * P.ld + kc, ld16(pack_at<T, G::BR>(sm.own, r, kc / G::kVec)));
+      if (ch == 0) {
+        for (int o = t; o < G::BO; o += G::kThreads) {
+          const int64_t j = o0 + o;
+          if constexpr (ModeTraits<M>::kOwnIsQuery) {
+            sm.rt(kOthLw, o) = j < P.B ? charge_log2_weight(P.w, j) : Limits<T>::kNoCharge;
+          } else {
+            const QueryRow<T> q = load_query_row(P, j);
+            sm.rt(kOthE2, o) = q.e2;
+            sm.rt(kOthLse2, o) = q.lse2;
+            sm.rt(kOthDelta, o) = q.dl;
+            sm.excl_oth[o] = q.excl;
+          }
+        }
+      }
+      stage_rows<T, G::BO>(t, sm.other, c.oth_src, o0, oth_cnt, P.ld, k0, klen);
+      if (M == kBackwardY) stage_rows<T, G::BO>(t, sm.g, P.gv, o0, oth_cnt, P.ld, k0, klen);
+      if (c.S > 1) {
+        stage_rows<T, G::BR>(t, sm.own, c.own_src, c.own0, c.own_cnt, P.ld, k0, klen);
+        if (M == kBackwardX)
+          stage_rows<T, G::BR>(t, sm.g, P.gv, c.own0, c.own_cnt, P.ld, k0, klen);
       }
     });
-    return;
+    ex.sync();
+    ex.each([&](int t) {
+      ThreadState<T, UPT>& ts = st(t);
+      if (ch == 0) {
+#pragma unroll
+        for (int i = 0; i < G::AR; ++i)
+#pragma unroll
+          for (int j = 0; j < G::AO; ++j) ts.ra[i][j] = ts.ga[i][j] = (T)0;
+      }
+      phase_a<T, UPT, M>(t, sm, klen, ts);
+    });
+    ex.sync();
   }
+  if (c.S > 1 && c.by != c.S - 1) {  // phase C needs this block's window back in shared memory
+    ex.each([&](int t) {
+      stage_rows<T, G::BO>(t, sm.other, c.oth_src, o0, oth_cnt, P.ld, c.w0, c.wlen);
+      stage_rows<T, G::BR>(t, sm.own, c.own_src, c.own0, c.own_cnt, P.ld, c.w0, c.wlen);
+      if (M == kBackwardX)
+        stage_rows<T, G::BR>(t, sm.g, P.gv, c.own0, c.own_cnt, P.ld, c.w0, c.wlen);
+      if (M == kBackwardY) stage_rows<T, G::BO>(t, sm.g, P.gv, o0, oth_cnt, P.ld, c.w0, c.wlen);
+    });
+    ex.sync();
+  }
+}
 
-  field_pass();
+// Calls f(i, r, to) for the AR own rows r = tr + kLanes i of thread t's phase-A register block
+// (its other rows are to + kLanes j, j < AO); f runs unrolled, so ts.ra[i][.] stays in registers.
+template <typename T, class F>
+PF_DEV void for_thread_rows(int t, F&& f) {
+  typedef Geo<T> G;
+  const int tr = t / G::kLanes, to = t % G::kLanes;
+#pragma unroll
+  for (int i = 0; i < G::AR; ++i) f(i, tr + G::kLanes * i, to);
+}
 
-  // Outputs of this block's window.
+// Reductions of row r's kLanes per-thread partials (sm.red), in lane order: deterministic.
+template <typename T>
+PF_DEV T row_partials_max(const Tiles<T>& sm, int r) {
+  T m = sm.red[r * kRedStride];
+  for (int l = 1; l < Geo<T>::kLanes; ++l) m = Math<T>::max(m, sm.red[r * kRedStride + l]);
+  return m;
+}
+
+template <typename T>
+PF_DEV T row_partials_sum(const Tiles<T>& sm, int r) {
+  T s = (T)0;
+  for (int l = 0; l < Geo<T>::kLanes; ++l) s += sm.red[r * kRedStride + l];
+  return s;
+}
+
+// Forward and flow, one tile of charges: scores, the lazy online-softmax update of every row,
+// probabilities into the coefficient tile, running sums, then phase C.
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void softmax_tile(Exec& ex, const BlockCtx<T>& c, States& st, int64_t o0, int oth_cnt) {
+  typedef Geo<T> G;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
+  // Scores and each thread's partial row maxima.
   ex.each([&](int t) {
-    TS& ts = st(t);
-    if (by == 0) {
-      for (int r = t; r < own_cnt; r += G::kThreads) {
+    ThreadState<T, UPT>& ts = st(t);
+    for_thread_rows<T>(t, [&](int i, int r, int to) {
+      const T e2 = sm.ro(kRowE2, r);
+      const int64_t ex_j = sm.excl_own[r];
+      T pm = Limits<T>::kNoCharge;
+#pragma unroll
+      for (int j = 0; j < G::AO; ++j) {
+        const int o = to + G::kLanes * j;
+        const bool valid = o < oth_cnt && ex_j != o0 + o;
+        ts.ra[i][j] = masked_score(ts.ra[i][j] + e2, sm.rt(kOthLw, o), P.half_p, P.tiny, valid);
+        pm = Math<T>::max(pm, ts.ra[i][j]);
+      }
+      sm.red[r * kRedStride + to] = pm;
+    });
+  });
+  ex.sync();
+  // Row maxima, lazy move of the running max.
+  ex.each([&](int t) {
+    for (int r = t; r < G::BR; r += G::kThreads) {
+      T m = sm.ro(kRowM, r);
+      sm.ro(kRowAlpha, r) = numerics::online_max_update<Math<T>>(m, row_partials_max(sm, r));
+      sm.ro(kRowM, r) = m;
+    }
+  });
+  ex.sync();
+  // Probabilities into the coefficient tile, partial row sums.
+  ex.each([&](int t) {
+    ThreadState<T, UPT>& ts = st(t);
+    for_thread_rows<T>(t, [&](int i, int r, int to) {
+      const T m = sm.ro(kRowM, r);
+      T ps = (T)0;
+#pragma unroll
+      for (int j = 0; j < G::AO; ++j) {
+        const int o = to + G::kLanes * j;
+        const T p = numerics::online_weight_or_zero<Math<T>>(ts.ra[i][j], m);
+        sm.coef[o * G::kLdp + r] = p;
+        ps += p;
+      }
+      sm.red[r * kRedStride + to] = ps;
+    });
+  });
+  ex.sync();
+  ex.each([&](int t) {
+    for (int r = t; r < G::BR; r += G::kThreads)
+      sm.ro(kRowL, r) =
+          Math<T>::fma(sm.ro(kRowL, r), sm.ro(kRowAlpha, r), row_partials_sum(sm, r));
+    phase_c<T, UPT, M>(t, sm, c.ncc, st(t));
+  });
+  ex.sync();
+}
+
+// Backward, one tile of the other side: the pair gradient terms into the coefficient tiles
+// (a; and pi for dL/dy), dL/dw partial sums per charge, then phase C.
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void gradient_tile(Exec& ex, const BlockCtx<T>& c, States& st, int64_t o0, int oth_cnt) {
+  typedef Geo<T> G;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
+  ex.each([&](int t) {
+    ThreadState<T, UPT>& ts = st(t);
+    for_thread_rows<T>(t, [&](int i, int r, int to) {
+      T pws = (T)0;
+#pragma unroll
+      for (int j = 0; j < G::AO; ++j) {
+        const int o = to + G::kLanes * j;
+        PairTerm<T> pg;
+        if constexpr (M == kBackwardX) {
+          const bool valid = o < oth_cnt && sm.excl_own[r] != o0 + o;
+          pg = masked_pair_gradient(ts.ra[i][j] + sm.ro(kRowE2, r), ts.ga[i][j], sm.rt(kOthLw, o),
+                                    sm.ro(kRowLse2, r), sm.ro(kRowDelta, r), P.power, P.half_p,
+                                    P.tiny, valid);
+        } else {
+          const bool valid = o < oth_cnt && r < c.own_cnt && sm.excl_oth[o] != c.own0 + r;
+          pg = masked_pair_gradient(ts.ra[i][j] + sm.rt(kOthE2, o), ts.ga[i][j], sm.ro(kRowLw, r),
+                                    sm.rt(kOthLse2, o), sm.rt(kOthDelta, o), P.power, P.half_p,
+                                    P.tiny, valid);
+          sm.coef2[o * G::kLdp + r] = pg.pi;
+          pws += pg.pw;
+        }
+        sm.coef[o * G::kLdp + r] = pg.a;
+      }
+      if (M == kBackwardY) sm.red[r * kRedStride + to] = pws;
+    });
+  });
+  ex.sync();
+  ex.each([&](int t) {
+    if constexpr (M == kBackwardY) {
+      for (int r = t; r < G::BR; r += G::kThreads) sm.ro(kRowDw, r) += row_partials_sum(sm, r);
+      if (P.gy == nullptr) return;  // only dL/dw was asked for
+    }
+    phase_c<T, UPT, M>(t, sm, c.ncc, st(t));
+  });
+  ex.sync();
+}
+
+// Every tile of the other side: this block's window accumulates in the registers.
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void sweep(Exec& ex, const BlockCtx<T>& c, States& st) {
+  typedef Geo<T> G;
+  for (int64_t o0 = 0; o0 < c.n_oth; o0 += G::BO) {
+    const int oth_cnt = (int)(c.n_oth - o0 < G::BO ? c.n_oth - o0 : G::BO);
+    distances<T, UPT, M>(ex, c, st, o0, oth_cnt);
+    if constexpr (ModeTraits<M>::kSoftmax)
+      softmax_tile<T, UPT, M>(ex, c, st, o0, oth_cnt);
+    else
+      gradient_tile<T, UPT, M>(ex, c, st, o0, oth_cnt);
+  }
+}
+
+// Outputs of this block's window: v and lse2 (forward), dL/dx, or dL/dy and sum_i gs / w.
+template <typename T, int UPT, int M, class Exec, class States>
+PF_DEV void write_outputs(Exec& ex, const BlockCtx<T>& c, States& st) {
+  typedef Geo<T> G;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
+  ex.each([&](int t) {
+    ThreadState<T, UPT>& ts = st(t);
+    if (c.by == 0) {
+      for (int r = t; r < c.own_cnt; r += G::kThreads) {
         if (M == kForward) {
           const T m = sm.ro(kRowM, r), l = sm.ro(kRowL, r);
-          P.lse2[own0 + r] = row_lse2(m, l, row_is_dead(m, l));
+          P.lse2[c.own0 + r] = numerics::row_lse2(m, l, numerics::row_is_dead(m, l));
         }
-        if (M == kBackwardY && P.gwsum) P.gwsum[own0 + r] = sm.ro(kRowDw, r);
+        if (M == kBackwardY && P.gwsum) P.gwsum[c.own0 + r] = sm.ro(kRowDw, r);
       }
     }
     if (M == kBackwardY && P.gy == nullptr) return;
@@ -652,19 +635,20 @@ PF_DEV void run_block(Exec& ex, const Params<T>& P, const Plan& pl, unsigned cha
 #pragma unroll
     for (int u = 0; u < UPT; ++u) {
       const int U = u * G::kThreads + t;
-      if (U >= G::kRowGroups * ncc) continue;
-      const int r0 = (U / ncc) * G::TM, kc = (U % ncc) * G::TN;
+      if (U >= G::kRowGroups * c.ncc) continue;
+      const int r0 = (U / c.ncc) * G::TM, kc = (U % c.ncc) * G::TN;
 #pragma unroll
       for (int i = 0; i < G::TM; ++i) {
         const int r = r0 + i;
-        if (r >= own_cnt) continue;
+        if (r >= c.own_cnt) continue;
         Pack<T> o;
-        if (M == kForward) {
+        if constexpr (M == kForward) {
           const T m = sm.ro(kRowM, r), l = sm.ro(kRowL, r);
-          const bool dead = row_is_dead(m, l);
+          const bool dead = numerics::row_is_dead(m, l);
 #pragma unroll
-          for (int j = 0; j < G::TN; ++j) o.v[j] = field_from_acc(ts.acc[u][i][j], l, dead);
-        } else if (M == kBackwardX) {
+          for (int j = 0; j < G::TN; ++j)
+            o.v[j] = numerics::field_from_acc(ts.acc[u][i][j], l, dead);
+        } else if constexpr (M == kBackwardX) {
           // dL/dx = g_v + sum_j a (y - x)
           const Pack<T> g = ld16(pack_at<T, G::BR>(sm.g, r, kc / G::kVec));
 #pragma unroll
@@ -673,10 +657,97 @@ PF_DEV void run_block(Exec& ex, const Params<T>& P, const Plan& pl, unsigned cha
 #pragma unroll
           for (int j = 0; j < G::TN; ++j) o.v[j] = ts.acc[u][i][j];
         }
-        st16(out + (own0 + r) * P.ld + w0 + kc, o);
+        st16(out + (c.own0 + r) * P.ld + c.w0 + kc, o);
       }
     }
   });
+}
+
+// The fused flow: every step and stage of the block's queries, one field sweep per stage with the
+// stage's heights as softening and the Euler / RK4 update as its epilogue. The state being
+// integrated lives in the own tile (the next stage's input); the RK4 step start and running slope
+// combination live in global memory, each (row, dim) entry owned by one thread for the whole call.
+template <typename T, int UPT, class Exec, class States>
+PF_DEV void flow_block(Exec& ex, const BlockCtx<T>& c, States& st) {
+  typedef Geo<T> G;
+  typedef Math<T> SM;
+  const Tiles<T>& sm = c.sm;
+  const Params<T>& P = c.P;
+  const int n_stages = P.solver == 1 ? numerics::kRk4Stages : 1;
+  for (int64_t step = 0; step < P.n_steps; ++step) {
+    for (int stage = 0; stage < n_stages; ++stage) {
+      ex.each([&](int t) {
+        for (int r = t; r < G::BR; r += G::kThreads) {
+          // Heights from the float64 times (a padding row gets z = 1: finite, never stored).
+          const int64_t i = c.own0 + r;
+          const double t0 = i < P.N ? P.t0[i] : 0.0, dt = i < P.N ? P.dt[i] : 0.0;
+          const double cs = n_stages == 1 ? 0.0 : numerics::rk4_c(stage);
+          sm.ro(kRowE2, r) = (T)numerics::stage_height2(t0, dt, step, cs);
+          sm.ro(kRowM, r) = Limits<T>::kNoCharge;
+          sm.ro(kRowL, r) = (T)0;
+        }
+        zero_acc(st(t));
+      });
+      ex.sync();
+      sweep<T, UPT, kFlow>(ex, c, st);
+      // Epilogue: v = -acc / l, then the Euler update or the RK4 stage update.
+      ex.each([&](int t) {
+        ThreadState<T, UPT>& ts = st(t);
+#pragma unroll
+        for (int u = 0; u < UPT; ++u) {
+          const int U = u * G::kThreads + t;
+          if (U >= G::kRowGroups * c.ncc) continue;
+          const int r0 = (U / c.ncc) * G::TM, kc = (U % c.ncc) * G::TN;
+#pragma unroll
+          for (int i = 0; i < G::TM; ++i) {
+            const int r = r0 + i;
+            if (r >= c.own_cnt) continue;
+            const int64_t q = c.own0 + r;
+            const T l = sm.ro(kRowL, r);
+            const bool dead = numerics::row_is_dead(sm.ro(kRowM, r), l);
+            const T dtq = sm.ro(kRowDt, r);
+            T* xs = pack_at<T, G::BR>(sm.own, r, kc / G::kVec);
+#pragma unroll
+            for (int j = 0; j < G::TN; ++j) {
+              const T vq = numerics::field_from_acc(ts.acc[u][i][j], l, dead);
+              if (n_stages == 1) {
+                xs[j] = numerics::euler_update<SM>(xs[j], vq, dtq);
+              } else {
+                const int64_t at = q * P.ld + kc + j;
+                T base = P.state[at];
+                T comb = stage == 0 ? (T)0 : P.comb[at];
+                xs[j] = numerics::rk4_stage_update<SM>(stage, vq, dtq, base, comb);
+                P.comb[at] = comb;
+                if (stage == n_stages - 1) P.state[at] = base;
+              }
+            }
+          }
+        }
+      });
+      ex.sync();
+    }
+  }
+  ex.each([&](int t) {
+    for (int it = t; it < c.own_cnt * c.ncc; it += G::kThreads) {
+      const int r = it / c.ncc, kc = (it % c.ncc) * G::TN;
+      st16(P.state + (c.own0 + r) * P.ld + kc, ld16(pack_at<T, G::BR>(sm.own, r, kc / G::kVec)));
+    }
+  });
+}
+
+// One block: own rows [bx * BR, ...), dimension window `by` of the plan.
+template <typename T, int UPT, int M, class Exec>
+PF_DEV void run_block(Exec& ex, const Params<T>& P, const Plan& pl, unsigned char* smem, int64_t bx,
+                      int64_t by) {
+  const BlockCtx<T> c = BlockCtx<T>::template make<M>(P, pl, smem, bx, by);
+  auto st = ex.template states<ThreadState<T, UPT>>();
+  init_block<T, UPT, M>(ex, c, st);
+  if constexpr (M == kFlow) {
+    flow_block<T, UPT>(ex, c, st);
+  } else {
+    sweep<T, UPT, M>(ex, c, st);
+    write_outputs<T, UPT, M>(ex, c, st);
+  }
 }
 
 }  // namespace cuda

@@ -13,8 +13,10 @@ to this backend is checked (dtype, device, the optional per-query tensors).
 The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter when
 TRITON_INTERPRET=1 is set before the kernels are first imported (triton reads it when the
 kernels are decorated). float16/bfloat16/float32 inputs are computed in float32, float64 inputs
-in float64; outputs are in the input dtype. Differentiable torch ops (torch.library.triton_op,
-traceable by torch.compile) live in poissonflow.triton.ops.
+in float64; outputs are in the input dtype. The r2 floor `tiny` is the smallest normal number of
+the input dtype. The differentiable op poissonflow::field_triton (torch.library.triton_op,
+traceable by torch.compile; same schema and backward as poissonflow::field) lives in
+poissonflow.triton.ops.
 
 Importing this package imports neither triton nor the kernels.
 """
@@ -25,7 +27,6 @@ import importlib
 import importlib.util
 import math
 import numbers
-import os
 
 import torch
 
@@ -36,10 +37,11 @@ _SOLVERS = ("euler", "rk4")
 
 
 def available() -> bool:
-    """True when triton is installed and there is a CUDA device or TRITON_INTERPRET=1."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"
+    """True when triton is installed and there is a CUDA device or TRITON_INTERPRET=1 (the
+    registry's probe, poissonflow/registry.py)."""
+    from .. import registry
+
+    return registry.available("triton")
 
 
 def _kernels(name: str):
@@ -122,21 +124,43 @@ def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y,
         raise ValueError(f"gv must have shape {(N, D)} like v, got {tuple(gv.shape)}")
     if gl is not None and gl.shape != (N,):
         raise ValueError(f"gl must have shape ({N},) like log_scale, got {tuple(gl.shape)}")
+    gx, gy, gw = backward_from_outputs(x, y, w, power, eps, exclude, eps_rows, v, log_scale,
+                                       gv, gl, need_x, need_y, need_w)
+    return gx, gy, gw
+
+
+def backward_from_outputs(x, y, w, power, eps, exclude, eps_rows, v, log_scale, gv, gl,
+                          need_x, need_y, need_w):
+    """The backward kernels from the forward's outputs (v, log_scale): the one implementation
+    behind field_backward above and the op poissonflow::field_triton_backward (no checks here:
+    traceable by make_fx, as torch.library.triton_op requires).
+
+    float32/float64 input: lse_i = log_scale_i + log sum_k w_k (in float64, then in log2 units
+    of the compute dtype), from which the kernels recompute the softmax weights. float16 and
+    bfloat16 input: v and log_scale arrive rounded to 8-11 bits, and pi = 2^(s - lse2) would
+    inherit an error of |log_scale| 2^-8 in its exponent, delta_i = g_i . v_i the rounding of v;
+    the forward is recomputed in float32 instead (as the CUDA backend does), one extra pass.
+    """
     fwd = _kernels("_field_fwd")
     cdt = fwd.compute_dtype(x.dtype)
-    _, log_wsum = fwd.charge_terms(y, w, cdt)
-    lse2 = ((log_scale.detach().to(torch.float64) + log_wsum) / math.log(2.0)).to(cdt)
-    gx, gy, gw, _ = _kernels("_field_bwd").field_backward_launch(
+    if cdt != x.dtype:
+        _, _, lse2, v = fwd.field_forward_launch(x, y, w, float(power), float(eps), exclude,
+                                                 eps_rows)
+    else:
+        _, log_wsum = fwd.charge_terms(y, w, cdt)
+        lse2 = ((log_scale.detach().to(torch.float64) + log_wsum) / math.log(2.0)).to(cdt)
+    return _kernels("_field_bwd").field_backward_launch(
         x, y, w, float(power), float(eps), lse2, v, gv, gl,
         need_x=bool(need_x), need_y=bool(need_y), need_w=bool(need_w),
         exclude=exclude, eps_rows=eps_rows,
     )
-    return gx, gy, gw
 
 
 def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
     """End state of n_steps of the Poisson flow dx/dt = v(x; eps_rows = e^t, power = d + 1)
     from per-query log-heights t0 with per-query steps dt (any sign); solver "euler" or "rk4".
+    t0 and dt are taken in float64 by the kernel (the stage times are formed in float64; the
+    heights and the step enter the state update in the compute dtype).
     """
     _check_runnable(x)
     if solver not in _SOLVERS:

@@ -11,7 +11,8 @@ the gradients are
     dL/dx_i = g_i - sum_j c_ij (x_i - y_j)                 kernel over query tiles
     dL/dy_j = sum_i c_ij (x_i - y_j) - sum_i pi_ij g_i      kernel over charge tiles
     dL/dw_j = sum_i q_ij (a_ij - delta_i + g_l,i) - sum_i g_l,i / sum_k w_k
-    dL/de_i = -e_i sum_j c_ij                              (per-query softening eps_rows)
+    dL/de_i = -e_i sum_j c_ij     (per-query softening eps_rows; poissonflow.ops obtains it
+                                   from dL/dx of the augmented problem (x, e), (y, 0))
 
 Both kernels recompute r2 and the weights from the saved log-sum-exp (lse2, log2 units); no
 N x B buffer exists and no atomics are used: every output row is owned by one program and
@@ -107,11 +108,11 @@ def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny
 
 @autotune(make_configs(_DX_SHAPES))
 @triton.jit
-def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX, CSUM,
+def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
                          N, B, D, e2_stride,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per BLOCK_M queries: DX = dL/dx (if not None), CSUM = sum_j c_ij (if not
-    None). ACC holds sum_j c_ij (x_i - y_j) in the compute dtype (may alias DX)."""
+    """One program per BLOCK_M queries: DX = dL/dx. ACC holds sum_j c_ij (x_i - y_j) in the
+    compute dtype (may alias DX)."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < N
@@ -123,10 +124,8 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
     g_cols = None
     if GV is not None:
         g_cols = tl.trans(GV + rows[:, None] * D)
-    if DX is not None:
-        acc_rows = ACC + rows[:, None] * D
-        _zero_rows(acc_rows, mask_m, D, BLOCK_M, BLOCK_D)
-    csum = tl.zeros([BLOCK_M], cdt)
+    acc_rows = ACC + rows[:, None] * D
+    _zero_rows(acc_rows, mask_m, D, BLOCK_M, BLOCK_D)
     for j0 in range(0, B, BLOCK_N):
         cols_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols_n < B
@@ -139,32 +138,27 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
         pi, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
                                          half_p, tiny)
         c = tl.where(floored, 0.0, (2.0 * half_p) * pi * (proj + base[:, None]) / r2f)
-        csum += tl.sum(c, axis=1)
-        if DX is not None:
-            ct = tl.trans(c)
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                in_d = (dims < D)[None, :]
-                mask = mask_m[:, None] & in_d
-                xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
-                yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d,
-                             other=0.0).to(cdt)
-                contrib = tl.sum(ct[:, :, None] * (xk[None, :, :] - yk[:, None, :]), axis=0)
-                a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
-                tl.store(acc_rows + dims[None, :], a + contrib, mask=mask)
-            tl.debug_barrier()
-    if CSUM is not None:
-        tl.store(CSUM + rows, csum, mask=mask_m)
-    if DX is not None:
+        ct = tl.trans(c)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
-            mask = mask_m[:, None] & (dims < D)[None, :]
-            offs = rows[:, None] * D + dims[None, :]
-            dx = -tl.load(ACC + offs, mask=mask, other=0.0)
-            if GV is not None:
-                g = tl.load(GV + offs, mask=mask & alive[:, None], other=0.0).to(cdt)
-                dx += g
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            in_d = (dims < D)[None, :]
+            mask = mask_m[:, None] & in_d
+            xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
+            yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d,
+                         other=0.0).to(cdt)
+            contrib = tl.sum(ct[:, :, None] * (xk[None, :, :] - yk[:, None, :]), axis=0)
+            a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
+            tl.store(acc_rows + dims[None, :], a + contrib, mask=mask)
+        tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_m[:, None] & (dims < D)[None, :]
+        offs = rows[:, None] * D + dims[None, :]
+        dx = -tl.load(ACC + offs, mask=mask, other=0.0)
+        if GV is not None:
+            g = tl.load(GV + offs, mask=mask & alive[:, None], other=0.0).to(cdt)
+            dx += g
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @autotune(make_configs(_DY_SHAPES, row_block="BLOCK_N", col_block="BLOCK_M"))
@@ -236,29 +230,27 @@ def _field_bwd_dy_kernel(X, Y, W, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, 
 
 
 def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_y, need_w,
-                          need_eps_rows=False, exclude=None, eps_rows=None):
-    """Gradients (gx, gy, gw, ge) of the field from the saved lse2 (log2 units, compute dtype).
+                          exclude=None, eps_rows=None):
+    """Gradients (gx, gy, gw) of the field from lse2 (log2 units, compute dtype).
 
     v is the forward's field, in x's dtype or (better for float16/bfloat16 input) in the
     compute dtype; it only enters delta_i = g_i . v_i. gx (N, D), gy (B, D) and gw (B,) are in
-    x's dtype, ge (N,) (dL/d eps_rows) in eps_rows' dtype; each is None when not asked for (gw
-    also when w is None, ge when eps_rows is None). gv and gl may be None (zero upstream
-    gradient). Traceable by make_fx, as torch.library.triton_op requires.
+    x's dtype; each is None when not asked for (gw also when w is None). gv and gl may be None
+    (zero upstream gradient). dL/d eps_rows is formed by poissonflow.ops from these kernels on
+    the augmented problem. Traceable by make_fx, as torch.library.triton_op requires.
     """
     N, D = x.shape
     B = y.shape[0]
     dev = x.device
     cdt = compute_dtype(x.dtype)
     need_w = need_w and w is not None
-    need_eps_rows = need_eps_rows and eps_rows is not None
     gx = torch.empty((N, D), dtype=x.dtype, device=dev) if need_x else None
     gy = torch.empty((B, D), dtype=x.dtype, device=dev) if need_y else None
     gw = None
-    ge = None
     x = x.detach().contiguous()
     y = y.detach().contiguous()
     lw, _ = charge_terms(y, w, cdt)
-    scal = scalar_params(power, cdt, dev)
+    scal = scalar_params(power, x.dtype, dev)
     e2, e2_stride = softening_sq(x, eps, eps_rows, cdt)
     excl = index_rows(exclude)
     lse2 = lse2.detach().to(cdt).contiguous()
@@ -268,22 +260,15 @@ def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_
         delta = (gv.to(cdt) * v.detach().to(cdt)).sum(dim=1).contiguous()
     gl_c = None if gl is None else gl.detach().to(cdt).contiguous()
 
-    if (need_x or need_eps_rows) and N > 0:
-        acc = None
-        if need_x:
-            acc = gx if cdt == x.dtype else torch.empty((N, D), dtype=cdt, device=dev)
-        csum = torch.empty((N,), dtype=cdt, device=dev) if need_eps_rows else None
+    if need_x and N > 0:
+        acc = gx if cdt == x.dtype else torch.empty((N, D), dtype=cdt, device=dev)
 
         def grid_q(meta):
             return (triton.cdiv(N, meta["BLOCK_M"]),)
 
         wrap_triton(_field_bwd_dx_kernel)[grid_q](
-            x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, acc, gx, csum, N, B, D, e2_stride,
+            x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, acc, gx, N, B, D, e2_stride,
         )
-        if need_eps_rows:
-            ge = (-(eps_rows.detach().to(cdt)) * csum).to(eps_rows.dtype)
-    elif need_eps_rows:
-        ge = torch.zeros_like(eps_rows)
 
     if need_y or need_w:
         accy = None
@@ -311,4 +296,4 @@ def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_
                 wsum = w.detach().to(torch.float64).sum()
                 dw = dw - (gl.detach().to(torch.float64).sum() / wsum).to(cdt)
             gw = dw.to(w.dtype)
-    return gx, gy, gw, ge
+    return gx, gy, gw

@@ -1,8 +1,9 @@
 """Triton forward of the Poisson field, and the tile primitive the flow kernels reuse.
 
-For a tile of BLOCK_M queries against all charges (DESIGN.md section 2):
+For a tile of BLOCK_M queries against all charges (docs/DESIGN.md section 2):
 
-    r2_ij = max(sum_k (x_ik - y_jk)^2 + e_i^2, tiny)      direct differences, never expanded
+    r2_ij = max(sum_k (x_ik - y_jk)^2 + e_i^2, tiny)      direct differences, never expanded;
+                                                          tiny of the input dtype
     s_ij  = log2 w_j - (p/2) log2 r2_ij                   (-inf: zero weight, excluded, padding)
     online softmax in base 2 over charge tiles: running max m_i, running sum l_i,
     acc_i = sum_j 2^(s_ij - m_i) (y_j - x_i)              again by differences
@@ -191,7 +192,7 @@ def _field_tile(XQ, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt:
         m = m_new
         # acc += sum_j p_ij (y_j - x_i) as a [BLOCK_N, BLOCK_M, BLOCK_D] broadcast reduced over
         # its first axis. Differences, never p @ y - l * x: that form cancels catastrophically
-        # for a query next to a charge far from the origin (DESIGN.md section 2).
+        # for a query next to a charge far from the origin (docs/DESIGN.md section 2).
         pt = tl.trans(p)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -261,9 +262,13 @@ def charge_terms(y: torch.Tensor, w: torch.Tensor | None, cdt: torch.dtype):
     return torch.log2(w.to(cdt)).contiguous(), torch.log(w.to(torch.float64).sum())
 
 
-def scalar_params(power: float, cdt: torch.dtype, device) -> torch.Tensor:
-    """[p/2, tiny] in the compute dtype: tiny is the r2 floor, the smallest normal number."""
-    return torch.tensor([0.5 * float(power), torch.finfo(cdt).tiny], dtype=cdt, device=device)
+def scalar_params(power: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[p/2, tiny] in the compute dtype of input dtype `dtype`. tiny, the r2 floor, is the
+    smallest normal number of the *input* dtype (float16: 6.1e-5), as in the reference and the
+    other backends, so that a float16/bfloat16 query exactly on a charge gets the same
+    log_scale everywhere (docs/DESIGN.md section 2)."""
+    cdt = compute_dtype(dtype)
+    return torch.tensor([0.5 * float(power), torch.finfo(dtype).tiny], dtype=cdt, device=device)
 
 
 def softening_sq(x: torch.Tensor, eps: float, eps_rows: torch.Tensor | None, cdt: torch.dtype):
@@ -310,7 +315,7 @@ def field_forward_launch(x, y, w, power, eps, exclude=None, eps_rows=None):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
     wrap_triton(_field_fwd_kernel)[grid](
-        x, y, lw, index_rows(exclude), e2, scalar_params(power, cdt, x.device), acc, v, lse2,
+        x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v, lse2,
         N, B, D, e2_stride,
     )
     return v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c

@@ -1,4 +1,4 @@
-"""Triton fused steps of the Poisson flow (DESIGN.md section 3).
+"""Triton fused steps of the Poisson flow (docs/DESIGN.md section 3).
 
 In t = log z, with the charges on the plane z = 0 of R^(d+1),
 
@@ -16,7 +16,8 @@ stage is one field pass (_field_tile) whose epilogue forms the next stage input 
 in the same chunked sweep over D. The state, the stage input, the k-sum and the field
 accumulator are rows [BLOCK_M, D] of a scratch buffer owned by the program (in L1/L2): the
 state is read from DRAM once at the start and written once at the end, whatever n_steps is.
-t = t0 + step * dt is recomputed each step (not accumulated) so that long runs do not drift.
+t = t0 + step * dt is recomputed each step (not accumulated), in float64, so that long runs do
+not drift.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..flow import RK4_A, RK4_B, RK4_B_DIV, RK4_C
 from ._field_fwd import (
     _finish_rows,
     _field_tile,
@@ -38,6 +40,16 @@ from ._field_fwd import (
 )
 
 SOLVER_STAGES = {"euler": 1, "rk4": 4}
+
+# The classic RK4 tableau of the Python driver (poissonflow.flow; tests/conformance checks it
+# against the compiled kernels' poissonflow._C.numerics()): stage s is evaluated at
+# t + RK4_C[s] dt on x + RK4_A[s] dt k_(s-1); the step adds dt / RK4_B_DIV * sum_s RK4_B[s] k_s.
+# Here as compile-time constants of the kernel (stage is a run-time loop index).
+_C1, _C2, _C3 = tl.constexpr(RK4_C[1]), tl.constexpr(RK4_C[2]), tl.constexpr(RK4_C[3])
+_A1, _A2, _A3 = tl.constexpr(RK4_A[1]), tl.constexpr(RK4_A[2]), tl.constexpr(RK4_A[3])
+_B0, _B1 = tl.constexpr(RK4_B[0]), tl.constexpr(RK4_B[1])
+_B2, _B3 = tl.constexpr(RK4_B[2]), tl.constexpr(RK4_B[3])
+_B_DIV = tl.constexpr(RK4_B_DIV)
 # The forward's GPU shapes less (64, 64, 4, 8), which spills in this kernel (sm_90, D = 129).
 _FLOW_SHAPES = ((32, 32, 4, 4), (32, 32, 8, 4), (64, 32, 8, 8), (32, 64, 8, 8))
 
@@ -55,19 +67,24 @@ def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
     mask_m = rows < N
     half_p = tl.load(SCAL)
     tiny = tl.load(SCAL + 1)
+    # Flow time in float64 (T0, DT are float64): t = t0 + step dt and the stage times are exact
+    # to float64 however many steps; the heights z^2 = e^(2 tau) and the step dt used in the
+    # state updates are then rounded once to the compute dtype.
     t0 = tl.load(T0 + rows, mask=mask_m, other=0.0)
-    dt = tl.load(DT + rows, mask=mask_m, other=0.0)
+    dt64 = tl.load(DT + rows, mask=mask_m, other=0.0)
+    dt = dt64.to(cdt)
     slot = N.to(tl.int64) * D
     ACC = WORK
     XS = WORK + slot
     KS = WORK + 2 * slot
     for step in range(n_steps):
-        t = t0 + step * dt
+        t = t0 + step * dt64
         for stage in range(N_STAGES):
-            # Stage times t, t + dt/2, t + dt/2, t + dt; the first stage reads the state itself.
-            frac = tl.where(stage > 0, 0.5, 0.0) + tl.where(stage == 3, 0.5, 0.0)
-            tau = t + frac * dt
-            e2 = tl.exp(2.0 * tau)
+            # Stage times t + C[stage] dt; the first stage reads the state itself.
+            frac = tl.where(stage == 1, _C1, tl.where(stage == 2, _C2,
+                                                      tl.where(stage == 3, _C3, 0.0)))
+            tau = t + frac * dt64
+            e2 = tl.exp(2.0 * tau).to(cdt)
             if stage == 0:
                 x_in = STATE
             else:
@@ -75,10 +92,11 @@ def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
             m, l = _field_tile(x_in, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt,
                                BLOCK_M, BLOCK_N, BLOCK_D)
             neg_inv, lse2 = _finish_rows(m, l)
-            # RK4 coefficients of this stage: weight of k in the k-sum (1 2 2 1) and step to the
-            # next stage input (1/2 1/2 1).
-            k_weight = tl.where((stage == 1) | (stage == 2), 2.0, 1.0)
-            next_step = dt * tl.where(stage == 2, 1.0, 0.5)
+            # RK4 coefficients of this stage: weight B[stage] of k in the k-sum and step
+            # A[stage + 1] dt to the next stage input.
+            k_weight = tl.where(stage == 0, _B0, tl.where(stage == 1, _B1,
+                                                          tl.where(stage == 2, _B2, _B3)))
+            next_step = dt * tl.where(stage == 0, _A1, tl.where(stage == 1, _A2, _A3))
             more = stage < N_STAGES - 1
             last = stage == N_STAGES - 1
             for d0 in range(0, D, BLOCK_D):
@@ -93,7 +111,7 @@ def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
                     ks = tl.load(KS + offs, mask=mask & (stage > 0), other=0.0) + k_weight * k
                     tl.store(KS + offs, ks, mask=mask & more)
                     tl.store(XS + offs, x + next_step[:, None] * k, mask=mask & more)
-                    tl.store(STATE + offs, x + (dt / 6.0)[:, None] * ks, mask=mask & last)
+                    tl.store(STATE + offs, x + (dt / _B_DIV)[:, None] * ks, mask=mask & last)
             tl.debug_barrier()
 
 
@@ -117,8 +135,9 @@ def flow_steps_launch(x, y, w, t0, dt, n_steps, solver, exclude=None):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
     wrap_triton(_flow_kernel)[grid](
-        y.detach().contiguous(), lw, index_rows(exclude), scalar_params(D + 1, cdt, x.device),
-        t0.detach().to(cdt).contiguous(), dt.detach().to(cdt).contiguous(), state, work,
+        y.detach().contiguous(), lw, index_rows(exclude), scalar_params(D + 1, x.dtype, x.device),
+        t0.detach().to(torch.float64).contiguous(), dt.detach().to(torch.float64).contiguous(),
+        state, work,
         N, B, D, int(n_steps), N_STAGES=n_stages,
     )
     return state.to(x.dtype)

@@ -12,6 +12,7 @@ temporary directory (about 20 s on 2 cores) and reused by later runs.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -20,13 +21,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CUDA_SRC = REPO / "csrc" / "cuda"
+CSRC = REPO / "csrc"
+CUDA_SRC = CSRC / "cuda"
+# Everything the emulator's translation unit includes: a change to any of them rebuilds it.
 SOURCES = [
     CUDA_SRC / "emulate" / "field_emulate.cpp",
     CUDA_SRC / "field_block.cuh",
     CUDA_SRC / "field_math.cuh",
     CUDA_SRC / "block_plan.h",
     CUDA_SRC / "instances.h",
+    CSRC / "common" / "field_args.h",
+    CSRC / "common" / "field_numerics.h",
 ]
 # -O1: the emulator's speed hardly matters, its compile time does.
 # -ffp-contract=off: the kernels write every fused multiply-add explicitly (fma()); nothing else
@@ -36,22 +41,46 @@ FLAGS = ["-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 # Largest dynamic shared memory per block on an A100 (the smaller of the two targets).
 A100_SMEM_OPTIN = 166912
 
-_U64 = "x y w exclude eps_rows v lse2 gv lse2_in delta gl gx gy gwsum t0 dt comb".split()
-_I64 = "N B D ld n_steps max_window".split()
-_F64 = "eps2 power tiny".split()
-_I32 = "mode is_double solver device".split()
+_CTYPES = {
+    ("u", 8): ctypes.c_uint64, ("i", 8): ctypes.c_int64, ("i", 4): ctypes.c_int32,
+    ("f", 8): ctypes.c_double,
+}
 
 
-class LaunchArgs(ctypes.Structure):
-    """Mirror of poissonflow::cuda::LaunchArgs (csrc/cuda/block_plan.h), field for field."""
+def launch_args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
+    """A ctypes mirror of poissonflow::cuda::LaunchArgs built from the compiled struct's own
+    field table (csrc/common/field_args.h), checked offset by offset."""
+    lib.pf_emu_launch_arg.argtypes = [
+        ctypes.c_int, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_char),
+    ]
+    lib.pf_emu_sizeof_launch_args.restype = ctypes.c_int64
+    fields, offsets = [], []
+    name, offset, size = ctypes.c_char_p(), ctypes.c_int64(), ctypes.c_int64()
+    kind = ctypes.c_char()
+    ref = ctypes.byref
+    while lib.pf_emu_launch_arg(len(fields), ref(name), ref(offset), ref(size), ref(kind)) == 0:
+        fields.append((name.value.decode(), _CTYPES[(kind.value.decode(), size.value)]))
+        offsets.append(offset.value)
+    struct = type("LaunchArgs", (ctypes.Structure,), {"_fields_": fields})
+    for (fname, _), off in zip(fields, offsets):
+        if getattr(struct, fname).offset != off:
+            raise RuntimeError(f"LaunchArgs.{fname}: ctypes offset differs from the C++ struct")
+    if ctypes.sizeof(struct) != lib.pf_emu_sizeof_launch_args():
+        raise RuntimeError("LaunchArgs: ctypes size differs from the C++ struct")
+    return struct
 
-    _fields_ = (
-        [(n, ctypes.c_uint64) for n in _U64]
-        + [(n, ctypes.c_int64) for n in _I64]
-        + [(n, ctypes.c_double) for n in _F64]
-        + [(n, ctypes.c_int32) for n in _I32]
-        + [("stream", ctypes.c_uint64)]
-    )
+
+def _numerics(lib: ctypes.CDLL) -> dict:
+    lib.pf_emu_numeric.argtypes = [
+        ctypes.c_int, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_double),
+        ctypes.POINTER(ctypes.c_int),
+    ]
+    out, name, value, is_int = {}, ctypes.c_char_p(), ctypes.c_double(), ctypes.c_int()
+    ref = ctypes.byref
+    while lib.pf_emu_numeric(len(out), ref(name), ref(value), ref(is_int)) == 0:
+        out[name.value.decode()] = int(value.value) if is_int.value else value.value
+    return out
 
 
 def compiler() -> str | None:
@@ -73,7 +102,7 @@ def build(cxx: str | None = None) -> Path:
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"build-{os.getpid()}.so"
-    cmd = [cxx, *FLAGS, f"-I{CUDA_SRC}", str(SOURCES[0]), "-o", str(tmp)]
+    cmd = [cxx, *FLAGS, f"-I{CUDA_SRC}", f"-I{CSRC}", str(SOURCES[0]), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the CUDA emulator failed:\n{' '.join(cmd)}\n{proc.stderr}")
@@ -84,17 +113,23 @@ def build(cxx: str | None = None) -> Path:
 class Emulator:
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
-        self.lib.pf_emu_sizeof_launch_args.restype = ctypes.c_int64
         self.lib.pf_emu_plan.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
             ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int,
         ]
+        self.LaunchArgs = launch_args_type(self.lib)
         self.lib.pf_emu_launch.argtypes = [
-            ctypes.POINTER(LaunchArgs), ctypes.c_int64, ctypes.c_int, ctypes.c_uint64,
+            ctypes.POINTER(self.LaunchArgs), ctypes.c_int64, ctypes.c_int, ctypes.c_uint64,
             ctypes.c_char_p, ctypes.c_int,
         ]
-        if self.lib.pf_emu_sizeof_launch_args() != ctypes.sizeof(LaunchArgs):
-            raise RuntimeError("LaunchArgs layout differs between block_plan.h and emulator.py")
+
+    def arg_names(self) -> list[str]:
+        """The launch arguments (LaunchArgs fields) in declaration order."""
+        return [name for name, _ in self.LaunchArgs._fields_]
+
+    def numerics(self) -> dict:
+        """The kernels' numerical constants by name, as poissonflow._C.numerics() gives them."""
+        return _numerics(self.lib)
 
     def plan(self, mode, is_double, D, smem_limit=A100_SMEM_OPTIN, max_window=0) -> dict:
         out = (ctypes.c_int64 * 5)()
@@ -105,8 +140,8 @@ class Emulator:
         return dict(zip(keys, list(out)))
 
     def launch(self, args: dict, *, smem_limit=A100_SMEM_OPTIN, order=0, seed=0) -> None:
-        a = LaunchArgs()
-        names = {f[0] for f in LaunchArgs._fields_}
+        a = self.LaunchArgs()
+        names = set(self.arg_names())
         for key, value in args.items():
             if key not in names:
                 raise KeyError(f"unknown launch argument {key!r}")
@@ -136,3 +171,16 @@ class EmulatorRunner:
         args["max_window"] = self.max_window
         self.launches.append(dict(args))
         self.emu.launch(args, smem_limit=self.smem_limit, order=self.order, seed=self.seed)
+
+
+@functools.cache
+def _default_emulator() -> Emulator:
+    return Emulator(build())
+
+
+def __getattr__(name: str):
+    # `LaunchArgs` stays importable from this module as before; it is now built from the compiled
+    # struct's field table (so importing it builds the emulator if needed).
+    if name == "LaunchArgs":
+        return _default_emulator().LaunchArgs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

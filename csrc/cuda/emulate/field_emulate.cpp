@@ -4,7 +4,9 @@
 // executor: every each() phase runs the 256 "threads" one after another, sync() is a no-op, and
 // each thread's registers are an entry of an array. The grid is a loop over blocks; the launch
 // plan, the kernel-instance choice and the argument checks are the launcher's own (block_plan.h,
-// instances.h). Built by tests/cuda_emulation/ with the host compiler and loaded with ctypes.
+// instances.h). Built by tests/cuda_emulation/ with the host compiler and loaded with ctypes; the
+// ctypes mirror of LaunchArgs is built from the table that pf_emu_launch_arg() reads out of the
+// struct's one declaration (common/field_args.h).
 //
 // What this validates: the tiling, the shared-memory layout and indexing, the per-thread
 // arithmetic, ragged tiles, the dimension splits, exclusion, dead rows, the flow epilogues and
@@ -18,10 +20,13 @@
 #include <string.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../field_block.cuh"
 #include "../instances.h"
+#include "common/field_args.h"
+#include "common/field_numerics.h"
 
 namespace {
 
@@ -79,6 +84,36 @@ void set_error(char* buf, int len, const std::string& msg) {
 extern "C" {
 
 int64_t pf_emu_sizeof_launch_args() { return (int64_t)sizeof(LaunchArgs); }
+
+// Field i of LaunchArgs in declaration order: name, byte offset, size and kind ('u' unsigned,
+// 'i' signed integer, 'f' floating point). Returns 0, or 1 past the last field.
+int pf_emu_launch_arg(int index, const char** name, int64_t* offset, int64_t* size, char* kind) {
+  LaunchArgs a;
+  int i = 0, found = 0;
+  for_each_field(a, [&](const char* n, auto& field) {
+    typedef typename std::remove_reference<decltype(field)>::type F;
+    if (i++ != index) return;
+    *name = n;
+    *offset = (int64_t)((const char*)&field - (const char*)&a);
+    *size = (int64_t)sizeof(F);
+    *kind = std::is_floating_point<F>::value ? 'f' : (std::is_signed<F>::value ? 'i' : 'u');
+    found = 1;
+  });
+  return found ? 0 : 1;
+}
+
+// Constant i of numerics() (common/field_numerics.h). Returns 0, or 1 past the last one.
+int pf_emu_numeric(int index, const char** name, double* value, int* is_integer) {
+  int i = 0, found = 0;
+  poissonflow::numerics::for_each_constant([&](const char* n, double v, bool is_int) {
+    if (i++ != index) return;
+    *name = n;
+    *value = v;
+    *is_integer = is_int ? 1 : 0;
+    found = 1;
+  });
+  return found ? 0 : 1;
+}
 
 // out: upt, window, splits, packs, smem_bytes. Returns 0, or 1 with a message in err.
 int pf_emu_plan(int mode, int is_double, int64_t D, int64_t smem_limit, int64_t max_window,
