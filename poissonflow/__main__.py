@@ -136,6 +136,10 @@ def _add_transform_arguments(p) -> None:
                    help="field kernels (default: the fastest for the device)")
     p.add_argument("--device", default="cpu", help="torch device of the computation")
     p.add_argument("--batch-size", type=int, default=16384, help="queries per kernel call")
+    p.add_argument("--distributed-mode", default="auto", choices=["auto", "allgather", "ring"],
+                   help="under torchrun: gather the charges once (allgather) or pass them "
+                        "around the ring at every field evaluation (ring); default: by size "
+                        "(poissonflow.distributed)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_const", const=True,
                      default=None, help="always show progress bars (default: only for long "
@@ -154,6 +158,12 @@ def _transform(args) -> int:
     from . import files
     from .transform import transform
 
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        # launched by torchrun: each rank flows its slice, rank 0 writes (docs/DESIGN.md
+        # section 10); poissonflow.distributed is imported only on this path
+        from .distributed._cli import transform_main
+
+        return transform_main(args)
     out = Path(args.out)
     files._format(out, "OUT")  # a wrong suffix fails now, not after the flow
     key, x = files.read_named_features(args.features, args.key)

@@ -1,0 +1,188 @@
+"""Pairwise uniformity losses of the global batch of a data-parallel step (docs/DESIGN.md
+sections 9 and 10): each rank passes its own rows; the loss is that of the union of all ranks'
+rows, the same value on every rank, and each rank's backward yields the exact gradient of that
+global loss with respect to its own rows.
+
+The gradient reaches the local rows by two routes: as queries (this rank's terms) and as
+charges of the other ranks' terms, which the distributed field's backward returns to their
+owner. The final log-sum-exp over the rows of all ranks is formed from one all_gather of the
+per-rank log-sum-exps (float64, summed in rank order); its gradient enters through the local
+surrogate L + (E - E.detach()) with E = exp(lse_local - L), whose value is L and whose gradient
+is exactly dL/dlse_local.
+
+With DistributedDataParallel, which averages the parameters' gradients over the R ranks, a
+loss that is the same global value on every rank gets 1/R of its gradient: multiply it by the
+world size to descend the global loss at its own scale (as for any loss over gathered
+features).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .. import _checks
+from ..metrics import _sq_dists, l2_normalize
+from . import _comm
+from .field import field_with_plan, plan_field
+
+__all__ = ["riesz_uniformity_loss", "uniform_loss"]
+
+
+def _rows(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _checks.check_tensor(x, name, ndim=2)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has zero columns: the feature dimension must be >= 1")
+    _checks.check_finite(x, name)
+    return x
+
+
+def _normalised(x, name, normalize):
+    if not normalize or x.shape[0] == 0:
+        return x
+    return l2_normalize(x, name)
+
+
+def _gather_scalars(values, group, device):
+    """Every rank's float64 vector `values`, as a (R, len) tensor in rank order."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _lse_local(ls):
+    if ls.numel() == 0:
+        # -inf, but connected to the field's output: an empty rank's backward must still
+        # reach the distributed field's (collective) backward, or the other ranks would wait
+        return ls.to(torch.float64).sum() * 0.0 - math.inf
+    return torch.logsumexp(ls.to(torch.float64), dim=0)
+
+
+def _bank_rows(bank, x):
+    if bank is None:
+        return x.new_zeros((0, x.shape[1]))
+    if hasattr(bank, "features") and not isinstance(bank, torch.Tensor):
+        bank = bank.features()  # a poissonflow FeatureBank
+    bank = _rows(bank, "bank")
+    if bank.shape[1] != x.shape[1]:
+        raise ValueError(f"bank must have D = {x.shape[1]} columns like x, got "
+                         f"shape {tuple(bank.shape)}")
+    if bank.dtype != x.dtype or bank.device != x.device:
+        raise TypeError(f"bank must have x's dtype and device ({x.dtype}, {x.device})")
+    return bank.detach()
+
+
+def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="auto",
+                          backend="auto"):
+    """Riesz s-energy uniformity of the global batch,
+
+        L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),
+
+    i over the N = sum_r N_r rows of all ranks' `x`, j over the other N - 1 rows and the
+    K = sum_r K_r rows of all ranks' `bank` shards (a constant: detached), u = x / ||x||
+    (normalize=True) or x. The single-process definition is `poissonflow.losses`'s
+    riesz_uniformity_loss; here two distributed field calls (charges: the rows, each query's own
+    global row excluded; then the banks) give every row's log-sum-exp, normalised by N and by K
+    (docs/DESIGN.md section 9). Collective; returns the same 0-dim tensor (x's dtype) on every
+    rank, whose backward gives each rank the exact gradient in its own rows. Empty shards are
+    allowed; N + K >= 2 globally.
+    """
+    grp = _comm.get_group(group)
+
+    def checks():
+        xx = _rows(x, "x")
+        sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        b = _bank_rows(bank, xx)
+        return xx, sv, b, _normalised(xx, "x", normalize), _normalised(b, "bank", normalize)
+
+    x, sv, b, u, bu = _comm.check_together(grp, _device(x), checks)
+    sizes = _gather_scalars([float(x.shape[0]), float(b.shape[0])], grp, _meta(grp, x))
+    n_all, k_all = sizes[:, 0], sizes[:, 1]
+    n, k = int(n_all.sum()), int(k_all.sum())
+    if n < 1 or n + k < 2:
+        raise ValueError(f"the global batch has {n} row(s) and the banks {k}: the Riesz energy "
+                         "needs at least one pair")
+    rank = dist.get_rank(grp)
+    pairs = math.log(n) + math.log(n - 1 + k)
+    lses, consts = [], []
+    if n >= 2:
+        own = torch.arange(x.shape[0], device=x.device) + int(n_all[:rank].sum())
+        plan = plan_field(u, u, None, sv, 0.0, own, grp, mode, backend)
+        _, ls = field_with_plan(plan, u, u, None, own)
+        lses.append(_lse_local(ls))
+        consts.append(math.log(n) - pairs)
+    if k > 0:
+        plan = plan_field(u, bu, None, sv, 0.0, None, grp, mode, backend)
+        _, ls = field_with_plan(plan, u, bu, None, None)
+        lses.append(_lse_local(ls))
+        consts.append(math.log(k) - pairs)
+    return _global_logsumexp(lses, consts, grp, x, factor=1.0)
+
+
+def _global_logsumexp(lses, consts, grp, x, factor):
+    """logsumexp over ranks and parts of lse[part] + const[part] (the same value on every rank),
+    with the local surrogate of the module docstring; `factor` scales the gradient routed
+    through the local rows (2 when the local rows stand for both sides of symmetric pairs)."""
+    every = _gather_scalars([float(t.detach()) for t in lses], grp, _meta(grp, x))
+    total = -math.inf
+    for r in range(every.shape[0]):  # rank order, then part order: the same bits everywhere
+        for p, c in enumerate(consts):
+            total = float(torch.logaddexp(torch.tensor(total, dtype=torch.float64),
+                                          every[r, p] + c))
+    value = x.new_tensor(total, dtype=torch.float64)
+    surrogate = value.new_zeros(())
+    for t, c in zip(lses, consts):
+        e = torch.exp(t + (c - total))  # 0 (with a zero gradient) for an empty rank
+        surrogate = surrogate + factor * (e - e.detach())
+    return (value + surrogate).to(x.dtype)
+
+
+def _device(x):
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _meta(grp, x):
+    return _comm.wire_device(grp, x.device)
+
+
+def uniform_loss(x, t: float = 2.0, *, group=None, chunk_size: int | None = None):
+    """Wang & Isola's uniformity of the global batch, log( 1 / (N (N - 1)) sum_{i != j}
+    exp(-t ||x_i - x_j||^2) ) over the N = sum_r N_r rows of all ranks (as
+    `poissonflow.metrics.uniform_loss` on the concatenation; pass L2-normalised rows).
+
+    The rows are all-gathered (N x D per rank) and each rank scores its own rows against all
+    of them in chunks of `chunk_size` rows (default: 2**22 / N) by plain autograd, which keeps
+    the local N_r x N scores for the backward. The pair term is symmetric, so the gradient in a
+    local row is twice its gradient as the first member of its pairs. Collective; the same
+    0-dim tensor on every rank.
+    """
+    grp = _comm.get_group(group)
+    x, tt = _comm.check_together(grp, _device(x), lambda: (
+        _rows(x, "x"), _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)))
+    sizes = _gather_scalars([float(x.shape[0])], grp, _meta(grp, x))[:, 0]
+    n = int(sizes.sum())
+    if n < 2:
+        raise ValueError(f"the global batch has {n} row(s): uniformity needs at least 2")
+    rank = dist.get_rank(grp)
+    off = int(sizes[:rank].sum())
+    xs = _comm.gather_rows(x.detach(), tuple(int(v) for v in sizes), grp)
+    sq_all = (xs * xs).sum(1)
+    chunk = chunk_size or max(1, 2**22 // n)
+    row_lse = []
+    for i0 in range(0, x.shape[0], chunk):
+        xi = x[i0:i0 + chunk]
+        sc = _sq_dists(xi, xs, (xi * xi).sum(1), sq_all).mul(-tt)
+        rows = torch.arange(xi.shape[0], device=x.device)
+        sc = sc.index_put((rows, rows + off + i0), sc.new_tensor(-math.inf))
+        row_lse.append(torch.logsumexp(sc.to(torch.float64), dim=1))
+    # an empty rank's term is -inf, connected to x so that its loss has a (zero) gradient
+    local = torch.logsumexp(torch.cat(row_lse), 0) if row_lse else \
+        x.to(torch.float64).sum() * 0.0 - math.inf
+    return _global_logsumexp([local], [-math.log(n * (n - 1))], grp, x, factor=2.0)
