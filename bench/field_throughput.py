@@ -3,6 +3,7 @@
     python bench/field_throughput.py            # the headline row and a sweep
     python bench/field_throughput.py --quick    # under a minute
     python bench/field_throughput.py --json out.json --plot out.png
+    python bench/field_throughput.py --gpu --json gpu.json   # the GPU rows (below)
 
 Method (docs/DESIGN.md section 7): 4*D floating-point operations per (query, charge) pair for the
 forward field; every figure is also given as a ratio measured in the same run: against float32
@@ -10,6 +11,21 @@ GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers
 implementation is checked against the float64 reference before it is timed, and its error is
 printed beside its speed. Times are the minimum over repeats after one warm-up call. Slow peers
 are timed on a subset of the queries against all charges (throughput is per pair).
+
+GPU rows (`--gpu`, `gpu_rows`): every registry backend on CUDA tensors (cuda, triton,
+triton-gemm) at N = B over `--sizes` (default 4096-65536, swept at D = 129; the other D at
+the largest size) and D over `--dims` (3, 33, 129, 513):
+forward in float32 and bfloat16, backward (dL/dx, dL/dy) and a fused RK4 step in float32 at the
+largest size, timed with CUDA events (median of repeats after a warm-up); GFLOP/s with 4 D flops
+per pair (backward 11 D, RK4 step 16 d), as a share of the same run's torch.mm float32 rate
+with TF32 off (and beside it the TF32 rate: the GEMM form's ceiling); each row's error on its
+first 64 queries against the float64 reference. Then the GEMM form (docs/DESIGN.md section 11)
+against the exact Triton and CUDA kernels on random and clustered data (D = 33, 129, 513;
+clustered also sorted by cluster, where the near pairs fill diagonal tiles), with
+the fraction of pairs recomputed, of tiles touched, of rows that fell back, and the largest
+certified bound. Without a GPU, `--gpu` runs the same rows through Triton's interpreter on CPU
+tensors (TRITON_INTERPRET=1, tiny sizes: a dry run of the code path, not a measurement).
+With `--json out.json` the rows are also streamed to out.jsonl as they are made.
 """
 
 from __future__ import annotations
@@ -267,6 +283,244 @@ def plot_rows(rows, path):
     fig.savefig(path, dpi=110)
 
 
+# --------------------------------------------------------------------------------------------
+# GPU rows
+
+
+def _dev_timed(fn, repeat, device):
+    """Median seconds of fn() over `repeat` calls after one warm-up call (CUDA events on a
+    GPU, the host clock otherwise)."""
+    fn()
+    times = []
+    for _ in range(max(repeat, 1)):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_mm_gflops(device, n=4096, tf32=False):
+    """torch.mm float32 rate on `device` (TF32 off unless asked for)."""
+    if device != "cuda":
+        return gemm_gflops(n=min(n, 1024), repeat=1)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a = torch.randn(n, n, device="cuda")
+        b = torch.randn(n, n, device="cuda")
+        return 2.0 * n**3 / _dev_timed(lambda: torch.mm(a, b), 5, "cuda") / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def clustered_points(N, D, *, k=64, spread=0.5, norm=3.0, seed=0, device="cpu",
+                     sort=False):
+    """N points from k clusters of radius ~spread around centres of norm `norm` (float32):
+    the within-cluster pairs compete in every row, so far more pairs are near than for
+    Gaussian data. sort=True orders the points by cluster, so that the near pairs fill
+    diagonal blocks of the N x B pair matrix and the GEMM form's recomputation touches about
+    1/k of the tiles (the field is permutation-equivariant: a caller may sort)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    c = torch.randn(k, D, generator=torch.Generator(device=device).manual_seed(12345),
+                    device=device)
+    c = norm * c / c.norm(dim=1, keepdim=True)
+    idx = torch.randint(0, k, (N,), generator=g, device=device)
+    if sort:
+        idx = idx.sort().values
+    return c[idx] + spread * torch.randn(N, D, generator=g, device=device) / D**0.5
+
+
+def _gpu_error(fwd, x, y, power, rows=64):
+    from poissonflow.testing import field_errors
+
+    xs = x[:rows]
+    v, ls = fwd(xs, y)
+    rel, _, ls_err = field_errors(xs, y, v, ls, power=power)
+    return rel, ls_err
+
+
+def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print,
+             sweep_dim=129):
+    """The GPU rows of the module docstring (a list of dicts). The sizes are swept at D =
+    sweep_dim; the other dimensions run at the largest size only. `log(text, row)` sees each
+    row as it is made (the session script keeps them should a time limit stop the run)."""
+    rows = []
+    names = [n for n, e in registry.REGISTRY.items()
+             if n != "reference" and device in e.supported_devices() and registry.available(n)]
+    mm = gpu_mm_gflops(device)
+    mm_tf32 = gpu_mm_gflops(device, tf32=True) if device == "cuda" else None
+    rows.append({"impl": "torch.mm", "op": "gemm", "dtype": "float32", "status": "ok",
+                 "gflops": mm, "gflops_tf32": mm_tf32})
+    log(f"torch.mm float32 {mm:.0f} GFLOP/s (TF32 off)"
+        + (f", {mm_tf32:.0f} with TF32" if mm_tf32 else ""), rows[-1])
+    big = max(sizes)
+
+    def add(name, op, dtype, N, D, flops, fn, err=None, **extra):
+        row = {"impl": name, "op": op, "dtype": dtype, "N": N, "B": N, "D": D}
+        try:
+            sec = _dev_timed(fn, repeat, device)
+            row.update(status="ok", seconds=sec, gflops=flops / sec / 1e9,
+                       frac_fp32_mm=flops / sec / 1e9 / mm, **extra)
+            if err is not None:
+                row["err_v"], row["err_log_scale"] = err()
+        except Exception as exc:  # noqa: BLE001 - a failed row is reported, not fatal
+            row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        rows.append(row)
+        log(_gpu_row_text(row), row)
+        return row
+
+    for D in dims:
+        for N in sizes if D == sweep_dim else [big]:
+            g = torch.Generator(device=device).manual_seed(N + D)
+            x = torch.randn(N, D, device=device, generator=g)
+            y = torch.randn(N, D, device=device, generator=g)
+            for name in names:
+                mod = registry.get(name).module()
+                for dt in ("float32", "bfloat16") if N == big else ("float32",):
+                    xd, yd = (x, y) if dt == "float32" else (x.bfloat16(), y.bfloat16())
+                    add(name, "forward", dt, N, D, 4 * D * N * N,
+                        lambda m=mod, a=xd, b=yd: m.field_forward(a, b, None, float(D), 0.0),
+                        err=lambda m=mod, a=xd, b=yd: _gpu_error(
+                            lambda q, c: m.field_forward(q, c, None, float(D), 0.0), a, b,
+                            float(D)))
+                if N != big or name == "triton-gemm":  # its backward and flow are triton's
+                    continue
+                v, ls = mod.field_forward(x, y, None, float(D), 0.0)
+                gv, gl = torch.randn_like(v), torch.randn_like(ls)
+                add(name, "backward", "float32", N, D, 11 * D * N * N,
+                    lambda m=mod: m.field_backward(x, y, None, float(D), 0.0, v, ls, gv, gl,
+                                                   need_x=True, need_y=True, need_w=False))
+                if D >= 2:
+                    d = D - 1
+                    xf, yf = x[:, :d].contiguous(), y[:, :d].contiguous()
+                    t0 = torch.full((N,), math.log(0.5), device=device, dtype=torch.float64)
+                    dt_ = torch.full((N,), 0.1, device=device, dtype=torch.float64)
+                    add(name, "rk4 step", "float32", N, d, 16 * d * N * N,
+                        lambda m=mod: m.flow_steps(xf, yf, None, t0, dt_, 1, "rk4"))
+    rows += gemm_form_rows(big, gemm_dims, repeat, device, names, mm, log=log)
+    return rows
+
+
+def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
+    """The GEMM form against the exact kernels on random and clustered data, with the
+    fraction of pairs recomputed (docs/DESIGN.md section 11)."""
+    if "triton-gemm" not in names:
+        return []
+    from poissonflow.triton import _gemm
+
+    rows = []
+    for D in dims:
+        for data in ("random", "clustered", "clustered-sorted"):
+            if data == "random":
+                g = torch.Generator(device=device).manual_seed(D)
+                x = torch.randn(N, D, device=device, generator=g)
+                y = torch.randn(N, D, device=device, generator=g)
+            else:
+                sort = data == "clustered-sorted"
+                x = clustered_points(N, D, seed=D, device=device, sort=sort)
+                y = clustered_points(N, D, seed=D + 1, device=device, sort=sort)
+            for name in [n for n in ("cuda", "triton") if n in names]:
+                mod = registry.get(name).module()
+                row = {"impl": name, "op": "forward", "data": data, "dtype": "float32", "N": N,
+                       "B": N, "D": D}
+                try:
+                    sec = _dev_timed(lambda: mod.field_forward(x, y, None, float(D), 0.0),
+                                     repeat, device)
+                    row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
+                               frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm)
+                    row["err_v"], row["err_log_scale"] = _gpu_error(
+                        lambda q, c: mod.field_forward(q, c, None, float(D), 0.0), x, y,
+                        float(D))
+                except Exception as exc:  # noqa: BLE001
+                    row["status"] = f"failed: {type(exc).__name__}: {exc}"
+                rows.append(row)
+                log(_gpu_row_text(row), row)
+            for precision in ("tf32", "bf16", "tf32x3"):
+                row = {"impl": f"triton-gemm[{precision}]", "op": "forward", "data": data,
+                       "dtype": "float32", "N": N, "B": N, "D": D}
+                try:
+                    def run(q=x, c=y, precision=precision):
+                        return _gemm.gemm_field_forward(q, c, None, float(D), 0.0,
+                                                        precision=precision)
+
+                    sec = _dev_timed(run, repeat, device)
+                    res = run()
+                    row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
+                               frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm, **res.summary(N))
+                    row["err_v"], row["err_log_scale"] = _gpu_error(
+                        lambda q, c: tuple(run(q, c)[:2]), x, y, float(D))
+                    exact = [r for r in rows if r.get("data") == data and r["D"] == D
+                             and r["impl"] in ("cuda", "triton") and r.get("status") == "ok"]
+                    for r in exact:
+                        row[f"speedup_over_{r['impl']}"] = r["seconds"] / sec
+                except Exception as exc:  # noqa: BLE001
+                    row["status"] = f"failed: {type(exc).__name__}: {exc}"
+                rows.append(row)
+                log(_gpu_row_text(row), row)
+    return rows
+
+
+def _gpu_row_text(r):
+    head = (f"{r['impl']:20} {r['op']:9} {r.get('data', ''):16} {r['dtype']:8} "
+            f"N=B={r.get('N', '')} D={r.get('D', '')}")
+    if r.get("status") != "ok":
+        return f"{head}  {r.get('status')}"
+    if r["op"] == "gemm":
+        return f"{head}  {r['gflops']:.0f} GFLOP/s"
+    text = (f"{head}  {r['seconds'] * 1e3:9.2f} ms {r['gflops']:8.0f} GFLOP/s "
+            f"{r['frac_fp32_mm']:5.2f} x mm")
+    if "err_v" in r:
+        text += f"  err v {r['err_v']:.1e} ls {r['err_log_scale']:.1e}"
+    if "pairs_recomputed" in r:
+        text += (f"  recomputed {r['pairs_recomputed']:.2%} pairs, {r['tiles_recomputed']:.0%}"
+                 f" tiles; fell back {r['rows_fell_back']:.2%} rows")
+    for k, v in r.items():
+        if k.startswith("speedup_over_"):
+            text += f"  {v:.2f}x {k[len('speedup_over_'):]}"
+    return text
+
+
+def gpu_main(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--gpu without a GPU needs TRITON_INTERPRET=1 (a dry run through "
+                         "Triton's interpreter)")
+    sizes = args.sizes or ([4096, 16384, 65536] if device == "cuda" else [48])
+    dims = args.dims or ([3, 33, 129, 513] if device == "cuda" else [3, 33])
+    gemm_dims = [d for d in dims if d >= 33] or dims
+    sweep = 129 if 129 in dims else dims[0]
+    stream = open(args.json + "l", "w") if args.json else None
+
+    def log(text, row):
+        print(text, flush=True)
+        if stream is not None:
+            stream.write(json.dumps(row, default=str) + "\n")
+            stream.flush()
+
+    rows = gpu_rows(sizes, dims, args.repeat, device, gemm_dims=gemm_dims, log=log,
+                    sweep_dim=sweep)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python bench/field_throughput.py"] + sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "poissonflow": poissonflow.__version__,
+        "backends": poissonflow.backends(),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sweep, under a minute")
@@ -278,7 +532,11 @@ def main(argv=None):
     ap.add_argument("--no-ode", action="store_true")
     ap.add_argument("--json", help="write every figure and setting to this file")
     ap.add_argument("--plot", help="draw GFLOP/s against size to this PNG")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the GPU rows (CUDA tensors; without a GPU: interpreter dry run)")
     args = ap.parse_args(argv)
+    if args.gpu:
+        return gpu_main(args)
 
     if args.quick:
         sizes, dims, repeat, peer_rows = [2048], [3, 129], 2, 256

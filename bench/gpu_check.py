@@ -17,6 +17,15 @@ and g.(x - y) then sum a (y - x), its dL/dy kernel the same plus pi * g), as a r
 float32 GEMM rate of torch.mm on 4096 x 4096 matrices (TF32 off) measured in the same run, and
 to the float32 CUDA-core peak (SMs x FP32 lanes x 2 x boost clock) when the clock is known.
 Without a GPU it prints "no GPU present" and exits 0. Exit status 1 when any check fails.
+
+The GEMM-form field (backend "triton-gemm", docs/DESIGN.md section 11) is checked like every
+backend above, and besides on the tensor cores themselves (`check_gemm_form`): its rounding
+bound |q - |x - y|^2| <= C_S (|x|^2 + |y|^2) on every pair of random, clustered and
+near-coincident data at each precision (error = the largest ratio actual / bound, tolerance
+1: the bound's model of the tensor cores' float32 accumulation is checked here, where the
+interpreter cannot), its certificate with small margins (error = the largest ratio of the
+actual error beyond the exact path's rounding to the certified bound; tolerance 1), and the
+near-coincident forward at each precision against the float32 tolerance.
 """
 
 from __future__ import annotations
@@ -31,7 +40,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout too
+if importlib.util.find_spec("poissonflow") is None:
+    # run from a source checkout too; an installed poissonflow (with its compiled kernels) is
+    # not shadowed by the source tree, which holds none (bench/gpu_session.sh relies on this)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poissonflow import reference, registry  # noqa: E402
 from poissonflow.reference import poisson_field_reference  # noqa: E402
@@ -142,6 +154,83 @@ def check_backend(name, mod, dtype_name) -> list[dict]:
     return rows
 
 
+def check_gemm_form(device="cuda", n=256, dims=(33, 129, 513)) -> list[dict]:
+    """The GEMM form's rounding bound and certificate on the GPU (module docstring); n, dims
+    and device="cpu" (under TRITON_INTERPRET=1) make bench/gpu_session.sh's dry run."""
+    from poissonflow.triton import _gemm
+
+    rows = []
+
+    def record(op, dtype, fn, tol):
+        try:
+            err = fn()
+            ok = math.isfinite(err) and err <= tol
+            rows.append(dict(backend="triton-gemm", op=op, dtype=dtype, error=err, tol=tol,
+                             passed=ok))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(backend="triton-gemm", op=op, dtype=dtype, error=None, tol=tol,
+                             passed=False, message=f"{type(exc).__name__}: {exc}"))
+
+    g = torch.Generator(device=device).manual_seed(7)
+
+    def clustered(n, d, k=16, spread=0.5, norm=10.0):
+        c = torch.randn(k, d, device=device, generator=g)
+        c = norm * c / c.norm(dim=1, keepdim=True)
+        idx = torch.randint(0, k, (n,), device=device, generator=g)
+        return c[idx] + spread * torch.randn(n, d, device=device, generator=g) / d**0.5
+
+    def near(n, d):
+        y = torch.randn(2 * n, d, device=device, generator=g, dtype=torch.float64)
+        y = 10 * y / y.norm(dim=1, keepdim=True)
+        u = torch.randn(2 * n, d, device=device, generator=g, dtype=torch.float64)
+        u = 1e-3 * u / u.norm(dim=1, keepdim=True)
+        y[1::2] = y[0::2] + u[:n]
+        return (y[0::2] + u[n:]).float(), y.float()
+
+    def r2_ratio(precision):
+        worst = 0.0
+        for D in dims:
+            cases = [(torch.randn(n, D, device=device, generator=g),
+                      torch.randn(2 * n, D, device=device, generator=g)),
+                     (clustered(n, D), clustered(2 * n, D)), near(n, D)]
+            for x, y in cases:
+                q, err = _gemm.gemm_r2_bounds(x, y, precision=precision)
+                true = (torch.cdist(x.double(), y.double(),
+                                    compute_mode="donot_use_mm_for_euclid_dist") ** 2)
+                worst = max(worst, float(((q.double() - true).abs() / err.double()).max()))
+        return worst
+
+    def certificate(D, margin):
+        x, y = clustered(2 * n, D, norm=2.0, spread=1.5), clustered(8 * n, D, norm=2.0, spread=1.5)
+        res = _gemm.gemm_field_forward(x, y, None, float(D), 0.0, margin=margin,
+                                       fallback=False)
+        v_ref, ls_ref = poisson_field_reference(x.double(), y.double(), None, float(D), 0.0,
+                                                r2_floor=torch.finfo(torch.float32).tiny)
+        dv = (res.v.double() - v_ref).norm(dim=1)
+        rounding = 1e-5 * v_ref.norm(dim=1)  # the exact path's float32 rounding
+        b_v = res.certificate[:, 0].double()
+        excess = (dv - rounding).clamp_min(0.0)
+        return float((excess / b_v.clamp_min(1e-300)).max())
+
+    def near_forward(precision):
+        x, y = near(2 * n, dims[-1])
+        p = float(x.shape[1])
+        res = _gemm.gemm_field_forward(x, y, None, p, 0.0, precision=precision)
+        rel, _, ls_err = field_errors(x, y, res.v, res.log_scale, power=p)
+        return max(rel, ls_err)
+
+    for precision in ("tf32", "bf16", "tf32x3"):
+        record(f"r2 bound [{precision}]", "float32", lambda p=precision: r2_ratio(p), 1.0)
+    for D in dims[:2]:
+        for margin in (4.0, 8.0):
+            record(f"certificate D={D} K={margin:g}", "float32",
+                   lambda d=D, k=margin: certificate(d, k), 1.0)
+    for precision in ("tf32", "bf16", "tf32x3"):
+        record(f"near-coincident [{precision}]", "float32",
+               lambda p=precision: near_forward(p), tolerance(torch.float32).v)
+    return rows
+
+
 def timed(fn, repeat=3) -> float:
     """Median seconds of fn() on the GPU (one warm-up call)."""
     fn()
@@ -219,10 +308,10 @@ def print_tables(report) -> None:
     print(f"device: {report['device']}")
     for name, why in report["unavailable"].items():
         print(f"  {name}: not checked ({why})")
-    print(f"\n{'backend':8} {'op':9} {'dtype':9} {'error':>10} {'tol':>9}  result")
+    print(f"\n{'backend':11} {'op':26} {'dtype':9} {'error':>10} {'tol':>9}  result")
     for r in report["results"]:
         err = "-" if r["error"] is None else f"{r['error']:.2e}"
-        line = f"{r['backend']:8} {r['op']:9} {r['dtype']:9} {err:>10} {r['tol']:9.1e}  "
+        line = f"{r['backend']:11} {r['op']:26} {r['dtype']:9} {err:>10} {r['tol']:9.1e}  "
         print(line + ("PASS" if r["passed"] else "FAIL " + r.get("message", "")))
     if not report["perf"]:
         return
@@ -230,17 +319,17 @@ def print_tables(report) -> None:
     n, b, d = report["perf_shape"]
     print(f"\nthroughput, float32, N = {n}, B = {b}, D = {d} (flow: d = {d - 1}); "
           f"torch.mm GEMM {gemm:.0f} GFLOP/s" + (f", FP32 peak {peak:.0f} GFLOP/s" if peak else ""))
-    print(f"{'backend':8} {'op':11} {'ms':>9} {'GFLOP/s':>9} {'/GEMM':>7} {'/peak':>7} "
+    print(f"{'backend':11} {'op':11} {'ms':>9} {'GFLOP/s':>9} {'/GEMM':>7} {'/peak':>7} "
           f"{'cuda/triton':>12}")
     by = {(p["backend"], p["op"]): p for p in report["perf"]}
     for p in report["perf"]:
         if p["seconds"] is None:
-            print(f"{p['backend']:8} {p['op']:11} failed: {p['message']}")
+            print(f"{p['backend']:11} {p['op']:11} failed: {p['message']}")
             continue
         other = by.get(("triton", p["op"])) if p["backend"] == "cuda" else None
         ratio = (f"{other['seconds'] / p['seconds']:.2f}x" if other and other["seconds"] else "")
         frac_peak = f"{p['gflops'] / peak:.1%}" if peak else "n/a"
-        print(f"{p['backend']:8} {p['op']:11} {p['seconds'] * 1e3:9.2f} {p['gflops']:9.0f} "
+        print(f"{p['backend']:11} {p['op']:11} {p['seconds'] * 1e3:9.2f} {p['gflops']:9.0f} "
               f"{p['gflops'] / gemm:7.2f} {frac_peak:>7} {ratio:>12}")
 
 
@@ -269,6 +358,8 @@ def main(argv=None) -> int:
     for name, mod in found.items():
         for dtype_name in DTYPES:
             report["results"] += check_backend(name, mod, dtype_name)
+    if "triton-gemm" in found:
+        report["results"] += check_gemm_form()
     if not args.no_perf and found:
         report["gemm_gflops"] = gemm_gflops()
         report["fp32_peak_gflops"] = fp32_peak_gflops()

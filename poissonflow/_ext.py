@@ -75,7 +75,7 @@ def backends() -> dict[str, dict[str, object]]:
     not, the devices and dtypes it takes and a one-line summary.
 
     >>> sorted(backends())
-    ['cpu', 'cuda', 'reference', 'triton']
+    ['cpu', 'cuda', 'reference', 'triton', 'triton-gemm']
     """
     from . import registry
 

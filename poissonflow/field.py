@@ -42,6 +42,7 @@ def poisson_field(
     eps: float = 0.0,
     exclude: torch.Tensor | None = None,
     backend: str = "auto",
+    algorithm: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Field of `charges` (B, D) at queries `x` (N, D): returns `(v, log_scale)`.
 
@@ -54,7 +55,12 @@ def poisson_field(
         exclude: optional int64 (N,): for each query the index of one charge to ignore, or -1
             (leave-one-out when the queries are the charges: `exclude=torch.arange(N)`).
         backend: "auto" (the fastest kernel for the tensors' device), "reference" (float64
-            pure PyTorch), "cpu" (C++), "triton" or "cuda".
+            pure PyTorch), "cpu" (C++), "triton", "triton-gemm" or "cuda".
+        algorithm: "exact" (r2 by direct differences) or "gemm": r2 in GEMM form on tensor
+            cores with a certified per-row error, near pairs recomputed exactly, rows the
+            certificate does not cover recomputed by the exact kernel (docs/DESIGN.md
+            section 11); runs on the "triton-gemm" backend (backend "auto", "triton" or
+            "triton-gemm"), whose backward is the exact Triton one.
 
     Returns:
         v (N, D) = x - sum_j pi_ij y_j and log_scale (N,), in x's dtype.
@@ -65,8 +71,16 @@ def poisson_field(
 
     Exact coincidence (a query equal to a charge, eps = 0): r2 is floored at the smallest normal
     number of the dtype, so that charge dominates, contributes exactly zero to v, and log_scale
-    is large and finite. A query that no charge reaches (all weights zero) gets v = 0 and
-    log_scale = -inf.
+    is large and finite. A query that no charge reaches (every charge of non-zero weight is its
+    excluded one) gets v = 0 and log_scale = -inf, and dL/dx = 0 there. Weights that are all zero
+    are an error (ValueError): there is no field to normalise.
     """
     p, e = _checks.check_field_inputs(x, charges, weights, power, eps, exclude)
+    if algorithm == "gemm":
+        if backend not in ("auto", "triton", "triton-gemm"):
+            raise ValueError(f"algorithm='gemm' runs on the Triton GEMM-form kernel "
+                             f"(backend='auto', 'triton' or 'triton-gemm'), got {backend!r}")
+        backend = "triton-gemm"
+    elif algorithm != "exact":
+        raise ValueError(f"algorithm must be 'exact' or 'gemm', got {algorithm!r}")
     return ops.field(x, charges, weights, p, e, exclude, None, backend)

@@ -162,6 +162,14 @@ REGISTRY: dict[str, Backend] = {
             devices_fn=_triton_devices,
         ),
         Backend(
+            "triton-gemm", "poissonflow.triton.gemm", ("cuda",),
+            _HALF_AND_UP,
+            "Triton, r2 in GEMM form on tensor cores (TF32) with a certified error; near "
+            "pairs recomputed exactly (docs/DESIGN.md section 11; float64: exact kernel)",
+            _probe_triton, op="field_triton_gemm", op_module="poissonflow.triton.gemm_ops",
+            devices_fn=_triton_devices,
+        ),
+        Backend(
             "cuda", "poissonflow._cuda_backend", ("cuda",), _HALF_AND_UP,
             "hand-written CUDA kernels (poissonflow._cuda)", _probe_cuda,
         ),

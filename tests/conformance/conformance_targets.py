@@ -7,8 +7,8 @@ backend protocol (docs/ARCHITECTURE.md) on tensors of one device:
   adapter, the dtype round trip, N = 0 and dead rows);
 * cpu: one target per compiled instruction set (poissonflow._ext.cpu_isas()), forced through
   $POISSONFLOW_CPU_ISA around each call;
-* triton: on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py),
-  on CUDA tensors where there is a GPU;
+* triton, triton-gemm: on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by
+  conftest.py), on CUDA tensors where there is a GPU;
 * cuda: without a GPU, the CUDA kernels' block program on the host emulator
   (tests/cuda_emulation), driven by the real Python backend; with one, the real kernels;
 * any other entry: its module, if it is available on CPU tensors.
@@ -110,11 +110,13 @@ def _discover() -> dict[str, Callable[[], Target]]:
 
                 if emu.compiler() is not None:
                     out["cuda-emu"] = functools.partial(_emulated_cuda, entry.dtypes)
-        elif name == "triton":
+        elif name in ("triton", "triton-gemm"):
+            # triton-gemm: its TF32 operand rounding is done in the kernel, so the interpreter
+            # runs the same GEMM-form r2 as a tensor core (docs/DESIGN.md section 11)
             if ok:
                 device = "cuda" if gpu else "cpu"
-                tid = "triton" if gpu else "triton-interp"
-                out[tid] = functools.partial(_module_target, tid, "triton", device, not gpu)
+                tid = name if gpu else f"{name}-interp"
+                out[tid] = functools.partial(_module_target, tid, name, device, not gpu)
         elif ok and "cpu" in entry.supported_devices():
             out[name] = functools.partial(_module_target, name, name, "cpu", False)
     return out
@@ -132,7 +134,9 @@ def get(tid: str) -> Target:
 def dtypes_of(tid: str) -> tuple:
     # The registry's dtypes, without building the target (the emulator compiles on first use).
     backend = "cpu" if tid.startswith("cpu-") else {"cuda-emu": "cuda",
-                                                   "triton-interp": "triton"}.get(tid, tid)
+                                                   "triton-interp": "triton",
+                                                   "triton-gemm-interp": "triton-gemm",
+                                                   }.get(tid, tid)
     return registry.get(backend).dtypes
 
 
