@@ -12,7 +12,7 @@ with profile=True; `timing_` splits every epoch into its phases:
     target   the field targets (poissonflow.pfgm.field_targets: one fused kernel call)
     network  forward, loss, backward and the Adam step
 
-The figure of merit is target / epoch (the issue's target: under 30%). For scale, the same target
+The figure of merit is target / epoch (the project's target: under 20%). For scale, the same target
 computed the way PFGM's code does it (an N x B x (d + 1) difference tensor in PyTorch) is timed
 too. The machine's load average is printed: on a shared 2-core machine other processes inflate
 every phase, so compare shares, not absolute times, across runs.

@@ -104,8 +104,9 @@ def _add_transform_arguments(p) -> None:
     p.add_argument("--field", choices=["empirical", "learned"], default="empirical",
                    help="the exact field of the charges (default) or a network trained on them "
                         "with PFGM's objective (poissonflow.LearnedField)")
-    p.add_argument("--preset", choices=["default", "blog", "pfgm"], default="default",
-                   help="learned field's preset (with --field learned)")
+    p.add_argument("--preset", choices=["default", "blog", "blog-faithful", "pfgm"],
+                   default="default", help="learned field's preset (with --field learned; "
+                   "blog-faithful: the blog code's loss and unshuffled batches)")
     p.add_argument("--field-epochs", type=int, default=None,
                    help="learned field's training epochs (default: the preset's)")
     p.add_argument("--load-field", default=None, metavar="FILE",

@@ -14,6 +14,13 @@ What is adapted to the input, and why:
   one size); in_channels follows the data (1 for digits).
 - Inputs are standardised per channel with the training set's mean and std, stored in the
   model (buffers), so features of any [0, 1] image use the same statistics.
+
+The blog's code where it differs (`EncoderSettings(init="blog", standardize=False,
+shuffle=False)`, `default_settings(name, faithful=True)`, docs/BLOG_FAITHFULNESS.md): every
+Conv2d and Linear of SmallAlexNet initialised N(0, 0.02) with zero biases (BatchNorm weight 1,
+bias 0; the head keeps PyTorch's default, as the blog's `nn.Linear(128, 10)` does), raw [0, 1]
+pixels (no standardisation), and the training images in their fixed order every epoch (an
+unshuffled DataLoader).
 - 8x8 digits (`DIGITS_ALEXNET`): the three 3x3/2 pools would shrink 8 -> 3 -> 1 -> (none), so
   only the pool after block 2 is kept (8 -> 3: blocks 3-5 and fc6 see 3x3 maps, as blocks 3-5
   see 7x7 and fc6 3x3 in the blog), and widths are scaled down (32, 64, 128, 128, 64; fc6/fc7
@@ -67,6 +74,8 @@ __all__ = [
 
 # Part of every cache key: bump it whenever a change here changes trained features.
 ENCODER_VERSION = 2  # 2: two augmented views of the test set (positive pairs)
+INITS = ("torch", "blog")
+BLOG_INIT_STD = 0.02  # the blog's SmallAlexNet.init_weights_: normal_(weight, 0, 0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +144,16 @@ class EncoderSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    init: str = "torch"  # "torch": PyTorch's defaults; "blog": N(0, 0.02) conv/linear weights
+    standardize: bool = True  # per-channel standardisation (False: raw [0, 1] pixels)
+    shuffle: bool = True  # a fresh permutation every epoch (False: the data's order)
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for name in ("standardize", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -165,16 +182,18 @@ class EncoderSettings:
         return dataclasses.replace(self, **changes)
 
 
-def default_settings(dataset_name: str) -> EncoderSettings:
+def default_settings(dataset_name: str, faithful: bool = False) -> EncoderSettings:
     """Defaults per data set: the blog's settings for CIFAR-10 (and its subset). Digits keep the
     blog's 20 epochs of Adam at lr 1e-3 but use the scaled-down network, pad-1 crop without
     flip, and batch 64: with 1347 training images, batch 256 would give only 6 updates an epoch
-    (measured on this 2-core CPU: 20 epochs take 11-25 s, head test accuracy about 98%)."""
+    (measured on this 2-core CPU: 20 epochs take 11-25 s, head test accuracy about 98%).
+    faithful=True: also the blog's initialisation, raw pixels and fixed order (module doc)."""
+    blog = dict(init="blog", standardize=False, shuffle=False) if faithful else {}
     if dataset_name == "digits":
         return EncoderSettings(arch=DIGITS_ALEXNET, augmentation=Augmentation(pad=1, flip=False),
-                               epochs=20, batch_size=64)
+                               epochs=20, batch_size=64, **blog)
     if dataset_name in ("cifar10", "cifar10-subset"):
-        return EncoderSettings()
+        return EncoderSettings(**blog)
     raise ValueError(f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got "
                      f"{dataset_name!r}")
 
@@ -221,6 +240,18 @@ class SmallAlexNet(nn.Module):
             nn.Linear(arch.fc_width, arch.feat_dim),  # fc8
         )
         self.feat_dim = arch.feat_dim
+
+    def init_blog_(self, std: float = BLOG_INIT_STD) -> None:
+        """The blog's init_weights_: Conv2d and Linear weights N(0, std), biases 0, BatchNorm
+        weight 1 and bias 0, drawn from the global RNG in module order."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.input_mean.copy_(mean)
@@ -356,6 +387,8 @@ def train_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = EncoderClassifier(c, (h, w), n_classes, settings.arch)
+        if settings.init == "blog":
+            model.encoder.init_blog_()
     # Per-channel mean and (biased) std over all training pixels, accumulated in float64 so
     # that 50000 x 1024 terms a channel lose nothing; E[x^2] - E[x]^2 does not cancel
     # badly for pixels in [0, 1].
@@ -363,7 +396,8 @@ def train_encoder(
     mean = x.sum(dim=(0, 2, 3), dtype=torch.float64) / count
     var = (x * x).sum(dim=(0, 2, 3), dtype=torch.float64) / count - mean * mean
     std = var.clamp_min(0).sqrt().clamp_min(1e-6)
-    model.encoder.set_input_stats(mean.float(), std.float())
+    if settings.standardize:  # otherwise the buffers stay 0 and 1: raw [0, 1] pixels
+        model.encoder.set_input_stats(mean.float(), std.float())
     model.to(dev)
     x, y = x.to(dev), y.to(dev)
 
@@ -380,7 +414,8 @@ def train_encoder(
         for epoch in range(settings.epochs):
             model.train()
             t0 = time.perf_counter()
-            order = torch.randperm(n, generator=gen).to(dev)
+            order = (torch.randperm(n, generator=gen) if settings.shuffle
+                     else torch.arange(n)).to(dev)
             # Running sums stay on the device: no host sync per step on CUDA.
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), dtype=torch.long, device=dev)

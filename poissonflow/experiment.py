@@ -1,6 +1,6 @@
 """The end-to-end experiment: does Poisson-flow uniformity improve downstream accuracy?
 
-    python -m poissonflow experiment                       # digits, 3 seeds, a few minutes
+    python -m poissonflow experiment                       # digits, 5 seeds, a few minutes
     python -m poissonflow experiment --dataset cifar10-subset --seeds 0 1 2
     python -m poissonflow experiment --dataset cifar10 --data-dir ~/data/cifar-10-batches-py
 
@@ -17,6 +17,10 @@ training features. Rows (docs/DESIGN.md sections 4-5):
   ZCA whitening         fitted on train
   flow: blog preset     learned field, the blog's code (radial Euler 100 x 0.01 from z = 0),
                         the 129-d end points as the blog fed them to LogisticRegression()
+  flow: untrained blog field  the blog preset's network at its initialisation, same ODE: the
+                        blog's published code never reaches its optimiser step (docs/DESIGN.md 4)
+  flow: blog preset, to plateau  the blog field trained until its validation loss plateaus
+                        (PLATEAU below), same ODE
   scale control         raw features times the blog-flowed features' mean norm: the default
                         LogisticRegression (C = 1) is regularised according to feature norm
   flow: blog, unit norm the blog-flowed features scaled back to unit norm
@@ -25,8 +29,17 @@ training features. Rows (docs/DESIGN.md sections 4-5):
                         horizon, leave-one-out), on the sphere
 
 Each row is scored by the blog's classifier (scikit-learn's default LogisticRegression() on
-unscaled features) and by the tuned linear probe (StandardScaler, lbfgs, C chosen on a
-validation split of train, test scored once). Representation metrics are computed on the test
+unscaled features), by the tuned linear probe (StandardScaler, lbfgs, C chosen on a
+validation split of train, test scored once), by cosine k-NN (k = 20 and 200) and by linear
+probes that see 1% and 10% of the training labels (probes.low_label_probe). Every probe's
+per-image test predictions are kept (predictions.npz) and every row is compared with the raw
+features image by image: the paired difference, its bootstrap 95% interval and an exact
+McNemar test, per seed and pooled over seeds (probes.paired_comparison).
+
+--faithful runs the blog's code where it differs from the default reproduction: the encoder's
+N(0, 0.02) initialisation, raw [0, 1] pixels in a fixed order, and the "blog-faithful" field
+(mean loss over the d + 1 outputs, fixed unshuffled batches); docs/BLOG_FAITHFULNESS.md lists
+every difference that remains. Representation metrics are computed on the test
 features after L2 normalisation (Wang & Isola's alignment on two augmented views of each test
 image, their uniformity with t = 2, Fang et al.'s Wasserstein uniformity, effective rank).
 """
@@ -45,18 +58,23 @@ import numpy as np
 import torch
 
 from . import metrics
-from .probes import linear_probe
+from .probes import knn_predict, linear_probe, low_label_probe
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
            "ROWS", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
            "row_graph", "evaluate_rows"]
 
 
+# Five seeds: a run of all five took 149-237 s on the 2-core development machine with one
+# thread (while other jobs held a load of 6-9), well under 10 minutes.
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     dataset: str = "digits"
     data_dir: str | None = None
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
     out_dir: str = "results/digits"
     cache_dir: str | None = None  # default: <out_dir>/cache
     device: str = "cpu"
@@ -65,6 +83,8 @@ class ExperimentConfig:
     sweep: bool = True
     limit: int | None = None  # only the first `limit` (>= MIN_LIMIT) train, limit // 3 test
     progress: bool | None = None  # None: progress bars when stderr is a terminal
+    faithful: bool = False  # the blog's code where it differs (module doc)
+    threads: int | None = 1  # torch, BLAS and OpenMP threads for the run (None: leave as is)
 
 
 # --------------------------------------------------------------------------- the row graph
@@ -106,6 +126,7 @@ class RunSettings:
     progress: bool = False
     field_epochs: int | None = None
     cache_dir: Path | None = None  # learned fields are cached there (None: always train)
+    blog_preset: str = "blog"  # the LearnedField preset of the blog rows ("blog-faithful")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +206,8 @@ def _zca(features, eps=1e-5):
 # Part of a learned field's cache key: bump it whenever a change in learned.py or pfgm.py
 # changes what training produces for the same settings (the package version alone does not
 # change between development commits).
-LEARNED_FIELD_CACHE_VERSION = 1
+# 2: loss, batch and plateau settings (the faithful blog options); the validation history is saved
+LEARNED_FIELD_CACHE_VERSION = 2
 
 
 # LearnedField parameters that only change what is displayed, not the trained field.
@@ -209,18 +231,34 @@ def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str
     )
 
 
-def _fit_field(preset: str):
-    """Node: the learned field of `preset`, trained on the train features, or loaded from the
-    cache when the same settings were trained on the same features before."""
+# The plateau rule of the "to plateau" row (LearnedField's patience / eval_every): validation
+# every 100 epochs, stop after 5 evaluations without a 0.1% improvement, at most 20000 epochs.
+# Measured on digits (seed 0, one update an epoch): the blog field's validation loss fell from
+# 14.8 to 5.75 and the rule stopped at epoch 8600 (17 s on one thread); at the default 200
+# epochs it is 14.5.
+PLATEAU = {"epochs": 20000, "patience": 5, "eval_every": 100}
+
+
+def _fit_field(preset: str, train: bool = True, plateau: bool = False):
+    """Node: the learned field of `preset` ("blog": the run's blog_preset), trained on the
+    train features, or loaded from the cache when the same settings were trained on the same
+    features before. train=False: the network at its seeded initialisation (not cached: it
+    costs nothing), the blog's published code's field."""
 
     def make(features, run):
         from .cache import ArrayCache
         from .learned import LearnedField
 
-        kwargs = {"preset": preset, "seed": run.seed, "device": run.device}
-        if run.field_epochs is not None:
+        name = run.blog_preset if preset == "blog" else preset
+        kwargs = {"preset": name, "seed": run.seed, "device": run.device}
+        if plateau:
+            kwargs.update(PLATEAU)
+        if run.field_epochs is not None:  # with the plateau rule: the most epochs
             kwargs["epochs"] = run.field_epochs
         field = LearnedField(**kwargs)
+        if not train:
+            return FittedField(field.fit(features.train, progress=False, train=False), 0.0,
+                               False)
         field_seconds = [0.0]  # set by fit(): the training time stored with a cached field
 
         def fit():
@@ -243,25 +281,41 @@ def _fit_field(preset: str):
     return Node(("features", "run"), make)
 
 
-def _learned_flow(preset: str, output: str):
-    """Row: the features flowed through the preset's learned field (its own ODE)."""
+def _learned_flow(field_node: str, output: str):
+    """Row: the features flowed through a learned field (its preset's own ODE); info: the
+    guard's counts (point-evaluations guarded, points guarded at least once, points left on
+    the plane z = 0) and the field's training iterations, final and per-epoch loss."""
 
     def make(features, fitted):
         from .transform import transform
 
-        guard = 0
+        counts = {"guard_fired": 0, "guarded_points": 0, "on_plane": 0, "points": 0}
 
         def flow(a):
-            nonlocal guard
             out, info = transform(a, field=fitted.field, output=output, return_info=True)
-            guard += info.get("guard_fired", 0)
+            counts["guard_fired"] += int(info.get("guard_fired", 0))
+            counts["guarded_points"] += int(info.get("guarded_points", 0))
+            counts["on_plane"] += int(info.get("on_plane", 0))
+            counts["points"] += len(a)
             return out
 
         flowed = features.map(flow)
-        return RowOutput(flowed, {"field_train_seconds": fitted.train_seconds,
-                                  "field_from_cache": fitted.from_cache, "guard_fired": guard})
+        field = fitted.field
+        n = max(1, counts["points"])
+        return RowOutput(flowed, {
+            "field_train_seconds": fitted.train_seconds, "field_from_cache": fitted.from_cache,
+            "field_preset": field.preset, **counts,
+            # over the train, test and view sets flowed (docs/DESIGN.md section 3)
+            "guarded_fraction": counts["guarded_points"] / n,
+            "on_plane_fraction": counts["on_plane"] / n,
+            "field_iterations": int(field.n_iterations_),
+            "field_final_loss": field.loss_history_[-1] if field.loss_history_ else None,
+            "field_loss_history": [float(v) for v in field.loss_history_],
+            "field_val_loss_history": [list(v) for v in getattr(field, "val_loss_history_", [])],
+            "field_plateau_epoch": getattr(field, "plateau_epoch_", None),
+        })
 
-    return Node(("features", f"field: {preset}"), make)
+    return Node(("features", field_node), make)
 
 
 def _scale_control(features, blog):
@@ -293,16 +347,21 @@ def _exact_flow(features):
 
 
 BLOG_ROW = "flow: blog preset"
+UNTRAINED_ROW = "flow: untrained blog field"
+PLATEAU_ROW = "flow: blog preset, to plateau"
+RAW_ROW = "raw features"
 
 # The table's rows, in table order.
 ROWS: list[tuple[str, Node]] = [
-    ("raw features", Node(("features",), _identity)),
+    (RAW_ROW, Node(("features",), _identity)),
     ("L2 (centred)", Node(("features",), _l2_centred)),
     ("ZCA whitening", Node(("features",), _zca)),
-    (BLOG_ROW, _learned_flow("blog", "raw")),
+    (BLOG_ROW, _learned_flow("field: blog", "raw")),
+    (UNTRAINED_ROW, _learned_flow("field: blog, untrained", "raw")),
+    (PLATEAU_ROW, _learned_flow("field: blog, plateau", "raw")),
     ("scale control", Node(("features", BLOG_ROW), _scale_control)),
     ("flow: blog, unit norm", Node((BLOG_ROW,), _blog_unit)),
-    ("flow: PFGM preset", _learned_flow("pfgm", "sphere")),
+    ("flow: PFGM preset", _learned_flow("field: pfgm", "sphere")),
     ("flow: exact field", Node(("features",), _exact_flow)),
 ]
 
@@ -327,19 +386,41 @@ def representation_metrics(fte, views) -> dict[str, float]:
     return out
 
 
+KNN_KS = (20, 200)
+LABEL_FRACTIONS = (0.01, 0.1)
+
+
 def score_row(ftr, ytr, fte, yte, views, seed) -> dict[str, Any]:
+    """Every probe of a row and its representation metrics. The per-image test predictions
+    of each probe are under "_predictions" (run_seed moves them to predictions.npz)."""
     blog = linear_probe(ftr, ytr, fte, yte, blog=True)
     tuned = linear_probe(ftr, ytr, fte, yte, seed=seed)
-    return {
+    preds = {"blog": blog.test_predictions, "tuned": tuned.test_predictions}
+    row: dict[str, Any] = {
         "blog": {"train": blog.train_accuracy, "test": blog.test_accuracy,
                  "convergence_warnings": len(blog.convergence_warnings)},
         "tuned": {"train": tuned.train_accuracy, "val": tuned.val_accuracy,
                   "test": tuned.test_accuracy, "C": tuned.C,
                   "convergence_warnings": len(tuned.convergence_warnings)},
-        "metrics": representation_metrics(fte, views),
-        "dim": int(ftr.shape[1]),
-        "mean_norm": float(np.linalg.norm(fte, axis=1).mean()),
     }
+    for k in KNN_KS:
+        pred = knn_predict(ftr, ytr, fte, k=k)
+        preds[f"knn{k}"] = pred
+        row[f"knn{k}"] = {"test": float((pred == yte).mean()), "k": min(k, len(ytr))}
+    for frac in LABEL_FRACTIONS:
+        low = low_label_probe(ftr, ytr, fte, yte, fraction=frac, seed=seed)
+        name = f"labels{100 * frac:g}%"
+        preds[name] = low.test_predictions
+        row[name] = {"train": low.train_accuracy, "test": low.test_accuracy,
+                     "n_labels": low.n_train_used,
+                     "convergence_warnings": len(low.convergence_warnings)}
+    row["convergence_warnings"] = sum(v["convergence_warnings"] for v in row.values()
+                                      if isinstance(v, dict) and "convergence_warnings" in v)
+    row["metrics"] = representation_metrics(fte, views)
+    row["dim"] = int(ftr.shape[1])
+    row["mean_norm"] = float(np.linalg.norm(fte, axis=1).mean())
+    row["_predictions"] = preds
+    return row
 
 
 # --------------------------------------------------------------------------- horizon sweep
@@ -398,6 +479,8 @@ SWEEP = "horizon sweep"
 NODES: dict[str, Node] = {
     **dict(ROWS),
     "field: blog": _fit_field("blog"),
+    "field: blog, untrained": _fit_field("blog", train=False),
+    "field: blog, plateau": _fit_field("blog", plateau=True),
     "field: pfgm": _fit_field("pfgm"),
     SWEEP: Node(("features", "labels", "run", "field: blog"), horizon_sweep),
 }
@@ -437,9 +520,12 @@ def evaluate_rows(graph: Graph, names=None) -> dict[str, Any]:
 
 
 def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
+    """One seed: encoder, every row, the sweep. Returns the seed's results, with the per-image
+    test predictions under "predictions" ({row: {probe: labels}}, the head's under "encoder
+    head") and the test labels under "y_test"; run_experiment moves both to predictions.npz."""
     from .encoder import default_settings, encode_dataset
 
-    settings = default_settings(dataset.name).replace(seed=seed)
+    settings = default_settings(dataset.name, faithful=cfg.faithful).replace(seed=seed)
     if cfg.encoder_epochs is not None:
         settings = settings.replace(epochs=cfg.encoder_epochs)
     t0 = time.perf_counter()
@@ -454,13 +540,20 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
                      "train_last_epoch": enc.history.epoch_acc[-1], "test": enc.test_acc},
             "metrics": representation_metrics(features.test, features.views),
             "dim": int(features.train.shape[1]), "encoder_from_cache": enc.from_cache,
+            "encoder_settings": settings.to_dict(),
         }
     }
     run = RunSettings(seed=seed, device=cfg.device, progress=bool(cfg.progress),
-                      field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg))
+                      field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg),
+                      blog_preset="blog-faithful" if cfg.faithful else "blog")
     graph = row_graph(features, (ytr, yte), run)
     rows.update(evaluate_rows(graph))
-    out = {"seed": seed, "rows": rows, "seconds": seconds}
+    predictions = {"encoder head": {"head": enc.logits_test.argmax(1)}}
+    for name, row in rows.items():
+        if "_predictions" in row:
+            predictions[name] = row.pop("_predictions")
+    out = {"seed": seed, "rows": rows, "seconds": seconds, "predictions": predictions,
+           "y_test": np.asarray(yte)}
     if cfg.sweep:
         t = time.perf_counter()
         out["sweep"] = graph.get(SWEEP)
@@ -474,10 +567,28 @@ def _cache_dir(cfg: ExperimentConfig) -> Path:
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    from . import __version__, report
+    """Runs every seed and writes the outputs (after each seed, marked incomplete until the
+    last). The problems are small (a 1347 x 129 logistic regression, a 129-wide MLP): with two
+    threads on two shared cores the OpenMP and BLAS workers spin against each other, and one
+    seed's rows took 17 minutes at a load of 9 where one thread took 30 s for the whole seed
+    (measured on the development machine), so the run limits torch, BLAS and OpenMP to `cfg.threads`."""
+    validate_config(cfg)
+    if cfg.threads is None:
+        return _run(cfg)
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with threadpool_limits(limits=cfg.threads):
+            return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: ExperimentConfig) -> dict[str, Any]:
     from .data import load_dataset
 
-    validate_config(cfg)
     if cfg.progress is None:
         cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     t0 = time.perf_counter()
@@ -488,10 +599,22 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             dataset, x_train=dataset.x_train[: cfg.limit], y_train=dataset.y_train[: cfg.limit],
             x_test=dataset.x_test[:n_test], y_test=dataset.y_test[:n_test],
         )
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
+    predictions: dict[int, Any] = {}
     for seed in cfg.seeds:
         print(f"{dataset.name}: seed {seed}", file=sys.stderr)
-        per_seed.append(run_seed(dataset, cfg, seed))
+        done = run_seed(dataset, cfg, seed)
+        predictions[seed] = (done.pop("predictions"), done.pop("y_test"))
+        per_seed.append(done)
+        if seed != cfg.seeds[-1]:
+            # the seeds so far, marked incomplete: a long run that is stopped keeps them
+            _write(cfg, dataset, per_seed, predictions, t0, complete=False)
+    return _write(cfg, dataset, per_seed, predictions, t0, complete=True)
+
+
+def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[str, Any]:
+    from . import __version__, report
+
     results = {
         "config": dataclasses.asdict(cfg),
         "dataset": {"name": dataset.name, "n_train": int(len(dataset.y_train)),
@@ -503,8 +626,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "per_seed": per_seed,
         "summary": report.summarise(per_seed),
+        "paired": report.paired_statistics(predictions),
         "seconds": time.perf_counter() - t0,
+        "complete": complete,  # False: written after a seed, more seeds to come
     }
+    report.write_predictions(predictions, Path(cfg.out_dir))
     report.write_outputs(results, Path(cfg.out_dir))
     return results
 
@@ -574,6 +700,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
             raise ConfigError("--seeds", f"seeds must be non-negative integers, got {seed!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds", f"a seed is given twice in {list(seeds)}")
+    if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
+        raise ConfigError("--threads", f"must be an integer >= 1, got {cfg.threads!r}")
     if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < MIN_LIMIT):
         raise ConfigError("--limit", f"must be an integer >= {MIN_LIMIT} (enough examples for "
                                      f"the probe's validation split), got {cfg.limit!r}")
@@ -617,9 +745,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
                              "(cifar10-subset); not allowed with digits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
                         help="non-negative seeds, one full run each (encoder, probe split, flow; "
-                             "default: 0 1 2)")
+                             "default: 0 1 2 3 4)")
     parser.add_argument("--out", default=None,
                         help="output folder for results.json, results.md and the plot "
                              "(default: results/<dataset>)")
@@ -640,6 +768,13 @@ def add_arguments(parser) -> None:
                              f"{MIN_LIMIT} (quick runs)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: bars when stderr is a terminal)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch, BLAS and OpenMP threads for the run (default: 1; the "
+                             "experiment's small problems run fastest on one thread a process)")
+    parser.add_argument("--faithful", action="store_true",
+                        help="the blog's code where it differs: N(0, 0.02) encoder init, raw "
+                             "[0, 1] pixels in a fixed order, mean field loss, unshuffled "
+                             "field batches (docs/BLOG_FAITHFULNESS.md)")
 
 
 def config_from_args(args) -> ExperimentConfig:
@@ -648,7 +783,8 @@ def config_from_args(args) -> ExperimentConfig:
         out_dir=args.out or f"results/{args.dataset}", cache_dir=args.cache_dir,
         device=args.device, encoder_epochs=args.encoder_epochs, field_epochs=args.field_epochs,
         sweep=not args.no_sweep, limit=args.limit,
-        progress=False if args.no_progress else None,
+        progress=False if args.no_progress else None, faithful=args.faithful,
+        threads=args.threads,
     )
 
 

@@ -5,7 +5,7 @@
     z = field.transform(features)                                     # the same (scikit-learn)
     PoissonFlow(field=LearnedField(preset="blog"))                    # a tunable sub-estimator
 
-The blog's method (DESIGN.md section 4) does not flow through the exact empirical field: it
+The blog's method (docs/DESIGN.md section 4) does not flow through the exact empirical field: it
 trains an MLP n(x, z) on PFGM's objective and integrates the flow of n. The transform is then a
 fixed function of a feature, whatever points are charges.
 
@@ -18,7 +18,9 @@ fused field kernel (poissonflow.pfgm.field_targets) and takes one Adam step on
 
 Batches are reshuffled every epoch (the blog's code did not shuffle); an incomplete last large
 batch is dropped when the data hold more than one (its few charges would give a biased field),
-so every epoch has floor(N / large_batch) iterations, or one when N <= large_batch.
+so every epoch has floor(N / large_batch) iterations, or one when N <= large_batch. The preset
+"blog-faithful" does what the blog's code does instead: the mean over the d + 1 outputs, fixed
+batches in the data's order, the incomplete last one kept (loss, shuffle, drop_last).
 
 Presets (every value can be overridden by the matching argument):
 
@@ -36,6 +38,10 @@ Presets (every value can be overridden by the matching argument):
 | grad_clip | None | None | 2.0 (PFGM clips at 1 the gradient of loss / 2) |
 | ema (weight averaging) | 0.99 | None | 0.9999 |
 | flow | log-z RK4 x 32, sigma..z_max | radial Euler 100 x 0.01 from 0 | RK4 x 32, 1e-3..z_max |
+| loss / shuffle / drop_last | sum / True / True | sum / True / True | sum / True / True |
+| patience / eval_every | None (fixed epochs) / 10 | same | same |
+
+"blog-faithful" is "blog" with loss "mean", shuffle False, drop_last False (the blog's code).
 
 "data norm" is sqrt(mean ||x||^2) (poissonflow.pfgm.data_norm). M's rule and z_max:
 poissonflow.pfgm.pfgm_M / pfgm_z_max. ema is the decay of an exponential moving average of the
@@ -94,7 +100,8 @@ from .pfgm import data_norm, field_targets, pfgm_M, pfgm_perturb, pfgm_z_max
 __all__ = ["LearnedField", "PRESETS", "FILE_FORMAT"]
 
 FILE_FORMAT = 1  # bumped when the saved layout changes
-PRESETS = (None, "blog", "pfgm")
+PRESETS = (None, "blog", "pfgm", "blog-faithful")
+LOSSES = ("sum", "mean")
 
 # "auto" values are resolved from the data in fit(); "norm:<k>" means k x the data norm.
 _PRESET_SETTINGS: dict[Any, dict[str, Any]] = {
@@ -102,25 +109,39 @@ _PRESET_SETTINGS: dict[Any, dict[str, Any]] = {
         "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": "norm:0.01",
         "gamma": "norm:0.05", "restrict_M": False, "large_batch": 1024, "small_batch": 128,
         "epochs": 200, "lr": 1e-3, "grad_clip": None, "ema": 0.99, "z_min": "sigma",
-        "z_max": "auto",
+        "z_max": "auto", "loss": "sum", "shuffle": True, "drop_last": True,
+        "patience": None, "eval_every": 10,
     },
     "blog": {
         "hidden": "auto", "depth": 2, "M": 20.0, "tau": 0.03, "sigma": 0.01, "gamma": 0.3,
         "restrict_M": False, "large_batch": 1024, "small_batch": 128, "epochs": 200,
         "lr": 1e-3, "grad_clip": None, "ema": None, "z_min": 0.0, "z_max": "radial",
+        "loss": "sum", "shuffle": True, "drop_last": True,
+        "patience": None, "eval_every": 10,
     },
     "pfgm": {
         "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": 0.01, "gamma": 5.0,
         "restrict_M": True, "large_batch": 4096, "small_batch": 128, "epochs": 200,
         "lr": 2e-4, "grad_clip": 2.0, "ema": 0.9999, "z_min": 1e-3, "z_max": "auto",
+        "loss": "sum", "shuffle": True, "drop_last": True,
+        "patience": None, "eval_every": 10,
     },
 }
+# The blog's code where it differs from the "blog" preset (docs/BLOG_FAITHFULNESS.md): its
+# loss is the mean over the d + 1 outputs (reduce_op = torch.mean), its loader is an
+# unshuffled DataLoader(batch_size=1024) that keeps the incomplete last batch, so the same
+# fixed large batches come every epoch and only the first 128 rows of each are ever perturbed.
+# Its field network keeps PyTorch's default initialisation (its N(0, 0.02) init is the
+# encoder's only), as the package's does.
+_PRESET_SETTINGS["blog-faithful"] = dict(_PRESET_SETTINGS["blog"], loss="mean", shuffle=False,
+                                         drop_last=False)
 _FLOWS = {
     None: {"parameterization": "logz", "solver": "rk4", "steps": 32},
     "blog": {"parameterization": "radial", "solver": "euler", "steps": 100, "delta": 0.01,
              "output": "raw"},
     "pfgm": {"parameterization": "logz", "solver": "rk4", "steps": 32},
 }
+_FLOWS["blog-faithful"] = dict(_FLOWS["blog"])
 _SETTINGS = tuple(_PRESET_SETTINGS[None])
 _BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 _POSITIVE = Interval(Real, 0, None, closed="neither")
@@ -143,7 +164,8 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     Parameters are validated in fit (a bad one raises a ValueError or TypeError naming it).
 
     Args (None takes the preset's value; see the module table):
-        preset: None, "blog" (every setting of the blog's code) or "pfgm" (PFGM's defaults).
+        preset: None, "blog" (the blog's settings), "blog-faithful" (the blog's code where it
+            differs: mean loss, fixed unshuffled batches with the last one kept) or "pfgm".
         hidden: hidden width ("auto": d + 1); depth: number of hidden Linear-ReLU layers.
         M: perturbation exponent range, m ~ U[0, M) ("auto": PFGM's rule from the data).
         tau, sigma: perturbation growth (1 + tau)^m and base scale (sigma > 0).
@@ -152,6 +174,17 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         large_batch, small_batch: charges per iteration, perturbed points per iteration.
         epochs, lr: Adam epochs and learning rate; grad_clip: max gradient norm or None.
         z_min, z_max: the flow's horizon reported by default_flow() ("auto": PFGM's z_max).
+        loss: "sum" (squared error summed over the d + 1 outputs, PFGM's form) or "mean" (over
+            them, the blog's code: the same minimiser, gradients (d + 1) times smaller).
+        shuffle: reshuffle the batches every epoch (False: the data's own order, every epoch).
+        drop_last: drop an incomplete last large batch when there are several (False: keep
+            it, as torch's DataLoader does by default).
+        patience, eval_every: the plateau rule. patience None trains exactly `epochs`; an
+            integer k evaluates the validation loss every `eval_every` epochs and stops when
+            k evaluations in a row failed to lower the best by 0.1% (`epochs` is then the
+            maximum). The validation set: 512 training features (or all, if fewer) perturbed
+            once with their own seeded draws, targets from a fixed large batch: fresh
+            perturbations, as training sees, but the same ones at every evaluation.
         seed: initialisation, shuffling and perturbation are reproducible for a fixed seed.
         device: "auto" (CUDA when available), "cpu", "cuda" or a torch.device.
         backend: field kernel for the targets ("auto", "cpu", "cuda", "triton", "reference").
@@ -187,6 +220,11 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         "ema": [Interval(Real, 0, 1, closed="left"), None],
         "z_min": [_NON_NEGATIVE, None],
         "z_max": [_POSITIVE, StrOptions({"auto"}), None],
+        "loss": [StrOptions(set(LOSSES)), None],
+        "shuffle": ["boolean", None],
+        "drop_last": ["boolean", None],
+        "patience": [_COUNT, None],
+        "eval_every": [_COUNT, None],
         "seed": [Interval(Integral, 0, None, closed="left")],
         "device": [str, torch.device],
         "backend": [StrOptions(set(_BACKENDS))],
@@ -212,6 +250,11 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         ema=None,
         z_min=None,
         z_max=None,
+        loss=None,
+        shuffle=None,
+        drop_last=None,
+        patience=None,
+        eval_every=None,
         seed: int = 0,
         device="auto",
         backend: str = "auto",
@@ -233,6 +276,11 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.ema = ema
         self.z_min = z_min
         self.z_max = z_max
+        self.loss = loss
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.patience = patience
+        self.eval_every = eval_every
         self.seed = seed
         self.device = device
         self.backend = backend
@@ -276,7 +324,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if s["hidden"] == "auto":
             s["hidden"] = d + 1
         for k, least in (("hidden", 1), ("depth", 0), ("large_batch", 1), ("small_batch", 1),
-                         ("epochs", 1)):
+                         ("epochs", 1), ("eval_every", 1)):
             s[k] = _check_int(s[k], k, least)
         if s["small_batch"] > s["large_batch"]:
             # the perturbed points are the head of each large batch of charges
@@ -293,6 +341,14 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             s["ema"] = _check_positive(s["ema"], "ema", allow_zero=True)
             if s["ema"] >= 1:
                 raise ValueError(f"ema must be a decay rate in [0, 1) or None, got {s['ema']!r}")
+        if s["patience"] is not None:
+            s["patience"] = _check_int(s["patience"], "patience", 1)
+        if s["loss"] not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {s['loss']!r}")
+        for k in ("shuffle", "drop_last"):
+            if not isinstance(s[k], (bool, np.bool_)):
+                raise TypeError(f"{k} must be a bool, got {s[k]!r}")
+            s[k] = bool(s[k])
         if not isinstance(s["restrict_M"], (bool, np.bool_)):
             raise TypeError(f"restrict_M must be a bool, got {s['restrict_M']!r}")
         s["restrict_M"] = bool(s["restrict_M"])
@@ -316,9 +372,13 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     # ------------------------------------------------------------------ training
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, *, progress: bool | None = None,
-            profile: bool = False) -> "LearnedField":
+            profile: bool = False, train: bool = True) -> "LearnedField":
         """Trains the network on the features X (N, d) (numpy, array-like or torch); returns
         self. y is ignored (scikit-learn's signature).
+
+        train=False: everything but the training (settings, centre, the network at its seeded
+        initialisation, no Adam step): the blog's published code never reaches its
+        optimiser step, so its field is an untrained one (docs/DESIGN.md section 4).
 
         progress: this call's progress bar, overriding the `progress` parameter (None keeps it).
         profile=True synchronises CUDA after each phase so that timing_ splits a GPU epoch
@@ -353,9 +413,14 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.loss_history_, self.wrong_sign_history_ = [], []
         self.timing_ = {k: [] for k in ("epoch", "data", "target", "network")}
         self.n_iterations_ = 0
+        self.val_loss_history_: list[tuple[int, float]] = []  # (epochs done, loss)
+        self.plateau_epoch_: int | None = None  # the epoch the plateau rule stopped at
+        validation = None if s["patience"] is None else self._validation_set(X, s, seed,
+                                                                             backend)
+        best, stale = math.inf, 0
         bar = _epoch_bar(s["epochs"], self._show_progress(progress))
         t_fit = time.perf_counter()
-        for _ in range(s["epochs"]):
+        for epoch in range(s["epochs"] if train else 0):
             loss, wrong, seconds = self._train_epoch(X, s, opt, shadow, gen, backend, sync)
             self.loss_history_.append(loss)
             self.wrong_sign_history_.append(wrong)
@@ -364,6 +429,17 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4g}")
                 bar.update(1)
+            if validation is not None and (epoch + 1) % s["eval_every"] == 0:
+                val = self._validation_loss(validation, s)
+                self.val_loss_history_.append((epoch + 1, val))
+                # the plateau rule: k evaluations in a row without a 0.1% improvement
+                if val < best * (1.0 - 1e-3):
+                    best, stale = val, 0
+                else:
+                    stale += 1
+                if stale >= s["patience"]:
+                    self.plateau_epoch_ = epoch + 1
+                    break
         if bar is not None:
             bar.close()
         self.fit_seconds_ = time.perf_counter() - t_fit
@@ -376,18 +452,40 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             p.requires_grad_(False)
         return self
 
+    def _validation_set(self, X, s, seed, backend):
+        """(inputs (n, d + 1), targets) of the plateau rule's fixed validation set (the
+        `patience` docstring), drawn from generators of their own so that training's random
+        stream is the same with and without the rule."""
+        n = X.shape[0]
+        gen = torch.Generator(device=X.device).manual_seed(seed + 7919)
+        rows = X[torch.randperm(n, generator=gen, device=X.device)[:min(n, 512)]]
+        charges = X[torch.randperm(n, generator=gen, device=X.device)[:s["large_batch"]]]
+        x_pert, z = pfgm_perturb(rows, s["M"], s["sigma"], s["tau"], s["restrict_M"], gen)
+        target = field_targets(x_pert, z, charges, s["gamma"], backend)
+        return torch.cat([x_pert, z[:, None]], dim=1), target
+
+    def _validation_loss(self, validation, s) -> float:
+        inp, target = validation
+        with torch.no_grad():
+            err = (self.net_(inp) - target) ** 2
+            return float((err.sum(1) if s["loss"] == "sum" else err.mean(1)).mean())
+
     def _train_epoch(self, X, s, opt, shadow, gen, backend, sync):
         """One pass over a fresh permutation of X; returns (mean loss, wrong-sign count,
         seconds per phase: data (gather + perturbation), target, network (forward, backward,
         optimiser))."""
         n, d = X.shape
         large, small = s["large_batch"], s["small_batch"]
-        per_epoch = max(1, n // large)
+        if s["drop_last"] or n <= large:
+            per_epoch = max(1, n // large)
+        else:  # torch's DataLoader default: the incomplete last batch is kept
+            per_epoch = -(-n // large)
         clock = {"data": 0.0, "target": 0.0, "network": 0.0}
         loss_sum = torch.zeros((), device=X.device)
         wrong = torch.zeros((), dtype=torch.int64, device=X.device)
         t_epoch = time.perf_counter()
-        perm = torch.randperm(n, generator=gen, device=X.device)
+        perm = (torch.randperm(n, generator=gen, device=X.device) if s["shuffle"]
+                else torch.arange(n, device=X.device))
         for it in range(per_epoch):
             t0 = time.perf_counter()
             batch = X[perm[it * large:(it + 1) * large]]
@@ -400,7 +498,11 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             sync()
             t2 = time.perf_counter()
             pred = self.net_(torch.cat([x_pert, z[:, None]], dim=1))
-            loss = ((pred - target) ** 2).sum(1).mean()
+            err = (pred - target) ** 2
+            # "sum": PFGM's form; "mean": the blog's code (reduce_op = torch.mean over the
+            # d + 1 outputs), the same minimiser with (d + 1) times smaller gradients, which
+            # Adam's normalisation largely absorbs (docs/BLOG_FAITHFULNESS.md)
+            loss = (err.sum(1) if s["loss"] == "sum" else err.mean(1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s["grad_clip"] is not None:
@@ -512,6 +614,8 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                     "wrong_sign": list(self.wrong_sign_history_),
                     "timing": {k: list(v) for k, v in self.timing_.items()},
                     "n_iterations": int(self.n_iterations_),
+                    "val_loss": [list(v) for v in self.val_loss_history_],
+                    "plateau_epoch": self.plateau_epoch_,
                     "fit_seconds": float(self.fit_seconds_),
                 },
             },
@@ -561,6 +665,8 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         obj.wrong_sign_history_ = list(h["wrong_sign"])
         obj.timing_ = {k: list(v) for k, v in h["timing"].items()}
         obj.n_iterations_ = int(h["n_iterations"])
+        obj.val_loss_history_ = [(int(e), float(v)) for e, v in h.get("val_loss", [])]
+        obj.plateau_epoch_ = h.get("plateau_epoch")
         obj.fit_seconds_ = float(h["fit_seconds"])
         obj.saved_version_ = str(blob["poissonflow_version"])
         return obj

@@ -1,5 +1,5 @@
 """Training losses of the papers whose metrics `poissonflow.metrics` reports, so encoders can be
-trained the ways the literature compares (DESIGN.md section 5). Each is a torch function of
+trained the ways the literature compares (docs/DESIGN.md section 5). Each is a torch function of
 features (N, D) that returns a 0-dim tensor with gradients; lower is better for all of them.
 
 | loss | source |

@@ -1,5 +1,5 @@
 """Downstream probes of a representation: a tuned linear probe, the blog's default logistic
-regression, and k-nearest-neighbour accuracy (DESIGN.md section 5).
+regression, and k-nearest-neighbour accuracy (docs/DESIGN.md section 5).
 
 scikit-learn is imported inside the functions, so `import poissonflow` stays light. Features
 may be numpy arrays or torch tensors (detached and copied to the CPU); labels are 1-D arrays of
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ProbeResult", "linear_probe", "knn_accuracy", "DEFAULT_CS"]
+__all__ = ["ProbeResult", "linear_probe", "low_label_probe", "knn_accuracy", "knn_predict",
+           "DEFAULT_CS"]
 
 # The regularisation grid of the tuned probe: logistic regression's inverse strength C from
 # 1e-3 to 1e3, a decade apart.
@@ -30,7 +31,10 @@ class ProbeResult:
     val_accuracies: validation accuracy of every C tried, in grid order (empty in blog mode).
     convergence_warnings: every ConvergenceWarning raised by any fit, prefixed by the fit it
         came from; an empty list means every fit converged.
-    mode: "tuned" or "blog".
+    mode: "tuned", "blog" or "low-label".
+    test_predictions: the final model's predicted label of every test row, in order (for
+        paired comparisons between representations of the same test images).
+    n_train_used: training rows the final model was fit on (all but in low-label mode).
     """
 
     train_accuracy: float
@@ -40,6 +44,9 @@ class ProbeResult:
     mode: str
     val_accuracies: dict[float, float] = field(default_factory=dict)
     convergence_warnings: list[str] = field(default_factory=list)
+    # an array: left out of ==, which compares the scores (an array has no single truth value)
+    test_predictions: np.ndarray | None = field(default=None, compare=False)
+    n_train_used: int | None = None
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -134,7 +141,7 @@ def linear_probe(
     blog=True: scikit-learn's default `LogisticRegression()` (C = 1, lbfgs, max_iter = 100) on
     the unscaled features, fit on the whole training set, as the blog did; `Cs`, `val_size`,
     `seed` and `max_iter` are not used. With C fixed, its regularisation depends on the
-    features' scale (DESIGN.md section 4), so compare it with the tuned mode.
+    features' scale (docs/DESIGN.md section 4), so compare it with the tuned mode.
 
     Every ConvergenceWarning is recorded in the result, never silenced without trace.
     """
@@ -151,6 +158,8 @@ def linear_probe(
             C=float(model.C),
             mode="blog",
             convergence_warnings=log.messages,
+            test_predictions=model.predict(xte),
+            n_train_used=int(xtr.shape[0]),
         )
 
     grid = _check_grid(Cs)
@@ -175,7 +184,56 @@ def linear_probe(
         mode="tuned",
         val_accuracies=val_acc,
         convergence_warnings=log.messages,
+        test_predictions=final.predict(xte),
+        n_train_used=int(xtr.shape[0]),
     )
+
+
+def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: int = 0,
+                    C: float = 1.0, max_iter: int = 1000) -> ProbeResult:
+    """A linear probe that sees only `fraction` of the training labels: a stratified draw
+    (with `seed`) of round(fraction * N) training rows, at least one per class, then
+    StandardScaler + LogisticRegression(C, lbfgs) fit on them and scored on the whole test set.
+
+    C is fixed, not tuned: at 1% of the 1347 digits (13 labels, about one a class) no
+    validation split is possible, and the same rule is used at every fraction so that the
+    rows compare. train_accuracy is on the labelled rows the model was fit on."""
+    xtr, ytr, xte, yte = _check_probe_inputs(train_x, train_y, test_x, test_y, min_train=2)
+    if not (isinstance(fraction, float) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
+    classes, inverse = np.unique(ytr, return_inverse=True)
+    n = max(classes.size, int(round(fraction * len(ytr))))
+    idx = _stratified_subset(inverse, classes.size, n, seed)
+    log = _WarningLog()
+    model = log.fit(f"low-label {fraction:g} (C={C:g})", _scaled_logreg(C, max_iter),
+                    xtr[idx], ytr[idx])
+    return ProbeResult(
+        train_accuracy=float(model.score(xtr[idx], ytr[idx])),
+        val_accuracy=None,
+        test_accuracy=float(model.score(xte, yte)),
+        C=float(C),
+        mode="low-label",
+        convergence_warnings=log.messages,
+        test_predictions=model.predict(xte),
+        n_train_used=int(len(idx)),
+    )
+
+
+def _stratified_subset(inverse: np.ndarray, n_classes: int, n: int, seed: int) -> np.ndarray:
+    """n row indices: one of every class first, the rest drawn without replacement in
+    proportion to the class counts (largest remainders), each class's rows in a seeded order."""
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(inverse == c)) for c in range(n_classes)]
+    counts = np.array([len(r) for r in per_class], dtype=np.float64)
+    take = np.ones(n_classes, dtype=np.int64)
+    extra = n - n_classes
+    if extra > 0:
+        share = (counts - 1) / (counts - 1).sum() * extra
+        take += np.floor(share).astype(np.int64)
+        left = extra - int(np.floor(share).sum())
+        take[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1
+        take = np.minimum(take, counts.astype(np.int64))
+    return np.sort(np.concatenate([r[:k] for r, k in zip(per_class, take)]))
 
 
 def _check_grid(Cs) -> list[float]:
@@ -232,3 +290,60 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 5) -> float:
 
     clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
     return float(clf.fit(xtr, ytr).score(xte, yte))
+
+
+def knn_predict(train_x, train_y, test_x, *, k: int) -> np.ndarray:
+    """The predictions behind knn_accuracy (cosine, uniform votes, brute force); k is clamped
+    to the number of training rows."""
+    xtr = _features(train_x, "train_x")
+    xte = _features(test_x, "test_x")
+    ytr = _labels(train_y, xtr.shape[0], "train_y", "train_x")
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(int(k), xtr.shape[0]), metric="cosine",
+                               algorithm="brute")
+    return clf.fit(xtr, ytr).predict(xte)
+
+
+# --------------------------------------------------------------------------- paired comparison
+
+
+def paired_comparison(correct_a, correct_b, *, strata=None, n_boot: int = 2000,
+                      seed: int = 0, alpha: float = 0.05) -> dict:
+    """B's accuracy minus A's on the same test items, with a bootstrap interval and an exact
+    McNemar test (docs/DESIGN.md section 5).
+
+    correct_a, correct_b: per item, whether A and B classified it correctly (same items, same
+    order). strata: an optional group label per item (the seed): the bootstrap resamples items
+    within each group, so each group keeps its size (the pooled comparison over seeds).
+
+    Returns diff (B - A, a fraction), ci (the percentile bootstrap interval of diff, n_boot
+    resamples of the items with `seed`), n01 (A right, B wrong), n10 (A wrong, B right),
+    p_mcnemar (two-sided exact binomial test of n10 against n01 + n10 at 1/2; 1.0 without
+    discordant items) and n (items). Pooling seeds treats every (seed, image) as an item; the
+    same test images recur in every seed, so the pooled test is optimistic where the seeds'
+    errors fall on the same images, and the per-seed tests are the conservative ones."""
+    from scipy.stats import binomtest
+
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"correct_a and correct_b must be 1-D of one non-zero length, got "
+                         f"{a.shape} and {b.shape}")
+    d = b.astype(np.int64) - a.astype(np.int64)
+    groups = np.zeros(a.size, dtype=np.int64) if strata is None else \
+        np.unique(np.asarray(strata), return_inverse=True)[1]
+    if groups.shape != a.shape:
+        raise ValueError(f"strata must hold one label per item, got shape {groups.shape}")
+    rng = np.random.default_rng(seed)
+    totals = np.zeros(int(n_boot), dtype=np.int64)
+    for g in np.unique(groups):
+        dg = d[groups == g]
+        totals += dg[rng.integers(0, dg.size, size=(int(n_boot), dg.size))].sum(1)
+    boot = totals / a.size
+    n01 = int((a & ~b).sum())
+    n10 = int((~a & b).sum())
+    p = float(binomtest(n10, n01 + n10, 0.5).pvalue) if n01 + n10 else 1.0
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "n01": n01, "n10": n10,
+            "p_mcnemar": p, "n": int(a.size)}

@@ -18,10 +18,23 @@ import numpy as np
 from ._io import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
-           "rerender"]
+           "rerender", "paired_statistics", "write_predictions", "PROBES"]
 
 # What a results.json written by write_outputs holds at its top level (what rendering reads).
 _RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
+
+# The probes every row is scored by: (key in a row, title); paired tests use the same keys.
+PROBES = [("blog", "blog LR"), ("tuned", "tuned"), ("knn20", "k-NN 20"), ("knn200", "k-NN 200"),
+          ("labels1%", "1% labels"), ("labels10%", "10% labels")]
+
+# Row info summarised over seeds besides the columns (title, path).
+_INFO = [
+    ("guarded fraction", ("info", "guarded_fraction")),
+    ("on-plane fraction", ("info", "on_plane_fraction")),
+    ("field iterations", ("info", "field_iterations")),
+    ("field final loss", ("info", "field_final_loss")),
+    ("convergence warnings", ("convergence_warnings",)),
+]
 
 # (column title, path into a row) in table order
 COLUMNS = [
@@ -65,7 +78,7 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             ("head train (last epoch, augmented)", ("head", "train_last_epoch")),
             ("head test", ("head", "test")), ("tuned C", ("tuned", "C")),
             ("mean norm", ("mean_norm",)),
-        ]:
+        ] + [(title, (key, "test")) for key, title in PROBES[2:]] + _INFO:
             st = _stats([_get(r, path) for r in rows])
             if st is not None:
                 entry[title] = st
@@ -81,6 +94,28 @@ def _fmt(st: dict[str, float] | None, pct: bool) -> str:
     return f"{st['mean']:.3f} ± {st['std']:.3f}"
 
 
+def _sum_over_seeds(results, name, path) -> int | None:
+    vals = [_get(seed["rows"].get(name, {}), path) for seed in results["per_seed"]]
+    vals = [v for v in vals if v is not None]
+    return int(sum(vals)) if vals else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _cmp_cell(cmp: dict | None, n_seeds_sig: int | None = None, n_seeds: int = 0) -> str:
+    """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (pooled McNemar)."""
+    if cmp is None:
+        return "–"
+    lo, hi = cmp["ci"]
+    star = "*" if cmp["p_mcnemar"] < 0.05 else ""
+    cell = f"{_pct(cmp['diff'])} [{_pct(lo)}, {_pct(hi)}] p={cmp['p_mcnemar']:.2g}{star}"
+    if n_seeds_sig is not None:
+        cell += f" ({n_seeds_sig}/{n_seeds})"
+    return cell
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     n = len(results["per_seed"])
@@ -89,30 +124,115 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"### {ds['name']}: {ds['n_train']} train / {ds['n_test']} test, "
         f"mean ± std over {n} seed(s)",
         "",
-        "Accuracies in %. Metrics on the L2-normalised test features: alignment (lower: "
-        "views closer), uniform_loss and W2 (lower: more uniform), effective rank.",
+        "Test accuracies in %, every probe of every row (docs/DESIGN.md section 5): the blog's "
+        "`LogisticRegression()`, the tuned linear probe, cosine k-NN, and linear probes that "
+        "see 1% / 10% of the training labels (fixed C = 1). 'warnings': ConvergenceWarnings "
+        "of all of the row's probe fits, summed over seeds.",
         "",
-        "| row | " + " | ".join(t for t, _ in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| row | " + " | ".join(t for _, t in PROBES) + " | warnings |",
+        "|---|" + "---|" * (len(PROBES) + 1),
     ]
     for name, entry in summary.items():
         if name == "encoder head":
-            cells = [_fmt(entry.get("head train (last epoch, augmented)"), True),
-                     _fmt(entry.get("head test"), True), _fmt(entry.get("head train"), True),
-                     _fmt(entry.get("head test"), True)]
+            cells = [_fmt(entry.get("head test"), True)] + ["–"] * (len(PROBES) - 1) + ["–"]
+            lines.append("| encoder head (own classifier) | " + " | ".join(cells) + " |")
+            continue
+        cells = [_fmt(entry.get("blog LR test"), True), _fmt(entry.get("tuned test"), True)]
+        cells += [_fmt(entry.get(t), True) for _, t in PROBES[2:]]
+        warn = _sum_over_seeds(results, name, ("convergence_warnings",))
+        cells.append("–" if warn is None else str(warn))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    paired = results.get("paired")
+    if paired:
+        lines += ["", _paired_table(paired, n)]
+        lines += ["", _blog_comparison(paired, n)]
+    lines += [
+        "",
+        "Train accuracies and representation metrics (alignment: lower is closer views; "
+        "uniform_loss and W2: lower is more uniform), on the L2-normalised test features. "
+        "guarded / on plane: of the points flowed (train, test, two views), the share the "
+        "radial or log-z guard skipped at least once, and the share that ended exactly on the "
+        "plane z = 0 (docs/DESIGN.md section 3); iterations and final loss: of the row's "
+        "learned field.",
+        "",
+        "| row | " + " | ".join(t for t, _ in COLUMNS if "test" not in t)
+        + " | guarded % | on plane % | field iterations | field final loss |",
+        "|---|" + "---|" * (len([t for t, _ in COLUMNS if "test" not in t]) + 4),
+    ]
+    for name, entry in summary.items():
+        if name == "encoder head":
+            cells = [_fmt(entry.get("head train (augmented)"), True),
+                     _fmt(entry.get("head train"), True)]
             cells += [_fmt(entry.get(t), False) for t, _ in COLUMNS[4:]]
             name = "encoder head (own classifier)"
         else:
-            cells = [_fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS)]
+            cells = [_fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS)
+                     if "test" not in t]
+        for key, pct in (("guarded fraction", True), ("on-plane fraction", True),
+                         ("field iterations", False), ("field final loss", False)):
+            st = entry.get(key)
+            if st is None:
+                cells.append("–")
+            elif key == "field iterations":
+                cells.append(f"{st['mean']:.0f}")
+            else:
+                cells.append(_fmt(st, pct))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "encoder head: its train accuracy is the blog's figure (last epoch, augmented batches) "
-        "in the 'blog LR train' column and on clean images in 'tuned train'.",
+        "encoder head: 'blog LR train' holds the blog's train figure, the head's accuracy in "
+        "eval mode on one augmented pass over the training images (the blog's code evaluates "
+        "its train loader, which augments); 'tuned train' holds it on the clean images. The "
+        "train-mode accuracy over the last epoch's batches is in results.json "
+        "(head.train_last_epoch).",
     ]
     sweeps = [seed.get("sweep", []) for seed in results["per_seed"]]
     if any(sweeps):
         lines += ["", sweep_table(sweeps)]
+    return "\n".join(lines)
+
+
+def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
+    lines = [
+        "Every row against the raw features, image by image (same encoder, same test images): "
+        "test accuracy difference in points, pooled over seeds, with its bootstrap 95% "
+        "interval (images resampled within each seed) and the exact McNemar p-value; * marks "
+        "p < 0.05, and (k/n) counts the seeds whose own McNemar test has p < 0.05. Pooling "
+        "treats each (seed, image) as an item although the test images recur in every seed, "
+        "so the per-seed counts are the conservative reading.",
+        "",
+        "| row | " + " | ".join(f"Δ {t}" for _, t in PROBES) + " |",
+        "|---|" + "---|" * len(PROBES),
+    ]
+    against = paired["against_raw"]
+    rows = list(next(iter(against.values())))
+    for name in rows:
+        cells = []
+        for key, _ in PROBES:
+            entry = against.get(key, {}).get(name)
+            if entry is None:
+                cells.append("–")
+                continue
+            sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
+            cells.append(_cmp_cell(entry["pooled"], sig, len(entry["per_seed"])))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _blog_comparison(paired: dict[str, Any], n_seeds: int) -> str:
+    blog = paired.get("blog_comparison", {})
+    if not blog:
+        return ""
+    lines = ["The blog's own comparison (its AlexNet head against the default "
+             "`LogisticRegression()` on the flowed features) and the baseline it left out "
+             "(the same classifier on the raw features), in points, pooled over seeds:", "",
+             "| comparison | pooled difference [95% CI], McNemar p (seeds p < 0.05) | "
+             "per seed |", "|---|---|---|"]
+    for label, entry in blog.items():
+        sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
+        per = ", ".join(_pct(c["diff"]) for c in entry["per_seed"].values())
+        lines.append(f"| {label} | {_cmp_cell(entry['pooled'], sig, len(entry['per_seed']))} "
+                     f"| {per} |")
     return "\n".join(lines)
 
 
@@ -127,6 +247,79 @@ def sweep_table(per_seed: list[list[dict[str, Any]]]) -> str:
                 f"| {curve} | {c['fraction'][i]:.2f} | {100 * c['accuracy'][i]:.1f} ± "
                 f"{100 * c['accuracy_std'][i]:.1f} | {c['w2'][i]:.3f} ± {c['w2_std'][i]:.3f} |")
     return "\n".join(lines)
+
+
+# The blog's comparison: (label, (row A, probe A), (row B, probe B)), B minus A.
+BLOG_COMPARISONS = [
+    ("blog LR on the blog-flowed features − encoder head",
+     ("encoder head", "head"), ("flow: blog preset", "blog")),
+    ("blog LR on the raw features − encoder head", ("encoder head", "head"),
+     ("raw features", "blog")),
+    ("blog LR: blog-flowed − raw features", ("raw features", "blog"),
+     ("flow: blog preset", "blog")),
+]
+RAW = "raw features"
+
+
+def paired_statistics(predictions: dict, *, n_boot: int = 2000) -> dict[str, Any]:
+    """Paired comparisons from the per-image test predictions.
+
+    predictions: {seed: ({row: {probe: labels (n_test,)}}, y_test)}. Returns
+    {"against_raw": {probe: {row: {"per_seed": {seed: cmp}, "pooled": cmp}}},
+     "blog_comparison": {label: {"per_seed": ..., "pooled": ...}}}, cmp as returned by
+    probes.paired_comparison (B = the row, A = the raw features with the same probe). Pooled:
+    every seed's test images together, the bootstrap resampling within each seed."""
+    from .probes import paired_comparison
+
+    seeds = list(predictions)
+
+    def correct(seed, row, probe):
+        rows, y = predictions[seed]
+        pred = rows.get(row, {}).get(probe)
+        return None if pred is None else np.asarray(pred) == np.asarray(y)
+
+    def compare(a, b):
+        per_seed, pooled_a, pooled_b, strata = {}, [], [], []
+        for seed in seeds:
+            ca, cb = correct(seed, *a), correct(seed, *b)
+            if ca is None or cb is None:
+                return None
+            per_seed[str(seed)] = paired_comparison(ca, cb, n_boot=n_boot, seed=int(seed))
+            pooled_a.append(ca)
+            pooled_b.append(cb)
+            strata.append(np.full(ca.size, int(seed)))
+        pooled = paired_comparison(np.concatenate(pooled_a), np.concatenate(pooled_b),
+                                   strata=np.concatenate(strata), n_boot=n_boot, seed=0)
+        return {"per_seed": per_seed, "pooled": pooled}
+
+    rows = [r for r in predictions[seeds[0]][0] if r not in ("encoder head", RAW)]
+    against: dict[str, Any] = {}
+    for probe, _ in PROBES:
+        against[probe] = {}
+        for row in rows:
+            cmp = compare((RAW, probe), (row, probe))
+            if cmp is not None:
+                against[probe][row] = cmp
+    blog = {}
+    for label, a, b in BLOG_COMPARISONS:
+        cmp = compare(a, b)
+        if cmp is not None:
+            blog[label] = cmp
+    return {"against_raw": against, "blog_comparison": blog}
+
+
+def write_predictions(predictions: dict, out_dir: Path) -> None:
+    """predictions.npz beside results.json: per seed the test labels ("seed<s>/y_test") and
+    every row's and probe's predicted labels ("seed<s>/<row>/<probe>"), for paired tests."""
+    arrays = {}
+    for seed, (rows, y) in predictions.items():
+        arrays[f"seed{seed}/y_test"] = np.asarray(y)
+        for row, probes in rows.items():
+            for probe, pred in probes.items():
+                arrays[f"seed{seed}/{row}/{probe}"] = np.asarray(pred)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "predictions.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_results(results_json: str | Path) -> dict[str, Any]:
@@ -208,6 +401,43 @@ def render_outputs(results: dict[str, Any], out_dir: Path) -> None:
     if any(sweeps):
         plot_sweep(sweeps, out_dir / "accuracy_vs_uniformity.png",
                    title=f"{results['dataset']['name']}: accuracy along the flow")
+    curves = loss_curves(results["per_seed"])
+    if curves:
+        plot_loss_curves(curves, out_dir / "field_loss_curves.png",
+                         title=f"{results['dataset']['name']}: learned-field training loss")
+
+
+def loss_curves(per_seed: list[dict[str, Any]]) -> dict[str, list[tuple[Any, list[float]]]]:
+    """{row: [(seed, per-epoch loss of that seed's field)]} for the rows whose learned field
+    trained."""
+    out: dict[str, list[tuple[Any, list[float]]]] = {}
+    for seed in per_seed:
+        for name, row in seed["rows"].items():
+            hist = _get(row, ("info", "field_loss_history"))
+            if hist:
+                out.setdefault(name, []).append((seed.get("seed"), [float(v) for v in hist]))
+    return out
+
+
+def plot_loss_curves(curves: dict[str, list[tuple[Any, list[float]]]], path: Path,
+                     title: str) -> None:
+    """One panel per learned field: the mean training loss of every epoch, one line a seed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], curves.items()):
+        for seed, h in runs:
+            ax.plot(np.arange(1, len(h) + 1), h, lw=1, label=f"seed {seed}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean training loss of the epoch")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:

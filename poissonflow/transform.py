@@ -182,6 +182,8 @@ def transform(
             steps=steps, z_end=zmax, delta=delta, progress=progress,
         )
         info["guard_fired"] = stats.guard_fired
+        info["guarded_points"] = stats.guarded_points  # points guarded at least once
+        info["on_plane"] = stats.on_plane  # radial: points whose final z is exactly 0
     centre = getattr(field, "center_", None) if learned else None
     out = _output(xe, ze, y, w, output, centre)
     info["seconds"] = time.perf_counter() - t_start

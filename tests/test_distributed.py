@@ -5,8 +5,8 @@ runs all scenarios below on its shards of deterministic global data (ragged shar
 query shard and an empty charge shard, weights with zeros, an all-zero-weight shard, rows no
 charge reaches, exclude across shards), twice (for run-to-run bit identity), and saves its
 results; the tests then compare them with poissonflow.poisson_field / transform / losses on the
-gathered data in this process. Tolerances: poissonflow.testing (float32), 1e-12 (float64, the
-issue's bound for a merge of exact partials).
+gathered data in this process. Tolerances: poissonflow.testing (float32), 1e-12 (float64: a
+merge of exact partials only adds a few roundings).
 """
 
 from __future__ import annotations

@@ -284,3 +284,67 @@ def test_encode_dataset_caches_features(small_digits, tmp_path, monkeypatch):
         again = E.encode_dataset(small_digits, TINY_SETTINGS, cache_dir=tmp_path, progress=False)
     assert not again.from_cache
     np.testing.assert_array_equal(again.features_train, first.features_train)
+
+
+# ---------------------------------------------------------------- the blog's code, faithfully
+
+
+def test_blog_initialisation_statistics(small_digits):
+    """The blog's SmallAlexNet.init_weights_: every Conv2d and Linear weight of the encoder
+    N(0, 0.02), every bias 0, BatchNorm weight 1 and bias 0; the head keeps PyTorch's default
+    (the blog's nn.Linear(128, 10) is outside its init), U(-1/sqrt(128), 1/sqrt(128)) with
+    std 1/sqrt(3 * 128) = 0.051. Checked on the blog's 32x32 layout at initialisation (epochs
+    0): the std of each of its 1e5-1.7e7 weights within 2% of 0.02, mean within 5 standard
+    errors of 0. Raw pixels: the input buffers stay 0 and 1."""
+    settings = E.EncoderSettings(init="blog", standardize=False, shuffle=False, epochs=0)
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    model, _ = E.train_encoder(x, np.arange(4) % 2, 2, settings, progress=False)
+    layers = [m for m in model.encoder.modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                    torch.nn.Linear))]
+    assert len(layers) == 8  # five convs, fc6, fc7, fc8
+    for m in layers:
+        w = m.weight.detach().double()
+        assert w.std().item() == pytest.approx(0.02, rel=0.02)
+        assert abs(w.mean().item()) < 5 * 0.02 / w.numel() ** 0.5
+        assert m.bias is None or torch.all(m.bias == 0)
+    for m in model.encoder.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    assert torch.all(model.encoder.input_mean == 0) and torch.all(model.encoder.input_std == 1)
+    head = model.head.weight.detach().double()
+    assert head.abs().max().item() <= 1 / 128 ** 0.5 and head.std().item() > 0.04
+    # the package's default: PyTorch's init and standardised pixels
+    default, _ = E.train_encoder(x, np.arange(4) % 2, 2, E.EncoderSettings(epochs=0),
+                                 progress=False)
+    assert default.encoder.conv[0][0].weight.std().item() > 0.1  # kaiming-uniform, fan-in 27
+    assert not torch.all(default.encoder.input_mean == 0)
+
+
+def test_unshuffled_training_visits_the_images_in_order(small_digits, monkeypatch):
+    """shuffle=False (the blog's unshuffled DataLoader): every epoch's batches are the
+    training images in their stored order."""
+    seen = []
+    real = E.augment
+
+    def spy(x, aug, gen):
+        seen.append(x.clone())
+        return real(x, aug, gen)
+
+    monkeypatch.setattr(E, "augment", spy)
+    x = torch.as_tensor(small_digits.x_train[:96])
+    settings = TINY_SETTINGS.replace(shuffle=False, epochs=2)
+    E.train_encoder(x, small_digits.y_train[:96], 10, settings, progress=False)
+    assert len(seen) == 6
+    for i, b in enumerate(seen):
+        start = 32 * (i % 3)
+        assert torch.equal(b, x[start:start + 32])
+
+
+def test_faithful_default_settings():
+    for name in ("digits", "cifar10-subset"):
+        plain, blog = E.default_settings(name), E.default_settings(name, faithful=True)
+        assert (blog.init, blog.standardize, blog.shuffle) == ("blog", False, False)
+        assert (plain.init, plain.standardize, plain.shuffle) == ("torch", True, True)
+        assert dataclasses.replace(blog, init="torch", standardize=True, shuffle=True) == plain
+    with pytest.raises(ValueError, match="init"):
+        E.EncoderSettings(init="xavier")

@@ -165,6 +165,88 @@ def test_atomic_write_applies_the_umask(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
+def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(results):
+    """Issue 15: per row k-NN (k = 20, 200), 1% / 10% labels and a warning count; per learned
+    row the share of guarded and on-plane points, the field's iterations and final loss (the
+    untrained field: 0 iterations, no loss)."""
+    res, _ = results
+    for s in res["per_seed"]:
+        for name, row in s["rows"].items():
+            if name == "encoder head":
+                continue
+            for probe in ("knn20", "knn200", "labels1%", "labels10%"):
+                assert 0 <= row[probe]["test"] <= 1, (name, probe)
+            assert row["knn200"]["k"] == min(200, res["dataset"]["n_train"])
+            assert row["labels1%"]["n_labels"] >= 10  # at least one label of each class
+            assert isinstance(row["convergence_warnings"], int)
+        for name in (experiment.BLOG_ROW, experiment.UNTRAINED_ROW, experiment.PLATEAU_ROW,
+                     "flow: PFGM preset"):
+            info = s["rows"][name]["info"]
+            assert 0 <= info["guarded_fraction"] <= 1 and 0 <= info["on_plane_fraction"] <= 1
+            # flowed: the train and test features and the test set's two augmented views
+            assert info["points"] == res["dataset"]["n_train"] + 3 * res["dataset"]["n_test"]
+        blog = s["rows"][experiment.BLOG_ROW]["info"]
+        assert blog["field_iterations"] == 2 and len(blog["field_loss_history"]) == 2
+        assert blog["field_final_loss"] == blog["field_loss_history"][-1]
+        plateau = s["rows"][experiment.PLATEAU_ROW]["info"]
+        # --field-epochs 2 caps the plateau rule too: no evaluation (every 100 epochs) yet
+        assert plateau["field_iterations"] == 2 and plateau["field_plateau_epoch"] is None
+        assert plateau["field_val_loss_history"] == []
+        untrained = s["rows"][experiment.UNTRAINED_ROW]["info"]
+        assert untrained["field_iterations"] == 0 and untrained["field_final_loss"] is None
+
+
+def test_predictions_are_saved_and_paired_against_raw(results):
+    """predictions.npz holds every probe's per-image test predictions, and results.json the
+    paired comparison of every row with the raw features (per seed and pooled), recomputed
+    here from the saved predictions for one row."""
+    from poissonflow.probes import paired_comparison
+
+    res, out = results
+    assert res["complete"] is True  # written after the last seed (earlier ones: False)
+    assert res["torch_threads"] == 1  # the default --threads, restored after the run
+    saved = np.load(out / "predictions.npz")
+    y = saved["seed0/y_test"]
+    assert len(y) == res["dataset"]["n_test"]
+    raw, blog = saved["seed0/raw features/tuned"], saved[f"seed0/{experiment.BLOG_ROW}/tuned"]
+    acc = res["per_seed"][0]["rows"][experiment.BLOG_ROW]["tuned"]["test"]
+    assert float((blog == y).mean()) == pytest.approx(acc)
+    got = res["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["per_seed"]["0"]
+    assert got == paired_comparison(raw == y, blog == y, n_boot=2000, seed=0)
+    pooled = res["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["pooled"]
+    assert pooled["n"] == 2 * len(y)
+    assert set(res["paired"]["against_raw"]["knn20"]) == {
+        name for name, _ in ROWS if name != "raw features"}
+    head = saved["seed0/encoder head/head"]
+    assert float((head == y).mean()) == pytest.approx(
+        res["per_seed"][0]["rows"]["encoder head"]["head"]["test"])
+    comparison = res["paired"]["blog_comparison"]
+    assert len(comparison) == 3 and all("pooled" in c for c in comparison.values())
+    table = (out / "results.md").read_text()
+    assert "The blog's own comparison" in table and "blog LR on the raw features" in table
+    assert (out / "field_loss_curves.png").stat().st_size > 10_000
+
+
+def test_untrained_row_needs_only_the_initialised_field():
+    features, labels = _toy_features()
+    graph = experiment.row_graph(features, labels, experiment.RunSettings(seed=0))
+    rows = experiment.evaluate_rows(graph, [experiment.UNTRAINED_ROW])
+    assert graph.computed == ["field: blog, untrained", experiment.UNTRAINED_ROW]
+    assert rows[experiment.UNTRAINED_ROW]["info"]["field_iterations"] == 0
+    assert graph.get("field: blog, untrained").field.n_iterations_ == 0
+
+
+def test_faithful_option_uses_the_faithful_blog_field():
+    parser = _parser()
+    cfg = experiment.config_from_args(parser.parse_args(["--faithful"]))
+    assert cfg.faithful
+    features, labels = _toy_features()
+    run = experiment.RunSettings(seed=0, field_epochs=1, blog_preset="blog-faithful")
+    graph = experiment.row_graph(features, labels, run)
+    fitted = graph.get("field: blog")
+    assert fitted.field.preset == "blog-faithful" and fitted.field.settings_["loss"] == "mean"
+
+
 # --------------------------------------------------------------------------- the row graph
 
 
@@ -279,6 +361,7 @@ def test_every_option_has_help_text():
     (["--field-epochs", "0"], "--field-epochs"),
     (["--seeds", "0", "-1"], "--seeds"),
     (["--seeds", "1", "1"], "--seeds"),
+    (["--threads", "0"], "--threads"),
     (["--data-dir", "."], "--data-dir"),  # digits read no folder
     (["--dataset", "cifar10"], "--data-dir"),  # cifar10 needs one
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir"),

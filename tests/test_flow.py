@@ -147,3 +147,104 @@ def test_transform_is_deterministic_across_runs_and_threads():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(a, b) and torch.equal(c, d)
+
+
+# --------------------------------------------------------------- the radial (blog) update
+
+
+def _radial(field, x0, steps=5, delta=0.01, **kw):
+    from poissonflow.flow import field_flow
+
+    z0 = torch.zeros(x0.shape[0], dtype=x0.dtype)
+    return field_flow(field, x0, z0, parameterization="radial", solver="euler", steps=steps,
+                      delta=delta, **kw)
+
+
+def test_radial_update_runs_for_either_sign_and_guards_only_a_vanishing_dot():
+    """docs/DESIGN.md section 3: y~ += delta f / (f . y~) is taken wherever |f . y~| is above
+    its rounding-error level, whatever its sign. Field f = (A x, 1) at z = 0 with A = diag(+1,
+    -1, 0): point 0 has f . y~ > 0, point 1 f . y~ < 0, point 2 f . y~ = 0 exactly (f is
+    orthogonal to y~ on the plane). Points 0 and 1 both leave the plane and |y~|^2 / 2 grows
+    by at least delta a step; point 2 is guarded at every step and stays where it started."""
+    A = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+
+    def field(x, z):
+        return x * A, torch.ones_like(z)
+
+    x0 = torch.eye(3, dtype=torch.float64)
+    steps, delta = 5, 0.01
+    x, z, stats = _radial(field, x0, steps, delta)
+    r2 = (x * x).sum(1) + z * z
+    assert torch.all(r2[:2] >= 1.0 + 2 * steps * delta - 1e-12)
+    assert z[0] > 0 and z[1] < 0  # f . y~ < 0: the point moves along -f (z_f = 1 > 0)
+    assert torch.equal(x[2], x0[2]) and z[2] == 0
+    assert stats.guard_fired == steps and stats.guarded_points == 1 and stats.on_plane == 1
+    assert stats.points == 3
+
+
+def test_radial_guard_threshold_is_the_dot_products_rounding_level():
+    from poissonflow.flow import radial_guard_threshold
+
+    assert radial_guard_threshold(129, torch.float64) == 1e-12  # 129 u = 1.4e-14 < 1e-12
+    assert radial_guard_threshold(129, torch.float32) == pytest.approx(129 * 2.0**-24)
+    # a dot product just above the threshold is divided by; just below, guarded
+    c = radial_guard_threshold(3, torch.float64)
+    for scale, guarded in ((10.0, 0), (0.1, 1)):
+        def field(x, z, s=scale):
+            f = torch.zeros_like(x)
+            f[:, 1] = 1.0
+            f[:, 0] = s * c  # f . y~ = s c |y~| on y~ = (1, 0, 0, 0); |f| ~ 1
+            return f, torch.zeros_like(z)
+
+        _, _, stats = _radial(field, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64),
+                              steps=1)
+        assert stats.guard_fired == guarded
+
+
+def test_blog_preset_on_real_features_leaves_no_point_on_the_plane():
+    """The blog preset's flow of real-like features (the
+    L2-normalised 128-d mixture of tests/test_learned.py) through a briefly trained blog field
+    (8 iterations: measured to leave the field pointing toward the plane, f . y~ < 0, at a
+    share of the start points, which the former `f . y~ <= 0` guard froze on the plane for
+    good) lifts every point off the plane; the counts are in return_info: nothing guarded,
+    nothing on the plane, since no |f . y~| is near its rounding level."""
+    from poissonflow.learned import LearnedField
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.nn.functional.normalize(torch.randn(10, 128, generator=g), dim=1)
+    x = means[torch.randint(0, 10, (2600,), generator=g)] + 0.75 * torch.randn(
+        2600, 128, generator=g) / math.sqrt(128)
+    x = torch.nn.functional.normalize(x, dim=1).double()
+    train, held = x[:2048], x[2048:]
+    field = LearnedField(preset="blog", epochs=4, device="cpu").fit(train, progress=False)
+    fx, fz = field.field_fn(held, torch.zeros(len(held), dtype=held.dtype))
+    dot = (fx * held).sum(1)
+    assert int((dot < 0).sum()) > 0  # points the former guard froze at z = 0
+    out, info = transform(held.numpy(), field=field, output="raw", return_info=True)
+    assert info["guard_fired"] == 0 and info["guarded_points"] == 0 and info["on_plane"] == 0
+    assert np.all(out[:, -1] != 0)
+    assert np.all((out**2).sum(1) >= 3.0 - 1e-9)  # |y~|^2 / 2 rose by >= 100 x 0.01
+
+
+def test_guarded_points_are_counted_in_return_info():
+    """A field orthogonal to y~ on the plane for half the points (f . y~ = 0 exactly): those
+    stay on the plane, are guarded at all 100 steps, and return_info counts them."""
+    from poissonflow.learned import LearnedField
+
+    x = torch.nn.functional.normalize(
+        torch.randn(40, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+        dim=1)
+    field = LearnedField(preset="blog", epochs=1, large_batch=32, small_batch=8,
+                         device="cpu").fit(x, progress=False)
+    dead = torch.arange(40) < 20
+
+    def orthogonal_for_half(xx, zz):
+        fx = torch.where(dead[:, None], torch.stack([-xx[:, 1], xx[:, 0], -xx[:, 3], xx[:, 2]],
+                                                    1), xx)
+        return fx, torch.ones_like(zz)
+
+    field.field_fn = orthogonal_for_half
+    out, info = transform(x, field=field, output="raw", return_info=True)
+    assert info["guard_fired"] == 20 * 100
+    assert info["guarded_points"] == 20 and info["on_plane"] == 20
+    assert torch.all(out[:20, -1] == 0) and torch.all(out[20:, -1] > 0)

@@ -381,3 +381,116 @@ def test_bad_features_raise():
         f.field_fn(torch.zeros(2, 2), torch.ones(2))
     with pytest.raises(RuntimeError, match="not fitted"):
         f.save("unused.pt")
+
+
+# ---------------------------------------------------------------- the blog's code, faithfully
+
+
+def test_blog_faithful_preset_settings():
+    """"blog-faithful" is "blog" plus what the blog's code does differently: the loss is the
+    mean over the d + 1 outputs, the batches are fixed and unshuffled, the last one kept."""
+    X = unit_mixture(300, 8, 0)
+    f = LearnedField(preset="blog-faithful", epochs=1, device="cpu").fit(X, progress=False)
+    b = LearnedField(preset="blog", epochs=1, device="cpu").fit(X, progress=False)
+    diff = {k for k in f.settings_ if f.settings_[k] != b.settings_[k]}
+    assert diff == {"loss", "shuffle", "drop_last"}
+    assert (f.settings_["loss"], f.settings_["shuffle"], f.settings_["drop_last"]) == (
+        "mean", False, False)
+    assert f.default_flow() == b.default_flow()
+
+
+def test_faithful_batches_are_fixed_and_only_their_heads_are_perturbed(monkeypatch):
+    """The blog's DataLoader(batch_size=1024) without shuffle: N = 640, large batch 256 ->
+    3 batches an epoch (rows 0-255, 256-511 and the incomplete 512-639, kept), the same in
+    every epoch, and the perturbed points are the first small_batch rows of each."""
+    import poissonflow.learned as learned
+
+    seen = []
+
+    def spy(x, M, sigma, tau, restrict, gen):
+        seen.append(x.clone())
+        return pfgm_perturb(x, M, sigma, tau, restrict, gen)
+
+    monkeypatch.setattr(learned, "pfgm_perturb", spy)
+    X = toy_2d(640, 6).float()
+    f = LearnedField(preset="blog-faithful", hidden=8, large_batch=256, small_batch=32,
+                     epochs=2, device="cpu").fit(X, progress=False)
+    assert f.n_iterations_ == 6 and len(seen) == 6
+    for epoch in range(2):
+        for i, start in enumerate((0, 256, 512)):
+            assert torch.equal(seen[3 * epoch + i], X[start:start + 32])
+
+
+def test_loss_reduction_mean_and_sum_computed_by_hand(monkeypatch):
+    """One iteration with a known perturbation and target: the recorded loss is, at the
+    seeded initial weights, sum over the d + 1 outputs then mean over the batch ("sum",
+    PFGM's form) or mean over both (the blog's reduce_op = torch.mean, "mean"), computed here
+    by hand on a 3 x 2 case: (d + 1) = 3 times smaller."""
+    import poissonflow.learned as learned
+
+    X = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, -1.0]], dtype=torch.float32)
+    target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0], [2.0, 2.0, 2.0]])
+    monkeypatch.setattr(learned, "pfgm_perturb",
+                        lambda x, *a: (x + 0.25, torch.full((x.shape[0],), 0.5)))
+    monkeypatch.setattr(learned, "field_targets", lambda *a: target)
+    losses = {}
+    for loss in ("sum", "mean"):
+        f = LearnedField(preset="blog", loss=loss, shuffle=False, large_batch=3, small_batch=3,
+                         epochs=1, seed=3, device="cpu").fit(X, progress=False)
+        losses[loss] = f.loss_history_[0]
+    torch.manual_seed(3)
+    net = learned._mlp(2, 3, 2)
+    with torch.no_grad():
+        pred = net(torch.cat([X + 0.25, torch.full((3, 1), 0.5)], 1))
+    err = (pred - target) ** 2  # 3 points x 3 outputs
+    by_hand_sum = sum(float(err[i].sum()) for i in range(3)) / 3
+    by_hand_mean = sum(float(err[i, j]) for i in range(3) for j in range(3)) / 9
+    assert losses["sum"] == pytest.approx(by_hand_sum, rel=1e-6)
+    assert losses["mean"] == pytest.approx(by_hand_mean, rel=1e-6)
+    assert losses["sum"] == pytest.approx(3 * losses["mean"], rel=1e-6)
+
+
+def test_untrained_field_is_the_seeded_initialisation():
+    """fit(train=False): the blog's published code never reaches its optimiser step; the
+    field is the network at its seeded initialisation, ready to flow, and no iteration ran."""
+    X = unit_mixture(200, 8, 0)
+    f = LearnedField(preset="blog", seed=5, device="cpu").fit(X, progress=False, train=False)
+    assert f.n_iterations_ == 0 and f.loss_history_ == []
+    torch.manual_seed(5)
+    init = _mlp_state(8, 5)
+    assert all(torch.equal(f.net_.state_dict()[k], init[k]) for k in init)
+    out = f.transform(X[:20].numpy())
+    assert out.shape == (20, 9) and np.all(np.isfinite(out))
+
+
+def _mlp_state(d, seed):
+    import poissonflow.learned as learned
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return learned._mlp(d, d + 1, 2).state_dict()
+
+
+def test_plateau_rule_stops_after_patience_evaluations_without_improvement():
+    """patience k: the validation loss is evaluated every eval_every epochs and training stops
+    at the k-th evaluation in a row that did not lower the best by 0.1%. With lr 1e-12 the
+    network cannot move: the first evaluation sets the best, the next k are stale, so the run
+    stops after (1 + k) x eval_every epochs. The rule draws its validation set from its own
+    generator: the training losses are those of the run without it."""
+    X = toy_2d(600, 4)
+    kw = dict(hidden=16, large_batch=256, small_batch=64, device="cpu", seed=2)
+    stuck = LearnedField(lr=1e-12, epochs=100, patience=2, eval_every=3, **kw).fit(
+        X, progress=False)
+    assert stuck.plateau_epoch_ == 9 and len(stuck.loss_history_) == 9
+    assert stuck.n_iterations_ == 9 * (600 // 256)
+    assert [e for e, _ in stuck.val_loss_history_] == [3, 6, 9]
+    free = LearnedField(lr=1e-12, epochs=9, **kw).fit(X, progress=False)
+    assert free.loss_history_ == stuck.loss_history_ and free.plateau_epoch_ is None
+    # the validation loss is the training loss's formula on the fixed validation set
+    inp, target = stuck._validation_set(X.float(), stuck.settings_, 2, "auto")
+    with torch.no_grad():
+        by_hand = float(((stuck.net_(inp) - target) ** 2).sum(1).mean())
+    assert stuck.val_loss_history_[-1][1] == pytest.approx(by_hand, rel=1e-5)
+    # a learning run keeps improving for a while: no early stop within 12 epochs
+    learning = LearnedField(epochs=12, patience=2, eval_every=3, **kw).fit(X, progress=False)
+    assert learning.plateau_epoch_ is None and len(learning.val_loss_history_) == 4

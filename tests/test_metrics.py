@@ -126,7 +126,7 @@ def uniform_loss_on_sphere_exact(m, t):
 
 def test_uniform_loss_known_value_on_s127():
     exact = uniform_loss_on_sphere_exact(128, 2.0)
-    assert exact == pytest.approx(-3.938, abs=5e-4)  # the value DESIGN.md quotes
+    assert exact == pytest.approx(-3.938, abs=5e-4)  # the value docs/DESIGN.md quotes
     x = M.uniform_sphere(3000, 128, seed=0)
     got = float(M.uniform_loss(x, 2.0))
     # Measured spread of this estimate over seeds at N = 4000: std 1.6e-4; at N = 3000 a few

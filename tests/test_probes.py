@@ -58,7 +58,7 @@ def test_tuned_probe_is_deterministic_and_scale_free(data):
     assert a == linear_probe(xtr, ytr, xte, yte)
     assert a.C in DEFAULT_CS
     # StandardScaler removes a global feature scale, so the tuned probe cannot be moved by it
-    # (the blog's fixed-C default can: DESIGN.md section 4).
+    # (the blog's fixed-C default can: docs/DESIGN.md section 4).
     b = linear_probe(1000.0 * xtr, ytr, 1000.0 * xte, yte)
     assert (b.train_accuracy, b.val_accuracy, b.test_accuracy, b.C) == (
         a.train_accuracy,
@@ -170,3 +170,56 @@ def test_bad_input():
         knn_accuracy(zero, y, x, y)
     with pytest.raises(ValueError, match="train_x must be 2-D"):
         knn_accuracy(x[:, 0], y, x, y)
+
+
+# ---------------------------------------------------------------- low labels, paired tests
+
+
+def test_low_label_probe_sees_a_stratified_fraction():
+    from poissonflow.probes import _stratified_subset, low_label_probe
+
+    x, y = blobs(n=400, k=4, seed=3)
+    r = low_label_probe(x[:300], y[:300], x[300:], y[300:], fraction=0.1, seed=0)
+    assert r.n_train_used == 30 and r.mode == "low-label" and r.C == 1.0
+    assert r.test_predictions.shape == (100,)
+    assert r.test_accuracy == pytest.approx(float((r.test_predictions == y[300:]).mean()))
+    # 1% of 300 is 3 labels, below the 4 classes: one of each class instead
+    tiny = low_label_probe(x[:300], y[:300], x[300:], y[300:], fraction=0.01, seed=0)
+    assert tiny.n_train_used == 4
+    idx = _stratified_subset(np.unique(y[:300], return_inverse=True)[1], 4, 4, seed=0)
+    assert sorted(y[:300][idx].tolist()) == [0, 1, 2, 3]
+    # the same C and scaler as scikit-learn on the same rows, by hand
+    idx = _stratified_subset(np.unique(y[:300], return_inverse=True)[1], 4, 30, seed=0)
+    s = StandardScaler().fit(x[:300][idx])
+    ref = LogisticRegression(C=1.0, max_iter=1000).fit(s.transform(x[:300][idx]), y[:300][idx])
+    assert np.array_equal(ref.predict(s.transform(x[300:])), r.test_predictions)
+    with pytest.raises(ValueError, match="fraction"):
+        low_label_probe(x, y, x, y, fraction=0.0)
+
+
+def test_paired_comparison_mcnemar_and_bootstrap_by_hand():
+    """12 items: A right only on items 0 and 7-11, B right on 1-11. By hand: n01 (A right, B
+    wrong) = 1, n10 (A wrong, B right) = 6, the exact two-sided McNemar p is
+    2 * P(Bin(7, 1/2) >= 6) = 2 * (7 + 1) / 128 = 0.125, the difference (6 - 1) / 12. The
+    per-item differences d have variance 7/12 - (5/12)^2, so the normal approximation of the
+    bootstrap's 95% interval is 5/12 +- 1.96 sqrt(0.4097 / 12) = [0.054, 0.779]."""
+    from poissonflow.probes import paired_comparison
+
+    a = np.array([1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=bool)
+    b = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=bool)
+    c = paired_comparison(a, b, n_boot=4000, seed=0)
+    assert (c["n01"], c["n10"], c["n"]) == (1, 6, 12)
+    assert c["p_mcnemar"] == pytest.approx(0.125)
+    assert c["diff"] == pytest.approx(5 / 12)
+    lo, hi = c["ci"]
+    assert lo == pytest.approx(0.054, abs=0.1) and hi == pytest.approx(0.779, abs=0.1)
+    same = paired_comparison(a, a)
+    assert same["p_mcnemar"] == 1.0 and same["ci"] == [0.0, 0.0] and same["diff"] == 0.0
+    # strata: the bootstrap keeps each group's size; two identical halves give the same
+    # difference and a narrower interval than one half alone
+    both = paired_comparison(np.tile(a, 2), np.tile(b, 2), strata=np.repeat([0, 1], 12),
+                             n_boot=4000, seed=0)
+    assert both["diff"] == pytest.approx(5 / 12) and (both["n01"], both["n10"]) == (2, 12)
+    assert both["ci"][1] - both["ci"][0] < hi - lo
+    with pytest.raises(ValueError):
+        paired_comparison(a, b[:5])

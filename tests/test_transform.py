@@ -61,7 +61,7 @@ def test_info_reports_horizon_and_exclusions():
 def test_radial_euler_step_identity():
     """One Euler step of the blog's update y~' = y~ + delta f / (f . y~) raises |y~|^2 / 2 by
     delta + delta^2 |f|^2 / (2 (f . y~)^2): exactly delta only in the continuous-time limit
-    (DESIGN.md's "exactly delta" is first order). |y~| is measured from the origin, as in the
+    (docs/DESIGN.md's "exactly delta" is first order). |y~| is measured from the origin, as in the
     blog, which suits features around the origin such as these unit vectors."""
     import poissonflow
 
