@@ -287,7 +287,7 @@ def plot_rows(rows, path):
 # GPU rows
 
 
-def _dev_timed(fn, repeat, device):
+def device_timed(fn, repeat, device):
     """Median seconds of fn() over `repeat` calls after one warm-up call (CUDA events on a
     GPU, the host clock otherwise)."""
     fn()
@@ -316,7 +316,7 @@ def gpu_mm_gflops(device, n=4096, tf32=False):
     try:
         a = torch.randn(n, n, device="cuda")
         b = torch.randn(n, n, device="cuda")
-        return 2.0 * n**3 / _dev_timed(lambda: torch.mm(a, b), 5, "cuda") / 1e9
+        return 2.0 * n**3 / device_timed(lambda: torch.mm(a, b), 5, "cuda") / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
@@ -366,7 +366,7 @@ def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print
     def add(name, op, dtype, N, D, flops, fn, err=None, **extra):
         row = {"impl": name, "op": op, "dtype": dtype, "N": N, "B": N, "D": D}
         try:
-            sec = _dev_timed(fn, repeat, device)
+            sec = device_timed(fn, repeat, device)
             row.update(status="ok", seconds=sec, gflops=flops / sec / 1e9,
                        frac_fp32_mm=flops / sec / 1e9 / mm, **extra)
             if err is not None:
@@ -432,7 +432,7 @@ def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
                 row = {"impl": name, "op": "forward", "data": data, "dtype": "float32", "N": N,
                        "B": N, "D": D}
                 try:
-                    sec = _dev_timed(lambda: mod.field_forward(x, y, None, float(D), 0.0),
+                    sec = device_timed(lambda: mod.field_forward(x, y, None, float(D), 0.0),
                                      repeat, device)
                     row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
                                frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm)
@@ -451,7 +451,7 @@ def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
                         return _gemm.gemm_field_forward(q, c, None, float(D), 0.0,
                                                         precision=precision)
 
-                    sec = _dev_timed(run, repeat, device)
+                    sec = device_timed(run, repeat, device)
                     res = run()
                     row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
                                frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm, **res.summary(N))

@@ -49,6 +49,9 @@ from poissonflow import reference, registry  # noqa: E402
 from poissonflow.reference import poisson_field_reference  # noqa: E402
 from poissonflow.testing import field_errors, flow_errors, row_errors, tolerance  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from field_throughput import device_timed, gpu_mm_gflops  # noqa: E402  (one timer for both)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROTOCOL = ("field_forward", "field_backward", "flow_steps")
 
@@ -233,28 +236,12 @@ def check_gemm_form(device="cuda", n=256, dims=(33, 129, 513)) -> list[dict]:
 
 def timed(fn, repeat=3) -> float:
     """Median seconds of fn() on the GPU (one warm-up call)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return device_timed(fn, repeat, "cuda")
 
 
 def gemm_gflops() -> float:
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        a = torch.randn(4096, 4096, device="cuda")
-        b = torch.randn(4096, 4096, device="cuda")
-        return 2 * 4096**3 / timed(lambda: torch.mm(a, b), repeat=5) / 1e9
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+    """The same run's float32 torch.mm rate, TF32 off (the reference rate of the table)."""
+    return gpu_mm_gflops("cuda")
 
 
 def fp32_lanes_per_sm(major: int, minor: int) -> int:

@@ -34,18 +34,39 @@ def median_nn_distance(charges: torch.Tensor, *, sample: int = NN_SAMPLE, seed: 
     duplicates count as distance 0; if that makes the median 0, the median over the charges'
     positive nearest-neighbour distances is used instead."""
     y = charges.detach().to(torch.float64)
-    B = y.shape[0]
+    idx = nn_sample(y.shape[0], sample=sample, seed=seed)
+    return median_positive(nearest_distances(y[idx], y, idx))
+
+
+def nn_sample(B: int, *, sample: int = NN_SAMPLE, seed: int = 0) -> torch.Tensor:
+    """The sorted, seeded subsample of charge indices the nearest-neighbour rule looks at (the
+    same on one process and over process shards, so both give the same horizon)."""
     if B < 2:
         raise ValueError("the horizon rule needs at least 2 charges (nearest-neighbour distance)")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(B, generator=g)[: min(sample, B)].sort().values
-    nn = torch.empty(idx.numel(), dtype=torch.float64)
-    chunk = max(1, 2**22 // max(1, B))
-    for s in range(0, idx.numel(), chunk):
-        rows = idx[s : s + chunk]
-        d = torch.cdist(y[rows], y, compute_mode="donot_use_mm_for_euclid_dist")
-        d[torch.arange(rows.numel()), rows] = float("inf")
-        nn[s : s + chunk] = d.min(1).values
+    return torch.randperm(B, generator=g)[: min(sample, B)].sort().values
+
+
+def nearest_distances(queries: torch.Tensor, y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Distance from each float64 query row to its nearest row of y, by direct differences in
+    chunks of ~2**22 pairs, ignoring for query i the row skip[i] of y (-1: none). inf where y
+    is empty."""
+    nn = torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
+    if y.shape[0] == 0:
+        return nn
+    chunk = max(1, 2**22 // y.shape[0])
+    for s0 in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[s0:s0 + chunk], y, compute_mode="donot_use_mm_for_euclid_dist")
+        sel = skip[s0:s0 + chunk]
+        here = torch.nonzero(sel >= 0).flatten()
+        d[here, sel[here]] = float("inf")
+        nn[s0:s0 + chunk] = d.min(1).values
+    return nn
+
+
+def median_positive(nn: torch.Tensor) -> float:
+    """Median of nearest-neighbour distances; if exact duplicates make it 0, the median of the
+    positive ones."""
     med = float(nn.median())
     if med > 0:
         return med

@@ -432,12 +432,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[Any, list[float]]]], path: Pat
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    _save_png(plt, fig, path, title)
 
 
 def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:
@@ -490,6 +485,11 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    _save_png(plt, fig, path, title)
+
+
+def _save_png(plt, fig, path: Path, title: str) -> None:
+    """Titles and lays out `fig`, writes it to `path` atomically as a PNG, and frees it."""
     fig.suptitle(title)
     fig.tight_layout()
     try:

@@ -29,6 +29,7 @@ import poissonflow  # noqa: E402
 from helpers import TOL_GRAD, TOL_LS, TOL_V, field_errors, row_errors  # noqa: E402
 from poissonflow.reference import poisson_field_reference  # noqa: E402
 from poissonflow.triton import _gemm  # noqa: E402
+from conformance.conformance_cases import near_coincident_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = torch.float32
@@ -40,16 +41,11 @@ ROUNDING = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf bounds in numpy
 
 
-def near_coincident(N=12, B=24, D=129, dist=1e-3, norm=10.0, seed=11):
-    """Queries 1e-3 from a charge of norm 10, each with a near twin 1e-3 away (docs/DESIGN.md
-    section 2): |x|^2 = 100, whose TF32 rounding of the products (~0.1 in r2) dwarfs r2 ~ 1e-6."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randn(B, D, generator=g, dtype=F64)
-    y = norm * y / y.norm(dim=1, keepdim=True)
-    u = torch.randn(2 * N, D, generator=g, dtype=F64)
-    u = dist * u / u.norm(dim=1, keepdim=True)
-    y[1 : 2 * N : 2] = y[0 : 2 * N : 2] + u[:N]
-    x = y[0 : 2 * N : 2] + u[N:]
+def near_coincident(**kwargs):
+    """The conformance suite's near-coincident case (queries 1e-3 from a charge of norm 10, each
+    with a near twin 1e-3 away, docs/DESIGN.md section 2) in float32: |x|^2 = 100, whose TF32
+    rounding of the products (~0.1 in r2) dwarfs r2 ~ 1e-6."""
+    x, y = near_coincident_case(**kwargs)
     return x.float(), y.float()
 
 

@@ -224,11 +224,7 @@ def median_nn_distance(y, layout, group, *, sample=horizon.NN_SAMPLE, seed=0):
     """poissonflow.horizon.median_nn_distance of the union of the ranks' charges: the same
     seeded sample of global indices, its rows gathered, each rank's nearest distance from them
     to its own shard (direct differences), the minimum over ranks."""
-    B = layout.total_b
-    if B < 2:
-        raise ValueError("the horizon rule needs at least 2 charges (nearest-neighbour distance)")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(B, generator=g)[: min(sample, B)].sort().values
+    idx = horizon.nn_sample(layout.total_b, sample=sample, seed=seed)
     off = layout.offset
     counts = tuple(int(((idx >= off[k]) & (idx < off[k] + layout.b[k])).sum())
                    for k in range(layout.world))
@@ -236,25 +232,11 @@ def median_nn_distance(y, layout, group, *, sample=horizon.NN_SAMPLE, seed=0):
     lo = off[layout.rank]
     mine = idx[(idx >= lo) & (idx < lo + yd.shape[0])] - lo
     rows = _comm.gather_rows(_on_wire(yd[mine], group), counts, group).cpu()
-    nn = torch.full((idx.numel(),), float("inf"), dtype=torch.float64)
-    if yd.shape[0]:
-        chunk = max(1, 2**22 // max(1, yd.shape[0]))
-        for s0 in range(0, idx.numel(), chunk):
-            d = torch.cdist(rows[s0:s0 + chunk], yd, compute_mode="donot_use_mm_for_euclid_dist")
-            sel = idx[s0:s0 + chunk] - lo
-            here = (sel >= 0) & (sel < yd.shape[0])
-            d[torch.nonzero(here).flatten(), sel[here]] = float("inf")
-            nn[s0:s0 + chunk] = d.min(1).values
-    nn_wire = _on_wire(nn, group)
+    sel = idx - lo  # the sampled charge itself, where this rank holds it, is not its neighbour
+    skip = torch.where((sel >= 0) & (sel < yd.shape[0]), sel, torch.full_like(sel, -1))
+    nn_wire = _on_wire(horizon.nearest_distances(rows, yd, skip), group)
     dist.all_reduce(nn_wire, op=dist.ReduceOp.MIN, group=group)
-    nn = nn_wire.cpu()
-    med = float(nn.median())
-    if med > 0:
-        return med
-    positive = nn[nn > 0]
-    if positive.numel() == 0:
-        raise ValueError("all charges coincide: there is no length scale to start the flow from")
-    return float(positive.median())
+    return horizon.median_positive(nn_wire.cpu())
 
 
 def _coincident(x, y, own_charges, gathered, plan):

@@ -190,21 +190,44 @@ def _field_tile(XQ, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt:
         p = tl.exp2(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-        # acc += sum_j p_ij (y_j - x_i) as a [BLOCK_N, BLOCK_M, BLOCK_D] broadcast reduced over
-        # its first axis. Differences, never p @ y - l * x: that form cancels catastrophically
-        # for a query next to a charge far from the origin (docs/DESIGN.md section 2).
-        pt = tl.trans(p)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            in_d = (dims < D)[None, :]
-            mask = mask_m[:, None] & in_d
-            xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
-            yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d, other=0.0).to(cdt)
-            contrib = tl.sum(pt[:, :, None] * (yk[:, None, :] - xk[None, :, :]), axis=0)
-            a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
-            tl.store(acc_rows + dims[None, :], a * alpha[:, None] + contrib, mask=mask)
+        _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt,
+                                BLOCK_D)
         tl.debug_barrier()
     return m, l
+
+
+@triton.jit
+def _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D,
+                            cdt: tl.constexpr, BLOCK_D: tl.constexpr):
+    """acc_i <- alpha_i acc_i + sum_j p_ij (y_j - x_i), as a [BLOCK_N, BLOCK_M, BLOCK_D]
+    broadcast reduced over its first axis. Differences, never p @ y - l * x: that form cancels
+    catastrophically for a query next to a charge far from the origin (docs/DESIGN.md
+    section 2)."""
+    pt = tl.trans(p)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        in_d = (dims < D)[None, :]
+        mask = mask_m[:, None] & in_d
+        xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
+        yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d, other=0.0).to(cdt)
+        contrib = tl.sum(pt[:, :, None] * (yk[:, None, :] - xk[None, :, :]), axis=0)
+        a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
+        tl.store(acc_rows + dims[None, :], a * alpha[:, None] + contrib, mask=mask)
+
+
+@triton.jit
+def _store_field(ACC, V, rows, mask_m, neg_inv, D, cdt: tl.constexpr, BLOCK_D: tl.constexpr):
+    """v = -acc / l into V (in V's dtype). Half-precision output: the scratch keeps v in float32
+    for the backward's delta_i = g_i . v_i, which the rounded v would spoil (it enters by
+    cancellation)."""
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_m[:, None] & (dims < D)[None, :]
+        offs = rows[:, None] * D + dims[None, :]
+        v = tl.load(ACC + offs, mask=mask, other=0.0) * neg_inv[:, None]
+        tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+        if V.dtype.element_ty != cdt:
+            tl.store(ACC + offs, v, mask=mask)
 
 
 @triton.jit
@@ -232,16 +255,7 @@ def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride
                        BLOCK_M, BLOCK_N, BLOCK_D)
     neg_inv, lse2 = _finish_rows(m, l)
     tl.store(LSE2 + rows, lse2, mask=mask_m)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_m[:, None] & (dims < D)[None, :]
-        offs = rows[:, None] * D + dims[None, :]
-        v = tl.load(ACC + offs, mask=mask, other=0.0) * neg_inv[:, None]
-        tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
-        if V.dtype.element_ty != cdt:
-            # Half-precision output: the scratch keeps v in float32 for the backward's
-            # delta_i = g_i . v_i, which the rounded v would spoil (it enters by cancellation).
-            tl.store(ACC + offs, v, mask=mask)
+    _store_field(ACC, V, rows, mask_m, neg_inv, D, cdt, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------

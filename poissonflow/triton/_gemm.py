@@ -79,9 +79,11 @@ import triton.language as tl
 
 from ._field_fwd import (
     INTERPRETED,
+    _accumulate_differences,
     _field_tile,
     _finish_rows,
     _sq_dist,
+    _store_field,
     _zero_rows,
     charge_terms,
     index_rows,
@@ -195,6 +197,27 @@ def _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
+def _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n, D, NEG: tl.constexpr,
+               cdt: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What both passes of the GEMM-form forward need of one tile of charges: q = |x|^2 + |y|^2
+    - 2 x.y (GEMM form, no softening), s_norm = |x|^2 + |y|^2 (the rounding bound's scale), the
+    log2 weights lw (1, BLOCK_N), and the live pairs (in range, non-zero weight, not
+    excluded)."""
+    dot = _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    ny = tl.load(NY + cols, mask=mask_n, other=0.0)
+    s_norm = nx[:, None] + ny[None, :]
+    if LW is not None:
+        lw = tl.load(LW + cols, mask=mask_n, other=NEG)[None, :]
+    else:
+        lw = tl.zeros([1, BLOCK_N], cdt)
+    live = mask_n[None, :] & (lw > NEG) & mask_m[:, None]
+    if EXCL is not None:
+        live = live & (cols[None, :] != excl[:, None])
+    return s_norm - 2.0 * dot, s_norm, lw, live
+
+
+@triton.jit
 def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(q = nx + ny - 2 x.y, C_S (nx + ny)) of every pair, for tests and bench/gpu_check.py."""
@@ -243,6 +266,8 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
     _zero_rows(acc_rows, mask_m, D, BLOCK_M, BLOCK_D)
     if EXCL is not None:
         excl = tl.load(EXCL + rows, mask=mask_m, other=-1)
+    else:
+        excl = tl.full([BLOCK_M], -1, tl.int64)  # unused: _gemm_tile reads it only with EXCL
     m = tl.full([BLOCK_M], NEG, cdt)
     # Pre-pass, GEMM form only: the row's largest lower bound over all charges, so that which
     # pairs are near does not depend on the charges' order (a running maximum would keep every
@@ -251,17 +276,9 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
     for j0 in range(0, B, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols < B
-        dot = _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        ny = tl.load(NY + cols, mask=mask_n, other=0.0)
-        s_norm = nx[:, None] + ny[None, :]
-        r2_up = s_norm - 2.0 * dot + e2[:, None] + c_s * s_norm
-        if LW is not None:
-            lw = tl.load(LW + cols, mask=mask_n, other=NEG)[None, :]
-        else:
-            lw = tl.zeros([1, BLOCK_N], cdt)
-        live = mask_n[None, :] & (lw > NEG) & mask_m[:, None]
-        if EXCL is not None:
-            live = live & (cols[None, :] != excl[:, None])
+        q, s_norm, lw, live = _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n,
+                                         D, NEG, cdt, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        r2_up = q + e2[:, None] + c_s * s_norm
         s_lo = tl.where(live, lw - half_p * tl.log2(tl.maximum(r2_up, tiny)), NEG)
         m_lo = tl.maximum(m_lo, tl.max(s_lo, axis=1))
     # The online softmax starts at m_lo - K, not -inf: a dropped pair (s_hi < m_lo - K) met
@@ -279,19 +296,10 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
     for j0 in range(0, B, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols < B
-        dot = _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        ny = tl.load(NY + cols, mask=mask_n, other=0.0)
-        s_norm = nx[:, None] + ny[None, :]
-        q = s_norm - 2.0 * dot
+        q, s_norm, lw, live = _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n,
+                                         D, NEG, cdt, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         err = c_s * s_norm
         r2g = q + e2[:, None]
-        if LW is not None:
-            lw = tl.load(LW + cols, mask=mask_n, other=NEG)[None, :]
-        else:
-            lw = tl.zeros([1, BLOCK_N], cdt)
-        live = mask_n[None, :] & (lw > NEG) & mask_m[:, None]
-        if EXCL is not None:
-            live = live & (cols[None, :] != excl[:, None])
         r2g_f = tl.maximum(r2g, tiny)
         s_g = lw - half_p * tl.log2(r2g_f)
         unbounded = (r2g - err) <= tiny
@@ -345,17 +353,8 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
         if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
             tiles_acc += 1
             y_rows = Y + cols.to(tl.int64)[:, None] * D
-            pt = tl.trans(p)
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                in_d = (dims < D)[None, :]
-                mask = mask_m[:, None] & in_d
-                xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
-                yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d,
-                             other=0.0).to(cdt)
-                contrib = tl.sum(pt[:, :, None] * (yk[:, None, :] - xk[None, :, :]), axis=0)
-                a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
-                tl.store(acc_rows + dims[None, :], a * alpha[:, None] + contrib, mask=mask)
+            _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt,
+                                    BLOCK_D)
             tl.debug_barrier()
     neg_inv, lse2 = _finish_rows(m, l)
     vsq = tl.zeros([BLOCK_M], cdt)
@@ -402,14 +401,7 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
     tl.store(STATS + rows * 6 + 3, tl.where(first, zero_i + tiles, 0), mask=mask_m)
     tl.store(STATS + rows * 6 + 4, tl.where(first, zero_i + tiles_redo, 0), mask=mask_m)
     tl.store(STATS + rows * 6 + 5, tl.where(first, zero_i + tiles_acc, 0), mask=mask_m)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        mask = mask_m[:, None] & (dims < D)[None, :]
-        offs = rows[:, None] * D + dims[None, :]
-        v = tl.load(ACC + offs, mask=mask, other=0.0) * neg_inv[:, None]
-        tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
-        if V.dtype.element_ty != cdt:
-            tl.store(ACC + offs, v, mask=mask)
+    _store_field(ACC, V, rows, mask_m, neg_inv, D, cdt, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
