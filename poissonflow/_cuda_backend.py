@@ -243,9 +243,6 @@ def _field_backward(run, x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, n
         gxb = pb.empty(N, pb.ld)
         run.launch(**pb.args(mode=MODE_BACKWARD_X, gx=_addr(gxb), **common))
         gx = _out(gxb, D, x.dtype)
-        # a row no charge reaches has v = 0 whatever x is: its dL/dx is 0, not the kernel's
-        # g_v + sum (which assumes the weights sum to 1)
-        gx = torch.where(torch.isneginf(log_scale)[:, None], torch.zeros_like(gx), gx)
     if need_y or need_w:
         gyb = pb.empty(B, pb.ld) if need_y else None
         gws = pb.empty(B) if need_w else None

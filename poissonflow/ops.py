@@ -82,6 +82,19 @@ def _setup_context(ctx, inputs, output):
     ctx.power, ctx.eps = power, eps
 
 
+def drop_dead_rows(log_scale, grad_v, grad_log_scale):
+    """Upstream gradients with the rows no charge reaches set to 0. Such a row's outputs are
+    constants (v = 0, log_scale = -inf, whatever the inputs), so its gradients carry nothing:
+    dropped here, before any kernel runs, they give dL/dx = 0 on that row (the kernels' g_v
+    term) and stay out of the -sum_i g_l,i / sum_k w_k term of dL/dw."""
+    dead = torch.isneginf(log_scale)
+    if grad_v is not None:
+        grad_v = torch.where(dead[:, None], torch.zeros_like(grad_v), grad_v)
+    if grad_log_scale is not None:
+        grad_log_scale = torch.where(dead, torch.zeros_like(grad_log_scale), grad_log_scale)
+    return grad_v, grad_log_scale
+
+
 def gradients(backward, x, charges, weights, power, eps, exclude, eps_rows, v, log_scale,
               grad_v, grad_log_scale, need_x, need_y, need_w, need_e):
     """(dL/dx, dL/dy, dL/dw, dL/d eps_rows), each None unless asked for, from `backward` (a
@@ -91,12 +104,7 @@ def gradients(backward, x, charges, weights, power, eps, exclude, eps_rows, v, l
     whose dL/dy~ holds dL/dy in its first D columns."""
     need_w = bool(need_w and weights is not None)
     need_e = bool(need_e and eps_rows is not None)
-    if grad_log_scale is not None:
-        # A row no charge reaches has constant outputs (v = 0, log_scale = -inf, whatever the
-        # inputs): its upstream gradient must not enter the -sum_i g_l,i / sum_k w_k term of
-        # dL/dw. (Its dL/dx is 0; the kernels write that themselves.)
-        grad_log_scale = torch.where(torch.isneginf(log_scale),
-                                     torch.zeros_like(grad_log_scale), grad_log_scale)
+    grad_v, grad_log_scale = drop_dead_rows(log_scale, grad_v, grad_log_scale)
     ge = None
     if need_e:
         xa = torch.cat([x, eps_rows.to(x.dtype)[:, None]], dim=1)

@@ -179,11 +179,6 @@ static int backward_impl(const FieldArgs& a) {
   if (need_x) {
     if (a.gv) memcpy(gx, a.gv, sizeof(T) * (size_t)(N * D));
     else memset(gx, 0, sizeof(T) * (size_t)(N * D));
-    // A row no charge reaches has v = 0 whatever x is, so its dL/dx is 0 (the g_v term above
-    // comes from v = x - sum pi y with sum pi = 1, which does not hold there).
-    const T* ls = (const T*)a.log_scale;
-    for (int64_t i = 0; i < N; ++i)
-      if (ls[i] == -(T)INFINITY) memset(gx + i * D, 0, sizeof(T) * (size_t)D);
   }
   int failed = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)

@@ -41,6 +41,7 @@ import math
 import torch
 
 from .. import _checks, registry
+from ..ops import drop_dead_rows
 from . import _comm
 
 __all__ = ["poisson_field", "MODES", "AUTO_ALLGATHER_BYTES", "FieldPlan", "plan_field"]
@@ -328,9 +329,7 @@ class _Field(torch.autograd.Function):
         need_x, need_y, need_w = ctx.needs_input_grad[:3]
         L, d = plan.layout, x.shape[1]
         want_yw = plan.need_y or plan.need_w  # collective: does any rank want them
-        # a row no charge reaches has constant outputs: its log_scale gradient is dropped
-        if gl is not None:
-            gl = torch.where(torch.isneginf(ls), torch.zeros_like(gl), gl)
+        gv, gl = drop_dead_rows(ls, gv, gl)  # a row no charge reaches has constant outputs
         gv = torch.zeros_like(v) if gv is None else gv
         gl = torch.zeros_like(ls) if gl is None else gl
         gx = gy = gw = None
