@@ -402,11 +402,8 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             torch.manual_seed(seed)
             net = _mlp(d, s["hidden"], s["depth"])
         self.net_ = net.to(device)
-        opt = torch.optim.Adam(self.net_.parameters(), lr=s["lr"])
-        # the weights' moving average (ema), copied into the network at the end
-        shadow = None if s["ema"] is None else [
-            p.detach().clone() for p in self.net_.parameters()]
-        gen = torch.Generator(device=device).manual_seed(seed)
+        opt, shadow, gen = self._training_state(s, seed, device)
+        step = _SingleProcess(self.net_, backend)
         sync = (lambda: torch.cuda.synchronize(device)) if (
             profile and device.type == "cuda") else (lambda: None)
 
@@ -421,11 +418,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         bar = _epoch_bar(s["epochs"], self._show_progress(progress))
         t_fit = time.perf_counter()
         for epoch in range(s["epochs"] if train else 0):
-            loss, wrong, seconds = self._train_epoch(X, s, opt, shadow, gen, backend, sync)
-            self.loss_history_.append(loss)
-            self.wrong_sign_history_.append(wrong)
-            for k, v in seconds.items():
-                self.timing_[k].append(v)
+            loss = self._train_epoch(X, s, opt, shadow, gen, step, sync)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4g}")
                 bar.update(1)
@@ -443,6 +436,20 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         if bar is not None:
             bar.close()
         self.fit_seconds_ = time.perf_counter() - t_fit
+        self._finish_training(shadow)
+        return self
+
+    def _training_state(self, s, seed: int, device) -> tuple:
+        """(Adam, the weights' moving average or None, the seeded generator of the batches and
+        perturbations) for training self.net_ from its current weights."""
+        opt = torch.optim.Adam(self.net_.parameters(), lr=s["lr"])
+        # the weights' moving average (ema), copied into the network at the end
+        shadow = None if s["ema"] is None else [
+            p.detach().clone() for p in self.net_.parameters()]
+        return opt, shadow, torch.Generator(device=device).manual_seed(seed)
+
+    def _finish_training(self, shadow) -> None:
+        """The fitted network: the moving average when there is one, frozen, in eval mode."""
         if shadow is not None:  # the field is the averaged network (PFGM samples with it)
             with torch.no_grad():
                 for avg, p in zip(shadow, self.net_.parameters()):
@@ -450,7 +457,6 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         self.net_.eval()
         for p in self.net_.parameters():
             p.requires_grad_(False)
-        return self
 
     def _validation_set(self, X, s, seed, backend):
         """(inputs (n, d + 1), targets) of the plateau rule's fixed validation set (the
@@ -470,10 +476,16 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             err = (self.net_(inp) - target) ** 2
             return float((err.sum(1) if s["loss"] == "sum" else err.mean(1)).mean())
 
-    def _train_epoch(self, X, s, opt, shadow, gen, backend, sync):
-        """One pass over a fresh permutation of X; returns (mean loss, wrong-sign count,
-        seconds per phase: data (gather + perturbation), target, network (forward, backward,
-        optimiser))."""
+    def _train_epoch(self, X, s, opt, shadow, gen, step: "_SingleProcess", sync):
+        """One pass over a fresh permutation of X; appends the epoch's mean loss, wrong-sign
+        count and seconds per phase (data (gather + perturbation), target, network (forward,
+        backward, optimiser)) to loss_history_, wrong_sign_history_ and timing_, and returns
+        the mean loss.
+
+        `step` says what of each iteration is this process's (_SingleProcess: all of it):
+        its queries and charges, their targets, the forward pass, the loss and the epoch's
+        totals. poissonflow.distributed.learned passes its data-parallel step, so that one
+        loop trains both ways."""
         n, d = X.shape
         large, small = s["large_batch"], s["small_batch"]
         if s["drop_last"] or n <= large:
@@ -481,7 +493,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         else:  # torch's DataLoader default: the incomplete last batch is kept
             per_epoch = -(-n // large)
         clock = {"data": 0.0, "target": 0.0, "network": 0.0}
-        loss_sum = torch.zeros((), device=X.device)
+        loss_sum = torch.zeros((), dtype=step.history_dtype, device=X.device)
         wrong = torch.zeros((), dtype=torch.int64, device=X.device)
         t_epoch = time.perf_counter()
         perm = (torch.randperm(n, generator=gen, device=X.device) if s["shuffle"]
@@ -492,17 +504,19 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             x_pert, z = pfgm_perturb(
                 batch[:small], s["M"], s["sigma"], s["tau"], s["restrict_M"], gen
             )
+            xq, zq, charges = step.batch_slice(x_pert, z, batch)
             sync()
             t1 = time.perf_counter()
-            target = field_targets(x_pert, z, batch, s["gamma"], backend)
+            target = step.targets(xq, zq, charges, s["gamma"])
             sync()
             t2 = time.perf_counter()
-            pred = self.net_(torch.cat([x_pert, z[:, None]], dim=1))
+            pred = step.forward(torch.cat([xq, zq[:, None]], dim=1))
             err = (pred - target) ** 2
             # "sum": PFGM's form; "mean": the blog's code (reduce_op = torch.mean over the
             # d + 1 outputs), the same minimiser with (d + 1) times smaller gradients, which
             # Adam's normalisation largely absorbs (docs/BLOG_FAITHFULNESS.md)
-            loss = (err.sum(1) if s["loss"] == "sum" else err.mean(1)).mean()
+            loss, share = step.loss(err.sum(1) if s["loss"] == "sum" else err.mean(1),
+                                    x_pert.shape[0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if s["grad_clip"] is not None:
@@ -511,7 +525,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             self.n_iterations_ += 1
             if shadow is not None:
                 self._update_average(shadow, s["ema"])
-            loss_sum += loss.detach()
+            loss_sum += share
             # n_z >= 0 toward the data is n_z <= 0 away from it: the log-z guard's condition
             wrong += (pred.detach()[:, d] >= 0).sum()
             sync()
@@ -519,9 +533,13 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             clock["data"] += t1 - t0
             clock["target"] += t2 - t1
             clock["network"] += t3 - t2
-        loss_mean = float(loss_sum) / per_epoch
+        loss_mean, wrong_count = step.epoch_totals(loss_sum, wrong, per_epoch)
         clock["epoch"] = time.perf_counter() - t_epoch
-        return loss_mean, int(wrong), clock
+        self.loss_history_.append(loss_mean)
+        self.wrong_sign_history_.append(wrong_count)
+        for k, v in clock.items():
+            self.timing_[k].append(v)
+        return loss_mean
 
     def _update_average(self, shadow: list[torch.Tensor], rate: float) -> None:
         """Exponential moving average of the weights with PFGM's warm-up (models/ema.py): the
@@ -729,6 +747,42 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         # computations follow the input: float32 stays float32 (the network is float32 anyway)
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+class _SingleProcess:
+    """What of each training iteration one process does, for LearnedField._train_epoch: all of
+    it. The loop itself (epochs' batches, perturbation, optimiser step, clipping, averaging)
+    is shared; poissonflow.distributed.learned._DataParallel replaces these methods to work
+    on its rank's slice of every batch and sum over the ranks."""
+
+    history_dtype = torch.float32  # the epoch's running loss sum
+
+    def __init__(self, net: torch.nn.Module, backend: str):
+        self.net = net
+        self.backend = backend
+
+    def batch_slice(self, x_pert, z, batch):
+        """(queries, their heights, charges) this process works on: the whole small batch of
+        perturbed points and the whole large batch."""
+        return x_pert, z, batch
+
+    def targets(self, x_pert, z, charges, gamma: float) -> torch.Tensor:
+        """PFGM's targets at the queries from the field of the charges."""
+        return field_targets(x_pert, z, charges, gamma, self.backend)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def loss(self, per_point: torch.Tensor, small: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to differentiate, its share of the epoch's loss sum) from this
+        process's per-point losses, `small` being the global small batch's size."""
+        loss = per_point.mean()
+        return loss, loss.detach()
+
+    def epoch_totals(self, loss_sum: torch.Tensor, wrong: torch.Tensor,
+                     per_epoch: int) -> tuple[float, int]:
+        """(mean loss per iteration, wrong-sign count) of the epoch."""
+        return float(loss_sum) / per_epoch, int(wrong)
 
 
 def _mlp(d: int, hidden: int, depth: int) -> torch.nn.Sequential:

@@ -1,10 +1,13 @@
 """`poissonflow.distributed.fit_learned_field` on 2 gloo processes against `LearnedField.fit`
 on one: the same settings, the same targets, the loss history and the trained weights equal
 to float32 rounding (DDP sums the gradient in another order, see the module docstring), one
-checkpoint written by rank 0 that loads into the same field."""
+checkpoint written by rank 0 that loads into the same field. The 2-rank weights are also
+pinned to the bits recorded before the distributed trainer took LearnedField._train_epoch's
+loop (with its own _DataParallel step) instead of a copy of it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -17,6 +20,11 @@ from poissonflow.learned import LearnedField
 
 PARAMS = dict(epochs=4, large_batch=16, small_batch=8, seed=3, device="cpu", backend="cpu")
 ROWS = (21, 19)  # ragged shards of the 40 training features
+# sha256 of the trained state_dict and the loss history (float.hex) of the 2-rank run, recorded
+# before the trainer shared LearnedField._train_epoch (CPU, gloo, torch 2.13.0+cpu)
+WEIGHTS_SHA256 = "29ce73b7ce6946693bd618073c56bcd141cf15323bb508af4a802001b02f6f40"
+LOSS_HEX = ["0x1.c8832b0000000p+0", "0x1.80a5008000000p+1", "0x1.e660928000000p+0",
+            "0x1.48eab88000000p+1"]
 
 
 def features():
@@ -38,7 +46,8 @@ def worker(rank, world, port, out):
                                   **PARAMS)
     torch.save({"state": field.net_.state_dict(), "loss": field.loss_history_,
                 "wrong": field.wrong_sign_history_, "settings": field.settings_,
-                "iterations": field.n_iterations_}, Path(out) / f"rank{rank}.pt")
+                "iterations": field.n_iterations_, "timing": field.timing_},
+               Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -63,6 +72,14 @@ def test_fit_under_two_processes_matches_one(tmp_path):
         for k, v in one.net_.state_dict().items():
             err = float((res["state"][k] - v).abs().max() / v.abs().max())
             assert err <= 1e-5, (k, err)
+        assert {k: len(v) for k, v in res["timing"].items()} == {
+            k: PARAMS["epochs"] for k in ("epoch", "data", "target", "network")}
+        h = hashlib.sha256()
+        for k, v in res["state"].items():
+            h.update(k.encode())
+            h.update(v.contiguous().numpy().tobytes())
+        assert h.hexdigest() == WEIGHTS_SHA256
+        assert [float(v).hex() for v in res["loss"]] == LOSS_HEX
     untrained = LearnedField(**PARAMS).fit(features(), train=False)
     assert any(not torch.equal(v, untrained.net_.state_dict()[k])
                for k, v in one.net_.state_dict().items())  # the comparison is of trained nets
@@ -75,6 +92,19 @@ def test_fit_under_two_processes_matches_one(tmp_path):
     z = torch.full((5,), 0.3)
     assert torch.allclose(loaded.predict_field(x, z), one.predict_field(x, z), rtol=1e-4,
                           atol=1e-6)
+
+
+def test_data_parallel_step_has_every_hook_of_the_single_process_one():
+    """_DataParallel is not a subclass of _SingleProcess (so that importing
+    poissonflow.distributed does not import scikit-learn): a hook added to the one must be
+    given to the other, or LearnedField._train_epoch would fail only under torchrun."""
+    from poissonflow.distributed.learned import _DataParallel
+    from poissonflow.learned import _SingleProcess
+
+    hooks = {k for k in vars(_SingleProcess) if not k.startswith("_")}
+    assert hooks == {"history_dtype", "batch_slice", "targets", "forward", "loss",
+                     "epoch_totals"}
+    assert hooks <= {k for k in vars(_DataParallel) if not k.startswith("_")}
 
 
 if __name__ == "__main__":

@@ -20,14 +20,18 @@ How it divides the work, and why the result matches one process:
 * The optimiser step, gradient clipping and the weights' moving average then run identically
   on every rank; rank 0 writes the checkpoint (`LearnedField.save`).
 
+The epoch is `LearnedField._train_epoch` itself: this module passes it `_DataParallel`, which
+replaces the single process's step (`poissonflow.learned._SingleProcess`) in what differs:
+the rank's slice of the batch, the targets from the distributed field, the DDP forward, the
+loss's scale and the epoch's totals summed over the ranks. Batches, perturbations, optimiser,
+clipping and averaging are the one loop's, so the two paths cannot drift apart.
+
 Bit-identity with one process is not guaranteed: DDP sums the gradient as per-rank partial
 sums reduced over the ranks, one process in one pass over the batch, so the gradients may differ
 in the last bits of float32, and Adam carries such differences forward (normalised, so they stay
 at rounding level in a short run). tests/test_distributed_learned.py bounds them at 1e-5 of each
 weight tensor; in its tiny case (2 ranks, 8 iterations) the weights came out bit-identical and
-the loss history, averaged here in float64, within 6e-8. The training loop mirrors
-`LearnedField._train_epoch` step by step; the test compares the two, so a change to one without
-the other fails there.
+the loss history, averaged here in float64, within 6e-8.
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ def fit_learned_field(features, *, group=None, checkpoint=None, **params):
     `checkpoint` when given. Collective: every rank calls it with the same params. The loss
     history is that of the global small batches."""
     from ..learned import LearnedField
-    from ..pfgm import pfgm_perturb
 
     grp = _comm.get_group(group)
     field = LearnedField(**params)
@@ -61,32 +64,19 @@ def fit_learned_field(features, *, group=None, checkpoint=None, **params):
     field.fit(X, train=False)  # settings, centre, the seeded initial network: as one process
     X = X.to(next(field.net_.parameters()).device)
     s = field.settings_
-    R, rank = dist.get_world_size(grp), dist.get_rank(grp)
     net = field.net_
     net.train()
     for p in net.parameters():
         p.requires_grad_(True)
     ddp = torch.nn.parallel.DistributedDataParallel(net, process_group=grp)
-    opt = torch.optim.Adam(net.parameters(), lr=s["lr"])
-    shadow = None if s["ema"] is None else [p.detach().clone() for p in net.parameters()]
-    gen = torch.Generator(device=X.device).manual_seed(int(field.seed))
-    field.loss_history_, field.wrong_sign_history_ = [], []
-    field.n_iterations_ = 0
+    opt, shadow, gen = field._training_state(s, int(field.seed), X.device)
+    step = _DataParallel(ddp, field.backend, grp)
     t_fit = time.perf_counter()
-    for _ in range(s["epochs"]):
-        loss, wrong = _epoch(field, ddp, X, s, opt, shadow, gen, grp, R, rank, pfgm_perturb)
-        field.loss_history_.append(loss)
-        field.wrong_sign_history_.append(wrong)
+    for _ in range(s["epochs"]):  # fit(train=False) left the histories empty
+        field._train_epoch(X, s, opt, shadow, gen, step, lambda: None)
     field.fit_seconds_ = time.perf_counter() - t_fit
-    if shadow is not None:  # the field is the averaged network, as in LearnedField.fit
-        with torch.no_grad():
-            for avg, p in zip(shadow, net.parameters()):
-                p.copy_(avg)
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    field.net_ = net
-    if checkpoint is not None and rank == 0:
+    field._finish_training(shadow)  # the averaged network, frozen, as in LearnedField.fit
+    if checkpoint is not None and dist.get_rank(grp) == 0:
         field.save(checkpoint)
     dist.barrier(group=grp)
     return field
@@ -98,46 +88,45 @@ def _slice(n, R, rank):
     return o, o + sizes[rank]
 
 
-def _epoch(field, ddp, X, s, opt, shadow, gen, grp, R, rank, pfgm_perturb):
-    """One epoch as LearnedField._train_epoch, the small batch's slices across the ranks."""
-    n, d = X.shape
-    large, small = s["large_batch"], s["small_batch"]
-    if s["drop_last"] or n <= large:
-        per_epoch = max(1, n // large)
-    else:
-        per_epoch = -(-n // large)
-    perm = (torch.randperm(n, generator=gen, device=X.device) if s["shuffle"]
-            else torch.arange(n, device=X.device))
-    stats = torch.zeros(2, dtype=torch.float64, device=X.device)  # loss sum, wrong count
-    for it in range(per_epoch):
-        batch = X[perm[it * large:(it + 1) * large]]
-        x_pert, z = pfgm_perturb(batch[:small], s["M"], s["sigma"], s["tau"], s["restrict_M"],
-                                 gen)
-        q0, q1 = _slice(x_pert.shape[0], R, rank)
-        c0, c1 = _slice(batch.shape[0], R, rank)
-        xq, zq = x_pert[q0:q1], z[q0:q1]
+class _DataParallel:
+    """LearnedField._train_epoch's step (the methods of poissonflow.learned._SingleProcess,
+    not subclassed so that importing this package does not import scikit-learn) with the small
+    batch's slices across the ranks: rank r takes slice r of the perturbed points and of the
+    large batch (its charges), the targets come from the field of the global large batch, the
+    forward runs in DDP (which averages the gradients over the ranks in backward), and the
+    epoch's loss and wrong-sign count are summed over the ranks."""
+
+    history_dtype = torch.float64  # the loss history is averaged in float64
+
+    def __init__(self, ddp, backend: str, group):
+        self.net, self.backend, self.group = ddp, backend, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def batch_slice(self, x_pert, z, batch):
+        q0, q1 = _slice(x_pert.shape[0], self.world, self.rank)
+        c0, c1 = _slice(batch.shape[0], self.world, self.rank)
+        return x_pert[q0:q1], z[q0:q1], batch[c0:c1]
+
+    def targets(self, x_pert, z, charges, gamma):
         # the targets of pfgm.field_targets, from the field of the global large batch
-        plan = plan_field(xq, batch[c0:c1], None, float(d + 1), 0.0, None, grp, "allgather",
-                          field.backend, grad=False)
+        d = x_pert.shape[1]
+        plan = plan_field(x_pert, charges, None, float(d + 1), 0.0, None, self.group,
+                          "allgather", self.backend, grad=False)
         with torch.no_grad():
-            v, _ = field_with_plan(plan, xq, batch[c0:c1], None, None, eps_rows=zq)
-            full = torch.cat([v, zq[:, None].to(v.dtype)], dim=1)
-            target = full * (-math.sqrt(d) / (full.norm(dim=1, keepdim=True) + s["gamma"]))
-        pred = ddp(torch.cat([xq, zq[:, None]], dim=1))
-        err = (pred - target) ** 2
-        per_point = err.sum(1) if s["loss"] == "sum" else err.mean(1)
+            v, _ = field_with_plan(plan, x_pert, charges, None, None, eps_rows=z)
+            full = torch.cat([v, z[:, None].to(v.dtype)], dim=1)
+            return full * (-math.sqrt(d) / (full.norm(dim=1, keepdim=True) + gamma))
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def loss(self, per_point, small):
         # DDP averages over the R ranks: R / S times the local sum is the global mean's gradient
-        loss = per_point.sum() * (R / x_pert.shape[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if s["grad_clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(ddp.module.parameters(), s["grad_clip"])
-        opt.step()
-        field.n_iterations_ += 1
-        if shadow is not None:
-            field._update_average(shadow, s["ema"])
-        stats[0] += per_point.detach().sum().double() / x_pert.shape[0]
-        stats[1] += float((pred.detach()[:, d] >= 0).sum())
-    wire = stats.to(_comm.wire_device(grp, stats.device))
-    dist.all_reduce(wire, group=grp)
-    return float(wire[0]) / per_epoch, int(wire[1])
+        loss = per_point.sum() * (self.world / small)
+        return loss, per_point.detach().sum().double() / small
+
+    def epoch_totals(self, loss_sum, wrong, per_epoch):
+        stats = torch.stack([loss_sum, wrong.to(torch.float64)])
+        wire = stats.to(_comm.wire_device(self.group, stats.device))
+        dist.all_reduce(wire, group=self.group)
+        return float(wire[0]) / per_epoch, int(wire[1])

@@ -337,10 +337,15 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
         alpha = tl.exp2(m - m_ref)
         p = tl.exp2(s_kept - m_ref[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        # What the pairs not recomputed can change, in units of 2^m_ref.
-        w_hi = tl.exp2(s_hi - m_ref[:, None])
-        w_lo = tl.exp2(s_lo - m_ref[:, None])
-        e_pair = tl.where(approx, w_hi - w_lo, tl.where(live & (~near), w_hi, 0.0))
+        # What the pairs not recomputed can change, in units of 2^m_ref. Only the lanes the
+        # select below keeps are exponentiated (the others at -inf, 2^-inf = 0): a recomputed
+        # pair's interval can reach far above m_ref (at the r2 floor, s_hi = log2 w + s_cap_rel),
+        # and its 2^(s_hi - m_ref) would overflow to inf only to be dropped. The kept lanes'
+        # arguments, hence e_pair, are unchanged.
+        dropped = live & (~near)
+        w_hi = tl.exp2(tl.where(approx | dropped, s_hi, NEG) - m_ref[:, None])
+        w_lo = tl.exp2(tl.where(approx, s_lo, NEG) - m_ref[:, None])
+        e_pair = tl.where(approx, w_hi - w_lo, tl.where(dropped, w_hi, 0.0))
         dist_hi = tl.sqrt(tl.maximum(q + err, 0.0)) * (1.0 + 2.0**-20)
         ez = ez * alpha + tl.sum(e_pair, axis=1)
         en = en * alpha + tl.sum(tl.where(e_pair > 0.0, e_pair * dist_hi, 0.0), axis=1)
