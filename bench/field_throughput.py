@@ -155,7 +155,7 @@ def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
     }]
     n = min(N, peer_rows)
     need = 12 * n * N * 4  # the autograd graph keeps ~a dozen n x B float32 matrices
-    if need < 0.5 * available_memory_bytes():
+    if n > 0 and need < 0.5 * available_memory_bytes():  # peer_rows=0: no peer
         xs, gvs, gls = x[:n], gv[:n], gl[:n]
         sec = timed(lambda: peers.torch_autograd_backward(xs, y, power, gvs, gls), repeat)
         ours_n = timed(lambda: ours(xs, y, power, gvs, gls), repeat)
@@ -196,6 +196,63 @@ def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
             "field_seconds": field, "step_over_field": fused / field,
             "target_over_field": 1.1 * evals, "unfused_seconds_per_step": unfused,
             "fused_speedup": unfused / fused, "err": err, "err_unfused": err_unfused,
+        })
+    return rows
+
+
+# The small calls of training loops (docs/DESIGN.md section 13): (name, N queries, B charges, D,
+# power, per-row softening?). "learned": one learned-field target (pfgm.field_targets: a small
+# batch of 128 perturbed points against a large batch of 1024, d = 128, p = d + 1, heights as
+# softening); "riesz": one batch-vs-bank call of the Riesz loss (256 features against a bank of
+# 1024 in 32 dimensions, power s + 2 = 4).
+SMALL_CALLS = (("learned", 128, 1024, 128, 129.0, True), ("riesz", 256, 1024, 32, 4.0, False))
+
+
+def small_call_rows(gemm, repeat=5, calls=50, seed=0):
+    """Latency of the small calls through the backend protocol (what pfgm.field_targets and
+    the losses call) and through the autograd-aware op (poisson_field), standalone and in a
+    loop that alternates each call with a Linear(129, 129) forward + backward (a training
+    step's torch work), against the pure compute time: the call's flops at the rate of a large
+    call (N = B = 8192) of the same D and power in the same run."""
+    cpu = registry.get("cpu").module()
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(129, 129)
+    xb = torch.randn(128, 129, generator=g)
+    rows = []
+    for name, N, B, D, power, soft in SMALL_CALLS:
+        x = torch.randn(N, D, generator=g)
+        y = torch.randn(B, D, generator=g)
+        z = torch.rand(N, generator=g) * 0.1 if soft else None
+        flops = 4.0 * N * B * D
+
+        def protocol():
+            return cpu.field_forward(x, y, None, power, 0.0, eps_rows=z)
+
+        def op():
+            return poissonflow.ops.field(x, y, None, power, 0.0, None, z, "cpu")
+
+        def per_call(fn):
+            return timed(lambda: [fn() for _ in range(calls)], repeat) / calls
+
+        def torch_step():
+            lin.zero_grad()
+            lin(xb).square().sum().backward()
+
+        big = torch.randn(8192, D, generator=g)
+        big_rate = 4.0 * D * 8192 * 8192 / timed(
+            lambda: cpu.field_forward(big, big, None, power, 0.0), 1)
+        compute = flops / big_rate
+        t_proto, t_op = per_call(protocol), per_call(op)
+        t_torch = per_call(torch_step)
+        t_loop = per_call(lambda: (protocol(), torch_step())) - t_torch
+        rows.append({
+            "impl": "poissonflow-cpu", "op": "small call", "name": name, "N": N, "B": B, "D": D,
+            "power": power, "status": "ok", "protocol_seconds": t_proto, "op_seconds": t_op,
+            "in_loop_seconds": t_loop, "compute_seconds": compute,
+            "large_call_gflops": big_rate / 1e9, "gflops": flops / t_proto / 1e9,
+            "frac_gemm": flops / t_proto / 1e9 / gemm,
+            "latency_over_compute": t_proto / compute, "op_over_compute": t_op / compute,
+            "in_loop_over_standalone": t_proto / t_loop,
         })
     return rows
 
@@ -247,6 +304,17 @@ def print_table(rows, gemm):
             )
             print(f"  {r['impl']:16} N=B={r['B']:>6} D={r['D']:>4} {r['seconds']:8.3f} s  "
                   f"{r['gflops']:6.1f} GFLOP/s  {extra}")
+    small = [r for r in rows if r["op"] == "small call"]
+    if small:
+        print("\nsmall calls (training loops), float32: latency against the compute time at the "
+              "large-call rate")
+        for r in small:
+            print(f"  {r['name']:8} {r['N']}x{r['B']}x{r['D']} p={r['power']:g}: protocol "
+                  f"{1e6 * r['protocol_seconds']:7.1f} us ({r['latency_over_compute']:.2f}x "
+                  f"compute, {r['gflops']:.0f} GFLOP/s), poisson_field op "
+                  f"{1e6 * r['op_seconds']:7.1f} us ({r['op_over_compute']:.2f}x), in a loop "
+                  f"with torch {1e6 * r['in_loop_seconds']:7.1f} us "
+                  f"({r['in_loop_over_standalone']:.2f}x standalone speed)")
     ode = [r for r in rows if r["op"].endswith("step")]
     if ode:
         print("\nflow steps (fused trajectory kernel), float32")
@@ -530,6 +598,7 @@ def main(argv=None):
     ap.add_argument("--peer-rows", type=int, default=1024, help="queries timed for slow peers")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-ode", action="store_true")
+    ap.add_argument("--no-small", action="store_true", help="skip the small-call rows")
     ap.add_argument("--json", help="write every figure and setting to this file")
     ap.add_argument("--plot", help="draw GFLOP/s against size to this PNG")
     ap.add_argument("--gpu", action="store_true",
@@ -561,6 +630,8 @@ def main(argv=None):
             rows += backward_rows(N, 129, gemm, repeat, peer_rows)
     if not args.no_ode:
         rows += ode_rows(*ode[:2], gemm, *ode[2:])
+    if not args.no_small:
+        rows += small_call_rows(gemm, repeat=2 if args.quick else 5)
     print_table(rows, gemm)
     meta = {
         "date": datetime.date.today().isoformat(),

@@ -38,6 +38,9 @@ void call(Entry entry, const char* name, const py::kwargs& kw) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "poissonflow CPU kernels (keyword, raw-address interface; use poisson_field)";
 
+  m.def("openmp_library", &openmp_library,
+        "File of the OpenMP runtime the kernels run on (torch's copy when torch is imported "
+        "first; '' without OpenMP)");
   m.def("available_isas", &available_isas,
         "Instruction sets compiled into this build that this CPU supports, best first.");
 

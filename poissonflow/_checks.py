@@ -35,7 +35,9 @@ def check_finite(t: torch.Tensor, name: str, *, dim: int | None = None) -> None:
     kernels would see r2 = inf and silently return wrong weights."""
     if not t.numel():
         return
-    amax = float(t.detach().abs().amax())
+    # one pass without a temporary (|t| would be a copy): amax = max(-min, max); NaN propagates
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    amax = max(-float(lo), float(hi))
     if not math.isfinite(amax):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")

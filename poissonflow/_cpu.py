@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from ._ext import cpu_module, default_cpu_isa
+from ._ext import cpu_module, cpu_weight_form, default_cpu_isa
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -66,7 +66,7 @@ def field_forward(
         x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), eps2_rows=_addr(eps2_rows),
         N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2,
         is_double=x.dtype == torch.float64, v=_addr(v), log_scale=_addr(log_scale),
-        num_threads=_threads(N * B * D), isa=isa or default_cpu_isa(),
+        num_threads=_threads(N * B * D), isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
     )
     return v, log_scale
 
@@ -106,7 +106,7 @@ def field_backward(
         N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2, is_double=dt == torch.float64,
         v=_addr(v), log_scale=_addr(log_scale), gv=_addr(gv), gl=_addr(gl),
         gx=_addr(gx), gy=_addr(gy), gw=_addr(gw),
-        num_threads=_threads(2 * N * B * D), isa=isa or default_cpu_isa(),
+        num_threads=_threads(2 * N * B * D), isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
     )
     return gx, gy, gw
 
@@ -139,7 +139,7 @@ def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
         power=float(D + 1), is_double=x.dtype == torch.float64, t0=_addr(t0), dt=_addr(dt),
         n_steps=int(n_steps), solver=SOLVERS[solver], x_out=_addr(out),
         num_threads=_threads(N * y.shape[0] * D * int(n_steps) * (4 if solver == "rk4" else 1)),
-        isa=isa or default_cpu_isa(),
+        isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
     )
     return out
 

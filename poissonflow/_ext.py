@@ -14,20 +14,18 @@ import os
 __all__ = ["cpu_module", "cpu_isas", "default_cpu_isa", "backends"]
 
 
-# Our OpenMP runtime (the system libgomp, separate from the copy bundled with torch) reads its
-# wait policy when it loads. By default idle threads spin for ~0.3 ms: with torch's own threads
-# also spinning, a training loop that alternates torch ops with small field calls was measured
-# 2-3x slower when one other process shared the 2 cores (10.5 against 3.9 ms per iteration). A
-# short spin keeps quiet-machine speed (2.8-4.0 against 2.8-3.6 ms) and avoids most of the
-# collapse (5.1 ms). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT always win.
-_DEFAULT_SPINCOUNT = "1000"
-
-
 @functools.cache
 def cpu_module():
-    """The C++ CPU extension (`poissonflow._C`); raises ImportError with a hint if unbuilt."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = _DEFAULT_SPINCOUNT
+    """The C++ CPU extension (`poissonflow._C`); raises ImportError with a hint if unbuilt.
+
+    One OpenMP runtime with torch: the extension is linked against libgomp.so.1 and torch's
+    wheel ships its own copy under that soname, so importing torch first makes the dynamic
+    loader bind the extension to torch's copy (a soname already loaded is reused). The kernels'
+    parallel regions then run on the same thread team as torch's intra-op work: alternating
+    torch ops and field calls never puts two sets of spinning threads on the cores
+    (`openmp_runtimes()` lists what is loaded; tests/test_cpu_threads.py checks it)."""
+    import torch  # noqa: F401  (before the extension: see above)
+
     try:
         return importlib.import_module("poissonflow._C")
     except ImportError as err:
@@ -40,9 +38,36 @@ def cpu_module():
         ) from err
 
 
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    names = ("libgomp", "libiomp", "libomp")
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if any(n in line for n in names)}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith(names))
+
+
 def cpu_isas() -> list[str]:
     """Instruction sets of the CPU kernels usable on this machine, best first."""
     return list(cpu_module().available_isas())
+
+
+# The CPU kernels' softmax weights (csrc/cpu/power_form.h): "auto" takes the power form wherever
+# it applies (2p an integer, bounded range), "log" forces the log domain, "power" asks for the
+# power form wherever it applies. For tests and benchmarks; results agree to rounding.
+WEIGHT_FORMS = {"auto": 0, "log": 1, "power": 2}
+
+
+def cpu_weight_form() -> int:
+    """The weight form for the CPU kernels: $POISSONFLOW_CPU_WEIGHTS (auto, log, power)."""
+    forced = os.environ.get("POISSONFLOW_CPU_WEIGHTS", "").strip() or "auto"
+    if forced not in WEIGHT_FORMS:
+        raise ValueError(
+            f"POISSONFLOW_CPU_WEIGHTS={forced!r} is not one of {sorted(WEIGHT_FORMS)}"
+        )
+    return WEIGHT_FORMS[forced]
 
 
 def default_cpu_isa() -> str:

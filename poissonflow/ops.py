@@ -311,8 +311,39 @@ def field(
     the protocol, already validated (poissonflow._checks); see poissonflow.poisson_field."""
     which = registry.resolve(backend, x.device, x.dtype)
     op = field_op(which)
-    if op is None:  # differentiable by plain autograd (the reference)
+    if op is None or not _needs_op(x, charges, weights, eps_rows):
+        # the reference (plain autograd), or nothing the op would add: no gradient can flow
+        # and no tracer or mode is watching, so its device kernel is called directly (the op's
+        # dispatch cost ~40 us a call, a sixth of a learned-field target: docs/DESIGN.md
+        # section 13); same function, same result
         return registry.get(which).module().field_forward(
             x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows
         )
     return op(x, charges, weights, float(power), float(eps), exclude, eps_rows)
+
+
+def _needs_op(*tensors: Optional[Tensor]) -> bool:
+    """True when the custom op must run: a gradient may flow through one of `tensors`, or
+    torch.compile, a dispatch mode (fake tensors, tracing) or a tensor subclass is involved."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return True
+    if _current_dispatch_mode() is not None:
+        return True
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or _functorch_wrapped(t):
+            return True
+    return False
+
+
+try:  # private helpers of torch (present in the supported versions); if absent: always the op
+    from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+except ImportError:  # pragma: no cover
+    def _functorch_wrapped(t):
+        return True
+
+    def _current_dispatch_mode():
+        return None

@@ -44,6 +44,29 @@ def assert_field_close(x, y, v, ls, dtype=None, *, cancelling=False, **kw):
     return rel, cond, ls_err
 
 
+class forced_env:
+    """Context manager setting one environment variable (the CPU kernels' test hooks)."""
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def forced_weights(form: str) -> forced_env:
+    """The CPU kernels' softmax weights forced through $POISSONFLOW_CPU_WEIGHTS (log, power)."""
+    return forced_env("POISSONFLOW_CPU_WEIGHTS", form)
+
+
 class forced_isa:
     """Context manager selecting one CPU kernel copy through $POISSONFLOW_CPU_ISA."""
 

@@ -20,11 +20,15 @@ from poissonflow.learned import LearnedField
 
 PARAMS = dict(epochs=4, large_batch=16, small_batch=8, seed=3, device="cpu", backend="cpu")
 ROWS = (21, 19)  # ragged shards of the 40 training features
-# sha256 of the trained state_dict and the loss history (float.hex) of the 2-rank run, recorded
-# before the trainer shared LearnedField._train_epoch (CPU, gloo, torch 2.13.0+cpu)
-WEIGHTS_SHA256 = "29ce73b7ce6946693bd618073c56bcd141cf15323bb508af4a802001b02f6f40"
-LOSS_HEX = ["0x1.c8832b0000000p+0", "0x1.80a5008000000p+1", "0x1.e660928000000p+0",
-            "0x1.48eab88000000p+1"]
+# sha256 of the trained state_dict and the loss history (float.hex) of the 2-rank run, first
+# recorded before the trainer shared LearnedField._train_epoch (CPU, gloo, torch 2.13.0+cpu), and
+# re-recorded when the CPU kernels' power-form weights changed the targets' rounding. Compared
+# only where recorded (torch release, torch CPU capability): elsewhere a matrix product may round
+# differently; the comparison with one process (to 1e-5) runs everywhere.
+RECORDED_ON = ("2.13.0+cpu", "AVX512")
+WEIGHTS_SHA256 = "157ab1b7969735358b8ac4fa8e5363de3de9f48003fa6a6a5b849aee79d5971f"
+LOSS_HEX = ["0x1.c8832c4000000p+0", "0x1.80a5008000000p+1", "0x1.e660920000000p+0",
+            "0x1.48eab90000000p+1"]
 
 
 def features():
@@ -78,8 +82,9 @@ def test_fit_under_two_processes_matches_one(tmp_path):
         for k, v in res["state"].items():
             h.update(k.encode())
             h.update(v.contiguous().numpy().tobytes())
-        assert h.hexdigest() == WEIGHTS_SHA256
-        assert [float(v).hex() for v in res["loss"]] == LOSS_HEX
+        if (torch.__version__, torch.backends.cpu.get_cpu_capability()) == RECORDED_ON:
+            got = (h.hexdigest(), [float(v).hex() for v in res["loss"]])
+            assert got == (WEIGHTS_SHA256, LOSS_HEX)
     untrained = LearnedField(**PARAMS).fit(features(), train=False)
     assert any(not torch.equal(v, untrained.net_.state_dict()[k])
                for k, v in one.net_.state_dict().items())  # the comparison is of trained nets

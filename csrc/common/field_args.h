@@ -27,6 +27,7 @@
   X(double, eps2, 0.0)                 /* softening squared when eps2_rows is null */         \
   X(bool, is_double, false)                                                                   \
   X(int, num_threads, 1)                                                                      \
+  X(int, weight_form, 0)               /* CPU softmax weights: 0 auto, 1 log domain, 2 power */ \
   /* forward outputs; the backward reads them */                                             \
   X(void*, v, nullptr)                 /* (N, D) */                                           \
   X(void*, log_scale, nullptr)         /* (N,) */                                             \

@@ -3,6 +3,11 @@
 
 #include <stdexcept>
 
+#ifdef _OPENMP
+#include <dlfcn.h>
+#include <omp.h>
+#endif
+
 namespace poissonflow {
 
 #define PF_DECLARE_ISA(ns)                \
@@ -69,6 +74,18 @@ const KernelTable& pick(const std::string& isa) {
 }
 
 }  // namespace
+
+std::string openmp_library() {
+#ifdef _OPENMP
+  // the address the extension's own reference to the runtime resolved to, and its file
+  Dl_info info;
+  void* fn = reinterpret_cast<void*>(&omp_get_max_threads);
+  if (dladdr(fn, &info) && info.dli_fname) return info.dli_fname;
+  return "unknown";
+#else
+  return "";
+#endif
+}
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;

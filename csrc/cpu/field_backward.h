@@ -36,11 +36,13 @@ struct BackwardScratch {
   int64_t* excl = nullptr;
   T* lse2 = nullptr;   // (QT,) log-sum-exp in log2 units (+inf: dead row, every pi = 0)
   T* delta = nullptr;  // (QT,) g.v - gl
+  T* inv_q = nullptr;  // (QT,) power form: 1 / Q of the row (0: dead row), power_form.h
   T* R = nullptr;      // (QT, CT) r2 (unclamped + eps2)
   T* G = nullptr;      // (QT, CT) gd = g.(x - y)
   T* P = nullptr;      // (QT, CT) pi
   T* C = nullptr;      // (QT, CT) c = p gs / r2
   T* accdx = nullptr;  // (QT, D, W)
+  T* dx_sums = nullptr;  // (D,) one row's lane sums of accdx
 
   bool allocate(TileShape<T> shape, int64_t D_) {
     QT = shape.QT;
@@ -52,17 +54,20 @@ struct BackwardScratch {
     excl = (int64_t*)aligned_buffer(sizeof(int64_t) * QT);
     lse2 = (T*)aligned_buffer(sizeof(T) * QT);
     delta = (T*)aligned_buffer(sizeof(T) * QT);
+    inv_q = (T*)aligned_buffer(sizeof(T) * QT);
     R = (T*)aligned_buffer(sizeof(T) * QT * CT);
     G = (T*)aligned_buffer(sizeof(T) * QT * CT);
     P = (T*)aligned_buffer(sizeof(T) * QT * CT);
     C = (T*)aligned_buffer(sizeof(T) * QT * CT);
     accdx = (T*)aligned_buffer(sizeof(T) * QT * D * W);
-    return xt && gt && e2 && excl && lse2 && delta && R && G && P && C && accdx;
+    dx_sums = (T*)aligned_buffer(sizeof(T) * D);
+    return xt && gt && e2 && excl && lse2 && delta && inv_q && R && G && P && C && accdx &&
+           dx_sums;
   }
   void release() {
-    free(xt); free(gt); free(e2); free(excl); free(lse2); free(delta);
-    free(R); free(G); free(P); free(C); free(accdx);
-    xt = gt = e2 = lse2 = delta = R = G = P = C = accdx = nullptr;
+    free(xt); free(gt); free(e2); free(excl); free(lse2); free(delta); free(inv_q);
+    free(R); free(G); free(P); free(C); free(accdx); free(dx_sums);
+    xt = gt = e2 = lse2 = delta = inv_q = R = G = P = C = accdx = dx_sums = nullptr;
     excl = nullptr;
   }
 };
@@ -101,16 +106,25 @@ static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packe
   const int64_t D = pk.D;
   const int CT = sc.CT;
   V acc[QC][KBr];
-  T xs[QC][KBr], gs[QC][KBr];
+  // The block's x and g values (2 QC KBr scalars), read inside the charge loop through a
+  // pointer the compiler cannot see through: otherwise it hoists their 2 QC KBr broadcasts out
+  // of the loop and, with the accumulators, runs out of vector registers (measured on AVX-512:
+  // 75 spilled zmm loads and stores per iteration); as memory operands they are embedded
+  // broadcasts, one load each.
+  alignas(64) T xg[2][QC][KBr];
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk) {
       acc[q][kk] = kDx ? vload<T>(sc.accdx + ((int64_t)(q0 + q) * D + k0 + kk) * W) : V{};
-      xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
-      gs[q][kk] = sc.gt[(int64_t)(q0 + q) * D + k0 + kk];
+      xg[0][q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
+      xg[1][q][kk] = sc.gt[(int64_t)(q0 + q) * D + k0 + kk];
     }
   const T* ybase = ytile + k0 * ld;
   T* dybase = dytile ? dytile + k0 * ld : nullptr;
   for (int c = 0; c < nvec; ++c) {
+    const T(*opaque)[QC][KBr] = xg;
+    __asm__("" : "+r"(opaque));
+    const T(&xs)[QC][KBr] = opaque[0];
+    const T(&gs)[QC][KBr] = opaque[1];
     V cc[QC], pp[QC];
     for (int q = 0; q < QC; ++q) {
       cc[q] = vload<T>(sc.C + (int64_t)(q0 + q) * CT + c * W);
@@ -185,10 +199,28 @@ static inline VecT<T> zero_lane(VecT<T> v, int lane) {
 // One item: query tile [i0, i0 + nq) (already loaded in sc) against charge tile j0.
 // Adds to accdx (lanes), dyT[:, tile] and gw[tile] (this row group's partials, which no other
 // thread touches meanwhile: see the header comment).
+// The power form of the per-pair term (power_form.h; never with dL/dw, see backward_impl):
+// with rr = 1 / max(r2c, tiny) and t = g_j rr / Q_i, pi = t^(p/2) (0 below the cut) and
+// a = p pi h rr: one division per pair instead of a log2, an exp2 and a division.
 template <typename T>
-static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j0, T half_p,
-                          bool has_g, bool need_x, bool need_y, bool need_w, T* dyT, T* gwT,
-                          int nq) {
+static inline PairGrad<VecT<T>> power_pair_gradient(VecT<T> r2c, VecT<T> gdot, VecT<T> g,
+                                                    T inv_q, T dl, T p,
+                                                    const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  const V tiny = vbroadcast<T>(Limits<T>::kTiny);
+  const V rr = vbroadcast<T>((T)1) / vmax<T>(r2c, tiny);
+  PairGrad<V> out;
+  out.h = gdot - dl;
+  out.pi = power_weight<T>(g * rr, inv_q, plan);
+  out.a = r2c < tiny ? V{} : (p * (out.pi * out.h)) * rr;
+  out.u = V{};
+  return out;
+}
+
+template <typename T>
+static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const PowerPlan<T>& plan,
+                          int64_t j0, T half_p, bool has_g, bool need_x, bool need_y,
+                          bool need_w, T* dyT, T* gwT, int nq) {
   typedef VecT<T> V;
   typedef Geometry<T> G;
   constexpr int W = G::W;
@@ -222,10 +254,15 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, int64_t j
     // (a select: at an exact coincidence that lane holds inf).
     const int64_t e = sc.excl[q];
     const int ecol = (e >= j0 && e < j0 + ncharges) ? (int)(e - j0) : -1;
+    const T inv_q = live ? sc.inv_q[q] : (T)0;
     for (int c = 0; c < nvec; ++c) {
-      PairGrad<V> g = pair_gradient<VecMath<T>>(vload<T>(rrow + c * W), vload<T>(grow + c * W),
-                                                vload<T>(pk.lw + j0 + c * W), lse2, dl, p,
-                                                half_p, Limits<T>::kTiny);
+      PairGrad<V> g =
+          plan.enabled
+              ? power_pair_gradient<T>(vload<T>(rrow + c * W), vload<T>(grow + c * W),
+                                       vload<T>(pk.g + j0 + c * W), inv_q, dl, p, plan)
+              : pair_gradient<VecMath<T>>(vload<T>(rrow + c * W), vload<T>(grow + c * W),
+                                          vload<T>(pk.lw + j0 + c * W), lse2, dl, p, half_p,
+                                          Limits<T>::kTiny);
       const bool has_excluded = ecol >= 0 && ecol / W == c;
       if (has_excluded) {
         g.pi = zero_lane<T>(g.pi, ecol % W);

@@ -16,35 +16,84 @@
 namespace poissonflow {
 namespace PF_ISA_NS {
 
-// The charges packed once, then every query tile [i0, i0 + nq) handed to
-// body(sc, pk, half_p, i0, nq, xs, ks) on the OpenMP threads (dynamic: tiles cost the same, but
-// threads share the machine). xs and ks are two (QT, D) per-thread buffers, allocated only with
-// kFlowBuffers (the fused flow's state and slope combination).
+// Largest |value| of n values (vectorised; a NaN never raises it, so a NaN input can only make
+// the bound smaller, and NaN inputs are refused by the Python layer anyway).
+template <typename T>
+static double max_abs(const T* p, int64_t n) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  V m = V{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V v = vload<T>(p + i);
+    m = vmax<T>(m, v < (T)0 ? -v : v);
+  }
+  double out = (double)vhmax<T>(m);
+  for (; i < n; ++i) out = fabs((double)p[i]) > out ? fabs((double)p[i]) : out;
+  return out;
+}
+
+// The smallest positive weight over the largest (1 without weights).
+template <typename T>
+static double weight_ratio(const T* w, int64_t B) {
+  if (!w) return 1.0;
+  double lo = INFINITY, hi = 0.0;
+  for (int64_t j = 0; j < B; ++j) {
+    const double wj = (double)w[j];
+    if (wj > 0.0) { lo = wj < lo ? wj : lo; hi = wj > hi ? wj : hi; }
+  }
+  return hi > 0.0 ? lo / hi : 1.0;
+}
+
+// The power-form plan of a call (power_form.h) from a bound on its pairs' r2: with |x|, |y| at
+// most X and Y in every coordinate, r2 <= D (X + Y)^2 + e2_max.
+template <typename T>
+static PowerPlan<T> call_plan(const FieldArgs& a, double x_bound, double e2_max) {
+  const double y_bound = max_abs<T>((const T*)a.y, a.B * a.D);
+  const double s = x_bound + y_bound;
+  return power_plan<T>(a.power, a.weight_form, (double)a.D * s * s + e2_max,
+                       weight_ratio<T>((const T*)a.w, a.B));
+}
+
+template <typename T>
+static double max_softening2(const FieldArgs& a) {
+  double e2 = a.eps2;
+  if (a.eps2_rows) e2 = max_abs<T>((const T*)a.eps2_rows, a.N);
+  return e2;
+}
+
+// One parallel region per call: the charges are packed (a work-sharing loop over charge tiles),
+// then every query tile [i0, i0 + nq) is handed to body(sc, pk, i0, nq, xs, ks) on the OpenMP
+// threads (dynamic: tiles cost the same, but threads share the machine). xs and ks are two
+// (QT, D) per-thread buffers, allocated only with kFlowBuffers (the fused flow's state and slope
+// combination). The team is the OpenMP runtime's, which is torch's own (poissonflow/_ext.py).
 template <typename T, bool kFlowBuffers, class Body>
-static int sweep_query_tiles(const FieldArgs& a, Body&& body) {
+static int sweep_query_tiles(const FieldArgs& a, const PowerPlan<T>& plan, Body&& body) {
   const TileShape<T> shape = tile_shape<T>(a.D);
   Packed<T> pk;
-  if (!pk.allocate(a.B, a.D, shape.CT)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
+  if (!pk.allocate(a.B, a.D, shape.CT)) {
+    pk.release();
+    return 1;
+  }
+  pack_weights<T>((const T*)a.w, pk, plan);
   const int QT = shape.QT;
   const int64_t ntiles = (a.N + QT - 1) / QT;
-  const T half_p = (T)(0.5 * a.power);
   int failed = 0;
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
   {
+    pack_charge_tiles<T>((const T*)a.y, pk);  // ends with the loop's barrier
     TileScratch<T> sc;
     const size_t flow_bytes = kFlowBuffers ? sizeof(T) * QT * a.D : 0;
     T* xs = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
     T* ks = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
-    if (!sc.allocate(shape, a.D) || (kFlowBuffers && (!xs || !ks))) {
-      failed = 1;
-    } else {
+    const bool ok = sc.allocate(shape, a.D) && (!kFlowBuffers || (xs && ks));
+    if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t i0 = t * QT;
-        const int nq = (int)(a.N - i0 < QT ? a.N - i0 : QT);
-        body(sc, pk, half_p, i0, nq, xs, ks);
-      }
+    for (int64_t t = 0; t < ntiles; ++t) {
+      if (!ok) continue;
+      const int64_t i0 = t * QT;
+      const int nq = (int)(a.N - i0 < QT ? a.N - i0 : QT);
+      body(sc, pk, i0, nq, xs, ks);
     }
     free(xs);
     free(ks);
@@ -54,18 +103,26 @@ static int sweep_query_tiles(const FieldArgs& a, Body&& body) {
   return failed;
 }
 
-template <typename T>
-static int forward_impl(const FieldArgs& a) {
-  return sweep_query_tiles<T, false>(a, [&](TileScratch<T>& sc, const Packed<T>& pk, T half_p,
-                                            int64_t i0, int nq, T*, T*) {
+template <typename T, bool kPower>
+static int forward_run(const FieldArgs& a, const PowerPlan<T>& plan) {
+  const T half_p = (T)(0.5 * a.power);
+  return sweep_query_tiles<T, false>(a, plan, [&](TileScratch<T>& sc, const Packed<T>& pk,
+                                                  int64_t i0, int nq, T*, T*) {
     load_query_tile<T>(sc, a, i0, nq);
-    field_tile<T>(sc, pk, half_p, nq);
+    field_tile<T, kPower>(sc, pk, half_p, nq, plan);
     T* v = (T*)a.v + i0 * a.D;
     T* ls = (T*)a.log_scale + i0;
     memcpy(v, sc.out_v, sizeof(T) * nq * a.D);
     for (int q = 0; q < nq; ++q)
       ls[q] = (T)((double)sc.out_lse[q] * 0.69314718055994530942 - pk.log_wsum);
   });
+}
+
+template <typename T>
+static int forward_impl(const FieldArgs& a) {
+  const PowerPlan<T> plan =
+      call_plan<T>(a, max_abs<T>((const T*)a.x, a.N * a.D), max_softening2<T>(a));
+  return plan.enabled ? forward_run<T, true>(a, plan) : forward_run<T, false>(a, plan);
 }
 
 // Spins (then yields) until *flag > value; the acquire pairs with the release of the writer, so
@@ -77,8 +134,9 @@ static void wait_until_greater(const int64_t* flag, int64_t value) {
 
 // Loads query tile t for the backward pass: x, g, softening, exclusion, lse2 and g.v - gl.
 template <typename T>
-static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a,
-                               double log_wsum, int64_t i0, int nq) {
+static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a, const Packed<T>& pk,
+                               const PowerPlan<T>& plan, int64_t i0, int nq) {
+  const double log_wsum = pk.log_wsum;
   const int64_t D = a.D;
   const T* x = (const T*)a.x;
   const T* gv = (const T*)a.gv;
@@ -96,7 +154,11 @@ static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a,
     sc.e2[q] = e2r ? e2r[i] : (T)a.eps2;
     sc.excl[q] = a.exclude ? a.exclude[i] : -1;
     const double lsi = (double)ls[i];
-    sc.lse2[q] = lsi > -INFINITY ? (T)((lsi + log_wsum) * 1.4426950408889634074) : (T)INFINITY;
+    const double lse2 = (lsi + log_wsum) * 1.4426950408889634074;
+    sc.lse2[q] = lsi > -INFINITY ? (T)lse2 : (T)INFINITY;
+    // power form: pi = (q / Q)^(p/2) with Q = 2^((lse2 - log2 w_max) / (p/2)) (power_form.h)
+    sc.inv_q[q] = plan.enabled && lsi > -INFINITY
+                      ? (T)exp2(-(lse2 - pk.log2_wmax) / plan.half_p) : (T)0;
     double gvv = 0.0;
     if (gv)
       for (int64_t k = 0; k < D; ++k) gvv += (double)gv[i * D + k] * (double)v[i * D + k];
@@ -104,15 +166,17 @@ static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a,
   }
 }
 
-// Number of row groups with private dy/dw partial sums: as many as fit a 256 MiB budget, at most
-// 16 and at most one per query tile. It depends on the problem's sizes only, never on the number
-// of threads, so the sums below have the same grouping (and bits) at any thread count.
+// Number of row groups with private dy/dw partial sums: as many as fit a 64 MiB budget, at most
+// 8 and at most one per query tile. It depends on the problem's sizes only, never on the number
+// of threads, so the sums below have the same grouping (and bits) at any thread count. Fewer,
+// smaller partials cost less to zero, stream and add: at N = B = 8192, D = 129 on 2 threads the
+// backward took 303 ms with 4 groups against 342 ms with 16 (the previous cap, 256 MiB).
 template <typename T>
 static int64_t backward_groups(int64_t I, int64_t D, int64_t Bp, bool need_y, bool need_w) {
   if (!need_y && !need_w) return I;  // rows are independent: no partials needed
   const int64_t per_group = (int64_t)sizeof(T) * ((need_y ? D : 0) + 1) * Bp;
-  int64_t g = (int64_t)(256 << 20) / (per_group > 0 ? per_group : 1);
-  if (g > 16) g = 16;
+  int64_t g = (int64_t)(64 << 20) / (per_group > 0 ? per_group : 1);
+  if (g > 8) g = 8;
   if (g > I) g = I;
   return g < 1 ? 1 : g;
 }
@@ -121,8 +185,8 @@ static int64_t backward_groups(int64_t I, int64_t D, int64_t Bp, bool need_y, bo
 // single-group fallback) row i adds to charge tile j only after row i - 1 has.
 template <typename T>
 static void backward_rows(BackwardScratch<T>& sc, const FieldArgs& a, const Packed<T>& pk,
-                          int64_t r0, int64_t r1, int64_t step, T* dyT, T* gwT,
-                          int64_t* progress) {
+                          const PowerPlan<T>& plan, int64_t r0, int64_t r1, int64_t step,
+                          T* dyT, T* gwT, int64_t* progress) {
   const int64_t N = a.N, D = a.D;
   constexpr int W = VecTraits<T>::W;
   const int QT = sc.QT, CT = sc.CT;
@@ -133,18 +197,23 @@ static void backward_rows(BackwardScratch<T>& sc, const FieldArgs& a, const Pack
   for (int64_t i = r0; i < r1; i += step) {
     const int64_t i0 = i * QT;
     const int nq = (int)(N - i0 < QT ? N - i0 : QT);
-    load_backward_tile<T>(sc, a, pk.log_wsum, i0, nq);
+    load_backward_tile<T>(sc, a, pk, plan, i0, nq);
     if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
     for (int64_t j = 0; j < J; ++j) {
       if (progress && i > 0) wait_until_greater(&progress[i - 1], j);
-      backward_item<T>(sc, pk, j * CT, half_p, a.gv != nullptr, need_x, need_y, need_w, dyT,
-                       gwT, nq);
+      backward_item<T>(sc, pk, plan, j * CT, half_p, a.gv != nullptr, need_x, need_y, need_w,
+                       dyT, gwT, nq);
       if (progress) __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
     }
     if (need_x)
-      for (int q = 0; q < nq; ++q)
-        for (int64_t k = 0; k < D; ++k)
-          gx[(i0 + q) * D + k] += vhsum<T>(vload<T>(sc.accdx + ((int64_t)q * D + k) * W));
+      for (int q = 0; q < nq; ++q) {
+        const T* acc = sc.accdx + (int64_t)q * D * W;
+        T* sums = sc.dx_sums;
+        int64_t k = 0;
+        for (; k + W <= D; k += W) vhsum_block<T>(acc + k * W, sums + k);
+        for (; k < D; ++k) sums[k] = vhsum<T>(vload<T>(acc + k * W));
+        for (k = 0; k < D; ++k) gx[(i0 + q) * D + k] += sums[k];
+      }
   }
 }
 
@@ -153,9 +222,17 @@ static int backward_impl(const FieldArgs& a) {
   const int64_t N = a.N, D = a.D, B = a.B;
   const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   const TileShape<T> shape = tile_shape<T>(D);
+  // The power form recomputes pi without a log or an exp (power_form.h); dL/dw needs pi / w_j,
+  // which the log domain gives finite at w_j = 0, so calls that ask for it stay there.
+  const PowerPlan<T> plan =
+      need_w ? PowerPlan<T>{}
+             : call_plan<T>(a, max_abs<T>((const T*)a.x, N * D), max_softening2<T>(a));
   Packed<T> pk;
-  if (!pk.allocate(B, D, shape.CT)) return 1;
-  pack_charges<T>((const T*)a.y, (const T*)a.w, pk, a.num_threads);
+  if (!pk.allocate(B, D, shape.CT)) {
+    pk.release();
+    return 1;
+  }
+  pack_weights<T>((const T*)a.w, pk, plan);
   const int64_t I = (N + shape.QT - 1) / shape.QT;
   // Rows (query tiles) are split into G contiguous groups; each group sums dy and dw into its
   // own partial buffers, a thread takes a whole group (no waiting), and the partials are added
@@ -172,15 +249,12 @@ static int backward_impl(const FieldArgs& a) {
     free(dyT); free(gwT); free(progress); pk.release();
     return 1;
   }
-  if (dyT) memset(dyT, 0, sizeof(T) * (size_t)(copies * ny));
-  if (gwT) memset(gwT, 0, sizeof(T) * (size_t)(copies * nw));
   for (int64_t i = 0; i < I; ++i) progress[i] = 0;
   T* gx = (T*)a.gx;
-  if (need_x) {
-    if (a.gv) memcpy(gx, a.gv, sizeof(T) * (size_t)(N * D));
-    else memset(gx, 0, sizeof(T) * (size_t)(N * D));
-  }
+  T* gy = (T*)a.gy;
   int failed = 0;
+  // One parallel region: packing and zeroing (work-sharing loops), the sweep, then the sums of
+  // the groups' partials and the scatter of dy back to (B, D) rows.
 #pragma omp parallel num_threads(a.num_threads) reduction(| : failed)
   {
     int tid = 0, nth = 1;
@@ -188,6 +262,17 @@ static int backward_impl(const FieldArgs& a) {
     tid = omp_get_thread_num();
     nth = omp_get_num_threads();
 #endif
+    pack_charge_tiles<T>((const T*)a.y, pk);
+#pragma omp for schedule(static) nowait
+    for (int64_t e = 0; e < copies * ny; ++e) dyT[e] = (T)0;
+#pragma omp for schedule(static) nowait
+    for (int64_t e = 0; e < copies * nw; ++e) gwT[e] = (T)0;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      if (!need_x) continue;
+      if (a.gv) memcpy(gx + i * D, (const T*)a.gv + i * D, sizeof(T) * (size_t)D);
+      else memset(gx + i * D, 0, sizeof(T) * (size_t)D);
+    }
     BackwardScratch<T> sc;
     const bool ok = sc.allocate(shape, D);
     if (!ok) failed = 1;
@@ -196,35 +281,39 @@ static int backward_impl(const FieldArgs& a) {
       for (int64_t g = 0; g < G; ++g) {
         if (!ok) continue;
         const int64_t r0 = g * I / G, r1 = (g + 1) * I / G;
-        backward_rows<T>(sc, a, pk, r0, r1, 1, dyT ? dyT + (partials ? g * ny : 0) : nullptr,
+        backward_rows<T>(sc, a, pk, plan, r0, r1, 1,
+                         dyT ? dyT + (partials ? g * ny : 0) : nullptr,
                          gwT ? gwT + (partials ? g * nw : 0) : nullptr, nullptr);
       }
-    } else if (ok) {
-      backward_rows<T>(sc, a, pk, tid, I, nth, dyT, gwT, progress);
     } else {
-      // keep the pipeline moving for the other threads: mark this thread's rows as done
-      for (int64_t i = tid; i < I; i += nth) __atomic_store_n(&progress[i], (int64_t)1 << 62,
-                                                              __ATOMIC_RELEASE);
+      if (ok) {
+        backward_rows<T>(sc, a, pk, plan, tid, I, nth, dyT, gwT, progress);
+      } else {
+        // keep the pipeline moving for the other threads: mark this thread's rows as done
+        for (int64_t i = tid; i < I; i += nth)
+          __atomic_store_n(&progress[i], (int64_t)1 << 62, __ATOMIC_RELEASE);
+      }
+#pragma omp barrier
     }
     sc.release();
+    if (partials) {  // add the groups' partial sums, every element in group order
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < ny; ++e) {
+        T acc = dyT[e];
+        for (int64_t g = 1; g < G; ++g) acc += dyT[g * ny + e];
+        dyT[e] = acc;
+      }
+#pragma omp single
+      for (int64_t e = 0; e < nw; ++e)
+        for (int64_t g = 1; g < G; ++g) gwT[e] += gwT[g * nw + e];
+    }
+    if (need_y) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[pk.index(k, j)];
+    }
   }
   free(progress);
-  if (partials) {  // add the groups' partial sums, every element in group order
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-    for (int64_t e = 0; e < ny; ++e) {
-      T acc = dyT[e];
-      for (int64_t g = 1; g < G; ++g) acc += dyT[g * ny + e];
-      dyT[e] = acc;
-    }
-    for (int64_t e = 0; e < nw; ++e)
-      for (int64_t g = 1; g < G; ++g) gwT[e] += gwT[g * nw + e];
-  }
-  if (need_y) {
-    T* gy = (T*)a.gy;
-#pragma omp parallel for schedule(static) num_threads(a.num_threads)
-    for (int64_t j = 0; j < B; ++j)
-      for (int64_t k = 0; k < D; ++k) gy[j * D + k] = dyT[pk.index(k, j)];
-  }
   if (need_w) {
     // dL/dw_j = sum_i (pi_ij / w_j) h_ij - sum_i gl_i / sum_k w_k
     double glsum = 0.0;
@@ -249,9 +338,9 @@ int field_backward(const FieldArgs& a) {
 // fixed). Each stage is one field_tile call with the stage's heights as softening; the tableau,
 // the heights and the updates are common/field_numerics.h's (shared with the CUDA kernels).
 // xs holds the state, ks the running slope combination, sc.xt the next stage's input.
-template <typename T>
-static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FieldArgs& a, T half_p,
-                      int64_t i0, int nq, T* xs, T* ks) {
+template <typename T, bool kPower>
+static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const PowerPlan<T>& plan,
+                      const FieldArgs& a, T half_p, int64_t i0, int nq, T* xs, T* ks) {
   const int QT = sc.QT;
   const int64_t D = a.D;
   const T* x = (const T*)a.x;
@@ -274,7 +363,7 @@ static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FieldArgs& 
     memcpy(sc.xt, xs, sizeof(T) * n);  // the first stage's input is the state
     for (int stage = 0; stage < n_stages; ++stage) {
       set_heights(n_stages == 1 ? 0.0 : rk4_c(stage), step);
-      field_tile<T>(sc, pk, half_p, QT);
+      field_tile<T, kPower>(sc, pk, half_p, QT, plan);
       for (int q = 0; q < QT; ++q) {
         const T h = (T)a.dt[row(q)];
         const T* vq = sc.out_v + (int64_t)q * D;
@@ -294,12 +383,30 @@ static void flow_tile(TileScratch<T>& sc, const Packed<T>& pk, const FieldArgs& 
   memcpy(out + i0 * D, xs, sizeof(T) * (size_t)nq * D);
 }
 
+template <typename T, bool kPower>
+static int flow_run(const FieldArgs& a, const PowerPlan<T>& plan) {
+  const T half_p = (T)(0.5 * a.power);
+  return sweep_query_tiles<T, true>(a, plan, [&](TileScratch<T>& sc, const Packed<T>& pk,
+                                                 int64_t i0, int nq, T* xs, T* ks) {
+    flow_tile<T, kPower>(sc, pk, plan, a, half_p, i0, nq, xs, ks);
+  });
+}
+
+// The flow's range bound for the power form: the largest height z_max = exp(max t) over every
+// step, and queries that stay within 4 z_max of where they started (a point that climbs to
+// height z ends within about z of the charges: docs/DESIGN.md section 3); the plan's margin
+// (q >= 1e-30 in float32, normal down to 1e-38) absorbs the rest.
 template <typename T>
 static int flow_impl(const FieldArgs& a) {
-  return sweep_query_tiles<T, true>(a, [&](TileScratch<T>& sc, const Packed<T>& pk, T half_p,
-                                           int64_t i0, int nq, T* xs, T* ks) {
-    flow_tile<T>(sc, pk, a, half_p, i0, nq, xs, ks);
-  });
+  double t_max = -INFINITY;
+  for (int64_t i = 0; i < a.N; ++i) {
+    const double t_end = a.t0[i] + (double)a.n_steps * a.dt[i];
+    t_max = fmax(t_max, fmax(a.t0[i], t_end));
+  }
+  const double z_max = exp(t_max);
+  const PowerPlan<T> plan =
+      call_plan<T>(a, max_abs<T>((const T*)a.x, a.N * a.D) + 4.0 * z_max, z_max * z_max);
+  return plan.enabled ? flow_run<T, true>(a, plan) : flow_run<T, false>(a, plan);
 }
 
 int flow_steps(const FieldArgs& a) {

@@ -27,6 +27,7 @@
 #include <stdlib.h>
 
 #include "common/field_numerics.h"
+#include "power_form.h"
 #include "simd.h"
 
 namespace poissonflow {
@@ -79,8 +80,10 @@ template <typename T>
 struct Packed {
   T* yT = nullptr;  // tiles of D x width values (see the layout note above)
   T* lw = nullptr;  // (Bp,)
+  T* g = nullptr;   // (Bp,) power form: (w_j / w_max)^(2/p), 0 for zero weights and padding
   int64_t B = 0, Bp = 0, D = 0, CT = 0;
   double log_wsum = 0.0;  // natural log of the sum of weights
+  double log2_wmax = 0.0;  // power form: log2 of the largest weight
 
   bool allocate(int64_t B_, int64_t D_, int64_t CT_) {
     B = B_;
@@ -89,12 +92,14 @@ struct Packed {
     Bp = round_up(B_, Geometry<T>::kChargeAlign);
     yT = (T*)aligned_buffer(sizeof(T) * (size_t)(D * Bp));
     lw = (T*)aligned_buffer(sizeof(T) * (size_t)Bp);
-    return yT && lw;
+    g = (T*)aligned_buffer(sizeof(T) * (size_t)Bp);
+    return yT && lw && g;
   }
   void release() {
     free(yT);
     free(lw);
-    yT = lw = nullptr;
+    free(g);
+    yT = lw = g = nullptr;
   }
   // Width of the tile starting at charge j0 (a multiple of CT), and the start of its rows.
   int64_t width(int64_t j0) const { return Bp - j0 < CT ? Bp - j0 : CT; }
@@ -106,21 +111,45 @@ struct Packed {
   }
 };
 
-// Transposes y (B, D) into the tiled layout and takes log2 of the weights; the weight sum is
-// accumulated in double in index order.
+// Transposes y (B, D) into the tiled layout, tile by tile: a work-sharing loop, called by every
+// thread of the caller's parallel region (one region per kernel call: packing and sweep).
 template <typename T>
-static void pack_charges(const T* y, const T* w, Packed<T>& pk, int num_threads) {
+static void pack_charge_tiles(const T* y, Packed<T>& pk) {
   const int64_t B = pk.B, Bp = pk.Bp, D = pk.D;
-  (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp for schedule(static)
   for (int64_t j0 = 0; j0 < Bp; j0 += pk.CT) {
     const int64_t wdt = pk.width(j0);
     T* base = pk.tile(j0);
-    for (int64_t k = 0; k < D; ++k) {
-      T* row = base + k * wdt;
-      for (int64_t c = 0; c < wdt; ++c) row[c] = j0 + c < B ? y[(j0 + c) * D + k] : (T)0;
+    // W x W blocks, transposed in registers where the block is whole (vtranspose_block; a
+    // column-at-a-time scalar copy was 15-20% of a small call), element by element at the
+    // edges: dimensions past the last multiple of W, and padding charges (zeros)
+    constexpr int64_t kBlock = VecTraits<T>::W;
+    for (int64_t c0 = 0; c0 < wdt; c0 += kBlock) {
+      const int64_t c1 = c0 + kBlock < wdt ? c0 + kBlock : wdt;
+      int64_t kv = 0;
+      if (c1 - c0 == kBlock && j0 + c1 <= B)
+        for (; kv + kBlock <= D; kv += kBlock)
+          vtranspose_block<T>(y + (j0 + c0) * D + kv, D, base + kv * wdt + c0, wdt);
+      for (int64_t k0 = kv; k0 < D; k0 += kBlock) {
+        const int64_t k1 = k0 + kBlock < D ? k0 + kBlock : D;
+        for (int64_t c = c0; c < c1; ++c) {
+          if (j0 + c < B) {
+            const T* yrow = y + (j0 + c) * D;
+            for (int64_t k = k0; k < k1; ++k) base[k * wdt + c] = yrow[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) base[k * wdt + c] = (T)0;  // padding
+          }
+        }
+      }
     }
   }
+}
+
+// log2 of the weights, and for the power form g_j = (w_j / w_max)^(2/p); the weight sum is
+// accumulated in double in index order (serial: O(B)).
+template <typename T>
+static void pack_weights(const T* w, Packed<T>& pk, const PowerPlan<T>& plan) {
+  const int64_t B = pk.B, Bp = pk.Bp;
   double wsum = 0.0;
   for (int64_t j = 0; j < B; ++j) {
     double wj = w ? (double)w[j] : 1.0;
@@ -129,6 +158,17 @@ static void pack_charges(const T* y, const T* w, Packed<T>& pk, int num_threads)
   }
   for (int64_t j = B; j < Bp; ++j) pk.lw[j] = Limits<T>::kNoCharge;
   pk.log_wsum = log(wsum);
+  pk.log2_wmax = 0.0;
+  if (!plan.enabled) return;
+  double wmax = 0.0;
+  for (int64_t j = 0; j < B; ++j) wmax = (w && (double)w[j] > wmax) ? (double)w[j] : wmax;
+  if (!w) wmax = 1.0;
+  pk.log2_wmax = wmax > 0.0 ? log2(wmax) : 0.0;
+  for (int64_t j = 0; j < B; ++j) {
+    const double wj = w ? (double)w[j] : 1.0;
+    pk.g[j] = wj > 0.0 ? (T)(w ? pow(wj / wmax, 1.0 / plan.half_p) : 1.0) : (T)0;
+  }
+  for (int64_t j = B; j < Bp; ++j) pk.g[j] = (T)0;
 }
 
 // Tile shape (QT queries x CT charges), chosen so that one tile's working set stays in a 1 MiB
@@ -169,7 +209,7 @@ struct TileScratch {
   T* S = nullptr;      // (QT, CT) scores, then probabilities
   T* acc = nullptr;    // (QT, D, W) lane partial sums of p * (y - x)
   T* lvec = nullptr;   // (QT, W) lane partial sums of p
-  T* m = nullptr;      // (QT,) running max of scores (log2)
+  T* m = nullptr;      // (QT,) running max of scores (log2); power form: the reference Q
   T* out_v = nullptr;  // (QT, D) field of the tile
   T* out_lse = nullptr;  // (QT,) log-sum-exp in log2 units (-inf: no charge)
 
@@ -236,8 +276,9 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
 }
 
 // Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0:
-// scores s = log2 w - (p/2) log2(max(r2 + eps2, tiny)) into S.
-template <typename T, int QB, int CB>
+// scores s = log2 w - (p/2) log2(max(r2 + eps2, tiny)) into S, or with kPower the power form's
+// q = g / max(r2 + eps2, tiny) (power_form.h).
+template <typename T, int QB, int CB, bool kPower>
 static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
                                 int64_t ld, int q0, int64_t j, int col, T half_p) {
   typedef VecT<T> V;
@@ -249,11 +290,19 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, c
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
   distance_block<T, QB, CB, false>(xq, xq, ytile + col, ld, D, acc, unused);
   for (int c = 0; c < CB; ++c) {
-    const V lw = vload<T>(pk.lw + j + c * W);
-    for (int q = 0; q < QB; ++q) {
-      const V s = pair_score<VecMath<T>>(acc[q][c] + sc.e2[q0 + q], lw, half_p,
-                                         Limits<T>::kTiny);
-      vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
+    if constexpr (kPower) {
+      const V g = vload<T>(pk.g + j + c * W);
+      for (int q = 0; q < QB; ++q) {
+        const V r2 = vmax<T>(acc[q][c] + sc.e2[q0 + q], vbroadcast<T>(Limits<T>::kTiny));
+        vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, g / r2);
+      }
+    } else {
+      const V lw = vload<T>(pk.lw + j + c * W);
+      for (int q = 0; q < QB; ++q) {
+        const V s = pair_score<VecMath<T>>(acc[q][c] + sc.e2[q0 + q], lw, half_p,
+                                           Limits<T>::kTiny);
+        vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
+      }
     }
   }
 }
@@ -300,10 +349,50 @@ static inline void accumulate_tail(TileScratch<T>& sc, const Packed<T>& pk, cons
   }
 }
 
+// Phase B of the power form for one row (power_form.h): the lazy reference update in q units
+// (the log domain's kTau rule: Q moves only when a tile beats it by 2^(kTau / (p/2))), the
+// rescaling, and the weights (q / Q)^(p/2). Returns false when the row has no charge yet.
+template <typename T>
+static inline bool power_row_weights(TileScratch<T>& sc, int q, int nvec,
+                                     const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = sc.D;
+  T* srow = sc.S + (int64_t)q * sc.CT;
+  V mx = vload<T>(srow);
+  for (int c = 1; c < nvec; ++c) mx = vmax<T>(mx, vload<T>(srow + c * W));
+  const T tile_max = vhmax<T>(mx);
+  const T Q = sc.m[q];
+  if (tile_max > (T)0 && (!(Q > (T)0) || tile_max > Q * plan.tau_factor)) {
+    if (Q > (T)0) {  // rescale what was accumulated against the old reference
+      const T alpha = (T)power_ratio((double)Q, (double)tile_max, plan.half_p);
+      T* a = sc.acc + (int64_t)q * D * W;
+      for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
+      vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
+    }
+    sc.m[q] = tile_max;
+  }
+  if (!(sc.m[q] > (T)0)) {
+    for (int c = 0; c < nvec; ++c) vstore<T>(srow + c * W, V{});
+    return false;
+  }
+  const T inv_q = (T)1 / sc.m[q];
+  V l = vload<T>(sc.lvec + (int64_t)q * W);
+  for (int c = 0; c < nvec; ++c) {
+    const V p = power_weight<T>(vload<T>(srow + c * W), inv_q, plan);
+    vstore<T>(srow + c * W, p);
+    l += p;
+  }
+  vstore<T>(sc.lvec + (int64_t)q * W, l);
+  return true;
+}
+
 // Field of the tile's first nq queries (sc.xt, sc.e2, sc.excl filled by the caller; rows nq..QT
 // must hold finite copies). Writes sc.out_v (the field v = x - mu) and sc.out_lse (log2 units).
-template <typename T>
-static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq) {
+// kPower: the weights in power form (power_form.h, `plan`), else in the log domain.
+template <typename T, bool kPower>
+static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq,
+                       const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   typedef Geometry<T> G;
   constexpr int W = G::W;
@@ -312,7 +401,7 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
   const int CT = sc.CT;  // == pk.CT
 
   for (int q = 0; q < QT; ++q) {
-    sc.m[q] = Limits<T>::kNoCharge;
+    sc.m[q] = kPower ? (T)0 : Limits<T>::kNoCharge;
     vstore<T>(sc.lvec + (int64_t)q * W, V{});
   }
   for (int64_t i = 0; i < (int64_t)QT * D * W; ++i) sc.acc[i] = (T)0;
@@ -324,15 +413,20 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
     // Phase A: scores.
     for (int q0 = 0; q0 < QT; q0 += G::QB)
       for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QB, G::CB>(sc, pk, ytile, ncharges, q0, j0 + (int64_t)c0 * W, c0 * W,
-                                      half_p);
+        scores_block<T, G::QB, G::CB, kPower>(sc, pk, ytile, ncharges, q0, j0 + (int64_t)c0 * W,
+                                              c0 * W, half_p);
     // Excluded self-charges.
     for (int q = 0; q < QT; ++q) {
       const int64_t e = sc.excl[q];
-      if (e >= j0 && e < j0 + ncharges) sc.S[(int64_t)q * CT + (e - j0)] = Limits<T>::kNoCharge;
+      if (e >= j0 && e < j0 + ncharges)
+        sc.S[(int64_t)q * CT + (e - j0)] = kPower ? (T)0 : Limits<T>::kNoCharge;
     }
     // Phase B: online softmax.
     for (int q = 0; q < QT; ++q) {
+      if constexpr (kPower) {
+        power_row_weights<T>(sc, q, nvec, plan);
+        continue;
+      }
       T* srow = sc.S + (int64_t)q * CT;
       V mx = vload<T>(srow);
       for (int c = 1; c < nvec; ++c) mx = vmax<T>(mx, vload<T>(srow + c * W));
@@ -374,11 +468,20 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
   // charge reaches it: all weights zero or its only charge excluded) has no field.
   for (int q = 0; q < nq; ++q) {
     const T l = vhsum<T>(vload<T>(sc.lvec + (int64_t)q * W));
-    const bool dead = row_is_dead(sc.m[q], l);
+    // power form: m holds Q, and lse2 = log2 w_max + (p/2) log2 Q + log2 l (in double)
+    const bool dead = kPower ? !(l > (T)0) || !(sc.m[q] > (T)0) : row_is_dead(sc.m[q], l);
     T* vq = sc.out_v + (int64_t)q * D;
     const T* a = sc.acc + (int64_t)q * D * W;
-    for (int64_t k = 0; k < D; ++k) vq[k] = field_from_acc(vhsum<T>(vload<T>(a + k * W)), l, dead);
-    sc.out_lse[q] = row_lse2(sc.m[q], l, dead);
+    int64_t k = 0;
+    for (; k + W <= D; k += W) vhsum_block<T>(a + k * W, vq + k);  // W lane sums at once
+    for (; k < D; ++k) vq[k] = vhsum<T>(vload<T>(a + k * W));
+    for (k = 0; k < D; ++k) vq[k] = field_from_acc(vq[k], l, dead);
+    if constexpr (kPower)
+      sc.out_lse[q] = dead ? (T)-INFINITY
+                           : (T)(pk.log2_wmax + plan.half_p * log2((double)sc.m[q]) +
+                                 log2((double)l));
+    else
+      sc.out_lse[q] = row_lse2(sc.m[q], l, dead);
   }
 }
 

@@ -90,6 +90,21 @@ static inline VecT<T> vmin(VecT<T> a, VecT<T> b) {
   return a < b ? a : b;
 }
 
+// Correctly rounded square root per lane (IEEE sqrt: the same bits in every ISA copy). With
+// -fno-math-errno (CMakeLists.txt) the loop compiles to one vsqrtps/vsqrtpd of the vector.
+template <typename T>
+static inline VecT<T> vsqrt(VecT<T> x) {
+  constexpr int W = VecTraits<T>::W;
+  T lanes[W];
+  memcpy(lanes, &x, sizeof(x));
+  for (int i = 0; i < W; ++i) {
+    if constexpr (sizeof(T) == 4) lanes[i] = __builtin_sqrtf(lanes[i]);
+    else lanes[i] = __builtin_sqrt(lanes[i]);
+  }
+  memcpy(&x, lanes, sizeof(x));
+  return x;
+}
+
 // Horizontal sum, always in the same order (pairwise over lanes), so results never depend on
 // the thread that computed them.
 template <typename T>
@@ -100,6 +115,63 @@ static inline T vhsum(VecT<T> v) {
   for (int step = 1; step < W; step *= 2)
     for (int i = 0; i + step < W; i += 2 * step) lanes[i] += lanes[i + step];
   return lanes[0];
+}
+
+// A permutation mask for __builtin_shuffle of two vectors: lane i takes source lane index(i)
+// (0..W-1 from the first vector, W..2W-1 from the second); constant-folded by the compiler.
+template <typename T, class F>
+static inline IVecT<T> lane_mask(F index) {
+  typedef typename VecTraits<T>::SInt S;
+  S lanes[VecTraits<T>::W];
+  for (int i = 0; i < VecTraits<T>::W; ++i) lanes[i] = (S)index(i);
+  IVecT<T> m;
+  memcpy(&m, lanes, sizeof(m));
+  return m;
+}
+
+// The horizontal sums of W consecutive vectors a[0..W), a[k] at a + k W, into out[0..W): bit for
+// bit vhsum of each (the same pairwise tree: lanes (0, 1), (2, 3), ... first), but computed on
+// whole vectors: every level pairs two vectors, takes their even and their odd lanes with two
+// permutes and adds them, so W sums cost about 3 W instructions instead of about 20 each (the
+// finalisation of a tile's lane accumulators: docs/DESIGN.md section 13).
+template <typename T>
+static inline void vhsum_block(const T* a, T* out) {
+  constexpr int W = VecTraits<T>::W;
+  typedef VecT<T> V;
+  const IVecT<T> even = lane_mask<T>([](int i) { return 2 * i; });
+  const IVecT<T> odd = lane_mask<T>([](int i) { return 2 * i + 1; });
+  V level[W];
+  for (int k = 0; k < W; ++k) level[k] = vload<T>(a + (int64_t)k * W);
+  for (int n = W; n > 1; n /= 2)
+    for (int k = 0; k < n / 2; ++k) {
+      const V lo = level[2 * k], hi = level[2 * k + 1];
+      level[k] = __builtin_shuffle(lo, hi, even) + __builtin_shuffle(lo, hi, odd);
+    }
+  vstore<T>(out, level[0]);
+}
+
+// Transposes a W x W block: row i of src (W values at src + i lds) becomes column i of dst
+// (dst + k ldd holds element k of every row). log2 W stages of W two-source permutes that
+// interleave the low and the high halves of rows j and j + W/2 (a perfect shuffle: after
+// log2 W of them, vector k holds element k of every row), about log2 W / W instructions per
+// element where a scalar copy needs two.
+template <typename T>
+static inline void vtranspose_block(const T* src, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int W = VecTraits<T>::W;
+  typedef VecT<T> V;
+  // zip of the low halves (lanes 0..W/2-1 of both) and of the high halves
+  const IVecT<T> lo = lane_mask<T>([](int i) { return i / 2 + (i % 2) * W; });
+  const IVecT<T> hi = lane_mask<T>([](int i) { return W / 2 + i / 2 + (i % 2) * W; });
+  V r[W], t[W];
+  for (int i = 0; i < W; ++i) r[i] = vload<T>(src + i * lds);
+  for (int s = 1; s < W; s *= 2) {
+    for (int j = 0; j < W / 2; ++j) {
+      t[2 * j] = __builtin_shuffle(r[j], r[j + W / 2], lo);
+      t[2 * j + 1] = __builtin_shuffle(r[j], r[j + W / 2], hi);
+    }
+    for (int i = 0; i < W; ++i) r[i] = t[i];
+  }
+  for (int k = 0; k < W; ++k) vstore<T>(dst + k * ldd, r[k]);
 }
 
 template <typename T>

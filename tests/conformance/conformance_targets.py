@@ -6,7 +6,9 @@ backend protocol (docs/ARCHITECTURE.md) on tensors of one device:
 * reference: the registry module itself (the float64 oracle against itself: checks the protocol
   adapter, the dtype round trip, N = 0 and dead rows);
 * cpu: one target per compiled instruction set (poissonflow._ext.cpu_isas()), forced through
-  $POISSONFLOW_CPU_ISA around each call;
+  $POISSONFLOW_CPU_ISA around each call, with the weights in power form wherever it applies
+  (the default), and the best instruction set once more with log-domain weights
+  (cpu-<isa>-log, $POISSONFLOW_CPU_WEIGHTS=log: csrc/cpu/power_form.h);
 * triton, triton-gemm: on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by
   conftest.py), on CUDA tensors where there is a GPU;
 * cuda: without a GPU, the CUDA kernels' block program on the host emulator
@@ -25,7 +27,7 @@ from typing import Callable
 import pytest
 import torch
 
-from helpers import forced_isa
+from helpers import forced_isa, forced_weights
 from poissonflow import registry
 
 DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16",
@@ -44,10 +46,10 @@ class Target:
     flow: Callable
 
 
-def _with_isa(fn, isa):
+def _with_isa(fn, isa, weights="auto"):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        with forced_isa(isa):
+        with forced_isa(isa), forced_weights(weights):
             return fn(*args, **kwargs)
 
     return call
@@ -93,15 +95,19 @@ def _discover() -> dict[str, Callable[[], Target]]:
             if ok:
                 from poissonflow import _ext
 
-                for isa in _ext.cpu_isas():
-                    def make(isa=isa, entry=entry):
-                        mod = entry.module()
-                        return Target(f"cpu-{isa}", "cpu", "cpu", entry.dtypes, False,
-                                      _with_isa(mod.field_forward, isa),
-                                      _with_isa(mod.field_backward, isa),
-                                      _with_isa(mod.flow_steps, isa))
+                variants = [(isa, "auto") for isa in _ext.cpu_isas()]
+                variants.append((_ext.cpu_isas()[0], "log"))
+                for isa, weights in variants:
+                    tid = f"cpu-{isa}" if weights == "auto" else f"cpu-{isa}-{weights}"
 
-                    out[f"cpu-{isa}"] = make
+                    def make(isa=isa, weights=weights, tid=tid, entry=entry):
+                        mod = entry.module()
+                        return Target(tid, "cpu", "cpu", entry.dtypes, False,
+                                      _with_isa(mod.field_forward, isa, weights),
+                                      _with_isa(mod.field_backward, isa, weights),
+                                      _with_isa(mod.flow_steps, isa, weights))
+
+                    out[tid] = make
         elif name == "cuda":
             if ok:
                 out["cuda"] = functools.partial(_module_target, "cuda", "cuda", "cuda", False)

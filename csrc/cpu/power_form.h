@@ -1,0 +1,127 @@
+// Power-form softmax weights of the CPU kernels (docs/DESIGN.md section 12).
+//
+// The log-domain kernels compute, per pair, s = log2 w - (p/2) log2 r2 and a weight 2^(s - m)
+// relative to the row's running maximum m: one log2 and one exp2 per pair, about 35 vector
+// instructions, which at D = 3 cost three times the distance and accumulation work. When 2p
+// is an integer (p = D or D + 1 for the field and the flow, and any half-integer power) the
+// same weight is a power with a rational exponent and needs neither:
+//
+//   q_ij = g_j / r2_ij,  g_j = (w_j / w_max)^(2/p)          (0 for zero weights and padding)
+//   s_ij = log2 w_max + (p/2) log2 q_ij
+//   2^(s_ij - m_i) = (q_ij / Q_i)^(p/2),  Q_i = 2^((m_i - log2 w_max) / (p/2)),
+//
+// so the row keeps its reference as Q (the largest q seen, lazily: the online softmax of
+// common/field_numerics.h with the same kTau rule, in q units), a pair costs one division, one
+// multiplication by 1/Q and t^(p/2) by repeated squaring plus at most two square roots
+// (p/2 = whole + quarters/4), and the online rescaling stays exact: alpha = (Q_old/Q_new)^(p/2).
+// Weights below 2^-126 of the reference (2^-1022 in double) are exactly 0, as the log-domain
+// exp2 makes them; the base is clamped to the cut first, so no power ever underflows into the
+// subnormal range (slow on x86) and, since every weight is at most 2^kTau, none overflows.
+// Normalising g by w_max keeps q <= 1 / floor finite at an exact coincidence.
+//
+// Range: q must stay a normal number for every pair that can carry weight. The plan (below)
+// takes the power form only when the smallest possible q, from a bound on r2 (the largest
+// coordinates, the dimension and the largest softening) and the smallest positive weight, is
+// above kMinQ; otherwise, and when 2p is not an integer, the kernels use the log domain.
+// Accuracy: t carries one rounding (the division), and t^(p/2) amplifies it p/2-fold plus one
+// rounding per multiplication: about p ulp of relative error in a weight; the log-domain form
+// rounds log2 r2 and s, an error of about (p/2) |log2 r2| ulp, so the power form is never
+// worse for r2 away from 1 (the conformance suite checks both forms against float64).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "common/field_numerics.h"
+#include "simd.h"
+
+namespace poissonflow {
+namespace PF_ISA_NS {
+
+// How one call computes its weights: the exponent split p/2 = whole + quarters / 4 and the
+// cut below which a weight is exactly 0 (in units of t = q / Q).
+template <typename T>
+struct PowerPlan {
+  bool enabled = false;
+  int whole = 0;      // integer part of p/2
+  int quarters = 0;   // 0..3
+  T cut = (T)0;       // 2^(-kMinExp / (p/2)): t below it gives weight 0
+  T tau_factor = (T)0;  // 2^(kTau / (p/2)): the lazy rule's threshold in q units
+  double half_p = 0.0;
+};
+
+// The smallest q = g / r2 the power form accepts (a normal number with a margin of 1e8).
+template <typename T>
+struct PowerLimits;
+template <>
+struct PowerLimits<float> {
+  static constexpr double kMinQ = 1e-30;
+  static constexpr double kMinExp = 126.0;  // weights below 2^-126 of the reference: 0
+};
+template <>
+struct PowerLimits<double> {
+  static constexpr double kMinQ = 1e-290;
+  static constexpr double kMinExp = 1022.0;
+};
+
+// The call's plan. weight_form: 0 auto, 1 log domain, 2 power form wherever it applies.
+// r2_bound: an upper bound on every pair's r2 (the caller's); wmin_ratio: the smallest positive
+// weight over the largest (1 without weights). The power form applies when 2p is an integer
+// (p <= 4096) and the smallest possible q, wmin_ratio^(2/p) / r2_bound, is at least kMinQ.
+template <typename T>
+static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_bound,
+                                      double wmin_ratio) {
+  PowerPlan<T> plan;
+  const double two_p = 2.0 * power;
+  const bool half_integer = power > 0.0 && power <= 4096.0 && two_p == floor(two_p);
+  if (weight_form == 1 || !half_integer) return plan;
+  const double log_qmin = log(wmin_ratio) / (0.5 * power) - log(r2_bound > 1.0 ? r2_bound : 1.0);
+  if (!(wmin_ratio > 0.0) || !(log_qmin >= log(PowerLimits<T>::kMinQ))) return plan;
+  const int64_t fourths = (int64_t)two_p;  // p/2 in quarters
+  plan.enabled = true;
+  plan.whole = (int)(fourths / 4);
+  plan.quarters = (int)(fourths % 4);
+  plan.half_p = 0.5 * power;
+  plan.cut = (T)exp2(-PowerLimits<T>::kMinExp / plan.half_p);
+  plan.tau_factor = (T)exp2((double)kTau / plan.half_p);
+  return plan;
+}
+
+// t^(p/2) for t in [cut, 2^(kTau / (p/2))]: binary exponentiation of the whole part (a fixed
+// sequence of multiplications for a given p, so the result never depends on the thread), then
+// t^(1/2) and t^(1/4) by square roots.
+template <typename T>
+static inline VecT<T> vpow_plan(VecT<T> t, const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  V r = (plan.whole & 1) ? t : vbroadcast<T>((T)1);
+  V b = t;
+  for (int e = plan.whole >> 1; e; e >>= 1) {
+    b = b * b;
+    if (e & 1) r = r * b;
+  }
+  if (plan.quarters) {
+    const V s = vsqrt<T>(t);
+    if (plan.quarters & 2) r = r * s;
+    if (plan.quarters & 1) r = r * vsqrt<T>(s);
+  }
+  return r;
+}
+
+// The weight of pairs with q (a vector) in a row whose reference has inverse inv_q:
+// (q / Q)^(p/2), exactly 0 below the cut.
+template <typename T>
+static inline VecT<T> power_weight(VecT<T> q, T inv_q, const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  const V t = q * inv_q;
+  const V cut = vbroadcast<T>(plan.cut);
+  const V w = vpow_plan<T>(vmax<T>(t, cut), plan);
+  return t < cut ? V{} : w;
+}
+
+// Scalar (Q_old / Q_new)^(p/2) for the online rescaling, in double (rare: once per rescale).
+static inline double power_ratio(double q_old, double q_new, double half_p) {
+  return pow(q_old / q_new, half_p);
+}
+
+}  // namespace PF_ISA_NS
+}  // namespace poissonflow
