@@ -70,12 +70,17 @@ __all__ = [
     "extract_features",
     "encode_dataset",
     "ENCODER_VERSION",
+    "MIN_FEATURE_DIM",
+    "MAX_FEATURE_DIM",
 ]
 
 # Part of every cache key: bump it whenever a change here changes trained features.
 ENCODER_VERSION = 2  # 2: two augmented views of the test set (positive pairs)
 INITS = ("torch", "blog")
 BLOG_INIT_STD = 0.02  # the blog's SmallAlexNet.init_weights_: normal_(weight, 0, 0.02)
+# default_settings(feature_dim=...): the L2-normalised features lie on S^(d-1), at least a
+# circle (d = 1 would leave the two points +-1); 4096 is the width of the blog's fc7.
+MIN_FEATURE_DIM, MAX_FEATURE_DIM = 2, 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,20 +187,34 @@ class EncoderSettings:
         return dataclasses.replace(self, **changes)
 
 
-def default_settings(dataset_name: str, faithful: bool = False) -> EncoderSettings:
+def default_settings(dataset_name: str, faithful: bool = False,
+                     feature_dim: int | None = None) -> EncoderSettings:
     """Defaults per data set: the blog's settings for CIFAR-10 (and its subset). Digits keep the
     blog's 20 epochs of Adam at lr 1e-3 but use the scaled-down network, pad-1 crop without
     flip, and batch 64: with 1347 training images, batch 256 would give only 6 updates an epoch
     (measured on this 2-core CPU: 20 epochs take 11-25 s, head test accuracy about 98%).
-    faithful=True: also the blog's initialisation, raw pixels and fixed order (module doc)."""
+    faithful=True: also the blog's initialisation, raw pixels and fixed order (module doc).
+    feature_dim: the width of fc8, the L2-normalised features (None: the blog's 128), from
+    MIN_FEATURE_DIM to MAX_FEATURE_DIM; the rest of the network is unchanged."""
+    if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(
+            feature_dim, (int, np.integer)) or not
+            MIN_FEATURE_DIM <= feature_dim <= MAX_FEATURE_DIM):
+        raise ValueError(f"feature_dim must be None or an integer from {MIN_FEATURE_DIM} to "
+                         f"{MAX_FEATURE_DIM}, got {feature_dim!r}")
     blog = dict(init="blog", standardize=False, shuffle=False) if faithful else {}
     if dataset_name == "digits":
-        return EncoderSettings(arch=DIGITS_ALEXNET, augmentation=Augmentation(pad=1, flip=False),
-                               epochs=20, batch_size=64, **blog)
-    if dataset_name in ("cifar10", "cifar10-subset"):
-        return EncoderSettings(**blog)
-    raise ValueError(f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got "
-                     f"{dataset_name!r}")
+        settings = EncoderSettings(arch=DIGITS_ALEXNET,
+                                   augmentation=Augmentation(pad=1, flip=False),
+                                   epochs=20, batch_size=64, **blog)
+    elif dataset_name in ("cifar10", "cifar10-subset"):
+        settings = EncoderSettings(**blog)
+    else:
+        raise ValueError(f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got "
+                         f"{dataset_name!r}")
+    if feature_dim is not None:
+        settings = settings.replace(arch=dataclasses.replace(settings.arch,
+                                                             feat_dim=int(feature_dim)))
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ training features. Rows (docs/DESIGN.md sections 4-5):
                         LogisticRegression (C = 1) is regularised according to feature norm
   flow: blog, unit norm the blog-flowed features scaled back to unit norm
   flow: PFGM preset     learned field, PFGM's defaults and log-z RK4, on the sphere
+  flow: PFGM preset, to plateau  (only with --pfgm-plateau, OPTIONAL_ROWS) the PFGM field
+                        (weights averaged, EMA 0.9999) trained until its validation loss
+                        plateaus (PLATEAU), same ODE
   flow: exact field     the empirical field of the train features (plane start, automatic
                         horizon, leave-one-out), on the sphere
 
@@ -35,6 +38,14 @@ probes that see 1% and 10% of the training labels (probes.low_label_probe). Ever
 per-image test predictions are kept (predictions.npz) and every row is compared with the raw
 features image by image: the paired difference, its bootstrap 95% interval and an exact
 McNemar test, per seed and pooled over seeds (probes.paired_comparison).
+
+Resuming: each finished seed's results are stored in the cache folder (seed_result_key), and
+results.json / results.md are rewritten after every seed, marked partial until the last; the
+same command run again reads the finished seeds back and continues with the next one (a seed
+stopped half-way reuses its cached encoder features and learned fields). --no-resume
+recomputes finished seeds. --feature-dim d trains the encoder with a d-wide fc8 (the
+L2-normalised features; default the blog's 128), every row then runs on d-dimensional
+features.
 
 --faithful runs the blog's code where it differs from the default reproduction: the encoder's
 N(0, 0.02) initialisation, raw [0, 1] pixels in a fixed order, and the "blog-faithful" field
@@ -47,6 +58,7 @@ image, their uniformity with t = 2, Fang et al.'s Wasserstein uniformity, effect
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -58,10 +70,11 @@ import numpy as np
 import torch
 
 from . import metrics
+from .encoder import MAX_FEATURE_DIM, MIN_FEATURE_DIM
 from .probes import knn_predict, linear_probe, low_label_probe
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
-           "ROWS", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
+           "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
            "row_graph", "evaluate_rows"]
 
 
@@ -85,6 +98,9 @@ class ExperimentConfig:
     progress: bool | None = None  # None: progress bars when stderr is a terminal
     faithful: bool = False  # the blog's code where it differs (module doc)
     threads: int | None = 1  # torch, BLAS and OpenMP threads for the run (None: leave as is)
+    feature_dim: int | None = None  # the encoder's fc8 width (None: 128, the blog's)
+    resume: bool = True  # reuse the results of seeds this configuration already finished
+    pfgm_plateau: bool = False  # also the row "flow: PFGM preset, to plateau" (OPTIONAL_ROWS)
 
 
 # --------------------------------------------------------------------------- the row graph
@@ -235,7 +251,9 @@ def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str
 # every 100 epochs, stop after 5 evaluations without a 0.1% improvement, at most 20000 epochs.
 # Measured on digits (seed 0, one update an epoch): the blog field's validation loss fell from
 # 14.8 to 5.75 and the rule stopped at epoch 8600 (17 s on one thread); at the default 200
-# epochs it is 14.5.
+# epochs it is 14.5. The PFGM preset (seed 0): from 6.66 at epoch 100 to 0.997, stopped at
+# epoch 13400 (102 s on one thread at a load of 3-5; W2 of the test features 1.201 raw, 1.231
+# after its 200-epoch flow, 1.025 after this one).
 PLATEAU = {"epochs": 20000, "patience": 5, "eval_every": 100}
 
 
@@ -349,6 +367,7 @@ def _exact_flow(features):
 BLOG_ROW = "flow: blog preset"
 UNTRAINED_ROW = "flow: untrained blog field"
 PLATEAU_ROW = "flow: blog preset, to plateau"
+PFGM_PLATEAU_ROW = "flow: PFGM preset, to plateau"
 RAW_ROW = "raw features"
 
 # The table's rows, in table order.
@@ -364,6 +383,24 @@ ROWS: list[tuple[str, Node]] = [
     ("flow: PFGM preset", _learned_flow("field: pfgm", "sphere")),
     ("flow: exact field", Node(("features",), _exact_flow)),
 ]
+
+# Rows computed only when asked for (ExperimentConfig.pfgm_plateau, --pfgm-plateau), each
+# placed in the table after the row named second. The PFGM field trained to its plateau costs
+# about 100 s of CPU a seed on digits (13400-19900 epochs): with it the default five seeds
+# took 155 s of CPU for seed 0 instead of about 45 s, over the 10 minutes the default run
+# must stay under.
+OPTIONAL_ROWS: list[tuple[str, str, Node]] = [
+    (PFGM_PLATEAU_ROW, "flow: PFGM preset", _learned_flow("field: pfgm, plateau", "sphere")),
+]
+
+
+def row_names(pfgm_plateau: bool = False) -> list[str]:
+    """The rows of a run, in table order: ROWS, and the optional rows asked for."""
+    names = [name for name, _ in ROWS]
+    for name, after, _ in OPTIONAL_ROWS:
+        if name == PFGM_PLATEAU_ROW and pfgm_plateau:
+            names.insert(names.index(after) + 1, name)
+    return names
 
 
 # --------------------------------------------------------------------------- scoring
@@ -478,10 +515,12 @@ SWEEP = "horizon sweep"
 # Every node: the rows, the fields they share and the sweep.
 NODES: dict[str, Node] = {
     **dict(ROWS),
+    **{name: node for name, _, node in OPTIONAL_ROWS},
     "field: blog": _fit_field("blog"),
     "field: blog, untrained": _fit_field("blog", train=False),
     "field: blog, plateau": _fit_field("blog", plateau=True),
     "field: pfgm": _fit_field("pfgm"),
+    "field: pfgm, plateau": _fit_field("pfgm", plateau=True),
     SWEEP: Node(("features", "labels", "run", "field: blog"), horizon_sweep),
 }
 
@@ -496,10 +535,10 @@ def evaluate_rows(graph: Graph, names=None) -> dict[str, Any]:
     needs are computed on the way, once. Returns {name: scored row}; a row's "seconds" include
     the needs computed first for it."""
     names = [name for name, _ in ROWS] if names is None else list(names)
-    rows_known = dict(ROWS)
-    unknown = [n for n in names if n not in rows_known]
+    known = row_names(pfgm_plateau=True)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown row(s) {unknown}; rows are {[n for n, _ in ROWS]}")
+        raise ValueError(f"unknown row(s) {unknown}; rows are {known}")
     ytr, yte = graph.get("labels")
     run = graph.get("run")
     out = {}
@@ -523,12 +562,10 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     """One seed: encoder, every row, the sweep. Returns the seed's results, with the per-image
     test predictions under "predictions" ({row: {probe: labels}}, the head's under "encoder
     head") and the test labels under "y_test"; run_experiment moves both to predictions.npz."""
-    from .encoder import default_settings, encode_dataset
+    from .encoder import encode_dataset
 
-    settings = default_settings(dataset.name, faithful=cfg.faithful).replace(seed=seed)
-    if cfg.encoder_epochs is not None:
-        settings = settings.replace(epochs=cfg.encoder_epochs)
-    t0 = time.perf_counter()
+    settings = encoder_settings(cfg, dataset.name, seed)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     enc = encode_dataset(dataset, settings, device=cfg.device, cache_dir=_cache_dir(cfg),
                          progress=cfg.progress)
     seconds = {"encoder": time.perf_counter() - t0}
@@ -547,7 +584,7 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
                       field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg),
                       blog_preset="blog-faithful" if cfg.faithful else "blog")
     graph = row_graph(features, (ytr, yte), run)
-    rows.update(evaluate_rows(graph))
+    rows.update(evaluate_rows(graph, row_names(cfg.pfgm_plateau)))
     predictions = {"encoder head": {"head": enc.logits_test.argmax(1)}}
     for name, row in rows.items():
         if "_predictions" in row:
@@ -559,11 +596,98 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
         out["sweep"] = graph.get(SWEEP)
         seconds["sweep"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
+    # the process's CPU time for the seed: with one thread, what the seed takes on an idle
+    # core, whatever else the machine was running (wall times above include the waiting)
+    seconds["cpu_total"] = time.process_time() - cpu0
     return out
+
+
+def encoder_settings(cfg: ExperimentConfig, dataset_name: str, seed: int):
+    """The EncoderSettings of one seed of the run (its cache key includes every field)."""
+    from .encoder import default_settings
+
+    settings = default_settings(dataset_name, faithful=cfg.faithful,
+                                feature_dim=cfg.feature_dim).replace(seed=seed)
+    if cfg.encoder_epochs is not None:
+        settings = settings.replace(epochs=cfg.encoder_epochs)
+    return settings
 
 
 def _cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
+
+
+# ------------------------------------------------------------------ finished seeds, resumed
+# A finished seed's results (rows, sweep, timings, per-image predictions) are stored in the
+# cache folder under a key of everything that determines them, so a run that is stopped (or
+# a longer list of seeds) resumes at the next unfinished seed. Within a seed the encoder's
+# features and the learned fields are cached on their own (encode_dataset, _fit_field): a
+# seed stopped half-way recomputes only its rows. Bump SEED_RESULT_VERSION whenever a change
+# here, in probes.py, metrics.py, transform.py or flow.py changes what a seed's rows hold.
+SEED_RESULT_VERSION = 1
+
+
+def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
+    """Cache key of one seed's results: the code versions, the settings that change them and
+    a fingerprint of the data (after --limit). Display options (progress, output folders)
+    are not part of it."""
+    from . import __version__
+    from .cache import cache_key
+    from .encoder import ENCODER_VERSION
+
+    return cache_key(
+        {"what": "experiment-seed", "seed_result_version": SEED_RESULT_VERSION,
+         "encoder_version": ENCODER_VERSION,
+         "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION,
+         "poissonflow": __version__, "torch": torch.__version__, "numpy": np.__version__,
+         "sklearn": _sklearn_version(), "dataset": dataset.name, "seed": int(seed),
+         "encoder_settings": encoder_settings(cfg, dataset.name, seed).to_dict(),
+         "field_epochs": cfg.field_epochs, "faithful": cfg.faithful, "sweep": cfg.sweep,
+         "device": torch.device(cfg.device).type, "threads": cfg.threads,
+         "rows": row_names(cfg.pfgm_plateau), "plateau": PLATEAU},
+        dataset.fingerprint(),
+    )
+
+
+def source_sha256() -> str:
+    """sha256 of the package's Python sources (recorded with each seed, not part of its key:
+    a resumed run reports when its seeds were computed by different sources)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _store_seed(cache, key: str, done: dict[str, Any], predictions, y_test) -> None:
+    from .report import _jsonable
+
+    index, arrays = [], {"y_test": np.asarray(y_test)}
+    for row, probes in predictions.items():
+        for probe, pred in probes.items():
+            name = f"p{len(index)}"
+            index.append([row, probe, name])
+            arrays[name] = np.asarray(pred)
+    record = {"result": _jsonable(done), "predictions": index}
+    arrays["record_json"] = np.array(json.dumps(record))
+    cache.put(key, arrays, {"what": "experiment-seed", "seed": int(done["seed"])})
+
+
+def _load_seed(cache, key: str):
+    """(seed results, predictions, y_test) of a finished seed, or None."""
+    found = cache.get(key)
+    if found is None:
+        return None
+    arrays, _ = found
+    try:
+        record = json.loads(str(arrays["record_json"][()]))
+        predictions: dict[str, dict[str, np.ndarray]] = {}
+        for row, probe, name in record["predictions"]:
+            predictions.setdefault(row, {})[probe] = arrays[name]
+        return record["result"], predictions, arrays["y_test"]
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -586,28 +710,51 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         torch.set_num_threads(before)
 
 
-def _run(cfg: ExperimentConfig) -> dict[str, Any]:
+def load_limited(name: str, data_dir, limit):
+    """The data set, cut to its first `limit` train and limit / 3 test examples (--limit;
+    shared with ssl_experiment)."""
     from .data import load_dataset
 
+    dataset = load_dataset(name, data_dir)
+    if limit is not None:
+        n_test = max(10, limit // 3)
+        dataset = dataclasses.replace(
+            dataset, x_train=dataset.x_train[:limit], y_train=dataset.y_train[:limit],
+            x_test=dataset.x_test[:n_test], y_test=dataset.y_test[:n_test],
+        )
+    return dataset
+
+
+def _run(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.progress is None:
         cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
     t0 = time.perf_counter()
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
-    if cfg.limit is not None:
-        n_test = max(10, cfg.limit // 3)
-        dataset = dataclasses.replace(
-            dataset, x_train=dataset.x_train[: cfg.limit], y_train=dataset.y_train[: cfg.limit],
-            x_test=dataset.x_test[:n_test], y_test=dataset.y_test[:n_test],
-        )
+    dataset = load_limited(cfg.dataset, cfg.data_dir, cfg.limit)
+    from .cache import ArrayCache
+
+    cache = ArrayCache(_cache_dir(cfg))
+    source = source_sha256()
     per_seed: list[dict[str, Any]] = []
     predictions: dict[int, Any] = {}
     for seed in cfg.seeds:
-        print(f"{dataset.name}: seed {seed}", file=sys.stderr)
-        done = run_seed(dataset, cfg, seed)
-        predictions[seed] = (done.pop("predictions"), done.pop("y_test"))
+        key = seed_result_key(cfg, dataset, seed)
+        found = _load_seed(cache, key) if cfg.resume else None
+        if found is not None:
+            done, preds, y_test = found
+            done["resumed"] = True
+            print(f"{dataset.name}: seed {seed} finished before, its results read from "
+                  f"{cache.path(key)}", file=sys.stderr)
+        else:
+            print(f"{dataset.name}: seed {seed}", file=sys.stderr)
+            done = run_seed(dataset, cfg, seed)
+            preds, y_test = done.pop("predictions"), done.pop("y_test")
+            done["source_sha256"] = source
+            _store_seed(cache, key, done, preds, y_test)
+            done["resumed"] = False
+        predictions[seed] = (preds, y_test)
         per_seed.append(done)
         if seed != cfg.seeds[-1]:
-            # the seeds so far, marked incomplete: a long run that is stopped keeps them
+            # the seeds so far, marked partial: a long run that is stopped keeps them
             _write(cfg, dataset, per_seed, predictions, t0, complete=False)
     return _write(cfg, dataset, per_seed, predictions, t0, complete=True)
 
@@ -629,6 +776,11 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
         "paired": report.paired_statistics(predictions),
         "seconds": time.perf_counter() - t0,
         "complete": complete,  # False: written after a seed, more seeds to come
+        "seeds_done": [int(s["seed"]) for s in per_seed],
+        "seeds_planned": [int(s) for s in cfg.seeds],
+        # the package sources that computed the seeds (more than one: a resumed run whose
+        # code changed in between; each seed's own is per_seed[i]["source_sha256"])
+        "source_sha256": sorted({s.get("source_sha256") or "unknown" for s in per_seed}),
     }
     report.write_predictions(predictions, Path(cfg.out_dir))
     report.write_outputs(results, Path(cfg.out_dir))
@@ -684,6 +836,19 @@ def _check_writable_folder(path: Path, option: str) -> None:
         raise ConfigError(option, f"cannot write to {p} ({q} is not a writable folder)")
 
 
+def check_device(device) -> None:
+    """The --device option (shared with ssl_experiment): cpu or an available cuda[:index]."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {device!r}") \
+            from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{device!r} was asked for but CUDA is not available")
+
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Raises ConfigError (a ValueError naming the command-line option) for any bad setting;
     cheap, so run_experiment and main call it before loading data or training anything."""
@@ -709,15 +874,15 @@ def validate_config(cfg: ExperimentConfig) -> None:
                           ("--field-epochs", cfg.field_epochs)):
         if value is not None and (not _is_int(value) or value < 1):
             raise ConfigError(option, f"must be an integer >= 1, got {value!r}")
-    try:
-        dev = torch.device(cfg.device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {cfg.device!r}") \
-            from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {cfg.device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", f"{cfg.device!r} was asked for but CUDA is not available")
+    if cfg.feature_dim is not None and (not _is_int(cfg.feature_dim) or not
+                                        MIN_FEATURE_DIM <= cfg.feature_dim <= MAX_FEATURE_DIM):
+        raise ConfigError("--feature-dim", f"must be an integer from {MIN_FEATURE_DIM} to "
+                                           f"{MAX_FEATURE_DIM}, got {cfg.feature_dim!r}")
+    if not isinstance(cfg.resume, bool):
+        raise ConfigError("--no-resume", f"resume must be True or False, got {cfg.resume!r}")
+    if not isinstance(cfg.pfgm_plateau, bool):
+        raise ConfigError("--pfgm-plateau", f"must be True or False, got {cfg.pfgm_plateau!r}")
+    check_device(cfg.device)
     if cfg.data_dir is not None:
         if cfg.dataset == "digits":
             raise ConfigError("--data-dir", "digits are bundled with scikit-learn and read no "
@@ -771,6 +936,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch, BLAS and OpenMP threads for the run (default: 1; the "
                              "experiment's small problems run fastest on one thread a process)")
+    parser.add_argument("--feature-dim", type=int, default=None,
+                        help=f"size of the encoder's L2-normalised features (fc8), "
+                             f"{MIN_FEATURE_DIM}..{MAX_FEATURE_DIM} (default: 128, the blog's); "
+                             f"part of every cache key")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="recompute seeds that this configuration already finished "
+                             "(default: their stored results are reused, so a stopped run "
+                             "resumes at the next seed; encoder features and learned fields "
+                             "are cached either way)")
+    parser.add_argument("--pfgm-plateau", action="store_true",
+                        help="also the row 'flow: PFGM preset, to plateau': the PFGM field "
+                             "trained until its validation loss plateaus (about 100 s of CPU "
+                             "a seed on digits, so not in the default run)")
     parser.add_argument("--faithful", action="store_true",
                         help="the blog's code where it differs: N(0, 0.02) encoder init, raw "
                              "[0, 1] pixels in a fixed order, mean field loss, unshuffled "
@@ -784,7 +962,8 @@ def config_from_args(args) -> ExperimentConfig:
         device=args.device, encoder_epochs=args.encoder_epochs, field_epochs=args.field_epochs,
         sweep=not args.no_sweep, limit=args.limit,
         progress=False if args.no_progress else None, faithful=args.faithful,
-        threads=args.threads,
+        threads=args.threads, feature_dim=args.feature_dim, resume=not args.no_resume,
+        pfgm_plateau=args.pfgm_plateau,
     )
 
 

@@ -120,10 +120,15 @@ def markdown_table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     n = len(results["per_seed"])
     ds = results["dataset"]
+    dim = _get(results["per_seed"][0]["rows"].get("encoder head", {}), ("dim",))
     lines = [
-        f"### {ds['name']}: {ds['n_train']} train / {ds['n_test']} test, "
-        f"mean ± std over {n} seed(s)",
+        f"### {ds['name']}: {ds['n_train']} train / {ds['n_test']} test"
+        + (f", {dim}-d features" if dim is not None else "")
+        + f", mean ± std over {n} seed(s)",
         "",
+    ]
+    lines += _status_lines(results)
+    lines += [
         "Test accuracies in %, every probe of every row (docs/DESIGN.md section 5): the blog's "
         "`LogisticRegression()`, the tuned linear probe, cosine k-NN, and linear probes that "
         "see 1% / 10% of the training labels (fixed C = 1). 'warnings': ConvergenceWarnings "
@@ -190,6 +195,24 @@ def markdown_table(results: dict[str, Any]) -> str:
     if any(sweeps):
         lines += ["", sweep_table(sweeps)]
     return "\n".join(lines)
+
+
+def _status_lines(results: dict[str, Any]) -> list[str]:
+    """A partial run's mark (written after each seed until the last), and a note when the
+    seeds were computed by different package sources (a run resumed after a code change)."""
+    lines = []
+    if results.get("complete") is False:
+        done = [str(s.get("seed")) for s in results["per_seed"]]
+        planned = results.get("seeds_planned") or _get(results, ("config", "seeds")) or []
+        lines += [f"**Partial results: {len(done)} of {len(planned)} planned seeds done "
+                  f"(seeds {', '.join(done)}).** The run was still going or was stopped when "
+                  "this was written; the same command resumes it at the next seed.", ""]
+    sources = [h for h in results.get("source_sha256", []) if h != "unknown"]
+    if len(sources) > 1:
+        lines += [f"The seeds were computed by {len(sources)} different versions of the "
+                  "package's sources (a run resumed after a code change; per_seed[i]"
+                  ".source_sha256 in results.json).", ""]
+    return lines
 
 
 def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:

@@ -348,3 +348,27 @@ def test_faithful_default_settings():
         assert dataclasses.replace(blog, init="torch", standardize=True, shuffle=True) == plain
     with pytest.raises(ValueError, match="init"):
         E.EncoderSettings(init="xavier")
+
+
+def test_feature_dim_sets_the_width_of_fc8_only(small_digits, tmp_path):
+    """Issue 15: the experiment's --feature-dim. Only fc8 (and so the head's input) changes;
+    the default is the blog's 128; the width is part of the settings and so of the cache
+    key; bad values are refused naming the argument."""
+    for name in ("digits", "cifar10-subset"):
+        plain, low = E.default_settings(name), E.default_settings(name, feature_dim=16)
+        assert plain.arch.feat_dim == 128 and E.default_settings(name, feature_dim=None) == plain
+        assert low.arch.feat_dim == 16
+        assert dataclasses.replace(low.arch, feat_dim=128) == plain.arch
+        assert dataclasses.replace(low, arch=plain.arch) == plain
+        assert low.to_dict() != plain.to_dict()  # so the features' cache key differs
+    assert E.default_settings("digits", faithful=True, feature_dim=8).init == "blog"
+    for bad in (1, 0, -3, 4097, 16.0, "16", True):
+        with pytest.raises(ValueError, match=r"^feature_dim must be None or an integer from 2 "
+                                             r"to 4096, got "):
+            E.default_settings("digits", feature_dim=bad)
+    settings = TINY_SETTINGS.replace(arch=dataclasses.replace(TINY, feat_dim=3))
+    first = E.encode_dataset(small_digits, settings, cache_dir=tmp_path, progress=False)
+    assert first.features_train.shape == (300, 3) and first.logits_test.shape == (100, 10)
+    np.testing.assert_allclose(np.linalg.norm(first.features_test, axis=1), 1.0, rtol=1e-5)
+    wide = E.encode_dataset(small_digits, TINY_SETTINGS, cache_dir=tmp_path, progress=False)
+    assert wide.key != first.key and not wide.from_cache

@@ -368,6 +368,10 @@ def test_every_option_has_help_text():
     (["--dataset", "cifar10-subset", "--data-dir", "/nonexistent/subset.npz"], "--data-dir"),
     (["--device", "tpu"], "--device"),
     (["--out", __file__], "--out"),  # an existing file, not a folder
+    (["--feature-dim", "1"], "--feature-dim"),  # S^0: two points
+    (["--feature-dim", "0"], "--feature-dim"),
+    (["--feature-dim", "-16"], "--feature-dim"),
+    (["--feature-dim", "4097"], "--feature-dim"),
 ])
 def test_bad_settings_are_rejected_before_any_work(argv, option, monkeypatch, tmp_path):
     def no_work(*a, **k):
@@ -474,3 +478,134 @@ def test_the_main_job_needs_only_runtime_dependencies(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- issue 15, round 2
+
+
+def test_feature_dim_at_the_command_line_and_in_the_api(tmp_path, capsys, monkeypatch):
+    """--feature-dim: a bad value is one line and exit status 2 before any work; in the API
+    a ConfigError (a ValueError) naming the option; the default stays the blog's 128."""
+    from poissonflow.__main__ import main
+
+    def no_work(*a, **k):
+        raise AssertionError("validation must come before any work")
+
+    monkeypatch.setattr("poissonflow.data.load_dataset", no_work)
+    for bad in ("1", "4097", "sixteen"):
+        try:  # a ConfigError returns 2; argparse's own error (not an int) exits with 2
+            code = main(["experiment", "--feature-dim", bad, "--out", str(tmp_path / "o")])
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2, bad
+        assert len(err.strip().splitlines()) == 1 and "--feature-dim" in err, err
+    assert not (tmp_path / "o").exists()
+    for bad in (1, 0, 4097, 8.0, "8", True):
+        cfg = ExperimentConfig(feature_dim=bad, out_dir=str(tmp_path / "o"))
+        with pytest.raises(experiment.ConfigError, match="^argument --feature-dim: must be an "
+                                                         "integer from 2 to 4096, got "):
+            run_experiment(cfg)
+    assert experiment.config_from_args(_parser().parse_args([])).feature_dim is None
+    assert experiment.config_from_args(_parser().parse_args(
+        ["--feature-dim", "16"])).feature_dim == 16
+    assert experiment.encoder_settings(ExperimentConfig(), "digits", 0).arch.feat_dim == 128
+
+
+class _Stopped(Exception):
+    """Stands for the run being stopped (Ctrl-C, a kill) during a seed."""
+
+
+_RUN_SEED = experiment.run_seed
+
+
+def _counting_run_seed(monkeypatch, calls, fail_at=None):
+    def run_seed(dataset, cfg, seed):
+        calls.append(seed)
+        if seed == fail_at:
+            raise _Stopped
+        return _RUN_SEED(dataset, cfg, seed)
+
+    monkeypatch.setattr(experiment, "run_seed", run_seed)
+
+
+def test_low_dimensional_run_is_partial_after_each_seed_and_resumes(tmp_path, monkeypatch):
+    """A tiny --feature-dim 8 run stopped during its second seed keeps the first, marked
+    partial in results.json and results.md; the same command then computes only the second
+    seed and reads the first back unchanged; another feature dimension is another key."""
+    from poissonflow.data import load_dataset
+
+    cfg = ExperimentConfig(dataset="digits", seeds=(0, 1), out_dir=str(tmp_path / "out"),
+                           encoder_epochs=1, field_epochs=2, limit=experiment.MIN_LIMIT,
+                           sweep=False, progress=False, feature_dim=8, pfgm_plateau=True)
+    calls: list[int] = []
+    _counting_run_seed(monkeypatch, calls, fail_at=1)
+    with pytest.raises(_Stopped):
+        run_experiment(cfg)
+    assert calls == [0, 1]
+    partial = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert partial["complete"] is False
+    assert partial["seeds_done"] == [0] and partial["seeds_planned"] == [0, 1]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "**Partial results: 1 of 2 planned seeds done (seeds 0).**" in md
+    assert "8-d features" in md.splitlines()[0]
+    rows = partial["per_seed"][0]["rows"]
+    assert rows["encoder head"]["dim"] == 8 and rows["raw features"]["dim"] == 8
+    assert rows[experiment.BLOG_ROW]["dim"] == 9  # the blog's raw (d + 1)-d end points
+    # --pfgm-plateau adds its row after the PFGM preset's (capped here by --field-epochs)
+    names = list(rows)[1:]
+    assert names == experiment.row_names(pfgm_plateau=True)
+    assert names.index(experiment.PFGM_PLATEAU_ROW) == names.index("flow: PFGM preset") + 1
+    assert rows[experiment.PFGM_PLATEAU_ROW]["info"]["field_iterations"] == 2
+    seconds = partial["per_seed"][0]["seconds"]
+    assert 0 < seconds["cpu_total"] and 0 < seconds["encoder"] <= seconds["total"]
+
+    calls.clear()
+    _counting_run_seed(monkeypatch, calls)
+    done = run_experiment(cfg)
+    assert calls == [1]  # seed 0 is read back, not recomputed
+    assert done["complete"] is True and done["seeds_done"] == [0, 1]
+    assert [s["resumed"] for s in done["per_seed"]] == [True, False]
+    final = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert final["per_seed"][0]["rows"] == partial["per_seed"][0]["rows"]
+    assert "Partial results" not in (tmp_path / "out" / "results.md").read_text()
+    saved = np.load(tmp_path / "out" / "predictions.npz")
+    assert {"seed0/y_test", "seed1/y_test", f"seed0/{experiment.BLOG_ROW}/tuned"} <= set(
+        saved.files)
+    assert final["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["pooled"]["n"] == \
+        2 * final["dataset"]["n_test"]
+
+    # what changes a seed's results changes its key; display settings do not
+    ds = load_dataset("digits", None)
+    key = experiment.seed_result_key(cfg, ds, 0)
+    assert experiment.seed_result_key(cfg, ds, 1) != key
+    for change in ({"feature_dim": 16}, {"feature_dim": None}, {"field_epochs": 3},
+                   {"faithful": True}, {"threads": 2}, {"sweep": True},
+                   {"pfgm_plateau": False}):
+        assert experiment.seed_result_key(dataclasses.replace(cfg, **change), ds, 0) != key
+    for change in ({"progress": True}, {"out_dir": str(tmp_path / "elsewhere")},
+                   {"seeds": (0,)}):
+        assert experiment.seed_result_key(dataclasses.replace(cfg, **change), ds, 0) == key
+
+    # --no-resume recomputes a finished seed
+    calls.clear()
+    run_experiment(dataclasses.replace(cfg, seeds=(0,), resume=False))
+    assert calls == [0]
+
+
+def test_the_pfgm_plateau_row_is_only_computed_when_asked_for():
+    """The default rows are ROWS (the PFGM field to its plateau costs about 100 s of CPU a
+    seed on digits); --pfgm-plateau adds it; a bad value is refused naming the option."""
+    assert experiment.row_names() == [name for name, _ in ROWS]
+    assert experiment.PFGM_PLATEAU_ROW not in dict(ROWS)
+    assert experiment.config_from_args(_parser().parse_args([])).pfgm_plateau is False
+    assert experiment.config_from_args(_parser().parse_args(["--pfgm-plateau"])).pfgm_plateau
+    with pytest.raises(experiment.ConfigError, match="^argument --pfgm-plateau: "):
+        experiment.validate_config(ExperimentConfig(pfgm_plateau="yes"))
+    features, labels = _toy_features()
+    graph = experiment.row_graph(features, labels, experiment.RunSettings(seed=0, field_epochs=1))
+    rows = experiment.evaluate_rows(graph, [experiment.PFGM_PLATEAU_ROW])
+    assert graph.computed == ["field: pfgm, plateau", experiment.PFGM_PLATEAU_ROW]
+    field = graph.get("field: pfgm, plateau").field
+    assert (field.preset, field.patience, field.eval_every) == ("pfgm", 5, 100)
+    assert rows[experiment.PFGM_PLATEAU_ROW]["dim"] == features.train.shape[1] + 1  # sphere
