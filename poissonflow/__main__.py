@@ -3,6 +3,8 @@
 Commands:
     experiment   the end-to-end experiment (default data: scikit-learn's digits); see
                  poissonflow/experiment.py and `python -m poissonflow experiment --help`
+    ssl-experiment  self-supervised encoders (poissonflow/ssl_experiment.py) under the
+                 experiment's post-hoc rows and probes
     transform    flow the features of a .npy/.npz/.pt file (exact or learned field)
     report       render results.md and the plot again from an experiment's results.json
     demo         compute a field on scikit-learn's digits and print a summary; with --plot,
@@ -242,6 +244,12 @@ def _experiment(args) -> int:
     return experiment_main(args)
 
 
+def _ssl_experiment(args) -> int:
+    from .ssl_experiment import main as ssl_main
+
+    return ssl_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="poissonflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(exp)
     exp.set_defaults(run=_experiment)
+    sx = sub.add_parser("ssl-experiment",
+                        help="self-supervised encoders under the experiment's rows and probes")
+    from .ssl_experiment import add_arguments as ssl_arguments
+
+    ssl_arguments(sx)
+    sx.set_defaults(run=_ssl_experiment)
     tr = sub.add_parser("transform", help="flow the features of a .npy/.npz/.pt file")
     _add_transform_arguments(tr)
     tr.set_defaults(run=_transform)
