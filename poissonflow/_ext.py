@@ -24,7 +24,7 @@ def cpu_module():
     parallel regions then run on the same thread team as torch's intra-op work: alternating
     torch ops and field calls never puts two sets of spinning threads on the cores
     (`openmp_runtimes()` lists what is loaded; tests/test_cpu_threads.py checks it)."""
-    import torch  # noqa: F401  (before the extension: see above)
+    import torch  # noqa: F401  (imported before the extension: see above)
 
     try:
         return importlib.import_module("poissonflow._C")
