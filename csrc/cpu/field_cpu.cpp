@@ -33,33 +33,34 @@ static double max_abs(const T* p, int64_t n) {
   return out;
 }
 
-// The smallest positive weight over the largest (1 without weights).
-template <typename T>
-static double weight_ratio(const T* w, int64_t B) {
-  if (!w) return 1.0;
-  double lo = INFINITY, hi = 0.0;
-  for (int64_t j = 0; j < B; ++j) {
-    const double wj = (double)w[j];
-    if (wj > 0.0) { lo = wj < lo ? wj : lo; hi = wj > hi ? wj : hi; }
-  }
-  return hi > 0.0 ? lo / hi : 1.0;
-}
-
 // The power-form plan of a call (power_form.h) from a bound on its pairs' r2: with |x|, |y| at
-// most X and Y in every coordinate, r2 <= D (X + Y)^2 + e2_max.
+// most X and Y in every coordinate, r2 <= D (X + Y)^2 + e2_max. The largest weight (1 without
+// weights) goes into the plan, for pack_weights.
 template <typename T>
 static PowerPlan<T> call_plan(const FieldArgs& a, double x_bound, double e2_max) {
   const double y_bound = max_abs<T>((const T*)a.y, a.B * a.D);
   const double s = x_bound + y_bound;
-  return power_plan<T>(a.power, a.weight_form, (double)a.D * s * s + e2_max,
-                       weight_ratio<T>((const T*)a.w, a.B));
+  double lo = 1.0, hi = 1.0;  // smallest positive and largest weight
+  if (a.w) {
+    lo = INFINITY;
+    hi = 0.0;
+    for (int64_t j = 0; j < a.B; ++j) {
+      const double wj = (double)((const T*)a.w)[j];
+      if (wj > 0.0) { lo = wj < lo ? wj : lo; hi = wj > hi ? wj : hi; }
+    }
+    if (!(hi > 0.0)) lo = hi = 1.0;
+  }
+  PowerPlan<T> plan =
+      power_plan<T>(a.power, a.weight_form, (double)a.D * s * s + e2_max, lo / hi);
+  plan.w_max = hi;
+  return plan;
 }
 
+// The plan of a field call (forward and backward): x as it is, the largest softening.
 template <typename T>
-static double max_softening2(const FieldArgs& a) {
-  double e2 = a.eps2;
-  if (a.eps2_rows) e2 = max_abs<T>((const T*)a.eps2_rows, a.N);
-  return e2;
+static PowerPlan<T> field_plan(const FieldArgs& a) {
+  const double e2_max = a.eps2_rows ? max_abs<T>((const T*)a.eps2_rows, a.N) : a.eps2;
+  return call_plan<T>(a, max_abs<T>((const T*)a.x, a.N * a.D), e2_max);
 }
 
 // One parallel region per call: the charges are packed (a work-sharing loop over charge tiles),
@@ -120,8 +121,7 @@ static int forward_run(const FieldArgs& a, const PowerPlan<T>& plan) {
 
 template <typename T>
 static int forward_impl(const FieldArgs& a) {
-  const PowerPlan<T> plan =
-      call_plan<T>(a, max_abs<T>((const T*)a.x, a.N * a.D), max_softening2<T>(a));
+  const PowerPlan<T> plan = field_plan<T>(a);
   return plan.enabled ? forward_run<T, true>(a, plan) : forward_run<T, false>(a, plan);
 }
 
@@ -224,9 +224,7 @@ static int backward_impl(const FieldArgs& a) {
   const TileShape<T> shape = tile_shape<T>(D);
   // The power form recomputes pi without a log or an exp (power_form.h); dL/dw needs pi / w_j,
   // which the log domain gives finite at w_j = 0, so calls that ask for it stay there.
-  const PowerPlan<T> plan =
-      need_w ? PowerPlan<T>{}
-             : call_plan<T>(a, max_abs<T>((const T*)a.x, N * D), max_softening2<T>(a));
+  const PowerPlan<T> plan = need_w ? PowerPlan<T>{} : field_plan<T>(a);
   Packed<T> pk;
   if (!pk.allocate(B, D, shape.CT)) {
     pk.release();
@@ -267,12 +265,14 @@ static int backward_impl(const FieldArgs& a) {
     for (int64_t e = 0; e < copies * ny; ++e) dyT[e] = (T)0;
 #pragma omp for schedule(static) nowait
     for (int64_t e = 0; e < copies * nw; ++e) gwT[e] = (T)0;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
-      if (!need_x) continue;
-      if (a.gv) memcpy(gx + i * D, (const T*)a.gv + i * D, sizeof(T) * (size_t)D);
-      else memset(gx + i * D, 0, sizeof(T) * (size_t)D);
+    if (need_x) {
+#pragma omp for schedule(static) nowait
+      for (int64_t i = 0; i < N; ++i) {
+        if (a.gv) memcpy(gx + i * D, (const T*)a.gv + i * D, sizeof(T) * (size_t)D);
+        else memset(gx + i * D, 0, sizeof(T) * (size_t)D);
+      }
     }
+#pragma omp barrier  // packing and zeroing done before the sweep
     BackwardScratch<T> sc;
     const bool ok = sc.allocate(shape, D);
     if (!ok) failed = 1;

@@ -160,13 +160,10 @@ static void pack_weights(const T* w, Packed<T>& pk, const PowerPlan<T>& plan) {
   pk.log_wsum = log(wsum);
   pk.log2_wmax = 0.0;
   if (!plan.enabled) return;
-  double wmax = 0.0;
-  for (int64_t j = 0; j < B; ++j) wmax = (w && (double)w[j] > wmax) ? (double)w[j] : wmax;
-  if (!w) wmax = 1.0;
-  pk.log2_wmax = wmax > 0.0 ? log2(wmax) : 0.0;
+  pk.log2_wmax = log2(plan.w_max);
   for (int64_t j = 0; j < B; ++j) {
     const double wj = w ? (double)w[j] : 1.0;
-    pk.g[j] = wj > 0.0 ? (T)(w ? pow(wj / wmax, 1.0 / plan.half_p) : 1.0) : (T)0;
+    pk.g[j] = wj > 0.0 ? (T)(w ? pow(wj / plan.w_max, 1.0 / plan.half_p) : 1.0) : (T)0;
   }
   for (int64_t j = B; j < Bp; ++j) pk.g[j] = (T)0;
 }

@@ -47,6 +47,7 @@ struct PowerPlan {
   int quarters = 0;   // 0..3
   T cut = (T)0;       // 2^(-kMinExp / (p/2)): t below it gives weight 0
   T tau_factor = (T)0;  // 2^(kTau / (p/2)): the lazy rule's threshold in q units
+  double w_max = 1.0;   // the largest weight (set by the caller, 1 without weights)
   double half_p = 0.0;
 };
 
