@@ -75,7 +75,7 @@ from .probes import knn_predict, linear_probe, low_label_probe
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
            "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
-           "row_graph", "evaluate_rows"]
+           "row_graph", "evaluate_rows", "check_readable", "check_writable_folder"]
 
 
 # Five seeds: a run of all five took 149-237 s on the 2-core development machine with one
@@ -302,7 +302,8 @@ def _fit_field(preset: str, train: bool = True, plateau: bool = False):
 def _learned_flow(field_node: str, output: str):
     """Row: the features flowed through a learned field (its preset's own ODE); info: the
     guard's counts (point-evaluations guarded, points guarded at least once, points left on
-    the plane z = 0) and the field's training iterations, final and per-epoch loss."""
+    the plane z = 0), the largest flowed norm over the median (train and test), and the
+    field's training iterations, final and per-epoch loss."""
 
     def make(features, fitted):
         from .transform import transform
@@ -320,12 +321,16 @@ def _learned_flow(field_node: str, output: str):
         flowed = features.map(flow)
         field = fitted.field
         n = max(1, counts["points"])
+        # far points: the blog's radial update adds d^2 |f|^2 / (f.y)^2 to |y|^2 where the
+        # field is nearly orthogonal to y; a few such points change how a scaler sees the row
+        norms = np.linalg.norm(np.concatenate([flowed.train, flowed.test]), axis=1)
         return RowOutput(flowed, {
             "field_train_seconds": fitted.train_seconds, "field_from_cache": fitted.from_cache,
             "field_preset": field.preset, **counts,
             # over the train, test and view sets flowed (docs/DESIGN.md section 3)
             "guarded_fraction": counts["guarded_points"] / n,
             "on_plane_fraction": counts["on_plane"] / n,
+            "norm_max_over_median": float(norms.max() / max(np.median(norms), 1e-300)),
             "field_iterations": int(field.n_iterations_),
             "field_final_loss": field.loss_history_[-1] if field.loss_history_ else None,
             "field_loss_history": [float(v) for v in field.loss_history_],
@@ -624,7 +629,8 @@ def _cache_dir(cfg: ExperimentConfig) -> Path:
 # features and the learned fields are cached on their own (encode_dataset, _fit_field): a
 # seed stopped half-way recomputes only its rows. Bump SEED_RESULT_VERSION whenever a change
 # here, in probes.py, metrics.py, transform.py or flow.py changes what a seed's rows hold.
-SEED_RESULT_VERSION = 1
+# 2: the probes scale with one StandardScaler fit on all training features (probes.py).
+SEED_RESULT_VERSION = 2
 
 
 def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
@@ -815,7 +821,7 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _check_readable(path: Path, option: str, what: str) -> None:
+def check_readable(path: Path, option: str, what: str) -> None:
     if not path.exists():
         raise ConfigError(option, f"{what} {path} does not exist")
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
@@ -823,7 +829,7 @@ def _check_readable(path: Path, option: str, what: str) -> None:
         raise ConfigError(option, f"{what} {path} is not readable")
 
 
-def _check_writable_folder(path: Path, option: str) -> None:
+def check_writable_folder(path: Path, option: str) -> None:
     """The folder exists and is writable, or can be created (its nearest existing ancestor is
     a writable folder): a run must not fail at its end for want of a place to write."""
     p = path.expanduser()
@@ -887,7 +893,7 @@ def validate_config(cfg: ExperimentConfig) -> None:
         if cfg.dataset == "digits":
             raise ConfigError("--data-dir", "digits are bundled with scikit-learn and read no "
                                             "folder; drop --data-dir or choose another --dataset")
-        _check_readable(Path(cfg.data_dir).expanduser(), "--data-dir",
+        check_readable(Path(cfg.data_dir).expanduser(), "--data-dir",
                         "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file")
     elif cfg.dataset == "cifar10":
         raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir: the official "
@@ -896,9 +902,9 @@ def validate_config(cfg: ExperimentConfig) -> None:
         raise ConfigError("--data-dir", "--dataset cifar10-subset found no shared copy at its "
                                         "default location; pass --data-dir (the .npz or its "
                                         "folder)")
-    _check_writable_folder(Path(cfg.out_dir), "--out")
+    check_writable_folder(Path(cfg.out_dir), "--out")
     if cfg.cache_dir is not None:
-        _check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
+        check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
 
 
 def add_arguments(parser) -> None:

@@ -130,13 +130,22 @@ def linear_probe(
 ) -> ProbeResult:
     """Linear-probe accuracy of a representation.
 
-    Tuned mode (default): a stratified validation split of `val_size` of the training set is
-    drawn with `seed`; for each C in `Cs` a StandardScaler + LogisticRegression(C, lbfgs,
-    max_iter) pipeline is fit on the rest (the scaler sees only those rows) and scored on the
-    split. The C with the best validation accuracy wins (ties: the smallest C, the strongest
-    regularisation). The pipeline is then refit on the whole training set with that C (scaler
-    refit on it too) and scored once on the test set. lbfgs fits the multinomial (softmax)
-    model for three or more classes, the binary logistic model for two.
+    Tuned mode (default): a StandardScaler is fit once on the whole training set's features
+    (no labels; the test set is never seen). A stratified validation split of `val_size` of the
+    training set is drawn with `seed`; for each C in `Cs` a LogisticRegression(C, lbfgs,
+    max_iter) is fit on the rest of the scaled rows and scored on the split. The C with the
+    best validation accuracy wins (ties: the smallest C, the strongest regularisation). The
+    model is then refit on the whole scaled training set with that C and scored once on the
+    test set. lbfgs fits the multinomial (softmax) model for three or more classes, the binary
+    logistic model for two.
+
+    Why one scaler: C's strength is relative to the scaled features, so the C chosen on the
+    validation fits must meet the same scaling in the final fit. A scaler refit per subset
+    changes it wherever a few training rows are far out: one flowed point at 360 times the
+    median norm, drawn into the validation split, left the fitting rows' standard deviations
+    about 10 times smaller than the whole set's, so the chosen C = 1e-3 (97.4% on validation)
+    became a 10 times stronger penalty in the refit and the probe fell to 59% (docs/DESIGN.md
+    section 5).
 
     blog=True: scikit-learn's default `LogisticRegression()` (C = 1, lbfgs, max_iter = 100) on
     the unscaled features, fit on the whole training set, as the blog did; `Cs`, `val_size`,
@@ -167,24 +176,25 @@ def linear_probe(
         raise ValueError(f"val_size must be a float in (0, 1), got {val_size!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    x_fit, x_val, y_fit, y_val = _stratified_split(xtr, ytr, val_size, seed)
+    str_, ste = _standardise(xtr, xte)
+    x_fit, x_val, y_fit, y_val = _stratified_split(str_, ytr, val_size, seed)
 
     val_acc: dict[float, float] = {}
     for c in grid:
-        model = log.fit(f"C={c:g} (validation fit)", _scaled_logreg(c, max_iter), x_fit, y_fit)
+        model = log.fit(f"C={c:g} (validation fit)", _logreg(c, max_iter), x_fit, y_fit)
         val_acc[c] = float(model.score(x_val, y_val))
     best = max(val_acc.values())
     chosen = min(c for c in grid if val_acc[c] == best)
-    final = log.fit(f"C={chosen:g} (final fit)", _scaled_logreg(chosen, max_iter), xtr, ytr)
+    final = log.fit(f"C={chosen:g} (final fit)", _logreg(chosen, max_iter), str_, ytr)
     return ProbeResult(
-        train_accuracy=float(final.score(xtr, ytr)),
+        train_accuracy=float(final.score(str_, ytr)),
         val_accuracy=val_acc[chosen],
-        test_accuracy=float(final.score(xte, yte)),
+        test_accuracy=float(final.score(ste, yte)),
         C=chosen,
         mode="tuned",
         val_accuracies=val_acc,
         convergence_warnings=log.messages,
-        test_predictions=final.predict(xte),
+        test_predictions=final.predict(ste),
         n_train_used=int(xtr.shape[0]),
     )
 
@@ -193,7 +203,9 @@ def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: 
                     C: float = 1.0, max_iter: int = 1000) -> ProbeResult:
     """A linear probe that sees only `fraction` of the training labels: a stratified draw
     (with `seed`) of round(fraction * N) training rows, at least one per class, then
-    StandardScaler + LogisticRegression(C, lbfgs) fit on them and scored on the whole test set.
+    LogisticRegression(C, lbfgs) fit on them and scored on the whole test set. The features are
+    standardised by a StandardScaler fit on every training row (features need no labels, and
+    13 rows would give a scale as noisy as the fit; the same scaling as `linear_probe`).
 
     C is fixed, not tuned: at 1% of the 1347 digits (13 labels, about one a class) no
     validation split is possible, and the same rule is used at every fraction so that the
@@ -205,16 +217,17 @@ def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: 
     n = max(classes.size, int(round(fraction * len(ytr))))
     idx = _stratified_subset(inverse, classes.size, n, seed)
     log = _WarningLog()
-    model = log.fit(f"low-label {fraction:g} (C={C:g})", _scaled_logreg(C, max_iter),
-                    xtr[idx], ytr[idx])
+    str_, ste = _standardise(xtr, xte)
+    model = log.fit(f"low-label {fraction:g} (C={C:g})", _logreg(C, max_iter),
+                    str_[idx], ytr[idx])
     return ProbeResult(
-        train_accuracy=float(model.score(xtr[idx], ytr[idx])),
+        train_accuracy=float(model.score(str_[idx], ytr[idx])),
         val_accuracy=None,
-        test_accuracy=float(model.score(xte, yte)),
+        test_accuracy=float(model.score(ste, yte)),
         C=float(C),
         mode="low-label",
         convergence_warnings=log.messages,
-        test_predictions=model.predict(xte),
+        test_predictions=model.predict(ste),
         n_train_used=int(len(idx)),
     )
 
@@ -265,12 +278,18 @@ def _stratified_split(x, y, val_size: float, seed: int):
     return train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
 
 
-def _scaled_logreg(c: float, max_iter: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+def _standardise(xtr: np.ndarray, xte: np.ndarray):
+    """Train and test features scaled by a StandardScaler fit on the training features."""
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    scaler = StandardScaler().fit(xtr)
+    return scaler.transform(xtr), scaler.transform(xte)
+
+
+def _logreg(c: float, max_iter: int):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=max_iter)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 5) -> float:

@@ -18,7 +18,8 @@ import numpy as np
 from ._io import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
-           "rerender", "paired_statistics", "write_predictions", "PROBES"]
+           "rerender", "paired_statistics", "write_predictions", "PROBES", "comparison_cell",
+           "pyplot", "save_png"]
 
 # What a results.json written by write_outputs holds at its top level (what rendering reads).
 _RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
@@ -31,6 +32,7 @@ PROBES = [("blog", "blog LR"), ("tuned", "tuned"), ("knn20", "k-NN 20"), ("knn20
 _INFO = [
     ("guarded fraction", ("info", "guarded_fraction")),
     ("on-plane fraction", ("info", "on_plane_fraction")),
+    ("largest norm / median", ("info", "norm_max_over_median")),
     ("field iterations", ("info", "field_iterations")),
     ("field final loss", ("info", "field_final_loss")),
     ("convergence warnings", ("convergence_warnings",)),
@@ -63,7 +65,7 @@ def _stats(values: list[float]) -> dict[str, float] | None:
         return None
     arr = np.asarray(vals)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "n": len(arr)}
+            "n": len(arr), "min": float(arr.min()), "max": float(arr.max())}
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,7 +106,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def _cmp_cell(cmp: dict | None, n_seeds_sig: int | None = None, n_seeds: int = 0) -> str:
+def comparison_cell(cmp: dict | None, n_seeds_sig: int | None = None,
+                    n_seeds: int = 0) -> str:
     """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (pooled McNemar)."""
     if cmp is None:
         return "–"
@@ -161,8 +164,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         "learned field.",
         "",
         "| row | " + " | ".join(t for t, _ in COLUMNS if "test" not in t)
-        + " | guarded % | on plane % | field iterations | field final loss |",
-        "|---|" + "---|" * (len([t for t, _ in COLUMNS if "test" not in t]) + 4),
+        + " | guarded % | on plane % | largest norm / median | field iterations "
+        "| field final loss |",
+        "|---|" + "---|" * (len([t for t, _ in COLUMNS if "test" not in t]) + 5),
     ]
     for name, entry in summary.items():
         if name == "encoder head":
@@ -174,12 +178,15 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells = [_fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS)
                      if "test" not in t]
         for key, pct in (("guarded fraction", True), ("on-plane fraction", True),
-                         ("field iterations", False), ("field final loss", False)):
+                         ("largest norm / median", False), ("field iterations", False),
+                         ("field final loss", False)):
             st = entry.get(key)
             if st is None:
                 cells.append("–")
             elif key == "field iterations":
                 cells.append(f"{st['mean']:.0f}")
+            elif key == "largest norm / median":  # the worst seed: one far point is enough
+                cells.append(f"{st['max']:.3g}")
             else:
                 cells.append(_fmt(st, pct))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -237,7 +244,7 @@ def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
                 cells.append("–")
                 continue
             sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
-            cells.append(_cmp_cell(entry["pooled"], sig, len(entry["per_seed"])))
+            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"])))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -254,7 +261,7 @@ def _blog_comparison(paired: dict[str, Any], n_seeds: int) -> str:
     for label, entry in blog.items():
         sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
         per = ", ".join(_pct(c["diff"]) for c in entry["per_seed"].values())
-        lines.append(f"| {label} | {_cmp_cell(entry['pooled'], sig, len(entry['per_seed']))} "
+        lines.append(f"| {label} | {comparison_cell(entry['pooled'], sig, len(entry['per_seed']))} "
                      f"| {per} |")
     return "\n".join(lines)
 
@@ -445,7 +452,7 @@ def loss_curves(per_seed: list[dict[str, Any]]) -> dict[str, list[tuple[Any, lis
 def plot_loss_curves(curves: dict[str, list[tuple[Any, list[float]]]], path: Path,
                      title: str) -> None:
     """One panel per learned field: the mean training loss of every epoch, one line a seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (name, runs) in zip(axes[0], curves.items()):
         for seed, h in runs:
@@ -455,7 +462,7 @@ def plot_loss_curves(curves: dict[str, list[tuple[Any, list[float]]]], path: Pat
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save_png(plt, fig, path, title)
+    save_png(plt, fig, path, title)
 
 
 def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:
@@ -492,7 +499,7 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
     """Two panels: tuned-probe test accuracy against Wasserstein uniformity (the trade-off
     curve), and against the fraction of the flow completed; one line per curve, mean over
     seeds with the seeds' standard deviation as error bars."""
-    plt = _pyplot()
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for curve, c in sweep_curves(per_seed).items():
@@ -508,10 +515,10 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save_png(plt, fig, path, title)
+    save_png(plt, fig, path, title)
 
 
-def _save_png(plt, fig, path: Path, title: str) -> None:
+def save_png(plt, fig, path: Path, title: str) -> None:
     """Titles and lays out `fig`, writes it to `path` atomically as a PNG, and frees it."""
     fig.suptitle(title)
     fig.tight_layout()
@@ -521,7 +528,7 @@ def _save_png(plt, fig, path: Path, title: str) -> None:
         plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (no display needed), imported here and
     not at module import, so that a missing matplotlib fails only where a plot is drawn."""
     try:

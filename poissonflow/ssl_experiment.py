@@ -58,7 +58,8 @@ EPOCHS = {"digits": 30, "cifar10-subset": 15, "cifar10": 15}
 BATCH = {"digits": 128, "cifar10-subset": 256, "cifar10": 256}
 BANK = {"digits": 1024, "cifar10-subset": 4096, "cifar10": 4096}
 # Part of the scored rows' cache key: bump when the scoring of rows changes.
-ROWS_CACHE_VERSION = 1
+# 2: the probes scale with one StandardScaler fit on all training features (probes.py).
+ROWS_CACHE_VERSION = 2
 PROBE_KEYS = ("blog", "tuned", "knn20", "knn200", "labels1%", "labels10%")
 
 
@@ -143,15 +144,15 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
         if cfg.dataset == "digits":
             raise ConfigError("--data-dir", "digits are bundled with scikit-learn; drop "
                                             "--data-dir or choose another --dataset")
-        E._check_readable(Path(cfg.data_dir).expanduser(), "--data-dir", "the data")
+        E.check_readable(Path(cfg.data_dir).expanduser(), "--data-dir", "the data")
     elif cfg.dataset == "cifar10":
         raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir")
     elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
         raise ConfigError("--data-dir", "--dataset cifar10-subset found no shared copy; pass "
                                         "--data-dir")
-    E._check_writable_folder(Path(cfg.out_dir), "--out")
+    E.check_writable_folder(Path(cfg.out_dir), "--out")
     if cfg.cache_dir is not None:
-        E._check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
+        E.check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -431,9 +432,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _cmp(c) -> str:
-    from .report import _cmp_cell
+    from .report import comparison_cell
 
-    return _cmp_cell(c)
+    return comparison_cell(c)
 
 
 def riesz_vs_uniform(records) -> dict[str, Any] | None:
@@ -458,19 +459,19 @@ def riesz_vs_uniform(records) -> dict[str, Any] | None:
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> None:
-    from .report import _pyplot, _save_png
+    from .report import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     summ = results["summary"]
     rows = results["config"]["rows"]
     cs = [100 * e[row]["tuned"]["mean"] for e in summ.values() for row in rows]
     if cs:
-        _plot_alignment_uniformity(plt, _save_png, results, summ, rows, out_dir, min(cs),
+        _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, min(cs),
                                    max(cs))
-    _plot_s_curve(plt, _save_png, results.get("s_validation"), out_dir)
+    _plot_s_curve(plt, save_png, results.get("s_validation"), out_dir)
 
 
-def _plot_alignment_uniformity(plt, _save_png, results, summ, rows, out_dir, lo, hi):
+def _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, lo, hi):
     markers = dict(zip(rows, "o^sDvP*X"))
     fig, ax = plt.subplots(figsize=(8.5, 6))
     sc = None
@@ -500,11 +501,11 @@ def _plot_alignment_uniformity(plt, _save_png, results, summ, rows, out_dir, lo,
     ax.set_ylabel("alignment  E |f(x) - f(x+)|^2  (lower: better aligned)")
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="tuned linear probe test accuracy (%)")
-    _save_png(plt, fig, out_dir / "alignment_uniformity.png",
+    save_png(plt, fig, out_dir / "alignment_uniformity.png",
               f"{results['dataset']['name']}: alignment vs uniformity (means over seeds)")
 
 
-def _plot_s_curve(plt, _save_png, sv, out_dir):
+def _plot_s_curve(plt, save_png, sv, out_dir):
     if sv:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
         s = [p["s"] for p in sv["points"]]
@@ -529,7 +530,7 @@ def _plot_s_curve(plt, _save_png, sv, out_dir):
             ax[1].annotate(f"s={p['s']:g}", (p["uniform_loss"], p["alignment"]), fontsize=8)
         ax[1].set_xlabel("uniform_loss (val)")
         ax[1].set_ylabel("alignment (val)")
-        _save_png(plt, fig, out_dir / "s_validation.png",
+        save_png(plt, fig, out_dir / "s_validation.png",
                   f"align + Riesz: s by validation (chosen s = {sv['chosen_s']:g})")
 
 

@@ -185,6 +185,8 @@ def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(resul
             assert 0 <= info["guarded_fraction"] <= 1 and 0 <= info["on_plane_fraction"] <= 1
             # flowed: the train and test features and the test set's two augmented views
             assert info["points"] == res["dataset"]["n_train"] + 3 * res["dataset"]["n_test"]
+            # the largest flowed norm (train and test) over their median
+            assert info["norm_max_over_median"] >= 1.0
         blog = s["rows"][experiment.BLOG_ROW]["info"]
         assert blog["field_iterations"] == 2 and len(blog["field_loss_history"]) == 2
         assert blog["field_final_loss"] == blog["field_loss_history"][-1]
