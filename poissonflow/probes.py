@@ -176,8 +176,8 @@ def linear_probe(
         raise ValueError(f"val_size must be a float in (0, 1), got {val_size!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    str_, ste = _standardise(xtr, xte)
-    x_fit, x_val, y_fit, y_val = _stratified_split(str_, ytr, val_size, seed)
+    scaled_tr, scaled_te = _standardise(xtr, xte)
+    x_fit, x_val, y_fit, y_val = _stratified_split(scaled_tr, ytr, val_size, seed)
 
     val_acc: dict[float, float] = {}
     for c in grid:
@@ -185,16 +185,16 @@ def linear_probe(
         val_acc[c] = float(model.score(x_val, y_val))
     best = max(val_acc.values())
     chosen = min(c for c in grid if val_acc[c] == best)
-    final = log.fit(f"C={chosen:g} (final fit)", _logreg(chosen, max_iter), str_, ytr)
+    final = log.fit(f"C={chosen:g} (final fit)", _logreg(chosen, max_iter), scaled_tr, ytr)
     return ProbeResult(
-        train_accuracy=float(final.score(str_, ytr)),
+        train_accuracy=float(final.score(scaled_tr, ytr)),
         val_accuracy=val_acc[chosen],
-        test_accuracy=float(final.score(ste, yte)),
+        test_accuracy=float(final.score(scaled_te, yte)),
         C=chosen,
         mode="tuned",
         val_accuracies=val_acc,
         convergence_warnings=log.messages,
-        test_predictions=final.predict(ste),
+        test_predictions=final.predict(scaled_te),
         n_train_used=int(xtr.shape[0]),
     )
 
@@ -217,17 +217,17 @@ def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: 
     n = max(classes.size, int(round(fraction * len(ytr))))
     idx = _stratified_subset(inverse, classes.size, n, seed)
     log = _WarningLog()
-    str_, ste = _standardise(xtr, xte)
+    scaled_tr, scaled_te = _standardise(xtr, xte)
     model = log.fit(f"low-label {fraction:g} (C={C:g})", _logreg(C, max_iter),
-                    str_[idx], ytr[idx])
+                    scaled_tr[idx], ytr[idx])
     return ProbeResult(
-        train_accuracy=float(model.score(str_[idx], ytr[idx])),
+        train_accuracy=float(model.score(scaled_tr[idx], ytr[idx])),
         val_accuracy=None,
-        test_accuracy=float(model.score(ste, yte)),
+        test_accuracy=float(model.score(scaled_te, yte)),
         C=float(C),
         mode="low-label",
         convergence_warnings=log.messages,
-        test_predictions=model.predict(ste),
+        test_predictions=model.predict(scaled_te),
         n_train_used=int(len(idx)),
     )
 
