@@ -4,7 +4,7 @@
     python bench/cpu_targets.py --runs 1 --quick
     python bench/cpu_targets.py --json docs/bench/cpu_targets.json
 
-Per run (docs/DESIGN.md sections 7, 12 and 13), all on the cpu backend, float32 unless said:
+Per run (docs/DESIGN.md, "How performance is measured", "Weights without log/exp: the power form" and "CPU threads and small calls"), all on the cpu backend, float32 unless said:
 
   forward x GEMM   forward field rate (4 D flops per pair) over the same run's torch.mm rate
                    (two 4096 x 4096 float32 matrices), at D = 2, 3, 8, 16, 33, 129 (N = B =

@@ -1,5 +1,5 @@
 """The field and one RK4 step over processes: 1 process x 2 threads against 2 processes x 1
-thread (gloo on 127.0.0.1), N = B = 8192, D = 128, float32 (docs/DESIGN.md section 10).
+thread (gloo on 127.0.0.1), N = B = 8192, D = 128, float32 (docs/DESIGN.md, "Sharding the field over processes").
 
     python bench/distributed_field.py [--n 8192 --d 128 --repeats 3 --json OUT.json]
 
@@ -14,7 +14,7 @@ both modes of poissonflow.distributed.poisson_field:
   communication; the bare transfer (the same hops without compute) is reported too.
 
 The RK4 step: one process runs the fused kernel (flow_steps, 1 step) and the unfused driver
-(flow.step, 4 field evaluations); two processes run the distributed flow's two paths: ring
+(ode.step, 4 field evaluations); two processes run the distributed flow's two paths: ring
 (4 ring passes, one per stage) and allgather (the charges gathered once, then the fused local
 kernel; the gather is amortised over every step of a flow, so it is reported per step of a
 32-step flow).
@@ -30,7 +30,7 @@ F the kernel's counted rate, W the link bandwidth, alpha the per-message latency
 bandwidth term gives N_r >= F·b / (4·W), independent of B and D (both sides scale with the
 shard); the latency term gives N_r·B >= alpha·F·R / (4·D). With float32 (b = 4) and
 F = 30 TFLOP/s (the exact kernel near half the FP32 peak of an H100/H200, docs/DESIGN.md
-section 11):
+"A tensor-core field with a certified error"):
 
 * NVLink (H100/H200, ~450 GB/s per direction): N_r >= 30e12 / 450e9 ~ 67 queries per rank;
   with alpha ~ 10 us, R = 8, D = 128: N_r·B >= 4.7e6 (e.g. N_r = 1024 queries against
@@ -90,7 +90,7 @@ def single(args):
     import torch
 
     from poissonflow import registry
-    from poissonflow.flow import step
+    from poissonflow.ode import step
 
     torch.set_num_threads(2)
     x = _data(args.n, args.d)

@@ -5,7 +5,7 @@
     python bench/field_throughput.py --json out.json --plot out.png
     python bench/field_throughput.py --gpu --json gpu.json   # the GPU rows (below)
 
-Method (docs/DESIGN.md section 7): 4*D floating-point operations per (query, charge) pair for the
+Method (docs/DESIGN.md, "How performance is measured"): 4*D floating-point operations per (query, charge) pair for the
 forward field; every figure is also given as a ratio measured in the same run: against float32
 GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. Each
 implementation is checked against the float64 reference before it is timed, and its error is
@@ -19,7 +19,7 @@ forward in float32 and bfloat16, backward (dL/dx, dL/dy) and a fused RK4 step in
 largest size, timed with CUDA events (median of repeats after a warm-up); GFLOP/s with 4 D flops
 per pair (backward 11 D, RK4 step 16 d), as a share of the same run's torch.mm float32 rate
 with TF32 off (and beside it the TF32 rate: the GEMM form's ceiling); each row's error on its
-first 64 queries against the float64 reference. Then the GEMM form (docs/DESIGN.md section 11)
+first 64 queries against the float64 reference. Then the GEMM form (docs/DESIGN.md, "A tensor-core field with a certified error")
 against the exact Triton and CUDA kernels on random and clustered data (D = 33, 129, 513;
 clustered also sorted by cluster, where the near pairs fill diagonal tiles), with
 the fraction of pairs recomputed, of tiles touched, of rows that fell back, and the largest
@@ -45,8 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 
 import poissonflow  # noqa: E402
-from poissonflow import flow, reference, registry  # noqa: E402
-from poissonflow.reference import field_backward_reference  # noqa: E402
+from poissonflow import ode, registry  # noqa: E402
+from poissonflow.kernels import reference  # noqa: E402
+from poissonflow.kernels.reference import field_backward_reference  # noqa: E402
 from poissonflow.testing import flow_errors, row_errors  # noqa: E402
 
 
@@ -200,7 +201,7 @@ def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
     return rows
 
 
-# The small calls of training loops (docs/DESIGN.md section 13): (name, N queries, B charges, D,
+# The small calls of training loops (docs/DESIGN.md, "CPU threads and small calls"): (name, N queries, B charges, D,
 # power, per-row softening?). "learned": one learned-field target (pfgm.field_targets: a small
 # batch of 128 perturbed points against a large batch of 1024, d = 128, p = d + 1, heights as
 # softening); "riesz": one batch-vs-bank call of the Riesz loss (256 features against a bank of
@@ -259,7 +260,7 @@ def small_call_rows(gemm, repeat=5, calls=50, seed=0):
 
 def _unfused_flow(x, y, z0, h, steps, solver):
     """The same ODE as a Python loop of field calls and tensor updates (no fusion), through
-    the package's one Python RK4 driver (poissonflow.flow.integrate); flow time in float64."""
+    the package's one Python RK4 driver (poissonflow.ode.integrate); flow time in float64."""
     d = x.shape[1]
     p = float(d + 1)
 
@@ -270,7 +271,7 @@ def _unfused_flow(x, y, z0, h, steps, solver):
     n = x.shape[0]
     t0 = torch.full((n,), math.log(z0), dtype=torch.float64)
     dt = torch.full((n,), float(h), dtype=torch.float64)
-    return flow.integrate(vel, x, t0, dt, steps, solver)
+    return ode.integrate(vel, x, t0, dt, steps, solver)
 
 
 def print_table(rows, gemm):
@@ -479,10 +480,10 @@ def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print
 
 def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
     """The GEMM form against the exact kernels on random and clustered data, with the
-    fraction of pairs recomputed (docs/DESIGN.md section 11)."""
+    fraction of pairs recomputed (docs/DESIGN.md, "A tensor-core field with a certified error")."""
     if "triton-gemm" not in names:
         return []
-    from poissonflow.triton import _gemm
+    from poissonflow.kernels.triton import _gemm
 
     rows = []
     for D in dims:

@@ -7,18 +7,18 @@
 Backends: every entry of the registry (poissonflow/registry.py) that runs on CUDA tensors
 ("cuda" when poissonflow._cuda is compiled, "triton" when triton is installed); each exposes the
 protocol of docs/ARCHITECTURE.md. Operations: forward, backward (dL/dx, dL/dy, dL/dw), fused
-Euler and RK4 flow steps, each in float32 and bfloat16, against poissonflow.reference in float64
+Euler and RK4 flow steps, each in float32 and bfloat16, against poissonflow.kernels.reference in float64
 on the same (rounded) inputs, with the test suite's error measure and tolerances
 (poissonflow/testing.py: per-row relative errors, TOLERANCES[dtype]).
 
-Throughput (docs/DESIGN.md section 7) at N = B = 65536, D = 129 in float32 by default: GFLOP/s with
+Throughput (docs/DESIGN.md, "How performance is measured") at N = B = 65536, D = 129 in float32 by default: GFLOP/s with
 4*D flops per (query, charge) pair for a field pass (backward: 11*D, its dL/dx kernel forms r2
 and g.(x - y) then sum a (y - x), its dL/dy kernel the same plus pi * g), as a ratio to the
 float32 GEMM rate of torch.mm on 4096 x 4096 matrices (TF32 off) measured in the same run, and
 to the float32 CUDA-core peak (SMs x FP32 lanes x 2 x boost clock) when the clock is known.
 Without a GPU it prints "no GPU present" and exits 0. Exit status 1 when any check fails.
 
-The GEMM-form field (backend "triton-gemm", docs/DESIGN.md section 11) is checked like every
+The GEMM-form field (backend "triton-gemm", docs/DESIGN.md, "A tensor-core field with a certified error") is checked like every
 backend above, and besides on the tensor cores themselves (`check_gemm_form`): its rounding
 bound |q - |x - y|^2| <= C_S (|x|^2 + |y|^2) on every pair of random, clustered and
 near-coincident data at each precision (error = the largest ratio actual / bound, tolerance
@@ -45,8 +45,10 @@ if importlib.util.find_spec("poissonflow") is None:
     # not shadowed by the source tree, which holds none (bench/gpu_session.sh relies on this)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from poissonflow import reference, registry  # noqa: E402
-from poissonflow.reference import poisson_field_reference  # noqa: E402
+from poissonflow import registry  # noqa: E402
+
+from poissonflow.kernels import reference  # noqa: E402
+from poissonflow.kernels.reference import poisson_field_reference  # noqa: E402
 from poissonflow.testing import field_errors, flow_errors, row_errors, tolerance  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -160,7 +162,7 @@ def check_backend(name, mod, dtype_name) -> list[dict]:
 def check_gemm_form(device="cuda", n=256, dims=(33, 129, 513)) -> list[dict]:
     """The GEMM form's rounding bound and certificate on the GPU (module docstring); n, dims
     and device="cpu" (under TRITON_INTERPRET=1) make bench/gpu_session.sh's dry run."""
-    from poissonflow.triton import _gemm
+    from poissonflow.kernels.triton import _gemm
 
     rows = []
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call on a lent GPU machine (an H100/H200, sm_90): build, check every GPU kernel
 # against the float64 reference, run the GPU tests, compute-sanitizer on a small CUDA case,
-# and the GPU rows of the throughput bench, the GEMM-form field (docs/DESIGN.md section 11)
+# and the GPU rows of the throughput bench, the GEMM-form field (docs/DESIGN.md, "A tensor-core field with a certified error")
 # included. Every step is time-boxed so that the whole call ends inside $BUDGET seconds
 # (default 540, well inside one 10-minute call); everything is written under $OUT:
 #

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 import poissonflow
-from poissonflow.reference import poisson_field_reference
+from poissonflow.kernels.reference import poisson_field_reference
 
 
 @dataclass

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import poissonflow
-from poissonflow import reference, registry
-from poissonflow.reference import field_backward_reference
+from poissonflow import registry
+from poissonflow.kernels import reference  # noqa: E402
+from poissonflow.kernels.reference import field_backward_reference
 from poissonflow.testing import field_errors, flow_errors, row_errors, tolerance
 
 SIZES = [(4096, 129), (4096, 3), (2048, 513)]

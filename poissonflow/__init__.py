@@ -6,53 +6,40 @@
 """
 
 
-def _installed_copy():
-    """The installed poissonflow package directory, when this one is an unbuilt source tree.
+def _refuse_unbuilt_source_tree() -> None:
+    """Stop with a clear message when this is the repository's unbuilt source folder.
 
-    `pip install .` puts the package, with its compiled extension, in site-packages; but
-    `python -m poissonflow ...` (and `python -c`) run from the repository root put the root first
-    on sys.path, so the source tree `./poissonflow`, which holds no compiled extension, would
-    shadow the install. The source tree then hands over to the install as a whole, Python files
-    included, so that what runs is exactly what `pip install .` built (mixing this tree's Python
-    with an extension built from another revision could break the kernels' protocol). An
-    editable install (`pip install -e .`) finds its extension through its own import hook and
-    is left alone.
+    numpy, scipy and torch do the same: the source folder holds no compiled extension, and
+    Python puts the working directory first on sys.path for `python -c`, `python -m` and an
+    interactive shell, so from the repository root `./poissonflow` shadows the installed
+    package. An install (`pip install .`) or an in-place build has `_C` beside this file; an
+    editable install (`pip install -e .`) provides it through its own import hook. The choice
+    against a hand-over to the installed copy: docs/DESIGN.md, "Importing from the source tree".
     """
     import importlib.machinery
-    import os
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    if importlib.machinery.PathFinder.find_spec("_C", __path__) is not None:
-        return None  # the extension is here (an install, or an in-place build)
     import importlib.util
+    import os
 
+    if importlib.machinery.PathFinder.find_spec("_C", __path__) is not None:
+        return
     if importlib.util.find_spec(__name__ + "._C") is not None:
-        return None  # an editable install's hook provides it
-    for entry in sys.path:
-        cand = os.path.join(os.path.abspath(entry or os.curdir), __name__)
-        if os.path.normcase(cand) == os.path.normcase(here) or not os.path.isfile(
-            os.path.join(cand, "__init__.py")
-        ):
-            continue
-        if importlib.machinery.PathFinder.find_spec("_C", [cand]) is not None:
-            return cand
-    return None
+        return
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    raise ImportError(
+        f"poissonflow is being imported from its source folder {here}, which holds no "
+        "compiled extension. Use the installed command (`poissonflow ...`), or run Python from "
+        "another directory; to work on the source, build it in place with "
+        "`pip install --no-build-isolation -e .`."
+    )
 
 
-_INSTALLED = _installed_copy()
-if _INSTALLED is not None:
-    # Run the installed package's own __init__ in this module; its submodules load from there.
-    __path__[:] = [_INSTALLED]
-    __file__ = __path__[0] + "/__init__.py"
-    with open(__file__, encoding="utf-8") as _init:
-        exec(compile(_init.read(), __file__, "exec"))
-else:
-    from . import losses, metrics, probes
-    from ._ext import backends
-    from .field import poisson_field
-    from .reference import poisson_field_reference
-    from .transform import transform
+_refuse_unbuilt_source_tree()
+
+from . import losses, metrics  # noqa: E402
+from .field import poisson_field  # noqa: E402
+from .kernels.reference import poisson_field_reference  # noqa: E402
+from .registry import backends  # noqa: E402
+from .transform import transform  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -65,7 +52,6 @@ __all__ = [
     "backends",
     "metrics",
     "losses",
-    "probes",
     "__version__",
 ]
 
@@ -81,3 +67,7 @@ def __getattr__(name):
 
         return LearnedField
     raise AttributeError(f"module 'poissonflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"PoissonFlow", "LearnedField"})

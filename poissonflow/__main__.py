@@ -2,8 +2,8 @@
 
 Commands:
     experiment   the end-to-end experiment (default data: scikit-learn's digits); see
-                 poissonflow/experiment.py and `python -m poissonflow experiment --help`
-    ssl-experiment  self-supervised encoders (poissonflow/ssl_experiment.py) under the
+                 poissonflow/experiments/experiment.py and `python -m poissonflow experiment --help`
+    ssl-experiment  self-supervised encoders (poissonflow/experiments/ssl_experiment.py) under the
                  experiment's post-hoc rows and probes
     transform    flow the features of a .npy/.npz/.pt file (exact or learned field)
     report       render results.md and the plot again from an experiment's results.json
@@ -21,6 +21,8 @@ import os
 import sys
 
 EXIT_USAGE = 2
+# what the `study` extra adds (pyproject.toml): the study's commands need them, the library not
+_STUDY_DEPENDENCIES = ("scipy", "matplotlib")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +69,7 @@ def _demo(args) -> int:
     )
     err = ((v.double() - ref_v).norm(dim=1) / ref_v.norm(dim=1)).max()
     if args.plot:
-        from .plotting import demo_charges, flow_picture
+        from .experiments.plotting import demo_charges, flow_picture
 
         t0 = time.perf_counter()
         fig = flow_picture(*demo_charges(seed=0))
@@ -163,7 +165,7 @@ def _transform(args) -> int:
 
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         # launched by torchrun: each rank flows its slice, rank 0 writes (docs/DESIGN.md
-        # section 10); poissonflow.distributed is imported only on this path
+        # "Sharding the field over processes"); poissonflow.distributed is imported only on this path
         from .distributed._cli import transform_main
 
         return transform_main(args)
@@ -231,7 +233,7 @@ def _learned_field(args, data, device):
 
 
 def _report(args) -> int:
-    from .report import rerender
+    from .experiments.report import rerender
 
     rerender(args.results_json)
     print(f"wrote results.md and its plot beside {args.results_json}")
@@ -239,13 +241,13 @@ def _report(args) -> int:
 
 
 def _experiment(args) -> int:
-    from .experiment import main as experiment_main
+    from .experiments.experiment import main as experiment_main
 
     return experiment_main(args)
 
 
 def _ssl_experiment(args) -> int:
-    from .ssl_experiment import main as ssl_main
+    from .experiments.ssl_experiment import main as ssl_main
 
     return ssl_main(args)
 
@@ -254,13 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="poissonflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     exp = sub.add_parser("experiment", help="does Poisson-flow uniformity help a linear probe?")
-    from .experiment import add_arguments
+    from .experiments.experiment import add_arguments
 
     add_arguments(exp)
     exp.set_defaults(run=_experiment)
     sx = sub.add_parser("ssl-experiment",
                         help="self-supervised encoders under the experiment's rows and probes")
-    from .ssl_experiment import add_arguments as ssl_arguments
+    from .experiments.ssl_experiment import add_arguments as ssl_arguments
 
     ssl_arguments(sx)
     sx.set_defaults(run=_ssl_experiment)
@@ -286,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.run(args)
+    except ModuleNotFoundError as err:
+        if err.name not in _STUDY_DEPENDENCIES:
+            raise
+        print(f"poissonflow {args.command}: error: this command needs {err.name}, which the "
+              "study extra installs: pip install 'poissonflow[study]'", file=sys.stderr)
+        return EXIT_USAGE
     except (UsageError, ValueError, TypeError, OSError) as err:
         if os.environ.get("POISSONFLOW_TRACEBACK") == "1":
             raise

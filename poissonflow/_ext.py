@@ -1,4 +1,4 @@
-"""Loading of the compiled extensions and the list of backends that can run here.
+"""Loading of the compiled extensions.
 
 Nothing here touches a GPU at import: the CUDA module is imported only when asked for, and
 Triton only when installed and asked for.
@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 
-__all__ = ["cpu_module", "cpu_isas", "default_cpu_isa", "backends"]
+__all__ = ["cpu_module", "cpu_isas", "default_cpu_isa"]
 
 
 @functools.cache
@@ -93,15 +93,3 @@ def _cuda_module():
 def cuda_extension_built() -> bool:
     """True when the CUDA kernels were compiled into this install (says nothing about a GPU)."""
     return importlib.util.find_spec("poissonflow._cuda") is not None
-
-
-def backends() -> dict[str, dict[str, object]]:
-    """Every registered backend (poissonflow/registry.py) with whether it can run here and why
-    not, the devices and dtypes it takes and a one-line summary.
-
-    >>> sorted(backends())
-    ['cpu', 'cuda', 'reference', 'triton', 'triton-gemm']
-    """
-    from . import registry
-
-    return registry.report()

@@ -34,7 +34,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import horizon
-from .flow import SOLVERS
+from .ode import SOLVERS
 from .transform import MAX_STEPS, OUTPUTS, PARAMETERIZATIONS, STARTS
 from .transform import transform as _transform
 

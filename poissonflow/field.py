@@ -7,7 +7,7 @@
     log_scale_i = logsumexp_j(s_ij) - log sum_j w_j
 
 The physical field (mean over the charges of (x - y)/|x - y|^p) is exp(log_scale) * v; returning
-the pair keeps everything finite (docs/DESIGN.md section 2).
+the pair keeps everything finite (docs/DESIGN.md, "The field operator").
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def poisson_field(
         algorithm: "exact" (r2 by direct differences) or "gemm": r2 in GEMM form on tensor
             cores with a certified per-row error, near pairs recomputed exactly, rows the
             certificate does not cover recomputed by the exact kernel (docs/DESIGN.md
-            section 11); runs on the "triton-gemm" backend (backend "auto", "triton" or
+            "A tensor-core field with a certified error"); runs on the "triton-gemm" backend (backend "auto", "triton" or
             "triton-gemm"), whose backward is the exact Triton one.
 
     Returns:

@@ -1,4 +1,4 @@
-"""The Poisson flow ODE (docs/DESIGN.md section 3): integrators and their time parameterisations.
+"""The Poisson flow ODE (docs/DESIGN.md, "The flow"): integrators and their time parameterisations.
 
 State x~ = (x, z) in R^(d+1), charges (y_j, 0) on the plane z = 0.
 
@@ -24,33 +24,16 @@ from typing import Callable
 import torch
 
 from . import registry
-from .reference import flow_steps as flow_steps_reference
+from .ode import SOLVERS, integrate, step
 
 __all__ = [
     "empirical_flow",
     "field_flow",
-    "flow_steps_reference",
-    "integrate",
-    "step",
     "FlowStats",
     "radial_guard_threshold",
-    "SOLVERS",
-    "RK4_A",
-    "RK4_B",
-    "RK4_C",
 ]
 
-SOLVERS = ("euler", "rk4")
 STEP_CHUNKS = 20  # calls per batch: progress granularity (does not depend on `progress`)
-
-# The classic RK4 tableau, the one copy on the Python side (this driver and the Triton flow
-# kernel read it; the compiled kernels' copy, poissonflow._C.numerics(), is checked equal to it
-# by tests/conformance): stage i is evaluated at t + C[i] h on the state x + A[i] h k_(i-1),
-# and the step is x + h (B[0] k_0 + ... + B[3] k_3) / RK4_B_DIV.
-RK4_A = (0.0, 0.5, 0.5, 1.0)
-RK4_C = (0.0, 0.5, 0.5, 1.0)
-RK4_B = (1.0, 2.0, 2.0, 1.0)
-RK4_B_DIV = 6.0
 
 
 @dataclass
@@ -75,7 +58,7 @@ def radial_guard_threshold(dim: int, dtype: torch.dtype) -> float:
     n u |f| |y~| (Higham's gamma_n, u the unit roundoff of `dtype`), so below that bound its
     sign and size are rounding noise and delta / (f . y~) is not the blog's update but an
     arbitrary jump; above it the update is well defined and is taken whatever its sign
-    (docs/DESIGN.md section 3). c = max(1e-12, n u): 1e-12 in float64 up to n = 9000, 7.7e-6
+    (docs/DESIGN.md, "The flow"). c = max(1e-12, n u): 1e-12 in float64 up to n = 9000, 7.7e-6
     for n = 129 in float32. At the bound one step moves a point by at most delta / (c |y~|)."""
     return max(1e-12, float(dim) * torch.finfo(dtype).eps / 2.0)
 
@@ -194,7 +177,7 @@ def field_flow(
         # earlier `dot <= 0` guard froze 29-34% of CIFAR points on the plane for good (a point
         # at z = 0 with f . y~ <= 0 never changes, so it is guarded at every later step).
         # Only a dot product within its rounding error of 0 is skipped (docs/DESIGN.md
-        # section 3, radial_guard_threshold).
+        # "The flow", radial_guard_threshold).
         dot = (fx * xx).sum(1) + fz * zz
         size = torch.sqrt((fx * fx).sum(1) + fz * fz) * torch.sqrt((xx * xx).sum(1) + zz * zz)
         bad = dot.abs() <= radial_guard * size
@@ -232,36 +215,3 @@ def field_flow(
     if bar is not None:
         bar.close()
     return x, z, stats
-
-
-def step(f, x, t, h, solver):
-    """One Euler or classic RK4 step of dx/dt = f(x, t): x (N, d), t and h (N,) per point.
-
-    The only RK4 written in Python: every unfused path (the reference flow, the learned and
-    radial flows here, the CUDA backend's per-stage fallback, the benchmarks' unfused loop)
-    steps through it. t and h may be float64 while x is float32: the stage times stay in t's
-    dtype, the state update is in x's.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    hc = h[:, None].to(x.dtype)
-    if solver == "euler":
-        return x + hc * f(x, t)
-    ks = []
-    for a, c in zip(RK4_A, RK4_C):
-        xi = x if not ks else x + a * hc * ks[-1]
-        ks.append(f(xi, t if c == 0.0 else t + c * h))
-    total = RK4_B[0] * ks[0]
-    for b, k in zip(RK4_B[1:], ks[1:]):
-        total = total + b * k
-    return x + hc / RK4_B_DIV * total
-
-
-def integrate(f, x, t0, h, n_steps: int, solver: str, *, on_step=None):
-    """n_steps of `step` from per-point times t0 with per-point steps h (N,): t = t0 + s h is
-    recomputed each step (not accumulated), so long runs do not drift. on_step(1) after each."""
-    for s in range(int(n_steps)):
-        x = step(f, x, t0 + s * h, h, solver)
-        if on_step is not None:
-            on_step(1)
-    return x

@@ -11,7 +11,7 @@
 * flux start: delta = FLUX_DELTA_FACTOR (1e-3) x the median nearest-neighbour distance (the
   flux start needs delta far below the nearest-neighbour distance).
 
-The reasoning is docs/DESIGN.md section 3 ("The horizon"); the measurements behind the three
+The reasoning is docs/DESIGN.md, "The flow" ("The horizon"); the measurements behind the three
 factors, with the commands that repeat them, are its facts H2 (z_min), H4 (z_max) and H5 (the
 trade-off).
 """

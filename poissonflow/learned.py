@@ -5,7 +5,7 @@
     z = field.transform(features)                                     # the same (scikit-learn)
     PoissonFlow(field=LearnedField(preset="blog"))                    # a tunable sub-estimator
 
-The blog's method (docs/DESIGN.md section 4) does not flow through the exact empirical field: it
+The blog's method (docs/DESIGN.md, "The learned field") does not flow through the exact empirical field: it
 trains an MLP n(x, z) on PFGM's objective and integrates the flow of n. The transform is then a
 fixed function of a feature, whatever points are charges.
 
@@ -378,7 +378,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
 
         train=False: everything but the training (settings, centre, the network at its seeded
         initialisation, no Adam step): the blog's published code never reaches its
-        optimiser step, so its field is an untrained one (docs/DESIGN.md section 4).
+        optimiser step, so its field is an untrained one (docs/DESIGN.md, "The learned field").
 
         progress: this call's progress bar, overriding the `progress` parameter (None keeps it).
         profile=True synchronises CUDA after each phase so that timing_ splits a GPU epoch

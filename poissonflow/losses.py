@@ -1,5 +1,5 @@
 """Training losses of the papers whose metrics `poissonflow.metrics` reports, so encoders can be
-trained the ways the literature compares (docs/DESIGN.md section 5). Each is a torch function of
+trained the ways the literature compares (docs/DESIGN.md, "Metrics and probes"). Each is a torch function of
 features (N, D) that returns a 0-dim tensor with gradients; lower is better for all of them.
 
 | loss | source |
@@ -8,7 +8,7 @@ features (N, D) that returns a 0-dim tensor with gradients; lower is better for 
 | `wasserstein_uniformity_loss` | Fang et al. (ICLR 2024), auxiliary term |
 | `contrastive_l2_loss` | the blog's closing proposal, ||x - x+||^a - lambda sum ||x - x-||^b |
 | `noise_injected_infonce` | Butakov et al. (2024), noise-injected Deep InfoMax |
-| `riesz_uniformity_loss` | Riesz s-energy, through the field kernel (docs/DESIGN.md section 9) |
+| `riesz_uniformity_loss` | Riesz s-energy, through the field kernel (docs/DESIGN.md, "The field as a Riesz-energy loss") |
 
 `FeatureBank` (from `poissonflow.bank`) is a FIFO memory bank of detached features; its module
 docstring says which of these losses take one.
@@ -21,6 +21,7 @@ import math
 import torch
 
 from . import _checks
+from .field import poisson_field
 from .bank import FeatureBank
 from .metrics import align_loss, as_features, check_pairs, l2_normalize, powered_norm
 from .metrics import uniform_loss, wasserstein_uniformity
@@ -271,7 +272,7 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize: bool = True, backend: s
     counts as none) is a constant: it is detached, and L2-normalised too when normalize=True, so
     raw or unit rows both work. Returns a 0-dim tensor in x's dtype, differentiable in x.
 
-    **Through the field kernel** (docs/DESIGN.md section 9). With charges c = (u, bank), power
+    **Through the field kernel** (docs/DESIGN.md, "The field as a Riesz-energy loss"). With charges c = (u, bank), power
     p = s, no weights and each query's own charge excluded (exclude = arange(N)), the field op's
     log_scale_i = logsumexp_{j != i}(-(s/2) log r2_ij) - log(N + K): the weight sum that
     normalises it counts all N + K charges, the excluded one included. Hence
@@ -345,8 +346,6 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize: bool = True, backend: s
             the points move apart, without bound).
         backend: the field op's backend ("auto", "cpu", "reference", "triton", "cuda").
     """
-    from . import poisson_field  # the package's public op (import here: the package imports us)
-
     x = as_features(x, "x", min_rows=1)
     sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
     if not isinstance(normalize, bool):

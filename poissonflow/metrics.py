@@ -1,7 +1,7 @@
 """Representation metrics: alignment, uniformity, Wasserstein uniformity, spectrum, energy
 distances.
 
-Every metric follows its authors' definition (docs/DESIGN.md section 5). Inputs are feature matrices
+Every metric follows its authors' definition (docs/DESIGN.md, "Metrics and probes"). Inputs are feature matrices
 (N, D), as torch tensors or numpy arrays of a floating dtype.
 
 Return types follow one rule:
@@ -119,7 +119,7 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.
     """||a_i - b_j||^2 from the Gram matrix (no (n, m, D) tensor). The expansion loses about
     eps * (||a||^2 + ||b||^2) absolutely; for unit vectors that is 1e-16 in float64 and 1e-7 in
     float32, harmless here because these metrics multiply distances by O(1) factors (the field's
-    p/2 amplification of docs/DESIGN.md section 2 does not occur)."""
+    p/2 amplification of docs/DESIGN.md, "The field operator" does not occur)."""
     return (a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
 
 

@@ -13,7 +13,7 @@ has its protocol functions registered as the op's kernels for its devices
 (`register_kernel`). A backend that must be chosen explicitly on a device another backend
 already serves (Triton on CUDA tensors) gets its own pair with the same schema, built by
 `define_field_ops` here, so the saved state (the inputs, v and log_scale) and the backward
-formula are the same: poissonflow/triton/ops.py builds `poissonflow::field_triton` as a
+formula are the same: poissonflow/kernels/triton/ops.py builds `poissonflow::field_triton` as a
 `torch.library.triton_op`, so that torch.compile can trace into its kernels.
 
 Every pair has a fake (meta) implementation, so torch.compile and meta tensors see ops with
@@ -22,7 +22,7 @@ queries, the charges, the weights and the per-query softening eps_rows. The back
 compute dL/dx, dL/dy, dL/dw; dL/d eps_rows comes from the same kernels on the augmented problem
 x~ = (x, e), y~ = (y, 0) in D + 1 dimensions with eps_rows = 0, whose squared distances
 ||x~_i - y~_j||^2 = ||x_i - y_j||^2 + e_i^2 are those of the original one: the last column of
-dL/dx~ is dL/de (docs/DESIGN.md section 2). The backward recomputes the softmax weights from
+dL/dx~ is dL/de (docs/DESIGN.md, "The field operator"). The backward recomputes the softmax weights from
 the forward's log_scale; nothing N x B is saved. Second derivatives are not provided.
 
 `field(..., backend)` is the Python entry point: it resolves the backend through the registry
@@ -99,7 +99,7 @@ def gradients(backward, x, charges, weights, power, eps, exclude, eps_rows, v, l
               grad_v, grad_log_scale, need_x, need_y, need_w, need_e):
     """(dL/dx, dL/dy, dL/dw, dL/d eps_rows), each None unless asked for, from `backward` (a
     callable with the backward op's arguments and results, e.g. the op itself). The one
-    backward formula of every op pair (docs/DESIGN.md section 2): dL/d eps_rows, when asked
+    backward formula of every op pair (docs/DESIGN.md, "The field operator"): dL/d eps_rows, when asked
     for, comes with dL/dx from one pass on the augmented problem (see the module docstring),
     whose dL/dy~ holds dL/dy in its first D columns."""
     need_w = bool(need_w and weights is not None)
@@ -315,7 +315,7 @@ def field(
         # the reference (plain autograd), or nothing the op would add: no gradient can flow
         # and no tracer or mode is watching, so its device kernel is called directly (the op's
         # dispatch cost ~40 us a call, a sixth of a learned-field target: docs/DESIGN.md
-        # section 13); same function, same result
+        # "CPU threads and small calls"); same function, same result
         return registry.get(which).module().field_forward(
             x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows
         )

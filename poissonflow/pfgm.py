@@ -1,4 +1,4 @@
-"""PFGM's training recipe (docs/DESIGN.md section 4): perturbation, field targets and the M / z_max rule.
+"""PFGM's training recipe (docs/DESIGN.md, "The learned field"): perturbation, field targets and the M / z_max rule.
 
 Read against PFGM's reference code (github.com/Newbeeer/Poisson_flow):
 `models/utils_poisson.py::forward_pz` (perturbation), `losses.py::get_loss_fn` (targets and loss),
@@ -59,7 +59,7 @@ def pfgm_M(norm: float, d: int, sigma: float, tau: float) -> int:
     Chosen so that the largest perturbation, of norm about sigma sqrt(d) (1 + tau)^M, lies far
     outside the data (PFGM Appendix B.1.1). CIFAR-10 (norm 32, d = 3072, sigma = 0.01,
     tau = 0.03) gives 291, PFGM's value. PFGM's hyperparam_calculator.py uses sqrt(d + 1);
-    docs/DESIGN.md section 4 writes sqrt(d), used here (the two agree on M for d >= 100).
+    docs/DESIGN.md, "The learned field" writes sqrt(d), used here (the two agree on M for d >= 100).
     """
     _positive(norm, "norm")
     _positive(sigma, "sigma")

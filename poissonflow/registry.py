@@ -1,6 +1,7 @@
 """The registry of field backends: the one table every dispatch site reads.
 
-(Named `registry`, not `backends`: `poissonflow.backends()` is the public report function.)
+(Named `registry`, not `backends`: `poissonflow.backends()`, this module's `backends`, is the
+public report function.)
 
 A backend is a module implementing the protocol of docs/ARCHITECTURE.md ("The backend
 protocol": `field_forward`, `field_backward`, `flow_steps`) plus what the rest of the package
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "names", "get", "resolve", "available", "report"]
+__all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "names", "get", "resolve", "available", "backends"]
 
 _HALF_AND_UP = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -147,30 +148,31 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend(
-            "reference", "poissonflow.reference", ("cpu", "cuda"), _HALF_AND_UP,
+            "reference", "poissonflow.kernels.reference", ("cpu", "cuda"), _HALF_AND_UP,
             "float64 pure-PyTorch oracle (any device, any float dtype, autograd)",
             _probe_reference, op=None,
         ),
         Backend(
-            "cpu", "poissonflow._cpu", ("cpu",), (torch.float32, torch.float64),
+            "cpu", "poissonflow.kernels.cpu", ("cpu",), (torch.float32, torch.float64),
             "C++ kernels (OpenMP, one copy per ISA)", _probe_cpu,
         ),
         Backend(
-            "triton", "poissonflow.triton", ("cuda",), _HALF_AND_UP,
+            "triton", "poissonflow.kernels.triton", ("cuda",), _HALF_AND_UP,
             "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
-            _probe_triton, op="field_triton", op_module="poissonflow.triton.ops",
+            _probe_triton, op="field_triton", op_module="poissonflow.kernels.triton.ops",
             devices_fn=_triton_devices,
         ),
         Backend(
-            "triton-gemm", "poissonflow.triton.gemm", ("cuda",),
+            "triton-gemm", "poissonflow.kernels.triton_gemm", ("cuda",),
             _HALF_AND_UP,
             "Triton, r2 in GEMM form on tensor cores (TF32) with a certified error; near "
-            "pairs recomputed exactly (docs/DESIGN.md section 11; float64: exact kernel)",
-            _probe_triton, op="field_triton_gemm", op_module="poissonflow.triton.gemm_ops",
+            "pairs recomputed exactly "
+            "(docs/DESIGN.md, 'A tensor-core field with a certified error'; float64: exact kernel)",
+            _probe_triton, op="field_triton_gemm", op_module="poissonflow.kernels.triton.gemm_ops",
             devices_fn=_triton_devices,
         ),
         Backend(
-            "cuda", "poissonflow._cuda_backend", ("cuda",), _HALF_AND_UP,
+            "cuda", "poissonflow.kernels.cuda", ("cuda",), _HALF_AND_UP,
             "hand-written CUDA kernels (poissonflow._cuda)", _probe_cuda,
         ),
     )
@@ -259,8 +261,15 @@ def check_dtype(name: str, dtype: torch.dtype) -> None:
         )
 
 
-def report() -> dict[str, dict[str, object]]:
-    """{name: {available, detail, devices, dtypes, summary}} for every registered backend."""
+def backends() -> dict[str, dict[str, object]]:
+    """Every registered backend with whether it can run here and why not, the devices and dtypes
+    it takes and a one-line summary: {name: {available, detail, devices, dtypes, summary}}.
+
+    Public as `poissonflow.backends()`.
+
+    >>> sorted(backends())
+    ['cpu', 'cuda', 'reference', 'triton', 'triton-gemm']
+    """
     out: dict[str, dict[str, object]] = {}
     for name, entry in REGISTRY.items():
         ok, detail = entry.availability()

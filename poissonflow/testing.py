@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import poisson_field_reference
+from .kernels.reference import poisson_field_reference
 
 __all__ = [
     "Tolerance",

@@ -9,7 +9,7 @@ charges' centre, (x - c, z) / |(x - c, z)| on the upper hemisphere of S^d; `"raw
 
 Train and test points are treated alike: a query that coincides exactly with a charge ignores
 that charge (`exclude_self=True`, leave-one-out), so the features that are charges move like
-held-out ones (docs/DESIGN.md section 3 and fact H6: without it, training points sitting on their
+held-out ones (docs/DESIGN.md, "The flow" and fact H6: without it, training points sitting on their
 own charge become a different population).
 """
 
@@ -24,7 +24,8 @@ import torch
 
 from . import _checks, horizon, registry
 from .field import resolve_backend
-from .flow import SOLVERS, empirical_flow, field_flow
+from .flow import empirical_flow, field_flow
+from .ode import SOLVERS
 
 __all__ = ["transform", "coincident_charge", "DEFAULT_STEPS"]
 
@@ -77,7 +78,7 @@ def transform(
             poissonflow.LearnedField), integrated step by step.
         start: "plane" - (x, z_min); "flux" - (y_j + delta u_x, delta |u_z|) with u uniform on
             S^d, seeded, around each point's own charge: exactly uniform end points
-            (docs/DESIGN.md section 3); needs every query to be a charge.
+            (docs/DESIGN.md, "The flow"); needs every query to be a charge.
         solver: "rk4" (default) or "euler"; steps: per point (default 32 for RK4, 256 Euler).
         z_min, z_max: the horizon, or "auto" (poissonflow.horizon: 0.5 x median
             nearest-neighbour distance, 1e3 x data scale).

@@ -1,11 +1,11 @@
-"""Seeded augmentations of the self-supervised encoders (poissonflow/augment.py)."""
+"""Seeded augmentations of the self-supervised encoders (poissonflow/experiments/augment.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from poissonflow.augment import CifarAugment, DigitsAugment, augmentation_for
+from poissonflow.experiments.augment import CifarAugment, DigitsAugment, augmentation_for
 
 
 def gen(seed=0):
@@ -94,7 +94,7 @@ def test_cifar_grayscale_and_jitter():
 
 
 def test_hue_rotation_by_zero_is_identity():
-    from poissonflow.augment import _rotate_hue
+    from poissonflow.experiments.augment import _rotate_hue
 
     x = images(3, 3, 8, 8)
     assert torch.allclose(_rotate_hue(x, torch.zeros(3)), x, atol=1e-5)

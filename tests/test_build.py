@@ -37,3 +37,21 @@ def test_cli_demo_runs(tmp_path):
     assert "max relative error of v against the float64 reference" in out.stdout
     err = float(out.stdout.strip().splitlines()[-1].split()[-1])
     assert err < 1e-4
+
+
+def test_unbuilt_source_folder_refuses_with_a_message(tmp_path):
+    """A copy of the source folder without its extension, imported from its parent directory
+    (as from the repository root), stops with an ImportError that says what to run. `-S` keeps
+    site-packages, and with it an editable install's import hook, out of the way."""
+    import pathlib
+
+    pkg = tmp_path / "poissonflow"
+    pkg.mkdir()
+    init = pathlib.Path(poissonflow.__file__).read_text(encoding="utf-8")
+    (pkg / "__init__.py").write_text(init, encoding="utf-8")
+    out = subprocess.run([sys.executable, "-S", "-c", "import poissonflow"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: poissonflow is being imported from its source folder")
+    assert "pip install --no-build-isolation -e ." in last and "`poissonflow ...`" in last

@@ -1,4 +1,4 @@
-"""poissonflow.cache: keys, verified reads, atomic writes under interruption."""
+"""poissonflow.experiments.cache: keys, verified reads, atomic writes under interruption."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from poissonflow import cache
-from poissonflow.cache import ArrayCache, cache_key
+from poissonflow.experiments import cache
+from poissonflow.experiments.cache import ArrayCache, cache_key
 
 
 def _arrays(seed=0):
@@ -135,7 +135,7 @@ def test_interrupt_during_put_keeps_the_old_entry(tmp_path, monkeypatch, where):
 
 _WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from poissonflow.cache import ArrayCache
+    from poissonflow.experiments.cache import ArrayCache
     store = ArrayCache(sys.argv[1])
     big = {"a": np.random.default_rng(0).standard_normal((4_000_000,))}  # 32 MB an entry
     store.put("k0", big, {"i": 0})

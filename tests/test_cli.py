@@ -173,7 +173,7 @@ def test_demo_plot_writes_a_png(tmp_path):
 
 
 def test_flow_picture_paths_follow_the_transform():
-    from poissonflow.plotting import demo_charges, flow_trajectories
+    from poissonflow.experiments.plotting import demo_charges, flow_trajectories
 
     charges, queries = demo_charges(n_charges=300, n_queries=10, seed=1)
     paths = flow_trajectories(charges, queries, heights=6)

@@ -1,4 +1,4 @@
-"""The CPU backend's own argument handling: poissonflow._cpu's validation of the flow's solver
+"""The CPU backend's own argument handling: poissonflow.kernels.cpu's validation of the flow's solver
 and step count, and the keyword binding of poissonflow._C (one keyword per field of the kernels'
 argument struct, csrc/common/field_args.h; the CUDA module binds the same way)."""
 
@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from poissonflow import _C, _cpu
+from poissonflow import _C
+
+from poissonflow.kernels import cpu as _cpu
 
 
 def small_problem():

@@ -1,4 +1,4 @@
-"""Tests of the CUDA backend (csrc/cuda, poissonflow/_cuda_backend.py).
+"""Tests of the CUDA backend (csrc/cuda, poissonflow/kernels/cuda.py).
 
 CI machines have nvcc but no GPU, so the tests come in four layers:
   (a) build: with a CUDA compiler present, the installed package contains poissonflow._cuda
@@ -33,9 +33,9 @@ import pytest
 import torch
 
 from poissonflow import _C as poissonflow_C
-from poissonflow import _cuda_backend as cb
-from poissonflow.flow import flow_steps_reference
-from poissonflow.reference import field_backward_reference, poisson_field_reference
+from poissonflow.kernels import cuda as cb
+from poissonflow.kernels.reference import flow_steps as flow_steps_reference
+from poissonflow.kernels.reference import field_backward_reference, poisson_field_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-4, torch.float64: 1e-11, torch.bfloat16: 2**-7, torch.float16: 2**-9}
@@ -72,7 +72,7 @@ def reference_grads(x, y, w, power, eps, gv, gl, *, exclude=None, eps_rows=None)
 
 def reference_flow(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
     """Euler / classic RK4 of dx/dt = v(x; z = e^t, power d + 1) in float64: the package's
-    oracle, poissonflow.flow.flow_steps_reference."""
+    oracle, poissonflow.kernels.reference.flow_steps."""
     return flow_steps_reference(x.double(), y, w, t0, dt, n_steps, solver, exclude=exclude)
 
 
@@ -186,7 +186,7 @@ def test_emulated_forward_per_query_softening(runner, dtype):
 
 
 def test_emulated_near_coincident_query_keeps_direct_differences(runner):
-    # A query 1e-3 from a charge of norm 10 in D = 129 (docs/DESIGN.md section 2): the expansion
+    # A query 1e-3 from a charge of norm 10 in D = 129 (docs/DESIGN.md, "The field operator"): the expansion
     # |x|^2 + |y|^2 - 2 x.y loses r2 entirely in float32; direct differences keep it.
     D = 129
     x, y, _ = make_problem(6, 300, D, torch.float64, seed=5)

@@ -1,4 +1,4 @@
-"""Loaders of poissonflow.data, on small files written here in the official formats."""
+"""Loaders of poissonflow.experiments.data, on small files written here in the official formats."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from poissonflow import data
+from poissonflow.experiments import data
 
 N_PER_BATCH = 6  # images in each tiny CIFAR-10 batch file
 

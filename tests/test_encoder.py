@@ -1,4 +1,4 @@
-"""poissonflow.encoder: architecture, augmentation, seeded training, features and their cache."""
+"""poissonflow.experiments.encoder: architecture, augmentation, seeded training, features and their cache."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from poissonflow import data
-from poissonflow import encoder as E
+from poissonflow.experiments import data
+from poissonflow.experiments import encoder as E
 
 # A tiny network so that a training epoch on a few hundred digits takes well under a second.
 TINY = E.AlexNetConfig(conv_widths=(8, 16, 16, 16, 8), pool_after=(1,), fc_width=32,
@@ -351,7 +351,7 @@ def test_faithful_default_settings():
 
 
 def test_feature_dim_sets_the_width_of_fc8_only(small_digits, tmp_path):
-    """Issue 15: the experiment's --feature-dim. Only fc8 (and so the head's input) changes;
+    """The experiment's --feature-dim. Only fc8 (and so the head's input) changes;
     the default is the blog's 128; the width is part of the settings and so of the cache
     key; bad values are refused naming the argument."""
     for name in ("digits", "cifar10-subset"):

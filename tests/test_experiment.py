@@ -15,8 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from poissonflow import _io, experiment, report
-from poissonflow.experiment import ROWS, ExperimentConfig, run_experiment
+from poissonflow import _io
+
+from poissonflow.experiments import experiment, report
+from poissonflow.experiments.experiment import ROWS, ExperimentConfig, run_experiment
 
 # possible range of every reported number (features are L2-normalised for the metrics)
 RANGES = {
@@ -166,7 +168,7 @@ def test_atomic_write_applies_the_umask(tmp_path):
 
 
 def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(results):
-    """Issue 15: per row k-NN (k = 20, 200), 1% / 10% labels and a warning count; per learned
+    """Per row k-NN (k = 20, 200), 1% / 10% labels and a warning count; per learned
     row the share of guarded and on-plane points, the field's iterations and final loss (the
     untrained field: 0 iterations, no loss)."""
     res, _ = results
@@ -202,7 +204,7 @@ def test_predictions_are_saved_and_paired_against_raw(results):
     """predictions.npz holds every probe's per-image test predictions, and results.json the
     paired comparison of every row with the raw features (per seed and pooled), recomputed
     here from the saved predictions for one row."""
-    from poissonflow.probes import paired_comparison
+    from poissonflow.experiments.probes import paired_comparison
 
     res, out = results
     assert res["complete"] is True  # written after the last seed (earlier ones: False)
@@ -379,7 +381,7 @@ def test_bad_settings_are_rejected_before_any_work(argv, option, monkeypatch, tm
     def no_work(*a, **k):
         raise AssertionError("validation must come before any work")
 
-    monkeypatch.setattr("poissonflow.data.load_dataset", no_work)
+    monkeypatch.setattr("poissonflow.experiments.data.load_dataset", no_work)
     monkeypatch.setattr(experiment, "run_seed", no_work)
     if "--out" not in argv:
         argv = argv + ["--out", str(tmp_path / "out")]
@@ -455,7 +457,7 @@ import sys
 for name in ("hypothesis", "pytest", "pytest_benchmark", "pykeops", "triton"):
     sys.modules[name] = None
 import numpy as np
-from poissonflow import experiment, report
+from poissonflow.experiments import experiment, report
 rng = np.random.default_rng(0)
 x = rng.standard_normal((120, 8)); x /= np.linalg.norm(x, axis=1, keepdims=True)
 y = np.arange(120) % 3
@@ -482,7 +484,7 @@ def test_the_main_job_needs_only_runtime_dependencies(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-# --------------------------------------------------------------------------- issue 15, round 2
+# --------------------------------------------------------------------------- probes and controls
 
 
 def test_feature_dim_at_the_command_line_and_in_the_api(tmp_path, capsys, monkeypatch):
@@ -493,7 +495,7 @@ def test_feature_dim_at_the_command_line_and_in_the_api(tmp_path, capsys, monkey
     def no_work(*a, **k):
         raise AssertionError("validation must come before any work")
 
-    monkeypatch.setattr("poissonflow.data.load_dataset", no_work)
+    monkeypatch.setattr("poissonflow.experiments.data.load_dataset", no_work)
     for bad in ("1", "4097", "sixteen"):
         try:  # a ConfigError returns 2; argparse's own error (not an int) exits with 2
             code = main(["experiment", "--feature-dim", bad, "--out", str(tmp_path / "o")])
@@ -535,7 +537,7 @@ def test_low_dimensional_run_is_partial_after_each_seed_and_resumes(tmp_path, mo
     """A tiny --feature-dim 8 run stopped during its second seed keeps the first, marked
     partial in results.json and results.md; the same command then computes only the second
     seed and reads the first back unchanged; another feature dimension is another key."""
-    from poissonflow.data import load_dataset
+    from poissonflow.experiments.data import load_dataset
 
     cfg = ExperimentConfig(dataset="digits", seeds=(0, 1), out_dir=str(tmp_path / "out"),
                            encoder_epochs=1, field_epochs=2, limit=experiment.MIN_LIMIT,

@@ -14,7 +14,7 @@ import torch
 
 import poissonflow
 from helpers import cpu_isas, forced_isa
-from poissonflow.reference import field_backward_reference
+from poissonflow.kernels.reference import field_backward_reference
 from test_field_forward import near_coincident_case
 
 F32 = torch.float32
@@ -105,7 +105,7 @@ def test_float32_gradients_match_reference(isa, shape):
 
 
 def test_float32_gradients_near_coincident():
-    """Queries 1e-3 from twin charges of norm 10, D = 129 (docs/DESIGN.md section 2)."""
+    """Queries 1e-3 from twin charges of norm 10, D = 129 (docs/DESIGN.md, "The field operator")."""
     x, y = near_coincident_case()
     g = torch.Generator().manual_seed(3)
     gv = torch.randn(x.shape, generator=g)

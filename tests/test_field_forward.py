@@ -70,7 +70,7 @@ def test_weights_power_eps(isa, dtype):
 
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_near_coincident_d129(isa):
-    """docs/DESIGN.md section 2's trap: a query 1e-3 from a charge of norm 10, D = 129."""
+    """docs/DESIGN.md, "The field operator"'s trap: a query 1e-3 from a charge of norm 10, D = 129."""
     x, y = near_coincident_case()
     v, ls = run_cpu(isa, x, y)
     rel, _, ls_err = assert_field_close(x, y, v, ls)

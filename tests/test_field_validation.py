@@ -1,6 +1,6 @@
 """Bad input to poisson_field: a clear Python exception naming the argument, before any kernel.
 
-docs/DESIGN.md section 8. Every case is checked on the cpu backend (the one that would crash in C++
+docs/DESIGN.md, "Bad input". Every case is checked on the cpu backend (the one that would crash in C++
 if a check were missing) and, where the check is backend-independent, on the reference too.
 """
 
@@ -75,7 +75,7 @@ def test_bad_isa_override_is_clear(monkeypatch):
 
 def test_exclusion_of_the_only_charge_gives_no_field():
     """A query whose every charge is excluded: v = 0 and log_scale = -inf, not NaN."""
-    from poissonflow import _cpu
+    from poissonflow.kernels import cpu as _cpu
 
     x = torch.randn(2, 3)
     y = torch.randn(1, 3)

@@ -1,5 +1,5 @@
 """The fused flow kernels and the ODE: steps against the float64 reference, convergence order,
-uniformity of the end points (docs/DESIGN.md section 3), continuity and determinism.
+uniformity of the end points (docs/DESIGN.md, "The flow"), continuity and determinism.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 from scipy import stats
 
 from helpers import cpu_isas, forced_isa
-from poissonflow import _cpu, horizon
-from poissonflow.flow import empirical_flow, flow_steps_reference
+from poissonflow import horizon
+from poissonflow.kernels import cpu as _cpu
+from poissonflow.flow import empirical_flow
+from poissonflow.kernels.reference import flow_steps as flow_steps_reference
 from poissonflow.metrics import uniform_hemisphere, wasserstein_uniformity
 from poissonflow.transform import transform
 
@@ -161,7 +163,7 @@ def _radial(field, x0, steps=5, delta=0.01, **kw):
 
 
 def test_radial_update_runs_for_either_sign_and_guards_only_a_vanishing_dot():
-    """docs/DESIGN.md section 3: y~ += delta f / (f . y~) is taken wherever |f . y~| is above
+    """docs/DESIGN.md, "The flow": y~ += delta f / (f . y~) is taken wherever |f . y~| is above
     its rounding-error level, whatever its sign. Field f = (A x, 1) at z = 0 with A = diag(+1,
     -1, 0): point 0 has f . y~ > 0, point 1 f . y~ < 0, point 2 f . y~ = 0 exactly (f is
     orthogonal to y~ on the plane). Points 0 and 1 both leave the plane and |y~|^2 / 2 grows

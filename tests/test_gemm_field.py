@@ -1,4 +1,4 @@
-"""The GEMM-form field with a certified error (docs/DESIGN.md section 11): poissonflow.triton._gemm
+"""The GEMM-form field with a certified error (docs/DESIGN.md, "A tensor-core field with a certified error"): poissonflow.kernels.triton._gemm
 and its backend "triton-gemm" / poisson_field(..., algorithm="gemm").
 
 Under TRITON_INTERPRET=1 (no GPU) tl.dot is exact float32. The kernel rounds its dot operands
@@ -27,8 +27,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'pois
 
 import poissonflow  # noqa: E402
 from helpers import TOL_GRAD, TOL_LS, TOL_V, field_errors, row_errors  # noqa: E402
-from poissonflow.reference import poisson_field_reference  # noqa: E402
-from poissonflow.triton import _gemm  # noqa: E402
+from poissonflow.kernels.reference import poisson_field_reference  # noqa: E402
+from poissonflow.kernels.triton import _gemm  # noqa: E402
 from conformance.conformance_cases import near_coincident_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf bounds 
 
 def near_coincident(**kwargs):
     """The conformance suite's near-coincident case (queries 1e-3 from a charge of norm 10, each
-    with a near twin 1e-3 away, docs/DESIGN.md section 2) in float32: |x|^2 = 100, whose TF32
+    with a near twin 1e-3 away, docs/DESIGN.md, "The field operator") in float32: |x|^2 = 100, whose TF32
     rounding of the products (~0.1 in r2) dwarfs r2 ~ 1e-6."""
     x, y = near_coincident_case(**kwargs)
     return x.float(), y.float()
@@ -114,7 +114,7 @@ def test_r2_rounding_bound_holds(precision):
         worst = max(worst, float(ratio.max()))
     if precision in ("tf32", "bf16"):
         assert worst > 0.05, worst
-    # the constant of docs/DESIGN.md section 11: c = C_S / u, about 2 + D / 2^12 for TF32
+    # the constant of docs/DESIGN.md, "A tensor-core field with a certified error": c = C_S / u, about 2 + D / 2^12 for TF32
     c_s = _gemm.rounding_constants("tf32", 129)
     assert 2.0 < c_s / 2.0**-11 < 2.04
 
@@ -349,7 +349,7 @@ def test_default_margin():
 def test_op_registration_fake_and_dynamo():
     """poissonflow::field_triton_gemm: the schema of poissonflow::field, a fake and autograd
     registration (opcheck), and Dynamo traces it without a graph break."""
-    import poissonflow.triton.gemm_ops  # noqa: F401
+    import poissonflow.kernels.triton.gemm_ops  # noqa: F401
 
     x, y = random_case(5, 7, 3, seed=9)
     w = torch.rand(7, generator=torch.Generator().manual_seed(1)) + 0.1

@@ -1,4 +1,4 @@
-"""The certified GEMM-form forward (poissonflow.triton._gemm) raises no floating-point overflow
+"""The certified GEMM-form forward (poissonflow.kernels.triton._gemm) raises no floating-point overflow
 in its bounds: a recomputed pair's logit interval can reach far above the row's reference m_ref
 (at the r2 floor its upper end is log2 w + s_cap_rel, thousands in log2 units for D = 129), and
 2^(s_hi - m_ref) used to be taken on every lane and then dropped by a select, which Triton's
@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'pois
 
 from conformance.conformance_cases import field_case, near_coincident_case  # noqa: E402
 from helpers import TOL_LS, TOL_V, field_errors  # noqa: E402
-from poissonflow.triton import _gemm  # noqa: E402
+from poissonflow.kernels.triton import _gemm  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = torch.float32

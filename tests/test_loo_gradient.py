@@ -5,7 +5,7 @@ pairwise losses call the field), the excluded pair has r2 = 0, floored at the sm
 number, so its unnormalised weight 2^(-(p/2) log2 floor - lse2) overflows to inf. The backward
 must drop that pair with a select: multiplying it by a 0/1 mask gave inf * 0 = NaN in every entry
 of dL/dy and dL/dw. Rows that keep their own charge (exclude = -1) sit on a clamped pair, whose
-slope is zero (docs/DESIGN.md section 2).
+slope is zero (docs/DESIGN.md, "The field operator").
 
 Oracle: the closed-form float64 backward `field_backward_reference` (itself checked against
 autograd in tests/test_field_autograd.py). Error measure: max |got - want| / max |want| per
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import poissonflow
-from poissonflow import _cpu
-from poissonflow.reference import field_backward_reference
+from poissonflow.kernels import cpu as _cpu
+from poissonflow.kernels.reference import field_backward_reference
 
 TOL = {torch.float32: 2e-4, torch.float64: 1e-11}
 N, D, POWER = 50, 6, 4.0

@@ -1,9 +1,9 @@
-"""The CPU kernels' power-form softmax weights (csrc/cpu/power_form.h, docs/DESIGN.md section 12).
+"""The CPU kernels' power-form softmax weights (csrc/cpu/power_form.h, docs/DESIGN.md, "Weights without log/exp: the power form").
 
 Where 2p is an integer the kernels compute the weight of a pair relative to its row's
 reference as (q / Q)^(p/2) by multiplications and square roots instead of a log2 and an exp2.
 Both forms are checked against the float64 reference with the suite's tolerances (the same
-bound as every other kernel: tests/helpers.py), at the powers the issue names, at
+bound as every other kernel: poissonflow/testing.py), at the powers that matter, at
 near-coincident queries and exact coincidences (the r2 floor), at far-away queries (weights
 that underflow relative to the nearest charge must become exactly 0, never subnormal or NaN),
 with weights, exclusions and per-row softening. The choice between the forms is observed
@@ -19,7 +19,7 @@ import torch
 
 import poissonflow
 from helpers import assert_field_close, cpu_isas, forced_isa, forced_weights
-from poissonflow import _cpu
+from poissonflow.kernels import cpu as _cpu
 from poissonflow.testing import row_errors, tolerance
 
 POWERS = [2.0, 3.0, 4.0, 5.0, 8.5]

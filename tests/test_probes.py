@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from poissonflow.probes import DEFAULT_CS, ProbeResult, knn_accuracy, linear_probe
+from poissonflow.experiments.probes import DEFAULT_CS, ProbeResult, knn_accuracy, linear_probe
 
 
 def blobs(n=300, d=6, k=3, spread=1.5, seed=0):
@@ -78,7 +78,7 @@ def test_tuned_probe_is_deterministic_and_scale_free(data):
     assert a == linear_probe(xtr, ytr, xte, yte)
     assert a.C in DEFAULT_CS
     # StandardScaler removes a global feature scale, so the tuned probe cannot be moved by it
-    # (the blog's fixed-C default can: docs/DESIGN.md section 4).
+    # (the blog's fixed-C default can: docs/DESIGN.md, "The learned field").
     b = linear_probe(1000.0 * xtr, ytr, 1000.0 * xte, yte)
     assert (b.train_accuracy, b.val_accuracy, b.test_accuracy, b.C) == (
         a.train_accuracy,
@@ -196,7 +196,7 @@ def test_bad_input():
 
 
 def test_low_label_probe_sees_a_stratified_fraction():
-    from poissonflow.probes import _stratified_subset, low_label_probe
+    from poissonflow.experiments.probes import _stratified_subset, low_label_probe
 
     x, y = blobs(n=400, k=4, seed=3)
     r = low_label_probe(x[:300], y[:300], x[300:], y[300:], fraction=0.1, seed=0)
@@ -223,7 +223,7 @@ def test_paired_comparison_mcnemar_and_bootstrap_by_hand():
     2 * P(Bin(7, 1/2) >= 6) = 2 * (7 + 1) / 128 = 0.125, the difference (6 - 1) / 12. The
     per-item differences d have variance 7/12 - (5/12)^2, so the normal approximation of the
     bootstrap's 95% interval is 5/12 +- 1.96 sqrt(0.4097 / 12) = [0.054, 0.779]."""
-    from poissonflow.probes import paired_comparison
+    from poissonflow.experiments.probes import paired_comparison
 
     a = np.array([1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=bool)
     b = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], dtype=bool)

@@ -1,5 +1,5 @@
-"""Self-supervised objectives, their training loop and feature cache (poissonflow/ssl.py), and
-the driver's validation and outputs (poissonflow/ssl_experiment.py). No test reads /work/shared:
+"""Self-supervised objectives, their training loop and feature cache (poissonflow/experiments/ssl.py), and
+the driver's validation and outputs (poissonflow/experiments/ssl_experiment.py). No test reads /work/shared:
 the end-to-end case runs on a few digits."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 from poissonflow import losses as L
 from poissonflow import metrics as M
-from poissonflow import ssl
-from poissonflow.augment import DigitsAugment
+from poissonflow.experiments import ssl
+from poissonflow.experiments.augment import DigitsAugment
 
 
 @pytest.fixture
@@ -241,8 +241,8 @@ def test_bad_input():
 
 
 def test_config_errors_name_the_option(tmp_path):
-    from poissonflow.experiment import ConfigError
-    from poissonflow.ssl_experiment import SSLExperimentConfig, validate_config
+    from poissonflow.experiments.experiment import ConfigError
+    from poissonflow.experiments.ssl_experiment import SSLExperimentConfig, validate_config
 
     ok = dict(out_dir=str(tmp_path / "out"))
     for change, option in [
@@ -275,7 +275,7 @@ def test_cli_bad_argument_exits_2(capsys):
 
 
 def test_end_to_end_tiny_and_resumes(tmp_path, one_thread):
-    from poissonflow.ssl_experiment import SSLExperimentConfig, run_ssl_experiment
+    from poissonflow.experiments.ssl_experiment import SSLExperimentConfig, run_ssl_experiment
 
     cfg = SSLExperimentConfig(objectives=("align_uniform", "align_riesz"), seeds=(0,), epochs=1,
                               batch_size=32, s_grid=(1.0, 2.0), bank_size=64,

@@ -5,7 +5,7 @@ the reference on every shape, dtype and feature is the conformance suite's (test
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (numpy): triton decides
 when a kernel is decorated whether it is compiled or interpreted, so TRITON_INTERPRET is set
-below before anything imports the kernels (poissonflow.triton imports them lazily, on first
+below before anything imports the kernels (poissonflow.kernels.triton imports them lazily, on first
 use). Tolerances and the error measure: poissonflow/testing.py (through tests/helpers.py).
 """
 
@@ -25,8 +25,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'pois
 
 import poissonflow  # noqa: E402
 from helpers import TOL_GRAD, TOL_V, row_errors  # noqa: E402
-from poissonflow import triton as pft  # noqa: E402
-from poissonflow.reference import poisson_field_reference  # noqa: E402
+from poissonflow.kernels import triton as pft  # noqa: E402
+from poissonflow.kernels.reference import poisson_field_reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -76,7 +76,7 @@ def test_interpreter_requested_after_kernel_import_is_a_clear_error():
     # compiled kernels, which cannot take CPU tensors even if the variable is set later.
     code = (
         "import os, torch\n"
-        "from poissonflow import triton as pft\n"
+        "from poissonflow.kernels import triton as pft\n"
         "assert not pft.available()\n"
         "pft._kernels('_field_fwd')\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -112,7 +112,7 @@ def test_strided_views_give_the_same_bits(dtype):
 
 def test_forward_near_coincident_points_far_from_origin():
     # The accumulator is formed from differences, sum_j p_ij (y_j - x_i), never p @ y - l x
-    # (docs/DESIGN.md section 2). D = 129, charges of norm 10 in pairs 2e-3 apart. Queries 0-3
+    # (docs/DESIGN.md, "The field operator"). D = 129, charges of norm 10 in pairs 2e-3 apart. Queries 0-3
     # sit 1e-3 from one charge (r2 formed as |x|^2 + |y|^2 - 2 x.y would be garbage); queries
     # 4-7 are equidistant from both charges of a pair (two weights ~1/2: v formed as
     # x - sum_j pi_j y_j would lose ~4e-4 of its digits).
@@ -154,7 +154,7 @@ def reference_grads(x, y, w, p, eps, gv, gl, *, exclude=None, eps_rows=None):
 def test_gradcheck_through_the_triton_op():
     # Every input, the per-query softening eps_rows included (its gradient comes from the
     # shared backward's augmented problem, poissonflow.ops.gradients).
-    import poissonflow.triton.ops  # noqa: F401  (registers torch.ops.poissonflow.field_triton)
+    import poissonflow.kernels.triton.ops  # noqa: F401  (registers torch.ops.poissonflow.field_triton)
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(4, 3, generator=g, dtype=F64).to(DEV).requires_grad_()
@@ -170,7 +170,7 @@ def test_gradcheck_through_the_triton_op():
 
 
 def test_op_registration_fake_and_dynamo():
-    import poissonflow.triton.ops  # noqa: F401
+    import poissonflow.kernels.triton.ops  # noqa: F401
 
     x, y, w = make_inputs(5, 7, 3, seed=9)
     args = (x.to(DEV).requires_grad_(), y.to(DEV), w.to(DEV), 3.0, 0.1, None, None)
@@ -198,7 +198,7 @@ def test_half_precision_gradients_through_the_op(dtype):
     # values), and so are the upstream gradient and the gradients themselves (bfloat16: 2^-9
     # relative each; float16: 2^-12). The op saves only (v, log_scale) in `dtype`; its backward
     # recomputes both in float32 (they would spoil pi and g . v), which these bounds check.
-    import poissonflow.triton.ops  # noqa: F401
+    import poissonflow.kernels.triton.ops  # noqa: F401
 
     x, y, w = make_inputs(21, 26, 17, seed=10)
     xh, yh, wh = (t.to(dtype) for t in (x, y, w))

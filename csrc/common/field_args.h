@@ -37,7 +37,7 @@
   X(void*, gx, nullptr)                /* (N, D) */                                           \
   X(void*, gy, nullptr)                /* (B, D) */                                           \
   X(void*, gw, nullptr)                /* (B,) dL/dw */                                       \
-  /* fused flow steps (docs/DESIGN.md section 3): heights z = exp(t), r2 = |x - y|^2 + z^2 */ \
+  /* fused flow steps (docs/DESIGN.md, "The flow"): heights z = exp(t), r2 = |x - y|^2 + z^2 */ \
   X(const double*, t0, nullptr)        /* (N,) start log-height per query */                  \
   X(const double*, dt, nullptr)        /* (N,) step in t per query (any sign) */              \
   X(int64_t, n_steps, 0)                                                                      \

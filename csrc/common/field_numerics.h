@@ -1,7 +1,7 @@
 // The numerics of the field and of the flow, defined once for every compiled backend: the CPU
 // kernels (csrc/cpu, per-lane SIMD vectors), the CUDA kernels (csrc/cuda, one pair per thread)
 // and the host emulator of the CUDA kernels (csrc/cuda/emulate). Mathematics:
-// docs/DESIGN.md section 2 (field, gradients) and docs/DESIGN.md section 3 (flow), in base 2 as
+// docs/DESIGN.md, "The field operator" (field, gradients) and docs/DESIGN.md, "The flow" (flow), in base 2 as
 // the kernels compute it:
 //
 //   r2_ij = max(||x_i - y_j||^2 + e_i^2, floor)      floor: smallest normal of the INPUT dtype
@@ -219,7 +219,7 @@ POISSONFLOW_HD typename M::V pair_weight_gradient(const PairGrad<typename M::V>&
   return M::exp2(g.u) * g.h;
 }
 
-// ---- The flow: Euler and classic RK4 in t = log z (docs/DESIGN.md section 3) ---------------
+// ---- The flow: Euler and classic RK4 in t = log z (docs/DESIGN.md, "The flow") ---------------
 
 // Butcher tableau of classic RK4 with the weights kept as integers over one denominator:
 //   k1 = v(x, t), k2 = v(x + dt/2 k1, t + dt/2), k3 = v(x + dt/2 k2, t + dt/2),

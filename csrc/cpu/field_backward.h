@@ -1,4 +1,4 @@
-// Backward pass of the field (docs/DESIGN.md section 2, "Gradients"), one fused sweep over
+// Backward pass of the field (docs/DESIGN.md, "The field operator", "Gradients"), one fused sweep over
 // (query tile, charge tile) items that recomputes the softmax weights from the forward's
 // log-sum-exp (FlashAttention-2 style) and never stores an N x B quantity.
 //

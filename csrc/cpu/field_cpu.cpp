@@ -394,7 +394,7 @@ static int flow_run(const FieldArgs& a, const PowerPlan<T>& plan) {
 
 // The flow's range bound for the power form: the largest height z_max = exp(max t) over every
 // step, and queries that stay within 4 z_max of where they started (a point that climbs to
-// height z ends within about z of the charges: docs/DESIGN.md section 3); the plan's margin
+// height z ends within about z of the charges: docs/DESIGN.md, "The flow"); the plan's margin
 // (q >= 1e-30 in float32, normal down to 1e-38) absorbs the rest.
 template <typename T>
 static int flow_impl(const FieldArgs& a) {

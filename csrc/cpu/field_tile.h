@@ -12,7 +12,7 @@
 //
 // Per charge tile (CT charges) the work is three phases (the formulas of scores, online softmax
 // and finalisation are common/field_numerics.h's, shared with the CUDA kernels):
-//   A  r2 by direct differences (never |x|^2 + |y|^2 - 2 x.y: docs/DESIGN.md section 2), QB
+//   A  r2 by direct differences (never |x|^2 + |y|^2 - 2 x.y: docs/DESIGN.md, "The field operator"), QB
 //      queries x CB charge vectors held in registers, then s = log2 w - (p/2) log2(max(r2 +
 //      eps2, tiny)).
 //   B  online softmax in base 2 with a lazy maximum: the running max m moves only when a tile
@@ -34,7 +34,7 @@ namespace poissonflow {
 namespace PF_ISA_NS {
 
 // The shared numerics (sentinels, floor, online softmax, pair gradient: common/field_numerics.h,
-// docs/DESIGN.md section 2) evaluated on SIMD vectors of charges: the math policy they are
+// docs/DESIGN.md, "The field operator") evaluated on SIMD vectors of charges: the math policy they are
 // instantiated with here. fma is a * b + c: -ffp-contract=fast makes it one instruction where
 // the ISA has FMA, and the generic copy gets a multiply and an add instead of a libm call.
 template <typename T>

@@ -1,4 +1,4 @@
-// Power-form softmax weights of the CPU kernels (docs/DESIGN.md section 12).
+// Power-form softmax weights of the CPU kernels (docs/DESIGN.md, "Weights without log/exp: the power form").
 //
 // The log-domain kernels compute, per pair, s = log2 w - (p/2) log2 r2 and a weight 2^(s - m)
 // relative to the row's running maximum m: one log2 and one exp2 per pair, about 35 vector

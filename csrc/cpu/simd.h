@@ -133,7 +133,7 @@ static inline IVecT<T> lane_mask(F index) {
 // bit vhsum of each (the same pairwise tree: lanes (0, 1), (2, 3), ... first), but computed on
 // whole vectors: every level pairs two vectors, takes their even and their odd lanes with two
 // permutes and adds them, so W sums cost about 3 W instructions instead of about 20 each (the
-// finalisation of a tile's lane accumulators: docs/DESIGN.md section 13).
+// finalisation of a tile's lane accumulators: docs/DESIGN.md, "CPU threads and small calls").
 template <typename T>
 static inline void vhsum_block(const T* a, T* out) {
   constexpr int W = VecTraits<T>::W;

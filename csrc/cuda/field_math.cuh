@@ -1,5 +1,5 @@
 // Per-thread arithmetic of the CUDA field kernels: the shared numerics of
-// common/field_numerics.h (docs/DESIGN.md section 2 and docs/DESIGN.md section 3) instantiated
+// common/field_numerics.h (docs/DESIGN.md, "The field operator" and docs/DESIGN.md, "The flow") instantiated
 // for one pair per thread, with the masks the block program needs. Shared verbatim by the device
 // code (nvcc) and by the host emulator (g++, csrc/cuda/emulate/); every fused multiply-add is
 // explicit, so the two contract the same operations and differ only in the last-ulp accuracy of

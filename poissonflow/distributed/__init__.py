@@ -1,5 +1,5 @@
 """poissonflow over torch.distributed: the field, the flow and the pairwise losses of data
-sharded across processes (docs/DESIGN.md section 10).
+sharded across processes (docs/DESIGN.md, "Sharding the field over processes").
 
     import torch.distributed as dist, poissonflow.distributed as pfd
     dist.init_process_group("gloo")                     # or "nccl"; e.g. under torchrun

@@ -1,7 +1,7 @@
 """`poissonflow transform` under torchrun (`torchrun --nproc-per-node R -m poissonflow transform
 FEATURES -o OUT`): each rank reads its slice of the rows of FEATURES (and of --charges), runs
 `poissonflow.distributed.transform`, and rank 0 gathers the result and writes OUT and its
-.info.json (docs/DESIGN.md section 10). Called by poissonflow.__main__ when torchrun's
+.info.json (docs/DESIGN.md, "Sharding the field over processes"). Called by poissonflow.__main__ when torchrun's
 environment (WORLD_SIZE, RANK) is set.
 
 --field learned trains the field with poissonflow.distributed.fit_learned_field (or loads

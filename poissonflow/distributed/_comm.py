@@ -1,6 +1,6 @@
 """The process-group plumbing of poissonflow.distributed: the group check, the per-call layout
 (every rank's shard sizes and weight sums, exchanged once), gathers of uneven shards and the
-ring of overlapped point-to-point transfers (docs/DESIGN.md section 10).
+ring of overlapped point-to-point transfers (docs/DESIGN.md, "Sharding the field over processes").
 
 Everything goes through torch.distributed (NCCL for CUDA tensors, gloo for CPU tensors); no
 communication of its own. Every function here is collective: all ranks of the group call it in

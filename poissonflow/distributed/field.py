@@ -1,5 +1,5 @@
 """`poisson_field` over a process group: each rank holds shards of the queries and the charges;
-the field is that of the union of all ranks' charges (docs/DESIGN.md section 10).
+the field is that of the union of all ranks' charges (docs/DESIGN.md, "Sharding the field over processes").
 
 Two ways to move the charges:
 
@@ -185,7 +185,7 @@ def poisson_field(x, charges, *, weights=None, power=None, eps=0.0, exclude=None
     ring, at most two held) or "auto" (allgather while the gathered charges take at most
     256 MiB). Differentiable in x, charges and weights (first derivatives); the charges' and
     weights' gradients arrive at the rank that owns them. If the inputs require grad on one
-    rank they must on all, and every rank must run the backward. docs/DESIGN.md section 10.
+    rank they must on all, and every rank must run the backward. docs/DESIGN.md, "Sharding the field over processes".
     """
     plan = plan_field(x, charges, weights, power, eps, exclude, group, mode, backend)
     return field_with_plan(plan, x, charges, weights, exclude)
@@ -258,7 +258,7 @@ def _forward(plan, x, charges, weights, exclude, eps_rows):
 
 
 def _merge(v_a, lse_a, v_b, lse_b):
-    """Exact merge of two partials over disjoint charge sets (docs/DESIGN.md section 10); a
+    """Exact merge of two partials over disjoint charge sets (docs/DESIGN.md, "Sharding the field over processes"); a
     partial with lse = -inf (no charge reached the query) has weight 0."""
     m = torch.maximum(lse_a, lse_b)
     live = torch.isfinite(m)

@@ -1,6 +1,6 @@
 """`transform` over a process group: each rank holds a shard of the features, the charges are
 the union of all shards, and the result is `poissonflow.transform` of the union, row for row
-(docs/DESIGN.md sections 3 and 10).
+(docs/DESIGN.md, "The flow" and "Sharding the field over processes").
 
 Same defaults as `poissonflow.transform`; what is global is computed globally:
 
@@ -14,7 +14,7 @@ Same defaults as `poissonflow.transform`; what is global is computed globally:
 The flow itself, by mode: "allgather" gathers the charges once and runs the backend's fused
 flow kernel on the local queries (no communication per step; the same kernel calls as one
 process, so the result is bit-identical to it); "ring" integrates with the package's one RK4
-driver (`poissonflow.flow.integrate`) and every stage's field evaluation is a distributed ring
+driver (`poissonflow.ode.integrate`) and every stage's field evaluation is a distributed ring
 pass (`poissonflow.distributed.poisson_field`'s mode "ring"), for charges too large to gather.
 """
 
@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from .. import horizon
-from ..flow import empirical_flow, field_flow, integrate
+from ..flow import empirical_flow, field_flow
+from ..ode import integrate
 from . import _comm
 from .field import _pack, _unpack, field_with_plan, plan_field
 

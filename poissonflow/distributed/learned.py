@@ -1,5 +1,5 @@
 """`fit_learned_field`: train a `poissonflow.LearnedField` under torchrun, data-parallel over
-the small batches (docs/DESIGN.md sections 4 and 10).
+the small batches (docs/DESIGN.md, "The learned field" and "Sharding the field over processes").
 
     field = poissonflow.distributed.fit_learned_field(features_local, checkpoint="f.pt",
                                                       epochs=50)   # every rank, same kwargs

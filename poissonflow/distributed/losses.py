@@ -1,5 +1,5 @@
 """Pairwise uniformity losses of the global batch of a data-parallel step (docs/DESIGN.md
-sections 9 and 10): each rank passes its own rows; the loss is that of the union of all ranks'
+"The field as a Riesz-energy loss" and "Sharding the field over processes"): each rank passes its own rows; the loss is that of the union of all ranks'
 rows, the same value on every rank, and each rank's backward yields the exact gradient of that
 global loss with respect to its own rows.
 
@@ -88,7 +88,7 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="
     (normalize=True) or x. The single-process definition is `poissonflow.losses`'s
     riesz_uniformity_loss; here two distributed field calls (charges: the rows, each query's own
     global row excluded; then the banks) give every row's log-sum-exp, normalised by N and by K
-    (docs/DESIGN.md section 9). Collective; returns the same 0-dim tensor (x's dtype) on every
+    (docs/DESIGN.md, "The field as a Riesz-energy loss"). Collective; returns the same 0-dim tensor (x's dtype) on every
     rank, whose backward gives each rank the exact gradient in its own rows. Empty shards are
     allowed; N + K >= 2 globally.
     """

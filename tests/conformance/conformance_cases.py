@@ -88,7 +88,7 @@ def field_case(N, B, D, feature, dtype, *, seed=0, device="cpu"):
 
 def near_coincident_case(N=12, B=24, D=129, dist=1e-3, norm=10.0, seed=11):
     """Queries 1e-3 from a charge of norm 10 with a near twin charge ~1e-3 away (docs/DESIGN.md
-    section 2's trap: r2 as |x|^2 + |y|^2 - 2 x.y is garbage here; the ratio of the two
+    "The field operator"'s trap: r2 as |x|^2 + |y|^2 - 2 x.y is garbage here; the ratio of the two
     competing weights (r2_a / r2_b)^(p/2) must be right). float64 masters."""
     g = _gen(seed)
     y = torch.randn(B, D, generator=g, dtype=F64)

@@ -118,7 +118,7 @@ def _discover() -> dict[str, Callable[[], Target]]:
                     out["cuda-emu"] = functools.partial(_emulated_cuda, entry.dtypes)
         elif name in ("triton", "triton-gemm"):
             # triton-gemm: its TF32 operand rounding is done in the kernel, so the interpreter
-            # runs the same GEMM-form r2 as a tensor core (docs/DESIGN.md section 11)
+            # runs the same GEMM-form r2 as a tensor core (docs/DESIGN.md, "A tensor-core field with a certified error")
             if ok:
                 device = "cuda" if gpu else "cpu"
                 tid = name if gpu else f"{name}-interp"

@@ -1,6 +1,6 @@
 """Flow steps (Euler, classic RK4) of every backend that runs here against the float64
-reference flow (poissonflow.reference.flow_steps, which steps through the package's one Python
-RK4 driver, poissonflow.flow.integrate). One measure (poissonflow.testing.flow_errors: per-row
+reference flow (poissonflow.kernels.reference.flow_steps, which steps through the package's one Python
+RK4 driver, poissonflow.ode.integrate). One measure (poissonflow.testing.flow_errors: per-row
 relative error of the displacement) and one table (TOLERANCES[dtype].flow).
 
 Flow time: t0 and dt are handed over in float64 on every path (per query, both signs of dt).
@@ -15,7 +15,7 @@ import torch
 
 import conformance_targets as ct
 from helpers import flow_errors, tolerance
-from poissonflow import reference
+from poissonflow.kernels import reference
 
 FLOW_CASES = [
     # (id, (N, B, d), weights, exclude)

@@ -15,7 +15,7 @@ import conformance_targets as ct
 from conformance_cases import field_case, upstream
 from helpers import row_errors, tolerance
 from poissonflow import ops
-from poissonflow.reference import poisson_field_reference
+from poissonflow.kernels.reference import poisson_field_reference
 
 GRAD_FEATURES = ["plain", "weights", "power", "eps", "exclude", "eps_rows", "gl-only",
                  "gv-only"]

@@ -1,7 +1,7 @@
 """Builds and loads the host emulator of the CUDA kernels (csrc/cuda/emulate/field_emulate.cpp).
 
 The emulator runs the kernels' own block program (csrc/cuda/field_block.cuh) on the CPU, one
-"thread" after another within each phase, so poissonflow._cuda_backend can be exercised end to end
+"thread" after another within each phase, so poissonflow.kernels.cuda can be exercised end to end
 on CPU tensors: `EmulatorRunner` has the interface of the backend's device runner, with addresses
 of host memory. See the emulator's header comment for what this does and does not validate.
 
@@ -152,7 +152,7 @@ class Emulator:
 
 
 class EmulatorRunner:
-    """Runs poissonflow._cuda_backend on CPU tensors through the emulator.
+    """Runs poissonflow.kernels.cuda on CPU tensors through the emulator.
 
     order: 0 threads ascending, 1 descending, 2 shuffled per phase. max_window > 0 narrows the
     dimension window, forcing splits in the field kernels and the unfused flow fallback.

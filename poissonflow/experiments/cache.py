@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ._io import TMP_PREFIX, atomic_write
+from .._io import TMP_PREFIX, atomic_write
 
 __all__ = ["ArrayCache", "cache_key", "arrays_sha256", "CACHE_FORMAT_VERSION"]
 

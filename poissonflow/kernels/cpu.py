@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from ._ext import cpu_module, cpu_weight_form, default_cpu_isa
+from .._ext import cpu_module, cpu_weight_form, default_cpu_isa
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 

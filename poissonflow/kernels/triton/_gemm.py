@@ -1,5 +1,5 @@
 """Triton forward of the Poisson field with r2 in GEMM form and a certified error
-(docs/DESIGN.md section 11).
+(docs/DESIGN.md, "A tensor-core field with a certified error").
 
 Per tile of BLOCK_M queries x BLOCK_N charges:
 
@@ -25,7 +25,7 @@ than `tight` (then the GEMM value is kept, an error of at most (2^s_hi - 2^s_lo)
 Pairs that are not near are dropped: their weight is at most 2^(s_hi - m_lo) <= 2^-K times
 the row's largest, and they are bounded, not summed (the online softmax starts from m_lo - K,
 so that such a bound is never lost to a rescale from -inf). v is accumulated over the kept pairs by
-direct differences, sum p (y - x), as the exact kernel does (docs/DESIGN.md section 2), in
+direct differences, sum p (y - x), as the exact kernel does (docs/DESIGN.md, "The field operator"), in
 tiles that hold at least one kept pair (the other tiles skip the D sweep).
 
 The certificate of row i, in units of the kept sum Z' = sum_kept 2^s:
@@ -40,7 +40,7 @@ tolerance of poissonflow.testing covers it). A row whose bound exceeds tau_v |v'
 recomputed by the exact kernel's tile (_field_tile of _field_fwd) inside the same launch
 (FALLBACK), and its certificate is then 0.
 
-The rounding bound (docs/DESIGN.md section 11), for unit roundoff u of the operands (TF32
+The rounding bound (docs/DESIGN.md, "A tensor-core field with a certified error"), for unit roundoff u of the operands (TF32
 2^-11, bf16 2^-8; the operands are rounded to nearest in the kernel by a bit mask, so the
 tensor cores' own truncation of float32 inputs never applies, and products of two rounded
 operands are exact in float32), u32 = 2^-24 and S = |x|^2 + |y|^2:
@@ -476,7 +476,7 @@ def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, prec
     """
     if x.dtype == torch.float64:
         raise TypeError("the GEMM-form kernel computes in float32; float64 input goes to the "
-                        "exact kernel (poissonflow.triton.gemm.field_forward does so)")
+                        "exact kernel (poissonflow.kernels.triton_gemm.field_forward does so)")
     prec_code = PRECISIONS[precision][0] if precision in PRECISIONS else None
     if prec_code is None:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")

@@ -1,4 +1,4 @@
-"""Triton fused steps of the Poisson flow (docs/DESIGN.md section 3).
+"""Triton fused steps of the Poisson flow (docs/DESIGN.md, "The flow").
 
 In t = log z, with the charges on the plane z = 0 of R^(d+1),
 
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..flow import RK4_A, RK4_B, RK4_B_DIV, RK4_C
+from ...ode import RK4_A, RK4_B, RK4_B_DIV, RK4_C
 from ._field_fwd import (
     _finish_rows,
     _field_tile,

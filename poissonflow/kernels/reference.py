@@ -1,6 +1,6 @@
 """Pure-PyTorch float64 reference of the Poisson field: the oracle every kernel is tested against.
 
-Small and deliberately plain. It follows docs/DESIGN.md section 2 line by line:
+Small and deliberately plain. It follows docs/DESIGN.md, "The field operator" line by line:
 
     r2_ij       = max(||x_i - y_j||^2 + eps^2, tiny)      (direct differences, never expanded)
     s_ij        = log w_j - (p/2) log r2_ij
@@ -181,7 +181,7 @@ def field_backward_reference(
 def flow_velocity_reference(
     x: torch.Tensor, z: torch.Tensor, charges: torch.Tensor, weights=None, *, exclude=None
 ) -> torch.Tensor:
-    """dx/dt = x - mu(x, z) of the Poisson flow in t = log z (docs/DESIGN.md section 3): the
+    """dx/dt = x - mu(x, z) of the Poisson flow in t = log z (docs/DESIGN.md, "The flow"): the
     field of the augmented charges (y, 0) at (x, z) in d + 1 dimensions, power d + 1, per-query
     height z.
     """
@@ -241,9 +241,9 @@ def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y,
 
 def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
     """Euler / classic RK4 of dx/dt = v(x; z = e^t, p = d + 1) in float64 with the package's one
-    RK4 driver (poissonflow.flow.integrate); t0, dt (N,) or scalars, taken in float64; the end
+    RK4 driver (poissonflow.ode.integrate); t0, dt (N,) or scalars, taken in float64; the end
     state in x's dtype."""
-    from .flow import integrate  # flow imports this module
+    from ..ode import integrate
 
     xd = x.double()
     yd = y.double()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ... import ops
 from . import backward_from_outputs
 from ._field_fwd import field_forward_launch
 

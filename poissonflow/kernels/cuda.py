@@ -284,7 +284,7 @@ def _flow_unfused(run, pb: _Problem, t0, dt, n_steps: int, solver: str) -> None:
     """Flow for states wider than the fused kernel's window: one field pass per stage, the
     stage arithmetic in PyTorch. Updates pb.x in place; same t and z as the fused kernel."""
 
-    from .flow import integrate  # the package's one Python RK4 driver
+    from ..ode import integrate  # the package's one Python RK4 driver
 
     def velocity(state, t):
         pb.x, pb.eps_rows = state.contiguous(), torch.exp(t).to(pb.acc)

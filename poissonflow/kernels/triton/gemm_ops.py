@@ -4,7 +4,7 @@
     torch.ops.poissonflow.field_triton_gemm_backward(...)      the exact Triton backward
 
 built by poissonflow.ops.define_field_ops like poissonflow::field_triton (same fakes, saved
-state and autograd); the backward is the exact Triton one (poissonflow.triton.gemm).
+state and autograd); the backward is the exact Triton one (poissonflow.kernels.triton_gemm).
 Importing this module imports triton and registers the ops.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from ... import ops
 from . import backward_from_outputs
-from .gemm import forward_outputs
+from ..triton_gemm import forward_outputs
 
 __all__ = ["field_triton_gemm", "field_triton_gemm_backward"]
 

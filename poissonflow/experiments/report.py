@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write, atomic_write_bytes, atomic_write_text
+from .._io import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
            "rerender", "paired_statistics", "write_predictions", "PROBES", "comparison_cell",
@@ -132,7 +132,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     lines += _status_lines(results)
     lines += [
-        "Test accuracies in %, every probe of every row (docs/DESIGN.md section 5): the blog's "
+        "Test accuracies in %, every probe of every row (docs/DESIGN.md, 'Metrics and probes'): the blog's "
         "`LogisticRegression()`, the tuned linear probe, cosine k-NN, and linear probes that "
         "see 1% / 10% of the training labels (fixed C = 1). 'warnings': ConvergenceWarnings "
         "of all of the row's probe fits, summed over seeds.",
@@ -160,7 +160,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "uniform_loss and W2: lower is more uniform), on the L2-normalised test features. "
         "guarded / on plane: of the points flowed (train, test, two views), the share the "
         "radial or log-z guard skipped at least once, and the share that ended exactly on the "
-        "plane z = 0 (docs/DESIGN.md section 3); iterations and final loss: of the row's "
+        "plane z = 0 (docs/DESIGN.md, 'The flow'); iterations and final loss: of the row's "
         "learned field.",
         "",
         "| row | " + " | ".join(t for t, _ in COLUMNS if "test" not in t)

@@ -1,18 +1,18 @@
 """The `triton-gemm` backend: the field with r2 in GEMM form on tensor cores and a certified
-error (docs/DESIGN.md section 11), the backend protocol of docs/ARCHITECTURE.md.
+error (docs/DESIGN.md, "A tensor-core field with a certified error"), the backend protocol of docs/ARCHITECTURE.md.
 
     field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None) -> (v, log_scale)
-    field_backward(...)   the exact Triton backward (poissonflow.triton.field_backward)
-    flow_steps(...)       the exact Triton flow kernel (poissonflow.triton.flow_steps)
+    field_backward(...)   the exact Triton backward (poissonflow.kernels.triton.field_backward)
+    flow_steps(...)       the exact Triton flow kernel (poissonflow.kernels.triton.flow_steps)
 
-The forward is poissonflow.triton._gemm.gemm_field_forward at TF32 with its defaults: every
+The forward is poissonflow.kernels.triton._gemm.gemm_field_forward at TF32 with its defaults: every
 row is either certified within a tenth of the float32 tolerance of poissonflow.testing against
 the same field with exact r2, or recomputed by the exact kernel in the same launch. The
 backward recomputes the softmax weights from the forward's log_scale by direct differences,
 exactly as for backend="triton" (the GEMM form is a forward-only algorithm here), and the
 fused flow is the exact kernel's. float64 inputs go to the exact kernels (the GEMM form is a
 float32 algorithm). The op pair poissonflow::field_triton_gemm lives in
-poissonflow.triton.gemm_ops. Importing this module imports neither triton nor the kernels.
+poissonflow.kernels.triton.gemm_ops. Importing this module imports neither triton nor the kernels.
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ import importlib
 
 import torch
 
-from . import _check_rows, _check_runnable
-from . import field_backward as _exact_backward
-from . import field_forward as _exact_forward
-from . import flow_steps as _exact_flow
+from .triton import _check_rows, _check_runnable
+from .triton import field_backward as _exact_backward
+from .triton import field_forward as _exact_forward
+from .triton import flow_steps as _exact_flow
 
 __all__ = ["field_forward", "field_backward", "flow_steps", "forward_outputs"]
 
 
 def _kernel():
-    return importlib.import_module("poissonflow.triton._gemm")
+    return importlib.import_module("poissonflow.kernels.triton._gemm")
 
 
 def forward_outputs(x, y, w, power, eps, exclude=None, eps_rows=None):
     """(v, log_scale) without checks (the op's body; traceable, no host synchronisation)."""
     if x.dtype == torch.float64:
-        from ._field_fwd import field_forward_launch
+        from .triton._field_fwd import field_forward_launch
 
         v, ls, _, _ = field_forward_launch(x, y, w, float(power), float(eps), exclude, eps_rows)
         return v, ls
@@ -56,7 +56,7 @@ def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
 
 def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
                    exclude=None, eps_rows=None):
-    """The exact Triton backward from this forward's outputs (docs/DESIGN.md section 11)."""
+    """The exact Triton backward from this forward's outputs (docs/DESIGN.md, "A tensor-core field with a certified error")."""
     return _exact_backward(x, y, w, power, eps, v, log_scale, gv, gl, need_x=need_x,
                            need_y=need_y, need_w=need_w, exclude=exclude, eps_rows=eps_rows)
 

@@ -8,7 +8,7 @@ Per seed: train the encoder (the blog's SmallAlexNet through a linear head; feat
 disk), then evaluate every row of the table below on the same features, and sweep the horizon
 of the flow. Each row declares the values it needs (the graph below), so any row can be computed
 alone; the learned fields are cached on disk like the features, keyed by their settings and the
-training features. Rows (docs/DESIGN.md sections 4-5):
+training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and probes"):
 
   encoder head          the head's own accuracy (what the blog reports as "AlexNet")
   raw features          the baseline the blog never ran
@@ -69,7 +69,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import metrics
+from .. import metrics
 from .encoder import MAX_FEATURE_DIM, MIN_FEATURE_DIM
 from .probes import knn_predict, linear_probe, low_label_probe
 
@@ -234,9 +234,9 @@ def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str
     """Cache key of a learned field: its constructor settings (get_params(), less the display
     options), the versions that determine the trained weights and the file layout, and a
     fingerprint of the training features."""
-    from . import __version__
+    from .. import __version__
     from .cache import arrays_sha256, cache_key
-    from .learned import FILE_FORMAT
+    from ..learned import FILE_FORMAT
 
     settings = {k: v for k, v in params.items() if k not in _DISPLAY_ONLY}
     return cache_key(
@@ -265,7 +265,7 @@ def _fit_field(preset: str, train: bool = True, plateau: bool = False):
 
     def make(features, run):
         from .cache import ArrayCache
-        from .learned import LearnedField
+        from ..learned import LearnedField
 
         name = run.blog_preset if preset == "blog" else preset
         kwargs = {"preset": name, "seed": run.seed, "device": run.device}
@@ -306,7 +306,7 @@ def _learned_flow(field_node: str, output: str):
     field's training iterations, final and per-epoch loss."""
 
     def make(features, fitted):
-        from .transform import transform
+        from ..transform import transform
 
         counts = {"guard_fired": 0, "guarded_points": 0, "on_plane": 0, "points": 0}
 
@@ -327,7 +327,7 @@ def _learned_flow(field_node: str, output: str):
         return RowOutput(flowed, {
             "field_train_seconds": fitted.train_seconds, "field_from_cache": fitted.from_cache,
             "field_preset": field.preset, **counts,
-            # over the train, test and view sets flowed (docs/DESIGN.md section 3)
+            # over the train, test and view sets flowed (docs/DESIGN.md, "The flow")
             "guarded_fraction": counts["guarded_points"] / n,
             "on_plane_fraction": counts["on_plane"] / n,
             "norm_max_over_median": float(norms.max() / max(np.median(norms), 1e-300)),
@@ -354,7 +354,7 @@ def _blog_unit(blog):
 
 
 def _exact_flow(features):
-    from .transform import transform
+    from ..transform import transform
 
     infos = []
 
@@ -473,8 +473,8 @@ def horizon_sweep(features: Features, labels, run: RunSettings,
     """Accuracy and uniformity along the flow: the blog preset after k of its 100 steps, and
     the exact field stopped at growing z_max. Each point: tuned-probe test accuracy, W2,
     uniform_loss."""
-    from .horizon import auto_z_max, auto_z_min
-    from .transform import transform
+    from ..horizon import auto_z_max, auto_z_min
+    from ..transform import transform
 
     ftr, fte = features.train, features.test
     ytr, yte = labels
@@ -637,7 +637,7 @@ def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
     """Cache key of one seed's results: the code versions, the settings that change them and
     a fingerprint of the data (after --limit). Display options (progress, output folders)
     are not part of it."""
-    from . import __version__
+    from .. import __version__
     from .cache import cache_key
     from .encoder import ENCODER_VERSION
 
@@ -766,7 +766,8 @@ def _run(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[str, Any]:
-    from . import __version__, report
+    from .. import __version__
+    from . import report
 
     results = {
         "config": dataclasses.asdict(cfg),

@@ -1,5 +1,5 @@
 """Downstream probes of a representation: a tuned linear probe, the blog's default logistic
-regression, and k-nearest-neighbour accuracy (docs/DESIGN.md section 5).
+regression, and k-nearest-neighbour accuracy (docs/DESIGN.md, "Metrics and probes").
 
 scikit-learn is imported inside the functions, so `import poissonflow` stays light. Features
 may be numpy arrays or torch tensors (detached and copied to the CPU); labels are 1-D arrays of
@@ -145,12 +145,12 @@ def linear_probe(
     median norm, drawn into the validation split, left the fitting rows' standard deviations
     about 10 times smaller than the whole set's, so the chosen C = 1e-3 (97.4% on validation)
     became a 10 times stronger penalty in the refit and the probe fell to 59% (docs/DESIGN.md
-    section 5).
+    "Metrics and probes").
 
     blog=True: scikit-learn's default `LogisticRegression()` (C = 1, lbfgs, max_iter = 100) on
     the unscaled features, fit on the whole training set, as the blog did; `Cs`, `val_size`,
     `seed` and `max_iter` are not used. With C fixed, its regularisation depends on the
-    features' scale (docs/DESIGN.md section 4), so compare it with the tuned mode.
+    features' scale (docs/DESIGN.md, "The learned field"), so compare it with the tuned mode.
 
     Every ConvergenceWarning is recorded in the result, never silenced without trace.
     """
@@ -330,7 +330,7 @@ def knn_predict(train_x, train_y, test_x, *, k: int) -> np.ndarray:
 def paired_comparison(correct_a, correct_b, *, strata=None, n_boot: int = 2000,
                       seed: int = 0, alpha: float = 0.05) -> dict:
     """B's accuracy minus A's on the same test items, with a bootstrap interval and an exact
-    McNemar test (docs/DESIGN.md section 5).
+    McNemar test (docs/DESIGN.md, "Metrics and probes").
 
     correct_a, correct_b: per item, whether A and B classified it correctly (same items, same
     order). strata: an optional group label per item (the seed): the bootstrap resamples items

@@ -1,6 +1,6 @@
 """The experiment's encoder: the blog's SmallAlexNet, trained through a linear head.
 
-Architecture (docs/DESIGN.md section 4), for 32x32 RGB input (`BLOG_ALEXNET`):
+Architecture (docs/DESIGN.md, "The learned field"), for 32x32 RGB input (`BLOG_ALEXNET`):
 
     5 blocks  conv3x3(pad 1, no bias) - BatchNorm2d - ReLU, widths 96, 192, 384, 384, 192,
               MaxPool2d(3, stride 2) after blocks 1, 2 and 5       (32 -> 15 -> 7 -> 3)
@@ -553,7 +553,7 @@ def encode_dataset(
     """Trains the encoder on dataset.x_train (unless cached) and returns the features of the
     train and test images.
 
-    dataset: a poissonflow.data.Dataset. settings: default_settings(dataset.name) when None.
+    dataset: a poissonflow.experiments.data.Dataset. settings: default_settings(dataset.name) when None.
     cache_dir: when given, results are stored there keyed by sha256 of (settings, device type,
     ENCODER_VERSION, torch version, dataset.fingerprint()); a later call with the same key
     returns them without training.

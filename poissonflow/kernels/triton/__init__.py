@@ -16,7 +16,7 @@ kernels are decorated). float16/bfloat16/float32 inputs are computed in float32,
 in float64; outputs are in the input dtype. The r2 floor `tiny` is the smallest normal number of
 the input dtype. The differentiable op poissonflow::field_triton (torch.library.triton_op,
 traceable by torch.compile; same schema and backward as poissonflow::field) lives in
-poissonflow.triton.ops.
+poissonflow.kernels.triton.ops.
 
 Importing this package imports neither triton nor the kernels.
 """
@@ -39,7 +39,7 @@ _SOLVERS = ("euler", "rk4")
 def available() -> bool:
     """True when triton is installed and there is a CUDA device or TRITON_INTERPRET=1 (the
     registry's probe, poissonflow/registry.py)."""
-    from .. import registry
+    from ... import registry
 
     return registry.available("triton")
 
@@ -50,7 +50,7 @@ def _kernels(name: str):
         raise ImportError(
             "backend='triton' needs the triton package: pip install 'poissonflow[triton]'"
         )
-    return importlib.import_module(f"poissonflow.triton.{name}")
+    return importlib.import_module(f"poissonflow.kernels.triton.{name}")
 
 
 def _check_runnable(x: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Triton forward of the Poisson field, and the tile primitive the flow kernels reuse.
 
-For a tile of BLOCK_M queries against all charges (docs/DESIGN.md section 2):
+For a tile of BLOCK_M queries against all charges (docs/DESIGN.md, "The field operator"):
 
     r2_ij = max(sum_k (x_ik - y_jk)^2 + e_i^2, tiny)      direct differences, never expanded;
                                                           tiny of the input dtype
@@ -202,7 +202,7 @@ def _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, 
     """acc_i <- alpha_i acc_i + sum_j p_ij (y_j - x_i), as a [BLOCK_N, BLOCK_M, BLOCK_D]
     broadcast reduced over its first axis. Differences, never p @ y - l * x: that form cancels
     catastrophically for a query next to a charge far from the origin (docs/DESIGN.md
-    section 2)."""
+    "The field operator")."""
     pt = tl.trans(p)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
@@ -280,7 +280,7 @@ def scalar_params(power: float, dtype: torch.dtype, device) -> torch.Tensor:
     """[p/2, tiny] in the compute dtype of input dtype `dtype`. tiny, the r2 floor, is the
     smallest normal number of the *input* dtype (float16: 6.1e-5), as in the reference and the
     other backends, so that a float16/bfloat16 query exactly on a charge gets the same
-    log_scale everywhere (docs/DESIGN.md section 2)."""
+    log_scale everywhere (docs/DESIGN.md, "The field operator")."""
     cdt = compute_dtype(dtype)
     return torch.tensor([0.5 * float(power), torch.finfo(dtype).tiny], dtype=cdt, device=device)
 

@@ -1,6 +1,6 @@
-"""Self-supervised encoders: the blog's SmallAlexNet (`poissonflow.encoder`) trained without
-labels on two augmented views (`poissonflow.augment`), with one of six objectives, and its
-features cached like the supervised encoder's (`poissonflow.cache`).
+"""Self-supervised encoders: the blog's SmallAlexNet (`poissonflow.experiments.encoder`) trained without
+labels on two augmented views (`poissonflow.experiments.augment`), with one of six objectives, and its
+features cached like the supervised encoder's (`poissonflow.experiments.cache`).
 
 Every objective is a small frozen dataclass: `loss(z1, z2, generator)` of the two views' unit
 features (N, 128) (SmallAlexNet's output is L2-normalised), `after_step(z1, z2)` for state kept
@@ -14,7 +14,7 @@ between steps (the memory bank), `config()` for cache keys. `OBJECTIVES` names t
 | `noise_infonce` | Butakov et al.'s noise-injected InfoNCE (`losses.noise_injected_infonce`): normalise to the target, add noise, InfoNCE with the sqdist critic at the matched temperature 4 sigma^2 | the objective and its Bayes-critic temperature | target "sphere" (the package's extension; the paper's targets are Gaussian and uniform); sigma = 0.05 per coordinate (a noise norm of about 0.57 in 128-d, against sqrt 2 between random unit vectors): the paper's noise is relative to a per-coordinate-standardised output, which unit 128-d vectors (coordinates about 0.09) are not |
 | `noise_infonce_gaussian` | the same with the Gaussian target: per-coordinate batch standardisation of each view (BatchNorm1d without affine), N(0, sigma^2) noise, sigma = 0.3 | the paper's Gaussian target and its InfoNCE | sigma = 0.3 is our choice (the paper sweeps the noise); the standardised output feeds only the loss, the features kept are the L2-normalised fc8 output like every other objective's |
 | `contrastive_l2` | the blog's closing proposal ||x - x+||^alpha - lam sum_k ||x - x_k-||^beta (`losses.contrastive_l2_loss`), in-batch negatives, on unit vectors, averaged over both directions | alpha = 2, beta = 1 (`losses.py` defaults) | the blog states no lam: lam = 1 / (N - 1), so the negative term is the mean distance to the other views |
-| `align_riesz` | ours: align(alpha = 2) + (R_s(z1) + R_s(z2)) / 2, weights 1 / 1, R_s the Riesz s-energy against the batch and a FIFO bank of past view-1 features (`losses.riesz_uniformity_loss`, `bank.FeatureBank`) | - | s chosen by validation on digits (`poissonflow.ssl_experiment`); the bank holds detached features of earlier steps (no momentum encoder), pushed after the step (MoCo's order); bank rows of the batch's own images are left out (`AlignRiesz` docstring) |
+| `align_riesz` | ours: align(alpha = 2) + (R_s(z1) + R_s(z2)) / 2, weights 1 / 1, R_s the Riesz s-energy against the batch and a FIFO bank of past view-1 features (`losses.riesz_uniformity_loss`, `bank.FeatureBank`) | - | s chosen by validation on digits (`poissonflow.experiments.ssl_experiment`); the bank holds detached features of earlier steps (no momentum encoder), pushed after the step (MoCo's order); bank rows of the batch's own images are left out (`AlignRiesz` docstring) |
 
 Determinism: the weights are initialised under the seed (the global RNG is restored), batches,
 augmentations and loss noise come from one seeded CPU generator, so on the CPU two runs with
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import losses
+from .. import losses
 from .augment import CifarAugment, DigitsAugment, check_images
-from .bank import FeatureBank
+from ..bank import FeatureBank
 
 __all__ = [
     "InfoNCE", "AlignUniform", "AlignUniformW2", "NoiseInfoNCE", "NoiseInfoNCEGaussian",
@@ -60,7 +60,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     """SimCLR's NT-Xent over the 2N rows [z1; z2]: row k's positive is its other view, its
     negatives the other 2N - 2 rows; scores are cosine similarities / temperature; the mean over
     the 2N anchors of -log softmax(positive)."""
-    from .metrics import as_features, check_pairs
+    from ..metrics import as_features, check_pairs
 
     z1 = as_features(z1, "z1", min_rows=2)
     z2 = as_features(z2, "z2", min_rows=2)
@@ -242,7 +242,7 @@ class AlignRiesz(_Objective):
         return rows
 
     def loss(self, z1, z2, generator=None, index=None):
-        from .metrics import align_loss
+        from ..metrics import align_loss
 
         bank = self.bank_rows(index)
         unif = 0.5 * (losses.riesz_uniformity_loss(z1, self.s, bank=bank)
@@ -326,7 +326,7 @@ def _check_augmentation(aug):
 def _check_objective(objective):
     if not isinstance(objective, _Objective):
         raise TypeError(f"objective must be one of the presets {sorted(OBJECTIVES)} "
-                        f"(poissonflow.ssl), got {type(objective).__name__}")
+                        f"(poissonflow.experiments.ssl), got {type(objective).__name__}")
     return objective
 
 

@@ -1,4 +1,4 @@
-"""Seeded augmentations for the self-supervised encoders (`poissonflow.ssl`), in pure torch.
+"""Seeded augmentations for the self-supervised encoders (`poissonflow.experiments.ssl`), in pure torch.
 
 Each augmentation is a frozen dataclass: call it on a batch of [0, 1] images (N, C, H, W) with a
 CPU `torch.Generator`; every random draw comes from that generator (one set of draws per image,
@@ -21,7 +21,7 @@ into cache keys.
 | RandomGrayscale(0.2) | ITU-R 601 luma | the same weights (0.299, 0.587, 0.114) |
 
 Digits (8x8, 1 channel) take no crop-resize, flip or colour: a mirrored digit is another shape
-(the supervised encoder's reason for no flip, `poissonflow/encoder.py`), and a resized crop of
+(the supervised encoder's reason for no flip, `poissonflow/experiments/encoder.py`), and a resized crop of
 an 8x8 image leaves little of it; a one-pixel shift is the supervised encoder's pad-1 crop.
 """
 

@@ -1,12 +1,12 @@
-"""The self-supervised encoders in the experiment (issue 16):
+"""The self-supervised encoders in the experiment:
 
     python -m poissonflow ssl-experiment --out docs/results/ssl-digits            # digits
     python -m poissonflow ssl-experiment --dataset cifar10-subset \\
         --objectives infonce align_uniform align_riesz --seeds 0 --riesz-s 2 \\
         --out docs/results/ssl-cifar10-subset
 
-Per objective of `poissonflow.ssl` and seed: train SmallAlexNet without labels on two augmented
-views (`poissonflow.augment`; features cached per objective x seed, so a killed run resumes),
+Per objective of `poissonflow.experiments.ssl` and seed: train SmallAlexNet without labels on two augmented
+views (`poissonflow.experiments.augment`; features cached per objective x seed, so a killed run resumes),
 then score the post-hoc rows of the supervised experiment (raw, centred L2, ZCA, the blog flow,
 the PFGM flow, the exact flow) with its probes (blog LR, tuned linear, cosine k-NN, 1% / 10%
 labels) through `experiment.row_graph` / `experiment.evaluate_rows` (imported, not copied; the
@@ -216,7 +216,7 @@ def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]
 
 
 def _row_cache_key(features_key: str, rows, seed: int) -> str:
-    from . import __version__
+    from .. import __version__
     from .cache import cache_key
     from .experiment import LEARNED_FIELD_CACHE_VERSION
 
@@ -536,7 +536,7 @@ def _plot_s_curve(plt, save_png, sv, out_dir):
 
 def rerender(results_json) -> None:
     """results.md and the plots again, beside a results.json of this driver."""
-    from ._io import atomic_write_text
+    from .._io import atomic_write_text
 
     path = Path(results_json)
     results = json.loads(path.read_text())
@@ -594,8 +594,9 @@ def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
 
 
 def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
-    from . import __version__, report
-    from ._io import atomic_write_text
+    from .. import __version__
+    from . import report
+    from .._io import atomic_write_text
 
     cfg, dataset = state["cfg"], state["dataset"]
     paired = {}
@@ -670,7 +671,7 @@ def add_arguments(parser) -> None:
                         help="only the s validation of align_riesz (results.json holds the "
                              "curve)")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
-                        help="experiment rows to score (names as in poissonflow.experiment)")
+                        help="experiment rows to score (names as in poissonflow.experiments.experiment)")
     parser.add_argument("--out", default=None, help="output folder (default: "
                                                      "results/ssl-<dataset>)")
     parser.add_argument("--cache-dir", default=None, help="cache (default: <out>/cache)")

@@ -1,7 +1,7 @@
 """A picture of the flow in three dimensions: charges on the plane, trajectories rising through
 the exact field, end points spread over the hemisphere (`poissonflow demo --plot`).
 
-    from poissonflow.plotting import flow_picture, demo_charges
+    from poissonflow.experiments.plotting import flow_picture, demo_charges
     charges, queries = demo_charges(seed=0)
     fig = flow_picture(charges, queries)          # matplotlib Figure
     fig.savefig("flow.png", dpi=150)
@@ -42,8 +42,8 @@ def flow_trajectories(charges, queries, *, heights: int = 64, backend: str = "au
 
     Each height is the end of a `poissonflow.transform` run stopped there, so every point lies
     on the path the transform itself takes."""
-    from . import horizon
-    from .transform import transform
+    from .. import horizon
+    from ..transform import transform
 
     y = np.asarray(charges, dtype=np.float64)
     q = np.asarray(queries, dtype=np.float64)
@@ -80,7 +80,7 @@ def flow_picture(charges, queries, *, n_paths: int = 120, backend: str = "auto")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .transform import transform
+    from ..transform import transform
 
     charges = np.asarray(charges, dtype=np.float64)
     queries = np.asarray(queries, dtype=np.float64)
