@@ -75,7 +75,9 @@ __all__ = [
 ]
 
 # Part of every cache key: bump it whenever a change here changes trained features.
-ENCODER_VERSION = 2  # 2: two augmented views of the test set (positive pairs)
+# 2: two augmented views of the test set (positive pairs); 3: the features of a held-out
+# validation set (x_val) beside train and test
+ENCODER_VERSION = 3
 INITS = ("torch", "blog")
 BLOG_INIT_STD = 0.02  # the blog's SmallAlexNet.init_weights_: normal_(weight, 0, 0.02)
 # default_settings(feature_dim=...): the L2-normalised features lie on S^(d-1), at least a
@@ -536,6 +538,7 @@ class EncodedDataset:
     device: str
     key: str
     from_cache: bool
+    features_val: np.ndarray | None = None  # of encode_dataset's x_val (held out from training)
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
@@ -549,9 +552,11 @@ def encode_dataset(
     device="cpu",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    x_val=None,
 ) -> EncodedDataset:
     """Trains the encoder on dataset.x_train (unless cached) and returns the features of the
-    train and test images.
+    train and test images, and of x_val when given (images the encoder never trains on: the
+    study's validation split).
 
     dataset: a poissonflow.experiments.data.Dataset. settings: default_settings(dataset.name) when None.
     cache_dir: when given, results are stored there keyed by sha256 of (settings, device type,
@@ -563,10 +568,14 @@ def encode_dataset(
     if settings is None:
         settings = default_settings(dataset.name)
     dev = _resolve_device(device)
+    fingerprint = dataset.fingerprint()
+    if x_val is not None:
+        x_val = np.ascontiguousarray(x_val, dtype=np.float32)
+        fingerprint += "|val:" + _cache.arrays_sha256({"x_val": x_val})
     key = _cache.cache_key(
         {"what": "encoder-features", "encoder_version": ENCODER_VERSION,
          "torch": torch.__version__, "device": dev.type, "settings": settings.to_dict()},
-        dataset.fingerprint(),
+        fingerprint,
     )
 
     def compute():
@@ -584,6 +593,8 @@ def encode_dataset(
         arrays = {"features_train": f_train, "features_test": f_test,
                   "logits_train": lg_train, "logits_test": lg_test,
                   "view_a_test": view_a, "view_b_test": view_b}
+        if x_val is not None:  # after every other pass: the same model, the same bits
+            arrays["features_val"] = extract_features(model, x_val)[0]
         meta = {"train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
                 "epoch_loss": history.epoch_loss, "epoch_acc": history.epoch_acc,
                 "epoch_seconds": history.epoch_seconds}
@@ -616,5 +627,6 @@ def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cach
         device=device,
         key=key,
         from_cache=from_cache,
+        features_val=arrays.get("features_val"),
     )
 

@@ -71,7 +71,8 @@ import torch
 
 from .. import metrics
 from .encoder import MAX_FEATURE_DIM, MIN_FEATURE_DIM
-from .probes import knn_predict, linear_probe, low_label_probe
+from .protocol import VAL_FRACTION
+from .probes import knn_predict, knn_tuned, labels_per_class_probe, linear_probe
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
            "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
@@ -117,14 +118,18 @@ class ExperimentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-    """Train features, test features and the test set's augmented views (positive pairs)."""
+    """Train features (the images the encoder and the fields train on), test features, the
+    test set's augmented views (positive pairs) and the held-out validation split's features
+    (protocol.py), on which every choice is made."""
 
     train: np.ndarray
     test: np.ndarray
     views: tuple[np.ndarray, ...]
+    val: np.ndarray | None = None
 
     def map(self, f: Callable[[np.ndarray], np.ndarray]) -> Features:
-        return Features(f(self.train), f(self.test), tuple(f(v) for v in self.views))
+        return Features(f(self.train), f(self.test), tuple(f(v) for v in self.views),
+                        None if self.val is None else f(self.val))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +228,8 @@ def _zca(features, eps=1e-5):
 # changes what training produces for the same settings (the package version alone does not
 # change between development commits).
 # 2: loss, batch and plateau settings (the faithful blog options); the validation history is saved
-LEARNED_FIELD_CACHE_VERSION = 2
+# 3: trained on the fit images only (the study's validation split held out); nothing earlier reused
+LEARNED_FIELD_CACHE_VERSION = 3
 
 
 # LearnedField parameters that only change what is displayed, not the trained field.
@@ -347,10 +353,35 @@ def _scale_control(features, blog):
     return RowOutput(features.map(lambda a: a * s), {"scale": s})
 
 
-def _blog_unit(blog):
-    """The blog-flowed features scaled back to unit norm."""
-    return RowOutput(blog.features.map(lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)),
-                     {})
+def _unit_norm(flowed):
+    """Control: a flowed row's features scaled back to unit norm (only the directions the flow
+    gave them; the norm, which a fixed-C classifier reads as a regularisation strength, gone)."""
+    return RowOutput(flowed.features.map(
+        lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)), {})
+
+
+# Far points: the blog's radial update can throw a point to hundreds of times the median norm
+# (docs/DESIGN.md, "Metrics and probes"). The control pulls every point beyond CLIP_FACTOR
+# times the training features' median norm back to that radius (direction kept).
+CLIP_FACTOR = 3.0
+
+
+def _clipped(flowed):
+    """Control: a flowed row with its far points radially clipped at CLIP_FACTOR x the median
+    norm of its training features; info: the radius and the share of points clipped."""
+    radius = CLIP_FACTOR * float(np.median(np.linalg.norm(flowed.features.train, axis=1)))
+    counts = {"clipped": 0, "points": 0}
+
+    def clip(a):
+        n = np.linalg.norm(a, axis=1, keepdims=True)
+        far = n[:, 0] > radius
+        counts["clipped"] += int(far.sum())
+        counts["points"] += len(a)
+        return np.where(n > radius, a * (radius / np.maximum(n, 1e-300)), a)
+
+    out = flowed.features.map(clip)
+    return RowOutput(out, {"clip_radius": radius, **counts,
+                           "clipped_fraction": counts["clipped"] / max(1, counts["points"])})
 
 
 def _exact_flow(features):
@@ -384,7 +415,14 @@ ROWS: list[tuple[str, Node]] = [
     (UNTRAINED_ROW, _learned_flow("field: blog, untrained", "raw")),
     (PLATEAU_ROW, _learned_flow("field: blog, plateau", "raw")),
     ("scale control", Node(("features", BLOG_ROW), _scale_control)),
-    ("flow: blog, unit norm", Node((BLOG_ROW,), _blog_unit)),
+    # the controls of every learned flow whose output is not on the sphere (the PFGM rows
+    # flow onto the unit sphere: their own unit-norm control is themselves)
+    ("flow: blog, unit norm", Node((BLOG_ROW,), _unit_norm)),
+    ("flow: untrained blog field, unit norm", Node((UNTRAINED_ROW,), _unit_norm)),
+    ("flow: blog preset, to plateau, unit norm", Node((PLATEAU_ROW,), _unit_norm)),
+    ("flow: blog, far points clipped", Node((BLOG_ROW,), _clipped)),
+    ("flow: untrained blog field, far points clipped", Node((UNTRAINED_ROW,), _clipped)),
+    ("flow: blog preset, to plateau, far points clipped", Node((PLATEAU_ROW,), _clipped)),
     ("flow: PFGM preset", _learned_flow("field: pfgm", "sphere")),
     ("flow: exact field", Node(("features",), _exact_flow)),
 ]
@@ -428,33 +466,47 @@ def representation_metrics(fte, views) -> dict[str, float]:
     return out
 
 
-KNN_KS = (20, 200)
-LABEL_FRACTIONS = (0.01, 0.1)
+KNN_FIXED = 20  # the fixed-k column (capped at the smallest training class)
+LABELS_PER_CLASS = (1, 10)
 
 
-def score_row(ftr, ytr, fte, yte, views, seed) -> dict[str, Any]:
-    """Every probe of a row and its representation metrics. The per-image test predictions
-    of each probe are under "_predictions" (run_seed moves them to predictions.npz)."""
+def score_row(ftr, ytr, fte, yte, views, seed, fva, yva) -> dict[str, Any]:
+    """Every probe of a row and its representation metrics; every choice (C, k) is made on
+    the validation features `fva` (images no model trained on), the test set scored once.
+    The per-image test predictions of each probe are under "_predictions" (run_seed moves
+    them to predictions.npz)."""
     blog = linear_probe(ftr, ytr, fte, yte, blog=True)
-    tuned = linear_probe(ftr, ytr, fte, yte, seed=seed)
-    preds = {"blog": blog.test_predictions, "tuned": tuned.test_predictions}
+    conv = linear_probe(ftr, ytr, fte, yte, blog=True, converged=True)
+    tuned = linear_probe(ftr, ytr, fte, yte, val_x=fva, val_y=yva)
+    preds = {"blog": blog.test_predictions, "tuned": tuned.test_predictions,
+             "blog_converged": conv.test_predictions}
     row: dict[str, Any] = {
         "blog": {"train": blog.train_accuracy, "test": blog.test_accuracy,
-                 "convergence_warnings": len(blog.convergence_warnings)},
+                 "n_iter": blog.n_iter, "convergence_warnings": len(blog.convergence_warnings)},
         "tuned": {"train": tuned.train_accuracy, "val": tuned.val_accuracy,
                   "test": tuned.test_accuracy, "C": tuned.C,
+                  "val_accuracies": {f"{c:g}": v for c, v in tuned.val_accuracies.items()},
                   "convergence_warnings": len(tuned.convergence_warnings)},
+        "blog_converged": {"train": conv.train_accuracy, "test": conv.test_accuracy,
+                           "C": 1.0, "n_iter": conv.n_iter,
+                           "convergence_warnings": len(conv.convergence_warnings)},
     }
-    for k in KNN_KS:
-        pred = knn_predict(ftr, ytr, fte, k=k)
-        preds[f"knn{k}"] = pred
-        row[f"knn{k}"] = {"test": float((pred == yte).mean()), "k": min(k, len(ytr))}
-    for frac in LABEL_FRACTIONS:
-        low = low_label_probe(ftr, ytr, fte, yte, fraction=frac, seed=seed)
-        name = f"labels{100 * frac:g}%"
+    smallest = int(np.unique(ytr, return_counts=True)[1].min())
+    pred = knn_predict(ftr, ytr, fte, k=min(KNN_FIXED, smallest))
+    preds["knn20"] = pred
+    row["knn20"] = {"test": float((pred == yte).mean()), "k": min(KNN_FIXED, smallest)}
+    pred, k, val_acc = knn_tuned(ftr, ytr, fva, yva, fte)
+    preds["knn"] = pred
+    row["knn"] = {"test": float((pred == yte).mean()), "k": k, "val": val_acc[k],
+                  "val_accuracies": {str(kk): v for kk, v in val_acc.items()},
+                  "k_cap": smallest}
+    for per_class in LABELS_PER_CLASS:
+        low = labels_per_class_probe(ftr, ytr, fte, yte, fva, yva, per_class=per_class,
+                                     seed=seed)
+        name = f"labels{per_class}perclass"
         preds[name] = low.test_predictions
-        row[name] = {"train": low.train_accuracy, "test": low.test_accuracy,
-                     "n_labels": low.n_train_used,
+        row[name] = {"train": low.train_accuracy, "val": low.val_accuracy,
+                     "test": low.test_accuracy, "C": low.C, "n_labels": low.n_train_used,
                      "convergence_warnings": len(low.convergence_warnings)}
     row["convergence_warnings"] = sum(v["convergence_warnings"] for v in row.values()
                                       if isinstance(v, dict) and "convergence_warnings" in v)
@@ -476,41 +528,38 @@ def horizon_sweep(features: Features, labels, run: RunSettings,
     from ..horizon import auto_z_max, auto_z_min
     from ..transform import transform
 
-    ftr, fte = features.train, features.test
-    ytr, yte = labels
+    ftr, fte, fva = features.train, features.test, features.val
+    ytr, yte, yva = labels
     points = []
     field = blog.field
     total = field.default_flow().get("steps", 100)
     for k in sorted({0, total // 20, total // 10, total // 5, 2 * total // 5,
                      3 * total // 5, 4 * total // 5, total}):
         if k == 0:
-            gtr = np.hstack([ftr, np.zeros((len(ftr), 1))])
-            gte = np.hstack([fte, np.zeros((len(fte), 1))])
+            gtr, gva, gte = (np.hstack([a, np.zeros((len(a), 1))]) for a in (ftr, fva, fte))
         else:
-            gtr = transform(ftr, field=field, steps=k, output="raw")
-            gte = transform(fte, field=field, steps=k, output="raw")
-        points.append(
-            _sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte, run.seed)
-        )
+            gtr, gva, gte = (transform(a, field=field, steps=k, output="raw")
+                             for a in (ftr, fva, fte))
+        points.append(_sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte,
+                                   gva, yva))
     charges = torch.from_numpy(np.ascontiguousarray(ftr, dtype=np.float64))
     zmin, zmax = auto_z_min(charges), auto_z_max(charges)
     for zend in np.geomspace(2 * zmin, zmax, 7):
-        gtr = transform(ftr, charges=ftr, z_max=float(zend))
-        gte = transform(fte, charges=ftr, z_max=float(zend))
+        gtr, gva, gte = (transform(a, charges=ftr, z_max=float(zend)) for a in (ftr, fva, fte))
         frac = float(np.log(zend / zmin) / np.log(zmax / zmin))
-        points.append(
-            _sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte, run.seed)
-        )
+        points.append(_sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte,
+                                   gva, yva))
     return points
 
 
-def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, seed):
+def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, gva, yva):
     """One point of a sweep; `fraction` is how far along the flow it is (blog: steps / 100,
-    exact field: log(z_end / z_min) / log(z_max / z_min))."""
-    tuned = linear_probe(gtr, ytr, gte, yte, seed=seed)
+    exact field: log(z_end / z_min) / log(z_max / z_min)). val_accuracy is what a horizon
+    would be chosen by; test_accuracy is reported, never chosen on."""
+    tuned = linear_probe(gtr, ytr, gte, yte, val_x=gva, val_y=yva)
     m = representation_metrics(gte, ())
     return {"curve": curve, "knob": knob, "value": value, "fraction": fraction,
-            "test_accuracy": tuned.test_accuracy,
+            "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
             "wasserstein_uniformity": m["wasserstein_uniformity"],
             "uniform_loss": m["uniform_loss"]}
 
@@ -544,14 +593,14 @@ def evaluate_rows(graph: Graph, names=None) -> dict[str, Any]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown row(s) {unknown}; rows are {known}")
-    ytr, yte = graph.get("labels")
+    ytr, yte, yva = graph.get("labels")
     run = graph.get("run")
     out = {}
     for name in names:
         t = time.perf_counter()
         made = graph.get(name)
         g = made.features
-        row = score_row(g.train, ytr, g.test, yte, g.views, run.seed)
+        row = score_row(g.train, ytr, g.test, yte, g.views, run.seed, g.val, yva)
         row["info"] = made.info
         row["seconds"] = time.perf_counter() - t
         out[name] = row
@@ -568,14 +617,21 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     test predictions under "predictions" ({row: {probe: labels}}, the head's under "encoder
     head") and the test labels under "y_test"; run_experiment moves both to predictions.npz."""
     from .encoder import encode_dataset
+    from .protocol import split_record, validation_split
 
     settings = encoder_settings(cfg, dataset.name, seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    enc = encode_dataset(dataset, settings, device=cfg.device, cache_dir=_cache_dir(cfg),
-                         progress=cfg.progress)
+    # the validation split is cut before anything trains: the encoder, the fields and the
+    # probes' fits see only the fit images (protocol.py)
+    fit_idx, val_idx = validation_split(dataset.y_train, seed)
+    fit = dataclasses.replace(dataset, x_train=dataset.x_train[fit_idx],
+                              y_train=dataset.y_train[fit_idx])
+    enc = encode_dataset(fit, settings, device=cfg.device, cache_dir=_cache_dir(cfg),
+                         progress=cfg.progress, x_val=dataset.x_train[val_idx])
     seconds = {"encoder": time.perf_counter() - t0}
-    ytr, yte = dataset.y_train, dataset.y_test
-    features = Features(enc.features_train, enc.features_test, tuple(enc.views_test))
+    ytr, yte, yva = fit.y_train, dataset.y_test, dataset.y_train[val_idx]
+    features = Features(enc.features_train, enc.features_test, tuple(enc.views_test),
+                        enc.features_val)
     rows: dict[str, Any] = {
         "encoder head": {
             "head": {"train": enc.train_acc, "train_augmented": enc.train_acc_augmented,
@@ -588,14 +644,14 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     run = RunSettings(seed=seed, device=cfg.device, progress=bool(cfg.progress),
                       field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg),
                       blog_preset="blog-faithful" if cfg.faithful else "blog")
-    graph = row_graph(features, (ytr, yte), run)
+    graph = row_graph(features, (ytr, yte, yva), run)
     rows.update(evaluate_rows(graph, row_names(cfg.pfgm_plateau)))
     predictions = {"encoder head": {"head": enc.logits_test.argmax(1)}}
     for name, row in rows.items():
         if "_predictions" in row:
             predictions[name] = row.pop("_predictions")
     out = {"seed": seed, "rows": rows, "seconds": seconds, "predictions": predictions,
-           "y_test": np.asarray(yte)}
+           "y_test": np.asarray(yte), "validation": split_record(fit_idx, val_idx)}
     if cfg.sweep:
         t = time.perf_counter()
         out["sweep"] = graph.get(SWEEP)
@@ -630,7 +686,9 @@ def _cache_dir(cfg: ExperimentConfig) -> Path:
 # seed stopped half-way recomputes only its rows. Bump SEED_RESULT_VERSION whenever a change
 # here, in probes.py, metrics.py, transform.py or flow.py changes what a seed's rows hold.
 # 2: the probes scale with one StandardScaler fit on all training features (probes.py).
-SEED_RESULT_VERSION = 2
+# 3: the held-out validation split (protocol.py), converged blog classifier, k-NN k on
+# validation, labels-per-class probes, unit-norm and clipped controls.
+SEED_RESULT_VERSION = 3
 
 
 def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
@@ -650,7 +708,8 @@ def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
          "encoder_settings": encoder_settings(cfg, dataset.name, seed).to_dict(),
          "field_epochs": cfg.field_epochs, "faithful": cfg.faithful, "sweep": cfg.sweep,
          "device": torch.device(cfg.device).type, "threads": cfg.threads,
-         "rows": row_names(cfg.pfgm_plateau), "plateau": PLATEAU},
+         "rows": row_names(cfg.pfgm_plateau), "plateau": PLATEAU,
+         "val_fraction": VAL_FRACTION, "clip_factor": CLIP_FACTOR},
         dataset.fingerprint(),
     )
 
@@ -768,6 +827,7 @@ def _run(cfg: ExperimentConfig) -> dict[str, Any]:
 def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[str, Any]:
     from .. import __version__
     from . import report
+    from .protocol import seed_aware_statistics
 
     results = {
         "config": dataclasses.asdict(cfg),
@@ -781,7 +841,12 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
         "per_seed": per_seed,
         "summary": report.summarise(per_seed),
         "paired": report.paired_statistics(predictions),
+        # seed-aware: seeds and test images resampled together, t-test over seeds, corrected
+        "stats": seed_aware_statistics(predictions, [k for k, _ in report.PROBES]),
+        "protocol": protocol_record(),
         "seconds": time.perf_counter() - t0,
+        # CPU time of the seeds (each when it was computed; one thread: its compute)
+        "cpu_seconds": float(sum(s.get("seconds", {}).get("cpu_total", 0.0) for s in per_seed)),
         "complete": complete,  # False: written after a seed, more seeds to come
         "seeds_done": [int(s["seed"]) for s in per_seed],
         "seeds_planned": [int(s) for s in cfg.seeds],
@@ -792,6 +857,18 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
     report.write_predictions(predictions, Path(cfg.out_dir))
     report.write_outputs(results, Path(cfg.out_dir))
     return results
+
+
+def protocol_record() -> dict[str, Any]:
+    """The protocol's settings, as results.json records them."""
+    from .probes import CONVERGED_MAX_ITER, DEFAULT_CS, KNN_GRID
+
+    return {"val_fraction": VAL_FRACTION,
+            "validation": "stratified per seed, held out from the encoder, the fields and "
+                          "the probes' fits; every choice made on it; test scored once",
+            "tuned_Cs": list(DEFAULT_CS), "knn_grid": list(KNN_GRID),
+            "knn_fixed": KNN_FIXED, "labels_per_class": list(LABELS_PER_CLASS),
+            "blog_converged_max_iter": CONVERGED_MAX_ITER, "clip_factor": CLIP_FACTOR}
 
 
 def _sklearn_version() -> str:
@@ -974,6 +1051,19 @@ def config_from_args(args) -> ExperimentConfig:
     )
 
 
+def write_command(out_dir: Path) -> None:
+    """command.txt beside the results: the command line that produces them (shared with
+    ssl_experiment)."""
+    import shlex
+
+    from .._io import atomic_write_text
+
+    argv = [a for a in sys.argv[1:]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "command.txt",
+                      "python -m poissonflow " + " ".join(shlex.quote(a) for a in argv) + "\n")
+
+
 def main(args) -> int:
     """The `experiment` command. Bad settings raise ConfigError (a ValueError) before any
     work; the command line turns it into one line and exit code 2."""
@@ -981,6 +1071,7 @@ def main(args) -> int:
 
     cfg = config_from_args(args)
     validate_config(cfg)
+    write_command(Path(cfg.out_dir))
     results = run_experiment(cfg)
     print(report.markdown_table(results))
     print(f"\nwrote {Path(cfg.out_dir) / 'results.json'} and plots in {cfg.out_dir} "

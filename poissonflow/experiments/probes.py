@@ -14,11 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["ProbeResult", "linear_probe", "low_label_probe", "knn_accuracy", "knn_predict",
-           "DEFAULT_CS"]
+           "knn_tuned", "DEFAULT_CS", "KNN_GRID", "CONVERGED_MAX_ITER"]
 
 # The regularisation grid of the tuned probe: logistic regression's inverse strength C from
 # 1e-3 to 1e3, a decade apart.
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
+
+# k of k-NN tried on the validation split (capped at the smallest training class).
+KNN_GRID = (1, 3, 5, 10, 20, 50, 100, 200)
+
+# The blog's classifier run to convergence: scikit-learn's LogisticRegression() with C = 1 and
+# this iteration cap instead of 100 (lbfgs stops at its own tolerance long before on the
+# study's features; the iterations used are recorded).
+CONVERGED_MAX_ITER = 100_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class ProbeResult:
     # an array: left out of ==, which compares the scores (an array has no single truth value)
     test_predictions: np.ndarray | None = field(default=None, compare=False)
     n_train_used: int | None = None
+    n_iter: int | None = None  # lbfgs iterations of the final fit
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -127,6 +136,10 @@ def linear_probe(
     seed: int = 0,
     max_iter: int = 1000,
     blog: bool = False,
+    converged: bool = False,
+    val_x=None,
+    val_y=None,
+    scaler: str = "standard",
 ) -> ProbeResult:
     """Linear-probe accuracy of a representation.
 
@@ -152,6 +165,17 @@ def linear_probe(
     `seed` and `max_iter` are not used. With C fixed, its regularisation depends on the
     features' scale (docs/DESIGN.md, "The learned field"), so compare it with the tuned mode.
 
+    converged=True (with blog=True): the same classifier, C = 1 on unscaled features, with
+    max_iter = CONVERGED_MAX_ITER; the iterations lbfgs used are in n_iter.
+
+    val_x, val_y (the study's protocol): a held-out validation set that no model trained on.
+    The scaler is fit on the training features, each C is fit on every training row and scored
+    on the validation set, and the model of the chosen C is scored once on the test set (no
+    refit); `val_size` is then not used.
+
+    scaler: "standard" (StandardScaler) or "robust" (RobustScaler: median and interquartile
+    range, so that a few far points do not set the scale).
+
     Every ConvergenceWarning is recorded in the result, never silenced without trace.
     """
     xtr, ytr, xte, yte = _check_probe_inputs(train_x, train_y, test_x, test_y, min_train=2)
@@ -159,16 +183,22 @@ def linear_probe(
 
     log = _WarningLog()
     if blog:
-        model = log.fit("blog LogisticRegression()", LogisticRegression(), xtr, ytr)
+        label = "blog LogisticRegression()"
+        model = LogisticRegression()
+        if converged:
+            label = f"blog LogisticRegression(max_iter={CONVERGED_MAX_ITER})"
+            model = LogisticRegression(max_iter=CONVERGED_MAX_ITER)
+        model = log.fit(label, model, xtr, ytr)
         return ProbeResult(
             train_accuracy=float(model.score(xtr, ytr)),
             val_accuracy=None,
             test_accuracy=float(model.score(xte, yte)),
             C=float(model.C),
-            mode="blog",
+            mode="blog-converged" if converged else "blog",
             convergence_warnings=log.messages,
             test_predictions=model.predict(xte),
             n_train_used=int(xtr.shape[0]),
+            n_iter=int(np.max(model.n_iter_)),
         )
 
     grid = _check_grid(Cs)
@@ -176,6 +206,9 @@ def linear_probe(
         raise ValueError(f"val_size must be a float in (0, 1), got {val_size!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if val_x is not None:
+        return _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler,
+                                    log)
     scaled_tr, scaled_te = _standardise(xtr, xte)
     x_fit, x_val, y_fit, y_val = _stratified_split(scaled_tr, ytr, val_size, seed)
 
@@ -197,6 +230,71 @@ def linear_probe(
         test_predictions=final.predict(scaled_te),
         n_train_used=int(xtr.shape[0]),
     )
+
+
+def _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler, log,
+                         mode="tuned", rows=None):
+    """C chosen on a held-out validation set; the chosen model scored once on test. rows:
+    the training rows to fit on (all by default; the scaler always sees every row)."""
+    xva = _features(val_x, "val_x")
+    yva = _labels(val_y, xva.shape[0], "val_y", "val_x")
+    if xva.shape[1] != xtr.shape[1]:
+        raise ValueError(f"val_x has {xva.shape[1]} features, train_x {xtr.shape[1]}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    scaled_tr, scaled_te, scaled_va = _standardise(xtr, xte, xva, kind=scaler)
+    fit_x, fit_y = (scaled_tr, ytr) if rows is None else (scaled_tr[rows], ytr[rows])
+    val_acc: dict[float, float] = {}
+    models = {}
+    for c in grid:
+        models[c] = log.fit(f"C={c:g} ({mode})", _logreg(c, max_iter), fit_x, fit_y)
+        val_acc[c] = float(models[c].score(scaled_va, yva))
+    best = max(val_acc.values())
+    chosen = min(c for c in grid if val_acc[c] == best)
+    final = models[chosen]
+    return ProbeResult(
+        train_accuracy=float(final.score(fit_x, fit_y)),
+        val_accuracy=val_acc[chosen],
+        test_accuracy=float(final.score(scaled_te, yte)),
+        C=chosen,
+        mode=mode,
+        val_accuracies=val_acc,
+        convergence_warnings=log.messages,
+        test_predictions=final.predict(scaled_te),
+        n_train_used=int(len(fit_y)),
+        n_iter=int(np.max(final.n_iter_)),
+    )
+
+
+def knn_tuned(train_x, train_y, val_x, val_y, test_x, *, grid=KNN_GRID):
+    """Cosine k-NN with k chosen on the validation set from `grid`, capped at the smallest
+    training class (a larger k outvotes that class wherever it is). Returns (test predictions,
+    chosen k, {k: validation accuracy}); ties go to the smallest k."""
+    ytr = np.asarray(train_y)
+    cap = int(np.unique(ytr, return_counts=True)[1].min())
+    ks = [k for k in grid if k <= cap] or [1]
+    yva = np.asarray(val_y)
+    acc = {k: float((knn_predict(train_x, ytr, val_x, k=k) == yva).mean()) for k in ks}
+    best = max(acc.values())
+    k = min(k for k in ks if acc[k] == best)
+    return knn_predict(train_x, ytr, test_x, k=k), k, acc
+
+
+def labels_per_class_probe(train_x, train_y, test_x, test_y, val_x, val_y, *, per_class: int,
+                           seed: int = 0, Cs=DEFAULT_CS, max_iter: int = 1000) -> ProbeResult:
+    """A probe of the features: a linear classifier fit on `per_class` labelled training rows
+    of each class (a seeded draw), C chosen on the validation set, scored once on test. The
+    scaler is fit on every training row's features (no labels). The encoder saw every training
+    label, so this measures how few labels the features need, not a low-label setting."""
+    xtr, ytr, xte, yte = _check_probe_inputs(train_x, train_y, test_x, test_y, min_train=2)
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    classes, inverse = np.unique(ytr, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(inverse == c))[:per_class]
+                                   for c in range(classes.size)]))
+    return _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, _check_grid(Cs), max_iter,
+                                "standard", _WarningLog(), mode="labels-per-class", rows=rows)
 
 
 def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: int = 0,
@@ -278,12 +376,15 @@ def _stratified_split(x, y, val_size: float, seed: int):
     return train_test_split(x, y, test_size=val_size, stratify=y, random_state=seed)
 
 
-def _standardise(xtr: np.ndarray, xte: np.ndarray):
-    """Train and test features scaled by a StandardScaler fit on the training features."""
-    from sklearn.preprocessing import StandardScaler
+def _standardise(xtr: np.ndarray, *others: np.ndarray, kind: str = "standard"):
+    """Train and other features scaled by a scaler fit on the training features: "standard"
+    (StandardScaler) or "robust" (RobustScaler, median and interquartile range)."""
+    from sklearn.preprocessing import RobustScaler, StandardScaler
 
-    scaler = StandardScaler().fit(xtr)
-    return scaler.transform(xtr), scaler.transform(xte)
+    if kind not in ("standard", "robust"):
+        raise ValueError(f"scaler must be 'standard' or 'robust', got {kind!r}")
+    scaler = (StandardScaler() if kind == "standard" else RobustScaler()).fit(xtr)
+    return (scaler.transform(xtr), *(scaler.transform(x) for x in others))
 
 
 def _logreg(c: float, max_iter: int):
