@@ -168,24 +168,30 @@ def test_atomic_write_applies_the_umask(tmp_path):
 
 
 def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(results):
-    """Per row k-NN (k = 20, 200), 1% / 10% labels and a warning count; per learned
+    """Per row k-NN (k = 20 and k chosen on validation, both at most the smallest class),
+    1 / 10 labels a class, the converged blog classifier and a warning count; per learned
     row the share of guarded and on-plane points, the field's iterations and final loss (the
     untrained field: 0 iterations, no loss)."""
     res, _ = results
     for s in res["per_seed"]:
+        n_fit = s["validation"]["n_fit"]
         for name, row in s["rows"].items():
             if name == "encoder head":
                 continue
-            for probe in ("knn20", "knn200", "labels1%", "labels10%"):
+            for probe in ("blog_converged", "knn20", "knn", "labels1perclass",
+                          "labels10perclass"):
                 assert 0 <= row[probe]["test"] <= 1, (name, probe)
-            assert row["knn200"]["k"] == min(200, res["dataset"]["n_train"])
-            assert row["labels1%"]["n_labels"] >= 10  # at least one label of each class
+            assert row["knn"]["k"] <= row["knn"]["k_cap"] and row["knn20"]["k"] <= 20
+            assert row["knn"]["k_cap"] < n_fit / 10  # the smallest class, not the set
+            assert row["labels1perclass"]["n_labels"] == 10  # one label of each class
+            assert row["blog_converged"]["n_iter"] >= 1 and row["blog_converged"]["C"] == 1.0
+            assert row["blog_converged"]["convergence_warnings"] == 0
             assert isinstance(row["convergence_warnings"], int)
         for name in (experiment.BLOG_ROW, experiment.UNTRAINED_ROW, experiment.PLATEAU_ROW,
                      "flow: PFGM preset"):
             info = s["rows"][name]["info"]
             assert 0 <= info["guarded_fraction"] <= 1 and 0 <= info["on_plane_fraction"] <= 1
-            # flowed: the train and test features and the test set's two augmented views
+            # flowed: the fit, validation and test features and the test set's two views
             assert info["points"] == res["dataset"]["n_train"] + 3 * res["dataset"]["n_test"]
             # the largest flowed norm (train and test) over their median
             assert info["norm_max_over_median"] >= 1.0
@@ -221,6 +227,15 @@ def test_predictions_are_saved_and_paired_against_raw(results):
     assert pooled["n"] == 2 * len(y)
     assert set(res["paired"]["against_raw"]["knn20"]) == {
         name for name, _ in ROWS if name != "raw features"}
+    # the seed-aware statistics: every row x probe against raw, recomputed for one
+    stats = res["stats"]["against_raw"]["tuned"][experiment.BLOG_ROW]
+    per_seed = [float((saved[f"seed{k}/{experiment.BLOG_ROW}/tuned"] == y).mean()
+                      - (saved[f"seed{k}/raw features/tuned"] == y).mean()) for k in (0, 1)]
+    assert stats["per_seed_diff"] == pytest.approx(per_seed)
+    assert stats["mean_diff"] == pytest.approx(np.mean(per_seed))
+    assert {"ci95", "t_p", "mcnemar_p_per_seed", "n_seeds", "n_images", "q_bh",
+            "significant"} <= set(stats)
+    assert res["stats"]["primary"]["row"] == experiment.BLOG_ROW
     head = saved["seed0/encoder head/head"]
     assert float((head == y).mean()) == pytest.approx(
         res["per_seed"][0]["rows"]["encoder head"]["head"]["test"])
@@ -266,9 +281,10 @@ def _toy_features(n_train=200, n_test=80, d=16, seed=0):
 
     ftr, ytr = draw(n_train)
     fte, yte = draw(n_test)
+    fva, yva = draw(n_test)
     views = tuple((fte + 0.01 * rng.standard_normal(fte.shape)).astype(np.float32)
                   for _ in range(2))
-    return experiment.Features(ftr, fte, views), (ytr, yte)
+    return experiment.Features(ftr, fte, views, fva), (ytr, yte, yva)
 
 
 def test_a_row_runs_alone_and_computes_what_it_needs():
@@ -461,9 +477,10 @@ from poissonflow.experiments import experiment, report
 rng = np.random.default_rng(0)
 x = rng.standard_normal((120, 8)); x /= np.linalg.norm(x, axis=1, keepdims=True)
 y = np.arange(120) % 3
-feats = experiment.Features(x[:90].astype(np.float32), x[90:].astype(np.float32), ())
+feats = experiment.Features(x[:60].astype(np.float32), x[90:].astype(np.float32), (),
+                            x[60:90].astype(np.float32))
 run = experiment.RunSettings(seed=0, field_epochs=1)
-graph = experiment.row_graph(feats, (y[:90], y[90:]), run)
+graph = experiment.row_graph(feats, (y[:60], y[90:], y[60:90]), run)
 experiment.evaluate_rows(graph, ["scale control", "flow: exact field"])
 point = {"curve": "c", "knob": "k", "value": 1.0, "fraction": 1.0, "test_accuracy": 0.5,
          "wasserstein_uniformity": 1.0, "uniform_loss": -1.0}
@@ -613,3 +630,74 @@ def test_the_pfgm_plateau_row_is_only_computed_when_asked_for():
     field = graph.get("field: pfgm, plateau").field
     assert (field.preset, field.patience, field.eval_every) == ("pfgm", 5, 100)
     assert rows[experiment.PFGM_PLATEAU_ROW]["dim"] == features.train.shape[1] + 1  # sphere
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def test_validation_split_is_disjoint_from_what_the_encoder_and_fields_trained_on(results):
+    """Per seed: the recorded validation images are a stratified fifth of the training set,
+    fixed by the seed; the encoder and the learned fields were fit on the other images only
+    (their cache keys fingerprint exactly those), and results.json records the split."""
+    from poissonflow.experiments import encoder as enc_mod
+    from poissonflow.experiments.experiment import load_limited
+    from poissonflow.experiments.protocol import VAL_FRACTION, validation_split
+
+    res, out = results
+    dataset = load_limited("digits", None, 240)
+    assert res["protocol"]["val_fraction"] == VAL_FRACTION
+    for s in res["per_seed"]:
+        v = s["validation"]
+        fit_idx, val_idx = validation_split(dataset.y_train, s["seed"])
+        assert v["indices"] == val_idx.tolist() and v["n_val"] == len(val_idx)
+        assert v["n_fit"] + v["n_val"] == res["dataset"]["n_train"]
+        assert not set(fit_idx.tolist()) & set(val_idx.tolist())
+        assert v["n_val"] == math.ceil(VAL_FRACTION * len(dataset.y_train))
+        # stratified: every class in both parts
+        assert set(dataset.y_train[val_idx]) == set(dataset.y_train)
+        # the encoder's cached features are those of a model trained on the fit images only:
+        # encoding the fit images (and the validation images held out) hits that entry
+        fit = dataclasses.replace(dataset, x_train=dataset.x_train[fit_idx],
+                                  y_train=dataset.y_train[fit_idx])
+        settings = experiment.encoder_settings(
+            ExperimentConfig(encoder_epochs=1), "digits", s["seed"])
+        enc = enc_mod.encode_dataset(fit, settings, cache_dir=out / "cache", progress=False,
+                                     x_val=dataset.x_train[val_idx])
+        assert enc.from_cache and len(enc.features_train) == len(fit_idx)
+        assert len(enc.features_val) == len(val_idx)
+        # the fields trained on those features: their cached entry is keyed by them
+        from poissonflow.learned import LearnedField
+
+        from poissonflow.experiments.cache import ArrayCache
+
+        params = LearnedField(preset="blog", seed=s["seed"], device="cpu",
+                              epochs=2).get_params()
+        key = experiment.learned_field_key(params, enc.features_train)
+        assert ArrayCache(out / "cache").path(key).exists()
+    a = validation_split(dataset.y_train, 0)[1]
+    b = validation_split(dataset.y_train, 1)[1]
+    assert a.tolist() != b.tolist()
+    np.testing.assert_array_equal(a, validation_split(dataset.y_train, 0)[1])
+
+
+def test_results_schema_carries_the_protocol_fields(results):
+    res, out = results
+    assert {"stats", "protocol", "cpu_seconds", "seeds_done", "seeds_planned"} <= set(res)
+    for key in ("tuned_Cs", "knn_grid", "labels_per_class", "blog_converged_max_iter",
+                "clip_factor"):
+        assert key in res["protocol"]
+    for s in res["per_seed"]:
+        assert {"fraction", "n_val", "n_fit", "indices", "held_out_from"} <= set(s["validation"])
+        for name in ROWS:
+            row = s["rows"][name[0]]
+            assert set(row["tuned"]["val_accuracies"]) and 0 <= row["tuned"]["val"] <= 1
+        for name in ("flow: blog, far points clipped",
+                     "flow: blog preset, to plateau, far points clipped"):
+            info = s["rows"][name]["info"]
+            assert info["clip_radius"] > 0 and 0 <= info["clipped_fraction"] <= 1
+        for name in ("flow: untrained blog field, unit norm",
+                     "flow: blog preset, to plateau, unit norm"):
+            assert s["rows"][name]["mean_norm"] == pytest.approx(1.0, rel=1e-5)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["per_seed"][0]["validation"]["indices"] == \
+        res["per_seed"][0]["validation"]["indices"]
