@@ -175,3 +175,63 @@ def test_mark_significance_primary_alone_rest_corrected():
     out = stats.mark_significance(fam, primary=None)
     assert [out[k]["p_adjusted"] for k in fam] == pytest.approx([0.04, 0.03, 0.04, None])
     assert list(out) == list(fam) and "primary" not in fam[("a", "r1", "tuned")]
+
+
+def _fake_run(tmp_path, name="cifar10-subset", n_seeds=3, n_test=60):
+    """A run folder as the experiment writes it: results.json (the parts reanalyse reads) and
+    predictions.npz (report.write_predictions)."""
+    import json
+
+    from poissonflow.experiments.report import write_predictions
+
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 3, n_test)
+    rows = ["encoder head", "raw features", "flow: blog preset", "ZCA whitening"]
+    preds = {}
+    for s in range(n_seeds):
+        def noisy(p_wrong):
+            return np.where(rng.random(n_test) < p_wrong, (y + 1) % 3, y)
+        preds[s] = ({"encoder head": {"head": noisy(0.4)},
+                     "raw features": {"blog": noisy(0.3), "tuned": noisy(0.3)},
+                     "flow: blog preset": {"blog": noisy(0.3), "tuned": noisy(0.35)},
+                     "ZCA whitening": {"blog": noisy(0.25), "tuned": noisy(0.3)}}, y)
+    run = tmp_path / name
+    write_predictions(preds, run)
+    (run / "results.json").write_text(json.dumps({
+        "config": {}, "dataset": {"name": name, "n_train": 1, "n_test": n_test},
+        "per_seed": [{"seed": s, "rows": {r: {} for r in rows}} for s in range(n_seeds)],
+        "summary": {}}))
+    return run, preds
+
+
+def test_reanalyse_a_run_and_render_the_verdict(tmp_path):
+    from poissonflow.experiments import reanalyse, verdict
+
+    run, preds = _fake_run(tmp_path)
+    out = reanalyse.reanalyse_run(run, n_boot=200)
+    assert list(out["against_raw"]) == ["tuned", "blog"]
+    assert list(out["against_raw"]["tuned"]) == ["flow: blog preset", "ZCA whitening"]
+    prim = out["against_raw"]["tuned"]["flow: blog preset"]
+    assert prim["primary"] and out["method"]["family_size"] == 3 + 3
+    # the same numbers as paired_summary on the raw predictions
+    ref = stats.paired_summary([p[0]["flow: blog preset"]["tuned"] == p[1] for p in preds.values()],
+                               [p[0]["raw features"]["tuned"] == p[1] for p in preds.values()],
+                               n_boot=200)
+    assert {k: prim[k] for k in ref} == ref
+    assert (run / "seed_aware.json").exists() and "| flow: blog preset |" in (
+        run / "seed_aware.md").read_text()
+    loaded = reanalyse.load_predictions(run, ["encoder head", "raw features",
+                                              "flow: blog preset", "ZCA whitening"])
+    np.testing.assert_array_equal(loaded[1][0]["ZCA whitening"]["blog"],
+                                  preds[1][0]["ZCA whitening"]["blog"])
+    runs = verdict.load_runs(tmp_path, ["cifar10-subset"])
+    table = verdict.verdict_table(runs, ["cifar10-subset"])
+    assert "| blog flow (200 epochs) | tuned probe |" in table
+    assert verdict.plus3_table(runs, ["cifar10-subset"]).count("\n") == 2
+    page = tmp_path / "page.md"
+    page.write_text("x\n<!-- generated:verdict-table -->\nold\n<!-- /generated:verdict-table -->\ny\n")
+    pytest.importorskip("matplotlib")
+    verdict.render_page(tmp_path, page, repo=tmp_path, runs=["cifar10-subset"])
+    text = page.read_text()
+    assert "old" not in text and table in text and text.startswith("x\n") and text.endswith("y\n")
+    assert (tmp_path / verdict.FOREST_PNG).exists() and (tmp_path / verdict.PLUS3_PNG).exists()
