@@ -235,3 +235,13 @@ def test_reanalyse_a_run_and_render_the_verdict(tmp_path):
     text = page.read_text()
     assert "old" not in text and table in text and text.startswith("x\n") and text.endswith("y\n")
     assert (tmp_path / verdict.FOREST_PNG).exists() and (tmp_path / verdict.PLUS3_PNG).exists()
+
+
+def test_significance_needs_the_interval_too():
+    fam = {"a": {"t_p": 0.001, "ci95": [-0.2, 1.0]}, "b": {"t_p": 0.001, "ci95": [0.1, 1.0]},
+           "p": {"t_p": 0.01, "ci95": [-1.0, -0.1]}, "q": {"t_p": 0.01, "ci95": [-1.0, 0.0]}}
+    out = stats.mark_significance(fam, primary="p")
+    assert not out["a"]["significant"] and out["b"]["significant"] and out["p"]["significant"]
+    assert not out["q"]["significant"]
+    out = stats.mark_significance(fam, primary="q", require_interval=False)
+    assert out["a"]["significant"] and out["q"]["significant"]

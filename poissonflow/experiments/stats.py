@@ -187,16 +187,25 @@ def benjamini_hochberg(pvalues: Sequence[float | None]) -> list[float | None]:
     return out
 
 
+def _interval_excludes_zero(summary: Mapping[str, Any]) -> bool:
+    ci = summary.get("ci95")
+    return ci is None or not (ci[0] <= 0.0 <= ci[1])
+
+
 def mark_significance(results: Mapping[Any, Mapping[str, Any]],
                       primary: Any = None, alpha: float = 0.05,
-                      p_key: str = "t_p") -> dict[Any, dict[str, Any]]:
+                      p_key: str = "t_p", require_interval: bool = True
+                      ) -> dict[Any, dict[str, Any]]:
     """The study's significance rule over a family of comparisons.
 
     results: {key: summary} with summaries as returned by `paired_summary` (any mapping with a
     p-value under `p_key`); key is whatever names a comparison, e.g. (data set, row, probe).
     primary: the key of the declared primary comparison (absent from results: no primary).
     The primary comparison is tested alone at alpha; the others are adjusted together by
-    Benjamini-Hochberg and tested at alpha. Returns {key: summary + {"primary": bool,
+    Benjamini-Hochberg and tested at alpha. require_interval: a comparison is significant only
+    if, besides, its two-level interval ("ci95", at the same alpha) excludes 0: the t-test over
+    seeds holds the test images fixed and the interval lets them vary, so the mark needs both
+    (docs/DESIGN.md, "Statistics of the study"). Returns {key: summary + {"primary": bool,
     "p_adjusted": float | None (the primary's own p), "significant": bool}}; a comparison
     without a p-value is never significant. The input is not modified."""
     out: dict[Any, dict[str, Any]] = {}
@@ -204,12 +213,14 @@ def mark_significance(results: Mapping[Any, Mapping[str, Any]],
     adjusted = benjamini_hochberg([results[k].get(p_key) for k in rest])
     for k, adj in zip(rest, adjusted):
         out[k] = {**results[k], "primary": False, "p_adjusted": adj,
-                  "significant": adj is not None and adj < alpha}
+                  "significant": adj is not None and adj < alpha and (
+                      not require_interval or _interval_excludes_zero(results[k]))}
     if primary in results:
         p = results[primary].get(p_key)
         ok = p is not None and not math.isnan(float(p))
         out[primary] = {**results[primary], "primary": True, "p_adjusted": p if ok else None,
-                        "significant": ok and float(p) < alpha}
+                        "significant": ok and float(p) < alpha and (
+                            not require_interval or _interval_excludes_zero(results[primary]))}
     return {k: out[k] for k in results}
 
 
