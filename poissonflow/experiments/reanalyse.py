@@ -26,7 +26,7 @@ import numpy as np
 from .._io import atomic_write_bytes, atomic_write_text
 from . import stats
 
-__all__ = ["run_statistics", "load_predictions", "reanalyse_run", "RUNS", "main"]
+__all__ = ["run_statistics", "load_predictions", "reanalyse_run", "check_run", "RUNS", "main"]
 
 RAW = "raw features"
 HEAD = "encoder head"
@@ -205,6 +205,56 @@ def reanalyse_run(run_dir: str | Path, *, run: str | None = None, n_boot: int = 
     return out
 
 
+def check_run(run_dir: str | Path, *, only: list[tuple[str, str]] | None = None,
+              source: str = "seed_aware.json") -> list[str]:
+    """Recomputes a run's committed seed-aware statistics from its committed predictions.npz
+    (same n_boot and bootstrap seed as recorded) and lists every disagreement: the
+    predictions' SHA-256, and per comparison (probe, row) the mean difference, interval, t-test
+    and per-seed figures. only: the (probe, row) pairs to recompute (default all; the blog
+    comparisons are checked when only is None). source: "seed_aware.json" or "results.json"
+    (its "seed_aware" key). An empty list: the committed intervals are the recomputed ones."""
+    run_dir = Path(run_dir)
+    if source == "results.json":
+        committed = json.loads((run_dir / source).read_text(encoding="utf-8"))["seed_aware"]
+    else:
+        committed = json.loads((run_dir / source).read_text(encoding="utf-8"))
+        if committed.get("inputs", {}).get("predictions.npz") != _sha256(
+                run_dir / "predictions.npz"):
+            return [f"{run_dir}: predictions.npz is not the file the statistics were computed from"]
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    preds = load_predictions(run_dir, list(results["per_seed"][0]["rows"]))
+    m = committed["method"]
+    if [int(s) for s in preds] != m["seeds"]:
+        return [f"{run_dir}: seeds {list(preds)} in predictions.npz, {m['seeds']} committed"]
+    keys = ("mean_diff", "ci95", "t_p", "per_seed_diff", "mcnemar_p_per_seed")
+    bad = []
+    pairs = only or [(pr, row) for pr, rows in committed["against_raw"].items() for row in rows]
+    for probe, row in pairs:
+        got = stats.paired_summary(_correct(preds, row, probe), _correct(preds, RAW, probe),
+                                   n_boot=m["n_boot"], seed=m["bootstrap_seed"],
+                                   alpha=m["alpha"])
+        want = committed["against_raw"][probe][row]
+        bad += [f"{run_dir}: {row} / {probe}: {k} committed {want[k]}, recomputed {got[k]}"
+                for k in keys if not _close(want[k], got[k])]
+    if only is None:
+        for label, a, b in BLOG_COMPARISONS:
+            if label not in committed.get("blog_comparison", {}):
+                continue
+            got = stats.paired_summary(_correct(preds, *b), _correct(preds, *a),
+                                       n_boot=m["n_boot"], seed=m["bootstrap_seed"],
+                                       alpha=m["alpha"])
+            want = committed["blog_comparison"][label]
+            bad += [f"{run_dir}: {label}: {k} committed {want[k]}, recomputed {got[k]}"
+                    for k in keys if not _close(want[k], got[k])]
+    return bad
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-9, atol=1e-12))
+
+
 def _head_accuracy(preds) -> list[float] | None:
     accs = []
     for rows, y in preds.values():
@@ -232,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="docs/results")
     ap.add_argument("--n-boot", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", action="store_true",
+                    help="recompute the named runs' committed seed-aware statistics from their "
+                    "predictions.npz and report any disagreement, writing nothing")
     ap.add_argument("--verdict", nargs="?", const="poissonflow/experiments/README.md",
                     help="also render the verdict page's generated parts (table, figures) "
                     "into this file (default %(const)s)")
@@ -242,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         dirs += [root / r for r, _ in RUNS if (root / r / "predictions.npz").exists()]
     if not dirs and not args.verdict:
         ap.error("name run folders or --all")
+    if args.check:
+        bad = [line for d in dirs for line in check_run(d)]
+        for line in bad:
+            print(line, file=sys.stderr)
+        print(f"{len(dirs)} run(s) checked: "
+              + ("the committed statistics are the recomputed ones" if not bad
+                 else f"{len(bad)} disagreement(s)"), file=sys.stderr)
+        return 1 if bad else 0
     for d in dirs:
         out = reanalyse_run(d, n_boot=args.n_boot, seed=args.seed)
         print(f"{d}: {sum(len(v) for v in out['against_raw'].values())} comparisons with the raw "

@@ -199,14 +199,15 @@ def plot_forest(stats: dict[str, dict[str, Any]], path: str | Path,
                     ax.plot([s["mean_diff"]], [y], "o", ms=12, mfc="none", mec="black", mew=1.2)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(ptitle)
-        ax.set_xlabel("accuracy − raw features' accuracy (points), two-level 95% interval")
+        ax.set_xlabel("Δ accuracy vs raw features (points)")
         ax.grid(axis="x", alpha=0.3)
     ticks = [-(i * (n_runs + 1) + (n_runs - 1) / 2) for i in range(len(MAIN_ROWS))]
     axes[0][0].set_yticks(ticks)
     axes[0][0].set_yticklabels([t for _, t in MAIN_ROWS])
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    save_png(plt, fig, Path(path), "Does a Poisson flow make features better for a linear probe? "
-             "(filled: significant after correction; ringed: the primary comparison)")
+    save_png(plt, fig, Path(path), "Every flow against the raw features: mean over seeds, "
+             "two-level 95% interval\n(filled: significant after correction; ringed: the "
+             "primary comparison)")
 
 
 def plot_plus3(stats: dict[str, dict[str, Any]], path: str | Path,
@@ -247,7 +248,10 @@ def plot_plus3(stats: dict[str, dict[str, Any]], path: str | Path,
         ax.set_xticks(range(3))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylabel("test accuracy (%), mean over seeds")
-        ax.set_title(f"{_label(run)} ({_n_seeds(stats[run])} seeds)", fontsize=9)
+        t = p["total"]
+        ax.set_title(f"{_label(run)} ({_n_seeds(stats[run])} seeds)\nthe blog's comparison, "
+                     + _minus(f"flowed LR − head: {t['mean_diff']:+.1f} "
+                              f"[{t['ci95'][0]:+.1f}, {t['ci95'][1]:+.1f}]"), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     save_png(plt, fig, Path(path), 'The blog\'s "+3": head → LR on raw → LR on flowed')
 
