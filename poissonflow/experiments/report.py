@@ -107,12 +107,13 @@ def _pct(x: float) -> str:
 
 
 def comparison_cell(cmp: dict | None, n_seeds_sig: int | None = None,
-                    n_seeds: int = 0) -> str:
-    """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (pooled McNemar)."""
+                    n_seeds: int = 0, star: bool = True) -> str:
+    """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (McNemar) unless star is
+    False."""
     if cmp is None:
         return "–"
     lo, hi = cmp["ci"]
-    star = "*" if cmp["p_mcnemar"] < 0.05 else ""
+    star = "*" if star and cmp["p_mcnemar"] < 0.05 else ""
     cell = f"{_pct(cmp['diff'])} [{_pct(lo)}, {_pct(hi)}] p={cmp['p_mcnemar']:.2g}{star}"
     if n_seeds_sig is not None:
         cell += f" ({n_seeds_sig}/{n_seeds})"
@@ -150,12 +151,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         warn = _sum_over_seeds(results, name, ("convergence_warnings",))
         cells.append("–" if warn is None else str(warn))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if results.get("seed_aware"):
-        lines += ["", seed_aware_markdown(results["seed_aware"], heading=False)]
+    seed_aware = results.get("seed_aware")
+    if seed_aware:
+        lines += ["", seed_aware_markdown(seed_aware, heading=False, before_after=False)]
     paired = results.get("paired")
     if paired:
-        lines += ["", _paired_table(paired, n)]
-        lines += ["", _blog_comparison(paired, n)]
+        lines += ["", _paired_table(paired, n, seed_aware=bool(seed_aware))]
+        if not seed_aware:
+            lines += ["", _blog_comparison(paired, n)]
     lines += [
         "",
         "Train accuracies and representation metrics (alignment: lower is closer views; "
@@ -224,14 +227,25 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
+def _paired_table(paired: dict[str, Any], n_seeds: int, seed_aware: bool = False) -> str:
+    if seed_aware:
+        intro = ("The earlier, image-only analysis, kept for comparison (not significance "
+                 "claims: the seed-aware table above is the analysis): every row against the "
+                 "raw features, pooled over seeds, with a bootstrap 95% interval that resamples "
+                 "images within each seed and holds the seeds fixed, the pooled exact McNemar "
+                 "p-value, and (k/n) the seeds whose own McNemar test has p < 0.05. Pooling "
+                 "treats each (seed, image) as an item although the test images recur in "
+                 "every seed.")
+    else:
+        intro = ("Every row against the raw features, image by image (same encoder, same test "
+                 "images): test accuracy difference in points, pooled over seeds, with its "
+                 "bootstrap 95% interval (images resampled within each seed) and the exact "
+                 "McNemar p-value; * marks p < 0.05, and (k/n) counts the seeds whose own "
+                 "McNemar test has p < 0.05. Pooling treats each (seed, image) as an item "
+                 "although the test images recur in every seed, so the per-seed counts are the "
+                 "conservative reading.")
     lines = [
-        "Every row against the raw features, image by image (same encoder, same test images): "
-        "test accuracy difference in points, pooled over seeds, with its bootstrap 95% "
-        "interval (images resampled within each seed) and the exact McNemar p-value; * marks "
-        "p < 0.05, and (k/n) counts the seeds whose own McNemar test has p < 0.05. Pooling "
-        "treats each (seed, image) as an item although the test images recur in every seed, "
-        "so the per-seed counts are the conservative reading.",
+        intro,
         "",
         "| row | " + " | ".join(f"Δ {t}" for _, t in PROBES) + " |",
         "|---|" + "---|" * len(PROBES),
@@ -246,7 +260,8 @@ def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
                 cells.append("–")
                 continue
             sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
-            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"])))
+            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"]),
+                                         star=not seed_aware))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -295,7 +310,8 @@ def seed_aware_cell(s: dict | None, *, p: bool = True) -> str:
     return cell
 
 
-def seed_aware_markdown(sa: dict[str, Any], heading: bool = True) -> str:
+def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
+                        before_after: bool = True) -> str:
     """The seed-aware tables of one run (reanalyse.run_statistics / seed_aware.json): every row
     x probe against the raw features, the blog's comparisons with per-seed differences, and,
     where the run's earlier image-only intervals are known, the two side by side."""
@@ -336,7 +352,8 @@ def seed_aware_markdown(sa: dict[str, Any], heading: bool = True) -> str:
             per = _minus(", ".join(f"{v:+.1f}" for v in s["per_seed_diff"]))
             lines.append(f"| {label} | {seed_aware_cell(s)} | {per} |")
     before = [(pr, row, against[pr][row]) for pr in probes for row in rows
-              if row in against[pr] and against[pr][row].get("reported_image_only")]
+              if before_after and row in against[pr]
+              and against[pr][row].get("reported_image_only")]
     if before:
         lines += ["", "Before and after: the run's earlier interval (images resampled within "
                   "each seed, seeds fixed; pooled McNemar p) against the two-level one "
@@ -484,7 +501,23 @@ def rerender(results_json: str | Path) -> None:
     """Render results.md and the plot again from a results.json (after a change to this
     module), next to that file; the JSON itself is left as it is."""
     path = Path(results_json)
-    render_outputs(load_results(path), path.parent)
+    render_outputs(_with_side_file(load_results(path), path.parent), path.parent)
+
+
+def _with_side_file(results: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The results with the seed-aware statistics of a re-analysis (seed_aware.json beside
+    them, written by reanalyse) where the results themselves do not carry them."""
+    side = Path(folder) / "seed_aware.json"
+    if results.get("seed_aware") or not side.exists():
+        return results
+    return {**results, "seed_aware": json.loads(side.read_text(encoding="utf-8"))}
+
+
+def rerender_table(results_json: str | Path) -> None:
+    """Only results.md again (with a seed_aware.json beside it), the plots left as they are."""
+    path = Path(results_json)
+    results = _with_side_file(load_results(path), path.parent)
+    atomic_write_text(path.parent / "results.md", markdown_table(results) + "\n")
 
 
 def _jsonable(obj):
