@@ -25,6 +25,7 @@ import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_text
 from . import stats
+from .verdict import RUNS, render_page
 
 __all__ = ["run_statistics", "load_predictions", "reanalyse_run", "check_run", "RUNS", "main"]
 
@@ -44,12 +45,6 @@ BLOG_COMPARISONS = [
 # probes unknown here (added by a later protocol) follow in the order the run saved them.
 PROBE_ORDER = ["tuned", "blog", "blog_converged", "knn20", "knn200", "labels1%", "labels10%"]
 
-# The committed runs the verdict reads, (folder under docs/results, label).
-RUNS = [
-    ("digits-d8", "digits 8-d"), ("digits-d16", "digits 16-d"), ("digits-d32", "digits 32-d"),
-    ("digits-d128", "digits 128-d"), ("digits", "digits 128-d (default run)"),
-    ("digits/faithful", "digits 128-d --faithful"), ("cifar10-subset", "CIFAR-10 subset 128-d"),
-]
 
 
 def load_predictions(run_dir: str | Path, rows: list[str] | None = None
@@ -309,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
               f"features, {len(out['blog_comparison'])} blog comparisons -> "
               f"{d / 'seed_aware.json'}", file=sys.stderr)
     if args.verdict:
-        from .verdict import render_page
-
         render_page(root, Path(args.verdict),
                     pages=[p for p in ("docs/BLOG_FAITHFULNESS.md",) if Path(p).exists()])
     return 0

@@ -19,11 +19,17 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text
-from .reanalyse import RUNS
 from .report import _minus, pyplot, save_png, seed_aware_cell
 
-__all__ = ["MAIN_ROWS", "VERDICT_RUNS", "load_runs", "verdict_table", "before_after_table",
+__all__ = ["RUNS", "MAIN_ROWS", "VERDICT_RUNS", "load_runs", "verdict_table", "before_after_table",
            "plus3_table", "faithful_table", "plot_forest", "plot_plus3", "render_page"]
+
+# The committed runs the verdict reads, (folder under docs/results, label).
+RUNS = [
+    ("digits-d8", "digits 8-d"), ("digits-d16", "digits 16-d"), ("digits-d32", "digits 32-d"),
+    ("digits-d128", "digits 128-d"), ("digits", "digits 128-d (default run)"),
+    ("digits/faithful", "digits 128-d --faithful"), ("cifar10-subset", "CIFAR-10 subset 128-d"),
+]
 
 # The rows of the verdict (the flows, and whitening: uniformity without a flow), and the runs
 # of its columns; the other rows and runs are in each run's seed_aware.md.
