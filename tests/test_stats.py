@@ -36,7 +36,7 @@ def test_mean_per_seed_and_ttest_match_scipy():
     assert out["n_seeds"] == 5 and out["n_images"] == 300
 
 
-def test_issue_example_per_seed_values_give_the_quoted_t_test():
+def test_per_seed_values_of_the_cifar_plateau_row_give_their_t_test():
     # per-seed differences +1.1, +1.2, -0.1, -0.4, +1.2 (points) -> t-test p about 0.16
     assert stats.ttest_over_seeds([1.1, 1.2, -0.1, -0.4, 1.2])[1] == pytest.approx(0.16, abs=0.01)
 
