@@ -261,7 +261,9 @@ def _inject_noise(z, target: str, sigma: float, generator) -> torch.Tensor:
     return z + sigma * e
 
 
-def riesz_uniformity_loss(x, s, *, bank=None, normalize: bool = True, backend: str = "auto"):
+def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
+                          bank: torch.Tensor | FeatureBank | None = None,
+                          normalize: bool = True, backend: str = "auto") -> torch.Tensor:
     """Riesz s-energy uniformity: the log of the mean inverse s-th power distance over pairs,
 
         L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),
