@@ -258,6 +258,7 @@ def test_config_errors_name_the_option(tmp_path):
         ({"dataset": "mnist"}, "--dataset"),
         ({"limit": 5}, "--limit"),
         ({"riesz_weight": 0.0}, "--riesz-weight"),
+        ({"weight_grid": (1.0, -4.0)}, "--weight-grid"),
         ({"validate_only": True, "objectives": ("infonce",)}, "--validate-only"),
         ({"validate_only": True, "riesz_s": 1.0}, "--validate-only"),
     ]:
@@ -280,7 +281,7 @@ def test_end_to_end_tiny_and_resumes(tmp_path, one_thread):
     cfg = SSLExperimentConfig(objectives=("align_uniform", "align_riesz"), seeds=(0,), epochs=1,
                               batch_size=32, s_grid=(1.0, 2.0), bank_size=64,
                               rows=("raw features", "L2 (centred)"), limit=100,
-                              out_dir=str(tmp_path / "out"))
+                              weight_grid=(1.0, 4.0), out_dir=str(tmp_path / "out"))
     first = run_ssl_experiment(cfg)
     out = tmp_path / "out"
     for name in ("results.json", "results.md", "alignment_uniformity.png", "s_validation.png"):
@@ -292,6 +293,16 @@ def test_end_to_end_tiny_and_resumes(tmp_path, one_thread):
     assert [r["objective"] for r in recs] == ["align_uniform", "align_riesz"]
     assert all(r["epochs"] == 1 and r["train_seconds"] > 0 for r in recs)
     assert recs[1]["objective_settings"]["s"] == data["s_validation"]["chosen_s"]
+    # the uniformity weights chosen on the validation split, and used
+    wv = data["weight_validation"]
+    assert set(wv) == {"align_uniform", "align_riesz"}
+    for r in recs:
+        assert [p["weight"] for p in wv[r["objective"]]["points"]] == [1.0, 4.0]
+        assert r["objective_settings"]["uniform_weight"] == wv[r["objective"]]["chosen"]
+        # trained on the fit images only; the validation split recorded
+        v = r["validation"]
+        assert v["n_fit"] + v["n_val"] == data["dataset"]["n_train"] and v["n_val"] >= 10
+    assert set(data["seed_aware"]) == {"align_uniform", "align_riesz"}
     for r in recs:
         assert set(r["rows"]) == {"raw features", "L2 (centred)"}
         assert 0 <= r["rows"]["raw features"]["tuned"]["test"] <= 1

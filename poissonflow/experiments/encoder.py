@@ -346,11 +346,12 @@ class TrainResult:
 
 
 def _resolve_device(device) -> torch.device:
-    dev = torch.device(device)
+    """The library's device resolution (learned._resolve_device), limited to cpu and cuda."""
+    from ..learned import _resolve_device as resolve
+
+    dev = resolve(device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available")
     return dev
 
 

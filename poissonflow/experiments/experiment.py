@@ -71,8 +71,8 @@ import torch
 
 from .. import metrics
 from .encoder import MAX_FEATURE_DIM, MIN_FEATURE_DIM
-from .protocol import VAL_FRACTION
 from .probes import knn_predict, knn_tuned, labels_per_class_probe, linear_probe
+from .protocol import VAL_FRACTION
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
            "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
@@ -241,8 +241,8 @@ def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str
     options), the versions that determine the trained weights and the file layout, and a
     fingerprint of the training features."""
     from .. import __version__
-    from .cache import arrays_sha256, cache_key
     from ..learned import FILE_FORMAT
+    from .cache import arrays_sha256, cache_key
 
     settings = {k: v for k, v in params.items() if k not in _DISPLAY_ONLY}
     return cache_key(
@@ -270,8 +270,8 @@ def _fit_field(preset: str, train: bool = True, plateau: bool = False):
     costs nothing), the blog's published code's field."""
 
     def make(features, run):
-        from .cache import ArrayCache
         from ..learned import LearnedField
+        from .cache import ArrayCache
 
         name = run.blog_preset if preset == "blog" else preset
         kwargs = {"preset": name, "seed": run.seed, "device": run.device}
@@ -827,7 +827,7 @@ def _run(cfg: ExperimentConfig) -> dict[str, Any]:
 def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[str, Any]:
     from .. import __version__
     from . import report
-    from .protocol import seed_aware_statistics
+    from .protocol import _compare, run_name
 
     results = {
         "config": dataclasses.asdict(cfg),
@@ -842,7 +842,7 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
         "summary": report.summarise(per_seed),
         "paired": report.paired_statistics(predictions),
         # seed-aware: seeds and test images resampled together, t-test over seeds, corrected
-        "stats": seed_aware_statistics(predictions, [k for k, _ in report.PROBES]),
+        "seed_aware": _compare(predictions, run_name(cfg.out_dir)),
         "protocol": protocol_record(),
         "seconds": time.perf_counter() - t0,
         # CPU time of the seeds (each when it was computed; one thread: its compute)

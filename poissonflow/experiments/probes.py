@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ProbeResult", "linear_probe", "low_label_probe", "knn_accuracy", "knn_predict",
-           "knn_tuned", "DEFAULT_CS", "KNN_GRID", "CONVERGED_MAX_ITER"]
+__all__ = [
+    "CONVERGED_MAX_ITER",
+    "DEFAULT_CS",
+    "KNN_GRID",
+    "ProbeResult",
+    "knn_accuracy",
+    "knn_predict",
+    "knn_tuned",
+    "labels_per_class_probe",
+    "linear_probe",
+    "low_label_probe",
+]
 
 # The regularisation grid of the tuned probe: logistic regression's inverse strength C from
 # 1e-3 to 1e3, a decade apart.
@@ -273,7 +283,7 @@ def _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scale
         val_accuracies=val_acc,
         convergence_warnings=log.messages,
         test_predictions=final.predict(scaled_te),
-        n_train_used=int(len(fit_y)),
+        n_train_used=len(fit_y),
         n_iter=int(np.max(final.n_iter_)),
     )
 
@@ -338,7 +348,7 @@ def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: 
         mode="low-label",
         convergence_warnings=log.messages,
         test_predictions=model.predict(scaled_te),
-        n_train_used=int(len(idx)),
+        n_train_used=len(idx),
     )
 
 

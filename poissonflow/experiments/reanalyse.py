@@ -43,7 +43,8 @@ BLOG_COMPARISONS = [
 
 # The probes' order in tables: the two of the verdict first, then the others as in report.PROBES;
 # probes unknown here (added by a later protocol) follow in the order the run saved them.
-PROBE_ORDER = ["tuned", "blog", "blog_converged", "knn20", "knn200", "labels1%", "labels10%"]
+PROBE_ORDER = ["tuned", "blog", "blog_converged", "knn20", "knn", "knn200", "labels1perclass",
+               "labels10perclass", "labels1%", "labels10%"]
 
 
 

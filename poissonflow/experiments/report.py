@@ -63,7 +63,10 @@ def _get(row: dict, path: tuple[str, ...]):
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
-    vals = [float(v) for v in values if v is not None]
+    """Mean, std (ddof 1), n, min and max of the values that are numbers (None and NaN
+    skipped); None when there are none. Shared by both drivers."""
+    vals = [float(v) for v in values if v is not None and not
+            (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return None
     arr = np.asarray(vals)
@@ -526,6 +529,12 @@ def rerender_table(results_json: str | Path) -> None:
 
 
 def _jsonable(obj):
+    """A JSON-ready copy: numpy scalars and arrays as Python numbers and lists, non-finite
+    floats as None, paths as strings (both drivers' results)."""
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -49,11 +49,10 @@ SSL_VERSION = 1
 
 
 def _positive(value, name: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+    """The package's one positive-number check (learned._check_positive)."""
+    from ..learned import _check_positive
+
+    return _check_positive(value, name, allow_zero=allow_zero)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -431,11 +430,12 @@ class SSLFeatures:
     key: str
     from_cache: bool
     train_seconds: float
+    features_val: np.ndarray | None = None  # of encode_ssl's x_val (held out from training)
 
 
 def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
                settings: SSLSettings, *, device="cpu", cache_dir: str | Path | None = None,
-               progress: bool = False) -> SSLFeatures:
+               progress: bool = False, x_val=None) -> SSLFeatures:
     """Trains (unless cached) and extracts the features. The cache key covers the objective's,
     the augmentation's and the run's settings, SSL_VERSION, the torch version, the device type
     and `fingerprint` (of the images: Dataset.fingerprint() or cache.arrays_sha256)."""
@@ -464,6 +464,8 @@ def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
             "view_b_test": extract(model, x_test, augmentation=augmentation,
                                    seed=settings.seed + 3),
         }
+        if x_val is not None:  # images the encoder never trained on (the fingerprint's part)
+            arrays["features_val"] = extract(model, x_val)
         return arrays, {"epoch_loss": history.epoch_loss, "epoch_seconds": history.epoch_seconds}
 
     if cache_dir is None:
@@ -474,7 +476,7 @@ def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
     hist = SSLHistory(list(meta["epoch_loss"]), list(meta["epoch_seconds"]))
     return SSLFeatures(arrays["features_train"], arrays["features_test"],
                        (arrays["view_a_test"], arrays["view_b_test"]), hist, key, hit,
-                       hist.seconds)
+                       hist.seconds, arrays.get("features_val"))
 
 
 def describe(objective) -> dict[str, Any]:

@@ -12,12 +12,15 @@ the PFGM flow, the exact flow) with its probes (blog LR, tuned linear, cosine k-
 labels) through `experiment.row_graph` / `experiment.evaluate_rows` (imported, not copied; the
 learned fields are cached by the experiment's own keys). Scored rows are cached too.
 
-Before the runs, when align_riesz is among the objectives and --riesz-s is "validate" (the
-default), the Riesz exponent s is chosen on digits-style validation: the train set is split
-80 / 20 (stratified, seed 0), one encoder per s in --s-grid is trained on the 80% (seed 0), and
-the s whose features give the best tuned-probe accuracy on the 20% wins (ties: the smaller s).
-Wang & Isola's align_uniform is trained on the same split as the reference. The test set is
-not looked at. The curve goes into results.json / results.md / s_validation.png.
+Every encoder trains on its seed's fit images only; the seed's validation split (protocol.py:
+a stratified fifth of the training images) chooses the probes' C and k, and the test set is
+scored once. Before the runs, when align_riesz is among the objectives and --riesz-s is
+"validate" (the default), the Riesz exponent s is chosen on seed 0's split: one encoder per s
+in --s-grid is trained on its fit images (seed 0), and the s whose features give the best
+tuned-probe accuracy on its validation images wins (ties: the smaller s). Wang & Isola's
+align_uniform is trained on the same split as the reference. Then the uniformity weight of
+align_uniform and of align_riesz (at the chosen s) is chosen the same way from --weight-grid
+(default 1 4 16; results.json "weight_validation"). The test set is not looked at. The curve goes into results.json / results.md / s_validation.png.
 
 Outputs in --out: results.json (every seed's rows, the summary over seeds, paired tests against
 the raw features, the s curve, epochs and wall times), results.md, alignment_uniformity.png
@@ -41,8 +44,9 @@ import torch
 
 from . import ssl as _ssl
 from .augment import augmentation_for
-from .experiment import (RAW_ROW, ConfigError, Features, RunSettings, evaluate_rows,
+from .experiment import (RAW_ROW, ConfigError, Features, RunSettings, _is_int, evaluate_rows,
                          representation_metrics, row_graph)
+from .report import _jsonable, _stats
 
 __all__ = ["SSLExperimentConfig", "validate_config", "run_ssl_experiment", "add_arguments",
            "config_from_args", "main", "DEFAULT_ROWS", "S_GRID", "EPOCHS", "validate_s",
@@ -59,8 +63,15 @@ BATCH = {"digits": 128, "cifar10-subset": 256, "cifar10": 256}
 BANK = {"digits": 1024, "cifar10-subset": 4096, "cifar10": 4096}
 # Part of the scored rows' cache key: bump when the scoring of rows changes.
 # 2: the probes scale with one StandardScaler fit on all training features (probes.py).
-ROWS_CACHE_VERSION = 2
-PROBE_KEYS = ("blog", "tuned", "knn20", "knn200", "labels1%", "labels10%")
+# 3: the protocol's validation split (protocol.py) and probes (experiment.score_row).
+ROWS_CACHE_VERSION = 3
+PROBE_KEYS = ("blog", "tuned", "blog_converged", "knn20", "knn", "labels1perclass",
+              "labels10perclass")
+# The uniformity weights tried on the validation split, for align_uniform and (at the chosen
+# s) align_riesz: at weight 1 the Riesz term barely uniformises (CIFAR-10 subset: uniform_loss
+# -0.61 against align_uniform's -3.06).
+WEIGHT_GRID = (1.0, 4.0, 16.0)
+WEIGHTED = ("align_uniform", "align_riesz")
 
 
 @dataclasses.dataclass
@@ -74,7 +85,9 @@ class SSLExperimentConfig:
     riesz_s: float | str = "validate"
     s_grid: tuple[float, ...] = S_GRID
     bank_size: int | None = None  # None: BANK[dataset]
-    riesz_weight: float = 1.0  # align_riesz's uniform_weight (Wang & Isola's 1 / 1 weights)
+    riesz_weight: float = 1.0  # align_riesz's uniform_weight while s is chosen
+    # uniformity weights of WEIGHTED chosen on the validation split (empty: riesz_weight and 1)
+    weight_grid: tuple[float, ...] = WEIGHT_GRID
     validate_only: bool = False  # only the s validation (no encoders on the full train set)
     rows: tuple[str, ...] = DEFAULT_ROWS
     out_dir: str = "results/ssl-digits"
@@ -89,10 +102,6 @@ class SSLExperimentConfig:
             self, epochs=self.epochs or EPOCHS[self.dataset],
             batch_size=self.batch_size or BATCH[self.dataset],
             bank_size=self.bank_size if self.bank_size is not None else BANK[self.dataset])
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def validate_config(cfg: SSLExperimentConfig) -> None:
@@ -129,6 +138,10 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
     if cfg.validate_only and ("align_riesz" not in objs or cfg.riesz_s != "validate"):
         raise ConfigError("--validate-only", "needs align_riesz among --objectives and "
                                              "--riesz-s validate")
+    wgrid = tuple(cfg.weight_grid) if isinstance(cfg.weight_grid, (list, tuple)) else None
+    if wgrid is None or any(isinstance(w, bool) or not isinstance(w, (int, float)) or
+                            not math.isfinite(w) or w <= 0 for w in wgrid):
+        raise ConfigError("--weight-grid", f"must be numbers > 0, got {cfg.weight_grid!r}")
     grid = tuple(cfg.s_grid) if isinstance(cfg.s_grid, (list, tuple)) else ()
     if not grid or any(isinstance(s, bool) or not isinstance(s, (int, float)) or
                        not math.isfinite(s) or s <= 0 for s in grid):
@@ -163,10 +176,15 @@ def _settings(cfg: SSLExperimentConfig, seed: int) -> _ssl.SSLSettings:
                             arch="digits" if cfg.dataset == "digits" else "blog")
 
 
-def _objective(cfg: SSLExperimentConfig, name: str, s: float | None):
+def _objective(cfg: SSLExperimentConfig, name: str, s: float | None, weight=None):
+    """The objective `name`; weight: its uniformity term's weight (None: riesz_weight for
+    align_riesz, the objective's default otherwise)."""
     if name == "align_riesz":
         return _ssl.make_objective(name, s=float(s), bank_size=cfg.bank_size,
-                                   uniform_weight=float(cfg.riesz_weight))
+                                   uniform_weight=float(cfg.riesz_weight if weight is None
+                                                        else weight))
+    if weight is not None:
+        return _ssl.make_objective(name, uniform_weight=float(weight))
     return _ssl.make_objective(name)
 
 
@@ -176,14 +194,13 @@ def _fingerprint(*arrays) -> str:
     return arrays_sha256({f"a{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)})
 
 
-def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]:
-    """The s curve on a stratified 80/20 split of the train set (seed 0; module docstring)."""
-    from sklearn.model_selection import train_test_split
-
+def _validation_point(cfg, dataset, cache):
+    """point(objective, label): an encoder trained (seed 0) on seed 0's fit images, scored on
+    its validation images (protocol.py): tuned-probe accuracy with C chosen there, k-NN 20."""
     from .probes import knn_predict, linear_probe
+    from .protocol import validation_split
 
-    idx = np.arange(len(dataset.y_train))
-    fit_i, val_i = train_test_split(idx, test_size=0.2, stratify=dataset.y_train, random_state=0)
+    fit_i, val_i = validation_split(dataset.y_train, 0)
     xf, xv = dataset.x_train[fit_i], dataset.x_train[val_i]
     yf, yv = dataset.y_train[fit_i], dataset.y_train[val_i]
     fp = _fingerprint(xf, xv)
@@ -193,23 +210,57 @@ def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]
         t0 = time.perf_counter()
         enc = _ssl.encode_ssl(xf, xv, fp, objective, aug, _settings(cfg, 0), device=cfg.device,
                               cache_dir=cache, progress=cfg.progress)
-        tuned = linear_probe(enc.features_train, yf, enc.features_test, yv, seed=0)
+        tuned = linear_probe(enc.features_train, yf, enc.features_test, yv,
+                             val_x=enc.features_test, val_y=yv)
         knn = knn_predict(enc.features_train, yf, enc.features_test, k=20)
         m = representation_metrics(enc.features_test, enc.views_test)
-        p = {"val_tuned": tuned.test_accuracy, "val_knn20": float((knn == yv).mean()), **m,
+        p = {"val_tuned": tuned.val_accuracy, "val_knn20": float((knn == yv).mean()), **m,
              "train_seconds": enc.train_seconds, "from_cache": enc.from_cache,
              "seconds": time.perf_counter() - t0}
-        print(f"  s-validation: {label} val tuned {tuned.test_accuracy:.3f} knn20 "
+        print(f"  validation: {label} val tuned {tuned.val_accuracy:.3f} knn20 "
               f"{p['val_knn20']:.3f} ({p['seconds']:.0f} s)", file=sys.stderr, flush=True)
         return p
 
+    return point, len(fit_i), len(val_i)
+
+
+def validate_weights(cfg: SSLExperimentConfig, dataset, cache: Path, s) -> dict[str, Any]:
+    """The uniformity weight of each objective of WEIGHTED that runs, chosen from
+    cfg.weight_grid on the validation split (align_riesz at the chosen s); ties: the smaller
+    weight. {objective: {"points": [...], "chosen": weight}}."""
+    point, n_fit, n_val = _validation_point(cfg, dataset, cache)
+    out = {}
+    for name in WEIGHTED:
+        if name not in cfg.objectives or not cfg.weight_grid:
+            continue
+        pts = [{"weight": float(w), **point(_objective(cfg, name, s, w), f"{name} w={w:g}")}
+               for w in cfg.weight_grid]
+        best = max(p["val_tuned"] for p in pts)
+        out[name] = {"points": pts, "chosen": min(p["weight"] for p in pts
+                                                  if p["val_tuned"] == best),
+                     "n_fit": n_fit, "n_val": n_val, "seed": 0,
+                     "criterion": "tuned linear probe accuracy on the validation split (C "
+                                  "chosen there; ties: the smaller weight)"}
+    return out
+
+
+def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]:
+    """The s curve on seed 0's validation split (protocol.py; module docstring)."""
+    from .protocol import validation_split
+
+    point, _, _ = _validation_point(cfg, dataset, cache)
+    fit_i, val_i = validation_split(dataset.y_train, 0)
+    return _s_curve(cfg, point, fit_i, val_i)
+
+
+def _s_curve(cfg, point, fit_i, val_i):
     points = [{"s": float(s), **point(_objective(cfg, "align_riesz", s), f"s={s:g}")}
               for s in cfg.s_grid]
     best = max(p["val_tuned"] for p in points)
     chosen = min(p["s"] for p in points if p["val_tuned"] == best)
     return {"n_fit": int(len(fit_i)), "n_val": int(len(val_i)), "seed": 0, "points": points,
             "chosen_s": chosen, "criterion": "tuned linear probe accuracy on the validation "
-                                             "split (ties: the smaller s)",
+                                             "split, C chosen there (ties: the smaller s)",
             # Wang & Isola's objective on the same split, same seed: the bar to meet
             "reference_align_uniform": point(_objective(cfg, "align_uniform", None),
                                              "align_uniform")}
@@ -226,16 +277,25 @@ def _row_cache_key(features_key: str, rows, seed: int) -> str:
                      features_key)
 
 
-def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cache: Path):
-    """One objective x seed: features (cached) and the scored rows (cached). Returns the
-    per-seed record and the per-image predictions {row: {probe: labels}}."""
+def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cache: Path,
+                weight=None):
+    """One objective x seed: features (cached) and the scored rows (cached). The encoder
+    trains on the seed's fit images only; its validation images (protocol.py) choose the
+    probes' C and k. Returns the per-seed record and the per-image predictions
+    {row: {probe: labels}}."""
     from .cache import ArrayCache
+    from .protocol import split_record, validation_split
 
-    objective = _objective(cfg, name, s)
+    objective = _objective(cfg, name, s, weight)
+    fit_i, val_i = validation_split(dataset.y_train, seed)
+    x_fit, y_fit = dataset.x_train[fit_i], dataset.y_train[fit_i]
+    y_val = dataset.y_train[val_i]
     t0 = time.perf_counter()
-    enc = _ssl.encode_ssl(dataset.x_train, dataset.x_test, dataset.fingerprint(), objective,
-                          augmentation_for(dataset.name), _settings(cfg, seed),
-                          device=cfg.device, cache_dir=cache, progress=cfg.progress)
+    enc = _ssl.encode_ssl(x_fit, dataset.x_test, _fingerprint(x_fit, dataset.x_test,
+                                                              dataset.x_train[val_i]),
+                          objective, augmentation_for(dataset.name), _settings(cfg, seed),
+                          device=cfg.device, cache_dir=cache, progress=cfg.progress,
+                          x_val=dataset.x_train[val_i])
     encode_seconds = time.perf_counter() - t0
     store = ArrayCache(cache)
     rkey = _row_cache_key(enc.key, cfg.rows, seed)
@@ -249,12 +309,13 @@ def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cach
             predictions.setdefault(row, {})[probe] = v
         rows_from_cache = True
     else:
-        features = Features(enc.features_train, enc.features_test, tuple(enc.views_test))
+        features = Features(enc.features_train, enc.features_test, tuple(enc.views_test),
+                            enc.features_val)
         run = RunSettings(seed=seed, device=cfg.device, progress=False, cache_dir=cache)
-        graph = row_graph(features, (dataset.y_train, dataset.y_test), run)
+        graph = row_graph(features, (y_fit, dataset.y_test, y_val), run)
         rows = evaluate_rows(graph, cfg.rows)
         predictions = {r: rows[r].pop("_predictions") for r in rows}
-        rows = json.loads(json.dumps(rows, default=_jsonable))
+        rows = _jsonable(rows)
         store.put(rkey, {f"{r}|{p}": np.asarray(v) for r, d in predictions.items()
                          for p, v in d.items()}, rows)
         rows_from_cache = False
@@ -265,32 +326,13 @@ def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cach
         "epochs": cfg.epochs, "epoch_loss": enc.history.epoch_loss,
         "train_seconds": enc.train_seconds, "encoder_from_cache": enc.from_cache,
         "rows_from_cache": rows_from_cache, "rows_seconds": time.perf_counter() - t1,
+        "validation": split_record(fit_i, val_i),
         "encode_seconds_this_run": encode_seconds, "rows": rows,
     }
     return record, predictions
 
 
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
 # --------------------------------------------------------------------------- summary
-
-
-def _stats(values):
-    vals = [float(v) for v in values if v is not None and not
-            (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None
-    a = np.asarray(vals)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max()), "n": len(a)}
 
 
 def summarise(records: list[dict], rows) -> dict[str, Any]:
@@ -404,7 +446,7 @@ def markdown(results: dict[str, Any]) -> str:
         for row in rows:
             r = e[row]
             cells = []
-            for p in ("blog", "tuned", "knn20", "labels1%"):
+            for p in ("blog", "tuned", "knn20", "labels1perclass"):
                 d = "" if row == RAW_ROW else f" ({100 * r['delta ' + p]['mean']:+.1f})"
                 cells.append(_pct(r[p]) + d)
             lines.append(f"| {name} | {row} | " + " | ".join(cells) +
@@ -446,7 +488,7 @@ def riesz_vs_uniform(records) -> dict[str, Any] | None:
         return None
     out = {"seeds": seeds}
     parts = []
-    for p in ("tuned", "blog", "knn20", "labels1%"):
+    for p in ("tuned", "blog", "knn20", "labels1perclass"):
         diffs = [by[("align_riesz", s)]["rows"][RAW_ROW][p]["test"] -
                  by[("align_uniform", s)]["rows"][RAW_ROW][p]["test"] for s in seeds]
         st = _stats(diffs)
@@ -577,12 +619,15 @@ def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
             s = sv["chosen_s"]
         else:
             s = float(cfg.riesz_s)
+    wv = validate_weights(cfg, dataset, cache, s) if cfg.weight_grid else {}
+    weights = {name: v["chosen"] for name, v in wv.items()}
     records, predictions = [], {}
-    state = {"cfg": cfg, "dataset": dataset, "sv": sv, "s": s, "t0": t0, "command": command}
+    state = {"cfg": cfg, "dataset": dataset, "sv": sv, "s": s, "t0": t0, "command": command,
+             "wv": wv}
     for seed in () if cfg.validate_only else cfg.seeds:
         for name in cfg.objectives:
             print(f"{dataset.name}: {name} seed {seed}", file=sys.stderr, flush=True)
-            rec, pred = run_encoder(cfg, dataset, name, seed, s, cache)
+            rec, pred = run_encoder(cfg, dataset, name, seed, s, cache, weights.get(name))
             records.append(rec)
             predictions.setdefault(name, {})[seed] = (pred, np.asarray(dataset.y_test))
             raw = rec["rows"][RAW_ROW]
@@ -599,10 +644,14 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
     from .._io import atomic_write_text
 
     cfg, dataset = state["cfg"], state["dataset"]
-    paired = {}
+    from .protocol import _compare
+
+    paired, seed_aware = {}, {}
     if complete:
         for name, pred in predictions.items():
             paired[name] = report.paired_statistics(pred)
+    for name, pred in predictions.items():  # every objective, as its seeds land
+        seed_aware[name] = _compare(pred, None)
     results = {
         "config": dataclasses.asdict(cfg),
         "command": state["command"],
@@ -615,17 +664,18 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "riesz_s": state["s"],
         "s_validation": state["sv"],
+        "weight_validation": state["wv"],
         "per_encoder": records,
         "summary": summarise(records, cfg.rows),
         "paired": paired,
+        "seed_aware": seed_aware,
         "riesz_vs_uniform": riesz_vs_uniform(records),
         "seconds": time.perf_counter() - state["t0"],
         "complete": complete,
     }
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_jsonable,
-                                                       allow_nan=True))
+    atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
     atomic_write_text(out / "results.md", markdown(results))
     plot(results, out)
     return results
@@ -667,6 +717,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--riesz-weight", type=float, default=1.0,
                         help="weight of align_riesz's uniformity term (default 1, as Wang & "
                              "Isola weight theirs)")
+    parser.add_argument("--weight-grid", type=float, nargs="*", default=list(WEIGHT_GRID),
+                        help="uniformity weights of align_uniform and align_riesz tried on the "
+                             "validation split (default: 1 4 16; none: --riesz-weight and 1)")
     parser.add_argument("--validate-only", action="store_true",
                         help="only the s validation of align_riesz (results.json holds the "
                              "curve)")
@@ -687,7 +740,8 @@ def config_from_args(args) -> SSLExperimentConfig:
         dataset=args.dataset, data_dir=args.data_dir, objectives=tuple(args.objectives),
         seeds=tuple(args.seeds), epochs=args.epochs, batch_size=args.batch_size,
         riesz_s=args.riesz_s, s_grid=tuple(args.s_grid), bank_size=args.bank_size,
-        riesz_weight=args.riesz_weight, validate_only=args.validate_only,
+        riesz_weight=args.riesz_weight, weight_grid=tuple(args.weight_grid),
+        validate_only=args.validate_only,
         rows=tuple(args.rows), out_dir=args.out or f"results/ssl-{args.dataset}",
         cache_dir=args.cache_dir, device=args.device, threads=args.threads, limit=args.limit,
         progress=args.progress)
