@@ -1,5 +1,8 @@
 """The experiment's encoder: the blog's SmallAlexNet, trained through a linear head.
 
+(Over 600 lines, kept whole: the network, its training loop, its augmentation, the feature
+extraction and the cached features are one unit whose bits tests/test_encoder.py pins.)
+
 Architecture (docs/DESIGN.md, "The learned field"), for 32x32 RGB input (`BLOG_ALEXNET`):
 
     5 blocks  conv3x3(pad 1, no bias) - BatchNorm2d - ReLU, widths 96, 192, 384, 384, 192,

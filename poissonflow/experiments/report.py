@@ -1,5 +1,6 @@
 """Outputs of the experiment: the summary over seeds, the markdown table, the JSON file and the
-plots. Files are written atomically (poissonflow._io: temporary file + os.replace, normal
+plots (over 600 lines: every table of a run, image-only and seed-aware, renders from one
+results.json here, so that a re-render needs no other module). Files are written atomically (poissonflow._io: temporary file + os.replace, normal
 permissions), so an interrupted run never leaves a half-written result.
 
 matplotlib is imported only by `plot_sweep`, when a plot is drawn: the rest of the package (and

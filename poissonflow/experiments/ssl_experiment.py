@@ -44,9 +44,25 @@ import torch
 
 from . import ssl as _ssl
 from .augment import augmentation_for
-from .experiment import (RAW_ROW, ConfigError, Features, RunSettings, _is_int, evaluate_rows,
-                         representation_metrics, row_graph)
-from .report import _jsonable, _stats
+from .experiment import (
+    RAW_ROW,
+    ConfigError,
+    Features,
+    RunSettings,
+    _is_int,
+    evaluate_rows,
+    representation_metrics,
+    row_graph,
+)
+from .report import _jsonable
+from .ssl_report import (  # noqa: F401 (rerender: the report command's)
+    PROBE_KEYS,
+    markdown,
+    plot,
+    rerender,
+    riesz_vs_uniform,
+    summarise,
+)
 
 __all__ = ["SSLExperimentConfig", "validate_config", "run_ssl_experiment", "add_arguments",
            "config_from_args", "main", "DEFAULT_ROWS", "S_GRID", "EPOCHS", "validate_s",
@@ -65,8 +81,6 @@ BANK = {"digits": 1024, "cifar10-subset": 4096, "cifar10": 4096}
 # 2: the probes scale with one StandardScaler fit on all training features (probes.py).
 # 3: the protocol's validation split (protocol.py) and probes (experiment.score_row).
 ROWS_CACHE_VERSION = 3
-PROBE_KEYS = ("blog", "tuned", "blog_converged", "knn20", "knn", "labels1perclass",
-              "labels10perclass")
 # The uniformity weights tried on the validation split, for align_uniform and (at the chosen
 # s) align_riesz: at weight 1 the Riesz term barely uniformises (CIFAR-10 subset: uniform_loss
 # -0.61 against align_uniform's -3.06).
@@ -332,260 +346,6 @@ def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cach
     return record, predictions
 
 
-# --------------------------------------------------------------------------- summary
-
-
-def summarise(records: list[dict], rows) -> dict[str, Any]:
-    """{objective: {row: {probe or metric: stats over seeds, "delta <probe>": stats of the
-    per-seed difference to the raw row}}, "_best": ...}."""
-    out: dict[str, Any] = {}
-    for name in dict.fromkeys(r["objective"] for r in records):
-        recs = [r for r in records if r["objective"] == name]
-        entry: dict[str, Any] = {}
-        for row in rows:
-            e: dict[str, Any] = {}
-            for p in PROBE_KEYS:
-                e[p] = _stats([r["rows"][row][p]["test"] for r in recs])
-                e[f"delta {p}"] = _stats([r["rows"][row][p]["test"] -
-                                          r["rows"][RAW_ROW][p]["test"] for r in recs])
-            for m in ("alignment", "uniform_loss", "wasserstein_uniformity", "effective_rank"):
-                e[m] = _stats([r["rows"][row]["metrics"].get(m) for r in recs])
-            entry[row] = e
-        best = max(((row, p) for row in rows for p in ("blog", "tuned", "knn20")),
-                   key=lambda rp: entry[rp[0]][rp[1]]["mean"])
-        entry["_best"] = {"row": best[0], "probe": best[1], **entry[best[0]][best[1]]}
-        entry["_train_seconds"] = _stats([r["train_seconds"] for r in recs])
-        entry["_rows_seconds"] = _stats([r["rows"][row]["seconds"] for r in recs
-                                         for row in rows])
-        out[name] = entry
-    return out
-
-
-def _pct(st, signed=False):
-    if st is None:
-        return "–"
-    sign = "+" if signed else ""
-    return f"{100 * st['mean']:{sign}.1f} ± {100 * st['std']:.1f}"
-
-
-def _num(st):
-    return "–" if st is None else f"{st['mean']:.3f} ± {st['std']:.3f}"
-
-
-def markdown(results: dict[str, Any]) -> str:
-    cfg = results["config"]
-    summ = results["summary"]
-    rows = cfg["rows"]
-    n_seeds = len(cfg["seeds"])
-    if cfg.get("validate_only"):
-        lines = [f"# align + Riesz: s validation only, {results['dataset']['name']}", "",
-                 f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, seed 0; "
-                 f"augmentation {results['augmentation']}. Command: `{results['command']}`.", ""]
-        sv = results.get("s_validation")
-        lines += [f"Uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank {cfg['bank_size']}; "
-                  f"{sv['n_fit']} images to train, {sv['n_val']} to validate; best s = "
-                  f"**{sv['chosen_s']:g}**.", "",
-                  "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
-                  "|---|---|---|---|---|---|"]
-        for p in sv["points"] + [dict(sv["reference_align_uniform"], s="align_uniform")]:
-            s = p["s"] if isinstance(p["s"], str) else f"{p['s']:g}"
-            lines.append(f"| {s} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f} | "
-                         f"{p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
-                         f"{p['wasserstein_uniformity']:.3f} |")
-        return "\n".join(lines + [""])
-    lines = [f"# Self-supervised encoders on {results['dataset']['name']}", "",
-             f"{results['dataset']['n_train']} train / {results['dataset']['n_test']} test "
-             f"images; SmallAlexNet ({'digits' if cfg['dataset'] == 'digits' else 'blog'} "
-             f"widths), {cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, "
-             f"seeds {cfg['seeds']}; augmentation {results['augmentation']}. "
-             f"Accuracies in % (mean ± standard deviation over the {n_seeds} seeds); "
-             f"metrics on the L2-normalised test features (alignment on two augmented views "
-             f"of each test image). Command: `{results['command']}`.",
-             "" if results["complete"] else "\n**Incomplete: the run is still going or was "
-                                              "stopped; the seeds done so far.**", ""]
-    sv = results.get("s_validation")
-    if sv:
-        lines += ["## Riesz exponent s, chosen on a validation split", "",
-                  f"align + Riesz (uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank "
-                  f"{cfg['bank_size']}), seed 0, trained on {sv['n_fit']} train images, "
-                  f"probed on the "
-                  f"other {sv['n_val']} (test set unused); chosen s = **{sv['chosen_s']:g}** "
-                  f"({sv['criterion']}).", "",
-                  "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
-                  "|---|---|---|---|---|---|"]
-        for p in sv["points"]:
-            lines.append(f"| {p['s']:g} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f}"
-                         f" | {p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
-                         f"{p['wasserstein_uniformity']:.3f} |")
-        ref = sv.get("reference_align_uniform")
-        if ref:
-            lines.append(f"| align_uniform (reference) | {100 * ref['val_tuned']:.1f} | "
-                         f"{100 * ref['val_knn20']:.1f} | {ref['alignment']:.3f} | "
-                         f"{ref['uniform_loss']:.3f} | {ref['wasserstein_uniformity']:.3f} |")
-        lines.append("")
-    elif results.get("riesz_s") is not None:
-        lines += [f"Riesz exponent s = {results['riesz_s']:g} (given).", ""]
-    lines += ["## Best probe accuracy per encoder", "",
-              "Best (row, probe) by mean over seeds among blog LR, tuned and k-NN 20; the raw "
-              "features' tuned probe beside it; training wall time per encoder (one thread).", "",
-              "| encoder | best row | probe | accuracy | raw, tuned | raw alignment | "
-              "raw uniform_loss | raw W2 | train s |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, e in summ.items():
-        b, raw = e["_best"], e[RAW_ROW]
-        lines.append(f"| {name} | {b['row']} | {b['probe']} | {_pct(b)} | {_pct(raw['tuned'])}"
-                     f" | {_num(raw['alignment'])} | {_num(raw['uniform_loss'])} | "
-                     f"{_num(raw['wasserstein_uniformity'])} | "
-                     f"{e['_train_seconds']['mean']:.0f} |")
-    lines += ["", "## Every row", "",
-              "Test accuracy of each probe; in brackets the mean per-seed difference to the "
-              "raw features (points).", ""]
-    head = "| encoder | row | blog LR | tuned | k-NN 20 | 1% labels | alignment | uniform_loss " \
-           "| W2 |"
-    lines += [head, "|" + "---|" * 9]
-    for name, e in summ.items():
-        for row in rows:
-            r = e[row]
-            cells = []
-            for p in ("blog", "tuned", "knn20", "labels1perclass"):
-                d = "" if row == RAW_ROW else f" ({100 * r['delta ' + p]['mean']:+.1f})"
-                cells.append(_pct(r[p]) + d)
-            lines.append(f"| {name} | {row} | " + " | ".join(cells) +
-                         f" | {_num(r['alignment'])} | {_num(r['uniform_loss'])} | "
-                         f"{_num(r['wasserstein_uniformity'])} |")
-    paired = results.get("paired", {})
-    if paired:
-        lines += ["", "## Paired against the raw features (pooled over seeds)", "",
-                  "Difference in points, bootstrap 95% interval, exact McNemar p "
-                  "(`probes.paired_comparison`).", "",
-                  "| encoder | row | tuned | blog LR | k-NN 20 |", "|---|---|---|---|---|"]
-        for name, pr in paired.items():
-            for row in rows[1:]:
-                cells = []
-                for p in ("tuned", "blog", "knn20"):
-                    c = pr.get("against_raw", {}).get(p, {}).get(row, {}).get("pooled")
-                    cells.append("–" if c is None else _cmp(c))
-                lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
-    ar = results.get("riesz_vs_uniform")
-    if ar:
-        lines += ["", "## align + Riesz against align + uniform (Wang & Isola)", "", ar["text"]]
-    lines += ["", f"Wall time of this invocation: {results['seconds']:.0f} s "
-                  f"(cached encoders and rows are not retrained).", ""]
-    return "\n".join(lines)
-
-
-def _cmp(c) -> str:
-    from .report import comparison_cell
-
-    return comparison_cell(c)
-
-
-def riesz_vs_uniform(records) -> dict[str, Any] | None:
-    """Per seed (same seed, same augmentation draws) raw-feature differences align_riesz minus
-    align_uniform under each probe."""
-    by = {(r["objective"], r["seed"]): r for r in records}
-    seeds = sorted(s for (o, s) in by if o == "align_riesz" and ("align_uniform", s) in by)
-    if not seeds:
-        return None
-    out = {"seeds": seeds}
-    parts = []
-    for p in ("tuned", "blog", "knn20", "labels1perclass"):
-        diffs = [by[("align_riesz", s)]["rows"][RAW_ROW][p]["test"] -
-                 by[("align_uniform", s)]["rows"][RAW_ROW][p]["test"] for s in seeds]
-        st = _stats(diffs)
-        out[p] = {"per_seed": diffs, **st}
-        parts.append(f"{p}: {100 * st['mean']:+.1f} ± {100 * st['std']:.1f} "
-                     f"(per seed {', '.join(f'{100 * d:+.1f}' for d in diffs)})")
-    out["text"] = ("Raw features, align_riesz minus align_uniform, points, mean ± std over "
-                   f"seeds {seeds}: " + "; ".join(parts) + ".")
-    return out
-
-
-def plot(results: dict[str, Any], out_dir: Path) -> None:
-    from .report import pyplot, save_png
-
-    plt = pyplot()
-    summ = results["summary"]
-    rows = results["config"]["rows"]
-    cs = [100 * e[row]["tuned"]["mean"] for e in summ.values() for row in rows]
-    if cs:
-        _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, min(cs),
-                                   max(cs))
-    _plot_s_curve(plt, save_png, results.get("s_validation"), out_dir)
-
-
-def _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, lo, hi):
-    markers = dict(zip(rows, "o^sDvP*X"))
-    fig, ax = plt.subplots(figsize=(8.5, 6))
-    sc = None
-    for name, e in summ.items():  # a faint line from each encoder's raw point to its rows
-        raw = e[RAW_ROW]
-        for row in rows[1:]:
-            r = e[row]
-            if raw["alignment"] is not None and r["alignment"] is not None:
-                ax.plot([raw["uniform_loss"]["mean"], r["uniform_loss"]["mean"]],
-                        [raw["alignment"]["mean"], r["alignment"]["mean"]], color="0.8",
-                        lw=0.6, zorder=0)
-    for name, e in summ.items():
-        for row in rows:
-            r = e[row]
-            if r["alignment"] is None:
-                continue
-            sc = ax.scatter([r["uniform_loss"]["mean"]], [r["alignment"]["mean"]],
-                            c=[100 * r["tuned"]["mean"]], marker=markers[row], s=70,
-                            cmap="viridis", vmin=lo, vmax=hi, edgecolors="k", linewidths=0.4)
-            if row == RAW_ROW:
-                ax.annotate(name, (r["uniform_loss"]["mean"], r["alignment"]["mean"]),
-                            fontsize=8, xytext=(4, 4), textcoords="offset points")
-    for row in rows:
-        ax.scatter([], [], marker=markers[row], c="w", edgecolors="k", label=row)
-    ax.legend(fontsize=8, loc="best")
-    ax.set_xlabel("uniformity  log E exp(-2 |u - v|^2)  (lower: more uniform)")
-    ax.set_ylabel("alignment  E |f(x) - f(x+)|^2  (lower: better aligned)")
-    if sc is not None:
-        fig.colorbar(sc, ax=ax, label="tuned linear probe test accuracy (%)")
-    save_png(plt, fig, out_dir / "alignment_uniformity.png",
-              f"{results['dataset']['name']}: alignment vs uniformity (means over seeds)")
-
-
-def _plot_s_curve(plt, save_png, sv, out_dir):
-    if sv:
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
-        s = [p["s"] for p in sv["points"]]
-        ax[0].plot(s, [100 * p["val_tuned"] for p in sv["points"]], "o-", label="tuned")
-        ax[0].plot(s, [100 * p["val_knn20"] for p in sv["points"]], "s--", label="k-NN 20")
-        ref = sv.get("reference_align_uniform")
-        if ref:
-            ax[0].axhline(100 * ref["val_tuned"], color="C0", lw=0.8, ls=":",
-                          label="align_uniform, tuned")
-            ax[1].plot([ref["uniform_loss"]], [ref["alignment"]], "k*", label="align_uniform")
-            ax[1].legend(fontsize=8)
-        ax[0].set_xscale("log", base=2)
-        if ref:  # axhline does not widen the limits
-            lo, hi = ax[0].get_ylim()
-            ax[0].set_ylim(min(lo, 100 * ref["val_tuned"] - 1), max(hi, 100 * ref["val_tuned"] + 1))
-        ax[0].set_xlabel("Riesz s")
-        ax[0].set_ylabel("validation accuracy (%)")
-        ax[0].legend()
-        ax[1].plot([p["uniform_loss"] for p in sv["points"]],
-                   [p["alignment"] for p in sv["points"]], "o-")
-        for p in sv["points"]:
-            ax[1].annotate(f"s={p['s']:g}", (p["uniform_loss"], p["alignment"]), fontsize=8)
-        ax[1].set_xlabel("uniform_loss (val)")
-        ax[1].set_ylabel("alignment (val)")
-        save_png(plt, fig, out_dir / "s_validation.png",
-                  f"align + Riesz: s by validation (chosen s = {sv['chosen_s']:g})")
-
-
-def rerender(results_json) -> None:
-    """results.md and the plots again, beside a results.json of this driver."""
-    from .._io import atomic_write_text
-
-    path = Path(results_json)
-    results = json.loads(path.read_text())
-    atomic_write_text(path.parent / "results.md", markdown(results))
-    plot(results, path.parent)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -640,8 +400,8 @@ def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
 
 def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
     from .. import __version__
-    from . import report
     from .._io import atomic_write_text
+    from . import report
 
     cfg, dataset = state["cfg"], state["dataset"]
     from .protocol import _compare
@@ -754,6 +514,9 @@ def main(args) -> int:
 
     command = "python -m poissonflow ssl-experiment " + shlex.join(sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "ssl-experiment" else ""
+    from .config import write_command
+
+    write_command(Path(cfg.out_dir))
     results = run_ssl_experiment(cfg, command=command)
     print(markdown(results))
     return 0
