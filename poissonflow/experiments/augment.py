@@ -8,6 +8,7 @@ into cache keys.
 
 | name | for | what |
 |---|---|---|
+| `CropFlip` | the supervised encoder | zero-pad by `pad`, crop back at a random offset, optional horizontal flip (the blog's random crop and flip) |
 | `DigitsAugment` | 8x8 digits | random integer shift by up to `max_shift` pixels per axis (zero fill), then Gaussian pixel noise of std `noise_std`, clipped to [0, 1] |
 | `CifarAugment` | 32x32 RGB | SimCLR's CIFAR-10 pipeline: random resized crop, horizontal flip, colour jitter (probability 0.8), random grayscale (0.2) |
 
@@ -33,7 +34,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-__all__ = ["DigitsAugment", "CifarAugment", "augmentation_for", "check_images"]
+__all__ = ["CropFlip", "DigitsAugment", "CifarAugment", "augmentation_for", "check_images"]
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -66,6 +67,51 @@ def _real(value, name: str, lo: float, hi: float | None = None) -> float:
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
     return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFlip:
+    """Random crop (zero-pad by `pad`, crop back) and horizontal `flip`, one draw per image:
+    the supervised encoder's augmentation (the blog's). Pad 0 and no flip turn it off.
+
+    The window's offset (oy, ox) ~ U{0..2*pad}^2; a flipped image reads its window's columns
+    right to left. The draws (oy, ox, then the flips) come from `generator` (a CPU generator),
+    so they do not depend on the images' device. Its fields are what cache keys hold
+    (EncoderSettings.to_dict)."""
+
+    pad: int = 4
+    flip: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
+            raise ValueError(f"pad must be a non-negative int, got {self.pad!r}")
+        if not isinstance(self.flip, bool):
+            raise TypeError(f"flip must be a bool, got {type(self.flip).__name__}")
+
+    @property
+    def active(self) -> bool:
+        return self.pad > 0 or self.flip
+
+    def config(self) -> dict:
+        return {"name": "crop_flip", **dataclasses.asdict(self)}
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not self.active:
+            return x
+        n, c, h, w = x.shape
+        p = self.pad
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        cols = torch.arange(w).expand(n, w)
+        if self.flip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        rows = (oy[:, None] + torch.arange(h)).to(x.device)
+        cols = (ox[:, None] + cols).to(x.device)
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(c, device=x.device)[None, :, None, None]
+        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 @dataclasses.dataclass(frozen=True)

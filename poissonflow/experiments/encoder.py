@@ -49,13 +49,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .augment import CropFlip
+from .training import train_loop
 
 __all__ = [
     "AlexNetConfig",
@@ -123,23 +125,8 @@ BLOG_ALEXNET = AlexNetConfig()
 DIGITS_ALEXNET = AlexNetConfig(conv_widths=(32, 64, 128, 128, 64), pool_after=(1,), fc_width=512)
 
 
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    """Random crop (zero-pad by `pad`, crop back) and horizontal `flip`; pad 0 and no flip
-    turn augmentation off."""
-
-    pad: int = 4
-    flip: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
-            raise ValueError(f"pad must be a non-negative int, got {self.pad!r}")
-        if not isinstance(self.flip, bool):
-            raise TypeError(f"flip must be a bool, got {type(self.flip).__name__}")
-
-    @property
-    def active(self) -> bool:
-        return self.pad > 0 or self.flip
+# The supervised encoder's augmentation: the study's one augmentation system (augment.py).
+Augmentation = CropFlip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,28 +293,8 @@ class EncoderClassifier(nn.Module):
 
 
 def augment(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """Random crop + optional horizontal flip of a batch (N, C, H, W), one draw per image.
-
-    Zero-pads by aug.pad, then takes the H x W window at offset (oy, ox) ~ U{0..2*pad}^2; a
-    flipped image reads its window's columns right to left. The draws come from `generator`
-    (a CPU generator), so they do not depend on x's device.
-    """
-    if not aug.active:
-        return x
-    n, c, h, w = x.shape
-    p = aug.pad
-    oy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * p + 1, (n,), generator=generator)
-    cols = torch.arange(w).expand(n, w)
-    if aug.flip:
-        flip = torch.rand(n, generator=generator) < 0.5
-        cols = torch.where(flip[:, None], w - 1 - cols, cols)
-    rows = (oy[:, None] + torch.arange(h)).to(x.device)
-    cols = (ox[:, None] + cols).to(x.device)
-    padded = F.pad(x, (p, p, p, p)) if p else x
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    """aug(x, generator): random crop and optional flip of a batch (augment.CropFlip)."""
+    return aug(x, generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,37 +402,37 @@ def train_encoder(
 
     bar = tqdm(total=settings.epochs * steps_per_epoch, disable=not progress, unit="batch",
                desc=f"encoder {c}x{h}x{w}", leave=False)
-    try:
-        for epoch in range(settings.epochs):
-            model.train()
-            t0 = time.perf_counter()
-            order = (torch.randperm(n, generator=gen) if settings.shuffle
-                     else torch.arange(n)).to(dev)
-            # Running sums stay on the device: no host sync per step on CUDA.
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), dtype=torch.long, device=dev)
-            seen = 0
-            for start in range(0, n, settings.batch_size):
-                idx = order[start:start + settings.batch_size]
-                if idx.numel() < 2:
-                    bar.update(1)
-                    continue
-                xb = augment(x[idx], settings.augmentation, gen)
-                _, logits = model(xb)
-                loss = F.cross_entropy(logits, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    loss_sum += loss.detach() * idx.numel()
-                    correct += (logits.argmax(1) == y[idx]).sum()
-                seen += idx.numel()
-                bar.update(1)
-            history.epoch_loss.append(float(loss_sum) / seen)
-            history.epoch_acc.append(int(correct) / seen)
-            history.epoch_seconds.append(time.perf_counter() - t0)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_loss[-1]:.3f}",
+    aug = settings.augmentation
+
+    class Supervised:  # cross-entropy through the head; sums stay on the device (no sync)
+        def start_epoch(self):
+            self.loss_sum = torch.zeros((), device=dev)
+            self.correct = torch.zeros((), dtype=torch.long, device=dev)
+            self.seen = 0
+
+        def loss(self, idx):
+            xb = augment(x[idx], aug, gen)
+            _, self.logits = model(xb)
+            return F.cross_entropy(self.logits, y[idx])
+
+        def after_step(self, idx, loss):
+            with torch.no_grad():
+                self.loss_sum += loss.detach() * idx.numel()
+                self.correct += (self.logits.argmax(1) == y[idx]).sum()
+            self.seen += idx.numel()
+
+        def end_epoch(self, seconds):
+            history.epoch_loss.append(float(self.loss_sum) / self.seen)
+            history.epoch_acc.append(int(self.correct) / self.seen)
+            history.epoch_seconds.append(seconds)
+            bar.set_postfix(epoch=len(history.epoch_loss),
+                            loss=f"{history.epoch_loss[-1]:.3f}",
                             acc=f"{history.epoch_acc[-1]:.3f}")
+
+    try:
+        train_loop(model, Supervised(), n=n, epochs=settings.epochs,
+                   batch_size=settings.batch_size, generator=gen, optimizer=opt,
+                   shuffle=settings.shuffle, order_device=dev, bar=bar)
     finally:
         bar.close()
     model.eval()

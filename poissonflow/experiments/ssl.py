@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ import torch
 from torch.nn import functional as F
 
 from .. import losses
-from .augment import CifarAugment, DigitsAugment, check_images
 from ..bank import FeatureBank
+from .augment import CifarAugment, CropFlip, DigitsAugment, check_images
 
 __all__ = [
     "InfoNCE", "AlignUniform", "AlignUniformW2", "NoiseInfoNCE", "NoiseInfoNCEGaussian",
@@ -316,9 +315,9 @@ class SSLHistory:
 
 
 def _check_augmentation(aug):
-    if not isinstance(aug, (DigitsAugment, CifarAugment)):
-        raise TypeError(f"augmentation must be a DigitsAugment or CifarAugment, got "
-                        f"{type(aug).__name__}")
+    if not isinstance(aug, (DigitsAugment, CifarAugment, CropFlip)):
+        raise TypeError(f"augmentation must be a DigitsAugment, CifarAugment or CropFlip "
+                        f"(poissonflow.experiments.augment), got {type(aug).__name__}")
     return aug
 
 
@@ -366,34 +365,36 @@ def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device
     steps = math.ceil(n / settings.batch_size)
     bar = tqdm(total=settings.epochs * steps, disable=not progress, unit="step",
                desc=f"ssl {objective.name}", leave=False)
-    try:
-        for _ in range(settings.epochs):
-            model.train()
-            t0 = time.perf_counter()
-            order = torch.randperm(n, generator=gen)
-            total, seen = 0.0, 0
-            for start in range(0, n, settings.batch_size):
-                idx = order[start:start + settings.batch_size]
-                bar.update(1)
-                if idx.numel() < 2:
-                    continue
-                xb = x[idx]
-                v1 = augmentation(xb, gen).to(dev)
-                v2 = augmentation(xb, gen).to(dev)
-                z = model(torch.cat([v1, v2]))  # one BatchNorm batch for both views
-                z1, z2 = z[: idx.numel()], z[idx.numel():]
-                loss = objective.loss(z1, z2, loss_gen, index=idx)
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"{objective.name}: the loss became {float(loss)}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                objective.after_step(z1.detach(), z2.detach(), index=idx)
-                total += float(loss.detach()) * idx.numel()
-                seen += idx.numel()
-            history.epoch_loss.append(total / max(1, seen))
-            history.epoch_seconds.append(time.perf_counter() - t0)
+    from .training import train_loop
+
+    class SelfSupervised:  # two augmented views of each image, the objective's loss
+        def start_epoch(self):
+            self.total, self.seen = 0.0, 0
+
+        def loss(self, idx):
+            xb = x[idx]
+            v1 = augmentation(xb, gen).to(dev)
+            v2 = augmentation(xb, gen).to(dev)
+            z = model(torch.cat([v1, v2]))  # one BatchNorm batch for both views
+            self.z1, self.z2 = z[: idx.numel()], z[idx.numel():]
+            loss = objective.loss(self.z1, self.z2, loss_gen, index=idx)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"{objective.name}: the loss became {float(loss)}")
+            return loss
+
+        def after_step(self, idx, loss):
+            objective.after_step(self.z1.detach(), self.z2.detach(), index=idx)
+            self.total += float(loss.detach()) * idx.numel()
+            self.seen += idx.numel()
+
+        def end_epoch(self, seconds):
+            history.epoch_loss.append(self.total / max(1, self.seen))
+            history.epoch_seconds.append(seconds)
             bar.set_postfix(loss=f"{history.epoch_loss[-1]:.3f}")
+
+    try:
+        train_loop(model, SelfSupervised(), n=n, epochs=settings.epochs,
+                   batch_size=settings.batch_size, generator=gen, optimizer=opt, bar=bar)
     finally:
         bar.close()
     model.eval()
