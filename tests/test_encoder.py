@@ -372,3 +372,46 @@ def test_feature_dim_sets_the_width_of_fc8_only(small_digits, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(first.features_test, axis=1), 1.0, rtol=1e-5)
     wide = E.encode_dataset(small_digits, TINY_SETTINGS, cache_dir=tmp_path, progress=False)
     assert wide.key != first.key and not wide.from_cache
+
+
+def test_the_shared_training_loop_is_the_loop_written_out(small_digits):
+    """encoder.train_encoder runs through training.train_loop: the same permutation, crop and
+    flip draws in the same order as the loop written out by hand (below, as it stood before the
+    loop was shared), so the trained weights agree bit for bit."""
+    import torch.nn.functional as F
+
+    settings = E.default_settings("digits").replace(epochs=2, seed=4)
+    x, y = small_digits.x_train, small_digits.y_train
+    model, history = E.train_encoder(x, y, 10, settings, progress=False)
+
+    xt = torch.as_tensor(x)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    n, c, h, w = xt.shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        ref = E.EncoderClassifier(c, (h, w), 10, settings.arch)
+    count = n * h * w
+    mean = xt.sum(dim=(0, 2, 3), dtype=torch.float64) / count
+    var = (xt * xt).sum(dim=(0, 2, 3), dtype=torch.float64) / count - mean * mean
+    ref.encoder.set_input_stats(mean.float(), var.clamp_min(0).sqrt().clamp_min(1e-6).float())
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.Adam(ref.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    losses = []
+    for _ in range(settings.epochs):
+        ref.train()
+        order = torch.randperm(n, generator=gen)
+        total = torch.zeros(())
+        for start in range(0, n, settings.batch_size):
+            idx = order[start:start + settings.batch_size]
+            if idx.numel() < 2:
+                continue
+            _, logits = ref(E.augment(xt[idx], settings.augmentation, gen))
+            loss = F.cross_entropy(logits, yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * idx.numel()
+        losses.append(float(total) / n)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert history.epoch_loss == losses
