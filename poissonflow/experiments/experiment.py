@@ -4,9 +4,10 @@
     python -m poissonflow experiment --dataset cifar10-subset --seeds 0 1 2
     python -m poissonflow experiment --dataset cifar10 --data-dir ~/data/cifar-10-batches-py
 
-Per seed: train the encoder (the blog's SmallAlexNet through a linear head; features cached on
-disk), then evaluate every row of the table below on the same features, and sweep the horizon
-of the flow. Each row declares the values it needs (the graph below), so any row can be computed
+Per seed: hold out the seed's validation split (protocol.py: a stratified fifth of the
+training images, which nothing trains on), train the encoder on the rest (the blog's
+SmallAlexNet through a linear head; features cached on disk), then evaluate every row of the
+table below on the same features (rows.py), and sweep the horizon of the flow. Each row declares the values it needs (the graph below), so any row can be computed
 alone; the learned fields are cached on disk like the features, keyed by their settings and the
 training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and probes"):
 
@@ -18,12 +19,15 @@ training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and pr
   flow: blog preset     learned field, the blog's code (radial Euler 100 x 0.01 from z = 0),
                         the 129-d end points as the blog fed them to LogisticRegression()
   flow: untrained blog field  the blog preset's network at its initialisation, same ODE: the
-                        blog's published code never reaches its optimiser step (docs/DESIGN.md 4)
-  flow: blog preset, to plateau  the blog field trained until its validation loss plateaus
+                        blog's published code never reaches its optimiser step (docs/DESIGN.md, "The learned field")
+  flow: blog preset, to plateau  the blog field trained until its loss plateaus
                         (PLATEAU below), same ODE
   scale control         raw features times the blog-flowed features' mean norm: the default
                         LogisticRegression (C = 1) is regularised according to feature norm
-  flow: blog, unit norm the blog-flowed features scaled back to unit norm
+  flow: blog, unit norm the blog-flowed features scaled back to unit norm (the same control
+                        for the untrained field and the field to plateau)
+  ..., far points clipped  each blog-ODE row with its points beyond 3 x the median norm pulled
+                        back to that radius (the far points' effect)
   flow: PFGM preset     learned field, PFGM's defaults and log-z RK4, on the sphere
   flow: PFGM preset, to plateau  (only with --pfgm-plateau, OPTIONAL_ROWS) the PFGM field
                         (weights averaged, EMA 0.9999) trained until its validation loss
@@ -32,12 +36,15 @@ training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and pr
                         horizon, leave-one-out), on the sphere
 
 Each row is scored by the blog's classifier (scikit-learn's default LogisticRegression() on
-unscaled features), by the tuned linear probe (StandardScaler, lbfgs, C chosen on a
-validation split of train, test scored once), by cosine k-NN (k = 20 and 200) and by linear
-probes that see 1% and 10% of the training labels (probes.low_label_probe). Every probe's
-per-image test predictions are kept (predictions.npz) and every row is compared with the raw
-features image by image: the paired difference, its bootstrap 95% interval and an exact
-McNemar test, per seed and pooled over seeds (probes.paired_comparison).
+unscaled features) and the same classifier run to convergence (iterations recorded), by the
+tuned linear probe (StandardScaler, lbfgs, C chosen on the validation split, test scored
+once), by cosine k-NN (k = 20, and k chosen on the validation split, both at most the smallest
+class) and by linear probes fit on 1 and 10 labelled images a class (C chosen on the
+validation split; a probe of the features). Every probe's per-image test predictions are kept
+(predictions.npz) and every row is compared with the raw features: the seed-aware statistics
+(results.json "seed_aware": two-level bootstrap over seeds and test images, t-test over seeds,
+the primary comparison alone and the rest Benjamini-Hochberg corrected; protocol._compare),
+and the earlier image-only comparison ("paired", probes.paired_comparison).
 
 Resuming: each finished seed's results are stored in the cache folder (seed_result_key), and
 results.json / results.md are rewritten after every seed, marked partial until the last; the
