@@ -30,7 +30,7 @@ import torch
 
 import poissonflow
 from poissonflow.learned import LearnedField
-from poissonflow.pfgm import field_targets, pfgm_perturb
+from poissonflow.learned.targets import field_targets, pfgm_perturb
 
 
 def mixture_features(n: int, d: int, clusters: int = 10, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """LearnedField training pinned to the bits: tiny fits whose weights (sha256 of the state_dict)
 and histories (loss and validation loss as float.hex, wrong-sign counts, iterations) were
-recorded with the code before `_train_epoch` took its step object (poissonflow.learned.
-_SingleProcess, shared with poissonflow.distributed.learned), so that refactoring the loop
+recorded with the code before the epoch loop took its step object (now
+poissonflow.learned.training.SingleProcess, shared with poissonflow.distributed.learned), and
+kept through the loop's move into poissonflow.learned.training, so that refactoring the loop
 cannot change what one process trains by a single bit. The cases cover the default preset
 (ema, shuffled, last batch dropped), "blog-faithful" (mean loss, fixed batches, last batch
 kept), "pfgm" (restrict_M, grad_clip, ema 0.9999), the plateau rule, and a data set smaller than
