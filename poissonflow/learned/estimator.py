@@ -215,7 +215,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     # ------------------------------------------------------------------ training
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, *, progress: bool | None = None,
-            profile: bool = False, train: bool = True) -> "LearnedField":
+            profile: bool = False, train: bool = True) -> LearnedField:
         """Trains the network on the features X (N, d) (numpy, array-like or torch); returns
         self. y is ignored (scikit-learn's signature).
 
@@ -361,7 +361,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
         )
 
     @classmethod
-    def load(cls, path, *, n_features: int | None = None, device=None) -> "LearnedField":
+    def load(cls, path, *, n_features: int | None = None, device=None) -> LearnedField:
         """A fitted LearnedField from a file written by save(). `n_features`, when given, must
         match the dimension the field was trained on; `device` overrides the saved device."""
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)

@@ -68,25 +68,70 @@ LOSSES = ("sum", "mean")
 # "auto" values are resolved from the data in fit(); "norm:<k>" means k x the data norm.
 PRESET_SETTINGS: dict[Any, dict[str, Any]] = {
     None: {
-        "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": "norm:0.01",
-        "gamma": "norm:0.05", "restrict_M": False, "large_batch": 1024, "small_batch": 128,
-        "epochs": 200, "lr": 1e-3, "grad_clip": None, "ema": 0.99, "z_min": "sigma",
-        "z_max": "auto", "loss": "sum", "shuffle": True, "drop_last": True,
-        "patience": None, "eval_every": 10,
+        "hidden": "auto",
+        "depth": 2,
+        "M": "auto",
+        "tau": 0.03,
+        "sigma": "norm:0.01",
+        "gamma": "norm:0.05",
+        "restrict_M": False,
+        "large_batch": 1024,
+        "small_batch": 128,
+        "epochs": 200,
+        "lr": 1e-3,
+        "grad_clip": None,
+        "ema": 0.99,
+        "z_min": "sigma",
+        "z_max": "auto",
+        "loss": "sum",
+        "shuffle": True,
+        "drop_last": True,
+        "patience": None,
+        "eval_every": 10,
     },
     "blog": {
-        "hidden": "auto", "depth": 2, "M": 20.0, "tau": 0.03, "sigma": 0.01, "gamma": 0.3,
-        "restrict_M": False, "large_batch": 1024, "small_batch": 128, "epochs": 200,
-        "lr": 1e-3, "grad_clip": None, "ema": None, "z_min": 0.0, "z_max": "radial",
-        "loss": "sum", "shuffle": True, "drop_last": True,
-        "patience": None, "eval_every": 10,
+        "hidden": "auto",
+        "depth": 2,
+        "M": 20.0,
+        "tau": 0.03,
+        "sigma": 0.01,
+        "gamma": 0.3,
+        "restrict_M": False,
+        "large_batch": 1024,
+        "small_batch": 128,
+        "epochs": 200,
+        "lr": 1e-3,
+        "grad_clip": None,
+        "ema": None,
+        "z_min": 0.0,
+        "z_max": "radial",
+        "loss": "sum",
+        "shuffle": True,
+        "drop_last": True,
+        "patience": None,
+        "eval_every": 10,
     },
     "pfgm": {
-        "hidden": "auto", "depth": 2, "M": "auto", "tau": 0.03, "sigma": 0.01, "gamma": 5.0,
-        "restrict_M": True, "large_batch": 4096, "small_batch": 128, "epochs": 200,
-        "lr": 2e-4, "grad_clip": 2.0, "ema": 0.9999, "z_min": 1e-3, "z_max": "auto",
-        "loss": "sum", "shuffle": True, "drop_last": True,
-        "patience": None, "eval_every": 10,
+        "hidden": "auto",
+        "depth": 2,
+        "M": "auto",
+        "tau": 0.03,
+        "sigma": 0.01,
+        "gamma": 5.0,
+        "restrict_M": True,
+        "large_batch": 4096,
+        "small_batch": 128,
+        "epochs": 200,
+        "lr": 2e-4,
+        "grad_clip": 2.0,
+        "ema": 0.9999,
+        "z_min": 1e-3,
+        "z_max": "auto",
+        "loss": "sum",
+        "shuffle": True,
+        "drop_last": True,
+        "patience": None,
+        "eval_every": 10,
     },
 }
 # The blog's code where it differs from the "blog" preset (docs/BLOG_FAITHFULNESS.md): its
@@ -95,13 +140,19 @@ PRESET_SETTINGS: dict[Any, dict[str, Any]] = {
 # fixed large batches come every epoch and only the first 128 rows of each are ever perturbed.
 # Its field network keeps PyTorch's default initialisation (its N(0, 0.02) init is the
 # encoder's only), as the package's does.
-PRESET_SETTINGS["blog-faithful"] = dict(PRESET_SETTINGS["blog"], loss="mean", shuffle=False,
-                                        drop_last=False)
+PRESET_SETTINGS["blog-faithful"] = dict(
+    PRESET_SETTINGS["blog"], loss="mean", shuffle=False, drop_last=False
+)
 # The ODE each preset flows with (LearnedField.default_flow, poissonflow.transform's arguments).
 FLOWS = {
     None: {"parameterization": "logz", "solver": "rk4", "steps": 32},
-    "blog": {"parameterization": "radial", "solver": "euler", "steps": 100, "delta": 0.01,
-             "output": "raw"},
+    "blog": {
+        "parameterization": "radial",
+        "solver": "euler",
+        "steps": 100,
+        "delta": 0.01,
+        "output": "raw",
+    },
     "pfgm": {"parameterization": "logz", "solver": "rk4", "steps": 32},
 }
 FLOWS["blog-faithful"] = dict(FLOWS["blog"])
@@ -141,8 +192,14 @@ def resolve_settings(preset, given: dict[str, Any], X: torch.Tensor) -> dict[str
             s[k] = float(s[k][5:]) * norm
     if s["hidden"] == "auto":
         s["hidden"] = d + 1
-    for k, least in (("hidden", 1), ("depth", 0), ("large_batch", 1), ("small_batch", 1),
-                     ("epochs", 1), ("eval_every", 1)):
+    for k, least in (
+        ("hidden", 1),
+        ("depth", 0),
+        ("large_batch", 1),
+        ("small_batch", 1),
+        ("epochs", 1),
+        ("eval_every", 1),
+    ):
         s[k] = check_int(s[k], k, least)
     if s["small_batch"] > s["large_batch"]:
         # the perturbed points are the head of each large batch of charges

@@ -71,8 +71,9 @@ class SingleProcess:
         loss = per_point.mean()
         return loss, loss.detach()
 
-    def epoch_totals(self, loss_sum: torch.Tensor, wrong: torch.Tensor,
-                     per_epoch: int) -> tuple[float, int]:
+    def epoch_totals(
+        self, loss_sum: torch.Tensor, wrong: torch.Tensor, per_epoch: int
+    ) -> tuple[float, int]:
         """(mean loss per iteration, wrong-sign count) of the epoch."""
         return float(loss_sum) / per_epoch, int(wrong)
 
@@ -101,14 +102,23 @@ class Training:
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.loss_history: list[float] = []
         self.wrong_sign_history: list[int] = []
-        self.timing: dict[str, list[float]] = {k: [] for k in ("epoch", "data", "target",
-                                                              "network")}
+        self.timing: dict[str, list[float]] = {
+            k: [] for k in ("epoch", "data", "target", "network")
+        }
         self.n_iterations = 0
         self.val_loss_history: list[tuple[int, float]] = []
         self.plateau_epoch: int | None = None
 
-    def run(self, X, step, epochs: int, *, validation=None, sync: Callable[[], None] = _no_sync,
-            bar=None) -> None:
+    def run(
+        self,
+        X,
+        step,
+        epochs: int,
+        *,
+        validation=None,
+        sync: Callable[[], None] = _no_sync,
+        bar=None,
+    ) -> None:
         """`epochs` epochs on X, or fewer when the plateau rule stops them: with a
         `validation` set (validation_set), the validation loss is evaluated every
         s["eval_every"] epochs and training stops when s["patience"] evaluations in a row
@@ -150,11 +160,14 @@ class Training:
         loss_sum = torch.zeros((), dtype=step.history_dtype, device=X.device)
         wrong = torch.zeros((), dtype=torch.int64, device=X.device)
         t_epoch = time.perf_counter()
-        perm = (torch.randperm(n, generator=gen, device=X.device) if s["shuffle"]
-                else torch.arange(n, device=X.device))
+        perm = (
+            torch.randperm(n, generator=gen, device=X.device)
+            if s["shuffle"]
+            else torch.arange(n, device=X.device)
+        )
         for it in range(per_epoch):
             t0 = time.perf_counter()
-            batch = X[perm[it * large:(it + 1) * large]]
+            batch = X[perm[it * large : (it + 1) * large]]
             x_pert, z = pfgm_perturb(
                 batch[:small], s["M"], s["sigma"], s["tau"], s["restrict_M"], gen
             )
@@ -169,8 +182,9 @@ class Training:
             # "sum": PFGM's form; "mean": the blog's code (reduce_op = torch.mean over the
             # d + 1 outputs), the same minimiser with (d + 1) times smaller gradients, which
             # Adam's normalisation largely absorbs (docs/BLOG_FAITHFULNESS.md)
-            loss, share = step.loss(err.sum(1) if s["loss"] == "sum" else err.mean(1),
-                                    x_pert.shape[0])
+            loss, share = step.loss(
+                err.sum(1) if s["loss"] == "sum" else err.mean(1), x_pert.shape[0]
+            )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if s["grad_clip"] is not None:
@@ -223,8 +237,8 @@ def validation_set(X, s: dict[str, Any], seed: int, backend: str):
     rule."""
     n = X.shape[0]
     gen = torch.Generator(device=X.device).manual_seed(seed + 7919)
-    rows = X[torch.randperm(n, generator=gen, device=X.device)[:min(n, 512)]]
-    charges = X[torch.randperm(n, generator=gen, device=X.device)[:s["large_batch"]]]
+    rows = X[torch.randperm(n, generator=gen, device=X.device)[: min(n, 512)]]
+    charges = X[torch.randperm(n, generator=gen, device=X.device)[: s["large_batch"]]]
     x_pert, z = pfgm_perturb(rows, s["M"], s["sigma"], s["tau"], s["restrict_M"], gen)
     target = field_targets(x_pert, z, charges, s["gamma"], backend)
     return torch.cat([x_pert, z[:, None]], dim=1), target
