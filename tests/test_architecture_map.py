@@ -19,16 +19,21 @@ PENDING = {"poissonflow/experiments/stats.py"}
 
 
 def _modules() -> list[str]:
-    return sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "poissonflow").rglob("*.py")
-                  if "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "poissonflow").rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
 
 
 def _named(path: str, lines: list[str]) -> bool:
     folder, _, name = path.rpartition("/")
     file_name = re.compile(rf"(?<![\w/]){re.escape(name)}")
-    return any(path in line or (folder != "poissonflow" and f"`{folder}/`" in line
-                                and file_name.search(line))
-               for line in lines)
+    return any(
+        path in line
+        or (folder != "poissonflow" and f"`{folder}/`" in line and file_name.search(line))
+        for line in lines
+    )
 
 
 def test_every_module_is_in_the_map():
