@@ -9,7 +9,7 @@ Features: an L2-normalised Gaussian mixture (10 clusters in 128-d, within-cluste
 with profile=True; `timing_` splits every epoch into its phases:
 
     data     batch gather + PFGM perturbation of the small batch
-    target   the field targets (poissonflow.pfgm.field_targets: one fused kernel call)
+    target   the field targets (poissonflow.learned.targets.field_targets: one fused kernel call)
     network  forward, loss, backward and the Adam step
 
 The figure of merit is target / epoch (the project's target: under 20%). For scale, the same target
@@ -30,7 +30,7 @@ import torch
 
 import poissonflow
 from poissonflow.learned import LearnedField
-from poissonflow.pfgm import field_targets, pfgm_perturb
+from poissonflow.learned.targets import field_targets, pfgm_perturb
 
 
 def mixture_features(n: int, d: int, clusters: int = 10, seed: int = 0) -> torch.Tensor:

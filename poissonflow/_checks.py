@@ -67,6 +67,43 @@ def check_scalar(value, name: str, *, minimum: float = 0.0, allow_equal: bool = 
     return v
 
 
+def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
+    """`value` as a float, finite and > 0 (>= 0 with allow_zero): the package's one check of a
+    positive setting (a TypeError for a non-number, a ValueError naming `name` otherwise)."""
+    return check_scalar(value, name, minimum=0.0, allow_equal=allow_zero)
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """`value` as an int >= minimum (numpy integers accepted, bools refused), else a
+    ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def resolve_device(device, *, types: tuple[str, ...] | None = None) -> torch.device:
+    """A torch.device from "auto" (CUDA when available, else the CPU), a device string or a
+    torch.device; a ValueError when the string names no device, when its type is not one of
+    `types` (None: any), or when it asks for CUDA and CUDA is not available."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', a device string or a torch.device, got {device!r}")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got "
+                             f"{device!r}") from err
+    if types is not None and dev.type not in types:
+        raise ValueError(f"device must be one of {types} (or 'auto'), got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but CUDA is not available")
+    return dev
+
+
 def check_field_inputs(x, charges, weights, power, eps, exclude=None):
     """Validates poisson_field's arguments; returns (power, eps) as floats.
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 
 from ._io import atomic_write_bytes
 
-__all__ = ["FORMATS", "check_output_folder", "read_features", "read_named_features",
+__all__ = ["FORMATS", "check_output_folder", "jsonable", "read_features", "read_named_features",
            "write_features", "write_json"]
 
 FORMATS = (".npy", ".npz", ".pt")
@@ -147,16 +149,34 @@ def write_features(path, array: np.ndarray, key: str = "features") -> None:
 
 
 def write_json(path, obj: dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=1, default=_jsonable) + "\n"
+    """`obj` made JSON's (jsonable) written to `path` atomically, indented, with a newline."""
+    text = json.dumps(jsonable(obj), indent=1) + "\n"
     atomic_write_bytes(Path(path), text.encode())
 
 
-def _jsonable(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    return str(obj)
+def jsonable(obj, default: Callable[[Any], Any] = str):
+    """`obj` with what JSON cannot hold made plain, recursively: the package's one converter
+    for results and info files.
+
+    Mappings become dicts with str keys, lists and tuples lists, numpy arrays nested lists,
+    numpy scalars Python ones, floats that are not finite None (JSON has no NaN or infinity;
+    json.dumps would write the invalid token NaN), paths str. str, int, bool and None stay;
+    anything else goes to `default` (str; pass a function that raises to refuse it)."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):  # numpy's float64 too (a float subclass)
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, default) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, default) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist(), default)
+    if isinstance(obj, np.generic):
+        return jsonable(obj.item(), default)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    return default(obj)
 
 
 def _pickle_error():

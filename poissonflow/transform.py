@@ -254,7 +254,7 @@ def _horizon_value(value, name, auto, allow_zero=False):
         if value != "auto":
             raise ValueError(f"{name} must be a positive number or 'auto', got {value!r}")
         return float(auto())
-    v = _checks.check_scalar(value, name, minimum=0.0, allow_equal=allow_zero)
+    v = _checks.check_positive(value, name, allow_zero=allow_zero)
     if v > 1e18:
         raise ValueError(f"{name} = {v:.3g} is too large (z^2 must fit in float32)")
     return v

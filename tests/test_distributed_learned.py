@@ -102,9 +102,9 @@ def test_fit_under_two_processes_matches_one(tmp_path):
 def test_data_parallel_step_has_every_hook_of_the_single_process_one():
     """_DataParallel is not a subclass of _SingleProcess (so that importing
     poissonflow.distributed does not import scikit-learn): a hook added to the one must be
-    given to the other, or LearnedField._train_epoch would fail only under torchrun."""
+    given to the other, or Training.epoch would fail only under torchrun."""
     from poissonflow.distributed.learned import _DataParallel
-    from poissonflow.learned import _SingleProcess
+    from poissonflow.learned.training import SingleProcess as _SingleProcess
 
     hooks = {k for k in vars(_SingleProcess) if not k.startswith("_")}
     assert hooks == {"history_dtype", "batch_slice", "targets", "forward", "loss",

@@ -1,4 +1,4 @@
-"""LearnedField (PFGM training, the blog's preset) and the helpers of poissonflow.pfgm.
+"""LearnedField (PFGM training, the blog's preset) and the helpers of poissonflow.learned.targets.
 
 The 2-D toy: 16384 charges of an anisotropic three-cluster Gaussian mixture in R^2 (field in
 R^3), seeded. One field is trained once per module (hidden width 128, batches 2048 / 256, 100
@@ -20,7 +20,9 @@ from scipy import special, stats
 
 import poissonflow
 from poissonflow.learned import LearnedField
-from poissonflow.pfgm import data_norm, field_targets, pfgm_M, pfgm_perturb, pfgm_z_max
+from poissonflow.learned.network import mlp
+from poissonflow.learned.targets import data_norm, field_targets, pfgm_M, pfgm_perturb, pfgm_z_max
+from poissonflow.learned.training import validation_set
 from poissonflow.transform import transform
 
 
@@ -242,7 +244,7 @@ def test_batches_are_reshuffled_every_epoch(monkeypatch):
     """The charges handed to the target computation: N = 640, large batch 256 -> 2 iterations
     per epoch (the incomplete third batch is dropped); every epoch draws a new permutation, so
     the two epochs use different charge sets, and the small batch is the large batch's head."""
-    import poissonflow.learned as learned
+    import poissonflow.learned.training as learned
 
     seen = []
 
@@ -403,7 +405,7 @@ def test_faithful_batches_are_fixed_and_only_their_heads_are_perturbed(monkeypat
     """The blog's DataLoader(batch_size=1024) without shuffle: N = 640, large batch 256 ->
     3 batches an epoch (rows 0-255, 256-511 and the incomplete 512-639, kept), the same in
     every epoch, and the perturbed points are the first small_batch rows of each."""
-    import poissonflow.learned as learned
+    import poissonflow.learned.training as learned
 
     seen = []
 
@@ -426,7 +428,7 @@ def test_loss_reduction_mean_and_sum_computed_by_hand(monkeypatch):
     seeded initial weights, sum over the d + 1 outputs then mean over the batch ("sum",
     PFGM's form) or mean over both (the blog's reduce_op = torch.mean, "mean"), computed here
     by hand on a 3 x 2 case: (d + 1) = 3 times smaller."""
-    import poissonflow.learned as learned
+    import poissonflow.learned.training as learned
 
     X = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, -1.0]], dtype=torch.float32)
     target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0], [2.0, 2.0, 2.0]])
@@ -439,7 +441,7 @@ def test_loss_reduction_mean_and_sum_computed_by_hand(monkeypatch):
                          epochs=1, seed=3, device="cpu").fit(X, progress=False)
         losses[loss] = f.loss_history_[0]
     torch.manual_seed(3)
-    net = learned._mlp(2, 3, 2)
+    net = mlp(2, 3, 2)
     with torch.no_grad():
         pred = net(torch.cat([X + 0.25, torch.full((3, 1), 0.5)], 1))
     err = (pred - target) ** 2  # 3 points x 3 outputs
@@ -464,11 +466,9 @@ def test_untrained_field_is_the_seeded_initialisation():
 
 
 def _mlp_state(d, seed):
-    import poissonflow.learned as learned
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return learned._mlp(d, d + 1, 2).state_dict()
+        return mlp(d, d + 1, 2).state_dict()
 
 
 def test_plateau_rule_stops_after_patience_evaluations_without_improvement():
@@ -487,7 +487,7 @@ def test_plateau_rule_stops_after_patience_evaluations_without_improvement():
     free = LearnedField(lr=1e-12, epochs=9, **kw).fit(X, progress=False)
     assert free.loss_history_ == stuck.loss_history_ and free.plateau_epoch_ is None
     # the validation loss is the training loss's formula on the fixed validation set
-    inp, target = stuck._validation_set(X.float(), stuck.settings_, 2, "auto")
+    inp, target = validation_set(X.float(), stuck.settings_, 2, "auto")
     with torch.no_grad():
         by_hand = float(((stuck.net_(inp) - target) ** 2).sum(1).mean())
     assert stuck.val_loss_history_[-1][1] == pytest.approx(by_hand, rel=1e-5)

@@ -1,7 +1,8 @@
 """LearnedField training pinned to the bits: tiny fits whose weights (sha256 of the state_dict)
 and histories (loss and validation loss as float.hex, wrong-sign counts, iterations) were
-recorded with the code before `_train_epoch` took its step object (poissonflow.learned.
-_SingleProcess, shared with poissonflow.distributed.learned), so that refactoring the loop
+recorded with the code before the epoch loop took its step object (now
+poissonflow.learned.training.SingleProcess, shared with poissonflow.distributed.learned), and
+kept through the loop's move into poissonflow.learned.training, so that refactoring the loop
 cannot change what one process trains by a single bit. The cases cover the default preset
 (ema, shuffled, last batch dropped), "blog-faithful" (mean loss, fixed batches, last batch
 kept), "pfgm" (restrict_M, grad_clip, ema 0.9999), the plateau rule, and a data set smaller than
@@ -67,8 +68,10 @@ REFERENCE = {
         "loss": ["0x1.476ff80000000p+0", "0x1.c3f6ac0000000p+0", "0x1.5f3b980000000p+0",
                  "0x1.0399d40000000p+0", "0x1.70bc7c0000000p+0", "0x1.3e1bba0000000p+0"],
         "wrong": [0, 1, 0, 0, 0, 0], "iters": 12,
-        "val": [[1, "0x1.e38fb60000000p+0"], [2, "0x1.e036800000000p+0"], [3, "0x1.dcdc660000000p+0"],
-                [4, "0x1.d9b6a40000000p+0"], [5, "0x1.d687340000000p+0"], [6, "0x1.d368fa0000000p+0"]], "plateau": None,
+        "val": [[1, "0x1.e38fb60000000p+0"], [2, "0x1.e036800000000p+0"],
+                [3, "0x1.dcdc660000000p+0"], [4, "0x1.d9b6a40000000p+0"],
+                [5, "0x1.d687340000000p+0"], [6, "0x1.d368fa0000000p+0"]],
+        "plateau": None,
     },
     "one_batch": {
         "weights": "d6d438009f2ee2217dab6bff1f991ae0cc3dfed75372d208ce36c915c9ae43db",

@@ -20,10 +20,10 @@ How it divides the work, and why the result matches one process:
 * The optimiser step, gradient clipping and the weights' moving average then run identically
   on every rank; rank 0 writes the checkpoint (`LearnedField.save`).
 
-The epoch is `LearnedField._train_epoch` itself: this module passes it `_DataParallel`, which
-replaces the single process's step (`poissonflow.learned._SingleProcess`) in what differs:
-the rank's slice of the batch, the targets from the distributed field, the DDP forward, the
-loss's scale and the epoch's totals summed over the ranks. Batches, perturbations, optimiser,
+The epoch is poissonflow.learned.training's `Training.epoch` itself: this module passes it
+`_DataParallel`, which replaces the single process's step (`training.SingleProcess`) in what
+differs: the rank's slice of the batch, the targets from the distributed field, the DDP forward,
+the loss's scale and the epoch's totals summed over the ranks. Batches, perturbations, optimiser,
 clipping and averaging are the one loop's, so the two paths cannot drift apart.
 
 Bit-identity with one process is not guaranteed: DDP sums the gradient as per-rank partial
@@ -54,6 +54,7 @@ def fit_learned_field(features, *, group=None, checkpoint=None, **params):
     `checkpoint` when given. Collective: every rank calls it with the same params. The loss
     history is that of the global small batches."""
     from ..learned import LearnedField
+    from ..learned.training import Training
 
     grp = _comm.get_group(group)
     field = LearnedField(**params)
@@ -69,13 +70,13 @@ def fit_learned_field(features, *, group=None, checkpoint=None, **params):
     for p in net.parameters():
         p.requires_grad_(True)
     ddp = torch.nn.parallel.DistributedDataParallel(net, process_group=grp)
-    opt, shadow, gen = field._training_state(s, int(field.seed), X.device)
+    run = Training(net, s, int(field.seed), X.device)
     step = _DataParallel(ddp, field.backend, grp)
     t_fit = time.perf_counter()
-    for _ in range(s["epochs"]):  # fit(train=False) left the histories empty
-        field._train_epoch(X, s, opt, shadow, gen, step, lambda: None)
-    field.fit_seconds_ = time.perf_counter() - t_fit
-    field._finish_training(shadow)  # the averaged network, frozen, as in LearnedField.fit
+    run.run(X, step, s["epochs"])
+    seconds = time.perf_counter() - t_fit
+    run.finish()  # the averaged network, frozen, as in LearnedField.fit
+    field._record_training(run, seconds)
     if checkpoint is not None and dist.get_rank(grp) == 0:
         field.save(checkpoint)
     dist.barrier(group=grp)
@@ -89,8 +90,8 @@ def _slice(n, R, rank):
 
 
 class _DataParallel:
-    """LearnedField._train_epoch's step (the methods of poissonflow.learned._SingleProcess,
-    not subclassed so that importing this package does not import scikit-learn) with the small
+    """Training.epoch's step (the methods of poissonflow.learned.training.SingleProcess, not
+    subclassed so that importing this package does not import scikit-learn) with the small
     batch's slices across the ranks: rank r takes slice r of the perturbed points and of the
     large batch (its charges), the targets come from the field of the global large batch, the
     forward runs in DDP (which averages the gradients over the ranks in backward), and the
@@ -108,7 +109,7 @@ class _DataParallel:
         return x_pert[q0:q1], z[q0:q1], batch[c0:c1]
 
     def targets(self, x_pert, z, charges, gamma):
-        # the targets of pfgm.field_targets, from the field of the global large batch
+        # the targets of learned.targets.field_targets, from the field of the global large batch
         d = x_pert.shape[1]
         plan = plan_field(x_pert, charges, None, float(d + 1), 0.0, None, self.group,
                           "allgather", self.backend, grad=False)

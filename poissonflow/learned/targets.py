@@ -1,4 +1,5 @@
-"""PFGM's training recipe (docs/DESIGN.md, "The learned field"): perturbation, field targets and the M / z_max rule.
+"""PFGM's training recipe (docs/DESIGN.md, "The learned field"): perturbation, field targets and
+the M / z_max rule. What the learned field trains on; poissonflow.learned.training uses it.
 
 Read against PFGM's reference code (github.com/Newbeeer/Poisson_flow):
 `models/utils_poisson.py::forward_pz` (perturbation), `losses.py::get_loss_fn` (targets and loss),
@@ -31,6 +32,8 @@ import math
 
 import torch
 
+from .._checks import check_positive
+
 __all__ = [
     "pfgm_M",
     "pfgm_z_max",
@@ -61,9 +64,9 @@ def pfgm_M(norm: float, d: int, sigma: float, tau: float) -> int:
     tau = 0.03) gives 291, PFGM's value. PFGM's hyperparam_calculator.py uses sqrt(d + 1);
     docs/DESIGN.md, "The learned field" writes sqrt(d), used here (the two agree on M for d >= 100).
     """
-    _positive(norm, "norm")
-    _positive(sigma, "sigma")
-    _positive(tau, "tau")
+    check_positive(norm, "norm")
+    check_positive(sigma, "sigma")
+    check_positive(tau, "tau")
     if int(d) < 1:
         raise ValueError(f"d must be >= 1, got {d}")
     ratio = norm**2 / (2.0 * math.sqrt(d) * sigma**2)
@@ -124,7 +127,7 @@ def field_targets(
     charges in d dims with power d + 1 and per-query softening z (||x~ - y~||^2 = ||x - y||^2 +
     z^2); the z part is z itself. No N x B x (d + 1) tensor is formed (PFGM's code forms one).
     """
-    from . import registry
+    from .. import registry
 
     d = x_pert.shape[1]
     which = registry.resolve(backend, x_pert.device)
@@ -138,7 +141,3 @@ def field_targets(
         full = torch.cat([v, z[:, None].to(v.dtype)], dim=1)
         return full * (-math.sqrt(d) / (full.norm(dim=1, keepdim=True) + gamma))
 
-
-def _positive(value, name: str) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
