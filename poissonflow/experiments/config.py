@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MIN_LIMIT", "ConfigError", "check_device", "check_readable", "check_writable_folder",
-           "write_command"]
+__all__ = [
+    "MIN_LIMIT",
+    "ConfigError",
+    "check_device",
+    "check_readable",
+    "check_writable_folder",
+    "write_command",
+]
 
 
 # The smallest --limit: ten classes must leave the tuned probe's stratified validation split
@@ -61,8 +67,7 @@ def check_device(device) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {device!r}") \
-            from None
+        raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError("--device", f"must be 'cpu' or 'cuda[:index]', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -78,5 +83,7 @@ def write_command(out_dir: Path) -> None:
 
     argv = [a for a in sys.argv[1:]]
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "command.txt",
-                      "python -m poissonflow " + " ".join(shlex.quote(a) for a in argv) + "\n")
+    atomic_write_text(
+        out_dir / "command.txt",
+        "python -m poissonflow " + " ".join(shlex.quote(a) for a in argv) + "\n",
+    )

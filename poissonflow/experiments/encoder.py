@@ -316,13 +316,10 @@ class TrainResult:
 
 
 def _resolve_device(device) -> torch.device:
-    """The library's device resolution (learned._resolve_device), limited to cpu and cuda."""
-    from ..learned import _resolve_device as resolve
+    """The package's device resolution (_checks.resolve_device), limited to cpu and cuda."""
+    from .._checks import resolve_device
 
-    dev = resolve(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    return dev
+    return resolve_device(device, types=("cpu", "cuda"))
 
 
 def _as_images(x, name: str) -> torch.Tensor:

@@ -7,7 +7,8 @@
 Per seed: hold out the seed's validation split (protocol.py: a stratified fifth of the
 training images, which nothing trains on), train the encoder on the rest (the blog's
 SmallAlexNet through a linear head; features cached on disk), then evaluate every row of the
-table below on the same features (rows.py), and sweep the horizon of the flow. Each row declares the values it needs (the graph below), so any row can be computed
+table below on the same features (rows.py), and sweep the horizon of the flow. Each row
+declares the values it needs (the graph in rows.py), so any row can be computed
 alone; the learned fields are cached on disk like the features, keyed by their settings and the
 training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and probes"):
 
@@ -19,7 +20,8 @@ training features. Rows (docs/DESIGN.md, "The learned field" and "Metrics and pr
   flow: blog preset     learned field, the blog's code (radial Euler 100 x 0.01 from z = 0),
                         the 129-d end points as the blog fed them to LogisticRegression()
   flow: untrained blog field  the blog preset's network at its initialisation, same ODE: the
-                        blog's published code never reaches its optimiser step (docs/DESIGN.md, "The learned field")
+                        blog's published code never reaches its optimiser step
+                        (docs/DESIGN.md, "The learned field")
   flow: blog preset, to plateau  the blog field trained until its loss plateaus
                         (PLATEAU below), same ODE
   scale control         raw features times the blog-flowed features' mean norm: the default
@@ -117,7 +119,8 @@ from .rows import (  # noqa: F401 (re-exported: the rows are part of the experim
 )
 
 __all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
-           "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features", "RowOutput", "RunSettings",
+           "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features",
+           "RowOutput", "RunSettings",
            "row_graph", "evaluate_rows", "check_readable", "check_writable_folder"]
 
 
@@ -297,7 +300,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     last). The problems are small (a 1347 x 129 logistic regression, a 129-wide MLP): with two
     threads on two shared cores the OpenMP and BLAS workers spin against each other, and one
     seed's rows took 17 minutes at a load of 9 where one thread took 30 s for the whole seed
-    (measured on the development machine), so the run limits torch, BLAS and OpenMP to `cfg.threads`."""
+    (measured on the development machine), so the run limits torch, BLAS and OpenMP to
+    `cfg.threads`."""
     validate_config(cfg)
     if cfg.threads is None:
         return _run(cfg)

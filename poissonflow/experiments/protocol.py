@@ -41,10 +41,13 @@ def validation_split(y_train, seed: int, fraction: float = VAL_FRACTION):
 
 def split_record(fit_idx, val_idx, fraction: float = VAL_FRACTION) -> dict[str, Any]:
     """What results.json records of a seed's validation split."""
-    return {"fraction": fraction, "n_val": len(val_idx), "n_fit": len(fit_idx),
-            "indices": [int(i) for i in val_idx],
-            "held_out_from": ["encoder", "learned fields", "exact field charges",
-                              "probe fits"]}
+    return {
+        "fraction": fraction,
+        "n_val": len(val_idx),
+        "n_fit": len(fit_idx),
+        "indices": [int(i) for i in val_idx],
+        "held_out_from": ["encoder", "learned fields", "exact field charges", "probe fits"],
+    }
 
 
 def _compare(predictions: dict, run: str | None) -> dict[str, Any]:
@@ -65,5 +68,5 @@ def run_name(out_dir) -> str:
 
     parts = Path(out_dir).resolve().parts
     if "results" in parts:
-        return "/".join(parts[len(parts) - parts[::-1].index("results"):])
+        return "/".join(parts[len(parts) - parts[::-1].index("results") :])
     return Path(out_dir).name

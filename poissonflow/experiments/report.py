@@ -1,6 +1,7 @@
 """Outputs of the experiment: the summary over seeds, the markdown table, the JSON file and the
 plots (over 600 lines: every table of a run, image-only and seed-aware, renders from one
-results.json here, so that a re-render needs no other module). Files are written atomically (poissonflow._io: temporary file + os.replace, normal
+results.json here, so that a re-render needs no other module). Files are written atomically
+(poissonflow._io: temporary file + os.replace, normal
 permissions), so an interrupted run never leaves a half-written result.
 
 matplotlib is imported only by `plot_sweep`, when a plot is drawn: the rest of the package (and
@@ -140,8 +141,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     lines += _status_lines(results)
     lines += [
-        "Test accuracies in %, every probe of every row (docs/DESIGN.md, 'Metrics and probes'): the blog's "
-        "`LogisticRegression()`, the tuned linear probe, the same classifier run to convergence, cosine k-NN "
+        "Test accuracies in %, every probe of every row (docs/DESIGN.md, 'Metrics and "
+        "probes'): the blog's `LogisticRegression()`, the tuned linear probe, the same "
+        "classifier run to convergence, cosine k-NN "
         "(k = 20, and k chosen on the validation split), and linear probes fit on 1 / 10 "
         "labelled training images a class (C chosen on the validation split; a probe of the "
         "features, whose encoder saw every label). 'warnings': ConvergenceWarnings "
@@ -530,22 +532,11 @@ def rerender_table(results_json: str | Path) -> None:
 
 
 def _jsonable(obj):
-    """A JSON-ready copy: numpy scalars and arrays as Python numbers and lists, non-finite
-    floats as None, paths as strings (both drivers' results)."""
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    """The package's one JSON converter (files.jsonable): numpy scalars and arrays as Python
+    numbers and lists, non-finite floats as None, paths as strings."""
+    from ..files import jsonable
+
+    return jsonable(obj)
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:

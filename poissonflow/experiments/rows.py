@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,21 @@ import torch
 from .. import metrics
 from .probes import knn_predict, knn_tuned, labels_per_class_probe, linear_probe
 
-__all__ = ["BLOG_ROW", "NODES", "OPTIONAL_ROWS", "ROWS", "Features", "Graph", "Node", "RowOutput",
-           "RunSettings", "evaluate_rows", "row_graph", "row_names", "score_row"]
+__all__ = [
+    "BLOG_ROW",
+    "NODES",
+    "OPTIONAL_ROWS",
+    "ROWS",
+    "Features",
+    "Graph",
+    "Node",
+    "RowOutput",
+    "RunSettings",
+    "evaluate_rows",
+    "row_graph",
+    "row_names",
+    "score_row",
+]
 
 
 # --------------------------------------------------------------------------- the row graph
@@ -46,8 +60,12 @@ class Features:
     val: np.ndarray | None = None
 
     def map(self, f: Callable[[np.ndarray], np.ndarray]) -> Features:
-        return Features(f(self.train), f(self.test), tuple(f(v) for v in self.views),
-                        None if self.val is None else f(self.val))
+        return Features(
+            f(self.train),
+            f(self.test),
+            tuple(f(v) for v in self.views),
+            None if self.val is None else f(self.val),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,9 +182,14 @@ def learned_field_key(params: dict[str, Any], train_features: np.ndarray) -> str
 
     settings = {k: v for k, v in params.items() if k not in _DISPLAY_ONLY}
     return cache_key(
-        {"what": "learned-field", "cache_version": LEARNED_FIELD_CACHE_VERSION,
-         "file_format": FILE_FORMAT, "poissonflow": __version__, "torch": torch.__version__,
-         "params": settings},
+        {
+            "what": "learned-field",
+            "cache_version": LEARNED_FIELD_CACHE_VERSION,
+            "file_format": FILE_FORMAT,
+            "poissonflow": __version__,
+            "torch": torch.__version__,
+            "params": settings,
+        },
         arrays_sha256({"features_train": np.ascontiguousarray(train_features)}),
     )
 
@@ -199,8 +222,7 @@ def _fit_field(preset: str, train: bool = True, plateau: bool = False):
             kwargs["epochs"] = run.field_epochs
         field = LearnedField(**kwargs)
         if not train:
-            return FittedField(field.fit(features.train, progress=False, train=False), 0.0,
-                               False)
+            return FittedField(field.fit(features.train, progress=False, train=False), 0.0, False)
         field_seconds = [0.0]  # set by fit(): the training time stored with a cached field
 
         def fit():
@@ -213,7 +235,8 @@ def _fit_field(preset: str, train: bool = True, plateau: bool = False):
             return FittedField(fit(), field_seconds[0], False)
         d = features.train.shape[1]
         fitted, meta, hit = ArrayCache(run.cache_dir).get_or_compute_object(
-            learned_field_key(field.get_params(), features.train), fit,
+            learned_field_key(field.get_params(), features.train),
+            fit,
             save=lambda f, path: f.save(path),
             load=lambda path: LearnedField.load(path, n_features=d, device=run.device),
             meta=lambda f: {"train_seconds": field_seconds[0]},
@@ -248,19 +271,26 @@ def _learned_flow(field_node: str, output: str):
         # far points: the blog's radial update adds d^2 |f|^2 / (f.y)^2 to |y|^2 where the
         # field is nearly orthogonal to y; a few such points change how a scaler sees the row
         norms = np.linalg.norm(np.concatenate([flowed.train, flowed.test]), axis=1)
-        return RowOutput(flowed, {
-            "field_train_seconds": fitted.train_seconds, "field_from_cache": fitted.from_cache,
-            "field_preset": field.preset, **counts,
-            # over the train, test and view sets flowed (docs/DESIGN.md, "The flow")
-            "guarded_fraction": counts["guarded_points"] / n,
-            "on_plane_fraction": counts["on_plane"] / n,
-            "norm_max_over_median": float(norms.max() / max(np.median(norms), 1e-300)),
-            "field_iterations": int(field.n_iterations_),
-            "field_final_loss": field.loss_history_[-1] if field.loss_history_ else None,
-            "field_loss_history": [float(v) for v in field.loss_history_],
-            "field_val_loss_history": [list(v) for v in getattr(field, "val_loss_history_", [])],
-            "field_plateau_epoch": getattr(field, "plateau_epoch_", None),
-        })
+        return RowOutput(
+            flowed,
+            {
+                "field_train_seconds": fitted.train_seconds,
+                "field_from_cache": fitted.from_cache,
+                "field_preset": field.preset,
+                **counts,
+                # over the train, test and view sets flowed (docs/DESIGN.md, "The flow")
+                "guarded_fraction": counts["guarded_points"] / n,
+                "on_plane_fraction": counts["on_plane"] / n,
+                "norm_max_over_median": float(norms.max() / max(np.median(norms), 1e-300)),
+                "field_iterations": int(field.n_iterations_),
+                "field_final_loss": field.loss_history_[-1] if field.loss_history_ else None,
+                "field_loss_history": [float(v) for v in field.loss_history_],
+                "field_val_loss_history": [
+                    list(v) for v in getattr(field, "val_loss_history_", [])
+                ],
+                "field_plateau_epoch": getattr(field, "plateau_epoch_", None),
+            },
+        )
 
     return Node(("features", field_node), make)
 
@@ -274,8 +304,12 @@ def _scale_control(features, blog):
 def _unit_norm(flowed):
     """Control: a flowed row's features scaled back to unit norm (only the directions the flow
     gave them; the norm, which a fixed-C classifier reads as a regularisation strength, gone)."""
-    return RowOutput(flowed.features.map(
-        lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)), {})
+    return RowOutput(
+        flowed.features.map(
+            lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+        ),
+        {},
+    )
 
 
 # Far points: the blog's radial update can throw a point to hundreds of times the median norm
@@ -298,8 +332,14 @@ def _clipped(flowed):
         return np.where(n > radius, a * (radius / np.maximum(n, 1e-300)), a)
 
     out = flowed.features.map(clip)
-    return RowOutput(out, {"clip_radius": radius, **counts,
-                           "clipped_fraction": counts["clipped"] / max(1, counts["points"])})
+    return RowOutput(
+        out,
+        {
+            "clip_radius": radius,
+            **counts,
+            "clipped_fraction": counts["clipped"] / max(1, counts["points"]),
+        },
+    )
 
 
 def _exact_flow(features):
@@ -314,8 +354,15 @@ def _exact_flow(features):
 
     flowed = features.map(flow)
     i = infos[0]  # the train features' flow
-    return RowOutput(flowed, {"z_min": i["z_min"], "z_max": i["z_max"], "steps": i["steps"],
-                              "train_excluded": i["excluded"]})
+    return RowOutput(
+        flowed,
+        {
+            "z_min": i["z_min"],
+            "z_max": i["z_max"],
+            "steps": i["steps"],
+            "train_excluded": i["excluded"],
+        },
+    )
 
 
 BLOG_ROW = "flow: blog preset"
@@ -379,8 +426,9 @@ def representation_metrics(fte, views) -> dict[str, float]:
     }
     if len(views) == 2:
         a, b = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for v in views)
-        out["alignment"] = float(metrics.align_loss(a / a.norm(dim=1, keepdim=True),
-                                                    b / b.norm(dim=1, keepdim=True)))
+        out["alignment"] = float(
+            metrics.align_loss(a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True))
+        )
     return out
 
 
@@ -396,18 +444,33 @@ def score_row(ftr, ytr, fte, yte, views, seed, fva, yva) -> dict[str, Any]:
     blog = linear_probe(ftr, ytr, fte, yte, blog=True)
     conv = linear_probe(ftr, ytr, fte, yte, blog=True, converged=True)
     tuned = linear_probe(ftr, ytr, fte, yte, val_x=fva, val_y=yva)
-    preds = {"blog": blog.test_predictions, "tuned": tuned.test_predictions,
-             "blog_converged": conv.test_predictions}
+    preds = {
+        "blog": blog.test_predictions,
+        "tuned": tuned.test_predictions,
+        "blog_converged": conv.test_predictions,
+    }
     row: dict[str, Any] = {
-        "blog": {"train": blog.train_accuracy, "test": blog.test_accuracy,
-                 "n_iter": blog.n_iter, "convergence_warnings": len(blog.convergence_warnings)},
-        "tuned": {"train": tuned.train_accuracy, "val": tuned.val_accuracy,
-                  "test": tuned.test_accuracy, "C": tuned.C,
-                  "val_accuracies": {f"{c:g}": v for c, v in tuned.val_accuracies.items()},
-                  "convergence_warnings": len(tuned.convergence_warnings)},
-        "blog_converged": {"train": conv.train_accuracy, "test": conv.test_accuracy,
-                           "C": 1.0, "n_iter": conv.n_iter,
-                           "convergence_warnings": len(conv.convergence_warnings)},
+        "blog": {
+            "train": blog.train_accuracy,
+            "test": blog.test_accuracy,
+            "n_iter": blog.n_iter,
+            "convergence_warnings": len(blog.convergence_warnings),
+        },
+        "tuned": {
+            "train": tuned.train_accuracy,
+            "val": tuned.val_accuracy,
+            "test": tuned.test_accuracy,
+            "C": tuned.C,
+            "val_accuracies": {f"{c:g}": v for c, v in tuned.val_accuracies.items()},
+            "convergence_warnings": len(tuned.convergence_warnings),
+        },
+        "blog_converged": {
+            "train": conv.train_accuracy,
+            "test": conv.test_accuracy,
+            "C": 1.0,
+            "n_iter": conv.n_iter,
+            "convergence_warnings": len(conv.convergence_warnings),
+        },
     }
     smallest = int(np.unique(ytr, return_counts=True)[1].min())
     pred = knn_predict(ftr, ytr, fte, k=min(KNN_FIXED, smallest))
@@ -415,19 +478,30 @@ def score_row(ftr, ytr, fte, yte, views, seed, fva, yva) -> dict[str, Any]:
     row["knn20"] = {"test": float((pred == yte).mean()), "k": min(KNN_FIXED, smallest)}
     pred, k, val_acc = knn_tuned(ftr, ytr, fva, yva, fte)
     preds["knn"] = pred
-    row["knn"] = {"test": float((pred == yte).mean()), "k": k, "val": val_acc[k],
-                  "val_accuracies": {str(kk): v for kk, v in val_acc.items()},
-                  "k_cap": smallest}
+    row["knn"] = {
+        "test": float((pred == yte).mean()),
+        "k": k,
+        "val": val_acc[k],
+        "val_accuracies": {str(kk): v for kk, v in val_acc.items()},
+        "k_cap": smallest,
+    }
     for per_class in LABELS_PER_CLASS:
-        low = labels_per_class_probe(ftr, ytr, fte, yte, fva, yva, per_class=per_class,
-                                     seed=seed)
+        low = labels_per_class_probe(ftr, ytr, fte, yte, fva, yva, per_class=per_class, seed=seed)
         name = f"labels{per_class}perclass"
         preds[name] = low.test_predictions
-        row[name] = {"train": low.train_accuracy, "val": low.val_accuracy,
-                     "test": low.test_accuracy, "C": low.C, "n_labels": low.n_train_used,
-                     "convergence_warnings": len(low.convergence_warnings)}
-    row["convergence_warnings"] = sum(v["convergence_warnings"] for v in row.values()
-                                      if isinstance(v, dict) and "convergence_warnings" in v)
+        row[name] = {
+            "train": low.train_accuracy,
+            "val": low.val_accuracy,
+            "test": low.test_accuracy,
+            "C": low.C,
+            "n_labels": low.n_train_used,
+            "convergence_warnings": len(low.convergence_warnings),
+        }
+    row["convergence_warnings"] = sum(
+        v["convergence_warnings"]
+        for v in row.values()
+        if isinstance(v, dict) and "convergence_warnings" in v
+    )
     row["metrics"] = representation_metrics(fte, views)
     row["dim"] = int(ftr.shape[1])
     row["mean_norm"] = float(np.linalg.norm(fte, axis=1).mean())
@@ -438,8 +512,9 @@ def score_row(ftr, ytr, fte, yte, views, seed, fva, yva) -> dict[str, Any]:
 # --------------------------------------------------------------------------- horizon sweep
 
 
-def horizon_sweep(features: Features, labels, run: RunSettings,
-                  blog: FittedField) -> list[dict[str, Any]]:
+def horizon_sweep(
+    features: Features, labels, run: RunSettings, blog: FittedField
+) -> list[dict[str, Any]]:
     """Accuracy and uniformity along the flow: the blog preset after k of its 100 steps, and
     the exact field stopped at growing z_max. Each point: tuned-probe test accuracy, W2,
     uniform_loss."""
@@ -451,22 +526,35 @@ def horizon_sweep(features: Features, labels, run: RunSettings,
     points = []
     field = blog.field
     total = field.default_flow().get("steps", 100)
-    for k in sorted({0, total // 20, total // 10, total // 5, 2 * total // 5,
-                     3 * total // 5, 4 * total // 5, total}):
+    for k in sorted(
+        {
+            0,
+            total // 20,
+            total // 10,
+            total // 5,
+            2 * total // 5,
+            3 * total // 5,
+            4 * total // 5,
+            total,
+        }
+    ):
         if k == 0:
             gtr, gva, gte = (np.hstack([a, np.zeros((len(a), 1))]) for a in (ftr, fva, fte))
         else:
-            gtr, gva, gte = (transform(a, field=field, steps=k, output="raw")
-                             for a in (ftr, fva, fte))
-        points.append(_sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte,
-                                   gva, yva))
+            gtr, gva, gte = (
+                transform(a, field=field, steps=k, output="raw") for a in (ftr, fva, fte)
+            )
+        points.append(
+            _sweep_point("blog preset", "steps", k, k / total, gtr, ytr, gte, yte, gva, yva)
+        )
     charges = torch.from_numpy(np.ascontiguousarray(ftr, dtype=np.float64))
     zmin, zmax = auto_z_min(charges), auto_z_max(charges)
     for zend in np.geomspace(2 * zmin, zmax, 7):
         gtr, gva, gte = (transform(a, charges=ftr, z_max=float(zend)) for a in (ftr, fva, fte))
         frac = float(np.log(zend / zmin) / np.log(zmax / zmin))
-        points.append(_sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte,
-                                   gva, yva))
+        points.append(
+            _sweep_point("exact field", "z_max", float(zend), frac, gtr, ytr, gte, yte, gva, yva)
+        )
     return points
 
 
@@ -476,10 +564,16 @@ def _sweep_point(curve, knob, value, fraction, gtr, ytr, gte, yte, gva, yva):
     would be chosen by; test_accuracy is reported, never chosen on."""
     tuned = linear_probe(gtr, ytr, gte, yte, val_x=gva, val_y=yva)
     m = representation_metrics(gte, ())
-    return {"curve": curve, "knob": knob, "value": value, "fraction": fraction,
-            "val_accuracy": tuned.val_accuracy, "test_accuracy": tuned.test_accuracy,
-            "wasserstein_uniformity": m["wasserstein_uniformity"],
-            "uniform_loss": m["uniform_loss"]}
+    return {
+        "curve": curve,
+        "knob": knob,
+        "value": value,
+        "fraction": fraction,
+        "val_accuracy": tuned.val_accuracy,
+        "test_accuracy": tuned.test_accuracy,
+        "wasserstein_uniformity": m["wasserstein_uniformity"],
+        "uniform_loss": m["uniform_loss"],
+    }
 
 
 SWEEP = "horizon sweep"
@@ -522,6 +616,9 @@ def evaluate_rows(graph: Graph, names=None) -> dict[str, Any]:
         row["info"] = made.info
         row["seconds"] = time.perf_counter() - t
         out[name] = row
-        print(f"  seed {run.seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
-              f"({row['seconds']:.1f} s)", file=sys.stderr)
+        print(
+            f"  seed {run.seed}: {name:24s} tuned test {row['tuned']['test']:.3f} "
+            f"({row['seconds']:.1f} s)",
+            file=sys.stderr,
+        )
     return out

@@ -48,10 +48,10 @@ SSL_VERSION = 1
 
 
 def _positive(value, name: str, *, allow_zero: bool = False) -> float:
-    """The package's one positive-number check (learned._check_positive)."""
-    from ..learned import _check_positive
+    """The package's one positive-number check (_checks.check_positive)."""
+    from .._checks import check_positive
 
-    return _check_positive(value, name, allow_zero=allow_zero)
+    return check_positive(value, name, allow_zero=allow_zero)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

@@ -20,7 +20,8 @@ in --s-grid is trained on its fit images (seed 0), and the s whose features give
 tuned-probe accuracy on its validation images wins (ties: the smaller s). Wang & Isola's
 align_uniform is trained on the same split as the reference. Then the uniformity weight of
 align_uniform and of align_riesz (at the chosen s) is chosen the same way from --weight-grid
-(default 1 4 16; results.json "weight_validation"). The test set is not looked at. The curve goes into results.json / results.md / s_validation.png.
+(default 1 4 16; results.json "weight_validation"). The test set is not looked at. The curve
+goes into results.json / results.md / s_validation.png.
 
 Outputs in --out: results.json (every seed's rows, the summary over seeds, paired tests against
 the raw features, the s curve, epochs and wall times), results.md, alignment_uniformity.png

@@ -10,8 +10,15 @@ from typing import Any
 from .report import _stats
 from .rows import RAW_ROW
 
-PROBE_KEYS = ("blog", "tuned", "blog_converged", "knn20", "knn", "labels1perclass",
-              "labels10perclass")
+PROBE_KEYS = (
+    "blog",
+    "tuned",
+    "blog_converged",
+    "knn20",
+    "knn",
+    "labels1perclass",
+    "labels10perclass",
+)
 
 
 # --------------------------------------------------------------------------- summary
@@ -28,17 +35,19 @@ def summarise(records: list[dict], rows) -> dict[str, Any]:
             e: dict[str, Any] = {}
             for p in PROBE_KEYS:
                 e[p] = _stats([r["rows"][row][p]["test"] for r in recs])
-                e[f"delta {p}"] = _stats([r["rows"][row][p]["test"] -
-                                          r["rows"][RAW_ROW][p]["test"] for r in recs])
+                e[f"delta {p}"] = _stats(
+                    [r["rows"][row][p]["test"] - r["rows"][RAW_ROW][p]["test"] for r in recs]
+                )
             for m in ("alignment", "uniform_loss", "wasserstein_uniformity", "effective_rank"):
                 e[m] = _stats([r["rows"][row]["metrics"].get(m) for r in recs])
             entry[row] = e
-        best = max(((row, p) for row in rows for p in ("blog", "tuned", "knn20")),
-                   key=lambda rp: entry[rp[0]][rp[1]]["mean"])
+        best = max(
+            ((row, p) for row in rows for p in ("blog", "tuned", "knn20")),
+            key=lambda rp: entry[rp[0]][rp[1]]["mean"],
+        )
         entry["_best"] = {"row": best[0], "probe": best[1], **entry[best[0]][best[1]]}
         entry["_train_seconds"] = _stats([r["train_seconds"] for r in recs])
-        entry["_rows_seconds"] = _stats([r["rows"][row]["seconds"] for r in recs
-                                         for row in rows])
+        entry["_rows_seconds"] = _stats([r["rows"][row]["seconds"] for r in recs for row in rows])
         out[name] = entry
     return out
 
@@ -60,69 +69,104 @@ def markdown(results: dict[str, Any]) -> str:
     rows = cfg["rows"]
     n_seeds = len(cfg["seeds"])
     if cfg.get("validate_only"):
-        lines = [f"# align + Riesz: s validation only, {results['dataset']['name']}", "",
-                 f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, seed 0; "
-                 f"augmentation {results['augmentation']}. Command: `{results['command']}`.", ""]
+        lines = [
+            f"# align + Riesz: s validation only, {results['dataset']['name']}",
+            "",
+            f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, seed 0; "
+            f"augmentation {results['augmentation']}. Command: `{results['command']}`.",
+            "",
+        ]
         sv = results.get("s_validation")
-        lines += [f"Uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank {cfg['bank_size']}; "
-                  f"{sv['n_fit']} images to train, {sv['n_val']} to validate; best s = "
-                  f"**{sv['chosen_s']:g}**.", "",
-                  "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"Uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank {cfg['bank_size']}; "
+            f"{sv['n_fit']} images to train, {sv['n_val']} to validate; best s = "
+            f"**{sv['chosen_s']:g}**.",
+            "",
+            "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in sv["points"] + [dict(sv["reference_align_uniform"], s="align_uniform")]:
             s = p["s"] if isinstance(p["s"], str) else f"{p['s']:g}"
-            lines.append(f"| {s} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f} | "
-                         f"{p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
-                         f"{p['wasserstein_uniformity']:.3f} |")
+            lines.append(
+                f"| {s} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f} | "
+                f"{p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
+                f"{p['wasserstein_uniformity']:.3f} |"
+            )
         return "\n".join(lines + [""])
-    lines = [f"# Self-supervised encoders on {results['dataset']['name']}", "",
-             f"{results['dataset']['n_train']} train / {results['dataset']['n_test']} test "
-             f"images; SmallAlexNet ({'digits' if cfg['dataset'] == 'digits' else 'blog'} "
-             f"widths), {cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, "
-             f"seeds {cfg['seeds']}; augmentation {results['augmentation']}. "
-             f"Accuracies in % (mean ± standard deviation over the {n_seeds} seeds); "
-             f"metrics on the L2-normalised test features (alignment on two augmented views "
-             f"of each test image). Command: `{results['command']}`.",
-             "" if results["complete"] else "\n**Incomplete: the run is still going or was "
-                                              "stopped; the seeds done so far.**", ""]
+    lines = [
+        f"# Self-supervised encoders on {results['dataset']['name']}",
+        "",
+        f"{results['dataset']['n_train']} train / {results['dataset']['n_test']} test "
+        f"images; SmallAlexNet ({'digits' if cfg['dataset'] == 'digits' else 'blog'} "
+        f"widths), {cfg['epochs']} epochs of batch {cfg['batch_size']}, Adam lr 1e-3, "
+        f"seeds {cfg['seeds']}; augmentation {results['augmentation']}. "
+        f"Accuracies in % (mean ± standard deviation over the {n_seeds} seeds); "
+        f"metrics on the L2-normalised test features (alignment on two augmented views "
+        f"of each test image). Command: `{results['command']}`.",
+        ""
+        if results["complete"]
+        else "\n**Incomplete: the run is still going or was stopped; the seeds done so far.**",
+        "",
+    ]
     sv = results.get("s_validation")
     if sv:
-        lines += ["## Riesz exponent s, chosen on a validation split", "",
-                  f"align + Riesz (uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank "
-                  f"{cfg['bank_size']}), seed 0, trained on {sv['n_fit']} train images, "
-                  f"probed on the "
-                  f"other {sv['n_val']} (test set unused); chosen s = **{sv['chosen_s']:g}** "
-                  f"({sv['criterion']}).", "",
-                  "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Riesz exponent s, chosen on a validation split",
+            "",
+            f"align + Riesz (uniformity weight {cfg.get('riesz_weight', 1.0):g}, bank "
+            f"{cfg['bank_size']}), seed 0, trained on {sv['n_fit']} train images, "
+            f"probed on the "
+            f"other {sv['n_val']} (test set unused); chosen s = **{sv['chosen_s']:g}** "
+            f"({sv['criterion']}).",
+            "",
+            "| s | val tuned | val k-NN 20 | alignment | uniform_loss | W2 |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in sv["points"]:
-            lines.append(f"| {p['s']:g} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f}"
-                         f" | {p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
-                         f"{p['wasserstein_uniformity']:.3f} |")
+            lines.append(
+                f"| {p['s']:g} | {100 * p['val_tuned']:.1f} | {100 * p['val_knn20']:.1f}"
+                f" | {p['alignment']:.3f} | {p['uniform_loss']:.3f} | "
+                f"{p['wasserstein_uniformity']:.3f} |"
+            )
         ref = sv.get("reference_align_uniform")
         if ref:
-            lines.append(f"| align_uniform (reference) | {100 * ref['val_tuned']:.1f} | "
-                         f"{100 * ref['val_knn20']:.1f} | {ref['alignment']:.3f} | "
-                         f"{ref['uniform_loss']:.3f} | {ref['wasserstein_uniformity']:.3f} |")
+            lines.append(
+                f"| align_uniform (reference) | {100 * ref['val_tuned']:.1f} | "
+                f"{100 * ref['val_knn20']:.1f} | {ref['alignment']:.3f} | "
+                f"{ref['uniform_loss']:.3f} | {ref['wasserstein_uniformity']:.3f} |"
+            )
         lines.append("")
     elif results.get("riesz_s") is not None:
         lines += [f"Riesz exponent s = {results['riesz_s']:g} (given).", ""]
-    lines += ["## Best probe accuracy per encoder", "",
-              "Best (row, probe) by mean over seeds among blog LR, tuned and k-NN 20; the raw "
-              "features' tuned probe beside it; training wall time per encoder (one thread).", "",
-              "| encoder | best row | probe | accuracy | raw, tuned | raw alignment | "
-              "raw uniform_loss | raw W2 | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Best probe accuracy per encoder",
+        "",
+        "Best (row, probe) by mean over seeds among blog LR, tuned and k-NN 20; the raw "
+        "features' tuned probe beside it; training wall time per encoder (one thread).",
+        "",
+        "| encoder | best row | probe | accuracy | raw, tuned | raw alignment | "
+        "raw uniform_loss | raw W2 | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, e in summ.items():
         b, raw = e["_best"], e[RAW_ROW]
-        lines.append(f"| {name} | {b['row']} | {b['probe']} | {_pct(b)} | {_pct(raw['tuned'])}"
-                     f" | {_num(raw['alignment'])} | {_num(raw['uniform_loss'])} | "
-                     f"{_num(raw['wasserstein_uniformity'])} | "
-                     f"{e['_train_seconds']['mean']:.0f} |")
-    lines += ["", "## Every row", "",
-              "Test accuracy of each probe; in brackets the mean per-seed difference to the "
-              "raw features (points).", ""]
-    head = "| encoder | row | blog LR | tuned | k-NN 20 | 1% labels | alignment | uniform_loss " \
-           "| W2 |"
+        lines.append(
+            f"| {name} | {b['row']} | {b['probe']} | {_pct(b)} | {_pct(raw['tuned'])}"
+            f" | {_num(raw['alignment'])} | {_num(raw['uniform_loss'])} | "
+            f"{_num(raw['wasserstein_uniformity'])} | "
+            f"{e['_train_seconds']['mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "## Every row",
+        "",
+        "Test accuracy of each probe; in brackets the mean per-seed difference to the "
+        "raw features (points).",
+        "",
+    ]
+    head = (
+        "| encoder | row | blog LR | tuned | k-NN 20 | 1% labels | alignment | uniform_loss | W2 |"
+    )
     lines += [head, "|" + "---|" * 9]
     for name, e in summ.items():
         for row in rows:
@@ -131,15 +175,24 @@ def markdown(results: dict[str, Any]) -> str:
             for p in ("blog", "tuned", "knn20", "labels1perclass"):
                 d = "" if row == RAW_ROW else f" ({100 * r['delta ' + p]['mean']:+.1f})"
                 cells.append(_pct(r[p]) + d)
-            lines.append(f"| {name} | {row} | " + " | ".join(cells) +
-                         f" | {_num(r['alignment'])} | {_num(r['uniform_loss'])} | "
-                         f"{_num(r['wasserstein_uniformity'])} |")
+            lines.append(
+                f"| {name} | {row} | "
+                + " | ".join(cells)
+                + f" | {_num(r['alignment'])} | {_num(r['uniform_loss'])} | "
+                f"{_num(r['wasserstein_uniformity'])} |"
+            )
     paired = results.get("paired", {})
     if paired:
-        lines += ["", "## Paired against the raw features (pooled over seeds)", "",
-                  "Difference in points, bootstrap 95% interval, exact McNemar p "
-                  "(`probes.paired_comparison`).", "",
-                  "| encoder | row | tuned | blog LR | k-NN 20 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Paired against the raw features (pooled over seeds)",
+            "",
+            "Difference in points, bootstrap 95% interval, exact McNemar p "
+            "(`probes.paired_comparison`).",
+            "",
+            "| encoder | row | tuned | blog LR | k-NN 20 |",
+            "|---|---|---|---|---|",
+        ]
         for name, pr in paired.items():
             for row in rows[1:]:
                 cells = []
@@ -150,8 +203,12 @@ def markdown(results: dict[str, Any]) -> str:
     ar = results.get("riesz_vs_uniform")
     if ar:
         lines += ["", "## align + Riesz against align + uniform (Wang & Isola)", "", ar["text"]]
-    lines += ["", f"Wall time of this invocation: {results['seconds']:.0f} s "
-                  f"(cached encoders and rows are not retrained).", ""]
+    lines += [
+        "",
+        f"Wall time of this invocation: {results['seconds']:.0f} s "
+        f"(cached encoders and rows are not retrained).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -171,14 +228,21 @@ def riesz_vs_uniform(records) -> dict[str, Any] | None:
     out = {"seeds": seeds}
     parts = []
     for p in ("tuned", "blog", "knn20", "labels1perclass"):
-        diffs = [by[("align_riesz", s)]["rows"][RAW_ROW][p]["test"] -
-                 by[("align_uniform", s)]["rows"][RAW_ROW][p]["test"] for s in seeds]
+        diffs = [
+            by[("align_riesz", s)]["rows"][RAW_ROW][p]["test"]
+            - by[("align_uniform", s)]["rows"][RAW_ROW][p]["test"]
+            for s in seeds
+        ]
         st = _stats(diffs)
         out[p] = {"per_seed": diffs, **st}
-        parts.append(f"{p}: {100 * st['mean']:+.1f} ± {100 * st['std']:.1f} "
-                     f"(per seed {', '.join(f'{100 * d:+.1f}' for d in diffs)})")
-    out["text"] = ("Raw features, align_riesz minus align_uniform, points, mean ± std over "
-                   f"seeds {seeds}: " + "; ".join(parts) + ".")
+        parts.append(
+            f"{p}: {100 * st['mean']:+.1f} ± {100 * st['std']:.1f} "
+            f"(per seed {', '.join(f'{100 * d:+.1f}' for d in diffs)})"
+        )
+    out["text"] = (
+        "Raw features, align_riesz minus align_uniform, points, mean ± std over "
+        f"seeds {seeds}: " + "; ".join(parts) + "."
+    )
     return out
 
 
@@ -190,8 +254,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> None:
     rows = results["config"]["rows"]
     cs = [100 * e[row]["tuned"]["mean"] for e in summ.values() for row in rows]
     if cs:
-        _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, min(cs),
-                                   max(cs))
+        _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, min(cs), max(cs))
     _plot_s_curve(plt, save_png, results.get("s_validation"), out_dir)
 
 
@@ -199,25 +262,43 @@ def _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, lo, 
     markers = dict(zip(rows, "o^sDvP*X"))
     fig, ax = plt.subplots(figsize=(8.5, 6))
     sc = None
-    for name, e in summ.items():  # a faint line from each encoder's raw point to its rows
+    for e in summ.values():  # a faint line from each encoder's raw point to its rows
         raw = e[RAW_ROW]
         for row in rows[1:]:
             r = e[row]
             if raw["alignment"] is not None and r["alignment"] is not None:
-                ax.plot([raw["uniform_loss"]["mean"], r["uniform_loss"]["mean"]],
-                        [raw["alignment"]["mean"], r["alignment"]["mean"]], color="0.8",
-                        lw=0.6, zorder=0)
+                ax.plot(
+                    [raw["uniform_loss"]["mean"], r["uniform_loss"]["mean"]],
+                    [raw["alignment"]["mean"], r["alignment"]["mean"]],
+                    color="0.8",
+                    lw=0.6,
+                    zorder=0,
+                )
     for name, e in summ.items():
         for row in rows:
             r = e[row]
             if r["alignment"] is None:
                 continue
-            sc = ax.scatter([r["uniform_loss"]["mean"]], [r["alignment"]["mean"]],
-                            c=[100 * r["tuned"]["mean"]], marker=markers[row], s=70,
-                            cmap="viridis", vmin=lo, vmax=hi, edgecolors="k", linewidths=0.4)
+            sc = ax.scatter(
+                [r["uniform_loss"]["mean"]],
+                [r["alignment"]["mean"]],
+                c=[100 * r["tuned"]["mean"]],
+                marker=markers[row],
+                s=70,
+                cmap="viridis",
+                vmin=lo,
+                vmax=hi,
+                edgecolors="k",
+                linewidths=0.4,
+            )
             if row == RAW_ROW:
-                ax.annotate(name, (r["uniform_loss"]["mean"], r["alignment"]["mean"]),
-                            fontsize=8, xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    name,
+                    (r["uniform_loss"]["mean"], r["alignment"]["mean"]),
+                    fontsize=8,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
     for row in rows:
         ax.scatter([], [], marker=markers[row], c="w", edgecolors="k", label=row)
     ax.legend(fontsize=8, loc="best")
@@ -225,8 +306,12 @@ def _plot_alignment_uniformity(plt, save_png, results, summ, rows, out_dir, lo, 
     ax.set_ylabel("alignment  E |f(x) - f(x+)|^2  (lower: better aligned)")
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="tuned linear probe test accuracy (%)")
-    save_png(plt, fig, out_dir / "alignment_uniformity.png",
-              f"{results['dataset']['name']}: alignment vs uniformity (means over seeds)")
+    save_png(
+        plt,
+        fig,
+        out_dir / "alignment_uniformity.png",
+        f"{results['dataset']['name']}: alignment vs uniformity (means over seeds)",
+    )
 
 
 def _plot_s_curve(plt, save_png, sv, out_dir):
@@ -237,8 +322,9 @@ def _plot_s_curve(plt, save_png, sv, out_dir):
         ax[0].plot(s, [100 * p["val_knn20"] for p in sv["points"]], "s--", label="k-NN 20")
         ref = sv.get("reference_align_uniform")
         if ref:
-            ax[0].axhline(100 * ref["val_tuned"], color="C0", lw=0.8, ls=":",
-                          label="align_uniform, tuned")
+            ax[0].axhline(
+                100 * ref["val_tuned"], color="C0", lw=0.8, ls=":", label="align_uniform, tuned"
+            )
             ax[1].plot([ref["uniform_loss"]], [ref["alignment"]], "k*", label="align_uniform")
             ax[1].legend(fontsize=8)
         ax[0].set_xscale("log", base=2)
@@ -248,14 +334,19 @@ def _plot_s_curve(plt, save_png, sv, out_dir):
         ax[0].set_xlabel("Riesz s")
         ax[0].set_ylabel("validation accuracy (%)")
         ax[0].legend()
-        ax[1].plot([p["uniform_loss"] for p in sv["points"]],
-                   [p["alignment"] for p in sv["points"]], "o-")
+        ax[1].plot(
+            [p["uniform_loss"] for p in sv["points"]], [p["alignment"] for p in sv["points"]], "o-"
+        )
         for p in sv["points"]:
             ax[1].annotate(f"s={p['s']:g}", (p["uniform_loss"], p["alignment"]), fontsize=8)
         ax[1].set_xlabel("uniform_loss (val)")
         ax[1].set_ylabel("alignment (val)")
-        save_png(plt, fig, out_dir / "s_validation.png",
-                  f"align + Riesz: s by validation (chosen s = {sv['chosen_s']:g})")
+        save_png(
+            plt,
+            fig,
+            out_dir / "s_validation.png",
+            f"align + Riesz: s by validation (chosen s = {sv['chosen_s']:g})",
+        )
 
 
 def rerender(results_json) -> None:

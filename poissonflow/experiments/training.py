@@ -31,9 +31,19 @@ class Task(Protocol):
     def end_epoch(self, seconds: float) -> None: ...
 
 
-def train_loop(model: torch.nn.Module, task: Task, *, n: int, epochs: int, batch_size: int,
-               generator: torch.Generator, optimizer: torch.optim.Optimizer,
-               shuffle: bool = True, order_device=None, bar=None) -> None:
+def train_loop(
+    model: torch.nn.Module,
+    task: Task,
+    *,
+    n: int,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    shuffle: bool = True,
+    order_device=None,
+    bar=None,
+) -> None:
     """Trains `model` in place (module docstring); `bar`: a tqdm bar advanced once a batch."""
     for _ in range(epochs):
         model.train()
@@ -43,7 +53,7 @@ def train_loop(model: torch.nn.Module, task: Task, *, n: int, epochs: int, batch
             order = order.to(order_device)
         task.start_epoch()
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if bar is not None:
                 bar.update(1)
             if idx.numel() < 2:
