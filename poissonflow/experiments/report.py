@@ -11,13 +11,13 @@ matplotlib is imported only by `plot_sweep`, when a plot is drawn: the rest of t
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._io import atomic_write, atomic_write_bytes, atomic_write_text
+from .summary import _stats
 
 __all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
            "rerender", "paired_statistics", "write_predictions", "PROBES", "comparison_cell",
@@ -62,18 +62,6 @@ def _get(row: dict, path: tuple[str, ...]):
             return None
         row = row[k]
     return row
-
-
-def _stats(values: list[float]) -> dict[str, float] | None:
-    """Mean, std (ddof 1), n, min and max of the values that are numbers (None and NaN
-    skipped); None when there are none. Shared by both drivers."""
-    vals = [float(v) for v in values if v is not None and not
-            (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None
-    arr = np.asarray(vals)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "n": len(arr), "min": float(arr.min()), "max": float(arr.max())}
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -510,7 +498,8 @@ def _check_results(results: Any, where: str) -> None:
 
 def rerender(results_json: str | Path) -> None:
     """Render results.md and the plot again from a results.json (after a change to this
-    module), next to that file; the JSON itself is left as it is."""
+    module), next to that file; the JSON itself is left as it is. (The self-supervised study's
+    results: ssl_report.rerender.)"""
     path = Path(results_json)
     render_outputs(_with_side_file(load_results(path), path.parent), path.parent)
 

@@ -60,6 +60,7 @@ from .ssl_report import (  # noqa: F401 (rerender: the report command's)
     PROBE_KEYS,
     markdown,
     plot,
+    render,
     rerender,
     riesz_vs_uniform,
     summarise,
@@ -437,8 +438,7 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
-    atomic_write_text(out / "results.md", markdown(results))
-    plot(results, out)
+    render(results, out)
     return results
 
 

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .report import _stats
 from .rows import RAW_ROW
+from .summary import _stats
 
 PROBE_KEYS = (
     "blog",
@@ -164,15 +163,26 @@ def markdown(results: dict[str, Any]) -> str:
         "raw features (points).",
         "",
     ]
+    # results of the earlier protocol hold "labels1%" (1% of the labels) instead
+    low = next(
+        (
+            p
+            for p in ("labels1perclass", "labels1%")
+            if all(p in e[row] for e in summ.values() for row in rows)
+        ),
+        None,
+    )
     head = (
-        "| encoder | row | blog LR | tuned | k-NN 20 | 1% labels | alignment | uniform_loss | W2 |"
+        "| encoder | row | blog LR | tuned | k-NN 20 | "
+        + ("1 label a class" if low == "labels1perclass" else "1% labels")
+        + " | alignment | uniform_loss | W2 |"
     )
     lines += [head, "|" + "---|" * 9]
     for name, e in summ.items():
         for row in rows:
             r = e[row]
             cells = []
-            for p in ("blog", "tuned", "knn20", "labels1perclass"):
+            for p in ("blog", "tuned", "knn20", low):
                 d = "" if row == RAW_ROW else f" ({100 * r['delta ' + p]['mean']:+.1f})"
                 cells.append(_pct(r[p]) + d)
             lines.append(
@@ -227,7 +237,12 @@ def riesz_vs_uniform(records) -> dict[str, Any] | None:
         return None
     out = {"seeds": seeds}
     parts = []
-    for p in ("tuned", "blog", "knn20", "labels1perclass"):
+    low = (
+        "labels1perclass"
+        if "labels1perclass" in by[("align_riesz", seeds[0])]["rows"][RAW_ROW]
+        else "labels1%"
+    )
+    for p in ("tuned", "blog", "knn20", low):
         diffs = [
             by[("align_riesz", s)]["rows"][RAW_ROW][p]["test"]
             - by[("align_uniform", s)]["rows"][RAW_ROW][p]["test"]
@@ -349,11 +364,17 @@ def _plot_s_curve(plt, save_png, sv, out_dir):
         )
 
 
-def rerender(results_json) -> None:
-    """results.md and the plots again, beside a results.json of this driver."""
+def render(results: dict[str, Any], out_dir: Path) -> None:
+    """results.md and the plots of the self-supervised study's results, in out_dir."""
     from .._io import atomic_write_text
 
+    atomic_write_text(Path(out_dir) / "results.md", markdown(results))
+    plot(results, Path(out_dir))
+
+
+def rerender(results_json) -> None:
+    """results.md and the plots again, beside a results.json of this driver."""
+    import json
+
     path = Path(results_json)
-    results = json.loads(path.read_text())
-    atomic_write_text(path.parent / "results.md", markdown(results))
-    plot(results, path.parent)
+    render(json.loads(path.read_text(encoding="utf-8")), path.parent)
