@@ -32,6 +32,7 @@ as tensor elements rather than Python floats, which Triton would round to float3
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -101,13 +102,24 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def autotune(configs, restore_value=()):
-    """triton.autotune keyed on D (the autotuner adds the dtypes). cache_results keeps a
+def size_class(N: int, B: int) -> int:
+    """The autotuning size bucket of a launch: ceil(log2) of N and of B in steps of 2 (factor-4
+    buckets), packed in one integer. A configuration tuned on a 70-point test call is not
+    reused (nor read back from the disk cache) at N = B = 65,536."""
+    def bucket(n):
+        return min((max(int(n), 1) - 1).bit_length() // 2, 31)
+
+    return bucket(N) * 32 + bucket(B)
+
+
+def autotune(configs, restore_value=(), key_extra=()):
+    """triton.autotune keyed on D, the size bucket (size_class) and key_extra (the autotuner
+    adds the dtypes, hence which optional arguments are present). cache_results keeps a
     machine's choice across processes: results are bit-identical run to run as long as the
     chosen block sizes are. Kernels that update a buffer in place name it in restore_value."""
     return triton.autotune(
         configs=configs,
-        key=["D"],
+        key=["D", "size_class", *key_extra],
         prune_configs_by={"early_config_prune": prune_configs},
         restore_value=list(restore_value),
         cache_results=True,
@@ -241,10 +253,11 @@ def _finish_rows(m, l):
 
 
 @autotune(make_configs())
-@triton.jit
-def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride,
+@triton.jit(do_not_specialize=["size_class"])
+def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride, size_class,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per BLOCK_M queries: v (in V's dtype) and lse2 (log2 units)."""
+    """One program per BLOCK_M queries: v (in V's dtype) and lse2 (log2 units). size_class
+    (unused in the kernel) keys the autotuner."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < N
@@ -282,7 +295,19 @@ def scalar_params(power: float, dtype: torch.dtype, device) -> torch.Tensor:
     other backends, so that a float16/bfloat16 query exactly on a charge gets the same
     log_scale everywhere (docs/DESIGN.md section 2)."""
     cdt = compute_dtype(dtype)
-    return torch.tensor([0.5 * float(power), torch.finfo(dtype).tiny], dtype=cdt, device=device)
+    # Filled on the device (two fill kernels), not copied from the host: torch.tensor(list,
+    # device=cuda) is a synchronous copy, illegal under CUDA-graph capture.
+    scal = torch.full((2,), 0.5 * float(power), dtype=cdt, device=device)
+    scal[1:].fill_(torch.finfo(dtype).tiny)
+    return scal
+
+
+def launch_guard(t: torch.Tensor):
+    """The context every launch runs in: t's CUDA device made current (Triton launches on the
+    current device's current stream), nothing for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def softening_sq(x: torch.Tensor, eps: float, eps_rows: torch.Tensor | None, cdt: torch.dtype):
@@ -328,10 +353,11 @@ def field_forward_launch(x, y, w, power, eps, exclude=None, eps_rows=None):
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-    wrap_triton(_field_fwd_kernel)[grid](
-        x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v, lse2,
-        N, B, D, e2_stride,
-    )
+    with launch_guard(x):
+        wrap_triton(_field_fwd_kernel)[grid](
+            x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v,
+            lse2, N, B, D, e2_stride, size_class(N, B),
+        )
     return v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c
 
 
