@@ -47,6 +47,9 @@ from ._field_fwd import (
 # partial sums, r2 and the projection, live across the D sweep, hence BLOCK_D = 4).
 _DX_SHAPES = ((32, 32, 4, 4), (64, 32, 4, 8), (32, 64, 4, 8))
 _DY_SHAPES = ((32, 32, 4, 4), (32, 64, 4, 8))
+# float64: more warps or smaller tiles, the same budget (no spills on sm_80 and sm_90)
+_DX_SHAPES_F64 = ((32, 32, 2, 8), (32, 32, 4, 8), (32, 16, 4, 4))
+_DY_SHAPES_F64 = ((32, 32, 2, 8), (16, 32, 4, 4))
 
 
 @triton.jit
@@ -98,7 +101,8 @@ def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny
                   WITH_Q: tl.constexpr):
     """(pi, q, floored, r2f) of a tile: pi = 2^(lw_j - (p/2) log2 r2f - lse2_i) (lw None: all
     weights 1), q = pi / w = 2^(-(p/2) log2 r2f - lse2_i) when WITH_Q (else None); 0 for dead
-    rows, padding and excluded pairs. floored marks r2 + e^2 < tiny, r2f = max(r2 + e^2, tiny).
+    rows, padding and excluded pairs (q is pi when not WITH_Q). floored marks r2 + e^2 < tiny,
+    r2f = max(r2 + e^2, tiny).
 
     pi is its own exponential, never q * w: q of a zero-weight charge much closer to a query
     than every live charge overflows to inf, and inf * 0 = NaN (such a charge has pi = 0 and no
@@ -108,19 +112,19 @@ def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny
     r2f = tl.maximum(r2e, tiny)
     score = -half_p * tl.log2(r2f) - lse_ref[:, None]
     live = mask_n[None, :] & alive[:, None] & (cols_n[None, :] != excl[:, None])
-    q = None
-    if WITH_Q:
-        q = tl.exp2(tl.where(live, score, float("-inf")))
+    score = tl.where(live, score, float("-inf"))
     if lw is not None:
-        pi = tl.exp2(tl.where(live, score + lw[None, :], float("-inf")))
-    elif WITH_Q:
-        pi = q
+        pi = tl.exp2(score + lw[None, :])
+        q = pi  # (a jit function cannot return None)
+        if WITH_Q:
+            q = tl.exp2(score)
     else:
-        pi = tl.exp2(tl.where(live, score, float("-inf")))
+        pi = tl.exp2(score)
+        q = pi
     return pi, q, floored, r2f
 
 
-@autotune(make_configs(_DX_SHAPES))
+@autotune(make_configs(_DX_SHAPES, _DX_SHAPES_F64))
 @triton.jit(do_not_specialize=["size_class"])
 def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
                          N, B, D, e2_stride, size_class,
@@ -175,7 +179,7 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@autotune(make_configs(_DY_SHAPES, row_block="BLOCK_N", col_block="BLOCK_M"))
+@autotune(make_configs(_DY_SHAPES, _DY_SHAPES_F64, row_block="BLOCK_N", col_block="BLOCK_M"))
 @triton.jit(do_not_specialize=["size_class"])
 def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, DW,
                          N, B, D, e2_stride, size_class,

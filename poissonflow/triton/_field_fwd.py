@@ -61,8 +61,9 @@ LN2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 # GPU configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The [BLOCK_D, BLOCK_M, BLOCK_N] partial sums
-# of r2 are what occupies registers; these are the shapes that compile for sm_90 with at most
-# 240 registers and no spills at D = 129 (checked offline with ptxas, no GPU needed).
+# of r2 are what occupies registers; these are the shapes that compile for sm_80 and sm_90 with
+# no spills (python -m poissonflow.triton.build_budget, run by tests/test_gpu_build_budget.py).
+# float64 computation (float64 input) has its own list: twice the registers per value.
 _GPU_SHAPES = (
     (32, 32, 4, 4),
     (32, 32, 8, 4),
@@ -70,31 +71,49 @@ _GPU_SHAPES = (
     (32, 64, 8, 8),
     (64, 64, 4, 8),
 )
+_GPU_SHAPES_F64 = ((32, 32, 4, 4), (64, 32, 2, 8), (32, 64, 2, 8))
 # The interpreter runs each tile as numpy arrays: a single config (autotuning would need a GPU
 # benchmarker) with tiles small enough that the tests' 70-point inputs span several of them.
 _INTERPRETER_SHAPE = (16, 16, 32, 1)
 
 
-def make_configs(shapes=None, *, row_block: str = "BLOCK_M", col_block: str = "BLOCK_N"):
-    """triton.Config list for the kernels; the interpreter gets exactly one."""
+def make_configs(shapes=None, f64_shapes=None, *, row_block: str = "BLOCK_M",
+                 col_block: str = "BLOCK_N"):
+    """triton.Config list for the kernels: `shapes` for float32 computation, `f64_shapes` for
+    float64 (each config carries the compute dtypes it serves in .compute_dtypes, which
+    prune_configs reads); the interpreter gets exactly one, for both."""
     if INTERPRETED:
-        shapes = (_INTERPRETER_SHAPE,)
+        shapes, f64_shapes = (_INTERPRETER_SHAPE,), (_INTERPRETER_SHAPE,)
     elif shapes is None:
-        shapes = _GPU_SHAPES
-    return [
-        triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw, num_stages=1)
-        for bm, bn, bd, nw in shapes
-    ]
+        shapes, f64_shapes = _GPU_SHAPES, _GPU_SHAPES_F64
+    out = {}
+    for shape_list, cdt in ((shapes, torch.float32), (f64_shapes or shapes, torch.float64)):
+        for shape in shape_list:
+            out.setdefault(shape, []).append(cdt)
+    configs = []
+    for (bm, bn, bd, nw), cdts in out.items():
+        c = triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw,
+                          num_stages=1)
+        c.compute_dtypes = tuple(cdts)
+        configs.append(c)
+    return configs
+
+
+def configs_for(configs, cdt: torch.dtype):
+    """The configs of a kernel that serve compute dtype cdt (make_configs)."""
+    return [c for c in configs if cdt in getattr(c, "compute_dtypes", (cdt,))]
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drops configs whose BLOCK_D exceeds the padded dimension (pure waste for small D).
+    """Keeps the configs of the launch's compute dtype (the element type of SCAL) and drops
+    those whose BLOCK_D exceeds the padded dimension (pure waste for small D).
 
     With torch.use_deterministic_algorithms(True) only the first config is kept, so the block
     sizes (and hence the summation order) do not depend on a timing measurement.
     """
     if len(configs) == 1:
         return configs
+    configs = configs_for(configs, named_args["SCAL"].dtype)
     if torch.are_deterministic_algorithms_enabled():
         return configs[:1]
     d_pad = max(4, triton.next_power_of_2(int(named_args["D"])))

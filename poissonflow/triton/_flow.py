@@ -52,13 +52,15 @@ _A1, _A2, _A3 = tl.constexpr(RK4_A[1]), tl.constexpr(RK4_A[2]), tl.constexpr(RK4
 _B0, _B1 = tl.constexpr(RK4_B[0]), tl.constexpr(RK4_B[1])
 _B2, _B3 = tl.constexpr(RK4_B[2]), tl.constexpr(RK4_B[3])
 _B_DIV = tl.constexpr(RK4_B_DIV)
-# The forward's GPU shapes less (64, 64, 4, 8), which spills in this kernel (sm_90, D = 129).
-_FLOW_SHAPES = ((32, 32, 4, 4), (32, 32, 8, 4), (64, 32, 8, 8), (32, 64, 8, 8))
+# Shapes without spills on sm_80 and sm_90 for Euler and RK4 (build_budget): the forward's,
+# with BLOCK_D = 8 or 4 warps, spilled 16-48 bytes on sm_80.
+_FLOW_SHAPES = ((32, 32, 4, 8), (32, 32, 2, 4), (32, 64, 4, 8))
+_FLOW_SHAPES_F64 = ((32, 32, 2, 8), (32, 32, 4, 8))
 
 
 # The kernel integrates STATE in place: autotuning must restore it after each timed run. Keyed
 # on N_STAGES too: RK4 does not reuse Euler's choice.
-@autotune(make_configs(_FLOW_SHAPES), restore_value=("STATE",), key_extra=("N_STAGES",))
+@autotune(make_configs(_FLOW_SHAPES, _FLOW_SHAPES_F64), restore_value=("STATE",), key_extra=("N_STAGES",))
 @triton.jit(do_not_specialize=["size_class"])
 def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps, size_class,
                  N_STAGES: tl.constexpr,

@@ -109,20 +109,23 @@ LN2 = math.log(2.0)
 EXP2_REL = 2.0**-20
 _EXP2_SAFE = tl.constexpr(1.0 + EXP2_REL)
 _WIDTH_SAFE = tl.constexpr(LN2 * (1.0 + EXP2_REL))
-# The r2-bounds helper's tiles (a 1-D grid over them: no grid-y limit of 65,535).
+# The r2-bounds helper's tiles (a 1-D grid over them: no grid-y limit of 65,535) and warps
+# (8: 4 spilled 36 bytes on sm_80).
 R2_BLOCK = 16 if INTERPRETED else 64
 R2_BLOCK_K = 16 if INTERPRETED else 32
+R2_WARPS = 8
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) on the GPU: BLOCK_K is the dot's
 # reduction chunk, BLOCK_D the direct-difference chunk of the recomputed tiles ([BLOCK_D,
-# BLOCK_M, BLOCK_N] partial sums, as the exact kernel's). Compiled offline for sm_90 (Triton
-# 3.9's ptxas, no GPU; not yet run or timed on one): the first two use wgmma (HGMMA in the
-# SASS) at 255 registers with 88 and 72 bytes of stack (BLOCK_D = 4 spilled 200-1300 bytes);
-# the third uses mma.sync (HMMA) with no spills.
+# BLOCK_M, BLOCK_N] partial sums, as the exact kernel's). Compiled offline for sm_80 and sm_90
+# (python -m poissonflow.triton.build_budget, Triton's ptxas, no GPU; not yet run or timed on
+# one): none spills at TF32. The first also compiles without spills at every other precision
+# and is the only one they get (prune_gemm_configs); the 64-row shapes with BLOCK_D = 1 that
+# used wgmma spilled 72-1,660 bytes on sm_80 and sm_90.
 _GPU_SHAPES = (
-    (64, 64, 32, 1, 8, 2),
-    (64, 32, 32, 1, 4, 2),
-    (32, 32, 32, 2, 4, 2),
+    (32, 32, 16, 2, 8, 2),
+    (32, 32, 32, 2, 8, 2),
+    (64, 32, 32, 2, 8, 2),
 )
 # The interpreter: one config whose tiles the tests' inputs span several times (tl.dot needs
 # every side >= 16).
@@ -136,6 +139,14 @@ def _configs():
                       num_warps=nw, num_stages=ns)
         for bm, bn, bk, bd, nw, ns in shapes
     ]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """TF32 (the default) tunes over every config; the other precisions get the first, the one
+    that compiles without spills for all of them."""
+    if kwargs.get("PREC", PRECISIONS["tf32"][0]) != PRECISIONS["tf32"][0]:
+        return configs[:1]
+    return configs
 
 
 def rounding_constants(precision: str, D: int) -> float:
@@ -264,7 +275,7 @@ def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
 
 
 @triton.autotune(configs=_configs(), key=["D", "size_class", "PREC", "RECOMPUTE", "FALLBACK"],
-                 cache_results=True)
+                 prune_configs_by={"early_config_prune": prune_gemm_configs}, cache_results=True)
 @triton.jit(do_not_specialize=["size_class"])
 def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tight, tau_v, tau_ls,
                      ACC, V, LSE2, CERT, STATS,
@@ -562,7 +573,8 @@ def gemm_r2_bounds(x, y, precision="tf32"):
     with launch_guard(x):
         _r2_bounds_kernel[r2_grid(N, B)](x, y, _norms(x), _norms(y), q, err, N, B, D, c_s,
                                          PREC=PRECISIONS[precision][0], BLOCK_M=R2_BLOCK,
-                                         BLOCK_N=R2_BLOCK, BLOCK_K=R2_BLOCK_K)
+                                         BLOCK_N=R2_BLOCK, BLOCK_K=R2_BLOCK_K,
+                                         num_warps=R2_WARPS)
     return q, err
 
 
