@@ -119,7 +119,13 @@ def test_integer_specialisations_compile(triton_rows, special):
 # --------------------------------------------------------------------------------------------
 
 # (arch, mode, type, upt) -> spill bytes (stores + loads) accepted, with the reason
-CUDA_ACCEPTED_SPILLS: dict[tuple, tuple[int, str]] = {}
+# (docs/bench/cuda_ptxas.md: both predate this test). ptxas holds both instances at 128
+# registers (__launch_bounds__(256)) and keeps a few values of phase C on the stack (L1).
+_BOUND = "ptxas keeps this instance at 128 registers; a few values on the stack (L1), small"
+CUDA_ACCEPTED_SPILLS: dict[tuple, tuple[int, str]] = {
+    (80, "backward_x", "float", 2): (108, _BOUND),
+    (90, "forward", "double", 4): (28, _BOUND),
+}
 
 _MODES = {0: "forward", 1: "flow", 2: "backward_x", 3: "backward_y"}
 _ENTRY = re.compile(r"Function properties for (_ZN11poissonflow4cuda12field_kernelI([fd])Li(\d)ELi(\d)E\S*)")
@@ -254,10 +260,12 @@ def _planner():
 
 
 def test_cuda_plans_leave_room_for_the_static_shared_memory(cuda_table):
-    """For every mode, type and D up to 1,100 (splits included), the plan's dynamic shared
-    memory plus the largest static part of the instances fits the opt-in limit of sm_80 and
-    sm_90 (before the reserve, backward_y in float at D = 237 planned 704 bytes below the sm_90
-    limit while the kernel holds 1,024 static)."""
+    """For every mode, type and D up to 1,100 (splits included), the plan keeps the static
+    reserve free and its dynamic shared memory plus the largest static part of the instances
+    fits the opt-in limit of sm_80 and sm_90. Before the reserve, plans went up to the limit
+    itself (sm_80 backward_x float D = 177: 400 bytes below it; sm_90 backward_y float
+    D = 237: 1,728 bytes, of which the kernel's static 1,024 left 704)."""
+    reserve = _static_reserve()
     plan = _planner()
     static = {}
     for r in cuda_table:
@@ -276,7 +284,7 @@ def test_cuda_plans_leave_room_for_the_static_shared_memory(cuda_table):
                             continue  # wide flows go to per-stage passes
                     else:
                         p = plan(mode, dbl, D, SMEM_OPTIN[arch])
-                    if p["smem_bytes"] + s > SMEM_OPTIN[arch]:
+                    if p["smem_bytes"] + max(s, reserve) > SMEM_OPTIN[arch]:
                         bad.append((arch, _MODES[mode], dbl, D, p["smem_bytes"], s))
     assert not bad, bad[:10]
 
