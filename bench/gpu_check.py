@@ -143,10 +143,11 @@ def run_row(sink: Sink, row: dict, fn, tol=None, device="cuda"):
         if device == "cuda":
             torch.cuda.synchronize()
         extra = out if isinstance(out, dict) else {"error": out}
-        err = extra.get("error")
+        done = dict(row, tol=tol, seconds=time.perf_counter() - t0)
+        done.update(extra)  # a throughput row brings its own seconds and spot-check tol
+        err, tol = done.get("error"), done.get("tol")
         ok = True if tol is None else (err is not None and math.isfinite(err) and err <= tol)
-        sink.write(dict(row, **extra, tol=tol, passed=ok, status="done",
-                        seconds=time.perf_counter() - t0))
+        sink.write(dict(done, passed=ok, status="done"))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - a crash is a failed check, not the end
@@ -549,14 +550,15 @@ def throughput(sink, name, mod, size, dims, device="cuda", repeat=3, pk=None):
                  lambda: mod.flow_steps(x32, y32, None, t0, dt, 1, "rk4"), None),
             ]
         for op, dt_name, flops, fn, spot in cases:
-            run_row(sink, dict(backend=name, op=op, dtype=dt_name, case=f"N=B={size} D={D}"),
+            run_row(sink, dict(backend=name, op=op, dtype=dt_name, case=f"N=B={size} D={D}",
+                               kind="perf"),
                     lambda fn=fn, flops=flops, spot=spot, dt_name=dt_name: _timed_row(
                         fn, flops, spot, D, device, repeat, pk, dt_name), None, device)
         if name == "triton" and importlib.util.find_spec("pykeops") is not None:
             from peers import keops_field
 
             run_row(sink, dict(backend="keops", op="forward", dtype="float32",
-                               case=f"N=B={size} D={D}"),
+                               case=f"N=B={size} D={D}", kind="perf"),
                     lambda: _timed_row(lambda: keops_field(x32, y32, float(D)), 4 * D * pairs,
                                        None, D, device, repeat, pk, "float32"), None, device)
 
@@ -607,13 +609,10 @@ def load_rows(directory) -> list[dict]:
 
 
 def print_report(rows, pk=None) -> int:
-    checks = [r for r in rows if r.get("tol") is not None or r.get("status") in
-              ("error", "crashed", "no result") and "gflops" not in r]
-    checks = [r for r in checks if "gflops" not in r]
-    perf = [r for r in rows if "gflops" in r or (r.get("op", "").endswith(("step", "backward",
-            "forward")) and str(r.get("case", "")).startswith("N=B=") and "gflops" not in r)]
-    perf = [r for r in perf if str(r.get("case", "")).startswith("N=B=")]
-    checks = [r for r in checks if not str(r.get("case", "")).startswith("N=B=")]
+    pk = pk or next((r for r in rows if r.get("id") == "peaks"), None)
+    rows = [r for r in rows if r.get("id") != "peaks"]
+    perf = [r for r in rows if r.get("kind") == "perf"]
+    checks = [r for r in rows if r.get("kind") != "perf" and r.get("status") != "interrupted"]
     failed = [r for r in checks if not r.get("passed")]
     print(f"correctness: {len(checks)} rows, {len(checks) - len(failed)} passed, "
           f"{len(failed)} failed")
@@ -693,6 +692,8 @@ def main(argv=None) -> int:
     sink = Sink(args.jsonl, resume=args.resume)
     try:
         if args.only == "peaks":
+            if "peaks" in sink.done:
+                return 0
             pk = peaks(device)
             sink.write(dict(id="peaks", status="done", **pk))
             if args.peaks:
@@ -717,8 +718,13 @@ def main(argv=None) -> int:
             gemm_form(sink, device, *((16, (33,)) if args.dry else ()))
         torch.use_deterministic_algorithms(False)
         if args.only == "throughput" or (args.only is None and not args.no_perf):
-            pk = json.loads(Path(args.peaks).read_text()) if args.peaks and \
-                Path(args.peaks).exists() else peaks(device)
+            pk = None
+            if args.peaks and Path(args.peaks).exists():
+                pk = json.loads(Path(args.peaks).read_text())
+            elif args.jsonl and os.path.exists(args.jsonl):
+                pk = next((r for r in load_rows(Path(args.jsonl).parent)
+                           if r.get("id") == "peaks"), None)
+            pk = pk or peaks(device)
             for name, mod in found.items():
                 throughput(sink, name, mod, size, dims, device, repeat=1 if args.dry else 3,
                            pk=pk)

@@ -421,12 +421,38 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown_by_arch(rows: list[Row]) -> str:
+    """One line per (kernel, variant, dtype) with sm_80 and sm_90 side by side: registers,
+    spill bytes (stores/loads), shared memory static + dynamic; accepted spills marked *."""
+    archs = sorted({r.arch for r in rows})
+    table: dict[tuple, dict[int, Row]] = {}
+    for r in rows:
+        table.setdefault((r.kernel.split(":")[1], r.label, r.dtype), {})[r.arch] = r
+    head = " | ".join(f"sm_{a} regs | sm_{a} spill st/ld B | sm_{a} smem B" for a in archs)
+    lines = [f"| kernel | configuration (blocks) warps stages [variant] | dtype | {head} |",
+             "|---|---|---|" + "---|" * (3 * len(archs))]
+    for (name, label, dtype), by in table.items():
+        cells = []
+        for a in archs:
+            r = by.get(a)
+            if r is None or r.error:
+                cells += ["-", "error" if r else "-", "-"]
+                continue
+            mark = "*" if r.spills and r.key() in ACCEPTED_SPILLS else ""
+            cells += [str(r.registers), f"{r.spill_stores}/{r.spill_loads}{mark}",
+                      f"{r.static_smem} + {r.dynamic_smem}"]
+        lines.append(f"| {name} | {label} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--by-arch", action="store_true",
+                    help="print the markdown table with the architectures side by side")
     ap.add_argument("--select", help="only kernels whose name contains this")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "") == "1":
@@ -440,7 +466,9 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"wall_seconds": wall, "rows": [asdict(r) for r in rows]}, f, indent=1)
     bad = [(r, p) for r in rows for p in r.problems()]
-    if args.markdown:
+    if args.by_arch:
+        print(markdown_by_arch(rows))
+    elif args.markdown:
         print(markdown(rows))
     compiled = sum(not r.cached for r in rows)
     print(f"{len(rows)} variants ({compiled} compiled, {len(rows) - compiled} cached) "
