@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from poissonflow.triton import _field_bwd, _field_fwd, _flow, _gemm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_DIR = ROOT / "poissonflow" / "triton"
+KERNEL_DIR = Path(_field_fwd.__file__).resolve().parent
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # aten ops that copy host data to the device or read device data on the host

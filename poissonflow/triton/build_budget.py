@@ -37,6 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 ARCHS = (80, 90)
+_PKG = __package__ or "poissonflow.triton"  # the kernels' package, wherever it lives
 # Shared memory one block may use (static + dynamic, after the opt-in), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 REG_LIMIT = 255
@@ -170,17 +171,17 @@ def variants() -> list[Variant]:
                     out.append(Variant(kernel_name, _label(cfg, nw, ns, f"{tag} {name}".strip()),
                                        "float32", dict(GENERIC, **sizes), cfg, nw, ns, dict(cx)))
 
-    add("poissonflow.triton._field_fwd:_field_fwd_kernel", _field_fwd._field_fwd_kernel, DTYPES)
-    add("poissonflow.triton._field_bwd:_field_bwd_dx_kernel", _field_bwd._field_bwd_dx_kernel,
+    add(f"{_PKG}._field_fwd:_field_fwd_kernel", _field_fwd._field_fwd_kernel, DTYPES)
+    add(f"{_PKG}._field_bwd:_field_bwd_dx_kernel", _field_bwd._field_bwd_dx_kernel,
         DTYPES)
-    add("poissonflow.triton._field_bwd:_field_bwd_dy_kernel", _field_bwd._field_bwd_dy_kernel,
+    add(f"{_PKG}._field_bwd:_field_bwd_dy_kernel", _field_bwd._field_bwd_dy_kernel,
         DTYPES)
-    add("poissonflow.triton._flow:_flow_kernel", _flow._flow_kernel, DTYPES,
+    add(f"{_PKG}._flow:_flow_kernel", _flow._flow_kernel, DTYPES,
         (({"N_STAGES": 1}, "euler"), ({"N_STAGES": 4}, "rk4")))
     # The GEMM form: float16/bfloat16/float32 (float64 goes to the exact kernel); TF32 (the
     # default) over every config, the other precisions on the one config they are given
     # (_gemm.prune_gemm_configs).
-    gemm_name = "poissonflow.triton._gemm:_gemm_fwd_kernel"
+    gemm_name = f"{_PKG}._gemm:_gemm_fwd_kernel"
     cx = {"RECOMPUTE": True, "FALLBACK": True}
     add(gemm_name, _gemm._gemm_fwd_kernel, ("float16", "bfloat16", "float32"),
         ((dict(cx, PREC=_gemm.PRECISIONS["tf32"][0]), "tf32"),))
@@ -191,7 +192,7 @@ def variants() -> list[Variant]:
                                cfg, nw, ns, dict(cx, PREC=code)))
     for name, (code, _) in _gemm.PRECISIONS.items():
         cfg = dict(BLOCK_M=_gemm.R2_BLOCK, BLOCK_N=_gemm.R2_BLOCK, BLOCK_K=_gemm.R2_BLOCK_K)
-        out.append(Variant("poissonflow.triton._gemm:_r2_bounds_kernel",
+        out.append(Variant(f"{_PKG}._gemm:_r2_bounds_kernel",
                            _label(cfg, _gemm.R2_WARPS, 3, name), "float32", dict(GENERIC), cfg,
                            _gemm.R2_WARPS, 3,
                            {"PREC": code}))
