@@ -1,7 +1,7 @@
 // pybind11 bindings of the CPU kernels. Each entry point takes the fields of FieldArgs
 // (common/field_args.h) as keyword arguments, addresses as ints, and `isa`; the extension never
 // sees a tensor, so it does not link libtorch (no ABI coupling to a torch version). The Python
-// layer (poissonflow/_cpu.py) validates every argument and owns every buffer; here the GIL is
+// layer (poissonflow/kernels/cpu.py) validates every argument and owns every buffer; here the GIL is
 // released around the compute and allocation failures become MemoryError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
