@@ -118,15 +118,16 @@ class RieszLoss(nn.Module):
                 and x.is_floating_point():
             self._bank = FeatureBank(self.bank_size, x.shape[1], dtype=x.dtype, device=x.device)
         bank = None
-        if self._bank is not None and len(self._bank):
-            if (x.ndim == 2 and x.shape[1] == self._bank.dim and x.dtype == self._bank.dtype
-                    and x.device == self._bank.device):
-                # a copy the graph may keep: the push below writes the storage in place
-                bank = self._bank.features() if self.normalize else self._bank.features().clone()
-            else:
+        if self._bank is not None:
+            if not (x.ndim == 2 and x.shape[1] == self._bank.dim
+                    and x.dtype == self._bank.dtype and x.device == self._bank.device):
                 raise ValueError(
                     f"x ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match this loss's "
                     f"bank (dim {self._bank.dim}, {self._bank.dtype}, {self._bank.device})")
+            if len(self._bank):
+                # the graph must not keep the storage, which the push below writes in place:
+                # normalize=True makes a normalised copy, normalize=False gets a copy
+                bank = self._bank.features() if self.normalize else self._bank.features().clone()
         if self.gather_distributed:
             from ..distributed.losses import riesz_uniformity_loss as distributed_loss
 

@@ -13,6 +13,10 @@ Return types follow one rule:
 | `singular_values` | numpy float64 array | a vector report |
 | `uniform_sphere`, `uniform_hemisphere` | torch float64 tensor | reference samples |
 
+Streaming forms for a training loop (update / compute / reset, synced over processes):
+`Alignment`, `Uniformity`, `WassersteinUniformity`, `EffectiveRank`, `RankMe`
+(`poissonflow.metrics.streaming`).
+
 Call `float(...)` on a tensor metric to report it. Report metrics detach their input and compute
 in float64 on the input's device; tensor metrics compute in the input's dtype (numpy input becomes
 a tensor of the same dtype), except the eigendecomposition of the Wasserstein metric, which is
@@ -42,6 +46,12 @@ __all__ = [
     "energy_distance_to_hemisphere",
     "uniform_sphere",
     "uniform_hemisphere",
+    "StreamingMetric",
+    "Alignment",
+    "Uniformity",
+    "WassersteinUniformity",
+    "EffectiveRank",
+    "RankMe",
 ]
 
 # Pair-matrix elements one chunk may hold: 2**22 float64 values is 32 MiB. uniform_loss and the
@@ -441,3 +451,14 @@ def uniform_hemisphere(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
     u = uniform_sphere(n, dim, seed=seed)
     u[:, -1] = u[:, -1].abs()
     return u
+
+
+# the streaming forms build on the functions above
+from .streaming import (  # noqa: E402
+    Alignment,
+    EffectiveRank,
+    RankMe,
+    StreamingMetric,
+    Uniformity,
+    WassersteinUniformity,
+)
