@@ -115,7 +115,7 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="
     Returns:
         The global loss, a 0-dim tensor in x's dtype, the same on every rank.
     """
-    from ..losses import _coincident
+    from ..losses._coincident import find as find_coincidences
     from ..losses.functions import check_coincident
 
     grp = _comm.get_group(group)
@@ -151,7 +151,7 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="
             return w.to(t.device)
         return f
 
-    co = _coincident.find(u_all, bu.detach() if k else None, bank_lo,
+    co = find_coincidences(u_all, bu.detach() if k else None, bank_lo,
                           reduce(dist.ReduceOp.SUM), reduce(dist.ReduceOp.MIN))
     if coincident == "raise" and (co.in_batch or co.with_bank):
         raise ValueError(f"coincident rows (equal after normalisation; global rank-major "
