@@ -4,7 +4,8 @@ holds. The bank stores constants: gradients never flow into it.
 
 Which losses take a bank (`bank.features()`, a (K, D) tensor):
 
-* `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and batch-bank, in
+* `losses.RieszLoss(s, bank_size=K)` owns one (pushed after each loss, saved in its
+  state_dict); `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and batch-bank, in
   O(N (N + K) D) time and O((N + K) D) memory (the loss this bank was written for).
 * `losses.wasserstein_uniformity_loss(x, bank.features())`: W2 of x stacked on the bank; the
   covariance of 128-d features is poorly estimated from one batch, and the bank adds rows at
@@ -42,8 +43,10 @@ class FeatureBank:
     a graph that saved the view and is back-propagated after a push fails with autograd's
     "modified by an inplace operation" error rather than computing with changed values.
 
-    Push a batch after computing its loss, not before: a batch already in the bank duplicates
-    its own rows exactly (see `riesz_uniformity_loss` on duplicates).
+    Push a batch after computing its loss, not before: a batch already in the bank meets its own
+    copies, which `riesz_uniformity_loss` counts as one point each (its `coincident` argument),
+    so the bank then adds no new point for that batch. `losses.RieszLoss` holds a bank and
+    pushes in that order itself.
 
     The stored rows are copies, taken under no_grad: the bank is never part of a graph. Pushing
     a batch of another dim, dtype or device, or one with NaN or infinite values (they would
