@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 _PRIME = 2147483647  # 2^31 - 1
-_CHUNK = 8192  # bank rows hashed at once
+_CHUNK = 1024  # bank rows hashed at once (a few MB of int64 temporaries)
 
 
 def _multipliers(d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
