@@ -52,9 +52,16 @@ class FeatureBank:
     a batch of another dim, dtype or device, or one with NaN or infinite values (they would
     poison every loss for size / M steps) is an error. `state_dict()` / `load_state_dict()`
     checkpoint the bank exactly (storage, write position and fill level).
+
+    Args:
+        size: the most rows the bank holds, >= 1.
+        dim: the features' dimension, >= 1.
+        dtype: a floating torch dtype.
+        device: where the rows are stored.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         for value, name in ((size, "size"), (dim, "dim")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -68,22 +75,27 @@ class FeatureBank:
 
     @property
     def size(self) -> int:
+        """The most rows the bank holds."""
         return self._storage.shape[0]
 
     @property
     def dim(self) -> int:
+        """The features' dimension."""
         return self._storage.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The stored rows' dtype."""
         return self._storage.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the rows are stored."""
         return self._storage.device
 
     @property
     def full(self) -> bool:
+        """Whether every slot holds a row."""
         return self._filled == self.size
 
     def __len__(self) -> int:
@@ -98,7 +110,11 @@ class FeatureBank:
     # ----------------------------------------------------------------------------- queue
 
     def push(self, batch: torch.Tensor) -> None:
-        """Enqueues the rows of `batch` (M, dim), M >= 0, overwriting the oldest rows."""
+        """Enqueues the rows of `batch` (M, dim), M >= 0, overwriting the oldest rows.
+
+        Args:
+            batch: the rows to store (copied, detached), of this bank's dim, dtype and device.
+        """
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
         if batch.ndim != 2 or batch.shape[1] != self.dim:
@@ -130,7 +146,11 @@ class FeatureBank:
             self._filled = min(self.size, self._filled + m)
 
     def features(self) -> torch.Tensor:
-        """The filled rows (len(self), dim), in slot order, as a view of the storage."""
+        """The filled rows, in slot order, as a view of the storage.
+
+        Returns:
+            A (len(self), dim) tensor.
+        """
         return self._storage[: self._filled]
 
     def reset(self) -> None:
@@ -140,13 +160,21 @@ class FeatureBank:
     # ----------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
-        """A checkpointable copy: {"features": (size, dim) storage, "ptr": int, "filled": int}."""
+        """A checkpointable copy of the bank.
+
+        Returns:
+            {"features": the (size, dim) storage (a copy), "ptr": int, "filled": int}.
+        """
         return {"features": self._storage.clone(), "ptr": self._ptr, "filled": self._filled}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()` of a bank of the same size and dim. The stored features are
         copied into this bank's storage, so they take its dtype and device (as
-        torch.nn.Module.load_state_dict does with parameters)."""
+        torch.nn.Module.load_state_dict does with parameters).
+
+        Args:
+            state: a `state_dict()` of a bank of this size and dim.
+        """
         if not isinstance(state, dict) or set(state) != {"features", "ptr", "filled"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state must be a dict with keys features, ptr, filled; got {got}")

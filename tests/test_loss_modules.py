@@ -154,3 +154,12 @@ def test_riesz_module_excludes_a_batch_seen_twice():
     strict.load_state_dict(mod.state_dict())
     with pytest.raises(ValueError, match=r"x row (\d) and bank row \1"):
         strict(x)
+
+
+def test_riesz_module_over_processes_needs_a_process_group():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        L.RieszLoss(s=2.0, gather_distributed=True)(feats())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import _checks
@@ -45,8 +46,8 @@ BATCH_NORM_EPS = 1e-5
 
 
 def align_uniform_loss(
-    x,
-    y,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
     *,
     alpha: float = 2.0,
     t: float = 2.0,
@@ -61,6 +62,18 @@ def align_uniform_loss(
 
     The paper applies it to L2-normalised encoder outputs; normalize=True (default) does that
     here (zero rows are an error), normalize=False takes x and y as they are.
+
+    Args:
+        x: first view's features (N, D), N >= 2.
+        y: second view's features (N, D), paired with x row by row.
+        alpha: the alignment exponent, > 0.
+        t: the uniformity temperature, > 0.
+        align_weight: weight of the alignment term.
+        uniform_weight: weight of the uniformity term.
+        normalize: L2-normalise x and y first.
+
+    Returns:
+        A 0-dim tensor with gradients.
     """
     x = as_features(x, "x", min_rows=2)
     y = as_features(y, "y", min_rows=2)
@@ -73,11 +86,23 @@ def align_uniform_loss(
     return wa * align_loss(x, y, alpha) + wu * unif
 
 
-def wasserstein_uniformity_loss(x, y=None, *, weight: float = 1.0) -> torch.Tensor:
+def wasserstein_uniformity_loss(
+    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | None = None, *,
+    weight: float = 1.0,
+) -> torch.Tensor:
     """Fang et al.'s auxiliary term, added to a base self-supervised loss (they use BYOL, Barlow
     Twins, MoCo): loss = base_loss + weight * W2, with W2 the `wasserstein_uniformity` of x, or
     of both views stacked (x on top of y, one W2 over 2N rows) when y is given. Rank-deficient
-    batches (N < D) give finite gradients."""
+    batches (N < D) give finite gradients.
+
+    Args:
+        x: features (N, D).
+        y: optional second view (M, D), stacked under x.
+        weight: the term's weight.
+
+    Returns:
+        A 0-dim tensor with gradients.
+    """
     w = _checks.check_scalar(weight, "weight")
     x = as_features(x, "x", min_rows=1 if y is not None else 2)
     if y is not None:
@@ -93,9 +118,9 @@ def wasserstein_uniformity_loss(x, y=None, *, weight: float = 1.0) -> torch.Tens
 
 
 def contrastive_l2_loss(
-    x,
-    x_pos,
-    x_neg=None,
+    x: torch.Tensor | np.ndarray,
+    x_pos: torch.Tensor | np.ndarray,
+    x_neg: torch.Tensor | np.ndarray | None = None,
     *,
     alpha: float = 2.0,
     beta: float = 1.0,
@@ -113,6 +138,18 @@ def contrastive_l2_loss(
     only if beta < alpha (scaling all features by s multiplies the terms by s^alpha and
     s^beta); with normalize=True every vector is L2-normalised first and any beta works.
     A zero difference contributes 0 with a zero gradient for any exponent.
+
+    Args:
+        x: anchors (N, D).
+        x_pos: their positives (N, D).
+        x_neg: negatives (N, K, D) or (K, D), or None for in-batch negatives.
+        alpha: the positive term's exponent, > 0.
+        beta: the negative term's exponent, > 0.
+        lam: weight of the negative term.
+        normalize: L2-normalise every vector first.
+
+    Returns:
+        A 0-dim tensor with gradients.
     """
     x = as_features(x, "x", min_rows=1)
     x_pos = as_features(x_pos, "x_pos", min_rows=1)
@@ -165,8 +202,8 @@ def _negatives(x_neg, x: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def noise_injected_infonce(
-    z1,
-    z2,
+    z1: torch.Tensor | np.ndarray,
+    z2: torch.Tensor | np.ndarray,
     *,
     target: str = "sphere",
     sigma: float = 0.3,
@@ -210,7 +247,19 @@ def noise_injected_infonce(
     needs an explicit temperature.
 
     `generator` fixes the noise (it must live on z1's device); the same generator state gives
-    the same loss. Returns a 0-dim tensor with gradients through z1 and z2.
+    the same loss.
+
+    Args:
+        z1: first view's encoder outputs (N, D), N >= 2.
+        z2: second view's encoder outputs (N, D).
+        target: "sphere", "gaussian" or "uniform".
+        sigma: the noise scale, >= 0.
+        temperature: the critic's temperature, or None to match it to the noise.
+        critic: "sqdist" or "dot".
+        generator: a torch.Generator fixing the noise, or None.
+
+    Returns:
+        A 0-dim tensor with gradients through z1 and z2.
     """
     z1 = as_features(z1, "z1", min_rows=2)
     z2 = as_features(z2, "z2", min_rows=2)
@@ -263,10 +312,10 @@ def _inject_noise(z, target: str, sigma: float, generator) -> torch.Tensor:
 
 
 def riesz_uniformity_loss(
-    x,
+    x: torch.Tensor | np.ndarray,
     s: float,
     *,
-    bank=None,
+    bank: torch.Tensor | FeatureBank | None = None,
     normalize: bool = True,
     coincident: str = "exclude",
     backend: str = "auto",
@@ -422,8 +471,12 @@ def riesz_uniformity_loss(
 COINCIDENT = ("exclude", "raise")
 
 
-def check_coincident(coincident) -> None:
-    """Validates the `coincident` argument of the Riesz losses."""
+def check_coincident(coincident: str) -> None:
+    """Validates the `coincident` argument of the Riesz losses.
+
+    Args:
+        coincident: the value to check.
+    """
     if coincident not in COINCIDENT:
         raise ValueError(f"coincident must be one of {COINCIDENT}, got {coincident!r}")
 
