@@ -5,7 +5,8 @@ holds. The bank stores constants: gradients never flow into it.
 Which losses take a bank (`bank.features()`, a (K, D) tensor):
 
 * `losses.RieszLoss(s, bank_size=K)` owns one (pushed after each loss, saved in its
-  state_dict); `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and batch-bank, in
+  state_dict); `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and
+  batch-bank, in
   O(N (N + K) D) time and O((N + K) D) memory (the loss this bank was written for).
 * `losses.wasserstein_uniformity_loss(x, bank.features())`: W2 of x stacked on the bank; the
   covariance of 128-d features is poorly estimated from one batch, and the bank adds rows at
