@@ -16,10 +16,15 @@ bank, float32, s = 2), one step = forward + backward, the banks fixed:
   ranks' gradients, R times the global loss's gradient: a timing baseline, not a recipe).
 
 Method: each way runs in its own world of fresh processes (one thread per rank, so the two
-ranks take one core each), so that one way's peak memory cannot hide the other's. After the
-inputs are built (the bank filled) ru_maxrss is read; one warm-up step runs, then `--repeats`
-timed steps; "peak MB" is the largest ru_maxrss growth over the ranks (what the steps added
-over the inputs: gathered banks, copies, the kernels' buffers), "time" the minimum over the
+ranks take one core each), so that one way's peak memory cannot hide the other's. Blocks of
+64 KiB and more are mmapped (MALLOC_MMAP_THRESHOLD_), so freed memory leaves the resident set.
+After the inputs are built (the bank filled) the peak resident size is reset to the current
+one (/proc/self/clear_refs) and that is the baseline; one warm-up step runs, then `--repeats`
+timed steps, the peak reset once more after the warm-up (whose peak also holds one-time
+set-ups: gloo's buffers, autograd's; reported apart in the JSON); "peak MB" is the largest
+growth of the peak resident size (VmHWM) over the ranks during the timed steps: what a step
+adds over the inputs (gathered banks, copies, the kernels' buffers). "time" is
+the minimum over the
 repeats of the slowest rank's step (this machine's cores are shared; the minimum is the least
 disturbed figure; the two ways' worlds alternate, `--rounds` times each, so that both meet
 the same spells of load). Both ways' loss values are printed: they must agree to float32 rounding.
@@ -42,8 +47,21 @@ from pathlib import Path
 import torch
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
@@ -73,7 +91,9 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
         mod.load_state_dict({"_extra_state": {"bank": fb.state_dict()}})  # the bank, filled
         del bank, fb
     dist.barrier()
-    base = _rss_mb()
+    exact_peak = _reset_peak()  # the setup's transient copies must not count as the step's
+    base = _status_mb("VmRSS")
+    base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
     def step():
         x = x0.clone().requires_grad_()
@@ -87,7 +107,7 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
         loss.backward()
         return float(loss.detach())
 
-    times, value = [], None
+    times, value, first = [], None, 0.0
     for i in range(args.repeats + 1):
         dist.barrier()
         t0 = time.perf_counter()
@@ -95,8 +115,17 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
         dt = time.perf_counter() - t0
         if i:
             times.append(dt)
-    peak = _rss_mb() - base
-    res = {"rank": rank, "times": times, "peak_mb": peak, "loss": value}
+        elif exact_peak:  # the warm-up step's peak holds one-time set-ups (gloo, autograd)
+            first = _status_mb("VmHWM") - base
+            _reset_peak()
+            base = _status_mb("VmRSS")
+    if exact_peak:
+        peak = _status_mb("VmHWM") - base
+    else:  # the growth of the lifetime peak: a lower bound
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base_max
+    res = {"rank": rank, "times": times, "peak_mb": peak, "first_step_peak_mb": first,
+           "loss": value,
+           "exact_peak": exact_peak}
     Path(out, f"{way}_rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -109,7 +138,10 @@ def _free_port() -> int:
 
 
 def run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # large blocks are mmapped and handed back to the system when freed, so the resident size
+    # is what is live and its peak (VmHWM, reset after the setup) what a step adds
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               MALLOC_MMAP_THRESHOLD_="65536")
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(port), way,
                                str(tmp)] + _forward_args(args), env=env)
@@ -122,7 +154,9 @@ def run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     per_step = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
     return {"time_s": min(per_step), "times_s": per_step,
             "peak_mb": max(r["peak_mb"] for r in ranks),
-            "peak_mb_by_rank": [r["peak_mb"] for r in ranks], "loss": ranks[0]["loss"]}
+            "peak_mb_by_rank": [r["peak_mb"] for r in ranks],
+            "first_step_peak_mb": max(r["first_step_peak_mb"] for r in ranks),
+            "loss": ranks[0]["loss"]}
 
 
 def _forward_args(args: argparse.Namespace) -> list[str]:
