@@ -35,11 +35,17 @@ def _refuse_unbuilt_source_tree() -> None:
 
 _refuse_unbuilt_source_tree()
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from . import losses, metrics  # noqa: E402
 from .field import poisson_field  # noqa: E402
 from .kernels.reference import poisson_field_reference  # noqa: E402
 from .registry import backends  # noqa: E402
 from .transform import transform  # noqa: E402
+
+if TYPE_CHECKING:  # loaded on first use (below); imported here for type checkers and docs
+    from .estimator import PoissonFlow
+    from .learned import LearnedField
 
 __version__ = "0.1.0"
 
@@ -56,7 +62,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     # scikit-learn and the network code load on first use: `import poissonflow` stays light.
     if name == "PoissonFlow":
         from .estimator import PoissonFlow
@@ -69,5 +75,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'poissonflow' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | {"PoissonFlow", "LearnedField"})

@@ -94,6 +94,16 @@ def _z_value(text: str):
         raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1, got {text!r}")
+    return value
+
+
 def _add_transform_arguments(p) -> None:
     p.add_argument("features", metavar="FEATURES",
                    help="a .npy, .npz or .pt file holding an (N, d) array")
@@ -134,7 +144,7 @@ def _add_transform_arguments(p) -> None:
                    help="sphere: directions on the upper hemisphere of S^d; raw: end points")
     p.add_argument("--no-exclude-self", action="store_true",
                    help="let a feature that is a charge feel its own charge")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of flux starts and of the learned field's training")
     p.add_argument("--backend", default="auto",
                    choices=["auto", "cpu", "cuda", "triton", "reference"],
@@ -163,25 +173,27 @@ def _transform(args) -> int:
     from . import files
     from .transform import transform
 
+    out = Path(args.out)
+    # everything that can be checked before the flow is checked now, not after minutes of work
+    files._format(out, "OUT")
+    files.check_output_folder(out, "-o/--out")
+    if args.save_field:
+        files.check_output_folder(Path(args.save_field), "--save-field")
+    if args.field == "empirical" and (args.load_field or args.save_field or
+                                      args.field_epochs is not None or args.preset != "default"):
+        raise UsageError("--preset, --field-epochs, --load-field and --save-field go with "
+                         "--field learned")
+    device = _device(args.device)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         # launched by torchrun: each rank flows its slice, rank 0 writes (docs/DESIGN.md
         # "Sharding the field over processes"); poissonflow.distributed is imported only on this path
         from .distributed._cli import transform_main
 
         return transform_main(args)
-    out = Path(args.out)
-    files._format(out, "OUT")  # a wrong suffix fails now, not after the flow
-    key, x = files.read_named_features(args.features, args.key)
-    charges = None if args.charges is None else files.read_features(args.charges,
-                                                                    args.charges_key)
-    if args.field == "empirical" and (args.load_field or args.save_field or
-                                      args.field_epochs is not None or args.preset != "default"):
-        raise UsageError("--preset, --field-epochs, --load-field and --save-field go with "
-                         "--field learned")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device: not a torch device: {args.device!r}") from None
+    key, x = files.read_named_features(args.features, args.key, what="FEATURES",
+                                       key_option="--key")
+    charges = None if args.charges is None else files.read_features(
+        args.charges, args.charges_key, what="--charges", key_option="--charges-key")
     t0 = time.perf_counter()
     field, field_info = "empirical", {}
     if args.field == "learned":
@@ -206,6 +218,28 @@ def _transform(args) -> int:
     return 0
 
 
+def _device(text: str):
+    """The torch device of --device, refused in one line unless this machine can compute on it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device: not a torch device: {text!r}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device: poissonflow computes on 'cpu' or 'cuda' devices, got {text!r}")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        raise UsageError(f"--device {text}: {why} (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    return device
+
+
 def _learned_field(args, data, device):
     from pathlib import Path
 
@@ -214,7 +248,13 @@ def _learned_field(args, data, device):
     if args.load_field:
         if not Path(args.load_field).is_file():
             raise UsageError(f"--load-field: no such file: {args.load_field}")
-        field = LearnedField.load(args.load_field, n_features=data.shape[1], device=device)
+        try:
+            field = LearnedField.load(args.load_field, n_features=data.shape[1], device=device)
+        except (ValueError, KeyError, TypeError, EOFError, RuntimeError, _pickle_error()) as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            message = message.split(". ")[0]  # torch.load's advice runs to several sentences
+            raise UsageError(f"--load-field {args.load_field}: not a field saved by "
+                             f"LearnedField.save ({message})") from None
         return field, {"learned_field": str(args.load_field)}
     kwargs = {"preset": None if args.preset == "default" else args.preset, "seed": args.seed,
               "device": device, "backend": args.backend}
@@ -227,6 +267,12 @@ def _learned_field(args, data, device):
     return field, {"learned_field_epochs": len(field.loss_history_),
                    "learned_field_final_loss": float(field.loss_history_[-1]),
                    "learned_field_seconds": float(field.fit_seconds_)}
+
+
+def _pickle_error():
+    import pickle
+
+    return pickle.UnpicklingError
 
 
 # --------------------------------------------------------------------------- main

@@ -18,6 +18,7 @@ to a fitted charge ignores that charge (leave-one-out), so `fit_transform(X)` eq
 from __future__ import annotations
 
 import warnings
+from typing import Any
 from numbers import Integral, Real
 
 import numpy as np
@@ -56,9 +57,18 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
             get_params/set_params, so GridSearchCV can tune them. To flow through an already
             trained field without retraining it, pass FrozenEstimator(field)
             (sklearn.frozen).
-        start, solver, steps, z_min, z_max, parameterization, output, exclude_self, seed,
-        backend, progress, batch_size: as in poissonflow.transform. A learned field's preset
-        supplies solver, steps, parameterization, output and the "auto" horizon.
+        start: as in poissonflow.transform ("plane" or "flux").
+        solver: as in poissonflow.transform; default "rk4", or a learned field preset's.
+        steps: as in poissonflow.transform; default per solver, or a learned field preset's.
+        z_min: as in poissonflow.transform; "auto" follows a learned field's preset.
+        z_max: as in poissonflow.transform; "auto" follows a learned field's preset.
+        parameterization: as in poissonflow.transform; default the field's.
+        output: as in poissonflow.transform; default "sphere", or a learned field preset's.
+        exclude_self: as in poissonflow.transform.
+        seed: as in poissonflow.transform.
+        backend: as in poissonflow.transform.
+        progress: as in poissonflow.transform (default False here).
+        batch_size: as in poissonflow.transform.
         field_params: constructor arguments for field="learned" (not allowed with an instance:
             set them on it).
 
@@ -96,21 +106,21 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
 
     def __init__(
         self,
-        field="empirical",
-        start="plane",
-        solver=None,
-        steps=None,
-        z_min="auto",
-        z_max="auto",
-        parameterization=None,
-        output=None,
-        exclude_self=True,
-        seed=None,
-        backend="auto",
-        progress=False,
-        batch_size=16384,
-        field_params=None,
-    ):
+        field: str | Any = "empirical",
+        start: str = "plane",
+        solver: str | None = None,
+        steps: int | None = None,
+        z_min: float | str = "auto",
+        z_max: float | str = "auto",
+        parameterization: str | None = None,
+        output: str | None = None,
+        exclude_self: bool = True,
+        seed: int | None = None,
+        backend: str = "auto",
+        progress: bool | None = False,
+        batch_size: int = 16384,
+        field_params: dict[str, Any] | None = None,
+    ) -> None:
         self.field = field
         self.start = start
         self.solver = solver

@@ -21,7 +21,8 @@ import numpy as np
 
 from ._io import atomic_write_bytes
 
-__all__ = ["FORMATS", "read_features", "read_named_features", "write_features", "write_json"]
+__all__ = ["FORMATS", "check_output_folder", "read_features", "read_named_features",
+           "write_features", "write_json"]
 
 FORMATS = (".npy", ".npz", ".pt")
 
@@ -34,18 +35,35 @@ def _format(path: Path, what: str) -> str:
     return suffix
 
 
-def read_features(path, key: str | None = None) -> np.ndarray:
-    """The (N, d) array stored in `path`; `key` picks one array of an .npz or of a .pt dict."""
-    return read_named_features(path, key)[1]
+def check_output_folder(path: Path, what: str = "OUT") -> None:
+    """Refuses an output whose folder does not exist (ValueError naming it and `what`).
+
+    The command line does not create folders: a mistyped folder fails at once, before a flow
+    that may take minutes, instead of leaving the result somewhere unexpected.
+    """
+    folder = Path(path).parent
+    if not folder.is_dir():
+        kind = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"{what} {path}: the folder {folder} {kind} (create it first)")
 
 
-def read_named_features(path, key: str | None = None) -> tuple[str | None, np.ndarray]:
+def read_features(path, key: str | None = None, *, what: str = "FEATURES",
+                  key_option: str = "--key") -> np.ndarray:
+    """The (N, d) array stored in `path`; `key` picks one array of an .npz or of a .pt dict.
+
+    `what` and `key_option` name the file and the key in error messages.
+    """
+    return read_named_features(path, key, what=what, key_option=key_option)[1]
+
+
+def read_named_features(path, key: str | None = None, *, what: str = "FEATURES",
+                        key_option: str = "--key") -> tuple[str | None, np.ndarray]:
     """(name, array): as read_features, with the name the array had in an .npz or .pt dict
     (None for a bare .npy or tensor), so that an output can keep it."""
     path = Path(path)
-    fmt = _format(path, "FEATURES")
+    fmt = _format(path, what)
     if not path.is_file():
-        raise ValueError(f"FEATURES {path}: no such file")
+        raise ValueError(f"{what} {path}: no such file")
     try:
         if fmt == ".npy":
             arrays = {None: np.load(path, allow_pickle=False)}
@@ -56,8 +74,8 @@ def read_named_features(path, key: str | None = None) -> tuple[str | None, np.nd
             arrays = _read_pt(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
             _pickle_error()) as err:
-        raise ValueError(f"FEATURES {path}: cannot be read as {fmt} ({_one_line(err)})") from None
-    return _pick(arrays, key, path)
+        raise ValueError(f"{what} {path}: cannot be read as {fmt} ({_one_line(err)})") from None
+    return _pick(arrays, key, path, what, key_option)
 
 
 def _read_pt(path: Path) -> dict[Any, np.ndarray]:
@@ -83,25 +101,30 @@ def _tensor_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _pick(arrays: dict[Any, np.ndarray], key: str | None, path: Path):
+def _pick(arrays: dict[Any, np.ndarray], key: str | None, path: Path, what: str = "FEATURES",
+          key_option: str = "--key"):
     if key is not None:
+        if list(arrays) == [None]:
+            raise ValueError(f"{what} {path}: holds one unnamed array; {key_option} picks an "
+                             "array of an .npz file or of a .pt dict")
         if key not in arrays:
             names = ", ".join(repr(k) for k in arrays if k is not None) or "none"
-            raise ValueError(f"FEATURES {path}: no array named {key!r} (arrays: {names})")
+            raise ValueError(f"{what} {path}: no array named {key!r} (arrays: {names})")
         a = arrays[key]
     elif len(arrays) == 1:
         key, a = next(iter(arrays.items()))
     elif not arrays:
-        raise ValueError(f"FEATURES {path}: holds no array")
+        raise ValueError(f"{what} {path}: holds no array")
     else:
         names = ", ".join(repr(k) for k in arrays)
-        raise ValueError(f"FEATURES {path}: holds several arrays ({names}); choose one with --key")
+        raise ValueError(f"{what} {path}: holds several arrays ({names}); choose one with "
+                         f"{key_option}")
     a = np.asarray(a)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"FEATURES {path}: must hold a 2-D (n_samples, n_features) array, "
+        raise ValueError(f"{what} {path}: must hold a 2-D (n_samples, n_features) array, "
                          f"got shape {a.shape}")
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(f"FEATURES {path}: must hold real numbers, got dtype {a.dtype}")
+        raise ValueError(f"{what} {path}: must hold real numbers, got dtype {a.dtype}")
     return key, a
 
 

@@ -40,10 +40,10 @@ PARAMETERIZATIONS = ("logz", "radial")
 
 
 def transform(
-    features,
+    features: torch.Tensor | np.ndarray,
     *,
-    charges=None,
-    weights=None,
+    charges: torch.Tensor | np.ndarray | None = None,
+    weights: torch.Tensor | np.ndarray | None = None,
     field: Any = "empirical",
     start: str = "plane",
     solver: str | None = None,
@@ -58,7 +58,7 @@ def transform(
     progress: bool | None = None,
     batch_size: int = 16384,
     return_info: bool = False,
-):
+) -> torch.Tensor | np.ndarray | tuple[torch.Tensor | np.ndarray, dict[str, Any]]:
     """Poisson-flow transform of `features` (N, d), a torch tensor or numpy array; returns the
     same kind, in the input's floating dtype (float64 for integer input) and, for torch, on the
     input's device. float32 input is computed in float32, everything else in float64.
@@ -71,6 +71,7 @@ def transform(
     differentiable objective use `poisson_field` (autograd-aware) or `poissonflow.losses`.
 
     Args:
+        features: (N, d) points to flow (torch tensor or numpy array).
         charges: (B, d) charge positions; default: the features themselves.
         weights: optional (B,) non-negative charge weights.
         field: "empirical" (the exact field of the charges, fused kernels) or a learned field
@@ -79,9 +80,11 @@ def transform(
         start: "plane" - (x, z_min); "flux" - (y_j + delta u_x, delta |u_z|) with u uniform on
             S^d, seeded, around each point's own charge: exactly uniform end points
             (docs/DESIGN.md, "The flow"); needs every query to be a charge.
-        solver: "rk4" (default) or "euler"; steps: per point (default 32 for RK4, 256 Euler).
-        z_min, z_max: the horizon, or "auto" (poissonflow.horizon: 0.5 x median
-            nearest-neighbour distance, 1e3 x data scale).
+        solver: "rk4" (default) or "euler".
+        steps: solver steps per point (default 32 for RK4, 256 for Euler).
+        z_min: the height where the flow starts, or "auto" (0.5 x the median
+            nearest-neighbour distance of the charges).
+        z_max: the height where it stops, or "auto" (1e3 x the data scale).
         parameterization: "logz" (PFGM, default for the empirical field) or "radial" (the
             blog's y <- y + delta f / (f . y), delta = (z_max^2 - z_min^2) / (2 steps)).
         output: "sphere" (d + 1 columns on the unit sphere, directions from the charges' mean,
@@ -97,6 +100,9 @@ def transform(
         batch_size: queries per kernel call (an integer >= 1; memory, not results, depends on
             it).
         return_info: also return a dict with the horizon, steps, exclusions and timing.
+
+    Returns:
+        The (N, d + 1) flowed features, or `(flowed, info)` with `return_info=True`.
     """
     t_start = time.perf_counter()
     x, kind, x_dtype = _as_tensor(features, "features", keep_dtype=True)

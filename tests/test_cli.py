@@ -202,3 +202,98 @@ def test_an_unbuilt_source_tree_hands_over_to_the_install(tmp_path):
                           text=True, cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
 
+
+
+# --------------------------------------------------------------------------- every option
+
+
+def _transform_options() -> set[str]:
+    """The long name (or the metavar of a positional) of every option of `transform`."""
+    from poissonflow.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    names = set()
+    for action in sub.choices["transform"]._actions:
+        if action.dest == "help":
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        names.add(longs[0] if longs else action.metavar)
+    return names
+
+
+# option -> (arguments after `transform FEATURES -o OUT`, or a full replacement; needles)
+_BAD = {
+    "FEATURES": (None, ["missing.npy", "no such file"]),
+    "--out": (None, ["-o/--out", "absent-folder", "does not exist"]),
+    "--key": (["--key", "x"], ["--key", "unnamed"]),
+    "--charges": (["--charges", "nowhere.npy"], ["--charges", "no such file"]),
+    "--charges-key": (["--charges", "{ok}", "--charges-key", "y"], ["--charges-key"]),
+    "--field": (["--field", "magic"], ["--field", "invalid choice"]),
+    "--preset": (["--preset", "blog"], ["--field learned"]),
+    "--field-epochs": (["--field", "learned", "--field-epochs", "0"], ["epochs"]),
+    "--load-field": (["--field", "learned", "--load-field", "{ok}"], ["--load-field"]),
+    "--save-field": (["--field", "learned", "--save-field", "{tmp}/absent-folder/f.pt"],
+                     ["--save-field", "absent-folder", "does not exist"]),
+    "--start": (["--start", "moon"], ["--start", "invalid choice"]),
+    "--solver": (["--solver", "heun"], ["--solver", "invalid choice"]),
+    "--steps": (["--steps", "0"], ["steps"]),
+    "--z-min": (["--z-min", "-1"], ["z_min"]),
+    "--z-max": (["--z-max", "1e30"], ["z_max"]),
+    "--parameterization": (["--parameterization", "polar"], ["--parameterization"]),
+    "--output": (["--output", "cube"], ["--output", "invalid choice"]),
+    "--no-exclude-self": (["--no-exclude-self=yes"], ["--no-exclude-self"]),
+    "--seed": (["--seed", "-1"], ["--seed"]),
+    "--backend": (["--backend", "cuda"], ["backend='cuda'"]),
+    "--device": (["--device", "cuda:99"], ["--device cuda:99"]),
+    "--batch-size": (["--batch-size", "-5"], ["batch_size"]),
+    "--distributed-mode": (["--distributed-mode", "star"], ["--distributed-mode"]),
+    "--progress": (["--progress", "--no-progress"], ["not allowed with"]),
+    "--no-progress": (["--no-progress=1"], ["--no-progress"]),
+}
+
+
+def test_every_transform_option_has_a_bad_value_case():
+    """A new option of `transform` must come with its one-line error case in _BAD."""
+    assert _transform_options() == set(_BAD)
+
+
+@pytest.mark.parametrize("option", sorted(_BAD))
+def test_a_bad_value_of_any_transform_option_is_one_line_and_exit_2(option, tmp_path, capsys):
+    ok = tmp_path / "ok.npy"
+    np.save(ok, _features())
+    out = tmp_path / "o.npy"
+    extra, needles = _BAD[option]
+    if option == "FEATURES":
+        argv = ["transform", str(tmp_path / "missing.npy"), "-o", str(out)]
+    elif option == "--out":
+        argv = ["transform", str(ok), "-o", str(tmp_path / "absent-folder" / "o.npy")]
+    else:
+        extra = [a.format(ok=ok, tmp=tmp_path) for a in extra]
+        argv = ["transform", str(ok), "-o", str(out)] + extra
+    _one_line_error(capsys, argv, *needles)
+    assert not out.exists() and not (tmp_path / "absent-folder").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line_in_a_real_process(tmp_path):
+    np.save(tmp_path / "x.npy", _features())
+    out = subprocess.run(
+        [sys.executable, "-m", "poissonflow", "transform", "x.npy", "-o", "o.npy", "--device",
+         "cuda"], capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "--device cuda" in out.stderr, out.stderr
+
+
+def test_pt_output_layout_is_a_dict_of_one_named_tensor(tmp_path):
+    """docs/cli.md: a .pt output is {name: float tensor (N, d + 1)}, the name the input's key
+    or "features"; the .info.json beside it holds the settings."""
+    x = _features(n=30, d=4)
+    torch.save({"train": torch.from_numpy(x), "labels": torch.arange(30)}, tmp_path / "in.pt")
+    assert main(["transform", str(tmp_path / "in.pt"), "--key", "train", "-o",
+                 str(tmp_path / "out.pt"), "--steps", "4"]) == 0
+    blob = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(blob) == ["train"] and blob["train"].shape == (30, 5)
+    assert blob["train"].dtype == torch.float64
+    info = json.loads((tmp_path / "out.info.json").read_text())
+    assert info["out"] == str(tmp_path / "out.pt") and info["steps"] == 4

@@ -48,6 +48,18 @@ class ProbeResult:
     test_predictions: np.ndarray | None = field(default=None, compare=False)
     n_train_used: int | None = None
 
+    def __repr__(self) -> str:
+        # the scores in full; the predictions and warnings by their size only (a repr that
+        # printed every test prediction filled the screen)
+        preds = self.test_predictions
+        preds = "None" if preds is None else f"<{len(preds)} labels>"
+        val = "None" if self.val_accuracy is None else f"{self.val_accuracy:.4f}"
+        return (f"ProbeResult(mode={self.mode!r}, test_accuracy={self.test_accuracy:.4f}, "
+                f"train_accuracy={self.train_accuracy:.4f}, val_accuracy={val}, C={self.C:g}, "
+                f"n_train_used={self.n_train_used}, val_accuracies=<{len(self.val_accuracies)} Cs>, "
+                f"convergence_warnings=<{len(self.convergence_warnings)}>, "
+                f"test_predictions={preds})")
+
 
 def _features(x, name: str) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch

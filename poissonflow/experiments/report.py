@@ -19,7 +19,7 @@ from .._io import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
            "rerender", "paired_statistics", "write_predictions", "PROBES", "comparison_cell",
-           "pyplot", "save_png"]
+           "pyplot", "save_png", "seed_aware_cell", "seed_aware_markdown"]
 
 # What a results.json written by write_outputs holds at its top level (what rendering reads).
 _RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
@@ -107,12 +107,13 @@ def _pct(x: float) -> str:
 
 
 def comparison_cell(cmp: dict | None, n_seeds_sig: int | None = None,
-                    n_seeds: int = 0) -> str:
-    """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (pooled McNemar)."""
+                    n_seeds: int = 0, star: bool = True) -> str:
+    """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (McNemar) unless star is
+    False."""
     if cmp is None:
         return "–"
     lo, hi = cmp["ci"]
-    star = "*" if cmp["p_mcnemar"] < 0.05 else ""
+    star = "*" if star and cmp["p_mcnemar"] < 0.05 else ""
     cell = f"{_pct(cmp['diff'])} [{_pct(lo)}, {_pct(hi)}] p={cmp['p_mcnemar']:.2g}{star}"
     if n_seeds_sig is not None:
         cell += f" ({n_seeds_sig}/{n_seeds})"
@@ -150,10 +151,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         warn = _sum_over_seeds(results, name, ("convergence_warnings",))
         cells.append("–" if warn is None else str(warn))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    seed_aware = results.get("seed_aware")
+    if seed_aware:
+        lines += ["", seed_aware_markdown(seed_aware, heading=False, before_after=False)]
     paired = results.get("paired")
     if paired:
-        lines += ["", _paired_table(paired, n)]
-        lines += ["", _blog_comparison(paired, n)]
+        lines += ["", _paired_table(paired, n, seed_aware=bool(seed_aware))]
+        if not seed_aware:
+            lines += ["", _blog_comparison(paired, n)]
     lines += [
         "",
         "Train accuracies and representation metrics (alignment: lower is closer views; "
@@ -222,14 +227,25 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
+def _paired_table(paired: dict[str, Any], n_seeds: int, seed_aware: bool = False) -> str:
+    if seed_aware:
+        intro = ("The earlier, image-only analysis, kept for comparison (not significance "
+                 "claims: the seed-aware table above is the analysis): every row against the "
+                 "raw features, pooled over seeds, with a bootstrap 95% interval that resamples "
+                 "images within each seed and holds the seeds fixed, the pooled exact McNemar "
+                 "p-value, and (k/n) the seeds whose own McNemar test has p < 0.05. Pooling "
+                 "treats each (seed, image) as an item although the test images recur in "
+                 "every seed.")
+    else:
+        intro = ("Every row against the raw features, image by image (same encoder, same test "
+                 "images): test accuracy difference in points, pooled over seeds, with its "
+                 "bootstrap 95% interval (images resampled within each seed) and the exact "
+                 "McNemar p-value; * marks p < 0.05, and (k/n) counts the seeds whose own "
+                 "McNemar test has p < 0.05. Pooling treats each (seed, image) as an item "
+                 "although the test images recur in every seed, so the per-seed counts are the "
+                 "conservative reading.")
     lines = [
-        "Every row against the raw features, image by image (same encoder, same test images): "
-        "test accuracy difference in points, pooled over seeds, with its bootstrap 95% "
-        "interval (images resampled within each seed) and the exact McNemar p-value; * marks "
-        "p < 0.05, and (k/n) counts the seeds whose own McNemar test has p < 0.05. Pooling "
-        "treats each (seed, image) as an item although the test images recur in every seed, "
-        "so the per-seed counts are the conservative reading.",
+        intro,
         "",
         "| row | " + " | ".join(f"Δ {t}" for _, t in PROBES) + " |",
         "|---|" + "---|" * len(PROBES),
@@ -244,7 +260,8 @@ def _paired_table(paired: dict[str, Any], n_seeds: int) -> str:
                 cells.append("–")
                 continue
             sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
-            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"])))
+            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"]),
+                                         star=not seed_aware))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,6 +280,92 @@ def _blog_comparison(paired: dict[str, Any], n_seeds: int) -> str:
         per = ", ".join(_pct(c["diff"]) for c in entry["per_seed"].values())
         lines.append(f"| {label} | {comparison_cell(entry['pooled'], sig, len(entry['per_seed']))} "
                      f"| {per} |")
+    return "\n".join(lines)
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}"
+
+
+def _minus(text: str) -> str:
+    """Typographic minus signs in a run of signed numbers (not in p-values' exponents)."""
+    return text.replace("-", "−")
+
+
+def seed_aware_cell(s: dict | None, *, p: bool = True) -> str:
+    """'−1.9 [−3.3, −0.5] p=0.04*' in points: the mean over seeds of the per-seed differences,
+    the two-level bootstrap interval, the paired t-test's p over seeds; * significant after the
+    study's correction (docs/DESIGN.md, "Statistics of the study"), ** the primary comparison
+    (tested alone) significant, † the primary comparison not significant."""
+    if s is None:
+        return "–"
+    lo, hi = s["ci95"]
+    cell = _minus(f"{s['mean_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    if p:
+        cell += f" p={_p(s.get('t_p'))}"
+    if s.get("primary"):
+        cell += "**" if s.get("significant") else "†"
+    elif s.get("significant"):
+        cell += "*"
+    return cell
+
+
+def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
+                        before_after: bool = True) -> str:
+    """The seed-aware tables of one run (reanalyse.run_statistics / seed_aware.json): every row
+    x probe against the raw features, the blog's comparisons with per-seed differences, and,
+    where the run's earlier image-only intervals are known, the two side by side."""
+    m = sa["method"]
+    lines = []
+    if heading:
+        title = sa.get("run", "run")
+        lines += [f"### {title}: seed-aware comparisons ({len(m['seeds'])} seeds)", ""]
+        if sa.get("command"):
+            lines += [f"Written by `{sa['command']}` from the run's predictions.npz "
+                      f"(SHA-256 {sa.get('inputs', {}).get('predictions.npz', '?')[:12]}…).", ""]
+    primary = m.get("primary")
+    lines += [
+        "Every row against the raw features with the same probe, in points: the mean over "
+        f"seeds of the per-seed accuracy differences, a 95% interval from a two-level bootstrap "
+        f"({m['n_boot']} replicates: seeds and test images resampled together, crossed), and "
+        "the paired t-test over the seeds (two-sided). * significant after Benjamini–Hochberg "
+        f"over this run's {m['family_size']} comparisons"
+        + (f"; the primary comparison ({primary[1]} vs raw, {primary[0]} probe) is tested "
+           "alone: ** significant, † not" if primary else "")
+        + " (docs/DESIGN.md, \"Statistics of the study\").",
+        "",
+    ]
+    against = sa["against_raw"]
+    probes = list(against)
+    rows = list(dict.fromkeys(r for pr in against.values() for r in pr))
+    lines += ["| row | " + " | ".join(f"Δ {pr}" for pr in probes) + " |",
+              "|---|" + "---|" * len(probes)]
+    for row in rows:
+        cells = [seed_aware_cell(against[pr].get(row)) for pr in probes]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    blog = sa.get("blog_comparison") or {}
+    if blog:
+        lines += ["", "The blog's comparison (its encoder head against the default "
+                  "`LogisticRegression()`) and the baseline it left out:", "",
+                  "| comparison | Δ [two-level 95%] t-test p | per seed |", "|---|---|---|"]
+        for label, s in blog.items():
+            per = _minus(", ".join(f"{v:+.1f}" for v in s["per_seed_diff"]))
+            lines.append(f"| {label} | {seed_aware_cell(s)} | {per} |")
+    before = [(pr, row, against[pr][row]) for pr in probes for row in rows
+              if before_after and row in against[pr]
+              and against[pr][row].get("reported_image_only")]
+    if before:
+        lines += ["", "Before and after: the run's earlier interval (images resampled within "
+                  "each seed, seeds fixed; pooled McNemar p) against the two-level one "
+                  "(t-test p over seeds).", "",
+                  "| row | probe | earlier: Δ [image-only 95%] McNemar p | two-level: Δ [95%] "
+                  "t-test p | per seed |", "|---|---|---|---|---|"]
+        for pr, row, s in before:
+            r = s["reported_image_only"]
+            old = (_minus(f"{r['diff']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}]")
+                   + f" p={_p(r['p_mcnemar_pooled'])}")
+            per = _minus(", ".join(f"{v:+.1f}" for v in s["per_seed_diff"]))
+            lines.append(f"| {row} | {pr} | {old} | {seed_aware_cell(s)} | {per} |")
     return "\n".join(lines)
 
 
@@ -398,7 +501,23 @@ def rerender(results_json: str | Path) -> None:
     """Render results.md and the plot again from a results.json (after a change to this
     module), next to that file; the JSON itself is left as it is."""
     path = Path(results_json)
-    render_outputs(load_results(path), path.parent)
+    render_outputs(_with_side_file(load_results(path), path.parent), path.parent)
+
+
+def _with_side_file(results: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The results with the seed-aware statistics of a re-analysis (seed_aware.json beside
+    them, written by reanalyse) where the results themselves do not carry them."""
+    side = Path(folder) / "seed_aware.json"
+    if results.get("seed_aware") or not side.exists():
+        return results
+    return {**results, "seed_aware": json.loads(side.read_text(encoding="utf-8"))}
+
+
+def rerender_table(results_json: str | Path) -> None:
+    """Only results.md again (with a seed_aware.json beside it), the plots left as they are."""
+    path = Path(results_json)
+    results = _with_side_file(load_results(path), path.parent)
+    atomic_write_text(path.parent / "results.md", markdown_table(results) + "\n")
 
 
 def _jsonable(obj):

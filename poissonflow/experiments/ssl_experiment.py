@@ -53,7 +53,7 @@ DEFAULT_ROWS = ("raw features", "L2 (centred)", "ZCA whitening", "flow: blog pre
 S_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Epoch budgets and batch sizes per data set: digits, 30 epochs of batch 128 (11 steps an
 # epoch, about 0.7 s an epoch on one thread) keep 6 objectives x 3 seeds plus the s sweep and
-# every row well under 30 minutes on the shared 2-core machine. CIFAR subset: see README.
+# every row well under 30 minutes on the shared 2-core machine. CIFAR subset: see poissonflow/experiments/README.md.
 EPOCHS = {"digits": 30, "cifar10-subset": 15, "cifar10": 15}
 BATCH = {"digits": 128, "cifar10-subset": 256, "cifar10": 256}
 BANK = {"digits": 1024, "cifar10-subset": 4096, "cifar10": 4096}

@@ -63,7 +63,7 @@ def _emulator():
 
 
 def _emulated_cuda(dtypes) -> Target:
-    from poissonflow import _cuda_backend as cb
+    from poissonflow.kernels import cuda as cb
 
     def runner():
         from cuda_emulation.emulator import EmulatorRunner
