@@ -100,10 +100,10 @@ def worker(rank, world, port, out):
     for part in feature_shards(world, rank):
         for name, m in metrics.items():
             m.update(x[part], y[part]) if name == "alignment" else m.update(x[part])
-    res["metrics"] = {name: m.compute() for name, m in metrics.items()}
+    res["metrics"] = {name: float(m.compute()) for name, m in metrics.items()}
     local = M.EffectiveRank(center=True, sync=False)
     local.update(x[feature_shards(world, rank)[1]])
-    res["local_erank"] = local.compute() if feature_shards(world, rank)[1].stop > \
+    res["local_erank"] = float(local.compute()) if feature_shards(world, rank)[1].stop > \
         feature_shards(world, rank)[1].start + 1 else None
     torch.save(res, Path(out) / f"rank{rank}.pt")
     dist.barrier()

@@ -22,7 +22,7 @@ PARTS = [slice(0, 7), slice(7, 7), slice(7, 150), slice(150, 300)]  # an empty b
 def stream(metric, *tensors):
     for p in PARTS:
         metric.update(*(t[p] for t in tensors))
-    return metric.compute()
+    return float(metric.compute())
 
 
 @pytest.mark.parametrize("center", [False, True])
@@ -48,7 +48,7 @@ def test_rank_deficient_and_fewer_rows_than_columns():
             m = cls()
             m.update(x[:4])
             m.update(x[4:])
-            assert m.compute() == pytest.approx(fn(x), rel=1e-7)
+            assert float(m.compute()) == pytest.approx(fn(x), rel=1e-7)
 
 
 def test_wasserstein_alignment_uniformity():
@@ -71,10 +71,10 @@ def test_float32_numpy_and_gradients_are_detached():
     m = M.WassersteinUniformity()
     m.update(x32[:100])
     m.update(x32[100:].detach().numpy())
-    assert m.compute() == pytest.approx(float(M.wasserstein_uniformity(x.float())), rel=1e-5)
+    assert float(m.compute()) == pytest.approx(float(M.wasserstein_uniformity(x.float())), rel=1e-5)
     u = M.Uniformity(normalize=True)
     u.update(x32)
-    assert u.compute() == float(M.uniform_loss(torch.nn.functional.normalize(x32.detach())))
+    assert float(u.compute()) == float(M.uniform_loss(torch.nn.functional.normalize(x32.detach())))
 
 
 def test_reset_and_errors():
@@ -84,12 +84,12 @@ def test_reset_and_errors():
         with pytest.raises(ValueError, match="at least"):
             m.compute()
         m.update(*(a[:50] for a in args))
-        first = m.compute()
+        first = float(m.compute())
         m.update(*(a[50:] for a in args))
-        assert m.compute() != first
+        assert float(m.compute()) != first
         m.reset()
         m.update(*(a[:50] for a in args))
-        assert m.compute() == first
+        assert float(m.compute()) == first
     m = M.EffectiveRank()
     m.update(x)
     with pytest.raises(ValueError, match="columns"):
@@ -114,5 +114,6 @@ def test_memory_of_the_gram_metrics_does_not_grow():
         m.update(x[i:i + 100])
     sizes = [t.numel() for t in (m._sum, m._gram)]
     assert sizes == [8, 64]
-    assert m.compute() == pytest.approx(M.effective_rank(x), rel=1e-12)
-    assert np.isfinite(m.compute())
+    assert float(m.compute()) == pytest.approx(M.effective_rank(x), rel=1e-12)
+    assert np.isfinite(float(m.compute()))
+    assert m.compute().dtype == torch.float64 and m.compute().ndim == 0

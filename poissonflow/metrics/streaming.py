@@ -2,9 +2,9 @@
 
 The contract is torchmetrics' (`update(...)` per batch, `compute()`, `reset()`), without the
 dependency (docs/DESIGN.md, "Streaming metrics"): each metric keeps sufficient statistics in
-float64, `compute()` returns a Python float equal to the one-shot metric of
-`poissonflow.metrics` on the concatenation of every batch passed to `update` (on every rank,
-when synced). Syncing: with torch.distributed initialised and `sync=True` (default),
+float64, `compute()` returns a 0-dim tensor (no autograd; `float(...)` or `.item()` to log it),
+as torchmetrics does, equal to the one-shot metric of `poissonflow.metrics` on the
+concatenation of every batch passed to `update` (on every rank, when synced). Syncing: with torch.distributed initialised and `sync=True` (default),
 `compute()` is collective (every rank of `process_group` calls it) and combines the ranks'
 states (an all-reduce of the sums; an all-gather of the rows for `Uniformity`); the local state
 is left as it was, so `update` may go on. `sync=False` computes on this rank's batches only.
@@ -63,8 +63,8 @@ class StreamingMetric:
         """Adds a batch."""
         raise NotImplementedError
 
-    def compute(self) -> float:
-        """The metric of every batch seen (on every rank when synced)."""
+    def compute(self) -> torch.Tensor:
+        """The metric of every batch seen (on every rank when synced), a 0-dim tensor."""
         raise NotImplementedError
 
     def _synced(self) -> bool:
@@ -159,11 +159,11 @@ class WassersteinUniformity(_GramState):
 
     _normalize = True
 
-    def compute(self) -> float:
+    def compute(self) -> torch.Tensor:
         """W2 of every row seen (all ranks' when synced).
 
         Returns:
-            The metric, a float.
+            The metric, a 0-dim float64 tensor.
         """
         n, s, g = self._state()
         if n < 2:
@@ -175,9 +175,10 @@ class WassersteinUniformity(_GramState):
         lam = torch.linalg.eigvalsh(sigma)
         tol = m * torch.finfo(torch.float64).eps
         trace_sqrt = torch.where(lam > tol, lam.clamp_min(0.0).sqrt(), 0.0).sum()
-        w2_sq = float((mu * mu).sum() + 1.0 + torch.diagonal(sigma).sum()
-                      - 2.0 / math.sqrt(m) * trace_sqrt)
-        return math.sqrt(w2_sq) if w2_sq > torch.finfo(torch.float64).eps else 0.0
+        w2_sq = ((mu * mu).sum() + 1.0 + torch.diagonal(sigma).sum()
+                 - 2.0 / math.sqrt(m) * trace_sqrt)
+        eps = torch.finfo(torch.float64).eps
+        return torch.where(w2_sq > eps, w2_sq.clamp_min(eps).sqrt(), 0.0)
 
 
 class EffectiveRank(_GramState):
@@ -209,11 +210,11 @@ class EffectiveRank(_GramState):
         self._normalize = normalize
         super().__init__(sync=sync, process_group=process_group)
 
-    def compute(self) -> float:
+    def compute(self) -> torch.Tensor:
         """The effective rank (or RankMe) of every row seen (all ranks' when synced).
 
         Returns:
-            The metric, a float.
+            The metric, a 0-dim float64 tensor.
         """
         n, s, g = self._state()
         if n < 2:
@@ -232,7 +233,7 @@ class EffectiveRank(_GramState):
         if self.eps is not None:
             p = p + self.eps
         plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
-        return float(torch.exp(-plogp.sum()))
+        return torch.exp(-plogp.sum())
 
     def _describe(self) -> str:
         return (f"eps={self.eps}, center={self.center}, normalize={self._normalize}, "
@@ -299,16 +300,16 @@ class Alignment(StreamingMetric):
         total = powered_norm(x - y, self.alpha).sum().cpu()
         self._stats = self._stats + torch.stack([total, total.new_tensor(x.shape[0])])
 
-    def compute(self) -> float:
+    def compute(self) -> torch.Tensor:
         """The mean of ||x_i - y_i||^alpha over every pair seen (all ranks' when synced).
 
         Returns:
-            The metric, a float.
+            The metric, a 0-dim float64 tensor.
         """
         (stats,) = self._all_reduce([self._stats])
         if not float(stats[1]) > 0:
             raise ValueError("Alignment.compute() needs at least one pair")
-        return float(stats[0] / stats[1])
+        return stats[0] / stats[1]
 
     def _describe(self) -> str:
         return f"alpha={self.alpha}, normalize={self.normalize}, sync={self.sync}"
@@ -360,11 +361,11 @@ class Uniformity(StreamingMetric):
                              f"earlier batches ({first.shape[1]}, {first.dtype}, {first.device})")
         self._rows.append(x.clone())
 
-    def compute(self) -> float:
+    def compute(self) -> torch.Tensor:
         """The uniformity of every row seen (all ranks' when synced).
 
         Returns:
-            The metric, a float.
+            The metric, a 0-dim tensor in the rows' dtype (as `uniform_loss`).
         """
         rows = torch.cat(self._rows) if self._rows else None
         if self._synced():
@@ -372,7 +373,7 @@ class Uniformity(StreamingMetric):
         if rows is None or rows.shape[0] < 2:
             raise ValueError("Uniformity.compute() needs at least 2 rows")
         with torch.no_grad():
-            return float(uniform_loss(rows, self.t))
+            return uniform_loss(rows, self.t)
 
     def _gather(self, rows: torch.Tensor | None) -> torch.Tensor:
         group = self.process_group or dist.group.WORLD
