@@ -12,6 +12,7 @@ Return types follow one rule:
 | `effective_rank`, `rankme`, `energy_distance*` | python float (float64 math) | reports |
 | `singular_values` | numpy float64 array | a vector report |
 | `uniform_sphere`, `uniform_hemisphere` | torch float64 tensor | reference samples |
+| `Alignment`, `Uniformity`, ... `.compute()` | 0-dim tensor, no autograd | streaming, as torchmetrics |
 
 Streaming forms for a training loop (update / compute / reset, synced over processes):
 `Alignment`, `Uniformity`, `WassersteinUniformity`, `EffectiveRank`, `RankMe`
