@@ -19,11 +19,13 @@ features).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import _checks
+from ..bank import FeatureBank
 from ..metrics import _sq_dists, l2_normalize
 from . import _comm
 from .field import field_with_plan, plan_field
@@ -83,8 +85,10 @@ def _bank_rows(bank, x):
     return bank.detach()
 
 
-def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="auto",
-                          backend="auto", coincident="exclude"):
+def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
+                          bank: torch.Tensor | FeatureBank | None = None,
+                          normalize: bool = True, group: Any = None, mode: str = "auto",
+                          backend: str = "auto", coincident: str = "exclude") -> torch.Tensor:
     """Riesz s-energy uniformity of the global batch,
 
         L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),

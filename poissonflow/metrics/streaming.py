@@ -2,12 +2,14 @@
 
 The contract is torchmetrics' (`update(...)` per batch, `compute()`, `reset()`), without the
 dependency (docs/DESIGN.md, "Streaming metrics"): each metric keeps sufficient statistics in
-float64, `compute()` returns a 0-dim tensor (no autograd; `float(...)` or `.item()` to log it),
-as torchmetrics does, equal to the one-shot metric of `poissonflow.metrics` on the
-concatenation of every batch passed to `update` (on every rank, when synced). Syncing: with torch.distributed initialised and `sync=True` (default),
-`compute()` is collective (every rank of `process_group` calls it) and combines the ranks'
-states (an all-reduce of the sums; an all-gather of the rows for `Uniformity`); the local state
-is left as it was, so `update` may go on. `sync=False` computes on this rank's batches only.
+float64, and `compute()` returns a 0-dim tensor (no autograd; `float(...)` or `.item()` to log
+it), as torchmetrics does, equal to the one-shot metric of `poissonflow.metrics` on the
+concatenation of every batch passed to `update` (on every rank, when synced).
+
+Syncing: with torch.distributed initialised and `sync=True` (default), `compute()` is
+collective (every rank of `process_group` calls it) and combines the ranks' states (an
+all-reduce of the sums; an all-gather of the rows for `Uniformity`); the local state is left as
+it was, so `update` may go on. `sync=False` computes on this rank's batches only.
 
 | metric | one-shot form | state kept (memory) |
 |---|---|---|
