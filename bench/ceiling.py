@@ -148,12 +148,13 @@ class Geometry:
     KB: int = 3
     QCb: int = 4   # backward phase C' (with dy)
     KBb: int = 2
+    held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
 
     @staticmethod
     def for_isa(vector_bytes: int, double: bool = False) -> Geometry:
         W = vector_bytes // (8 if double else 4)
         if vector_bytes >= 64:
-            return Geometry(W=W, KB=6, KBb=3)
+            return Geometry(W=W, KB=6, KBb=3, held=True)
         return Geometry(W=W)
 
 
@@ -187,11 +188,19 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
 def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     """The backward for dx and dy (backward_item): A' r2 and g.(x - y), B' the pair term,
     C' dx += a d (lanes), dy -= a d + pi g. The per-dimension counts are the compiled loops'
-    (bench/asm_mix.py, avx512: A' 16 FMA + 8 sub per 4 x 2 block, C' 24 FMA + 12 mul + 24
-    add/sub per 4 x 3 block, the x and g operands as broadcast loads)."""
+    (bench/asm_mix.py). A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts
+    (plus 3 reloads of a spilled y vector on avx512: not binding, the FMA pipes are).
+    C' on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers): 10 FMA + 4 mul
+    and 14 add/sub per step, 13 loads (c, pi, y once per query, dy) and 3 stores; elsewhere
+    (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
+    2 QCb + 2 KBb + 2 QCb KBb loads per step."""
     a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QB) / (g.QB * g.CB))
-    n = g.QCb * g.KBb
-    c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n)
+    if g.held:
+        n = 2 * 3
+        c = Mix(fma=14 / n, add=14 / n, loads=13 / n)
+    else:
+        n = g.QCb * g.KBb
+        c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n)
     if power_form:
         # A': + e2 (2 stores);  B': rr = 1/max(r2, tiny), g rr, pi = (g rr / Q)^(p/2),
         # h = gd - dl, a = p pi h rr (3 mul), select
@@ -205,7 +214,10 @@ def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
 def floor_ratio_by_ops() -> float:
     """Backward over forward by mandatory pipe operations per pair and dimension: forward
     d = y - x twice, d d and p d (2 add + 2 FMA); backward d twice, d d, g.d, a d (once),
-    adding it to dx and to dy, pi g (4 add + 4 FMA). Equal pipes for both: 8 / 4 = 2.0."""
+    adding it to dx and to dy, pi g (4 add + 4 FMA). Equal pipes for both: 8 / 4 = 2.0.
+    With the two phases as separate loops (pi needs the whole r2 first), each balanced on
+    its own: A' 2 FMA + 1 add (1 cycle per vector with 2 + 2 pipes), C' at best 7/3 + 7/3
+    (1.17 cycles), against the forward's 1: 2.17 (`Ceiling.backward_over_forward`)."""
     return (4 + 4) / (2 + 2)
 
 
