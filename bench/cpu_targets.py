@@ -21,6 +21,8 @@ Per run (docs/performance.md), all on the cpu backend, float32 unless said:
   backward         gradients for queries and charges, N = B = 8192, D = 129: its fraction of its
                    own ceiling, and backward / forward against the floor by operation count (2.0)
                    and against the floor of the compiled loops on this machine's pipes
+  *_by_cpu_time    D = 3, 33, 129 and the backward again by the process's CPU time (threads x
+                   ceiling over CPU seconds), which other jobs on the machine do not inflate
   float64          the forward in float64 over float32 (time), and its fraction of the float64
                    ceiling, N = B = 4096, D = 129
   small calls      bench/field_throughput.py's small-call rows: latency over the compute time
@@ -41,6 +43,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -49,6 +52,8 @@ import ceiling  # noqa: E402
 import field_throughput as ft  # noqa: E402
 import learned_epoch  # noqa: E402
 import machine  # noqa: E402
+
+import poissonflow  # noqa: E402
 
 from poissonflow import registry  # noqa: E402
 
@@ -60,7 +65,11 @@ TARGETS = {
     "forward_D3": (0.50, "min"),
     "forward_D33": (0.85, "min"),
     "forward_D129": (0.85, "min"),
+    "forward_D3_by_cpu_time": (0.50, "min"),
+    "forward_D33_by_cpu_time": (0.85, "min"),
+    "forward_D129_by_cpu_time": (0.85, "min"),
     "backward_over_forward_D129": (1.1 * BWD_FLOOR, "max"),
+    "backward_over_forward_D129_by_cpu_time": (1.1 * BWD_FLOOR, "max"),
     "small_learned_in_loop_over_standalone": (0.9, "min"),
     "small_riesz_latency_over_compute": (1.5, "max"),
     "learned_epoch_target_share": (0.20, "max"),
@@ -80,11 +89,46 @@ def weight_form(form):
             os.environ["POISSONFLOW_CPU_WEIGHTS"] = old
 
 
+def timed_both(fn, repeat):
+    """Minimum wall-clock and minimum process CPU seconds over `repeat` calls after a warm-up.
+    On a shared machine the CPU time (all threads' time on a core) is the steadier of the two:
+    other jobs delay the call but do not add to it; OpenMP's brief spinning at the region's
+    end does, so on a quiet machine threads x wall >= CPU."""
+    fn()
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(max(repeat, 1)):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall = min(wall, time.perf_counter() - w0)
+        cpu = min(cpu, time.process_time() - c0)
+    return wall, cpu
+
+
 def forward_seconds(cpu, N, D, repeat, dtype=torch.float32):
+    """(wall, CPU) seconds of one forward call at N = B, power D."""
     g = torch.Generator().manual_seed(D)
     x = torch.randn(N, D, generator=g, dtype=dtype)
     y = torch.randn(N, D, generator=g, dtype=dtype)
-    return ft.timed(lambda: cpu.field_forward(x, y, None, float(D), 0.0), repeat)
+    return timed_both(lambda: cpu.field_forward(x, y, None, float(D), 0.0), repeat)
+
+
+def backward_seconds(N, D, repeat):
+    """(wall, CPU) seconds of the forward and of the backward (dx and dy) through autograd,
+    timed separately in the same calls (minimum over repeats after a warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    gv, gl = torch.randn(N, D, generator=g), torch.randn(N, generator=g)
+    best = [float("inf")] * 4
+    for _ in range(repeat + 1):
+        xl, yl = x.clone().requires_grad_(), y.clone().requires_grad_()
+        w0, c0 = time.perf_counter(), time.process_time()
+        v, ls = poissonflow.poisson_field(xl, yl, power=float(D), backend="cpu")
+        w1, c1 = time.perf_counter(), time.process_time()
+        torch.autograd.grad([v, ls], [xl, yl], [gv, gl])
+        w2, c2 = time.perf_counter(), time.process_time()
+        for i, t in enumerate((w1 - w0, c1 - c0, w2 - w1, c2 - c1)):
+            best[i] = min(best[i], t)
+    return {"forward": (best[0], best[1]), "backward": (best[2], best[3])}
 
 
 def one_run(quick: bool) -> dict:
@@ -97,26 +141,32 @@ def one_run(quick: bool) -> dict:
     out["gemm_gflops"] = gemm
     out["fma_peak_gflops"] = ceil.fma_peak_gflops()
     out["gemm_of_fma_peak"] = gemm / ceil.fma_peak_gflops()
+    th = torch.get_num_threads()
     big = 4096 if quick else 8192
     for D in (2, 3, 8, 16, 33, 129):
         N = big * 2 if D < 16 and not quick else big
         for form in ("auto", "log"):
             with weight_form(form):
-                sec = forward_seconds(cpu, N, D, repeat)
+                wall, cpu_s = forward_seconds(cpu, N, D, repeat)
             suffix = "" if form == "auto" else "_log"
             best = ceil.forward_seconds(N, N, D, power_form=form == "auto")
-            out[f"forward_D{D}{suffix}"] = best / sec
-            out[f"forward_x_gemm_D{D}{suffix}"] = 4.0 * D * N * N / sec / 1e9 / gemm
+            out[f"forward_D{D}{suffix}"] = best / wall
+            out[f"forward_x_gemm_D{D}{suffix}"] = 4.0 * D * N * N / wall / 1e9 / gemm
+            if D in (3, 33, 129):
+                out[f"forward_D{D}{suffix}_by_cpu_time"] = th * best / cpu_s
     # backward over forward at the issue's shape
     nb = 4096 if quick else 8192
-    bwd = ft.backward_rows(nb, 129, gemm, repeat, peer_rows=0)[0]
-    out["backward_D129"] = ceil.backward_seconds(nb, nb, 129) / bwd["backward_seconds"]
-    out["backward_over_forward_D129"] = bwd["backward_over_forward"]
+    t = backward_seconds(nb, 129, repeat)
+    best = ceil.backward_seconds(nb, nb, 129)
+    out["backward_D129"] = best / t["backward"][0]
+    out["backward_D129_by_cpu_time"] = th * best / t["backward"][1]
+    out["backward_over_forward_D129"] = t["backward"][0] / t["forward"][0]
+    out["backward_over_forward_D129_by_cpu_time"] = t["backward"][1] / t["forward"][1]
     out["backward_floor_compiled_D129"] = ceil.backward_over_forward(129)
     # float64 against float32 and against its own ceiling
     n64 = 2048 if quick else 4096
-    t32 = forward_seconds(cpu, n64, 129, repeat)
-    t64 = forward_seconds(cpu, n64, 129, repeat, torch.float64)
+    t32 = forward_seconds(cpu, n64, 129, repeat)[0]
+    t64 = forward_seconds(cpu, n64, 129, repeat, torch.float64)[0]
     ceil64 = ceiling.measure(double=True)
     out["float64_time_over_float32"] = t64 / t32
     out["float64_forward_D129"] = ceil64.forward_seconds(n64, n64, 129) / t64
@@ -178,7 +228,10 @@ def main(argv=None):
             target = f"{'>=' if kind == 'min' else '<='} {value:g} ({'met' if ok else 'missed'})"
         say(f"{k:42} {s['min']:8.3f} {s['median']:8.3f} {s['max']:8.3f}   {tag:14} {target}")
     say("\nforward_D* / backward_D129 / float64_forward_D129: fraction of this machine's ceiling "
-        "(1.0 = every pipe busy); *_x_gemm_*: rate over torch.mm's in the same run")
+        "(1.0 = every pipe busy) by wall-clock time; *_by_cpu_time: the same by the process's "
+        "CPU time (threads x ceiling / CPU seconds: steadier on a shared machine, since other "
+        "jobs delay a call without adding to it); *_x_gemm_*: rate over torch.mm's in the same "
+        "run")
     if args.json:
         doc = {"meta": meta, "command": " ".join(["python bench/cpu_targets.py"]
                                                  + (argv or sys.argv[1:])),
