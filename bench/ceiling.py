@@ -34,7 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
 PIPE_OPS = ("fma", "add", "mul", "fma+add", "max", "div", "sqrt", "exp2", "log2", "load",
-            "bcast+fma", "load+bcast+fma")
+            "bcast+fma", "load+bcast+fma", "sub+fma")
+# pipe_bench.cpp's phase_a_step register blocks (param of "phaseA"): the forward's r2 loop as
+# compiled, from L1, to see what its block shape allows of the pipes' rate
+PHASE_A_BLOCKS = {"4x2": 0, "4x3": 1, "6x2": 2, "8x2": 3}
 
 
 def cpu_module():
@@ -63,6 +66,8 @@ def measure_pipes(threads: int, *, dtype_double: bool = False, repeats: int = 15
         out[op] = threads * best(op, iters // 8 if slow else iters)
     for hp in half_ps:
         out[f"pow_weight@{hp:g}"] = threads * best("pow_weight", iters // 8, hp)
+    for name, param in PHASE_A_BLOCKS.items():
+        out[f"phaseA@{name}"] = threads * best("phaseA", iters, param)
     out["team_fma"] = best("fma", iters, th=threads)
     out["clock_hz"] = best("clock", iters)
     out["vector_bytes"] = C.vector_bytes(isa)
@@ -146,15 +151,17 @@ class Geometry:
     CB: int = 2
     QC: int = 2
     KB: int = 3
+    QBb: int = 4   # backward phase A'
     QCb: int = 4   # backward phase C' (with dy)
     KBb: int = 2
     held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
 
     @staticmethod
-    def for_isa(vector_bytes: int, double: bool = False) -> Geometry:
+    def for_isa(vector_bytes: int, double: bool = False, D: int = 129) -> Geometry:
+        """avx512: phase A's block is 6 x 2 from D = 8 up (Geometry::qb), 4 x 2 below."""
         W = vector_bytes // (8 if double else 4)
         if vector_bytes >= 64:
-            return Geometry(W=W, KB=6, KBb=3, held=True)
+            return Geometry(W=W, QB=6 if D >= 8 else 4, KB=6, KBb=3, held=True)
         return Geometry(W=W)
 
 
@@ -171,7 +178,9 @@ class KernelMix:
 
 
 def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
-    """The forward field (field_tile): A r2 by differences, B weights, C p (y - x)."""
+    """The forward field (field_tile): A r2 by differences, B weights, C p (y - x). Compiled
+    (avx512, bench/asm_mix.py): A 12 FMA + 12 sub, 2 y loads and 6 broadcasts per 6 x 2 step
+    (D >= 8; 8 + 8 and 2 + 4 at 4 x 2), C 12 FMA + 12 sub and 8 loads per 2 x 6 step."""
     a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QB) / (g.QB * g.CB))  # d = y - x; r2 += d d
     c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))           # acc += p (y - x)
     if power_form:
@@ -191,13 +200,13 @@ def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     (bench/asm_mix.py). A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts
     (plus 3 reloads of a spilled y vector on avx512: not binding, the FMA pipes are).
     C' on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers): 10 FMA + 4 mul
-    and 14 add/sub per step, 13 loads (c, pi, y once per query, dy) and 3 stores; elsewhere
+    and 14 add/sub per step, 11 loads (c, pi, y, dy, one y reloaded) and 3 stores; elsewhere
     (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
     2 QCb + 2 KBb + 2 QCb KBb loads per step."""
-    a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QB) / (g.QB * g.CB))
+    a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
     if g.held:
         n = 2 * 3
-        c = Mix(fma=14 / n, add=14 / n, loads=13 / n)
+        c = Mix(fma=14 / n, add=14 / n, loads=11 / n)
     else:
         n = g.QCb * g.KBb
         c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n)
@@ -228,7 +237,10 @@ class Ceiling:
 
     @property
     def geometry(self) -> Geometry:
-        return Geometry.for_isa(self.rates["vector_bytes"], self.double)
+        return self.geometry_at(129)
+
+    def geometry_at(self, D: int) -> Geometry:
+        return Geometry.for_isa(self.rates["vector_bytes"], self.double, D)
 
     def _pairs_per_second(self, mix: KernelMix, D: int, half_p: float | None) -> float:
         return self.geometry.W / mix.seconds_per_vector(D, self.rates, half_p)
@@ -236,18 +248,20 @@ class Ceiling:
     def forward_seconds(self, N: int, B: int, D: int, power: float | None = None,
                         power_form: bool = True) -> float:
         p = float(D if power is None else power)
-        return N * B / self._pairs_per_second(forward_mix(self.geometry, power_form), D, p / 2)
+        return N * B / self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
+                                              p / 2)
 
     def forward_gflops(self, D: int, power: float | None = None, power_form: bool = True) -> float:
         """The forward's ceiling in the counted 4 D flops per pair."""
         p = float(D if power is None else power)
-        return 4.0 * D * self._pairs_per_second(forward_mix(self.geometry, power_form), D,
+        return 4.0 * D * self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
                                                 p / 2) / 1e9
 
     def backward_seconds(self, N: int, B: int, D: int, power: float | None = None,
                          power_form: bool = True) -> float:
         p = float(D if power is None else power)
-        return N * B / self._pairs_per_second(backward_mix(self.geometry, power_form), D, p / 2)
+        return N * B / self._pairs_per_second(backward_mix(self.geometry_at(D), power_form), D,
+                                              p / 2)
 
     def backward_over_forward(self, D: int, power: float | None = None) -> float:
         """The floor of backward / forward from the assembly's mix on this machine's pipes."""

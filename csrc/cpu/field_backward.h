@@ -345,12 +345,12 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const Pow
   const int nvec = ncharges / W;
   const T* ytile = pk.tile(j0);
 
-  for (int q0 = 0; q0 < QT; q0 += G::QB)
+  for (int q0 = 0; q0 < QT; q0 += G::QBb)
     for (int c0 = 0; c0 < nvec; c0 += G::CB) {
       if (has_g)
-        backward_pairs_block<T, G::QB, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
+        backward_pairs_block<T, G::QBb, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
       else
-        backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
+        backward_pairs_block<T, G::QBb, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
     }
 
   // Phase B': the shared per-pair gradient term on a vector of charges.

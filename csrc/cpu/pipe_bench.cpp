@@ -60,6 +60,8 @@ enum Op : int {
   kLoad,       // a = load(y + i W): full-width vector loads from L1, nothing else
   kBcastFma,   // a = a + y * x[i], x[i] a broadcast memory operand reloaded every step (phase C')
   kLoadBcastFma,  // a = a + y[i] * x[i]: a vector load and a broadcast operand per FMA
+  kSubFma,     // r2 += (y - x)^2 on 12 chains: the forward's pair-dimension (1 sub + 1 FMA)
+  kPhaseA,     // the forward's phase-A step from L1 (phase_a_step; param: the block shape)
   kClock,      // dependent one-cycle scalar additions: the core clock (x86-64 only)
   kNumOps
 };
@@ -67,7 +69,7 @@ enum Op : int {
 const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "div", "sqrt",
                                        "exp2", "log2", "pow_weight", "load+fma",
                                        "load", "bcast+fma",
-                                       "load+bcast+fma", "clock"};
+                                       "load+bcast+fma", "sub+fma", "phaseA", "clock"};
 
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
@@ -102,6 +104,39 @@ __attribute__((noinline)) void chains(int64_t iters, T start, T spread, Step ste
 #define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
   PF_REP(PF_HIDE)
 #undef PF_HIDE
+}
+
+// distance_block's step for QB queries x CB charge vectors (d = y - x; r2 += d d), its operands
+// from L1: the charge rows (64 of them, consecutive as in a tile's column block) and the
+// queries' scalars as broadcast operands. Returns the vector instructions executed.
+template <typename T, int QB, int CB>
+__attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  constexpr int kRows = 64;
+  alignas(64) T yt[kRows * CB * W];
+  alignas(64) T xq[QB * kRows];
+  for (int i = 0; i < kRows * CB * W; ++i) yt[i] = (T)(1e-3 * (i % 13));
+  for (int i = 0; i < QB * kRows; ++i) xq[i] = (T)(1e-2 * (i % 7));
+  V r[QB][CB] = {};
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t k = it & (kRows - 1);
+    const T* yp = yt + k * CB * W;
+    const T* xp = xq + k;
+    __asm__ volatile("" : "+r"(yp), "+r"(xp));
+    V y[CB];
+    for (int c = 0; c < CB; ++c) y[c] = vload<T>(yp + c * W);
+    for (int q = 0; q < QB; ++q) {
+      const T xs = xp[q * kRows];
+      for (int c = 0; c < CB; ++c) {
+        const V d = y[c] - xs;
+        r[q][c] += d * d;
+      }
+    }
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) PF_OPAQUE(r[q][c]);
+  return 2 * QB * CB * iters;
 }
 
 template <typename T>
@@ -179,6 +214,28 @@ int64_t run_op(int op, int64_t iters, double param) {
 #undef PF_HIDE
       break;
     }
+    case kSubFma: {
+      // per step and chain: d = y_i - x; a_i += d d (y_i held, x a register): 2 instructions
+#define PF_DECL(i) V a##i = V{}, y##i = vbroadcast<T>((T)(0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      per_iter = 2 * kChains;
+      for (int64_t it = 0; it < iters; ++it) {
+#define PF_STEP(i) { const V d = y##i - c; a##i += d * d; }
+        PF_REP(PF_STEP)
+#undef PF_STEP
+#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(y##i);
+        PF_REP(PF_HIDE)
+#undef PF_HIDE
+      }
+      break;
+    }
+    case kPhaseA:
+      // param: the register block (0: 4 x 2 as the kernel, 1: 4 x 3, 2: 6 x 2, 3: 8 x 2)
+      if (param == 1) return phase_a_step<T, 4, 3>(iters);
+      if (param == 2) return phase_a_step<T, 6, 2>(iters);
+      if (param == 3) return phase_a_step<T, 8, 2>(iters);
+      return phase_a_step<T, 4, 2>(iters);
     case kClock: {
       // kChains dependent one-cycle integer additions per step: steps x kChains / seconds is
       // the core's clock (the rates above divided by it are per-cycle throughputs)
