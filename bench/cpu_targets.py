@@ -154,7 +154,7 @@ def one_run(quick: bool) -> dict:
             out[f"forward_x_gemm_D{D}{suffix}"] = 4.0 * D * N * N / wall / 1e9 / gemm
             if D in (3, 33, 129):
                 out[f"forward_D{D}{suffix}_by_cpu_time"] = th * best / cpu_s
-    # backward over forward at the shape
+    # backward over forward at N = B = 8192, D = 129
     nb = 4096 if quick else 8192
     t = backward_seconds(nb, 129, repeat)
     best = ceil.backward_seconds(nb, nb, 129)
