@@ -5,9 +5,13 @@
     python bench/field_throughput.py --json out.json --plot out.png
     python bench/field_throughput.py --gpu --json gpu.json   # the GPU rows (below)
 
-Method (docs/DESIGN.md section 7): 4*D floating-point operations per (query, charge) pair for the
-forward field; every figure is also given as a ratio measured in the same run: against float32
-GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. Each
+Method (docs/DESIGN.md section 7, docs/performance.md): 4*D floating-point operations per (query,
+charge) pair for the forward field; every CPU row gives its fraction of the field's ceiling on
+this machine (`ceiling`: bench/ceiling.py, the vector pipes' measured rates and the compiled
+loops' instruction mix) and, as references measured in the same run, ratios against float32
+GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. The CPU,
+its ISA, the threads, torch's BLAS and the load average are printed and stored
+(bench/machine.py). Each
 implementation is checked against the float64 reference before it is timed, and its error is
 printed beside its speed. Times are the minimum over repeats after one warm-up call. Slow peers
 are timed on a subset of the queries against all charges (throughput is per pair).
