@@ -5,9 +5,13 @@
     python bench/field_throughput.py --json out.json --plot out.png
     python bench/field_throughput.py --gpu --json gpu.json   # the GPU rows (below)
 
-Method (docs/DESIGN.md, "How performance is measured"): 4*D floating-point operations per (query, charge) pair for the
-forward field; every figure is also given as a ratio measured in the same run: against float32
-GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. Each
+Method (docs/DESIGN.md, 'How performance is measured', docs/performance.md): 4*D floating-point operations per (query,
+charge) pair for the forward field; every CPU row gives its fraction of the field's ceiling on
+this machine (`ceiling`: bench/ceiling.py, the vector pipes' measured rates and the compiled
+loops' instruction mix) and, as references measured in the same run, ratios against float32
+GEMM (torch.mm of two 4096 x 4096 matrices) and against the peers in bench/peers.py. The CPU,
+its ISA, the threads, torch's BLAS and the load average are printed and stored
+(bench/machine.py). Each
 implementation is checked against the float64 reference before it is timed, and its error is
 printed beside its speed. Times are the minimum over repeats after one warm-up call. Slow peers
 are timed on a subset of the queries against all charges (throughput is per pair).
@@ -35,13 +39,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
 import peers  # noqa: E402
 
 import poissonflow  # noqa: E402
@@ -274,21 +279,26 @@ def _unfused_flow(x, y, z0, h, steps, solver):
     return ode.integrate(vel, x, t0, dt, steps, solver)
 
 
-def print_table(rows, gemm):
+def print_table(rows, gemm, meta=None):
+    if meta:
+        print(f"\nCPU: {machine.cpu_line(meta)}")
     print(f"\nfloat32 GEMM (torch.mm 4096^2) in this run: {gemm:.1f} GFLOP/s")
     fwd = [r for r in rows if r["op"] == "forward"]
     hdr = (
         f"{'impl':20} {'N=B':>6} {'D':>4} {'seconds':>9} {'pairs/s':>9} "
-        f"{'GFLOP/s':>8} {'xGEMM':>6} {'pf speedup':>10} {'err v':>8} {'err ls':>8}"
+        f"{'GFLOP/s':>8} {'ceiling':>7} {'xGEMM':>6} {'pf speedup':>10} {'err v':>8} "
+        f"{'err ls':>8}"
     )
-    print("\nforward field, float32\n" + hdr + "\n" + "-" * len(hdr))
+    print("\nforward field, float32 (ceiling: the fraction of the field's ceiling on this machine, "
+          "bench/ceiling.py)\n" + hdr + "\n" + "-" * len(hdr))
     for r in fwd:
         if r.get("status") != "ok":
             print(f"{r['impl']:20} {r['N']:>6} {r['D']:>4}  {r['status']}")
             continue
         print(
             f"{r['impl']:20} {r['N']:>6} {r['D']:>4} {r['seconds']:>9.3f} "
-            f"{r['pairs_per_s']:>9.2e} {r['gflops']:>8.1f} {r['frac_gemm']:>6.2f} "
+            f"{r['pairs_per_s']:>9.2e} {r['gflops']:>8.1f} "
+            f"{r.get('frac_ceiling', float('nan')):>7.2f} {r['frac_gemm']:>6.2f} "
             f"{r.get('speedup_of_poissonflow', float('nan')):>9.1f}x "
             f"{r['err_v']:>8.1e} {r['err_log_scale']:>8.1e}"
         )
@@ -297,7 +307,9 @@ def print_table(rows, gemm):
         print("\nforward + backward (gradients for x and charges), float32")
         for r in bwd:
             extra = (
-                f"backward/forward {r['backward_over_forward']:.2f} (target <= 2.5), "
+                f"backward/forward {r['backward_over_forward']:.2f} (floor 2.0 by operation "
+                f"count), backward {r.get('backward_frac_ceiling', float('nan')):.2f} of its "
+                "ceiling, "
                 f"error dx {r['err_dx']:.1e} dy {r['err_dy']:.1e}"
                 if "backward_over_forward" in r
                 else f"timed on {r['N']} queries; poissonflow {r['speedup_of_poissonflow']:.1f}x "
@@ -619,6 +631,8 @@ def main(argv=None):
     dims = args.dims or dims
 
     torch.manual_seed(0)
+    record = machine.machine_record()
+    ceil = ceiling.measure()
     gemm = gemm_gflops()
     impls = peers.implementations("cpu")
     rows = []
@@ -633,18 +647,26 @@ def main(argv=None):
         rows += ode_rows(*ode[:2], gemm, *ode[2:])
     if not args.no_small:
         rows += small_call_rows(gemm, repeat=2 if args.quick else 5)
-    print_table(rows, gemm)
+    for r in rows:  # every row's share of the kernel's ceiling on this machine
+        if r.get("status") != "ok":
+            continue
+        if r["op"] == "forward":
+            r["frac_ceiling"] = ceil.forward_seconds(r["queries_timed"], r["B"], r["D"]) / (
+                r["seconds"] * r["queries_timed"] / r["N"])
+        elif "backward_seconds" in r:
+            r["backward_frac_ceiling"] = (ceil.backward_seconds(r["N"], r["B"], r["D"])
+                                          / r["backward_seconds"])
+            r["forward_frac_ceiling"] = (ceil.forward_seconds(r["N"], r["B"], r["D"])
+                                         / r["forward_seconds"])
+    record["load_average_after"] = machine.load_average()
+    print_table(rows, gemm, record)
     meta = {
-        "date": datetime.date.today().isoformat(),
+        **record,
         "command": " ".join(["python bench/field_throughput.py"] + (argv or sys.argv[1:])),
-        "machine": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "poissonflow": poissonflow.__version__,
-        "cpu_isas": poissonflow._ext.cpu_isas(),
         "backends": poissonflow.backends(),
         "gemm_gflops": gemm,
+        "ceiling_rates": ceil.rates,
+        "fma_peak_gflops": ceil.fma_peak_gflops(),
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -31,6 +32,10 @@ import torch
 import poissonflow
 from poissonflow.learned import LearnedField
 from poissonflow.learned.targets import field_targets, pfgm_perturb
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
 
 
 def mixture_features(n: int, d: int, clusters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -105,16 +110,23 @@ def main() -> None:
     its = r["iterations"] // epochs
     epoch_s = r["epoch_seconds"]
 
+    rec = machine.machine_record()
     print(f"poissonflow {poissonflow.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {machine.cpu_line(rec)}")
     print(f"features {n} x {args.d}, batches {args.large_batch} / {args.small_batch}, "
           f"{its} iterations per epoch, {epochs} timed epoch(s) ({r['wall']:.2f} s)")
     print(f"time per epoch (median): {epoch_s:.3f} s   ({1e3 * epoch_s / its:.2f} ms / iteration)")
     for k in ("data", "target", "network"):
         print(f"  {k:8s} {100 * shares[k]:5.1f} %   {r['ms_per_iteration'][k]:7.3f} ms / iteration")
+    # the target kernel's ceiling: the forward at p = d + 1 over d dimensions
+    ceil = ceiling.measure() if args.device == "cpu" else None
+    frac = (f", {r['kernel_gflops_in_loop'] / ceil.forward_gflops(args.d, args.d + 1.0):.2f} "
+            "of its ceiling on this machine" if ceil else "")
     print(f"field target share: {100 * shares['target']:.1f} % (target: < 20 %), "
-          f"kernel {r['kernel_gflops_in_loop']:.1f} GFLOP/s in the loop (4 d flop per pair)")
+          f"kernel {r['kernel_gflops_in_loop']:.1f} GFLOP/s in the loop (4 d flop per pair)"
+          f"{frac}")
 
     g = torch.Generator().manual_seed(1)
     batch = X[: args.large_batch]

@@ -1,7 +1,7 @@
 // pybind11 bindings of the CPU kernels. Each entry point takes the fields of FieldArgs
 // (common/field_args.h) as keyword arguments, addresses as ints, and `isa`; the extension never
 // sees a tensor, so it does not link libtorch (no ABI coupling to a torch version). The Python
-// layer (poissonflow/_cpu.py) validates every argument and owns every buffer; here the GIL is
+// layer (poissonflow/kernels/cpu.py) validates every argument and owns every buffer; here the GIL is
 // released around the compute and allocation failures become MemoryError.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -54,6 +54,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "flow_steps", [](const py::kwargs& kw) { call(&flow_steps, "flow_steps", kw); },
       "n_steps fused Euler (solver 0) or RK4 (solver 1) steps; keywords as for field_forward.");
+  m.def("chosen_isa", &chosen_isa, py::arg("isa") = "auto",
+        "The instruction set the dispatcher runs for `isa` ('auto': the best this CPU has).");
+  m.def("vector_bytes", &vector_bytes, py::arg("isa") = "auto",
+        "Vector width in bytes of an instruction set's kernels.");
+  m.def("pipe_ops", &pipe_ops, "Operations of the vector-pipe micro-benchmark (pipe_rate).");
+  m.def(
+      "pipe_rate",
+      [](const std::string& op, int64_t iters, int threads, double param, bool is_double,
+         const std::string& isa) {
+        py::gil_scoped_release release;
+        return pipe_rate(op, iters, threads < 1 ? 1 : threads, param, is_double, isa);
+      },
+      py::arg("op"), py::arg("iters") = 1000000, py::arg("threads") = 1, py::arg("param") = 0.0,
+      py::arg("is_double") = false, py::arg("isa") = "auto",
+      "Vector operations per second of `threads` threads running `op` (pipe_ops()) in the "
+      "kernels' instruction set: the micro-benchmark behind bench/ceiling.py.");
   m.def("arg_names", &bind::field_names<FieldArgs>,
         "The keyword arguments of the kernel entry points (FieldArgs fields), and isa.");
   m.def("numerics", &bind::numerics_dict,

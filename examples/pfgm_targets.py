@@ -5,7 +5,7 @@
 A PFGM training step (Xu et al., 2022) perturbs a small batch of clean points upward into
 R^(d+1) and regresses a network on the normalised Poisson field of a large batch of clean
 points at them. PFGM's code forms that field from an explicit N x B x (d + 1) difference tensor;
-`poissonflow.pfgm.field_targets` computes the same targets with the field kernel in
+`poissonflow.learned.targets.field_targets` computes the same targets with the field kernel in
 O((N + B) d) memory. This script computes both on the same perturbed points, prints their time,
 their largest intermediate and the peak memory each added, checks that they agree, and takes
 one optimiser step of a small network on the kernel's targets.
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from poissonflow import pfgm
+from poissonflow.learned import targets as pfgm
 
 
 def dense_pfgm_targets(x_pert: torch.Tensor, z: torch.Tensor, charges: torch.Tensor,

@@ -4,7 +4,9 @@ holds. The bank stores constants: gradients never flow into it.
 
 Which losses take a bank (`bank.features()`, a (K, D) tensor):
 
-* `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and batch-bank, in
+* `losses.RieszLoss(s, bank_size=K)` owns one (pushed after each loss, saved in its
+  state_dict); `losses.riesz_uniformity_loss(x, s, bank=bank)`: the pairs batch-batch and
+  batch-bank, in
   O(N (N + K) D) time and O((N + K) D) memory (the loss this bank was written for).
 * `losses.wasserstein_uniformity_loss(x, bank.features())`: W2 of x stacked on the bank; the
   covariance of 128-d features is poorly estimated from one batch, and the bank adds rows at
@@ -42,16 +44,25 @@ class FeatureBank:
     a graph that saved the view and is back-propagated after a push fails with autograd's
     "modified by an inplace operation" error rather than computing with changed values.
 
-    Push a batch after computing its loss, not before: a batch already in the bank duplicates
-    its own rows exactly (see `riesz_uniformity_loss` on duplicates).
+    Push a batch after computing its loss, not before: a batch already in the bank meets its own
+    copies, which `riesz_uniformity_loss` counts as one point each (its `coincident` argument),
+    so the bank then adds no new point for that batch. `losses.RieszLoss` holds a bank and
+    pushes in that order itself.
 
     The stored rows are copies, taken under no_grad: the bank is never part of a graph. Pushing
     a batch of another dim, dtype or device, or one with NaN or infinite values (they would
     poison every loss for size / M steps) is an error. `state_dict()` / `load_state_dict()`
     checkpoint the bank exactly (storage, write position and fill level).
+
+    Args:
+        size: the most rows the bank holds, >= 1.
+        dim: the features' dimension, >= 1.
+        dtype: a floating torch dtype.
+        device: where the rows are stored.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         for value, name in ((size, "size"), (dim, "dim")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -65,22 +76,27 @@ class FeatureBank:
 
     @property
     def size(self) -> int:
+        """The most rows the bank holds."""
         return self._storage.shape[0]
 
     @property
     def dim(self) -> int:
+        """The features' dimension."""
         return self._storage.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
+        """The stored rows' dtype."""
         return self._storage.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the rows are stored."""
         return self._storage.device
 
     @property
     def full(self) -> bool:
+        """Whether every slot holds a row."""
         return self._filled == self.size
 
     def __len__(self) -> int:
@@ -95,7 +111,11 @@ class FeatureBank:
     # ----------------------------------------------------------------------------- queue
 
     def push(self, batch: torch.Tensor) -> None:
-        """Enqueues the rows of `batch` (M, dim), M >= 0, overwriting the oldest rows."""
+        """Enqueues the rows of `batch` (M, dim), M >= 0, overwriting the oldest rows.
+
+        Args:
+            batch: the rows to store (copied, detached), of this bank's dim, dtype and device.
+        """
         if not isinstance(batch, torch.Tensor):
             raise TypeError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
         if batch.ndim != 2 or batch.shape[1] != self.dim:
@@ -127,7 +147,11 @@ class FeatureBank:
             self._filled = min(self.size, self._filled + m)
 
     def features(self) -> torch.Tensor:
-        """The filled rows (len(self), dim), in slot order, as a view of the storage."""
+        """The filled rows, in slot order, as a view of the storage.
+
+        Returns:
+            A (len(self), dim) tensor.
+        """
         return self._storage[: self._filled]
 
     def reset(self) -> None:
@@ -137,13 +161,21 @@ class FeatureBank:
     # ----------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
-        """A checkpointable copy: {"features": (size, dim) storage, "ptr": int, "filled": int}."""
+        """A checkpointable copy of the bank.
+
+        Returns:
+            {"features": the (size, dim) storage (a copy), "ptr": int, "filled": int}.
+        """
         return {"features": self._storage.clone(), "ptr": self._ptr, "filled": self._filled}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a `state_dict()` of a bank of the same size and dim. The stored features are
         copied into this bank's storage, so they take its dtype and device (as
-        torch.nn.Module.load_state_dict does with parameters)."""
+        torch.nn.Module.load_state_dict does with parameters).
+
+        Args:
+            state: a `state_dict()` of a bank of this size and dim.
+        """
         if not isinstance(state, dict) or set(state) != {"features", "ptr", "filled"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state must be a dict with keys features, ptr, filled; got {got}")

@@ -212,24 +212,85 @@ def test_large_s_float32_is_finite(backend):
     assert err <= GRAD_TOL[torch.float32]
 
 
+def distinct_pairs_loss(x, bank, s):
+    """The Riesz energy over pairs of distinct points, float64 autograd: coincident rows (equal
+    after normalisation) left out like a row's own pair; the mask is a constant, so each copy
+    gets the gradient of a single point at its place."""
+    u = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    c = u
+    if bank is not None:
+        c = torch.cat([u, bank / torch.linalg.vector_norm(bank, dim=1, keepdim=True)])
+    same = (u.detach()[:, None, :] == c.detach()[None, :, :]).all(-1)
+    r2 = ((u[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    terms = -0.5 * s * torch.log(r2[~same])
+    return torch.logsumexp(terms, 0) - math.log(terms.numel())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_duplicates_follow_the_floor(backend, dtype):
-    """Two equal rows: r2 is floored at the dtype's smallest normal, the pair dominates, the
-    loss is -(s/2) log(tiny) + log(2 ordered pairs) - log(#pairs) up to the other pairs' share,
-    and the gradient is finite and vanishes (about tiny^(s/2), as documented): the duplicate
-    pair's own difference vector is exactly 0 and it takes all the log-sum-exp's weight."""
+def test_coincident_rows_are_one_point(backend, dtype):
+    """A batch drawn with replacement (rows 0 and 1 twice more, row 2 once more, one copy a
+    positive multiple) and a bank holding copies of batch rows (two of row 3, one of row 4):
+    the loss and its gradient are those over pairs of distinct points, every copy gets the same,
+    non-vanishing gradient (the old floor gave a loss of about 79 and a gradient of 1e-36)."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(8, 4, generator=g, dtype=F64).to(dtype)
-    x[1] = x[0]
+    base = torch.randn(10, 6, generator=g, dtype=F64)
+    x = torch.cat([base, base[[0, 1, 0, 2]]]).to(dtype)
+    x[-1] = x[-1] * 2.0  # a multiple: the same point after normalisation (bit for bit at 2)
+    bank = torch.cat([torch.randn(7, 6, generator=g, dtype=F64), base[[3, 3, 4]]]).to(dtype)
+    for b in (None, bank):
+        xt = x.clone().requires_grad_()
+        loss = L.riesz_uniformity_loss(xt, 2.0, bank=b, backend=backend)
+        loss.backward()
+        x_ref = x.double().clone().requires_grad_()
+        ref = distinct_pairs_loss(x_ref, None if b is None else b.double(), 2.0)
+        ref.backward()
+        assert rel(float(loss.detach()), float(ref.detach())) <= (
+            TIGHT if dtype == F64 else LOOSE32)
+        err = (xt.grad.double() - x_ref.grad).abs().max() / x_ref.grad.abs().max()
+        assert float(err) <= GRAD_TOL[dtype]
+        assert float(xt.grad[[0, 10, 12]].norm(dim=1).min()) > 1e-3
+        assert torch.allclose(xt.grad[0], xt.grad[12], rtol=1e-4 if dtype != F64 else 1e-12)
+
+
+def test_push_before_the_loss_is_excluded_and_raise_names_the_rows():
+    """The documented trap, a batch pushed into the bank before its loss: every row meets its
+    copy. Excluded, the loss equals the loss against the bank without those copies; with
+    coincident="raise" the error names the rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=g, dtype=F64)
+    old = torch.randn(9, 4, generator=g, dtype=F64)
+    bank = FeatureBank(20, 4, dtype=F64)
+    bank.push(old)
+    bank.push(x)
+    got = L.riesz_uniformity_loss(x, 2.0, bank=bank)
+    # the pairs: batch-batch, batch-old bank rows, and each row with the other rows' copies
     xt = x.clone().requires_grad_()
-    loss = L.riesz_uniformity_loss(xt, 2.0, backend=backend)
+    ref = distinct_pairs_loss(xt, bank.features(), 2.0)
+    assert rel(float(got), float(ref.detach())) <= TIGHT
+    with pytest.raises(ValueError, match=r"x row 0 and bank row 9"):
+        L.riesz_uniformity_loss(x, 2.0, bank=bank, coincident="raise")
+    dup = torch.cat([x, x[4:5]])
+    with pytest.raises(ValueError, match=r"x rows 4 and 6"):
+        L.riesz_uniformity_loss(dup, 2.0, coincident="raise")
+    with pytest.raises(ValueError, match="coincident must be one of"):
+        L.riesz_uniformity_loss(x, 2.0, coincident="ignore")
+
+
+def test_all_rows_coincident_is_an_error():
+    x = torch.ones(5, 3, dtype=F64)
+    with pytest.raises(ValueError, match="no pair of distinct points"):
+        L.riesz_uniformity_loss(x, 2.0)
+    with pytest.raises(ValueError, match="no pair of distinct points"):
+        L.riesz_uniformity_loss(x, 2.0, bank=2.0 * x[:2])
+    # a bank with one other point leaves pairs: only the batch-bank ones
+    bank = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64)
+    xt = x.clone().requires_grad_()
+    loss = L.riesz_uniformity_loss(xt, 2.0, bank=bank)
     loss.backward()
-    tiny = torch.finfo(dtype).tiny
-    predicted = -math.log(tiny) + math.log(2) - math.log(8 * 7)
-    assert float(loss.detach()) == pytest.approx(predicted, rel=1e-6)
+    ref = distinct_pairs_loss(x.clone().requires_grad_(), bank, 2.0)
+    assert rel(float(loss.detach()), float(ref.detach())) <= TIGHT
     assert bool(torch.isfinite(xt.grad).all())
-    assert float(xt.grad.abs().max()) < 1e-30
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -383,8 +444,10 @@ def test_adam_steps_spread_points_on_the_sphere():
         opt.zero_grad()
         loss = L.riesz_uniformity_loss(x, 1.0, bank=bank)
         loss.backward()
-        opt.step()
+        # push what the loss saw, before the step: pushed after it, the rows would meet their
+        # own copies at the next loss (re-normalised, some bit for bit, some an ulp apart)
         bank.push(torch.nn.functional.normalize(x.detach(), dim=1))
+        opt.step()
         losses.append(float(loss.detach()))
     final = float(L.riesz_uniformity_loss(x.detach(), 1.0))
     initial = float(L.riesz_uniformity_loss(start, 1.0))

@@ -15,6 +15,10 @@ namespace poissonflow {
   int field_forward(const FieldArgs& a);  \
   int field_backward(const FieldArgs& a); \
   int flow_steps(const FieldArgs& a);     \
+  double pipe_rate(int op, int64_t iters, int threads, double param, bool is_double); \
+  int pipe_op_count();                    \
+  const char* pipe_op_name(int op);       \
+  int vector_bytes();                     \
   }
 
 PF_DECLARE_ISA(isa_generic)
@@ -33,6 +37,10 @@ struct KernelTable {
   int (*field_forward)(const FieldArgs&);
   int (*field_backward)(const FieldArgs&);
   int (*flow_steps)(const FieldArgs&);
+  double (*pipe_rate)(int, int64_t, int, double, bool);
+  int (*pipe_op_count)();
+  const char* (*pipe_op_name)(int);
+  int (*vector_bytes)();
 };
 
 bool always() { return true; }
@@ -48,7 +56,9 @@ bool has_avx512() {
 }
 #endif
 
-#define PF_TABLE_ENTRY(name, ns, pred) {name, pred, &ns::field_forward, &ns::field_backward, &ns::flow_steps}
+#define PF_TABLE_ENTRY(name, ns, pred)                                                  \
+  {name, pred, &ns::field_forward, &ns::field_backward, &ns::flow_steps, &ns::pipe_rate, \
+   &ns::pipe_op_count, &ns::pipe_op_name, &ns::vector_bytes}
 
 const KernelTable kTables[] = {
 #ifdef PF_HAVE_AVX512
@@ -101,5 +111,24 @@ int field_backward(const FieldArgs& a, const std::string& isa) {
 }
 
 int flow_steps(const FieldArgs& a, const std::string& isa) { return pick(isa).flow_steps(a); }
+
+std::string chosen_isa(const std::string& isa) { return pick(isa).name; }
+
+int vector_bytes(const std::string& isa) { return pick(isa).vector_bytes(); }
+
+std::vector<std::string> pipe_ops() {
+  const KernelTable& t = pick("auto");
+  std::vector<std::string> out;
+  for (int op = 0; op < t.pipe_op_count(); ++op) out.push_back(t.pipe_op_name(op));
+  return out;
+}
+
+double pipe_rate(const std::string& op, int64_t iters, int threads, double param,
+                 bool is_double, const std::string& isa) {
+  const KernelTable& t = pick(isa);
+  for (int i = 0; i < t.pipe_op_count(); ++i)
+    if (op == t.pipe_op_name(i)) return t.pipe_rate(i, iters, threads, param, is_double);
+  throw std::invalid_argument("unknown pipe operation '" + op + "'");
+}
 
 }  // namespace poissonflow

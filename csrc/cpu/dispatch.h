@@ -3,6 +3,8 @@
 // allocated; inputs are validated in Python before any of these runs.
 #pragma once
 
+#include <stdint.h>
+
 #include <string>
 #include <vector>
 
@@ -21,5 +23,16 @@ std::string openmp_library();
 int field_forward(const FieldArgs& a, const std::string& isa);
 int field_backward(const FieldArgs& a, const std::string& isa);
 int flow_steps(const FieldArgs& a, const std::string& isa);
+
+// The instruction set "auto" (or `isa`) resolves to, and its vector width in bytes.
+std::string chosen_isa(const std::string& isa);
+int vector_bytes(const std::string& isa);
+
+// The vector-pipe micro-benchmark (pipe_bench.cpp): the operations it knows, and vector
+// operations per second of `threads` threads running one of them for `iters` iterations
+// (param: p/2 for "pow_weight"). Throws std::invalid_argument for an unknown operation.
+std::vector<std::string> pipe_ops();
+double pipe_rate(const std::string& op, int64_t iters, int threads, double param,
+                 bool is_double, const std::string& isa);
 
 }  // namespace poissonflow

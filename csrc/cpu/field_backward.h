@@ -161,21 +161,136 @@ static inline void backward_accumulate_tail(BackwardScratch<T>& sc, const Packed
   }
 }
 
+// A product the compiler must not fuse into the additions that use it (-ffp-contract=fast
+// would turn t = c d; a += t; b -= t into two FMAs): the empty asm hides t's origin and costs
+// no instruction.
+template <typename T>
+static inline VecT<T> unfused(VecT<T> t) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(t));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(t));
+#endif
+  return t;
+}
+
+// Phase C' for dx and dy with the block's x and g held in registers (AVX-512: 32 vector
+// registers hold the QC x KBr accumulators, the 2 QC KBr broadcasts, the block's c and pi and
+// the temporaries), so that a step loads only c, pi, y and dy: 10 loads per 6 pair-dimensions
+// at 2 x 3, against 38 per 12 with the operands as broadcast loads (the loads bounded the
+// loop: docs/performance.md). The per-pair-dimension work is d = y - x, the product c d added
+// to dx and subtracted from dy, and dy -= pi g. Written as two FMAs (dx += c d, dy -= c d)
+// it costs 3 FMA-pipe and 1 add-pipe instructions; as a product and two additions, 2 and 3.
+// One pair-dimension in three takes the first form, two the second: 2.33 instructions on each
+// pipe pair, 1.17 cycles with two FMA and two add pipes, where one form alone takes 1.5.
+// The forms are fixed by position in the block, so the bits never depend on the thread.
+template <typename T, int QC, int KBr, bool kGrad>
+static inline void backward_accumulate_held(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                            const T* ytile, T* dytile, int64_t ld, int q0,
+                                            int64_t k0, int nvec) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  const int64_t D = pk.D;
+  const int CT = sc.CT;
+  V acc[QC][KBr], xs[QC][KBr], gs[QC][KBr];
+  for (int q = 0; q < QC; ++q)
+    for (int kk = 0; kk < KBr; ++kk) {
+      const int64_t e = (int64_t)(q0 + q) * D + k0 + kk;
+      acc[q][kk] = vload<T>(sc.accdx + e * W);
+      xs[q][kk] = vbroadcast<T>(sc.xt[e]);
+      gs[q][kk] = kGrad ? vbroadcast<T>(sc.gt[e]) : V{};
+    }
+  const T* crow[QC];
+  const T* prow[QC];
+  for (int q = 0; q < QC; ++q) {
+    crow[q] = sc.C + (int64_t)(q0 + q) * CT;
+    prow[q] = sc.P + (int64_t)(q0 + q) * CT;
+  }
+  const T* ybase = ytile + k0 * ld;
+  T* dybase = dytile + k0 * ld;
+  for (int c = 0; c < nvec; ++c) {
+    V cc[QC], pp[QC];
+    for (int q = 0; q < QC; ++q) {
+      cc[q] = vload<T>(crow[q] + c * W);
+      if (kGrad) pp[q] = vload<T>(prow[q] + c * W);
+    }
+    for (int kk = 0; kk < KBr; ++kk) {
+      const V y = vload<T>(ybase + kk * ld + c * W);
+      V dy = vload<T>(dybase + kk * ld + c * W);
+      for (int q = 0; q < QC; ++q) {
+        const V d = y - xs[q][kk];
+        if ((q * KBr + kk) % 3 == 0) {
+          acc[q][kk] += cc[q] * d;
+          dy -= cc[q] * d;
+        } else {
+          const V t = unfused<T>(cc[q] * d);
+          acc[q][kk] += t;
+          dy -= t;
+        }
+        if (kGrad) dy -= pp[q] * gs[q][kk];
+      }
+      vstore<T>(dybase + kk * ld + c * W, dy);
+    }
+  }
+  for (int q = 0; q < QC; ++q)
+    for (int kk = 0; kk < KBr; ++kk)
+      vstore<T>(sc.accdx + ((int64_t)(q0 + q) * D + k0 + kk) * W, acc[q][kk]);
+}
+
+template <typename T, int QC, int KBr, bool kGrad>
+static inline void backward_accumulate_held_tail(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                                 const T* ytile, T* dytile, int64_t ld, int q0,
+                                                 int64_t k0, int nvec, int rem) {
+  if constexpr (KBr > 0) {
+    if (rem == KBr)
+      backward_accumulate_held<T, QC, KBr, kGrad>(sc, pk, ytile, dytile, ld, q0, k0, nvec);
+    else
+      backward_accumulate_held_tail<T, QC, KBr - 1, kGrad>(sc, pk, ytile, dytile, ld, q0, k0,
+                                                           nvec, rem);
+  }
+}
+
 // Register blocks of phase C': dy is read and written once per QC queries, so QC is larger
-// than the forward's when dy is computed (4 x 3 instead of 2 x 6 on AVX-512).
+// than the forward's when dy is computed (4 x 3 instead of 2 x 6 on AVX-512). With both dx
+// and dy on AVX-512, backward_accumulate_held's 2 x 3 blocks instead.
 template <typename T, bool kDy>
 struct BackwardBlock {
   static constexpr int QC = kDy ? 4 : Geometry<T>::QC;
   static constexpr int KB = kDy ? (Geometry<T>::KB + 1) / 2 : Geometry<T>::KB;
 };
 
+template <typename T>
+struct HeldBlock {
+  static constexpr bool kEnabled = kVecBytes == 64;
+  static constexpr int QC = 2, KB = 3, QG = 8;
+};
+
 template <typename T, bool kDx, bool kDy, bool kGrad>
 static void backward_accumulate(BackwardScratch<T>& sc, const Packed<T>& pk, T* dyT, int64_t j0,
                                 int nvec) {
-  constexpr int QC = BackwardBlock<T, kDy>::QC, KB = BackwardBlock<T, kDy>::KB;
   const int64_t D = pk.D, ld = pk.width(j0);
   const T* ytile = pk.tile(j0);
   T* dytile = dyT ? dyT + j0 * D : nullptr;  // dy uses the charges' tiled layout
+  if constexpr (kDx && kDy && HeldBlock<T>::kEnabled) {
+    constexpr int QC = HeldBlock<T>::QC, KB = HeldBlock<T>::KB, QG = HeldBlock<T>::QG;
+    // Groups of QG queries; in a group, dimension blocks outside and query pairs inside, so
+    // the block's KB rows of y and dy stay in L1 while the group's pairs read and update them,
+    // and the group's c and pi rows (QG x CT x 2) stay in L1 across the dimension blocks.
+    // Every dy element still takes its queries in increasing order.
+    for (int g0 = 0; g0 < sc.QT; g0 += QG) {
+      const int g1 = g0 + QG < sc.QT ? g0 + QG : sc.QT;
+      int64_t k0 = 0;
+      for (; k0 + KB <= D; k0 += KB)
+        for (int q0 = g0; q0 < g1; q0 += QC)
+          backward_accumulate_held<T, QC, KB, kGrad>(sc, pk, ytile, dytile, ld, q0, k0, nvec);
+      if (k0 < D)
+        for (int q0 = g0; q0 < g1; q0 += QC)
+          backward_accumulate_held_tail<T, QC, KB - 1, kGrad>(sc, pk, ytile, dytile, ld, q0,
+                                                              k0, nvec, (int)(D - k0));
+    }
+    return;
+  }
+  constexpr int QC = BackwardBlock<T, kDy>::QC, KB = BackwardBlock<T, kDy>::KB;
   for (int q0 = 0; q0 < sc.QT; q0 += QC) {
     int64_t k0 = 0;
     for (; k0 + KB <= D; k0 += KB)
@@ -230,12 +345,12 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const Pow
   const int nvec = ncharges / W;
   const T* ytile = pk.tile(j0);
 
-  for (int q0 = 0; q0 < QT; q0 += G::QB)
+  for (int q0 = 0; q0 < QT; q0 += G::QBb)
     for (int c0 = 0; c0 < nvec; c0 += G::CB) {
       if (has_g)
-        backward_pairs_block<T, G::QB, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
+        backward_pairs_block<T, G::QBb, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
       else
-        backward_pairs_block<T, G::QB, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
+        backward_pairs_block<T, G::QBb, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
     }
 
   // Phase B': the shared per-pair gradient term on a vector of charges.

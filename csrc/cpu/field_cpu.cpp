@@ -221,7 +221,8 @@ template <typename T>
 static int backward_impl(const FieldArgs& a) {
   const int64_t N = a.N, D = a.D, B = a.B;
   const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
-  const TileShape<T> shape = tile_shape<T>(D);
+  // query tiles: multiples of phase A' and C' blocks (4 queries, or 2)
+  const TileShape<T> shape = tile_shape<T>(D, 4);
   // The power form recomputes pi without a log or an exp (power_form.h); dL/dw needs pi / w_j,
   // which the log domain gives finite at w_j = 0, so calls that ask for it stay there.
   const PowerPlan<T> plan = need_w ? PowerPlan<T>{} : field_plan<T>(a);

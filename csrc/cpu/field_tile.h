@@ -54,16 +54,27 @@ struct VecMath {
 template <typename T>
 struct Geometry {
   static constexpr int W = VecTraits<T>::W;
-  static constexpr int QB = 4;             // phase A: queries per register block
+  static constexpr int QBb = 4;            // backward phase A': queries per register block
 #if defined(PF_ISA_AVX512)
+  // phase A: queries per register block. 6 x 2 gives 12 independent r2 sums: with 4 x 2 the
+  // 8 sums' FMA latency held the loop to about 2.9 of the 4 vector instructions per cycle two
+  // FMA and two add pipes issue (bench/ceiling.py's phaseA micro-benchmark; 6 x 2: 3.65).
+  static constexpr int QB = 6;
+  static constexpr int QBs = 4;            // the same below kSmallD dimensions (measured faster:
+                                           // the per-pair work dominates there)
   static constexpr int CB = 2;             // phase A: charge vectors per register block
   static constexpr int QC = 2;             // phase C: queries per register block
   static constexpr int KB = 6;             // phase C: dimensions per register block
 #else
+  static constexpr int QB = 4;
+  static constexpr int QBs = 4;
   static constexpr int CB = 2;
   static constexpr int QC = 2;
   static constexpr int KB = 3;
 #endif
+  static constexpr int kSmallD = 8;
+  // phase A's query block at dimension D
+  static constexpr int qb(int64_t D) { return D < kSmallD ? QBs : QB; }
   static constexpr int CT_MAX = 16 * W;    // charges per tile, at most
   static constexpr int kChargeAlign = CB * W;  // Bp and every tile width are multiples of this
 };
@@ -178,8 +189,10 @@ struct TileShape {
   int QT, CT;
 };
 
+// blk: QT is a multiple of it (every register block of the kernel's loops divides it): the
+// forward's and the flow's lcm(QB, QC) by default; the backward passes its own.
 template <typename T>
-static inline TileShape<T> tile_shape(int64_t D) {
+static inline TileShape<T> tile_shape(int64_t D, int blk = 0) {
   typedef Geometry<T> G;
   const int64_t d = D > 0 ? D : 1, s = (int64_t)sizeof(T);
   int64_t ct = (256 * 1024) / (d * s) / G::kChargeAlign * G::kChargeAlign;
@@ -187,7 +200,10 @@ static inline TileShape<T> tile_shape(int64_t D) {
   if (ct < G::kChargeAlign) ct = G::kChargeAlign;
   int64_t qt = (512 * 1024) / (s * d * G::W);
   if (qt > 32) qt = 32;
-  const int blk = G::QB > G::QC ? G::QB : G::QC;  // both are powers of two
+  if (blk <= 0) {
+    const int qb = G::qb(D);
+    blk = qb % G::QC == 0 ? qb : qb * G::QC;  // QC is 2: the lcm
+  }
   qt = qt / blk * blk;
   if (qt < blk) qt = blk;
   return TileShape<T>{(int)qt, (int)ct};
@@ -408,10 +424,17 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
     const int nvec = ncharges / W;
     const T* ytile = pk.tile(j0);
     // Phase A: scores.
-    for (int q0 = 0; q0 < QT; q0 += G::QB)
-      for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QB, G::CB, kPower>(sc, pk, ytile, ncharges, q0, j0 + (int64_t)c0 * W,
-                                              c0 * W, half_p);
+    if (D < G::kSmallD) {
+      for (int q0 = 0; q0 < QT; q0 += G::QBs)
+        for (int c0 = 0; c0 < nvec; c0 += G::CB)
+          scores_block<T, G::QBs, G::CB, kPower>(sc, pk, ytile, ncharges, q0,
+                                                 j0 + (int64_t)c0 * W, c0 * W, half_p);
+    } else {
+      for (int q0 = 0; q0 < QT; q0 += G::QB)
+        for (int c0 = 0; c0 < nvec; c0 += G::CB)
+          scores_block<T, G::QB, G::CB, kPower>(sc, pk, ytile, ncharges, q0,
+                                                j0 + (int64_t)c0 * W, c0 * W, half_p);
+    }
     // Excluded self-charges.
     for (int q = 0; q < QT; ++q) {
       const int64_t e = sc.excl[q];

@@ -1,7 +1,7 @@
 // pybind11 module poissonflow._cuda: the CUDA kernels behind raw addresses, sizes and a stream
 // handle (no libtorch, no CUDA header here: see launch.h). launch() takes the fields of
 // LaunchArgs (common/field_args.h) as keyword arguments, the binding style of poissonflow._C too.
-// poissonflow/_cuda_backend.py owns every buffer and validates every tensor; this layer only
+// poissonflow/kernels/cuda.py owns every buffer and validates every tensor; this layer only
 // converts arguments and errors.
 // Importing the module does not touch the GPU (the CUDA runtime is linked statically and starts
 // on the first call), so it imports on machines without a driver.
@@ -35,7 +35,7 @@ py::dict plan_dict(const Plan& p) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "poissonflow CUDA kernels (raw-address interface; use poissonflow._cuda_backend)";
+  m.doc() = "poissonflow CUDA kernels (raw-address interface; use poissonflow.kernels.cuda)";
   m.attr("MODE_FORWARD") = (int)kForward;
   m.attr("MODE_FLOW") = (int)kFlow;
   m.attr("MODE_BACKWARD_X") = (int)kBackwardX;

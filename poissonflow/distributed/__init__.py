@@ -6,6 +6,8 @@ sharded across processes (docs/DESIGN.md, "Sharding the field over processes").
     v, log_scale = pfd.poisson_field(x_local, charges_local)   # field of all ranks' charges
     u_local = pfd.transform(features_local)                     # flow of the union of features
     loss = pfd.riesz_uniformity_loss(z_local, s=2.0)            # global-batch uniformity
+    # the same as a module with a memory bank per rank, scored as one bank (never gathered):
+    # poissonflow.losses.RieszLoss(s=2.0, bank_size=65536, gather_distributed=True)
     field = pfd.fit_learned_field(features_local, checkpoint="field.pt")  # DDP training
 
 Every function is collective (all ranks of the group call it, in the same order) and needs an

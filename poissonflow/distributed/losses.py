@@ -19,11 +19,13 @@ features).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import _checks
+from ..bank import FeatureBank
 from ..metrics import _sq_dists, l2_normalize
 from . import _comm
 from .field import field_with_plan, plan_field
@@ -56,6 +58,12 @@ def _gather_scalars(values, group, device):
 
 
 def _lse_local(ls):
+    ls64 = ls.to(torch.float64)
+    finite = torch.isfinite(ls64)
+    if ls.numel() and not bool(finite.all()):
+        if bool(finite.any()):  # rows no charge reaches (every other row coincides with them)
+            return torch.logsumexp(torch.where(finite, ls64, -math.inf), dim=0)
+        return torch.where(finite, ls64, 0.0).sum() * 0.0 - math.inf
     if ls.numel() == 0:
         # -inf, but connected to the field's output: an empty rank's backward must still
         # reach the distributed field's (collective) backward, or the other ranks would wait
@@ -77,21 +85,43 @@ def _bank_rows(bank, x):
     return bank.detach()
 
 
-def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="auto",
-                          backend="auto"):
+def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
+                          bank: torch.Tensor | FeatureBank | None = None,
+                          normalize: bool = True, group: Any = None, mode: str = "auto",
+                          backend: str = "auto", coincident: str = "exclude") -> torch.Tensor:
     """Riesz s-energy uniformity of the global batch,
 
         L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),
 
     i over the N = sum_r N_r rows of all ranks' `x`, j over the other N - 1 rows and the
     K = sum_r K_r rows of all ranks' `bank` shards (a constant: detached), u = x / ||x||
-    (normalize=True) or x. The single-process definition is `poissonflow.losses`'s
-    riesz_uniformity_loss; here two distributed field calls (charges: the rows, each query's own
-    global row excluded; then the banks) give every row's log-sum-exp, normalised by N and by K
-    (docs/DESIGN.md, "The field as a Riesz-energy loss"). Collective; returns the same 0-dim tensor (x's dtype) on every
-    rank, whose backward gives each rank the exact gradient in its own rows. Empty shards are
-    allowed; N + K >= 2 globally.
+    (normalize=True) or x. The single-process definition, coincident rows included (rows equal
+    across ranks or to a row of any rank's bank are one point: `coincident` as there), is
+    `poissonflow.losses.riesz_uniformity_loss`; here two distributed field calls (charges: the
+    rows, detached, each query's own global row excluded, the gradient doubled since the pairs
+    are symmetric; then the banks) give every row's log-sum-exp, normalised by N and by K
+    (docs/DESIGN.md, "The field as a Riesz-energy loss"). The global batch (N x D) is gathered
+    once to find coincident rows; with mode="ring" the banks never are (their shards travel
+    around the ring). Collective; returns the same 0-dim tensor (x's dtype) on every rank, whose
+    backward gives each rank the exact gradient in its own rows. Empty shards are allowed;
+    N + K >= 2 globally.
+
+    Args:
+        x: this rank's rows (N_r, D).
+        s: the Riesz exponent, > 0.
+        bank: this rank's bank shard: None, a (K_r, D) tensor or a `FeatureBank`.
+        normalize: L2-normalise the rows and the banks first.
+        group: the process group (None: the default group).
+        mode: "auto", "allgather" or "ring" (`poisson_field`).
+        backend: the field op's backend.
+        coincident: "exclude" or "raise".
+
+    Returns:
+        The global loss, a 0-dim tensor in x's dtype, the same on every rank.
     """
+    from ..losses._coincident import find as find_coincidences
+    from ..losses.functions import check_coincident
+
     grp = _comm.get_group(group)
 
     def checks():
@@ -99,37 +129,71 @@ def riesz_uniformity_loss(x, s, *, bank=None, normalize=True, group=None, mode="
         sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        check_coincident(coincident)
         b = _bank_rows(bank, xx)
         return xx, sv, b, _normalised(xx, "x", normalize), _normalised(b, "bank", normalize)
 
     x, sv, b, u, bu = _comm.check_together(grp, _device(x), checks)
-    sizes = _gather_scalars([float(x.shape[0]), float(b.shape[0])], grp, _meta(grp, x))
+    wire = _meta(grp, x)
+    sizes = _gather_scalars([float(x.shape[0]), float(b.shape[0])], grp, wire)
     n_all, k_all = sizes[:, 0], sizes[:, 1]
     n, k = int(n_all.sum()), int(k_all.sum())
     if n < 1 or n + k < 2:
         raise ValueError(f"the global batch has {n} row(s) and the banks {k}: the Riesz energy "
                          "needs at least one pair")
     rank = dist.get_rank(grp)
-    pairs = math.log(n) + math.log(n - 1 + k)
-    lses, consts = [], []
-    if n >= 2:
-        own = torch.arange(x.shape[0], device=x.device) + int(n_all[:rank].sum())
-        plan = plan_field(u, u, None, sv, 0.0, own, grp, mode, backend)
-        _, ls = field_with_plan(plan, u, u, None, own)
+    lo = int(n_all[:rank].sum())
+    hi = lo + x.shape[0]
+    bank_lo = int(k_all[:rank].sum())
+    u_all = _comm.gather_rows(u.detach().to(wire), tuple(int(v) for v in n_all), grp)
+    u_all = u_all.to(x.device)
+
+    def reduce(op):
+        def f(t):
+            w = t.to(wire).contiguous()
+            dist.all_reduce(w, op=op, group=grp)
+            return w.to(t.device)
+        return f
+
+    co = find_coincidences(u_all, bu.detach() if k else None, bank_lo,
+                          reduce(dist.ReduceOp.SUM), reduce(dist.ReduceOp.MIN))
+    if coincident == "raise" and (co.in_batch or co.with_bank):
+        raise ValueError(f"coincident rows (equal after normalisation; global rank-major "
+                         f"indices): {co.describe()}; pass coincident='exclude' to count each "
+                         "as one point")
+    n_pairs = co.pairs(n, k)
+    if n_pairs == 0:
+        raise ValueError(f"all {n} rows of the global batch coincide (and the banks hold no "
+                         "other point): the Riesz energy has no pair of distinct points")
+    pairs = math.log(n_pairs)
+    lses, consts, factors = [], [], []
+    if co.groups >= 2:
+        w = co.batch_weights(lo, hi, x.dtype)
+        own = co.batch_exclude(lo, hi)
+        uc = u.detach()
+        plan = plan_field(u, uc, w, sv, 0.0, own, grp, mode, backend)
+        _, ls = field_with_plan(plan, u, uc, w, own)
         lses.append(_lse_local(ls))
         consts.append(math.log(n) - pairs)
+        factors.append(2.0)  # symmetric pairs: the charge route equals the query route
     if k > 0:
-        plan = plan_field(u, bu, None, sv, 0.0, None, grp, mode, backend)
-        _, ls = field_with_plan(plan, u, bu, None, None)
+        w = co.bank_weights(bank_lo, x.dtype)
+        ex = co.bank_exclude(lo, hi)
+        plan = plan_field(u, bu, w, sv, 0.0, ex, grp, mode, backend)
+        _, ls = field_with_plan(plan, u, bu, w, ex)
         lses.append(_lse_local(ls))
         consts.append(math.log(k) - pairs)
-    return _global_logsumexp(lses, consts, grp, x, factor=1.0)
+        factors.append(1.0)
+    return _global_logsumexp(lses, consts, grp, x, factor=factors)
 
 
 def _global_logsumexp(lses, consts, grp, x, factor):
     """logsumexp over ranks and parts of lse[part] + const[part] (the same value on every rank),
-    with the local surrogate of the module docstring; `factor` scales the gradient routed
-    through the local rows (2 when the local rows stand for both sides of symmetric pairs)."""
+    with the local surrogate of the module docstring; `factor` (one number, or one per part)
+    scales the gradient routed through the local rows (2 when the local rows stand for both
+    sides of symmetric pairs)."""
+    if not isinstance(factor, (list, tuple)):
+        factor = [factor] * len(lses)
     every = _gather_scalars([float(t.detach()) for t in lses], grp, _meta(grp, x))
     total = -math.inf
     for r in range(every.shape[0]):  # rank order, then part order: the same bits everywhere
@@ -138,9 +202,9 @@ def _global_logsumexp(lses, consts, grp, x, factor):
                                           every[r, p] + c))
     value = x.new_tensor(total, dtype=torch.float64)
     surrogate = value.new_zeros(())
-    for t, c in zip(lses, consts):
+    for t, c, f in zip(lses, consts, factor):
         e = torch.exp(t + (c - total))  # 0 (with a zero gradient) for an empty rank
-        surrogate = surrogate + factor * (e - e.detach())
+        surrogate = surrogate + f * (e - e.detach())
     return (value + surrogate).to(x.dtype)
 
 

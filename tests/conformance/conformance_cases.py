@@ -25,7 +25,7 @@ SHAPES = [
 
 # Field features, each checked on one ragged shape.
 FEATURES = ["plain", "weights", "power", "eps", "exclude", "eps_rows", "combined", "coincident",
-            "dead-rows"]
+            "dead-rows", "zero-weight-nearest"]
 
 
 def _gen(seed):
@@ -70,6 +70,21 @@ def field_case(N, B, D, feature, dtype, *, seed=0, device="cpu"):
         ex = torch.full((N,), -1, dtype=torch.int64)
         ex[0:N:2] = min(1, B - 1)
         case["w"], case["exclude"] = w, ex
+    elif feature == "zero-weight-nearest":
+        # Zero-weight charges much closer to a query than every live charge: one exactly on
+        # query 0 (r2 floored), one 1e-3 from query 1, power 40. pi / w = 2^(-(p/2) log2 r2 -
+        # lse) overflows there (in float64 too at the floor), so a backward forming
+        # pi = (pi / w) * w gets inf * 0 = NaN; such a charge has pi = 0 and no gradient but its
+        # dL/dw (which does overflow: not compared).
+        w = torch.rand(B, generator=g, dtype=F64) + 0.1
+        k = min(N, B, 2)
+        w[:k] = 0.0
+        if k < B:
+            step = torch.randn(D, generator=g, dtype=F64)
+            x[:k] = y[:k]
+            if k > 1:
+                x[1] = y[1] + 1e-3 * step / step.norm()
+        case["w"], case["power"] = w, 40.0
     elif feature != "plain":
         raise ValueError(feature)
 

@@ -33,8 +33,10 @@ from ._field_fwd import (
     charge_terms,
     compute_dtype,
     index_rows,
+    launch_guard,
     make_configs,
     scalar_params,
+    size_class,
     softening_sq,
     wrap_triton,
     _zero_rows,
@@ -45,6 +47,9 @@ from ._field_fwd import (
 # partial sums, r2 and the projection, live across the D sweep, hence BLOCK_D = 4).
 _DX_SHAPES = ((32, 32, 4, 4), (64, 32, 4, 8), (32, 64, 4, 8))
 _DY_SHAPES = ((32, 32, 4, 4), (32, 64, 4, 8))
+# float64: more warps or smaller tiles, the same budget (no spills on sm_80 and sm_90)
+_DX_SHAPES_F64 = ((32, 32, 2, 8), (32, 32, 4, 8), (32, 16, 4, 4))
+_DY_SHAPES_F64 = ((32, 32, 2, 8), (16, 32, 4, 4))
 
 
 @triton.jit
@@ -92,24 +97,37 @@ def _query_terms(rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt: tl.con
 
 
 @triton.jit
-def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny):
-    """(pi, floored, r2f) of a tile: pi = 2^(lw_j - (p/2) log2 r2f - lse2_i), or pi / w = q
-    when lw is None; 0 for dead rows, padding and excluded pairs. floored marks r2 + e^2 < tiny,
-    r2f = max(r2 + e^2, tiny)."""
+def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny,
+                  WITH_Q: tl.constexpr):
+    """(pi, q, floored, r2f) of a tile: pi = 2^(lw_j - (p/2) log2 r2f - lse2_i) (lw None: all
+    weights 1), q = pi / w = 2^(-(p/2) log2 r2f - lse2_i) when WITH_Q (else None); 0 for dead
+    rows, padding and excluded pairs (q is pi when not WITH_Q). floored marks r2 + e^2 < tiny,
+    r2f = max(r2 + e^2, tiny).
+
+    pi is its own exponential, never q * w: q of a zero-weight charge much closer to a query
+    than every live charge overflows to inf, and inf * 0 = NaN (such a charge has pi = 0 and no
+    gradient through v or log_scale but its dL/dw)."""
     r2e = r2 + e2[:, None]
     floored = r2e < tiny
     r2f = tl.maximum(r2e, tiny)
     score = -half_p * tl.log2(r2f) - lse_ref[:, None]
-    if lw is not None:
-        score += lw[None, :]
     live = mask_n[None, :] & alive[:, None] & (cols_n[None, :] != excl[:, None])
-    return tl.exp2(tl.where(live, score, float("-inf"))), floored, r2f
+    score = tl.where(live, score, float("-inf"))
+    if lw is not None:
+        pi = tl.exp2(score + lw[None, :])
+        q = pi  # (a jit function cannot return None)
+        if WITH_Q:
+            q = tl.exp2(score)
+    else:
+        pi = tl.exp2(score)
+        q = pi
+    return pi, q, floored, r2f
 
 
-@autotune(make_configs(_DX_SHAPES))
-@triton.jit
+@autotune(make_configs(_DX_SHAPES, _DX_SHAPES_F64))
+@triton.jit(do_not_specialize=["size_class"])
 def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
-                         N, B, D, e2_stride,
+                         N, B, D, e2_stride, size_class,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per BLOCK_M queries: DX = dL/dx. ACC holds sum_j c_ij (x_i - y_j) in the
     compute dtype (may alias DX)."""
@@ -135,8 +153,8 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
         lw = None
         if LW is not None:
             lw = tl.load(LW + cols_n, mask=mask_n, other=float("-inf"))
-        pi, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
-                                         half_p, tiny)
+        pi, _, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
+                                            half_p, tiny, False)
         c = tl.where(floored, 0.0, (2.0 * half_p) * pi * (proj + base[:, None]) / r2f)
         ct = tl.trans(c)
         for d0 in range(0, D, BLOCK_D):
@@ -161,22 +179,22 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@autotune(make_configs(_DY_SHAPES, row_block="BLOCK_N", col_block="BLOCK_M"))
-@triton.jit
-def _field_bwd_dy_kernel(X, Y, W, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, DW,
-                         N, B, D, e2_stride,
+@autotune(make_configs(_DY_SHAPES, _DY_SHAPES_F64, row_block="BLOCK_N", col_block="BLOCK_M"))
+@triton.jit(do_not_specialize=["size_class"])
+def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, DW,
+                         N, B, D, e2_stride, size_class,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per BLOCK_N charges, streaming all queries: DY = dL/dy (if not None) and
     DW = sum_i q_ij (a_ij - delta_i + g_l,i) (if not None; the host subtracts the sum-of-weights
-    term). ACC holds dL/dy in the compute dtype (may alias DY)."""
+    term). ACC holds dL/dy in the compute dtype (may alias DY). LW: log2 weights or None."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
     cols_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_n = cols_n < B
     half_p = tl.load(SCAL)
     tiny = tl.load(SCAL + 1)
-    w = tl.full([BLOCK_N], 1.0, cdt)
-    if W is not None:
-        w = tl.load(W + cols_n, mask=mask_n, other=0.0)
+    lw = None
+    if LW is not None:
+        lw = tl.load(LW + cols_n, mask=mask_n, other=float("-inf"))
     y_rows = Y + cols_n[:, None] * D
     if DY is not None:
         acc_rows = ACC + cols_n[:, None] * D
@@ -195,13 +213,12 @@ def _field_bwd_dy_kernel(X, Y, W, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, 
             g_cols = tl.trans(g_rows)
         r2, proj = _sq_dist_proj(tl.trans(x_rows), g_cols, mask_m, tl.trans(y_rows), mask_n, D,
                                  cdt, BLOCK_M, BLOCK_N, BLOCK_D)
-        q, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, None, cols_n, mask_n,
-                                        half_p, tiny)
+        pi, q, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
+                                            half_p, tiny, DW is not None)
         t = proj + base[:, None]
         if DW is not None:
             dw += tl.sum(q * t, axis=0)
         if DY is not None:
-            pi = q * w[None, :]
             c = tl.where(floored, 0.0, (2.0 * half_p) * pi * t / r2f)
             for d0 in range(0, D, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
@@ -266,25 +283,27 @@ def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_
         def grid_q(meta):
             return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-        wrap_triton(_field_bwd_dx_kernel)[grid_q](
-            x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, acc, gx, N, B, D, e2_stride,
-        )
+        with launch_guard(x):
+            wrap_triton(_field_bwd_dx_kernel)[grid_q](
+                x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, acc, gx, N, B, D, e2_stride,
+                size_class(N, B),
+            )
 
     if need_y or need_w:
         accy = None
         if need_y:
             accy = gy if cdt == x.dtype else torch.empty((B, D), dtype=cdt, device=dev)
         dw = torch.empty((B,), dtype=cdt, device=dev) if need_w else None
-        w_c = None if w is None else w.detach().to(cdt).contiguous()
         if N > 0:
 
             def grid_c(meta):
                 return (triton.cdiv(B, meta["BLOCK_N"]),)
 
-            wrap_triton(_field_bwd_dy_kernel)[grid_c](
-                x, y, w_c, excl, e2, scal, lse2, gv, delta, gl_c, accy, gy, dw,
-                N, B, D, e2_stride,
-            )
+            with launch_guard(x):
+                wrap_triton(_field_bwd_dy_kernel)[grid_c](
+                    x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, accy, gy, dw,
+                    N, B, D, e2_stride, size_class(N, B),
+                )
         else:
             if need_y:
                 gy.zero_()

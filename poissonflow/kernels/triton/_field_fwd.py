@@ -32,6 +32,7 @@ as tensor elements rather than Python floats, which Triton would round to float3
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -60,8 +61,9 @@ LN2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 # GPU configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The [BLOCK_D, BLOCK_M, BLOCK_N] partial sums
-# of r2 are what occupies registers; these are the shapes that compile for sm_90 with at most
-# 240 registers and no spills at D = 129 (checked offline with ptxas, no GPU needed).
+# of r2 are what occupies registers; these are the shapes that compile for sm_80 and sm_90 with
+# no spills (python -m poissonflow.kernels.triton.build_budget, run by tests/test_gpu_build_budget.py).
+# float64 computation (float64 input) has its own list: twice the registers per value.
 _GPU_SHAPES = (
     (32, 32, 4, 4),
     (32, 32, 8, 4),
@@ -69,31 +71,49 @@ _GPU_SHAPES = (
     (32, 64, 8, 8),
     (64, 64, 4, 8),
 )
+_GPU_SHAPES_F64 = ((32, 32, 4, 4), (64, 32, 2, 8), (32, 64, 2, 8))
 # The interpreter runs each tile as numpy arrays: a single config (autotuning would need a GPU
 # benchmarker) with tiles small enough that the tests' 70-point inputs span several of them.
 _INTERPRETER_SHAPE = (16, 16, 32, 1)
 
 
-def make_configs(shapes=None, *, row_block: str = "BLOCK_M", col_block: str = "BLOCK_N"):
-    """triton.Config list for the kernels; the interpreter gets exactly one."""
+def make_configs(shapes=None, f64_shapes=None, *, row_block: str = "BLOCK_M",
+                 col_block: str = "BLOCK_N"):
+    """triton.Config list for the kernels: `shapes` for float32 computation, `f64_shapes` for
+    float64 (each config carries the compute dtypes it serves in .compute_dtypes, which
+    prune_configs reads); the interpreter gets exactly one, for both."""
     if INTERPRETED:
-        shapes = (_INTERPRETER_SHAPE,)
+        shapes, f64_shapes = (_INTERPRETER_SHAPE,), (_INTERPRETER_SHAPE,)
     elif shapes is None:
-        shapes = _GPU_SHAPES
-    return [
-        triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw, num_stages=1)
-        for bm, bn, bd, nw in shapes
-    ]
+        shapes, f64_shapes = _GPU_SHAPES, _GPU_SHAPES_F64
+    out = {}
+    for shape_list, cdt in ((shapes, torch.float32), (f64_shapes or shapes, torch.float64)):
+        for shape in shape_list:
+            out.setdefault(shape, []).append(cdt)
+    configs = []
+    for (bm, bn, bd, nw), cdts in out.items():
+        c = triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw,
+                          num_stages=1)
+        c.compute_dtypes = tuple(cdts)
+        configs.append(c)
+    return configs
+
+
+def configs_for(configs, cdt: torch.dtype):
+    """The configs of a kernel that serve compute dtype cdt (make_configs)."""
+    return [c for c in configs if cdt in getattr(c, "compute_dtypes", (cdt,))]
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Drops configs whose BLOCK_D exceeds the padded dimension (pure waste for small D).
+    """Keeps the configs of the launch's compute dtype (the element type of SCAL) and drops
+    those whose BLOCK_D exceeds the padded dimension (pure waste for small D).
 
     With torch.use_deterministic_algorithms(True) only the first config is kept, so the block
     sizes (and hence the summation order) do not depend on a timing measurement.
     """
     if len(configs) == 1:
         return configs
+    configs = configs_for(configs, named_args["SCAL"].dtype)
     if torch.are_deterministic_algorithms_enabled():
         return configs[:1]
     d_pad = max(4, triton.next_power_of_2(int(named_args["D"])))
@@ -101,13 +121,24 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def autotune(configs, restore_value=()):
-    """triton.autotune keyed on D (the autotuner adds the dtypes). cache_results keeps a
+def size_class(N: int, B: int) -> int:
+    """The autotuning size bucket of a launch: ceil(log2) of N and of B in steps of 2 (factor-4
+    buckets), packed in one integer. A configuration tuned on a 70-point test call is not
+    reused (nor read back from the disk cache) at N = B = 65,536."""
+    def bucket(n):
+        return min((max(int(n), 1) - 1).bit_length() // 2, 31)
+
+    return bucket(N) * 32 + bucket(B)
+
+
+def autotune(configs, restore_value=(), key_extra=()):
+    """triton.autotune keyed on D, the size bucket (size_class) and key_extra (the autotuner
+    adds the dtypes, hence which optional arguments are present). cache_results keeps a
     machine's choice across processes: results are bit-identical run to run as long as the
     chosen block sizes are. Kernels that update a buffer in place name it in restore_value."""
     return triton.autotune(
         configs=configs,
-        key=["D"],
+        key=["D", "size_class", *key_extra],
         prune_configs_by={"early_config_prune": prune_configs},
         restore_value=list(restore_value),
         cache_results=True,
@@ -241,10 +272,11 @@ def _finish_rows(m, l):
 
 
 @autotune(make_configs())
-@triton.jit
-def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride,
+@triton.jit(do_not_specialize=["size_class"])
+def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride, size_class,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per BLOCK_M queries: v (in V's dtype) and lse2 (log2 units)."""
+    """One program per BLOCK_M queries: v (in V's dtype) and lse2 (log2 units). size_class
+    (unused in the kernel) keys the autotuner."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < N
@@ -282,7 +314,19 @@ def scalar_params(power: float, dtype: torch.dtype, device) -> torch.Tensor:
     other backends, so that a float16/bfloat16 query exactly on a charge gets the same
     log_scale everywhere (docs/DESIGN.md, "The field operator")."""
     cdt = compute_dtype(dtype)
-    return torch.tensor([0.5 * float(power), torch.finfo(dtype).tiny], dtype=cdt, device=device)
+    # Filled on the device (two fill kernels), not copied from the host: torch.tensor(list,
+    # device=cuda) is a synchronous copy, illegal under CUDA-graph capture.
+    scal = torch.full((2,), 0.5 * float(power), dtype=cdt, device=device)
+    scal[1:].fill_(torch.finfo(dtype).tiny)
+    return scal
+
+
+def launch_guard(t: torch.Tensor):
+    """The context every launch runs in: t's CUDA device made current (Triton launches on the
+    current device's current stream), nothing for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def softening_sq(x: torch.Tensor, eps: float, eps_rows: torch.Tensor | None, cdt: torch.dtype):
@@ -328,10 +372,11 @@ def field_forward_launch(x, y, w, power, eps, exclude=None, eps_rows=None):
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-    wrap_triton(_field_fwd_kernel)[grid](
-        x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v, lse2,
-        N, B, D, e2_stride,
-    )
+    with launch_guard(x):
+        wrap_triton(_field_fwd_kernel)[grid](
+            x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v,
+            lse2, N, B, D, e2_stride, size_class(N, B),
+        )
     return v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c
 
 

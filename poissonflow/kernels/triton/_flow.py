@@ -34,8 +34,10 @@ from ._field_fwd import (
     charge_terms,
     compute_dtype,
     index_rows,
+    launch_guard,
     make_configs,
     scalar_params,
+    size_class,
     wrap_triton,
 )
 
@@ -50,14 +52,17 @@ _A1, _A2, _A3 = tl.constexpr(RK4_A[1]), tl.constexpr(RK4_A[2]), tl.constexpr(RK4
 _B0, _B1 = tl.constexpr(RK4_B[0]), tl.constexpr(RK4_B[1])
 _B2, _B3 = tl.constexpr(RK4_B[2]), tl.constexpr(RK4_B[3])
 _B_DIV = tl.constexpr(RK4_B_DIV)
-# The forward's GPU shapes less (64, 64, 4, 8), which spills in this kernel (sm_90, D = 129).
-_FLOW_SHAPES = ((32, 32, 4, 4), (32, 32, 8, 4), (64, 32, 8, 8), (32, 64, 8, 8))
+# Shapes without spills on sm_80 and sm_90 for Euler and RK4 (build_budget): the forward's,
+# with BLOCK_D = 8 or 4 warps, spilled 16-48 bytes on sm_80.
+_FLOW_SHAPES = ((32, 32, 4, 8), (32, 32, 2, 4), (32, 64, 4, 8))
+_FLOW_SHAPES_F64 = ((32, 32, 2, 8), (32, 32, 4, 8))
 
 
-# The kernel integrates STATE in place: autotuning must restore it after each timed run.
-@autotune(make_configs(_FLOW_SHAPES), restore_value=("STATE",))
-@triton.jit
-def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
+# The kernel integrates STATE in place: autotuning must restore it after each timed run. Keyed
+# on N_STAGES too: RK4 does not reuse Euler's choice.
+@autotune(make_configs(_FLOW_SHAPES, _FLOW_SHAPES_F64), restore_value=("STATE",), key_extra=("N_STAGES",))
+@triton.jit(do_not_specialize=["size_class"])
+def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps, size_class,
                  N_STAGES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """STATE (N, D), in and out, and WORK (slots, N, D) in the compute dtype: slot 0 the field
@@ -73,7 +78,8 @@ def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps,
     t0 = tl.load(T0 + rows, mask=mask_m, other=0.0)
     dt64 = tl.load(DT + rows, mask=mask_m, other=0.0)
     dt = dt64.to(cdt)
-    slot = N.to(tl.int64) * D
+    # tl.cast, not N.to: an integer argument equal to 1 reaches the kernel as a constant
+    slot = tl.cast(N, tl.int64) * D
     ACC = WORK
     XS = WORK + slot
     KS = WORK + 2 * slot
@@ -134,10 +140,13 @@ def flow_steps_launch(x, y, w, t0, dt, n_steps, solver, exclude=None):
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-    wrap_triton(_flow_kernel)[grid](
-        y.detach().contiguous(), lw, index_rows(exclude), scalar_params(D + 1, x.dtype, x.device),
-        t0.detach().to(torch.float64).contiguous(), dt.detach().to(torch.float64).contiguous(),
-        state, work,
-        N, B, D, int(n_steps), N_STAGES=n_stages,
-    )
+    with launch_guard(x):
+        wrap_triton(_flow_kernel)[grid](
+            y.detach().contiguous(), lw, index_rows(exclude),
+            scalar_params(D + 1, x.dtype, x.device),
+            t0.detach().to(torch.float64).contiguous(),
+            dt.detach().to(torch.float64).contiguous(),
+            state, work,
+            N, B, D, int(n_steps), size_class(N, B), N_STAGES=n_stages,
+        )
     return state.to(x.dtype)

@@ -87,7 +87,9 @@ from ._field_fwd import (
     _zero_rows,
     charge_terms,
     index_rows,
+    launch_guard,
     log_scale_from_lse2,
+    size_class,
     softening_sq,
     wrap_triton,
 )
@@ -101,17 +103,29 @@ PRECISIONS = {"ieee": (0, 0.0), "tf32": (1, 2.0**-11), "tf32x3": (2, 2.0**-11),
 U32 = 2.0**-24
 _BF16_OPERANDS = tl.constexpr(not INTERPRETED)
 LN2 = math.log(2.0)
+# Relative error allowed for one GPU exp2 (ex2.approx.ftz.f32: about 2^-22) and for the float32
+# products that form a certificate term: each term is inflated by (1 + EXP2_REL) per factor
+# (docs/DESIGN.md, "The certificate under approximate exp2").
+EXP2_REL = 2.0**-20
+_EXP2_SAFE = tl.constexpr(1.0 + EXP2_REL)
+_WIDTH_SAFE = tl.constexpr(LN2 * (1.0 + EXP2_REL))
+# The r2-bounds helper's tiles (a 1-D grid over them: no grid-y limit of 65,535) and warps
+# (8: 4 spilled 36 bytes on sm_80).
+R2_BLOCK = 16 if INTERPRETED else 64
+R2_BLOCK_K = 16 if INTERPRETED else 32
+R2_WARPS = 8
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) on the GPU: BLOCK_K is the dot's
 # reduction chunk, BLOCK_D the direct-difference chunk of the recomputed tiles ([BLOCK_D,
-# BLOCK_M, BLOCK_N] partial sums, as the exact kernel's). Compiled offline for sm_90 (Triton
-# 3.9's ptxas, no GPU; not yet run or timed on one): the first two use wgmma (HGMMA in the
-# SASS) at 255 registers with 88 and 72 bytes of stack (BLOCK_D = 4 spilled 200-1300 bytes);
-# the third uses mma.sync (HMMA) with no spills.
+# BLOCK_M, BLOCK_N] partial sums, as the exact kernel's). Compiled offline for sm_80 and sm_90
+# (python -m poissonflow.kernels.triton.build_budget, Triton's ptxas, no GPU; not yet run or timed on
+# one): none spills at TF32. The first also compiles without spills at every other precision
+# and is the only one they get (prune_gemm_configs); the 64-row shapes with BLOCK_D = 1 that
+# used wgmma spilled 72-1,660 bytes on sm_80 and sm_90.
 _GPU_SHAPES = (
-    (64, 64, 32, 1, 8, 2),
-    (64, 32, 32, 1, 4, 2),
-    (32, 32, 32, 2, 4, 2),
+    (32, 32, 16, 2, 8, 2),
+    (32, 32, 32, 2, 8, 2),
+    (64, 32, 32, 2, 8, 2),
 )
 # The interpreter: one config whose tiles the tests' inputs span several times (tl.dot needs
 # every side >= 16).
@@ -125,6 +139,17 @@ def _configs():
                       num_warps=nw, num_stages=ns)
         for bm, bn, bk, bd, nw, ns in shapes
     ]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """TF32 (the default) tunes over every config; the other precisions get the first, the one
+    that compiles without spills for all of them. With torch.use_deterministic_algorithms(True)
+    only the first, as for the exact kernels (no timing decides the summation order)."""
+    if kwargs.get("PREC", PRECISIONS["tf32"][0]) != PRECISIONS["tf32"][0]:
+        return configs[:1]
+    if torch.are_deterministic_algorithms_enabled():
+        return configs[:1]
+    return configs
 
 
 def rounding_constants(precision: str, D: int) -> float:
@@ -197,6 +222,19 @@ def _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
+def _pair_error_bound(s_hi, width, m_ref, approx, dropped):
+    """The certificate's term of each pair, in units of 2^m_ref, safe under approximate exp2:
+    dropped pairs 2^(s_hi - m_ref), kept-approximate ones 2^s_hi - 2^s_lo bounded from above by
+    2^s_hi (1 - 2^-width) <= 2^s_hi width ln 2 (width = s_hi - s_lo = d_hi + d_lo, formed without
+    cancellation), each exponential and product inflated by 1 + EXP2_REL. The difference of two
+    approximate exponentials (2^s_hi - 2^s_lo, 2.5e-6 apart, each off by up to ~2.4e-7) could
+    understate the term by ~20%."""
+    w_hi = tl.exp2(tl.where(approx | dropped, s_hi, float("-inf")) - m_ref[:, None]) * _EXP2_SAFE
+    rel = tl.minimum(width * _WIDTH_SAFE, 1.0)
+    return tl.where(approx, w_hi * rel, tl.where(dropped, w_hi, 0.0))
+
+
+@triton.jit
 def _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n, D, NEG: tl.constexpr,
                cdt: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -220,9 +258,12 @@ def _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n, D, NEG: 
 @triton.jit
 def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(q = nx + ny - 2 x.y, C_S (nx + ny)) of every pair, for tests and bench/gpu_check.py."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    """(q = nx + ny - 2 x.y, C_S (nx + ny)) of every pair, for tests and bench/gpu_check.py.
+    One program per tile on a 1-D grid (a grid's y extent stops at 65,535 tiles)."""
+    tiles_n = tl.cdiv(B, BLOCK_N)
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < N
     mask_n = cols < B
     dot = _gemm_q(X + rows[:, None] * D, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N,
@@ -236,27 +277,31 @@ def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
     tl.store(ERR + offs, c_s * s, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "PREC"], cache_results=True)
-@triton.jit
-def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS,
-                     N, B, D, e2_stride, PREC: tl.constexpr, RECOMPUTE: tl.constexpr,
+@triton.autotune(configs=_configs(), key=["D", "size_class", "PREC", "RECOMPUTE", "FALLBACK"],
+                 prune_configs_by={"early_config_prune": prune_gemm_configs}, cache_results=True)
+@triton.jit(do_not_specialize=["size_class"])
+def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tight, tau_v, tau_ls,
+                     ACC, V, LSE2, CERT, STATS,
+                     N, B, D, e2_stride, size_class, PREC: tl.constexpr, RECOMPUTE: tl.constexpr,
                      FALLBACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per BLOCK_M queries: v, lse2 (log2 units), the certificate CERT (N, 2) =
     (bound on |v - v_exact|, on |lse - lse_exact| in natural-log units) and STATS (N, 6) int32 =
     (pairs recomputed, pairs kept, fell back, and on each block's first row: charge tiles,
-    tiles recomputed, tiles accumulated)."""
+    tiles recomputed, tiles accumulated). The parameters half_p ... tau_ls are float32 scalars
+    (kernel arguments, no device buffer to fill per call); size_class keys the autotuner."""
     cdt: tl.constexpr = tl.float32
     NEG: tl.constexpr = float("-inf")
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = rows < N
-    half_p = tl.load(SCAL)
-    tiny = tl.load(SCAL + 1)
-    c_s = tl.load(SCAL + 2)
-    margin = tl.load(SCAL + 4)
-    tight = tl.load(SCAL + 5)
-    tau_v = tl.load(SCAL + 6)
-    tau_ls = tl.load(SCAL + 7)
+    # tl.cast: the interpreter passes Python floats through as they are
+    half_p = tl.cast(half_p, cdt)
+    tiny = tl.cast(tiny, cdt)
+    c_s = tl.cast(c_s, cdt)
+    margin = tl.cast(margin, cdt)
+    tight = tl.cast(tight, cdt)
+    tau_v = tl.cast(tau_v, cdt)
+    tau_ls = tl.cast(tau_ls, cdt)
     s_cap_rel = -half_p * tl.log2(tiny)  # the largest logit the r2 floor allows, before log2 w
     inv_ln2 = 1.4426950408889634
     e2 = tl.load(E2 + rows * e2_stride, mask=mask_m, other=0.0)
@@ -340,12 +385,14 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, SCAL, ACC, V, LSE2, CERT, STATS
         # What the pairs not recomputed can change, in units of 2^m_ref. Only the lanes the
         # select below keeps are exponentiated (the others at -inf, 2^-inf = 0): a recomputed
         # pair's interval can reach far above m_ref (at the r2 floor, s_hi = log2 w + s_cap_rel),
-        # and its 2^(s_hi - m_ref) would overflow to inf only to be dropped. The kept lanes'
-        # arguments, hence e_pair, are unchanged.
+        # and its 2^(s_hi - m_ref) would overflow to inf only to be dropped.
         dropped = live & (~near)
-        w_hi = tl.exp2(tl.where(approx | dropped, s_hi, NEG) - m_ref[:, None])
-        w_lo = tl.exp2(tl.where(approx, s_lo, NEG) - m_ref[:, None])
-        e_pair = tl.where(approx, w_hi - w_lo, tl.where(dropped, w_hi, 0.0))
+        # the interval's width: d_hi + d_lo as formed (s_hi - s_lo would cancel), or where it
+        # reaches the floor (plain GEMM form only: such pairs are recomputed otherwise) s_hi - s_lo
+        wide = approx & unbounded
+        width = tl.where(wide, tl.where(wide, s_hi, 0.0) - tl.where(wide, s_lo, 0.0),
+                         d_hi + d_lo)
+        e_pair = _pair_error_bound(s_hi, width, m_ref, approx, dropped)
         dist_hi = tl.sqrt(tl.maximum(q + err, 0.0)) * (1.0 + 2.0**-20)
         ez = ez * alpha + tl.sum(e_pair, axis=1)
         en = en * alpha + tl.sum(tl.where(e_pair > 0.0, e_pair * dist_hi, 0.0), axis=1)
@@ -499,18 +546,20 @@ def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, prec
     c_s = rounding_constants(precision, D)
     K = default_margin(B, tau_v) if margin is None else float(margin)
     tight = tau_v / (4 * LN2) if tight is None else float(tight)
-    # p/2 and the r2 floor as scalar_params gives them, without a device round trip
+    # p/2 and the r2 floor as scalar_params gives them, as float32 kernel arguments (no host
+    # to device copy per call: CUDA-graph safe)
     half_p, tiny = 0.5 * float(power), torch.finfo(x.dtype).tiny
-    scal = torch.tensor([half_p, tiny, c_s, 0.0, K, tight, tau_v, tau_ls], dtype=cdt,
-                        device=x.device)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-    wrap_triton(_gemm_fwd_kernel)[grid](
-        x, y, _norms(x), _norms(y), lw, index_rows(exclude), e2, scal, acc, v, lse2, cert, stats,
-        N, B, D, e2_stride, PREC=prec_code, RECOMPUTE=bool(recompute), FALLBACK=bool(fallback),
-    )
+    with launch_guard(x):
+        wrap_triton(_gemm_fwd_kernel)[grid](
+            x, y, _norms(x), _norms(y), lw, index_rows(exclude), e2, half_p, tiny, c_s, K, tight,
+            float(tau_v), float(tau_ls), acc, v, lse2, cert, stats,
+            N, B, D, e2_stride, size_class(N, B), PREC=prec_code, RECOMPUTE=bool(recompute),
+            FALLBACK=bool(fallback),
+        )
     return GemmResult(v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c, cert, stats)
 
 
@@ -524,9 +573,14 @@ def gemm_r2_bounds(x, y, precision="tf32"):
     q = torch.empty((N, B), dtype=torch.float32, device=x.device)
     err = torch.empty((N, B), dtype=torch.float32, device=x.device)
     c_s = rounding_constants(precision, D)
-    bm = 16 if INTERPRETED else 64
-    grid = (triton.cdiv(N, bm), triton.cdiv(B, bm))
-    _r2_bounds_kernel[grid](x, y, _norms(x), _norms(y), q, err, N, B, D, c_s,
-                            PREC=PRECISIONS[precision][0], BLOCK_M=bm, BLOCK_N=bm,
-                            BLOCK_K=16 if INTERPRETED else 32)
+    with launch_guard(x):
+        _r2_bounds_kernel[r2_grid(N, B)](x, y, _norms(x), _norms(y), q, err, N, B, D, c_s,
+                                         PREC=PRECISIONS[precision][0], BLOCK_M=R2_BLOCK,
+                                         BLOCK_N=R2_BLOCK, BLOCK_K=R2_BLOCK_K,
+                                         num_warps=R2_WARPS)
     return q, err
+
+
+def r2_grid(N: int, B: int) -> tuple[int]:
+    """The r2-bounds launch grid: one program per R2_BLOCK x R2_BLOCK tile, on axis 0 only."""
+    return (triton.cdiv(N, R2_BLOCK) * triton.cdiv(B, R2_BLOCK),)

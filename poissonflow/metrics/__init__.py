@@ -12,6 +12,11 @@ Return types follow one rule:
 | `effective_rank`, `rankme`, `energy_distance*` | python float (float64 math) | reports |
 | `singular_values` | numpy float64 array | a vector report |
 | `uniform_sphere`, `uniform_hemisphere` | torch float64 tensor | reference samples |
+| `Alignment`, `Uniformity`, ... `.compute()` | 0-dim tensor, no autograd | streaming, as torchmetrics |
+
+Streaming forms for a training loop (update / compute / reset, synced over processes):
+`Alignment`, `Uniformity`, `WassersteinUniformity`, `EffectiveRank`, `RankMe`
+(`poissonflow.metrics.streaming`).
 
 Call `float(...)` on a tensor metric to report it. Report metrics detach their input and compute
 in float64 on the input's device; tensor metrics compute in the input's dtype (numpy input becomes
@@ -26,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from . import _checks
+from .. import _checks
 
 __all__ = [
     "l2_normalize",
@@ -42,6 +47,12 @@ __all__ = [
     "energy_distance_to_hemisphere",
     "uniform_sphere",
     "uniform_hemisphere",
+    "StreamingMetric",
+    "Alignment",
+    "Uniformity",
+    "WassersteinUniformity",
+    "EffectiveRank",
+    "RankMe",
 ]
 
 # Pair-matrix elements one chunk may hold: 2**22 float64 values is 32 MiB. uniform_loss and the
@@ -72,10 +83,18 @@ def as_features(x, name: str, *, min_rows: int = 2) -> torch.Tensor:
     return x
 
 
-def l2_normalize(x, name: str = "x") -> torch.Tensor:
+def l2_normalize(x: torch.Tensor | np.ndarray, name: str = "x") -> torch.Tensor:
     """Rows of `x` (N, D) divided by their Euclidean norm, as a tensor (numpy is wrapped); a
     zero row has no direction, so it is an error (F.normalize would silently map it to zero).
-    `name` is the argument named in error messages."""
+    `name` is the argument named in error messages.
+
+    Args:
+        x: rows (N, D), a torch tensor or a floating numpy array.
+        name: the argument named in error messages.
+
+    Returns:
+        The unit rows, a tensor.
+    """
     x = as_features(x, name, min_rows=1)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     zero = int((norms == 0).sum())
@@ -126,13 +145,23 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.
 # ----------------------------------------------------------------------------- Wang & Isola
 
 
-def align_loss(x, y, alpha: float = 2.0) -> torch.Tensor:
+def align_loss(
+    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, alpha: float = 2.0
+) -> torch.Tensor:
     """Alignment of Wang & Isola (2020): mean over pairs of ||x_i - y_i||^alpha.
 
     x, y: (N, D) features of the two views, N >= 1 (normally L2-normalised by the caller);
     alpha > 0.
     Returns a 0-dim tensor with autograd. A coincident pair (x_i = y_i) contributes 0 with a zero
     gradient, never NaN.
+
+    Args:
+        x: first view (N, D).
+        y: second view (N, D), paired with x row by row.
+        alpha: the exponent, > 0.
+
+    Returns:
+        A 0-dim tensor with autograd.
     """
     x = as_features(x, "x", min_rows=1)
     y = as_features(y, "y", min_rows=1)
@@ -187,7 +216,9 @@ def _masked_scores(x, sq, i0, i1, t):
     return s
 
 
-def uniform_loss(x, t: float = 2.0, *, chunk_size: int | None = None) -> torch.Tensor:
+def uniform_loss(
+    x: torch.Tensor | np.ndarray, t: float = 2.0, *, chunk_size: int | None = None
+) -> torch.Tensor:
     """Uniformity of Wang & Isola (2020): log of the mean Gaussian potential over distinct pairs,
 
         U(x) = log( 2 / (N (N-1)) * sum_{i<j} exp(-t ||x_i - x_j||^2) ).
@@ -197,6 +228,14 @@ def uniform_loss(x, t: float = 2.0, *, chunk_size: int | None = None) -> torch.T
     chunks (default: as many rows as fit in 2**22 pair entries) with an exact streaming
     logsumexp, in the forward and in the backward pass. Returns a 0-dim tensor with autograd
     (first derivatives only), in x's dtype.
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        t: the temperature, > 0.
+        chunk_size: rows per block (None: as many as fit in 2**22 pair entries).
+
+    Returns:
+        A 0-dim tensor with autograd, in x's dtype.
     """
     x = as_features(x, "x", min_rows=2)
     tt = _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)
@@ -213,7 +252,7 @@ def uniform_loss(x, t: float = 2.0, *, chunk_size: int | None = None) -> torch.T
 # ----------------------------------------------------------------------------- Fang et al.
 
 
-def wasserstein_uniformity(x) -> torch.Tensor:
+def wasserstein_uniformity(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Wasserstein uniformity of Fang et al. (ICLR 2024, "Rethinking the Uniformity Metric in
     Self-Supervised Learning"): the 2-Wasserstein distance between N(mu, Sigma), fitted to the
     L2-normalised features, and N(0, I/m), the limit of the uniform distribution on S^(m-1):
@@ -231,6 +270,12 @@ def wasserstein_uniformity(x) -> torch.Tensor:
     cloned or collapsed features) gets finite gradients instead of NaN. The eigenvalue-only
     backward needs no 1/(lambda_i - lambda_j) terms, so repeated eigenvalues are harmless too.
     Returns a 0-dim tensor with autograd, in x's dtype. Zero rows are an error (no direction).
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+
+    Returns:
+        A 0-dim tensor with autograd, in x's dtype.
     """
     x = as_features(x, "x", min_rows=2)
     z = l2_normalize(x.to(torch.float64), "x")
@@ -262,11 +307,22 @@ def _sqrt_above(v: torch.Tensor, floor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- spectrum
 
 
-def singular_values(x, *, center: bool = False, normalize: bool = False) -> np.ndarray:
+def singular_values(
+    x: torch.Tensor | np.ndarray, *, center: bool = False, normalize: bool = False
+) -> np.ndarray:
     """Singular values of the feature matrix (N, D), largest first, as a float64 numpy array of
     length min(N, D). center subtracts the column means first (then s_k^2 / N are the
     eigenvalues of the biased covariance); normalize L2-normalises the rows first (Fang et al.
-    plot the spectrum of normalised features)."""
+    plot the spectrum of normalised features).
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        center: subtract the column means first.
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        A float64 numpy array of length min(N, D), largest first.
+    """
     z = _spectrum_input(x, center, normalize)
     return torch.linalg.svdvals(z).cpu().numpy()
 
@@ -288,20 +344,44 @@ def _spectral_distribution(x, center, normalize) -> torch.Tensor:
     return s / total
 
 
-def effective_rank(x, *, center: bool = False, normalize: bool = False) -> float:
+def effective_rank(
+    x: torch.Tensor | np.ndarray, *, center: bool = False, normalize: bool = False
+) -> float:
     """Effective rank of Roy & Vetterli (2007): exp of the Shannon entropy of the normalised
     singular values, p_k = s_k / sum_j s_j, erank = exp(-sum_k p_k log p_k) with 0 log 0 = 0.
     It lies in [1, min(N, D)]; an isotropic Gaussian sample with N >> D gives nearly D.
-    No epsilon (see `rankme` for the version with one). Returns a float."""
+    No epsilon (see `rankme` for the version with one).
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        center: subtract the column means first.
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        The effective rank, a float.
+    """
     p = _spectral_distribution(x, center, normalize)
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
     return float(torch.exp(-plogp.sum()))
 
 
-def rankme(x, *, eps: float = 1e-7, center: bool = False, normalize: bool = False) -> float:
+def rankme(
+    x: torch.Tensor | np.ndarray, *, eps: float = 1e-7, center: bool = False,
+    normalize: bool = False,
+) -> float:
     """RankMe of Garrido et al. (ICML 2023): the effective rank with a small constant added,
     p_k = s_k / ||s||_1 + eps, RankMe = exp(-sum_k p_k log p_k), eps = 1e-7 as in the paper.
-    Differs from `effective_rank` by O(min(N, D) * eps * log eps). Returns a float."""
+    Differs from `effective_rank` by O(min(N, D) * eps * log eps).
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        eps: the constant added to the normalised singular values, >= 0.
+        center: subtract the column means first.
+        normalize: L2-normalise the rows first.
+
+    Returns:
+        RankMe, a float.
+    """
     e = _checks.check_scalar(eps, "eps", minimum=0.0)
     p = _spectral_distribution(x, center, normalize) + e
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), 0.0)
@@ -320,6 +400,12 @@ def uniform_sphere_mean_distance(dim: int) -> float:
         c_m = 2^(m-1) Gamma(m/2)^2 / ( sqrt(pi) Gamma(m - 1/2) ),
 
     evaluated in float64 through math.lgamma. c_1 = 1, c_2 = 4/pi, c_3 = 4/3, c_m -> sqrt(2).
+
+    Args:
+        dim: the dimension m of R^m, >= 1.
+
+    Returns:
+        c_m, a float.
     """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -354,7 +440,9 @@ def _mean_distance(a: torch.Tensor, b: torch.Tensor | None, unbiased: bool) -> f
     return float(total) / pairs
 
 
-def energy_distance(x, y, *, unbiased: bool = False) -> float:
+def energy_distance(
+    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, unbiased: bool = False
+) -> float:
     """Two-sample energy distance (Szekely & Rizzo) between the rows of x (N, D) and y (M, D):
 
         ED = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||.
@@ -362,7 +450,15 @@ def energy_distance(x, y, *, unbiased: bool = False) -> float:
     Default (unbiased=False): the V-statistic, i.e. the exact energy distance between the two
     empirical distributions; it is >= 0 and 0 only for equal samples. unbiased=True uses the
     U-statistics for the within-sample terms (unbiased for the population value, may be slightly
-    negative). Float64, O(N + M) memory beyond one chunk of pair distances. Returns a float.
+    negative). Float64, O(N + M) memory beyond one chunk of pair distances.
+
+    Args:
+        x: first sample (N, D).
+        y: second sample (M, D).
+        unbiased: U-statistics for the within-sample terms.
+
+    Returns:
+        The energy distance, a float.
     """
     x = _report64(as_features(x, "x", min_rows=2))
     y = _report64(as_features(y, "y", min_rows=2))
@@ -390,7 +486,9 @@ def _unit_rows(x, normalize: bool) -> torch.Tensor:
     return x
 
 
-def energy_distance_to_sphere(x, *, normalize: bool = True, unbiased: bool = False) -> float:
+def energy_distance_to_sphere(
+    x: torch.Tensor | np.ndarray, *, normalize: bool = True, unbiased: bool = False
+) -> float:
     """Energy distance between the rows of x, as points of S^(m-1), and the uniform distribution
     on S^(m-1), in closed form. For unit x, E||x - U|| = c_m whatever x is
     (`uniform_sphere_mean_distance`), and E||U - U'|| = c_m as well, so
@@ -399,20 +497,40 @@ def energy_distance_to_sphere(x, *, normalize: bool = True, unbiased: bool = Fal
 
     normalize=True L2-normalises the rows first (zero rows are an error); normalize=False
     requires unit rows. E||X - X'|| is the V-statistic by default (the exact, non-negative
-    distance of the empirical distribution), the U-statistic with unbiased=True. Returns a float.
+    distance of the empirical distribution), the U-statistic with unbiased=True.
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        normalize: L2-normalise the rows first (else they must be unit).
+        unbiased: the U-statistic for E||X - X'||.
+
+    Returns:
+        The energy distance, a float.
     """
     z = _unit_rows(x, normalize)
     return uniform_sphere_mean_distance(z.shape[1]) - _mean_distance(z, None, unbiased)
 
 
 def energy_distance_to_hemisphere(
-    x, *, n_reference: int = 4096, seed: int = 0, normalize: bool = True, unbiased: bool = False
+    x: torch.Tensor | np.ndarray, *, n_reference: int = 4096, seed: int = 0,
+    normalize: bool = True, unbiased: bool = False,
 ) -> float:
     """Energy distance between the rows of x (N, D) and the uniform distribution on the upper
     hemisphere {u in S^(D-1): u_D >= 0}, where Poisson-flowed features (D = d + 1) end up.
     E||x - U_hemi|| depends on x's height, so there is no constant closed form: this is the
     two-sample `energy_distance` against `n_reference` samples of `uniform_hemisphere` drawn
-    with `seed` (reproducible). normalize as in `energy_distance_to_sphere`. Returns a float."""
+    with `seed` (reproducible). normalize as in `energy_distance_to_sphere`.
+
+    Args:
+        x: features (N, D), a torch tensor or a floating numpy array.
+        n_reference: hemisphere samples drawn.
+        seed: their seed.
+        normalize: L2-normalise the rows first (else they must be unit).
+        unbiased: U-statistics for the within-sample terms.
+
+    Returns:
+        The energy distance, a float.
+    """
     z = _unit_rows(x, normalize)
     ref = uniform_hemisphere(n_reference, z.shape[1], seed=seed).to(z.device)
     return energy_distance(z, ref, unbiased=unbiased)
@@ -420,7 +538,16 @@ def energy_distance_to_hemisphere(
 
 def uniform_sphere(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
     """n samples uniform on S^(dim-1) in R^dim (normalised standard Gaussians), float64, CPU,
-    reproducible from `seed`."""
+    reproducible from `seed`.
+
+    Args:
+        n: samples, >= 1.
+        dim: dimension of the ambient space, >= 1.
+        seed: the seed.
+
+    Returns:
+        A (n, dim) float64 CPU tensor.
+    """
     for value, label in ((n, "n"), (dim, "dim")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
@@ -435,9 +562,29 @@ def uniform_sphere(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
 def uniform_hemisphere(n: int, dim: int, *, seed: int = 0) -> torch.Tensor:
     """n samples uniform on the upper hemisphere {u in S^(dim-1): u_dim >= 0} of R^dim: uniform
     sphere samples with the last coordinate replaced by its absolute value (the reflection
-    preserves the uniform measure). float64, CPU, reproducible from `seed`."""
+    preserves the uniform measure). float64, CPU, reproducible from `seed`.
+
+    Args:
+        n: samples, >= 1.
+        dim: dimension of the ambient space, >= 2.
+        seed: the seed.
+
+    Returns:
+        A (n, dim) float64 CPU tensor.
+    """
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
         raise ValueError(f"dim must be an int >= 2 for a hemisphere, got {dim!r}")
     u = uniform_sphere(n, dim, seed=seed)
     u[:, -1] = u[:, -1].abs()
     return u
+
+
+# the streaming forms build on the functions above
+from .streaming import (  # noqa: E402
+    Alignment,
+    EffectiveRank,
+    RankMe,
+    StreamingMetric,
+    Uniformity,
+    WassersteinUniformity,
+)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from . import _checks
-from .field import poisson_field
-from .bank import FeatureBank
-from .metrics import align_loss, as_features, check_pairs, l2_normalize, powered_norm
-from .metrics import uniform_loss, wasserstein_uniformity
+from .. import _checks
+from ..field import poisson_field
+from ..bank import FeatureBank
+from . import _coincident
+from ..metrics import align_loss, as_features, check_pairs, l2_normalize, powered_norm
+from ..metrics import uniform_loss, wasserstein_uniformity
 
 __all__ = [
     "align_uniform_loss",
@@ -44,8 +46,8 @@ BATCH_NORM_EPS = 1e-5
 
 
 def align_uniform_loss(
-    x,
-    y,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
     *,
     alpha: float = 2.0,
     t: float = 2.0,
@@ -60,6 +62,18 @@ def align_uniform_loss(
 
     The paper applies it to L2-normalised encoder outputs; normalize=True (default) does that
     here (zero rows are an error), normalize=False takes x and y as they are.
+
+    Args:
+        x: first view's features (N, D), N >= 2.
+        y: second view's features (N, D), paired with x row by row.
+        alpha: the alignment exponent, > 0.
+        t: the uniformity temperature, > 0.
+        align_weight: weight of the alignment term.
+        uniform_weight: weight of the uniformity term.
+        normalize: L2-normalise x and y first.
+
+    Returns:
+        A 0-dim tensor with gradients.
     """
     x = as_features(x, "x", min_rows=2)
     y = as_features(y, "y", min_rows=2)
@@ -72,11 +86,23 @@ def align_uniform_loss(
     return wa * align_loss(x, y, alpha) + wu * unif
 
 
-def wasserstein_uniformity_loss(x, y=None, *, weight: float = 1.0) -> torch.Tensor:
+def wasserstein_uniformity_loss(
+    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | None = None, *,
+    weight: float = 1.0,
+) -> torch.Tensor:
     """Fang et al.'s auxiliary term, added to a base self-supervised loss (they use BYOL, Barlow
     Twins, MoCo): loss = base_loss + weight * W2, with W2 the `wasserstein_uniformity` of x, or
     of both views stacked (x on top of y, one W2 over 2N rows) when y is given. Rank-deficient
-    batches (N < D) give finite gradients."""
+    batches (N < D) give finite gradients.
+
+    Args:
+        x: features (N, D).
+        y: optional second view (M, D), stacked under x.
+        weight: the term's weight.
+
+    Returns:
+        A 0-dim tensor with gradients.
+    """
     w = _checks.check_scalar(weight, "weight")
     x = as_features(x, "x", min_rows=1 if y is not None else 2)
     if y is not None:
@@ -92,9 +118,9 @@ def wasserstein_uniformity_loss(x, y=None, *, weight: float = 1.0) -> torch.Tens
 
 
 def contrastive_l2_loss(
-    x,
-    x_pos,
-    x_neg=None,
+    x: torch.Tensor | np.ndarray,
+    x_pos: torch.Tensor | np.ndarray,
+    x_neg: torch.Tensor | np.ndarray | None = None,
     *,
     alpha: float = 2.0,
     beta: float = 1.0,
@@ -112,6 +138,18 @@ def contrastive_l2_loss(
     only if beta < alpha (scaling all features by s multiplies the terms by s^alpha and
     s^beta); with normalize=True every vector is L2-normalised first and any beta works.
     A zero difference contributes 0 with a zero gradient for any exponent.
+
+    Args:
+        x: anchors (N, D).
+        x_pos: their positives (N, D).
+        x_neg: negatives (N, K, D) or (K, D), or None for in-batch negatives.
+        alpha: the positive term's exponent, > 0.
+        beta: the negative term's exponent, > 0.
+        lam: weight of the negative term.
+        normalize: L2-normalise every vector first.
+
+    Returns:
+        A 0-dim tensor with gradients.
     """
     x = as_features(x, "x", min_rows=1)
     x_pos = as_features(x_pos, "x_pos", min_rows=1)
@@ -164,8 +202,8 @@ def _negatives(x_neg, x: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def noise_injected_infonce(
-    z1,
-    z2,
+    z1: torch.Tensor | np.ndarray,
+    z2: torch.Tensor | np.ndarray,
     *,
     target: str = "sphere",
     sigma: float = 0.3,
@@ -209,7 +247,19 @@ def noise_injected_infonce(
     needs an explicit temperature.
 
     `generator` fixes the noise (it must live on z1's device); the same generator state gives
-    the same loss. Returns a 0-dim tensor with gradients through z1 and z2.
+    the same loss.
+
+    Args:
+        z1: first view's encoder outputs (N, D), N >= 2.
+        z2: second view's encoder outputs (N, D).
+        target: "sphere", "gaussian" or "uniform".
+        sigma: the noise scale, >= 0.
+        temperature: the critic's temperature, or None to match it to the noise.
+        critic: "sqdist" or "dot".
+        generator: a torch.Generator fixing the noise, or None.
+
+    Returns:
+        A 0-dim tensor with gradients through z1 and z2.
     """
     z1 = as_features(z1, "z1", min_rows=2)
     z2 = as_features(z2, "z2", min_rows=2)
@@ -261,9 +311,15 @@ def _inject_noise(z, target: str, sigma: float, generator) -> torch.Tensor:
     return z + sigma * e
 
 
-def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
-                          bank: torch.Tensor | FeatureBank | None = None,
-                          normalize: bool = True, backend: str = "auto") -> torch.Tensor:
+def riesz_uniformity_loss(
+    x: torch.Tensor | np.ndarray,
+    s: float,
+    *,
+    bank: torch.Tensor | FeatureBank | None = None,
+    normalize: bool = True,
+    coincident: str = "exclude",
+    backend: str = "auto",
+) -> torch.Tensor:
     """Riesz s-energy uniformity: the log of the mean inverse s-th power distance over pairs,
 
         L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),
@@ -327,16 +383,22 @@ def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
     Harmless for stochastic training; use float64 where gradients must be exact to float32
     rounding.
 
-    **Exact duplicates** (two different rows with u_i = u_j) are defined by the kernel's floor:
-    their r2 is floored at the smallest normal number `tiny` of the dtype, so each duplicated
-    pair contributes tiny^(-s/2) and L is about -(s/2) log(tiny) + log(#duplicate ordered pairs)
-    - log(#pairs) (84.0 for one duplicate pair, s = 2, N = 8 in float32; 705.1 in float64):
-    large, finite and dtype-dependent. The gradient is then finite but vanishes, of order
-    tiny^(s/2) for every row (1e-38 at s = 2 in float32, 1e-308 in float64): the duplicate
-    pair's own difference vector is exactly 0 and it takes all the weight of the log-sum-exp,
-    so exact duplicates are not pulled apart. Distinct inputs make them a measure-zero event,
-    with one trap: a batch pushed into the bank before its own loss is computed duplicates
-    every row, so push after the loss (MoCo's order: loss, backward, step, enqueue).
+    **Coincident rows** (rows equal after the normalisation: a sample drawn twice, a batch
+    already pushed into the bank) are one point, not a pair at distance 0, whose r^(-s) would be
+    infinite (the kernel floors r2 at the dtype's smallest normal number: the pair would swamp
+    the loss, about 79 at s = 2 in float32, and the gradient would vanish, about 1e-36).
+    coincident="exclude" (default) leaves their pairs out like a row's own pair: the sums run
+    over pairs of distinct points and the pair count above becomes N (N + K) - sum_g c_g (c_g +
+    m_g), c_g the rows of the batch equal to one another, m_g the bank rows equal to them; each
+    copy gets the gradient of a single point there (the same for every copy).
+    coincident="raise" raises a ValueError naming the rows instead. If no pair of distinct
+    points is left (every row equal, and the bank empty or equal to them) it is a ValueError.
+    Found exactly, without an N x N or N x K buffer (docs/DESIGN.md, "Coincident rows in the
+    Riesz loss"); rows that are merely close are not coincident.
+
+    **Symmetric pairs.** The batch-batch sum is symmetric in (i, j), so the gradient through the
+    charges equals the gradient through the queries: the first call passes the charges detached
+    and doubles its gradient, and the op computes no charge gradient at all.
 
     Args:
         x: features (N, D), float32 or float64 (what `backend` supports); N >= 2, or N >= 1
@@ -346,12 +408,18 @@ def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
         normalize: L2-normalise x and the bank first (True) or take them as they are (False:
             then keep them on a sphere yourself; unconfined in R^D the energy only falls as
             the points move apart, without bound).
+        coincident: "exclude" (coincident rows are one point) or "raise" (a ValueError naming
+            them).
         backend: the field op's backend ("auto", "cpu", "reference", "triton", "cuda").
+
+    Returns:
+        The loss, a 0-dim tensor in x's dtype, differentiable in x.
     """
     x = as_features(x, "x", min_rows=1)
     sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    check_coincident(coincident)
     n, d = x.shape
     bank = _bank_rows(bank, x)
     k = 0 if bank is None else bank.shape[0]
@@ -361,27 +429,69 @@ def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
             "at least one pair (N >= 2, or a non-empty bank)"
         )
     u = l2_normalize(x, "x") if normalize else x
-    # Per block of charges, log of its sum over (i, j) of r_ij^(-s) relative to the pair count:
-    # the op's log_scale, plus the log of the weight sum it was normalised by (the block's size,
-    # the excluded charge included), minus log(#pairs). These O(N) reductions run in float64:
-    # in float32 the rounding of logs of order log(#pairs) ~ 10, which cancel down to a loss of
-    # order 0.1, cost up to 7e-6 of relative error (measured), more than the kernel's own.
-    pairs = math.log(n) + math.log(n - 1 + k)
-    parts = []
-    if n >= 2:
-        own = torch.arange(n, device=x.device)  # each query's own charge
-        _, ls = poisson_field(u, u, power=sv, exclude=own, backend=backend)
-        parts.append(torch.logsumexp(ls.to(torch.float64), dim=0) + (math.log(n) - pairs))
+    b = None
     if bank is not None:
         if normalize:
             b = l2_normalize(bank, "bank")  # checks for NaN/inf and zero rows
         else:
             _checks.check_finite(bank, "bank")
             b = bank
-        _, ls = poisson_field(u, b, power=sv, backend=backend)
-        parts.append(torch.logsumexp(ls.to(torch.float64), dim=0) + (math.log(k) - pairs))
+    co = _coincident.find(u.detach(), b)
+    if coincident == "raise" and (co.in_batch or co.with_bank):
+        raise ValueError(f"coincident rows (equal after normalisation): {co.describe()}; "
+                         "pass coincident='exclude' to count each as one point")
+    n_pairs = co.pairs(n, k)
+    if n_pairs == 0:
+        raise ValueError(
+            f"all {n} rows of x coincide (and the bank holds no other point): the Riesz energy "
+            "has no pair of distinct points (collapsed features?)"
+        )
+    # Per block of charges, log of its sum over (i, j) of w_j r_ij^(-s) relative to the pair
+    # count: the op's log_scale, plus the log of the weight sum it was normalised by (N or K,
+    # the excluded charges included), minus log(#pairs). These O(N) reductions run in float64:
+    # in float32 the rounding of logs of order log(#pairs) ~ 10, which cancel down to a loss of
+    # order 0.1, cost up to 7e-6 of relative error (measured), more than the kernel's own.
+    pairs = math.log(n_pairs)
+    parts = []
+    if co.groups >= 2:
+        w = co.batch_weights(0, n, x.dtype)
+        _, ls = poisson_field(u, u.detach(), weights=w, power=sv, exclude=co.batch_exclude(0, n),
+                              backend=backend)
+        lse = _finite_logsumexp(ls)
+        parts.append(2.0 * lse - lse.detach() + (math.log(n) - pairs))  # symmetric pairs
+    if b is not None:
+        _, ls = poisson_field(u, b, weights=co.bank_weights(0, x.dtype), power=sv,
+                              exclude=co.bank_exclude(0, n), backend=backend)
+        parts.append(_finite_logsumexp(ls) + (math.log(k) - pairs))
+    parts = [p for p in parts if bool(torch.isfinite(p.detach()))]
     total = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])
     return total.to(x.dtype)
+
+
+COINCIDENT = ("exclude", "raise")
+
+
+def check_coincident(coincident: str) -> None:
+    """Validates the `coincident` argument of the Riesz losses.
+
+    Args:
+        coincident: the value to check.
+    """
+    if coincident not in COINCIDENT:
+        raise ValueError(f"coincident must be one of {COINCIDENT}, got {coincident!r}")
+
+
+def _finite_logsumexp(ls: torch.Tensor) -> torch.Tensor:
+    """logsumexp of ls in float64 over its finite entries (a row that no charge reaches has
+    log_scale -inf); -inf, with a zero gradient rather than NaN, when none is finite."""
+    ls = ls.to(torch.float64)
+    finite = torch.isfinite(ls)
+    if bool(finite.all()):
+        return torch.logsumexp(ls, dim=0)
+    safe = torch.where(finite, ls, 0.0)
+    if not bool(finite.any()):
+        return safe.sum() * 0.0 - math.inf
+    return torch.logsumexp(torch.where(finite, ls, -math.inf), dim=0)
 
 
 def _bank_rows(bank, x: torch.Tensor):

@@ -1,0 +1,159 @@
+"""The instruction mix of the CPU kernels' inner loops, counted from the built extension.
+
+    python bench/asm_mix.py                       # field_tile<float, true> etc. of the avx512 copy
+    python bench/asm_mix.py --isa avx2 --function 'backward_item<float>'
+
+Disassembles the kernels' object file of that copy (`objdump -d -C`; the installed extension is
+stripped, and the object files under build/ are what was linked into it), takes one function of the chosen instruction-set
+copy, finds its loops (a branch back to an earlier address inside the function) and, for every
+innermost loop, counts the vector instructions by the pipe class they use: FMA, add/sub, mul,
+max/min/compare, div, sqrt, permutes, vector loads (including memory operands and broadcasts)
+and stores. docs/performance.md reads the kernels' per-pair, per-dimension mix off these
+counts; bench/ceiling.py turns the mix into a ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+CLASSES = (
+    ("fma", re.compile(r"^v(p)?f(n)?m(add|sub)(sub|add)?\d{3}[ps][sd]")),
+    ("div", re.compile(r"^vdiv[ps][sd]|^vrcp")),
+    ("sqrt", re.compile(r"^vsqrt[ps][sd]|^vrsqrt")),
+    ("mul", re.compile(r"^vmul[ps][sd]")),
+    ("add", re.compile(r"^v(add|sub)[ps][sd]")),
+    ("max", re.compile(r"^v(max|min)[ps][sd]|^vcmp[ps][sd]|^vblendm|^vpcmp|^vpblendm")),
+    ("cvt", re.compile(r"^vcvt|^vround|^vrndscale|^vgetexp|^vscalef")),
+    ("int", re.compile(r"^vp(add|sub|and|or|xor|sll|srl|sra|mul|max|min)|^vpternlog|^vand|^vor|^vxor")),
+    ("perm", re.compile(r"^v(perm|shuf|unpck|pshuf|insert|extract|valign|palign|pblend|blend)")),
+    ("bcast", re.compile(r"^v(p)?broadcast")),
+    ("mov", re.compile(r"^v(mov|pmov)")),
+)
+
+LINE = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
+BRANCH = re.compile(r"^j[a-z]+$")
+
+
+def disassemble(path: str) -> list[str]:
+    objdump = shutil.which("objdump")
+    if not objdump:
+        raise SystemExit("objdump not found")
+    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", path],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def function_body(lines: list[str], isa: str, function: str) -> list[tuple[int, str, str]]:
+    """Instructions of the first function whose demangled name contains both the ISA's namespace
+    and `function` (e.g. 'field_tile<float, true>')."""
+    ns = f"isa_{isa}::"
+    body, inside = [], False
+    for ln in lines:
+        if ln.endswith(">:") and re.match(r"^[0-9a-f]+ <", ln):
+            if inside:
+                break
+            inside = ns in ln and function in ln
+            continue
+        if inside:
+            m = LINE.match(ln)
+            if m:
+                body.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return body
+
+
+def classify(mn: str, ops: str) -> list[str]:
+    """Pipe classes of one instruction, plus 'load' for a memory source and 'store' for a
+    memory destination (AT&T syntax: the destination is the last operand)."""
+    out = []
+    if mn.startswith("v") or mn.startswith("kmov") or mn.startswith("k"):
+        for name, pat in CLASSES:
+            if pat.match(mn):
+                out.append(name)
+                break
+        else:
+            out.append("other_vec" if mn.startswith("v") else "mask")
+    else:
+        out.append("scalar")
+    if "(" in ops and mn.startswith("v"):
+        parts = [p.strip() for p in re.split(r",(?![^(]*\))", ops)]
+        if "(" in parts[-1] and (mn.startswith("vmov") or mn.startswith("vextract")):
+            out.append("store")
+        elif any("(" in p for p in parts):
+            out.append("load")
+    return out
+
+
+def loops(body):
+    """(start, end) address ranges of the loops: a branch whose target lies before it."""
+    found = []
+    for addr, mn, ops in body:
+        if BRANCH.match(mn):
+            m = re.match(r"([0-9a-f]+)", ops)
+            if m:
+                tgt = int(m.group(1), 16)
+                if tgt <= addr and tgt >= body[0][0]:
+                    found.append((tgt, addr))
+    return found
+
+
+def innermost(found):
+    return [l for l in found
+            if not any(o != l and o[0] >= l[0] and o[1] <= l[1] for o in found)]
+
+
+def mix(body, lo, hi) -> dict:
+    counts: dict = {}
+    for addr, mn, ops in body:
+        if lo <= addr <= hi:
+            for c in classify(mn, ops):
+                counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def object_file(isa: str) -> str:
+    """The kernels' object file of one instruction-set copy in the build tree."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hits = sorted(glob.glob(os.path.join(root, "build", "*", "CMakeFiles", f"pf_cpu_{isa}.dir",
+                                         "csrc", "cpu", "field_cpu.cpp.o")),
+                  key=os.path.getmtime)
+    if not hits:
+        raise SystemExit(f"no build/*/CMakeFiles/pf_cpu_{isa}.dir object: build the extension "
+                         "(pip install -e .) first, or pass --obj")
+    return hits[-1]
+
+
+def main(argv=None):
+    import poissonflow._C as C
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--isa", default=C.chosen_isa())
+    ap.add_argument("--obj", help="object file to read (default: the build tree's copy)")
+    ap.add_argument("--function", action="append",
+                    help="demangled name fragment (repeatable); default: the field's kernels")
+    ap.add_argument("--min-vector", type=int, default=4,
+                    help="show loops with at least this many vector arithmetic instructions")
+    args = ap.parse_args(argv)
+    functions = args.function or ["field_tile<float, true>", "field_tile<float, false>",
+                                  "backward_item<float>"]
+    lines = disassemble(args.obj or object_file(args.isa))
+    keys = ("fma", "add", "mul", "max", "div", "sqrt", "cvt", "int", "perm", "bcast", "load",
+            "store", "mov", "scalar")
+    for fn in functions:
+        body = function_body(lines, args.isa, fn)
+        print(f"\n{fn} ({args.isa}): {len(body)} instructions")
+        print(f"  {'loop':>13} " + " ".join(f"{k:>6}" for k in keys))
+        for lo, hi in sorted(innermost(loops(body))):
+            m = mix(body, lo, hi)
+            arith = sum(m.get(k, 0) for k in ("fma", "add", "mul", "max", "div", "sqrt"))
+            if arith < args.min_vector:
+                continue
+            print(f"  {lo:6x}-{hi:6x} " + " ".join(f"{m.get(k, 0):6d}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()

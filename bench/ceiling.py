@@ -1,0 +1,332 @@
+"""The machine's own ceiling for each CPU kernel: the vector-pipe micro-benchmark and the
+kernels' instruction mix (docs/performance.md).
+
+    python bench/ceiling.py                          # pipe rates and ceilings, this machine
+    python bench/ceiling.py --json docs/bench/ceiling.json --txt docs/bench/ceiling.txt
+
+`measure_pipes()` runs the micro-benchmark compiled into the extension (poissonflow._C.pipe_rate:
+csrc/cpu/pipe_bench.cpp, the dispatcher's instruction set, the kernels' own exp2/log2/power
+code) on the kernels' thread team and keeps the best of a few short repeats of each operation
+(the machine is shared; the best repeat is the closest to an idle core). `Ceiling` turns the
+rates into the time a kernel could take at best:
+
+    a phase (one loop nest) takes at least  max(fma/R_fma, add/R_add, (fma + add)/R_fp, loads/R_ld)
+    per vector of W pairs (fma: FMA and multiply instructions, add: add, subtract, max, compare
+    and blend, all from the kernels' assembly: bench/asm_mix.py), the per-pair divisions, square
+    roots, power-form weights or log2/exp2 at their measured throughput, and the phases add up.
+
+The ceiling is an upper bound on the rate (a lower bound on the time) with every pipe busy all
+the time: a kernel at 100% would have no stall, no cache miss and no overhead outside its loops.
+The counts below are per vector of W pairs, per dimension (`per_dim`) or per pair (`per_pair`),
+and follow the register blocks of csrc/cpu/field_tile.h and field_backward.h (Geometry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402
+
+PIPE_OPS = ("fma", "add", "mul", "fma+add", "max", "div", "sqrt", "exp2", "log2", "load",
+            "bcast+fma", "load+bcast+fma", "sub+fma")
+# pipe_bench.cpp's phase_a_step register blocks (param of "phaseA"): the forward's r2 loop as
+# compiled, from L1, to see what its block shape allows of the pipes' rate
+PHASE_A_BLOCKS = {"4x2": 0, "4x3": 1, "6x2": 2, "8x2": 3}
+
+
+def cpu_module():
+    from poissonflow import _ext
+
+    return _ext.cpu_module()
+
+
+def measure_pipes(threads: int, *, dtype_double: bool = False, repeats: int = 15,
+                  iters: int = 300_000, half_ps=(1.5, 64.5), isa: str = "auto") -> dict:
+    """Vector operations per second of `threads` cores for every pipe operation, the power-form
+    weight at each p/2 in half_ps ('pow_weight@1.5', ...), the core clock ('clock_hz') and the
+    vector width. Each operation runs on one thread, best of `repeats` short runs (about a
+    millisecond each: on a shared machine the best run is the one no other process
+    interrupted), times `threads`: the cores are alike and the kernels' threads share nothing
+    in these loops. 'team_fma' is the FMA rate of the whole team measured at once, for the
+    record (it falls short of threads x the one-thread rate when other jobs hold cores)."""
+    C = cpu_module()
+    out: dict = {}
+
+    def best(op, n, param=0.0, th=1):
+        return max(C.pipe_rate(op, n, th, param, dtype_double, isa) for _ in range(repeats))
+
+    for op in PIPE_OPS:
+        slow = op in ("div", "sqrt", "exp2", "log2")
+        out[op] = threads * best(op, iters // 8 if slow else iters)
+    for hp in half_ps:
+        out[f"pow_weight@{hp:g}"] = threads * best("pow_weight", iters // 8, hp)
+    for name, param in PHASE_A_BLOCKS.items():
+        out[f"phaseA@{name}"] = threads * best("phaseA", iters, param)
+    out["team_fma"] = best("fma", iters, th=threads)
+    out["clock_hz"] = best("clock", iters)
+    out["vector_bytes"] = C.vector_bytes(isa)
+    out["threads"] = threads
+    out["double"] = dtype_double
+    return out
+
+
+def pipe_table(rates: dict) -> list[tuple[str, float, float]]:
+    """(operation, vector ops per second per thread, per cycle per thread)."""
+    th, clk = rates["threads"], rates["clock_hz"]
+    rows = []
+    for k, v in rates.items():
+        if isinstance(v, float) and k not in ("clock_hz", "team_fma"):
+            rows.append((k, v / th, v / th / clk if not math.isnan(clk) else float("nan")))
+    return rows
+
+
+# ---- the kernels' instruction mix ---------------------------------------------------------------
+
+
+@dataclass
+class Mix:
+    """Instructions per vector of W pairs in one phase (loop nest)."""
+
+    fma: float = 0.0     # FMA and multiply (the two FMA pipes)
+    add: float = 0.0     # add, subtract, max, compare, blend (the add pipes)
+    loads: float = 0.0   # vector loads, memory operands and broadcasts
+    div: float = 0.0
+    sqrt: float = 0.0
+    exp2: float = 0.0
+    log2: float = 0.0
+    pow_weight: float = 0.0  # whole power_weight() calls (their own mix is in the measurement)
+
+    def seconds(self, r: dict, half_p: float | None = None) -> float:
+        t = max(self.fma / r["fma"], self.add / r["add"], (self.fma + self.add) / r["fma+add"],
+                self.loads / load_rate(r))
+        t += self.div / r["div"] + self.sqrt / r["sqrt"]
+        t += self.exp2 / r["exp2"] + self.log2 / r["log2"]
+        if self.pow_weight:
+            t += self.pow_weight / pow_rate(r, half_p)
+        return t
+
+
+def load_rate(r: dict) -> float:
+    """Loads per second: full vectors alone, or a vector and a broadcast per FMA (2 loads)."""
+    return max(r["load"], 2.0 * r["load+bcast+fma"])
+
+
+def pow_rate(r: dict, half_p: float) -> float:
+    """The power-form weight's throughput at p/2, from the measured p/2 closest in cost: its
+    cost is one multiplication per squaring (log2 of the whole part) plus the square roots,
+    so rates are interpolated in log2(p/2) between the measured exponents."""
+    meas = sorted((float(k.split("@")[1]), v) for k, v in r.items() if k.startswith("pow_weight@"))
+    if not meas:
+        raise KeyError("no pow_weight rate measured")
+    for hp, v in meas:
+        if abs(hp - half_p) < 1e-9:
+            return v
+    # cost (seconds per vector) linear in log2(p/2), clamped to the measured range
+    xs = [math.log2(max(hp, 1.0)) for hp, _ in meas]
+    cs = [1.0 / v for _, v in meas]
+    x = math.log2(max(half_p, 1.0))
+    if len(meas) == 1 or x <= xs[0]:
+        return 1.0 / cs[0] if x <= xs[0] else 1.0 / cs[-1]
+    if x >= xs[-1]:
+        return 1.0 / cs[-1]
+    for i in range(len(xs) - 1):
+        if xs[i] <= x <= xs[i + 1]:
+            f = (x - xs[i]) / (xs[i + 1] - xs[i]) if xs[i + 1] > xs[i] else 0.0
+            return 1.0 / (cs[i] + f * (cs[i + 1] - cs[i]))
+    return 1.0 / cs[-1]
+
+
+@dataclass
+class Geometry:
+    """csrc/cpu/field_tile.h Geometry and field_backward.h BackwardBlock for one ISA."""
+
+    W: int
+    QB: int = 4
+    CB: int = 2
+    QC: int = 2
+    KB: int = 3
+    QBb: int = 4   # backward phase A'
+    QCb: int = 4   # backward phase C' (with dy)
+    KBb: int = 2
+    held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
+
+    @staticmethod
+    def for_isa(vector_bytes: int, double: bool = False, D: int = 129) -> Geometry:
+        """avx512: phase A's block is 6 x 2 from D = 8 up (Geometry::qb), 4 x 2 below."""
+        W = vector_bytes // (8 if double else 4)
+        if vector_bytes >= 64:
+            return Geometry(W=W, QB=6 if D >= 8 else 4, KB=6, KBb=3, held=True)
+        return Geometry(W=W)
+
+
+@dataclass
+class KernelMix:
+    """Per dimension and per pair phases of one kernel."""
+
+    per_dim: list = field(default_factory=list)
+    per_pair: list = field(default_factory=list)
+
+    def seconds_per_vector(self, D: int, r: dict, half_p: float | None) -> float:
+        return (D * sum(m.seconds(r, half_p) for m in self.per_dim)
+                + sum(m.seconds(r, half_p) for m in self.per_pair))
+
+
+def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
+    """The forward field (field_tile): A r2 by differences, B weights, C p (y - x). Compiled
+    (avx512, bench/asm_mix.py): A 12 FMA + 12 sub, 2 y loads and 6 broadcasts per 6 x 2 step
+    (D >= 8; 8 + 8 and 2 + 4 at 4 x 2), C 12 FMA + 12 sub and 8 loads per 2 x 6 step."""
+    a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QB) / (g.QB * g.CB))  # d = y - x; r2 += d d
+    c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))           # acc += p (y - x)
+    if power_form:
+        # A: + e2, max(., tiny), q = g / r2;  B: tile max, t^(p/2) (pow_weight), l += p
+        pa = Mix(add=2, loads=1, div=1)
+        pb = Mix(add=2, loads=2, pow_weight=1)
+    else:
+        # A: + e2, max, log2, s = lw - (p/2) log2 r2, select;  B: tile max, 2^(s - m), l += p
+        pa = Mix(fma=1, add=3, loads=1, log2=1)
+        pb = Mix(add=3, loads=2, exp2=1)
+    return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
+
+
+def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
+    """The backward for dx and dy (backward_item): A' r2 and g.(x - y), B' the pair term,
+    C' dx += a d (lanes), dy -= a d + pi g. The per-dimension counts are the compiled loops'
+    (bench/asm_mix.py). A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts
+    (plus 3 reloads of a spilled y vector on avx512: not binding, the FMA pipes are).
+    C' on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers): 10 FMA + 4 mul
+    and 14 add/sub per step, 11 loads (c, pi, y, dy, one y reloaded) and 3 stores; elsewhere
+    (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
+    2 QCb + 2 KBb + 2 QCb KBb loads per step."""
+    a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
+    if g.held:
+        n = 2 * 3
+        c = Mix(fma=14 / n, add=14 / n, loads=11 / n)
+    else:
+        n = g.QCb * g.KBb
+        c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n)
+    if power_form:
+        # A': + e2 (2 stores);  B': rr = 1/max(r2, tiny), g rr, pi = (g rr / Q)^(p/2),
+        # h = gd - dl, a = p pi h rr (3 mul), select
+        pb = Mix(fma=4, add=4, loads=3, div=1, pow_weight=1)
+    else:
+        pb = Mix(fma=5, add=5, loads=3, div=1, log2=1, exp2=1)
+    pa = Mix(add=1)
+    return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
+
+
+def floor_ratio_by_ops() -> float:
+    """Backward over forward by mandatory pipe operations per pair and dimension: forward
+    d = y - x twice, d d and p d (2 add + 2 FMA); backward d twice, d d, g.d, a d (once),
+    adding it to dx and to dy, pi g (4 add + 4 FMA). Equal pipes for both: 8 / 4 = 2.0.
+    With the two phases as separate loops (pi needs the whole r2 first), each balanced on
+    its own: A' 2 FMA + 1 add (1 cycle per vector with 2 + 2 pipes), C' at best 7/3 + 7/3
+    (1.17 cycles), against the forward's 1: 2.17 (`Ceiling.backward_over_forward`)."""
+    return (4 + 4) / (2 + 2)
+
+
+@dataclass
+class Ceiling:
+    rates: dict
+    double: bool = False
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.geometry_at(129)
+
+    def geometry_at(self, D: int) -> Geometry:
+        return Geometry.for_isa(self.rates["vector_bytes"], self.double, D)
+
+    def _pairs_per_second(self, mix: KernelMix, D: int, half_p: float | None) -> float:
+        return self.geometry.W / mix.seconds_per_vector(D, self.rates, half_p)
+
+    def forward_seconds(self, N: int, B: int, D: int, power: float | None = None,
+                        power_form: bool = True) -> float:
+        p = float(D if power is None else power)
+        return N * B / self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
+                                              p / 2)
+
+    def forward_gflops(self, D: int, power: float | None = None, power_form: bool = True) -> float:
+        """The forward's ceiling in the counted 4 D flops per pair."""
+        p = float(D if power is None else power)
+        return 4.0 * D * self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
+                                                p / 2) / 1e9
+
+    def backward_seconds(self, N: int, B: int, D: int, power: float | None = None,
+                         power_form: bool = True) -> float:
+        p = float(D if power is None else power)
+        return N * B / self._pairs_per_second(backward_mix(self.geometry_at(D), power_form), D,
+                                              p / 2)
+
+    def backward_over_forward(self, D: int, power: float | None = None) -> float:
+        """The floor of backward / forward from the assembly's mix on this machine's pipes."""
+        return self.backward_seconds(1, 1, D, power) / self.forward_seconds(1, 1, D, power)
+
+    def flow_step_seconds(self, N: int, B: int, D: int, solver: str = "euler") -> float:
+        """A fused flow step: one field evaluation (Euler) or four (RK4) at p = D + 1."""
+        return (4 if solver == "rk4" else 1) * self.forward_seconds(N, B, D, D + 1.0)
+
+    def fma_peak_gflops(self) -> float:
+        """FMA pipes' peak in flops (2 per lane), the reference for torch.mm."""
+        return 2.0 * self.geometry.W * self.rates["fma"] / 1e9
+
+
+def measure(threads: int | None = None, double: bool = False, **kw) -> Ceiling:
+    import torch
+
+    th = threads or torch.get_num_threads()
+    return Ceiling(measure_pipes(th, dtype_double=double, **kw), double)
+
+
+def report(ceil: Ceiling, dims=(2, 3, 8, 16, 33, 129, 513)) -> list[str]:
+    r = ceil.rates
+    lines = [f"vector pipes ({r['vector_bytes']}-byte vectors, {r['threads']} threads, "
+             f"clock {r['clock_hz'] / 1e9:.2f} GHz per core from dependent adds), "
+             "best of repeats:",
+             f"  {'operation':18} {'Gvec/s/core':>12} {'per cycle':>10}"]
+    for k, v, pc in pipe_table(r):
+        lines.append(f"  {k:18} {v / 1e9:12.3f} {pc:10.3f}")
+    lines.append(f"  FMA peak {ceil.fma_peak_gflops():.1f} GFLOP/s (2 flops per FMA lane, "
+                 f"{r['threads']} cores); the whole team measured at once: "
+                 f"{r['team_fma'] / r['fma']:.2f} of it")
+    lines.append("")
+    lines.append(f"  {'D':>4} {'fwd ceiling GFLOP/s':>20} {'log domain':>11} {'bwd/fwd floor':>14}"
+                 f" {'Euler step':>11}")
+    for D in dims:
+        lines.append(f"  {D:4d} {ceil.forward_gflops(D):20.1f} "
+                     f"{ceil.forward_gflops(D, power_form=False):11.1f} "
+                     f"{ceil.backward_over_forward(D):14.3f} "
+                     f"{4.0 * D / ceil.flow_step_seconds(1, 1, D) / 1e9:11.1f}")
+    lines.append(f"  backward/forward floor by operation count: {floor_ratio_by_ops():.2f}")
+    return lines
+
+
+def main(argv=None):
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--double", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--txt")
+    args = ap.parse_args(argv)
+    rec = machine.machine_record(args.threads)
+    ceil = measure(args.threads, args.double)
+    rec["load_average_after"] = machine.load_average()
+    lines = ["# " + machine.cpu_line(rec)] + report(ceil)
+    print("\n".join(lines))
+    if args.txt:
+        with open(args.txt, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": rec, "rates": ceil.rates}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

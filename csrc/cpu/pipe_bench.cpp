@@ -1,0 +1,341 @@
+// Micro-benchmark of the vector pipes the CPU kernels use, compiled once per instruction set
+// beside the kernels (CMakeLists.txt) so that it runs the code the dispatcher chose: the same
+// vector width, the same FMA contraction, and the kernels' own exp2, log2, square root and
+// power-form weight (simd.h, power_form.h), not a library's.
+//
+// Each operation runs on kChains independent vectors (enough to cover every latency with
+// throughput: 4-cycle FMA latency x 2 pipes needs 8), in a loop whose only work is the operation
+// itself: the operands pass through an empty asm statement each iteration, which keeps them in
+// vector registers and hides their values from the compiler (nothing is folded, hoisted or
+// vectorised away) and costs no instruction. Every thread of the team runs the same loop; the
+// figure is vector operations per second of the whole team, from one wall-clock interval that
+// starts and ends at barriers. bench/ceiling.py turns these rates and the kernels' instruction
+// mix into each kernel's ceiling (docs/performance.md).
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#include "power_form.h"
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace poissonflow {
+namespace PF_ISA_NS {
+
+namespace {
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PF_OPAQUE(v) __asm__ volatile("" : "+v"(v))
+#elif defined(__aarch64__)
+#define PF_OPAQUE(v) __asm__ volatile("" : "+w"(v))
+#else
+#define PF_OPAQUE(v) __asm__ volatile("" : "+m"(v))
+#endif
+
+constexpr int kChains = 12;
+
+double now_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// Operation codes (pipe_ops() lists them by name, in this order).
+enum Op : int {
+  kFma = 0,    // a = a * b + c
+  kAdd,        // a = a + b (subtraction runs on the same pipe)
+  kMul,        // a = a * b
+  kFmaAdd,     // one FMA and one add, independent (2 operations per step)
+  kMax,        // a = max(a, b)
+  kDiv,        // a = b / a
+  kSqrt,       // a = sqrt(a)
+  kExp2,       // r = vexp2(a), simd.h
+  kLog2,       // r = vlog2(a), simd.h
+  kPowWeight,  // r = power_weight(a, 1, plan) with p/2 = param (power_form.h)
+  kLoadFma,    // a = a + y[k] * x (a vector load shared by the chains, as phase C)
+  kLoad,       // a = load(y + i W): full-width vector loads from L1, nothing else
+  kBcastFma,   // a = a + y * x[i], x[i] a broadcast memory operand reloaded every step (phase C')
+  kLoadBcastFma,  // a = a + y[i] * x[i]: a vector load and a broadcast operand per FMA
+  kSubFma,     // r2 += (y - x)^2 on 12 chains: the forward's pair-dimension (1 sub + 1 FMA)
+  kPhaseA,     // the forward's phase-A step from L1 (phase_a_step; param: the block shape)
+  kClock,      // dependent one-cycle scalar additions: the core clock (x86-64 only)
+  kNumOps
+};
+
+const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "div", "sqrt",
+                                       "exp2", "log2", "pow_weight", "load+fma",
+                                       "load", "bcast+fma",
+                                       "load+bcast+fma", "sub+fma", "phaseA", "clock"};
+
+// kChains independent chains as named variables (an array of vectors could stay in memory,
+// adding a load and a store to every step).
+#define PF_REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+// `iters` steps of `step` (a callable: V step(V a, int chain) returning the new a) on kChains
+// chains; with kSink the result goes to a separate sink and the input is only made opaque
+// (throughput of a function of the input, no dependency between steps).
+template <typename T, bool kSink, class Step>
+__attribute__((noinline)) void chains(int64_t iters, T start, T spread, Step step) {
+  typedef VecT<T> V;
+#define PF_DECL(i) V a##i = vbroadcast<T>(start + spread * (T)i), s##i = V{};
+  PF_REP(PF_DECL)
+#undef PF_DECL
+  for (int64_t it = 0; it < iters; ++it) {
+    if constexpr (kSink) {
+#define PF_STEP(i) s##i = step(a##i, i);
+      PF_REP(PF_STEP)
+#undef PF_STEP
+#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
+      PF_REP(PF_HIDE)
+#undef PF_HIDE
+    } else {
+#define PF_STEP(i) a##i = step(a##i, i);
+      PF_REP(PF_STEP)
+#undef PF_STEP
+#define PF_HIDE(i) PF_OPAQUE(a##i);
+      PF_REP(PF_HIDE)
+#undef PF_HIDE
+    }
+  }
+#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
+  PF_REP(PF_HIDE)
+#undef PF_HIDE
+}
+
+// distance_block's step for QB queries x CB charge vectors (d = y - x; r2 += d d), its operands
+// from L1: the charge rows (64 of them, consecutive as in a tile's column block) and the
+// queries' scalars as broadcast operands. Returns the vector instructions executed.
+template <typename T, int QB, int CB>
+__attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  constexpr int kRows = 64;
+  alignas(64) T yt[kRows * CB * W];
+  alignas(64) T xq[QB * kRows];
+  for (int i = 0; i < kRows * CB * W; ++i) yt[i] = (T)(1e-3 * (i % 13));
+  for (int i = 0; i < QB * kRows; ++i) xq[i] = (T)(1e-2 * (i % 7));
+  V r[QB][CB] = {};
+  for (int64_t it = 0; it < iters; ++it) {
+    const int64_t k = it & (kRows - 1);
+    const T* yp = yt + k * CB * W;
+    const T* xp = xq + k;
+    __asm__ volatile("" : "+r"(yp), "+r"(xp));
+    V y[CB];
+    for (int c = 0; c < CB; ++c) y[c] = vload<T>(yp + c * W);
+    for (int q = 0; q < QB; ++q) {
+      const T xs = xp[q * kRows];
+      for (int c = 0; c < CB; ++c) {
+        const V d = y[c] - xs;
+        r[q][c] += d * d;
+      }
+    }
+  }
+  for (int q = 0; q < QB; ++q)
+    for (int c = 0; c < CB; ++c) PF_OPAQUE(r[q][c]);
+  return 2 * QB * CB * iters;
+}
+
+template <typename T>
+int64_t run_op(int op, int64_t iters, double param) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  V b = vbroadcast<T>((T)0.999), c = vbroadcast<T>((T)1e-3);
+  PF_OPAQUE(b);
+  PF_OPAQUE(c);
+  int64_t per_iter = kChains;
+  switch (op) {
+    case kFma:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return a * b + c; });
+      break;
+    case kAdd:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return a + c; });
+      break;
+    case kMul:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return a * b; });
+      break;
+    case kFmaAdd: {
+      // 12 FMA chains and 12 add chains, independent: do the two kinds issue side by side?
+#define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i)), s##i = a##i;
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      per_iter = 2 * kChains;
+      for (int64_t it = 0; it < iters; ++it) {
+#define PF_STEP(i) a##i = a##i * b + c; s##i = s##i + c;
+        PF_REP(PF_STEP)
+#undef PF_STEP
+#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
+        PF_REP(PF_HIDE)
+#undef PF_HIDE
+      }
+      break;
+    }
+    case kLoad: {
+      alignas(64) T y[kChains * W];
+      for (int i = 0; i < kChains * W; ++i) y[i] = (T)(1e-3 * i);
+      const T* yp = y;
+      for (int64_t it = 0; it < iters; ++it) {
+        __asm__ volatile("" : "+r"(yp));  // the loads cannot be hoisted out of the loop
+#define PF_STEP(i) V a##i = vload<T>(yp + i * W); PF_OPAQUE(a##i);
+        PF_REP(PF_STEP)
+#undef PF_STEP
+      }
+      break;
+    }
+    case kBcastFma:
+    case kLoadBcastFma: {
+      alignas(64) T x[kChains];
+      alignas(64) T y[kChains * W];
+      for (int i = 0; i < kChains; ++i) x[i] = (T)(1e-3 * i);
+      for (int i = 0; i < kChains * W; ++i) y[i] = (T)(1e-3 * i);
+      const T* xp = x;
+      const T* yp = y;
+      const bool with_load = op == kLoadBcastFma;
+#define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      for (int64_t it = 0; it < iters; ++it) {
+        __asm__ volatile("" : "+r"(xp), "+r"(yp));  // reload the operands every step
+        if (with_load) {
+#define PF_STEP(i) a##i = a##i + vload<T>(yp + i * W) * xp[i]; PF_OPAQUE(a##i);
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        } else {
+#define PF_STEP(i) a##i = a##i + b * xp[i]; PF_OPAQUE(a##i);
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        }
+      }
+#define PF_HIDE(i) PF_OPAQUE(a##i);
+      PF_REP(PF_HIDE)
+#undef PF_HIDE
+      break;
+    }
+    case kSubFma: {
+      // per step and chain: d = y_i - x; a_i += d d (y_i held, x a register): 2 instructions
+#define PF_DECL(i) V a##i = V{}, y##i = vbroadcast<T>((T)(0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      per_iter = 2 * kChains;
+      for (int64_t it = 0; it < iters; ++it) {
+#define PF_STEP(i) { const V d = y##i - c; a##i += d * d; }
+        PF_REP(PF_STEP)
+#undef PF_STEP
+#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(y##i);
+        PF_REP(PF_HIDE)
+#undef PF_HIDE
+      }
+      break;
+    }
+    case kPhaseA:
+      // param: the register block (0: 4 x 2 as the kernel, 1: 4 x 3, 2: 6 x 2, 3: 8 x 2)
+      if (param == 1) return phase_a_step<T, 4, 3>(iters);
+      if (param == 2) return phase_a_step<T, 6, 2>(iters);
+      if (param == 3) return phase_a_step<T, 8, 2>(iters);
+      return phase_a_step<T, 4, 2>(iters);
+    case kClock: {
+      // kChains dependent one-cycle integer additions per step: steps x kChains / seconds is
+      // the core's clock (the rates above divided by it are per-cycle throughputs)
+#if defined(__x86_64__)
+      uint64_t x = 0;
+      for (int64_t it = 0; it < iters; ++it) {
+#define PF_STEP(i) __asm__ volatile("add $1, %0" : "+r"(x));
+        PF_REP(PF_STEP)
+#undef PF_STEP
+      }
+      __asm__ volatile("" : : "r"(x));
+      break;
+#else
+      return -1;
+#endif
+    }
+    case kMax:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return vmax<T>(a, b); });
+      break;
+    case kDiv:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return b / a; });
+      break;
+    case kSqrt:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return vsqrt<T>(a); });
+      break;
+    case kExp2:
+      chains<T, true>(iters, (T)-3.3, (T)-0.7, [=](V a, int) { return vexp2<T>(a); });
+      break;
+    case kLog2:
+      chains<T, true>(iters, (T)0.3, (T)1.7, [=](V a, int) { return vlog2<T>(a); });
+      break;
+    case kPowWeight: {
+      const PowerPlan<T> plan = power_plan<T>(2.0 * param, 0, 1.0, 1.0);
+      chains<T, true>(iters, (T)0.9, (T)-0.05,
+                      [&](V a, int) { return power_weight<T>(a, (T)1, plan); });
+      break;
+    }
+    case kLoadFma: {
+      // a += y[k] * x_i: a vector load shared by the chains and a broadcast scalar operand
+      // per chain, as in phase A and C (64 vectors: L1-resident)
+      alignas(64) T y[64 * W];
+      alignas(64) T x[kChains];
+      for (int i = 0; i < 64 * W; ++i) y[i] = (T)(1e-3 * (i % 17));
+      for (int i = 0; i < kChains; ++i) x[i] = (T)(1e-2 * i);
+      const T* yp = y;
+      const T* xp = x;
+      __asm__ volatile("" : "+r"(yp), "+r"(xp));
+      int64_t k = 0;
+      chains<T, false>(iters, (T)0.5, (T)0.01, [&](V a, int i) {
+        const V yv = vload<T>(yp + ((k + (i == 0)) & 63) * W);
+        if (i == kChains - 1) ++k;
+        return a + yv * xp[i];
+      });
+      break;
+    }
+    default:
+      return -1;
+  }
+  return per_iter * iters;
+}
+
+template <typename T>
+double pipe_rate_impl(int op, int64_t iters, int threads, double param) {
+  if (op < 0 || op >= kNumOps || iters < 1) return -1.0;
+  if (run_op<T>(op, 1, param) < 0) return -1.0;  // not available here
+  double t0 = 0.0, t1 = 0.0;
+  int64_t ops_per_thread = 0;
+  int team = 1;
+#pragma omp parallel num_threads(threads)
+  {
+    run_op<T>(op, iters / 16 + 1, param);  // warm-up: clocks, caches, page faults
+#pragma omp barrier
+#pragma omp single
+    t0 = now_seconds();  // implicit barrier after single
+    const int64_t n = run_op<T>(op, iters, param);
+#pragma omp barrier
+#pragma omp single
+    {
+      t1 = now_seconds();
+      ops_per_thread = n;
+#ifdef _OPENMP
+      team = omp_get_num_threads();
+#endif
+    }
+  }
+  return (double)ops_per_thread * (double)team / (t1 - t0);
+}
+
+}  // namespace
+
+// Vector operations per second of `threads` threads running operation `op` (kOpNames), or -1
+// for an unknown operation; `param` is p/2 for pow_weight.
+double pipe_rate(int op, int64_t iters, int threads, double param, bool is_double) {
+  return is_double ? pipe_rate_impl<double>(op, iters, threads, param)
+                   : pipe_rate_impl<float>(op, iters, threads, param);
+}
+
+int pipe_op_count() { return kNumOps; }
+const char* pipe_op_name(int op) { return op >= 0 && op < kNumOps ? kOpNames[op] : ""; }
+int vector_bytes() { return kVecBytes; }
+
+}  // namespace PF_ISA_NS
+}  // namespace poissonflow

@@ -1,0 +1,117 @@
+"""The ceiling model's arithmetic and the benchmark records' metadata (bench/ceiling.py,
+bench/machine.py). No timing is checked here: speed lives in the benchmarks."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "bench"))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
+
+# A made-up machine: 1e9 vector FMAs and adds per second each, both together 2e9, 2e9 loads,
+# 16-lane vectors; divisions 1e8, square roots 5e7, exp2/log2 2e7, power weight 4e7 or 2e7.
+RATES = {
+    "fma": 1e9, "add": 1e9, "mul": 1e9, "fma+add": 2e9, "max": 1e9, "div": 1e8, "sqrt": 5e7,
+    "exp2": 2e7, "log2": 2e7, "load": 2e9, "bcast+fma": 1e9, "load+bcast+fma": 1e9,
+    "pow_weight@1.5": 4e7, "pow_weight@64.5": 2e7, "clock_hz": 1e9, "team_fma": 1e9,
+    "vector_bytes": 64, "threads": 1, "double": False,
+}
+
+
+def test_phase_is_bounded_by_its_busiest_pipe():
+    assert ceiling.Mix(fma=2, add=1).seconds(RATES) == pytest.approx(2e-9)
+    assert ceiling.Mix(fma=1, add=3).seconds(RATES) == pytest.approx(3e-9)
+    # both pipes busy: fma + add over the combined rate
+    assert ceiling.Mix(fma=2, add=2).seconds(RATES) == pytest.approx(2e-9)
+    # loads: 6 over 2e9
+    assert ceiling.Mix(fma=1, add=1, loads=6).seconds(RATES) == pytest.approx(3e-9)
+    # per-pair units add to the pipes' time
+    m = ceiling.Mix(fma=1, div=1, sqrt=1, exp2=1, log2=1)
+    assert m.seconds(RATES) == pytest.approx(1e-9 + 1e-8 + 2e-8 + 5e-8 + 5e-8)
+
+
+def test_pow_rate_exact_and_interpolated():
+    assert ceiling.pow_rate(RATES, 1.5) == 4e7
+    assert ceiling.pow_rate(RATES, 64.5) == 2e7
+    mid = ceiling.pow_rate(RATES, 8.0)
+    assert 2e7 < mid < 4e7
+    assert ceiling.pow_rate(RATES, 1.0) == 4e7  # clamped below
+    assert ceiling.pow_rate(RATES, 1000.0) == 2e7  # and above
+
+
+def test_forward_ceiling_arithmetic():
+    c = ceiling.Ceiling(dict(RATES))
+    g = c.geometry
+    assert (g.W, g.QB, g.CB, g.QC, g.KB, g.QCb, g.KBb) == (16, 6, 2, 2, 6, 4, 3)
+    assert c.geometry_at(3).QB == 4
+    D = 129
+    mix = ceiling.forward_mix(g)
+    per_dim = (max(1 / 1e9, (1 + 1 / 16) / 1e9, (2 + 1 / 16) / 2e9, (8 / 12) / 2e9)
+               + max(1 / 1e9, 1 / 1e9, 2 / 2e9, (8 / 12) / 2e9))
+    per_pair = (max(0.0, 2 / 1e9, 2 / 2e9, 1 / 2e9) + 1 / 1e8
+                + max(0.0, 2 / 1e9, 2 / 2e9, 2 / 2e9) + 1 / 2e7)
+    want = D * per_dim + per_pair
+    assert mix.seconds_per_vector(D, RATES, 64.5) == pytest.approx(want)
+    assert c.forward_seconds(1000, 2000, D) == pytest.approx(1000 * 2000 * want / 16)
+    assert c.forward_gflops(D) == pytest.approx(4 * D * 16 / want / 1e9)
+    # flows at p = D + 1; RK4 = four evaluations
+    assert c.flow_step_seconds(10, 10, D, "rk4") == pytest.approx(
+        4 * c.forward_seconds(10, 10, D, D + 1.0))
+
+
+def test_backward_floor():
+    assert ceiling.floor_ratio_by_ops() == 2.0
+    c = ceiling.Ceiling(dict(RATES))
+    r = c.backward_over_forward(513)
+    # the compiled loops on this made-up machine (one FMA and one add pipe): A' 2 FMA per
+    # pair-dim, C' 7/3 on each pipe (11 / 6 loads fit in 2e9 loads/s) against the forward's
+    # A (1 + 1/16 adds) and C (1 FMA); the per-pair terms add a little at D = 513
+    want = (2 + 7 / 3) / (1 + 1 / 16 + 1)
+    assert r == pytest.approx(want, rel=0.05)
+    assert r < want
+    # the other ISAs' C' (x and g as broadcast loads): 3 FMA-pipe instructions
+    g = ceiling.Geometry.for_isa(32)
+    assert not g.held
+    assert ceiling.backward_mix(g).per_dim[1].fma == 3
+    assert c.fma_peak_gflops() == pytest.approx(2 * 16 * 1e9 / 1e9)
+
+
+def test_avx2_geometry():
+    g = ceiling.Geometry.for_isa(32)
+    assert (g.W, g.KB, g.KBb) == (8, 3, 2)
+    assert ceiling.Geometry.for_isa(64, double=True).W == 8
+
+
+def test_machine_record_names_the_cpu():
+    rec = machine.machine_record(threads=2)
+    cpu = rec["cpu"]
+    for key in ("model_name", "vendor", "family", "model", "caches", "flags", "cpu_count"):
+        assert key in cpu
+    assert rec["threads"] == 2
+    assert rec["poissonflow"]["isa_chosen"] in rec["poissonflow"]["isas"]
+    assert rec["poissonflow"]["vector_bytes"] in (16, 32, 64)
+    assert rec["torch"]["cpu_capability"]
+    assert "blas" in rec["torch"]
+    assert len(rec["load_average"]) == 3
+    line = machine.cpu_line(rec)
+    assert cpu["model_name"] in line and "threads" in line
+
+
+def test_pipe_benchmark_runs_every_operation():
+    from poissonflow import _ext
+
+    C = _ext.cpu_module()
+    ops = C.pipe_ops()
+    for op in ceiling.PIPE_OPS + ("pow_weight", "phaseA"):
+        assert op in ops
+        assert C.pipe_rate(op, 64, 1, 1.5) > 0  # a rate, whatever it is
+    with pytest.raises(ValueError):
+        C.pipe_rate("no-such-op", 64, 1)
+    assert C.vector_bytes() in (16, 32, 64)
+    assert math.isfinite(C.pipe_rate("fma", 64, 1, 0.0, True))
