@@ -2,6 +2,8 @@
 learned fields, the flows and their controls), how each row is scored by every probe, and the
 horizon sweep (docs/DESIGN.md, "The learned field" and "Metrics and probes"). experiment.py
 runs them per seed; ssl_experiment.py scores its encoders' features with the same rows.
+(Just over 600 lines, kept whole: the rows, the fields they share and the sweep are the nodes
+of one graph, NODES, and each node names the others it needs.)
 """
 
 from __future__ import annotations
