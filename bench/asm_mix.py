@@ -4,7 +4,8 @@
     python bench/asm_mix.py --isa avx2 --function 'backward_item<float>'
 
 Disassembles the kernels' object file of that copy (`objdump -d -C`; the installed extension is
-stripped, and the object files under build/ are what was linked into it), takes one function of the chosen instruction-set
+stripped, and the object files under build/ are what was linked into it), takes one function of the
+chosen instruction-set
 copy, finds its loops (a branch back to an earlier address inside the function) and, for every
 innermost loop, counts the vector instructions by the pipe class they use: FMA, add/sub, mul,
 max/min/compare, div, sqrt, permutes, vector loads (including memory operands and broadcasts)
@@ -29,7 +30,10 @@ CLASSES = (
     ("add", re.compile(r"^v(add|sub)[ps][sd]")),
     ("max", re.compile(r"^v(max|min)[ps][sd]|^vcmp[ps][sd]|^vblendm|^vpcmp|^vpblendm")),
     ("cvt", re.compile(r"^vcvt|^vround|^vrndscale|^vgetexp|^vscalef")),
-    ("int", re.compile(r"^vp(add|sub|and|or|xor|sll|srl|sra|mul|max|min)|^vpternlog|^vand|^vor|^vxor")),
+    (
+        "int",
+        re.compile(r"^vp(add|sub|and|or|xor|sll|srl|sra|mul|max|min)|^vpternlog|^vand|^vor|^vxor"),
+    ),
     ("perm", re.compile(r"^v(perm|shuf|unpck|pshuf|insert|extract|valign|palign|pblend|blend)")),
     ("bcast", re.compile(r"^v(p)?broadcast")),
     ("mov", re.compile(r"^v(mov|pmov)")),
@@ -43,8 +47,12 @@ def disassemble(path: str) -> list[str]:
     objdump = shutil.which("objdump")
     if not objdump:
         raise SystemExit("objdump not found")
-    out = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", path],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.splitlines()
 
 
@@ -102,8 +110,9 @@ def loops(body):
 
 
 def innermost(found):
-    return [l for l in found
-            if not any(o != l and o[0] >= l[0] and o[1] <= l[1] for o in found)]
+    return [
+        lp for lp in found if not any(o != lp and o[0] >= lp[0] and o[1] <= lp[1] for o in found)
+    ]
 
 
 def mix(body, lo, hi) -> dict:
@@ -118,12 +127,26 @@ def mix(body, lo, hi) -> dict:
 def object_file(isa: str) -> str:
     """The kernels' object file of one instruction-set copy in the build tree."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    hits = sorted(glob.glob(os.path.join(root, "build", "*", "CMakeFiles", f"pf_cpu_{isa}.dir",
-                                         "csrc", "cpu", "field_cpu.cpp.o")),
-                  key=os.path.getmtime)
+    hits = sorted(
+        glob.glob(
+            os.path.join(
+                root,
+                "build",
+                "*",
+                "CMakeFiles",
+                f"pf_cpu_{isa}.dir",
+                "csrc",
+                "cpu",
+                "field_cpu.cpp.o",
+            )
+        ),
+        key=os.path.getmtime,
+    )
     if not hits:
-        raise SystemExit(f"no build/*/CMakeFiles/pf_cpu_{isa}.dir object: build the extension "
-                         "(pip install -e .) first, or pass --obj")
+        raise SystemExit(
+            f"no build/*/CMakeFiles/pf_cpu_{isa}.dir object: build the extension "
+            "(pip install -e .) first, or pass --obj"
+        )
     return hits[-1]
 
 
@@ -133,16 +156,40 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--isa", default=C.chosen_isa())
     ap.add_argument("--obj", help="object file to read (default: the build tree's copy)")
-    ap.add_argument("--function", action="append",
-                    help="demangled name fragment (repeatable); default: the field's kernels")
-    ap.add_argument("--min-vector", type=int, default=4,
-                    help="show loops with at least this many vector arithmetic instructions")
+    ap.add_argument(
+        "--function",
+        action="append",
+        help="demangled name fragment (repeatable); default: the field's kernels",
+    )
+    ap.add_argument(
+        "--min-vector",
+        type=int,
+        default=4,
+        help="show loops with at least this many vector arithmetic instructions",
+    )
     args = ap.parse_args(argv)
-    functions = args.function or ["field_tile<float, true>", "field_tile<float, false>",
-                                  "backward_item<float>"]
+    functions = args.function or [
+        "field_tile<float, true>",
+        "field_tile<float, false>",
+        "backward_item<float>",
+    ]
     lines = disassemble(args.obj or object_file(args.isa))
-    keys = ("fma", "add", "mul", "max", "div", "sqrt", "cvt", "int", "perm", "bcast", "load",
-            "store", "mov", "scalar")
+    keys = (
+        "fma",
+        "add",
+        "mul",
+        "max",
+        "div",
+        "sqrt",
+        "cvt",
+        "int",
+        "perm",
+        "bcast",
+        "load",
+        "store",
+        "mov",
+        "scalar",
+    )
     for fn in functions:
         body = function_body(lines, args.isa, fn)
         print(f"\n{fn} ({args.isa}): {len(body)} instructions")

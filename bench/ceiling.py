@@ -33,8 +33,21 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # noqa: E402
 
-PIPE_OPS = ("fma", "add", "mul", "fma+add", "max", "div", "sqrt", "exp2", "log2", "load",
-            "bcast+fma", "load+bcast+fma", "sub+fma")
+PIPE_OPS = (
+    "fma",
+    "add",
+    "mul",
+    "fma+add",
+    "max",
+    "div",
+    "sqrt",
+    "exp2",
+    "log2",
+    "load",
+    "bcast+fma",
+    "load+bcast+fma",
+    "sub+fma",
+)
 # pipe_bench.cpp's phase_a_step register blocks (param of "phaseA"): the forward's r2 loop as
 # compiled, from L1, to see what its block shape allows of the pipes' rate
 PHASE_A_BLOCKS = {"4x2": 0, "4x3": 1, "6x2": 2, "8x2": 3}
@@ -46,8 +59,15 @@ def cpu_module():
     return _ext.cpu_module()
 
 
-def measure_pipes(threads: int, *, dtype_double: bool = False, repeats: int = 15,
-                  iters: int = 300_000, half_ps=(1.5, 64.5), isa: str = "auto") -> dict:
+def measure_pipes(
+    threads: int,
+    *,
+    dtype_double: bool = False,
+    repeats: int = 15,
+    iters: int = 300_000,
+    half_ps=(1.5, 64.5),
+    isa: str = "auto",
+) -> dict:
     """Vector operations per second of `threads` cores for every pipe operation, the power-form
     weight at each p/2 in half_ps ('pow_weight@1.5', ...), the core clock ('clock_hz') and the
     vector width. Each operation runs on one thread, best of `repeats` short runs (about a
@@ -93,9 +113,9 @@ def pipe_table(rates: dict) -> list[tuple[str, float, float]]:
 class Mix:
     """Instructions per vector of W pairs in one phase (loop nest)."""
 
-    fma: float = 0.0     # FMA and multiply (the two FMA pipes)
-    add: float = 0.0     # add, subtract, max, compare, blend (the add pipes)
-    loads: float = 0.0   # vector loads, memory operands and broadcasts
+    fma: float = 0.0  # FMA and multiply (the two FMA pipes)
+    add: float = 0.0  # add, subtract, max, compare, blend (the add pipes)
+    loads: float = 0.0  # vector loads, memory operands and broadcasts
     div: float = 0.0
     sqrt: float = 0.0
     exp2: float = 0.0
@@ -103,8 +123,12 @@ class Mix:
     pow_weight: float = 0.0  # whole power_weight() calls (their own mix is in the measurement)
 
     def seconds(self, r: dict, half_p: float | None = None) -> float:
-        t = max(self.fma / r["fma"], self.add / r["add"], (self.fma + self.add) / r["fma+add"],
-                self.loads / load_rate(r))
+        t = max(
+            self.fma / r["fma"],
+            self.add / r["add"],
+            (self.fma + self.add) / r["fma+add"],
+            self.loads / load_rate(r),
+        )
         t += self.div / r["div"] + self.sqrt / r["sqrt"]
         t += self.exp2 / r["exp2"] + self.log2 / r["log2"]
         if self.pow_weight:
@@ -151,8 +175,8 @@ class Geometry:
     CB: int = 2
     QC: int = 2
     KB: int = 3
-    QBb: int = 4   # backward phase A'
-    QCb: int = 4   # backward phase C' (with dy)
+    QBb: int = 4  # backward phase A'
+    QCb: int = 4  # backward phase C' (with dy)
     KBb: int = 2
     held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
 
@@ -173,8 +197,9 @@ class KernelMix:
     per_pair: list = field(default_factory=list)
 
     def seconds_per_vector(self, D: int, r: dict, half_p: float | None) -> float:
-        return (D * sum(m.seconds(r, half_p) for m in self.per_dim)
-                + sum(m.seconds(r, half_p) for m in self.per_pair))
+        return D * sum(m.seconds(r, half_p) for m in self.per_dim) + sum(
+            m.seconds(r, half_p) for m in self.per_pair
+        )
 
 
 def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
@@ -182,7 +207,7 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     (avx512, bench/asm_mix.py): A 12 FMA + 12 sub, 2 y loads and 6 broadcasts per 6 x 2 step
     (D >= 8; 8 + 8 and 2 + 4 at 4 x 2), C 12 FMA + 12 sub and 8 loads per 2 x 6 step."""
     a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QB) / (g.QB * g.CB))  # d = y - x; r2 += d d
-    c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))           # acc += p (y - x)
+    c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))  # acc += p (y - x)
     if power_form:
         # A: + e2, max(., tiny), q = g / r2;  B: tile max, t^(p/2) (pow_weight), l += p
         pa = Mix(add=2, loads=1, div=1)
@@ -245,23 +270,31 @@ class Ceiling:
     def _pairs_per_second(self, mix: KernelMix, D: int, half_p: float | None) -> float:
         return self.geometry.W / mix.seconds_per_vector(D, self.rates, half_p)
 
-    def forward_seconds(self, N: int, B: int, D: int, power: float | None = None,
-                        power_form: bool = True) -> float:
+    def forward_seconds(
+        self, N: int, B: int, D: int, power: float | None = None, power_form: bool = True
+    ) -> float:
         p = float(D if power is None else power)
-        return N * B / self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
-                                              p / 2)
+        return (
+            N * B / self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D, p / 2)
+        )
 
     def forward_gflops(self, D: int, power: float | None = None, power_form: bool = True) -> float:
         """The forward's ceiling in the counted 4 D flops per pair."""
         p = float(D if power is None else power)
-        return 4.0 * D * self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D,
-                                                p / 2) / 1e9
+        return (
+            4.0
+            * D
+            * self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D, p / 2)
+            / 1e9
+        )
 
-    def backward_seconds(self, N: int, B: int, D: int, power: float | None = None,
-                         power_form: bool = True) -> float:
+    def backward_seconds(
+        self, N: int, B: int, D: int, power: float | None = None, power_form: bool = True
+    ) -> float:
         p = float(D if power is None else power)
-        return N * B / self._pairs_per_second(backward_mix(self.geometry_at(D), power_form), D,
-                                              p / 2)
+        return (
+            N * B / self._pairs_per_second(backward_mix(self.geometry_at(D), power_form), D, p / 2)
+        )
 
     def backward_over_forward(self, D: int, power: float | None = None) -> float:
         """The floor of backward / forward from the assembly's mix on this machine's pipes."""
@@ -285,23 +318,31 @@ def measure(threads: int | None = None, double: bool = False, **kw) -> Ceiling:
 
 def report(ceil: Ceiling, dims=(2, 3, 8, 16, 33, 129, 513)) -> list[str]:
     r = ceil.rates
-    lines = [f"vector pipes ({r['vector_bytes']}-byte vectors, {r['threads']} threads, "
-             f"clock {r['clock_hz'] / 1e9:.2f} GHz per core from dependent adds), "
-             "best of repeats:",
-             f"  {'operation':18} {'Gvec/s/core':>12} {'per cycle':>10}"]
+    lines = [
+        f"vector pipes ({r['vector_bytes']}-byte vectors, {r['threads']} threads, "
+        f"clock {r['clock_hz'] / 1e9:.2f} GHz per core from dependent adds), "
+        "best of repeats:",
+        f"  {'operation':18} {'Gvec/s/core':>12} {'per cycle':>10}",
+    ]
     for k, v, pc in pipe_table(r):
         lines.append(f"  {k:18} {v / 1e9:12.3f} {pc:10.3f}")
-    lines.append(f"  FMA peak {ceil.fma_peak_gflops():.1f} GFLOP/s (2 flops per FMA lane, "
-                 f"{r['threads']} cores); the whole team measured at once: "
-                 f"{r['team_fma'] / r['fma']:.2f} of it")
+    lines.append(
+        f"  FMA peak {ceil.fma_peak_gflops():.1f} GFLOP/s (2 flops per FMA lane, "
+        f"{r['threads']} cores); the whole team measured at once: "
+        f"{r['team_fma'] / r['fma']:.2f} of it"
+    )
     lines.append("")
-    lines.append(f"  {'D':>4} {'fwd ceiling GFLOP/s':>20} {'log domain':>11} {'bwd/fwd floor':>14}"
-                 f" {'Euler step':>11}")
+    lines.append(
+        f"  {'D':>4} {'fwd ceiling GFLOP/s':>20} {'log domain':>11} {'bwd/fwd floor':>14}"
+        f" {'Euler step':>11}"
+    )
     for D in dims:
-        lines.append(f"  {D:4d} {ceil.forward_gflops(D):20.1f} "
-                     f"{ceil.forward_gflops(D, power_form=False):11.1f} "
-                     f"{ceil.backward_over_forward(D):14.3f} "
-                     f"{4.0 * D / ceil.flow_step_seconds(1, 1, D) / 1e9:11.1f}")
+        lines.append(
+            f"  {D:4d} {ceil.forward_gflops(D):20.1f} "
+            f"{ceil.forward_gflops(D, power_form=False):11.1f} "
+            f"{ceil.backward_over_forward(D):14.3f} "
+            f"{4.0 * D / ceil.flow_step_seconds(1, 1, D) / 1e9:11.1f}"
+        )
     lines.append(f"  backward/forward floor by operation count: {floor_ratio_by_ops():.2f}")
     return lines
 

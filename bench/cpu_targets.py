@@ -54,7 +54,6 @@ import learned_epoch  # noqa: E402
 import machine  # noqa: E402
 
 import poissonflow  # noqa: E402
-
 from poissonflow import registry  # noqa: E402
 
 # The targets (name: (bound, "min" if the figure must be at least the bound)): fractions of the
@@ -183,8 +182,14 @@ def one_run(quick: bool) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     keys = [k for k, v in runs[0].items() if isinstance(v, float)]
-    return {k: {"min": min(r[k] for r in runs), "median": statistics.median(r[k] for r in runs),
-                "max": max(r[k] for r in runs)} for k in keys}
+    return {
+        k: {
+            "min": min(r[k] for r in runs),
+            "median": statistics.median(r[k] for r in runs),
+            "max": max(r[k] for r in runs),
+        }
+        for k in keys
+    }
 
 
 def main(argv=None):
@@ -207,17 +212,21 @@ def main(argv=None):
         run = one_run(args.quick)
         runs.append(run)
         la, lb = run["meta"]["load_average"], run["load_average_after"]
-        say(f"run {i + 1}/{args.runs} on {machine.cpu_line(run['meta'])}; load average "
-            f"{la[0]:.2f} before, {lb[0]:.2f} after")
+        say(
+            f"run {i + 1}/{args.runs} on {machine.cpu_line(run['meta'])}; load average "
+            f"{la[0]:.2f} before, {lb[0]:.2f} after"
+        )
     summary = summarise(runs)
     meta = runs[0]["meta"]
     tag = cpu_tag(meta)
     say("")
     say(f"CPU: {machine.cpu_line(meta)}")
-    say(f"ceiling: FMA peak {runs[0]['fma_peak_gflops']:.0f} GFLOP/s; torch.mm "
+    say(
+        f"ceiling: FMA peak {runs[0]['fma_peak_gflops']:.0f} GFLOP/s; torch.mm "
         f"{summary['gemm_gflops']['median']:.0f} GFLOP/s = "
         f"{summary['gemm_of_fma_peak']['median']:.2f} of it (bench/ceiling.py, "
-        "docs/performance.md)")
+        "docs/performance.md)"
+    )
     say(f"\n{'figure':42} {'min':>8} {'median':>8} {'max':>8}   {'cpu':14} target")
     for k, s in summary.items():
         bound = TARGETS.get(k)
@@ -227,15 +236,21 @@ def main(argv=None):
             ok = s["median"] >= value if kind == "min" else s["median"] <= value
             target = f"{'>=' if kind == 'min' else '<='} {value:g} ({'met' if ok else 'missed'})"
         say(f"{k:42} {s['min']:8.3f} {s['median']:8.3f} {s['max']:8.3f}   {tag:14} {target}")
-    say("\nforward_D* / backward_D129 / float64_forward_D129: fraction of this machine's ceiling "
+    say(
+        "\nforward_D* / backward_D129 / float64_forward_D129: fraction of this machine's ceiling "
         "(1.0 = every pipe busy) by wall-clock time; *_by_cpu_time: the same by the process's "
         "CPU time (threads x ceiling / CPU seconds: steadier on a shared machine, since other "
         "jobs delay a call without adding to it); *_x_gemm_*: rate over torch.mm's in the same "
-        "run")
+        "run"
+    )
     if args.json:
-        doc = {"meta": meta, "command": " ".join(["python bench/cpu_targets.py"]
-                                                 + (argv or sys.argv[1:])),
-               "targets": TARGETS, "runs": runs, "summary": summary}
+        doc = {
+            "meta": meta,
+            "command": " ".join(["python bench/cpu_targets.py"] + (argv or sys.argv[1:])),
+            "targets": TARGETS,
+            "runs": runs,
+            "summary": summary,
+        }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
     if args.txt:

@@ -1,5 +1,6 @@
 """The field and one RK4 step over processes: 1 process x 2 threads against 2 processes x 1
-thread (gloo on 127.0.0.1), N = B = 8192, D = 128, float32 (docs/DESIGN.md, "Sharding the field over processes").
+thread (gloo on 127.0.0.1), N = B = 8192, D = 128, float32 (docs/DESIGN.md, "Sharding the field over
+processes").
 
     python bench/distributed_field.py [--n 8192 --d 128 --repeats 3 --json OUT.json]
 
@@ -103,14 +104,20 @@ def single(args):
     t_fused = _best(lambda: mod.flow_steps(xs, xs, None, t0, dt, 1, "rk4"), args.repeats)
 
     def f(xx, tt):
-        return mod.field_forward(xx, xs, None, float(xs.shape[1] + 1), 0.0,
-                                 eps_rows=torch.exp(tt).to(xx.dtype))[0]
+        return mod.field_forward(
+            xx, xs, None, float(xs.shape[1] + 1), 0.0, eps_rows=torch.exp(tt).to(xx.dtype)
+        )[0]
 
     t_unfused = _best(lambda: step(f, xs, t0, dt, "rk4"), args.repeats)
     flops = 4.0 * args.n * args.n * args.d
-    return {"config": "1 process x 2 threads", "field_s": t_field,
-            "field_gflops": flops / t_field / 1e9, "rk4_fused_s": t_fused,
-            "rk4_unfused_s": t_unfused, "bytes_per_eval": 0}
+    return {
+        "config": "1 process x 2 threads",
+        "field_s": t_field,
+        "field_gflops": flops / t_field / 1e9,
+        "rk4_fused_s": t_fused,
+        "rk4_unfused_s": t_unfused,
+        "bytes_per_eval": 0,
+    }
 
 
 def rank_main(args):
@@ -120,8 +127,9 @@ def rank_main(args):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}",
-                            rank=args.rank, world_size=args.world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
+    )
     from poissonflow.distributed import _comm
     from poissonflow.distributed import field as dfield
     from poissonflow.distributed.flow import _ring_flow
@@ -131,7 +139,7 @@ def rank_main(args):
     x_all = _data(args.n, args.d)
     rows = [len(c) for c in torch.arange(args.n).tensor_split(R)]
     o = sum(rows[:r])
-    x = x_all[o:o + rows[r]].contiguous()
+    x = x_all[o : o + rows[r]].contiguous()
     out = {"config": f"{R} processes x 1 thread"}
     mod = dfield.registry.get("cpu").module()
     p = float(args.d)
@@ -146,6 +154,7 @@ def rank_main(args):
         L = plan.layout
         own = dfield._pack(x, None)
         if mode == "allgather":
+
             def comm():
                 _comm.gather_rows(own, L.b, plan.group)
                 dist.barrier()
@@ -155,7 +164,7 @@ def rank_main(args):
             out["allgather_comm_s"] = t_comm
             out["allgather_comm_share"] = t_comm / total
         else:
-            shards = [x_all[sum(rows[:s]):sum(rows[:s + 1])] for s in range(R)]
+            shards = [x_all[sum(rows[:s]) : sum(rows[: s + 1])] for s in range(R)]
 
             def compute_only():
                 for s in range(R):
@@ -179,23 +188,28 @@ def rank_main(args):
     ys_all = x_all[:, :-1].contiguous()
     t0 = torch.full((xs.shape[0],), math.log(0.3), dtype=torch.float64)
     for mode in ("ring", "allgather"):
-        plan = dfield.plan_field(xs, xs, None, float(args.d), 0.0, None, None, mode, "cpu",
-                                 grad=False)
+        plan = dfield.plan_field(
+            xs, xs, None, float(args.d), 0.0, None, None, mode, "cpu", grad=False
+        )
         if mode == "ring":
+
             def one_step(plan=plan):
-                _ring_flow(plan, xs, torch.exp(t0), xs, None, None, 0.3 * math.exp(0.1), 1,
-                           "rk4", 1 << 30)
+                _ring_flow(
+                    plan, xs, torch.exp(t0), xs, None, None, 0.3 * math.exp(0.1), 1, "rk4", 1 << 30
+                )
                 dist.barrier()
 
             out["rk4_ring_s"] = _best(one_step, args.repeats)
         else:
+
             def gather():
                 _comm.gather_rows(dfield._pack(xs, None), plan.layout.b, plan.group)
                 dist.barrier()
 
             def fused_local():
-                empirical_flow(xs, torch.exp(t0), ys_all, None, 0.3 * math.exp(0.1), 1, "rk4",
-                               backend="cpu")
+                empirical_flow(
+                    xs, torch.exp(t0), ys_all, None, 0.3 * math.exp(0.1), 1, "rk4", backend="cpu"
+                )
                 dist.barrier()
 
             tg = _best(gather, args.repeats)
@@ -225,10 +239,30 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", str(r), "--world", "2",
-                               "--port", str(port), "--n", str(args.n), "--d", str(args.d),
-                               "--repeats", str(args.repeats)], env=env,
-                              stdout=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--rank",
+                str(r),
+                "--world",
+                "2",
+                "--port",
+                str(port),
+                "--n",
+                str(args.n),
+                "--d",
+                str(args.d),
+                "--repeats",
+                str(args.repeats),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit("a rank failed")
@@ -238,24 +272,35 @@ def main():
     two["gloo_bandwidth_GBps"] = two["bytes_per_eval"] / wire / 1e9
     two["kernel_gflops_1_thread"] = flops / 2 / two["ring_compute_only_s"] / 1e9
     # the bandwidth crossover of the cost model with this machine's F (one rank) and W
-    two["crossover_queries_per_rank"] = (two["kernel_gflops_1_thread"] * 1e9 * 4 /
-                                         (4 * two["gloo_bandwidth_GBps"] * 1e9))
+    two["crossover_queries_per_rank"] = (
+        two["kernel_gflops_1_thread"] * 1e9 * 4 / (4 * two["gloo_bandwidth_GBps"] * 1e9)
+    )
     print(f"N = B = {args.n}, D = {args.d}, float32, best of {args.repeats}")
-    print("| configuration | field (s) | RK4 step (s) | bytes received / eval / rank | "
-          "communicating |")
+    print(
+        "| configuration | field (s) | RK4 step (s) | bytes received / eval / rank | "
+        "communicating |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| 1 process x 2 threads | {one['field_s']:.3f} | {one['rk4_fused_s']:.3f} fused, "
-          f"{one['rk4_unfused_s']:.3f} unfused | 0 | - |")
-    print(f"| 2 x 1, allgather | {two['allgather_field_s']:.3f} | "
-          f"{two['rk4_allgather_fused_s']:.3f} (fused; gather {two['rk4_allgather_gather_s']:.4f}"
-          f" once per flow) | {two['bytes_per_eval']:,} | "
-          f"{100 * two['allgather_comm_share']:.1f}% |")
-    print(f"| 2 x 1, ring | {two['ring_field_s']:.3f} | {two['rk4_ring_s']:.3f} (4 ring passes) "
-          f"| {two['bytes_per_eval']:,} | {100 * two['ring_exposed_comm_share']:.1f}% exposed "
-          f"(bare transfer {two['ring_transfer_only_s']:.4f} s) |")
-    print(f"gloo loopback bandwidth {two['gloo_bandwidth_GBps']:.2f} GB/s, kernel "
-          f"{two['kernel_gflops_1_thread']:.1f} GFLOP/s per rank: the ring is compute-bound "
-          f"from N_r = F b / (4 W) = {two['crossover_queries_per_rank']:.0f} queries per rank")
+    print(
+        f"| 1 process x 2 threads | {one['field_s']:.3f} | {one['rk4_fused_s']:.3f} fused, "
+        f"{one['rk4_unfused_s']:.3f} unfused | 0 | - |"
+    )
+    print(
+        f"| 2 x 1, allgather | {two['allgather_field_s']:.3f} | "
+        f"{two['rk4_allgather_fused_s']:.3f} (fused; gather {two['rk4_allgather_gather_s']:.4f}"
+        f" once per flow) | {two['bytes_per_eval']:,} | "
+        f"{100 * two['allgather_comm_share']:.1f}% |"
+    )
+    print(
+        f"| 2 x 1, ring | {two['ring_field_s']:.3f} | {two['rk4_ring_s']:.3f} (4 ring passes) "
+        f"| {two['bytes_per_eval']:,} | {100 * two['ring_exposed_comm_share']:.1f}% exposed "
+        f"(bare transfer {two['ring_transfer_only_s']:.4f} s) |"
+    )
+    print(
+        f"gloo loopback bandwidth {two['gloo_bandwidth_GBps']:.2f} GB/s, kernel "
+        f"{two['kernel_gflops_1_thread']:.1f} GFLOP/s per rank: the ring is compute-bound "
+        f"from N_r = F b / (4 W) = {two['crossover_queries_per_rank']:.0f} queries per rank"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"n": args.n, "d": args.d, "single": one, "two": two}, fh, indent=1)

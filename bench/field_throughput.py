@@ -5,7 +5,8 @@
     python bench/field_throughput.py --json out.json --plot out.png
     python bench/field_throughput.py --gpu --json gpu.json   # the GPU rows (below)
 
-Method (docs/DESIGN.md, 'How performance is measured', docs/performance.md): 4*D floating-point operations per (query,
+Method (docs/DESIGN.md, 'How performance is measured', docs/performance.md): 4*D floating-point
+operations per (query,
 charge) pair for the forward field; every CPU row gives its fraction of the field's ceiling on
 this machine (`ceiling`: bench/ceiling.py, the vector pipes' measured rates and the compiled
 loops' instruction mix) and, as references measured in the same run, ratios against float32
@@ -23,7 +24,8 @@ forward in float32 and bfloat16, backward (dL/dx, dL/dy) and a fused RK4 step in
 largest size, timed with CUDA events (median of repeats after a warm-up); GFLOP/s with 4 D flops
 per pair (backward 11 D, RK4 step 16 d), as a share of the same run's torch.mm float32 rate
 with TF32 off (and beside it the TF32 rate: the GEMM form's ceiling); each row's error on its
-first 64 queries against the float64 reference. Then the GEMM form (docs/DESIGN.md, "A tensor-core field with a certified error")
+first 64 queries against the float64 reference. Then the GEMM form (docs/DESIGN.md, "A tensor-core
+field with a certified error")
 against the exact Triton and CUDA kernels on random and clustered data (D = 33, 129, 513;
 clustered also sorted by cluster, where the near pairs fill diagonal tiles), with
 the fraction of pairs recomputed, of tiles touched, of rows that fell back, and the largest
@@ -114,9 +116,14 @@ def forward_rows(N, D, impls, gemm, repeat, peer_rows, seed=0):
         pairs = n_timed * N
         gflops = 4.0 * D * pairs / sec / 1e9
         row.update(
-            status="ok", queries_timed=n_timed, seconds=sec * N / n_timed,
-            pairs_per_s=pairs / sec, gflops=gflops, frac_gemm=gflops / gemm,
-            err_v=err_v, err_log_scale=err_l,
+            status="ok",
+            queries_timed=n_timed,
+            seconds=sec * N / n_timed,
+            pairs_per_s=pairs / sec,
+            gflops=gflops,
+            frac_gemm=gflops / gemm,
+            err_v=err_v,
+            err_log_scale=err_l,
         )
         rows.append(row)
     base = {r["impl"]: r for r in rows if r.get("status") == "ok"}
@@ -153,24 +160,44 @@ def backward_rows(N, D, gemm, repeat, peer_rows, seed=0):
         t2 = time.perf_counter()
         fwd, bwd = min(fwd, t1 - t0), min(bwd, t2 - t1)
     both = fwd + bwd
-    rows = [{
-        "impl": "poissonflow-cpu", "op": "fwd+bwd", "N": N, "B": N, "D": D, "status": "ok",
-        "seconds": both, "forward_seconds": fwd, "backward_seconds": bwd,
-        "backward_over_forward": bwd / fwd, "err_dx": err_dx, "err_dy": err_dy,
-        "gflops": 4.0 * D * N * N / both / 1e9, "frac_gemm": 4.0 * D * N * N / both / 1e9 / gemm,
-    }]
+    rows = [
+        {
+            "impl": "poissonflow-cpu",
+            "op": "fwd+bwd",
+            "N": N,
+            "B": N,
+            "D": D,
+            "status": "ok",
+            "seconds": both,
+            "forward_seconds": fwd,
+            "backward_seconds": bwd,
+            "backward_over_forward": bwd / fwd,
+            "err_dx": err_dx,
+            "err_dy": err_dy,
+            "gflops": 4.0 * D * N * N / both / 1e9,
+            "frac_gemm": 4.0 * D * N * N / both / 1e9 / gemm,
+        }
+    ]
     n = min(N, peer_rows)
     need = 12 * n * N * 4  # the autograd graph keeps ~a dozen n x B float32 matrices
     if n > 0 and need < 0.5 * available_memory_bytes():  # peer_rows=0: no peer
         xs, gvs, gls = x[:n], gv[:n], gl[:n]
         sec = timed(lambda: peers.torch_autograd_backward(xs, y, power, gvs, gls), repeat)
         ours_n = timed(lambda: ours(xs, y, power, gvs, gls), repeat)
-        rows.append({
-            "impl": "torch-autograd", "op": "fwd+bwd", "N": n, "B": N, "D": D, "status": "ok",
-            "seconds": sec, "gflops": 4.0 * D * n * N / sec / 1e9,
-            "frac_gemm": 4.0 * D * n * N / sec / 1e9 / gemm,
-            "speedup_of_poissonflow": sec / ours_n,
-        })
+        rows.append(
+            {
+                "impl": "torch-autograd",
+                "op": "fwd+bwd",
+                "N": n,
+                "B": N,
+                "D": D,
+                "status": "ok",
+                "seconds": sec,
+                "gflops": 4.0 * D * n * N / sec / 1e9,
+                "frac_gemm": 4.0 * D * n * N / sec / 1e9 / gemm,
+                "speedup_of_poissonflow": sec / ours_n,
+            }
+        )
     return rows
 
 
@@ -182,9 +209,7 @@ def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
     x = torch.randn(N, d, generator=g)
     y = torch.randn(N, d, generator=g)
     z = torch.full((N,), 0.5)
-    field = timed(
-        lambda: poissonflow.ops.field(x, y, None, float(d + 1), 0.0, None, z, "cpu"), 1
-    )
+    field = timed(lambda: poissonflow.ops.field(x, y, None, float(d + 1), 0.0, None, z, "cpu"), 1)
     rows = []
     for solver, steps, evals in (("euler", euler_steps, 1), ("rk4", rk4_steps, 4)):
         t0 = torch.full((N,), math.log(0.5), dtype=torch.float64)
@@ -196,17 +221,30 @@ def ode_rows(N, d, gemm, euler_steps, rk4_steps, seed=0):
         err_unfused = flow_errors(_unfused_flow(x[:n], y, 0.5, 0.05, steps, solver), want, x[:n])
         fused = timed(lambda: flow_steps(x, y, None, t0, dt, steps, solver), 0) / steps
         unfused = timed(lambda: _unfused_flow(x, y, 0.5, 0.05, steps, solver), 0) / steps
-        rows.append({
-            "impl": "poissonflow-cpu", "op": f"{solver} step", "N": N, "B": N, "D": d,
-            "status": "ok", "steps": steps, "seconds_per_step": fused,
-            "field_seconds": field, "step_over_field": fused / field,
-            "target_over_field": 1.1 * evals, "unfused_seconds_per_step": unfused,
-            "fused_speedup": unfused / fused, "err": err, "err_unfused": err_unfused,
-        })
+        rows.append(
+            {
+                "impl": "poissonflow-cpu",
+                "op": f"{solver} step",
+                "N": N,
+                "B": N,
+                "D": d,
+                "status": "ok",
+                "steps": steps,
+                "seconds_per_step": fused,
+                "field_seconds": field,
+                "step_over_field": fused / field,
+                "target_over_field": 1.1 * evals,
+                "unfused_seconds_per_step": unfused,
+                "fused_speedup": unfused / fused,
+                "err": err,
+                "err_unfused": err_unfused,
+            }
+        )
     return rows
 
 
-# The small calls of training loops (docs/DESIGN.md, "CPU threads and small calls"): (name, N queries, B charges, D,
+# The small calls of training loops (docs/DESIGN.md, "CPU threads and small calls"): (name, N
+# queries, B charges, D,
 # power, per-row softening?). "learned": one learned-field target (pfgm.field_targets: a small
 # batch of 128 perturbed points against a large batch of 1024, d = 128, p = d + 1, heights as
 # softening); "riesz": one batch-vs-bank call of the Riesz loss (256 features against a bank of
@@ -245,21 +283,35 @@ def small_call_rows(gemm, repeat=5, calls=50, seed=0):
             lin(xb).square().sum().backward()
 
         big = torch.randn(8192, D, generator=g)
-        big_rate = 4.0 * D * 8192 * 8192 / timed(
-            lambda: cpu.field_forward(big, big, None, power, 0.0), 1)
+        big_rate = (
+            4.0 * D * 8192 * 8192 / timed(lambda: cpu.field_forward(big, big, None, power, 0.0), 1)
+        )
         compute = flops / big_rate
         t_proto, t_op = per_call(protocol), per_call(op)
         t_torch = per_call(torch_step)
         t_loop = per_call(lambda: (protocol(), torch_step())) - t_torch
-        rows.append({
-            "impl": "poissonflow-cpu", "op": "small call", "name": name, "N": N, "B": B, "D": D,
-            "power": power, "status": "ok", "protocol_seconds": t_proto, "op_seconds": t_op,
-            "in_loop_seconds": t_loop, "compute_seconds": compute,
-            "large_call_gflops": big_rate / 1e9, "gflops": flops / t_proto / 1e9,
-            "frac_gemm": flops / t_proto / 1e9 / gemm,
-            "latency_over_compute": t_proto / compute, "op_over_compute": t_op / compute,
-            "in_loop_over_standalone": t_proto / t_loop,
-        })
+        rows.append(
+            {
+                "impl": "poissonflow-cpu",
+                "op": "small call",
+                "name": name,
+                "N": N,
+                "B": B,
+                "D": D,
+                "power": power,
+                "status": "ok",
+                "protocol_seconds": t_proto,
+                "op_seconds": t_op,
+                "in_loop_seconds": t_loop,
+                "compute_seconds": compute,
+                "large_call_gflops": big_rate / 1e9,
+                "gflops": flops / t_proto / 1e9,
+                "frac_gemm": flops / t_proto / 1e9 / gemm,
+                "latency_over_compute": t_proto / compute,
+                "op_over_compute": t_op / compute,
+                "in_loop_over_standalone": t_proto / t_loop,
+            }
+        )
     return rows
 
 
@@ -289,8 +341,10 @@ def print_table(rows, gemm, meta=None):
         f"{'GFLOP/s':>8} {'ceiling':>7} {'xGEMM':>6} {'pf speedup':>10} {'err v':>8} "
         f"{'err ls':>8}"
     )
-    print("\nforward field, float32 (ceiling: the fraction of the field's ceiling on this machine, "
-          "bench/ceiling.py)\n" + hdr + "\n" + "-" * len(hdr))
+    print(
+        "\nforward field, float32 (ceiling: the fraction of the field's ceiling on this machine, "
+        "bench/ceiling.py)\n" + hdr + "\n" + "-" * len(hdr)
+    )
     for r in fwd:
         if r.get("status") != "ok":
             print(f"{r['impl']:20} {r['N']:>6} {r['D']:>4}  {r['status']}")
@@ -315,28 +369,36 @@ def print_table(rows, gemm, meta=None):
                 else f"timed on {r['N']} queries; poissonflow {r['speedup_of_poissonflow']:.1f}x "
                 "faster on the same queries"
             )
-            print(f"  {r['impl']:16} N=B={r['B']:>6} D={r['D']:>4} {r['seconds']:8.3f} s  "
-                  f"{r['gflops']:6.1f} GFLOP/s  {extra}")
+            print(
+                f"  {r['impl']:16} N=B={r['B']:>6} D={r['D']:>4} {r['seconds']:8.3f} s  "
+                f"{r['gflops']:6.1f} GFLOP/s  {extra}"
+            )
     small = [r for r in rows if r["op"] == "small call"]
     if small:
-        print("\nsmall calls (training loops), float32: latency against the compute time at the "
-              "large-call rate")
+        print(
+            "\nsmall calls (training loops), float32: latency against the compute time at the "
+            "large-call rate"
+        )
         for r in small:
-            print(f"  {r['name']:8} {r['N']}x{r['B']}x{r['D']} p={r['power']:g}: protocol "
-                  f"{1e6 * r['protocol_seconds']:7.1f} us ({r['latency_over_compute']:.2f}x "
-                  f"compute, {r['gflops']:.0f} GFLOP/s), poisson_field op "
-                  f"{1e6 * r['op_seconds']:7.1f} us ({r['op_over_compute']:.2f}x), in a loop "
-                  f"with torch {1e6 * r['in_loop_seconds']:7.1f} us "
-                  f"({r['in_loop_over_standalone']:.2f}x standalone speed)")
+            print(
+                f"  {r['name']:8} {r['N']}x{r['B']}x{r['D']} p={r['power']:g}: protocol "
+                f"{1e6 * r['protocol_seconds']:7.1f} us ({r['latency_over_compute']:.2f}x "
+                f"compute, {r['gflops']:.0f} GFLOP/s), poisson_field op "
+                f"{1e6 * r['op_seconds']:7.1f} us ({r['op_over_compute']:.2f}x), in a loop "
+                f"with torch {1e6 * r['in_loop_seconds']:7.1f} us "
+                f"({r['in_loop_over_standalone']:.2f}x standalone speed)"
+            )
     ode = [r for r in rows if r["op"].endswith("step")]
     if ode:
         print("\nflow steps (fused trajectory kernel), float32")
         for r in ode:
-            print(f"  {r['op']:11} N=B={r['N']} d={r['D']}: {r['seconds_per_step']:.3f} s/step "
-                  f"= {r['step_over_field']:.2f} field evaluations (target <= "
-                  f"{r['target_over_field']:.1f}); unfused loop {r['unfused_seconds_per_step']:.3f}"
-                  f" s/step ({r['fused_speedup']:.2f}x); error {r['err']:.1e} "
-                  f"(unfused {r['err_unfused']:.1e})")
+            print(
+                f"  {r['op']:11} N=B={r['N']} d={r['D']}: {r['seconds_per_step']:.3f} s/step "
+                f"= {r['step_over_field']:.2f} field evaluations (target <= "
+                f"{r['target_over_field']:.1f}); unfused loop {r['unfused_seconds_per_step']:.3f}"
+                f" s/step ({r['fused_speedup']:.2f}x); error {r['err']:.1e} "
+                f"(unfused {r['err_unfused']:.1e})"
+            )
 
 
 def plot_rows(rows, path):
@@ -402,16 +464,16 @@ def gpu_mm_gflops(device, n=4096, tf32=False):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def clustered_points(N, D, *, k=64, spread=0.5, norm=3.0, seed=0, device="cpu",
-                     sort=False):
+def clustered_points(N, D, *, k=64, spread=0.5, norm=3.0, seed=0, device="cpu", sort=False):
     """N points from k clusters of radius ~spread around centres of norm `norm` (float32):
     the within-cluster pairs compete in every row, so far more pairs are near than for
     Gaussian data. sort=True orders the points by cluster, so that the near pairs fill
     diagonal blocks of the N x B pair matrix and the GEMM form's recomputation touches about
     1/k of the tiles (the field is permutation-equivariant: a caller may sort)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    c = torch.randn(k, D, generator=torch.Generator(device=device).manual_seed(12345),
-                    device=device)
+    c = torch.randn(
+        k, D, generator=torch.Generator(device=device).manual_seed(12345), device=device
+    )
     c = norm * c / c.norm(dim=1, keepdim=True)
     idx = torch.randint(0, k, (N,), generator=g, device=device)
     if sort:
@@ -428,28 +490,46 @@ def _gpu_error(fwd, x, y, power, rows=64):
     return rel, ls_err
 
 
-def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print,
-             sweep_dim=129):
+def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print, sweep_dim=129):
     """The GPU rows of the module docstring (a list of dicts). The sizes are swept at D =
     sweep_dim; the other dimensions run at the largest size only. `log(text, row)` sees each
     row as it is made (the session script keeps them should a time limit stop the run)."""
     rows = []
-    names = [n for n, e in registry.REGISTRY.items()
-             if n != "reference" and device in e.supported_devices() and registry.available(n)]
+    names = [
+        n
+        for n, e in registry.REGISTRY.items()
+        if n != "reference" and device in e.supported_devices() and registry.available(n)
+    ]
     mm = gpu_mm_gflops(device)
     mm_tf32 = gpu_mm_gflops(device, tf32=True) if device == "cuda" else None
-    rows.append({"impl": "torch.mm", "op": "gemm", "dtype": "float32", "status": "ok",
-                 "gflops": mm, "gflops_tf32": mm_tf32})
-    log(f"torch.mm float32 {mm:.0f} GFLOP/s (TF32 off)"
-        + (f", {mm_tf32:.0f} with TF32" if mm_tf32 else ""), rows[-1])
+    rows.append(
+        {
+            "impl": "torch.mm",
+            "op": "gemm",
+            "dtype": "float32",
+            "status": "ok",
+            "gflops": mm,
+            "gflops_tf32": mm_tf32,
+        }
+    )
+    log(
+        f"torch.mm float32 {mm:.0f} GFLOP/s (TF32 off)"
+        + (f", {mm_tf32:.0f} with TF32" if mm_tf32 else ""),
+        rows[-1],
+    )
     big = max(sizes)
 
     def add(name, op, dtype, N, D, flops, fn, err=None, **extra):
         row = {"impl": name, "op": op, "dtype": dtype, "N": N, "B": N, "D": D}
         try:
             sec = device_timed(fn, repeat, device)
-            row.update(status="ok", seconds=sec, gflops=flops / sec / 1e9,
-                       frac_fp32_mm=flops / sec / 1e9 / mm, **extra)
+            row.update(
+                status="ok",
+                seconds=sec,
+                gflops=flops / sec / 1e9,
+                frac_fp32_mm=flops / sec / 1e9 / mm,
+                **extra,
+            )
             if err is not None:
                 row["err_v"], row["err_log_scale"] = err()
         except Exception as exc:  # noqa: BLE001 - a failed row is reported, not fatal
@@ -467,25 +547,58 @@ def gpu_rows(sizes, dims, repeat, device, *, gemm_dims=(33, 129, 513), log=print
                 mod = registry.get(name).module()
                 for dt in ("float32", "bfloat16") if N == big else ("float32",):
                     xd, yd = (x, y) if dt == "float32" else (x.bfloat16(), y.bfloat16())
-                    add(name, "forward", dt, N, D, 4 * D * N * N,
+                    add(
+                        name,
+                        "forward",
+                        dt,
+                        N,
+                        D,
+                        4 * D * N * N,
                         lambda m=mod, a=xd, b=yd: m.field_forward(a, b, None, float(D), 0.0),
                         err=lambda m=mod, a=xd, b=yd: _gpu_error(
-                            lambda q, c: m.field_forward(q, c, None, float(D), 0.0), a, b,
-                            float(D)))
+                            lambda q, c: m.field_forward(q, c, None, float(D), 0.0), a, b, float(D)
+                        ),
+                    )
                 if N != big or name == "triton-gemm":  # its backward and flow are triton's
                     continue
                 v, ls = mod.field_forward(x, y, None, float(D), 0.0)
                 gv, gl = torch.randn_like(v), torch.randn_like(ls)
-                add(name, "backward", "float32", N, D, 11 * D * N * N,
-                    lambda m=mod: m.field_backward(x, y, None, float(D), 0.0, v, ls, gv, gl,
-                                                   need_x=True, need_y=True, need_w=False))
+                add(
+                    name,
+                    "backward",
+                    "float32",
+                    N,
+                    D,
+                    11 * D * N * N,
+                    lambda m=mod: m.field_backward(
+                        x,
+                        y,
+                        None,
+                        float(D),
+                        0.0,
+                        v,
+                        ls,
+                        gv,
+                        gl,
+                        need_x=True,
+                        need_y=True,
+                        need_w=False,
+                    ),
+                )
                 if D >= 2:
                     d = D - 1
                     xf, yf = x[:, :d].contiguous(), y[:, :d].contiguous()
                     t0 = torch.full((N,), math.log(0.5), device=device, dtype=torch.float64)
                     dt_ = torch.full((N,), 0.1, device=device, dtype=torch.float64)
-                    add(name, "rk4 step", "float32", N, d, 16 * d * N * N,
-                        lambda m=mod: m.flow_steps(xf, yf, None, t0, dt_, 1, "rk4"))
+                    add(
+                        name,
+                        "rk4 step",
+                        "float32",
+                        N,
+                        d,
+                        16 * d * N * N,
+                        lambda m=mod: m.flow_steps(xf, yf, None, t0, dt_, 1, "rk4"),
+                    )
     rows += gemm_form_rows(big, gemm_dims, repeat, device, names, mm, log=log)
     return rows
 
@@ -510,36 +623,69 @@ def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
                 y = clustered_points(N, D, seed=D + 1, device=device, sort=sort)
             for name in [n for n in ("cuda", "triton") if n in names]:
                 mod = registry.get(name).module()
-                row = {"impl": name, "op": "forward", "data": data, "dtype": "float32", "N": N,
-                       "B": N, "D": D}
+                row = {
+                    "impl": name,
+                    "op": "forward",
+                    "data": data,
+                    "dtype": "float32",
+                    "N": N,
+                    "B": N,
+                    "D": D,
+                }
                 try:
-                    sec = device_timed(lambda: mod.field_forward(x, y, None, float(D), 0.0),
-                                     repeat, device)
-                    row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
-                               frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm)
+                    sec = device_timed(
+                        lambda: mod.field_forward(x, y, None, float(D), 0.0), repeat, device
+                    )
+                    row.update(
+                        status="ok",
+                        seconds=sec,
+                        gflops=4 * D * N * N / sec / 1e9,
+                        frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm,
+                    )
                     row["err_v"], row["err_log_scale"] = _gpu_error(
-                        lambda q, c: mod.field_forward(q, c, None, float(D), 0.0), x, y,
-                        float(D))
+                        lambda q, c: mod.field_forward(q, c, None, float(D), 0.0), x, y, float(D)
+                    )
                 except Exception as exc:  # noqa: BLE001
                     row["status"] = f"failed: {type(exc).__name__}: {exc}"
                 rows.append(row)
                 log(_gpu_row_text(row), row)
             for precision in ("tf32", "bf16", "tf32x3"):
-                row = {"impl": f"triton-gemm[{precision}]", "op": "forward", "data": data,
-                       "dtype": "float32", "N": N, "B": N, "D": D}
+                row = {
+                    "impl": f"triton-gemm[{precision}]",
+                    "op": "forward",
+                    "data": data,
+                    "dtype": "float32",
+                    "N": N,
+                    "B": N,
+                    "D": D,
+                }
                 try:
+
                     def run(q=x, c=y, precision=precision):
-                        return _gemm.gemm_field_forward(q, c, None, float(D), 0.0,
-                                                        precision=precision)
+                        return _gemm.gemm_field_forward(
+                            q, c, None, float(D), 0.0, precision=precision
+                        )
 
                     sec = device_timed(run, repeat, device)
                     res = run()
-                    row.update(status="ok", seconds=sec, gflops=4 * D * N * N / sec / 1e9,
-                               frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm, **res.summary(N))
+                    row.update(
+                        status="ok",
+                        seconds=sec,
+                        gflops=4 * D * N * N / sec / 1e9,
+                        frac_fp32_mm=4 * D * N * N / sec / 1e9 / mm,
+                        **res.summary(N),
+                    )
                     row["err_v"], row["err_log_scale"] = _gpu_error(
-                        lambda q, c: tuple(run(q, c)[:2]), x, y, float(D))
-                    exact = [r for r in rows if r.get("data") == data and r["D"] == D
-                             and r["impl"] in ("cuda", "triton") and r.get("status") == "ok"]
+                        lambda q, c: tuple(run(q, c)[:2]), x, y, float(D)
+                    )
+                    exact = [
+                        r
+                        for r in rows
+                        if r.get("data") == data
+                        and r["D"] == D
+                        and r["impl"] in ("cuda", "triton")
+                        and r.get("status") == "ok"
+                    ]
                     for r in exact:
                         row[f"speedup_over_{r['impl']}"] = r["seconds"] / sec
                 except Exception as exc:  # noqa: BLE001
@@ -550,30 +696,37 @@ def gemm_form_rows(N, dims, repeat, device, names, mm, *, log=print):
 
 
 def _gpu_row_text(r):
-    head = (f"{r['impl']:20} {r['op']:9} {r.get('data', ''):16} {r['dtype']:8} "
-            f"N=B={r.get('N', '')} D={r.get('D', '')}")
+    head = (
+        f"{r['impl']:20} {r['op']:9} {r.get('data', ''):16} {r['dtype']:8} "
+        f"N=B={r.get('N', '')} D={r.get('D', '')}"
+    )
     if r.get("status") != "ok":
         return f"{head}  {r.get('status')}"
     if r["op"] == "gemm":
         return f"{head}  {r['gflops']:.0f} GFLOP/s"
-    text = (f"{head}  {r['seconds'] * 1e3:9.2f} ms {r['gflops']:8.0f} GFLOP/s "
-            f"{r['frac_fp32_mm']:5.2f} x mm")
+    text = (
+        f"{head}  {r['seconds'] * 1e3:9.2f} ms {r['gflops']:8.0f} GFLOP/s "
+        f"{r['frac_fp32_mm']:5.2f} x mm"
+    )
     if "err_v" in r:
         text += f"  err v {r['err_v']:.1e} ls {r['err_log_scale']:.1e}"
     if "pairs_recomputed" in r:
-        text += (f"  recomputed {r['pairs_recomputed']:.2%} pairs, {r['tiles_recomputed']:.0%}"
-                 f" tiles; fell back {r['rows_fell_back']:.2%} rows")
+        text += (
+            f"  recomputed {r['pairs_recomputed']:.2%} pairs, {r['tiles_recomputed']:.0%}"
+            f" tiles; fell back {r['rows_fell_back']:.2%} rows"
+        )
     for k, v in r.items():
         if k.startswith("speedup_over_"):
-            text += f"  {v:.2f}x {k[len('speedup_over_'):]}"
+            text += f"  {v:.2f}x {k[len('speedup_over_') :]}"
     return text
 
 
 def gpu_main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--gpu without a GPU needs TRITON_INTERPRET=1 (a dry run through "
-                         "Triton's interpreter)")
+        raise SystemExit(
+            "--gpu without a GPU needs TRITON_INTERPRET=1 (a dry run through Triton's interpreter)"
+        )
     sizes = args.sizes or ([4096, 16384, 65536] if device == "cuda" else [48])
     dims = args.dims or ([3, 33, 129, 513] if device == "cuda" else [3, 33])
     gemm_dims = [d for d in dims if d >= 33] or dims
@@ -586,8 +739,7 @@ def gpu_main(args):
             stream.write(json.dumps(row, default=str) + "\n")
             stream.flush()
 
-    rows = gpu_rows(sizes, dims, args.repeat, device, gemm_dims=gemm_dims, log=log,
-                    sweep_dim=sweep)
+    rows = gpu_rows(sizes, dims, args.repeat, device, gemm_dims=gemm_dims, log=log, sweep_dim=sweep)
     meta = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python bench/field_throughput.py"] + sys.argv[1:]),
@@ -614,8 +766,11 @@ def main(argv=None):
     ap.add_argument("--no-small", action="store_true", help="skip the small-call rows")
     ap.add_argument("--json", help="write every figure and setting to this file")
     ap.add_argument("--plot", help="draw GFLOP/s against size to this PNG")
-    ap.add_argument("--gpu", action="store_true",
-                    help="the GPU rows (CUDA tensors; without a GPU: interpreter dry run)")
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU rows (CUDA tensors; without a GPU: interpreter dry run)",
+    )
     args = ap.parse_args(argv)
     if args.gpu:
         return gpu_main(args)
@@ -638,8 +793,9 @@ def main(argv=None):
     rows = []
     for N in sizes:
         for D in dims:
-            rows += forward_rows(N, D, impls if N <= 8192 or D == 129 else impls[:1], gemm,
-                                 repeat, peer_rows)
+            rows += forward_rows(
+                N, D, impls if N <= 8192 or D == 129 else impls[:1], gemm, repeat, peer_rows
+            )
     if not args.no_backward:
         for N in bwd_sizes:
             rows += backward_rows(N, 129, gemm, repeat, peer_rows)
@@ -652,12 +808,15 @@ def main(argv=None):
             continue
         if r["op"] == "forward":
             r["frac_ceiling"] = ceil.forward_seconds(r["queries_timed"], r["B"], r["D"]) / (
-                r["seconds"] * r["queries_timed"] / r["N"])
+                r["seconds"] * r["queries_timed"] / r["N"]
+            )
         elif "backward_seconds" in r:
-            r["backward_frac_ceiling"] = (ceil.backward_seconds(r["N"], r["B"], r["D"])
-                                          / r["backward_seconds"])
-            r["forward_frac_ceiling"] = (ceil.forward_seconds(r["N"], r["B"], r["D"])
-                                         / r["forward_seconds"])
+            r["backward_frac_ceiling"] = (
+                ceil.backward_seconds(r["N"], r["B"], r["D"]) / r["backward_seconds"]
+            )
+            r["forward_frac_ceiling"] = (
+                ceil.forward_seconds(r["N"], r["B"], r["D"]) / r["forward_seconds"]
+            )
     record["load_average_after"] = machine.load_average()
     print_table(rows, gemm, record)
     meta = {

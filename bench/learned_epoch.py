@@ -69,13 +69,20 @@ def dense_target_seconds(x_pert, z, charges, gamma, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def epoch_shares(n: int, d: int, epochs: int, large_batch: int = 1024, small_batch: int = 128,
-                 device: str = "cpu") -> dict:
+def epoch_shares(
+    n: int,
+    d: int,
+    epochs: int,
+    large_batch: int = 1024,
+    small_batch: int = 128,
+    device: str = "cpu",
+) -> dict:
     """One timed fit of the blog preset (after a warm-up fit): per-phase shares of the epoch
     time, ms per iteration, and the kernel's rate inside the loop."""
     X = mixture_features(n, d)
-    settings = dict(preset="blog", large_batch=large_batch, small_batch=small_batch,
-                    device=device, seed=0)
+    settings = dict(
+        preset="blog", large_batch=large_batch, small_batch=small_batch, device=device, seed=0
+    )
     LearnedField(**settings, epochs=1).fit(X[: 4 * large_batch], progress=False)  # warm-up
     t0 = time.perf_counter()
     field = LearnedField(**settings, epochs=epochs).fit(X, progress=False, profile=True)
@@ -85,7 +92,10 @@ def epoch_shares(n: int, d: int, epochs: int, large_batch: int = 1024, small_bat
     # the kernel loops over the d feature dimensions (the height enters as a per-row softening)
     flops = 4.0 * d * small_batch * large_batch
     return {
-        "X": X, "wall": wall, "iterations": its, "epochs": epochs,
+        "X": X,
+        "wall": wall,
+        "iterations": its,
+        "epochs": epochs,
         "epoch_seconds": statistics.median(tm["epoch"]),
         "shares": {k: sum(tm[k]) / sum(tm["epoch"]) for k in ("data", "target", "network")},
         "ms_per_iteration": {k: 1e3 * sum(tm[k]) / its for k in ("data", "target", "network")},
@@ -111,22 +121,32 @@ def main() -> None:
     epoch_s = r["epoch_seconds"]
 
     rec = machine.machine_record()
-    print(f"poissonflow {poissonflow.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"poissonflow {poissonflow.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"CPU: {machine.cpu_line(rec)}")
-    print(f"features {n} x {args.d}, batches {args.large_batch} / {args.small_batch}, "
-          f"{its} iterations per epoch, {epochs} timed epoch(s) ({r['wall']:.2f} s)")
+    print(
+        f"features {n} x {args.d}, batches {args.large_batch} / {args.small_batch}, "
+        f"{its} iterations per epoch, {epochs} timed epoch(s) ({r['wall']:.2f} s)"
+    )
     print(f"time per epoch (median): {epoch_s:.3f} s   ({1e3 * epoch_s / its:.2f} ms / iteration)")
     for k in ("data", "target", "network"):
         print(f"  {k:8s} {100 * shares[k]:5.1f} %   {r['ms_per_iteration'][k]:7.3f} ms / iteration")
     # the target kernel's ceiling: the forward at p = d + 1 over d dimensions
     ceil = ceiling.measure() if args.device == "cpu" else None
-    frac = (f", {r['kernel_gflops_in_loop'] / ceil.forward_gflops(args.d, args.d + 1.0):.2f} "
-            "of its ceiling on this machine" if ceil else "")
-    print(f"field target share: {100 * shares['target']:.1f} % (target: < 20 %), "
-          f"kernel {r['kernel_gflops_in_loop']:.1f} GFLOP/s in the loop (4 d flop per pair)"
-          f"{frac}")
+    frac = (
+        f", {r['kernel_gflops_in_loop'] / ceil.forward_gflops(args.d, args.d + 1.0):.2f} "
+        "of its ceiling on this machine"
+        if ceil
+        else ""
+    )
+    print(
+        f"field target share: {100 * shares['target']:.1f} % (target: < 20 %), "
+        f"kernel {r['kernel_gflops_in_loop']:.1f} GFLOP/s in the loop (4 d flop per pair)"
+        f"{frac}"
+    )
 
     g = torch.Generator().manual_seed(1)
     batch = X[: args.large_batch]
@@ -137,8 +157,10 @@ def main() -> None:
         field_targets(x_pert, z, batch, 0.3)
     fused = (time.perf_counter() - t0) / 20
     dense = dense_target_seconds(x_pert, z, batch, 0.3)
-    print(f"target alone: fused kernel {1e3 * fused:.3f} ms, PFGM-style dense PyTorch "
-          f"{1e3 * dense:.3f} ms ({dense / fused:.1f}x)")
+    print(
+        f"target alone: fused kernel {1e3 * fused:.3f} ms, PFGM-style dense PyTorch "
+        f"{1e3 * dense:.3f} ms ({dense / fused:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # model imply (AMD's published ranges; unknown pairs give None).
 _UARCH = {
     ("AuthenticAMD", 23): [(0x00, 0x2F, "Zen / Zen+"), (0x30, 0xFF, "Zen 2")],
-    ("AuthenticAMD", 25): [(0x00, 0x0F, "Zen 3"), (0x10, 0x1F, "Zen 4"), (0x20, 0x5F, "Zen 3"),
-                           (0x60, 0xAF, "Zen 4")],
+    ("AuthenticAMD", 25): [
+        (0x00, 0x0F, "Zen 3"),
+        (0x10, 0x1F, "Zen 4"),
+        (0x20, 0x5F, "Zen 3"),
+        (0x60, 0xAF, "Zen 4"),
+    ],
     ("AuthenticAMD", 26): [(0x00, 0xFF, "Zen 5")],
 }
 
-_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl",
-          "avx512_bf16", "avx512_fp16", "amx_tile")
+_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+)
 
 
 def load_average() -> list[float]:
@@ -87,7 +102,9 @@ def _caches() -> dict:
 
 def _hypervisor() -> str | None:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+        out = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^Hypervisor vendor:\s*(.+)$", out, re.MULTILINE)
@@ -126,13 +143,19 @@ def blas_banner() -> str | None:
     code = "import torch; a = torch.randn(64, 64); torch.mm(a, a)"
     env = dict(os.environ, MKL_VERBOSE="1")
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=env, timeout=120, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     for line in (out.stdout + out.stderr).splitlines():
         if line.startswith("MKL_VERBOSE") and "GEMM" not in line:
-            return line[len("MKL_VERBOSE"):].strip()
+            return line[len("MKL_VERBOSE") :].strip()
     return None
 
 
@@ -152,12 +175,20 @@ def torch_record() -> dict:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10,
-                               check=False).stdout.strip()
+        out = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
@@ -169,8 +200,12 @@ def poissonflow_record() -> dict:
 
     C = _ext.cpu_module()
     isa = _ext.default_cpu_isa()
-    rec = {"version": poissonflow.__version__, "commit": _git_commit(), "isa": isa,
-           "isas": _ext.cpu_isas()}
+    rec = {
+        "version": poissonflow.__version__,
+        "commit": _git_commit(),
+        "isa": isa,
+        "isas": _ext.cpu_isas(),
+    }
     if hasattr(C, "vector_bytes"):
         rec["isa_chosen"] = C.chosen_isa(isa)
         rec["vector_bytes"] = C.vector_bytes(isa)
@@ -200,10 +235,12 @@ def cpu_line(rec: dict) -> str:
     l2 = c.get("caches", {}).get("L2", {}).get("size", "?")
     l3 = c.get("caches", {}).get("L3", {}).get("size", "?")
     la = rec.get("load_average") or []
-    return (f"{c['model_name']} ({fam}{ua}), L2 {l2}/core, L3 {l3}; {rec['threads']} threads; "
-            f"poissonflow {p.get('isa_chosen', p['isa'])} ({p.get('vector_bytes', '?')}-byte "
-            f"vectors); torch {t['version']} {t['blas']} (capability {t['cpu_capability']}); "
-            f"load {la[0] if la else '?'}")
+    return (
+        f"{c['model_name']} ({fam}{ua}), L2 {l2}/core, L3 {l3}; {rec['threads']} threads; "
+        f"poissonflow {p.get('isa_chosen', p['isa'])} ({p.get('vector_bytes', '?')}-byte "
+        f"vectors); torch {t['version']} {t['blas']} (capability {t['cpu_capability']}); "
+        f"load {la[0] if la else '?'}"
+    )
 
 
 if __name__ == "__main__":

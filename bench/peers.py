@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -80,9 +80,7 @@ def torch_gemm_f32(x, y, power, chunk=2048):
     yn = (y * y).sum(1)
     for i in range(0, x.shape[0], chunk):
         xi = x[i : i + chunk]
-        r2 = ((xi * xi).sum(1)[:, None] + yn[None, :] - 2.0 * (xi @ y.T)).clamp_min(
-            _tiny(x.dtype)
-        )
+        r2 = ((xi * xi).sum(1)[:, None] + yn[None, :] - 2.0 * (xi @ y.T)).clamp_min(_tiny(x.dtype))
         s = -0.5 * power * torch.log(r2)
         out_l.append(torch.logsumexp(s, 1) - math.log(y.shape[0]))
         out_v.append(xi - torch.softmax(s, 1) @ y)
@@ -115,13 +113,18 @@ def poissonflow_backend(backend):
 
 
 def implementations(device: str = "cpu") -> list[Impl]:
-    impls = [
-        Impl("poissonflow-cpu", poissonflow_backend("cpu"), "C++ kernel, direct differences")
-    ] if device == "cpu" else []
+    impls = (
+        [Impl("poissonflow-cpu", poissonflow_backend("cpu"), "C++ kernel, direct differences")]
+        if device == "cpu"
+        else []
+    )
     impls += [
         Impl(
-            "naive-pfgm", naive_pfgm, "materialises N x B x D",
-            peak_bytes=lambda N, B, D, s: 3 * N * B * D * s, slow=True,
+            "naive-pfgm",
+            naive_pfgm,
+            "materialises N x B x D",
+            peak_bytes=lambda N, B, D, s: 3 * N * B * D * s,
+            slow=True,
         ),
         Impl("torch-direct", torch_direct, "cdist direct + float64 v", slow=True),
         Impl("torch-f64-expanded", torch_f64_expanded, "float64 GEMM expansion", slow=True),

@@ -165,8 +165,14 @@ def run_cell(impl, n, k, d, s, repeats, chunk, seed, errors):
         total.append(t2 - t0)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
-        "impl": impl, "N": n, "K": k, "D": d, "s": s,
-        "seconds": min(total), "forward_seconds": min(fwd), "all_seconds": total,
+        "impl": impl,
+        "N": n,
+        "K": k,
+        "D": d,
+        "s": s,
+        "seconds": min(total),
+        "forward_seconds": min(fwd),
+        "all_seconds": total,
         "peak_mb": (after - before) / 1024.0,  # ru_maxrss is in KiB on Linux
         "value": float(loss.detach()),
         "finite_grad": bool(torch.isfinite(xt.grad).all()),
@@ -188,15 +194,44 @@ def child(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    res = run_cell(args.impl, args.n, args.k, args.dim, args.s, args.repeats, args.chunk,
-                   args.seed, not args.no_errors)
+    res = run_cell(
+        args.impl,
+        args.n,
+        args.k,
+        args.dim,
+        args.s,
+        args.repeats,
+        args.chunk,
+        args.seed,
+        not args.no_errors,
+    )
     print(json.dumps(res))
 
 
 def spawn(impl, n, k, args, repeats, errors):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--impl", impl, "--n", str(n),
-           "--k", str(k), "--dim", str(args.dim), "--s", str(args.s), "--repeats", str(repeats),
-           "--chunk", str(args.chunk), "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "--impl",
+        impl,
+        "--n",
+        str(n),
+        "--k",
+        str(k),
+        "--dim",
+        str(args.dim),
+        "--s",
+        str(args.s),
+        "--repeats",
+        str(repeats),
+        "--chunk",
+        str(args.chunk),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     if not errors:
         cmd.append("--no-errors")
     env = dict(os.environ)
@@ -220,8 +255,11 @@ def estimate(impl, n, k, measured):
     last = max(done, key=lambda r: work(impl, r["N"], r["K"]))
     scale = work(impl, n, k) / work(impl, last["N"], last["K"])
     mem = last["peak_mb"] * scale if impl in DENSE else None
-    return {"seconds": last["seconds"] * scale, "peak_mb": mem,
-            "from": f"N={last['N']}, K={last['K']}"}
+    return {
+        "seconds": last["seconds"] * scale,
+        "peak_mb": mem,
+        "from": f"N={last['N']}, K={last['K']}",
+    }
 
 
 def run_all(args):
@@ -253,8 +291,7 @@ def run_all(args):
                     res = merge(rows[key], res)
                 rows[key] = res
                 took = f"{res['seconds']:.3f} s" if "seconds" in res else "failed"
-                print(f"  round {rnd + 1}/{args.rounds}: {impl}, N={n}, K={k}: {took}",
-                      flush=True)
+                print(f"  round {rnd + 1}/{args.rounds}: {impl}, N={n}, K={k}: {took}", flush=True)
     out = list(rows.values())
     for r in out:
         print(format_row(r, out))
@@ -265,15 +302,25 @@ def skip_reason(impl, n, k, measured, args):
     est = estimate(impl, n, k, measured)
     reason = None
     if est and est["peak_mb"] is not None and est["peak_mb"] > args.budget_gb * 1024:
-        reason = (f"would need ~{est['peak_mb'] / 1024:.1f} GB (budget "
-                  f"{args.budget_gb:g} GB; extrapolated from {est['from']})")
+        reason = (
+            f"would need ~{est['peak_mb'] / 1024:.1f} GB (budget "
+            f"{args.budget_gb:g} GB; extrapolated from {est['from']})"
+        )
     elif est and est["seconds"] > args.max_seconds:
-        reason = (f"would take ~{est['seconds']:.0f} s per forward + backward (limit "
-                  f"{args.max_seconds:g} s; extrapolated from {est['from']})")
+        reason = (
+            f"would take ~{est['seconds']:.0f} s per forward + backward (limit "
+            f"{args.max_seconds:g} s; extrapolated from {est['from']})"
+        )
     if reason is None:
         return None
-    return {"impl": impl, "N": n, "K": k, "skipped": reason,
-            "estimate_seconds": est["seconds"], "estimate_peak_mb": est["peak_mb"]}
+    return {
+        "impl": impl,
+        "N": n,
+        "K": k,
+        "skipped": reason,
+        "estimate_seconds": est["seconds"],
+        "estimate_peak_mb": est["peak_mb"],
+    }
 
 
 def merge(old, new):
@@ -292,17 +339,30 @@ def format_row(r, rows):
         return f"{head} not run: {r['skipped']}"
     if "error" in r:
         return f"{head} failed: {r['error']}"
-    base = next((b for b in rows if b["impl"] == "poissonflow" and b["N"] == r["N"]
-                 and b["K"] == r["K"] and "seconds" in b), None)
+    base = next(
+        (
+            b
+            for b in rows
+            if b["impl"] == "poissonflow"
+            and b["N"] == r["N"]
+            and b["K"] == r["K"]
+            and "seconds" in b
+        ),
+        None,
+    )
     ratio = ""
     if base and r["impl"] != "poissonflow":
-        ratio = (f"  time x{r['seconds'] / base['seconds']:6.2f}"
-                 f"  mem x{r['peak_mb'] / max(base['peak_mb'], 1e-9):7.1f}")
+        ratio = (
+            f"  time x{r['seconds'] / base['seconds']:6.2f}"
+            f"  mem x{r['peak_mb'] / max(base['peak_mb'], 1e-9):7.1f}"
+        )
     err = ""
     if "value_rel_err" in r:
         err = f"  err value {r['value_rel_err']:.1e} grad {r['grad_rel_err']:.1e}"
-    return (f"{head} fwd+bwd {r['seconds']:8.3f} s (fwd {r['forward_seconds']:.3f})"
-            f"  peak +{r['peak_mb']:8.1f} MB{ratio}{err}")
+    return (
+        f"{head} fwd+bwd {r['seconds']:8.3f} s (fwd {r['forward_seconds']:.3f})"
+        f"  peak +{r['peak_mb']:8.1f} MB{ratio}{err}"
+    )
 
 
 def main():
@@ -315,16 +375,28 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="passes over all cells (see run_all)")
     ap.add_argument("--chunk", type=int, default=4096, help="bank columns per checkpointed block")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads per cell (0: torch's default); 1 avoids thread-barrier "
-                         "stalls when other processes load the cores")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads per cell (0: torch's default); 1 avoids thread-barrier "
+        "stalls when other processes load the cores",
+    )
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     ap.add_argument("--budget-gb", type=float, default=3.0)
     ap.add_argument("--max-seconds", type=float, default=120.0)
-    ap.add_argument("--long-seconds", type=float, default=10.0,
-                    help="cells estimated longer than this run once, with one repeat")
-    ap.add_argument("--large", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the row N = --large-n, K = --large-k (one repeat, no errors)")
+    ap.add_argument(
+        "--long-seconds",
+        type=float,
+        default=10.0,
+        help="cells estimated longer than this run once, with one repeat",
+    )
+    ap.add_argument(
+        "--large",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the row N = --large-n, K = --large-k (one repeat, no errors)",
+    )
     ap.add_argument("--large-n", type=int, default=4096)
     ap.add_argument("--large-k", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="banks 1024 and 4096, no large row")
@@ -343,24 +415,35 @@ def main():
     load0 = os.getloadavg()
     t0 = time.time()
     threads = args.threads or torch.get_num_threads()
-    print(f"riesz_uniformity_loss benchmark, D = {args.dim}, s = {args.s:g}, float32, "
-          f"{threads} threads, load average {load0[0]:.1f}", flush=True)
+    print(
+        f"riesz_uniformity_loss benchmark, D = {args.dim}, s = {args.s:g}, float32, "
+        f"{threads} threads, load average {load0[0]:.1f}",
+        flush=True,
+    )
     rows = run_all(args)
     meta = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "started_utc": started.isoformat(timespec="seconds"),
         "wall_seconds": time.time() - t0,
-        "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "load_average_start": load0, "load_average_end": os.getloadavg(),
-        "settings": {k: v for k, v in vars(args).items()
-                     if k not in ("child", "impl", "k", "no_errors", "json")},
+        "torch": torch.__version__,
+        "threads": args.threads or torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average_start": load0,
+        "load_average_end": os.getloadavg(),
+        "settings": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("child", "impl", "k", "no_errors", "json")
+        },
     }
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"done in {meta['wall_seconds']:.0f} s; load average at the end "
-          f"{meta['load_average_end'][0]:.1f}")
+    print(
+        f"done in {meta['wall_seconds']:.0f} s; load average at the end "
+        f"{meta['load_average_end'][0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
-           out: str) -> None:
+def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     import warnings
 
@@ -75,8 +74,9 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
 
     from poissonflow import losses as L
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     g = torch.Generator().manual_seed(1000 + rank)
     d, n, k = args.dim, args.batch, args.bank
     bank = torch.randn(k, d, generator=g)
@@ -123,9 +123,14 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
         peak = _status_mb("VmHWM") - base
     else:  # the growth of the lifetime peak: a lower bound
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base_max
-    res = {"rank": rank, "times": times, "peak_mb": peak, "first_step_peak_mb": first,
-           "loss": value,
-           "exact_peak": exact_peak}
+    res = {
+        "rank": rank,
+        "times": times,
+        "peak_mb": peak,
+        "first_step_peak_mb": first,
+        "loss": value,
+        "exact_peak": exact_peak,
+    }
     Path(out, f"{way}_rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()
@@ -140,28 +145,46 @@ def _free_port() -> int:
 def run_way(way: str, args: argparse.Namespace, tmp: Path) -> dict:
     # large blocks are mmapped and handed back to the system when freed, so the resident size
     # is what is live and its peak (VmHWM, reset after the setup) what a step adds
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(port), way,
-                               str(tmp)] + _forward_args(args), env=env)
-             for r in range(args.world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(r), str(port), way, str(tmp)]
+            + _forward_args(args),
+            env=env,
+        )
+        for r in range(args.world)
+    ]
     for p in procs:
         if p.wait() != 0:
             raise SystemExit(f"a {way} worker failed (exit {p.returncode})")
-    ranks = [json.loads(Path(tmp, f"{way}_rank{r}.json").read_text())
-             for r in range(args.world)]
+    ranks = [json.loads(Path(tmp, f"{way}_rank{r}.json").read_text()) for r in range(args.world)]
     per_step = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
-    return {"time_s": min(per_step), "times_s": per_step,
-            "peak_mb": max(r["peak_mb"] for r in ranks),
-            "peak_mb_by_rank": [r["peak_mb"] for r in ranks],
-            "first_step_peak_mb": max(r["first_step_peak_mb"] for r in ranks),
-            "loss": ranks[0]["loss"]}
+    return {
+        "time_s": min(per_step),
+        "times_s": per_step,
+        "peak_mb": max(r["peak_mb"] for r in ranks),
+        "peak_mb_by_rank": [r["peak_mb"] for r in ranks],
+        "first_step_peak_mb": max(r["first_step_peak_mb"] for r in ranks),
+        "loss": ranks[0]["loss"],
+    }
 
 
 def _forward_args(args: argparse.Namespace) -> list[str]:
-    return ["--world", str(args.world), "--bank", str(args.bank), "--batch", str(args.batch),
-            "--dim", str(args.dim), "--s", str(args.s), "--repeats", str(args.repeats)]
+    return [
+        "--world",
+        str(args.world),
+        "--bank",
+        str(args.bank),
+        "--batch",
+        str(args.batch),
+        "--dim",
+        str(args.dim),
+        "--s",
+        str(args.s),
+        "--repeats",
+        str(args.repeats),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,8 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     for way, rs in runs.items():
         best = min(rs, key=lambda r: r["time_s"])
         every = sorted(t for r in rs for t in r["times_s"])
-        results[way] = dict(best, peak_mb=max(r["peak_mb"] for r in rs), times_s=every,
-                            median_s=every[len(every) // 2])
+        results[way] = dict(
+            best,
+            peak_mb=max(r["peak_mb"] for r in rs),
+            times_s=every,
+            median_s=every[len(every) // 2],
+        )
     m, g = results["module"], results["gather"]
     lines = [
         f"RieszLoss over {args.world} gloo processes (1 thread each), bank {args.bank} rows per "
@@ -200,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         f"one step = forward + backward, min over {args.rounds} x {args.repeats} steps of the "
         f"slowest rank; peak = largest growth of the peak resident size (VmHWM) in the timed "
         f"steps over ranks and rounds",
-        f"{'way':<40} {'min s/step':>11} {'median s':>9} {'peak MB (max rank)':>19} "
-        f"{'loss':>10}",
+        f"{'way':<40} {'min s/step':>11} {'median s':>9} {'peak MB (max rank)':>19} {'loss':>10}",
         f"{'module (ring, banks never gathered)':<40} {m['time_s']:>11.2f} "
         f"{m['median_s']:>9.2f} {m['peak_mb']:>19.1f} {m['loss']:>10.6f}",
         f"{'gather banks + single-process loss':<40} {g['time_s']:>11.2f} "
@@ -213,12 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "machine": platform.platform(), "cpus": os.cpu_count(),
-                "torch": torch.__version__, "load_avg": os.getloadavg(),
-                "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-                "runs": runs,
-                "results": results}
+        meta = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_avg": os.getloadavg(),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+            "runs": runs,
+            "results": results,
+        }
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "riesz_module_distributed.txt").write_text(text + "\n")
         Path(args.out, "riesz_module_distributed.json").write_text(json.dumps(meta, indent=1))

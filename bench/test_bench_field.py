@@ -43,8 +43,9 @@ def test_forward_cpu(benchmark, N, D):
     v, ls = poissonflow.poisson_field(x, y, backend="cpu")
     _check(x, y, v, ls)
     benchmark.extra_info["gflop_per_call"] = 4 * D * N * N / 1e9
-    benchmark.pedantic(poissonflow.poisson_field, args=(x, y), kwargs={"backend": "cpu"},
-                       rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        poissonflow.poisson_field, args=(x, y), kwargs={"backend": "cpu"}, rounds=3, warmup_rounds=1
+    )
 
 
 @pytest.mark.parametrize("N,D", [(4096, 129)], ids=lambda v: str(v))
@@ -81,5 +82,6 @@ def test_flow_steps_cpu(benchmark, solver, steps):
     want = reference.flow_steps(x[:n].double(), y, None, t0[:n], dt[:n], steps, solver)
     assert flow_errors(got, want, x[:n]) <= F32.flow
     benchmark.extra_info["field_evaluations"] = steps * (4 if solver == "rk4" else 1)
-    benchmark.pedantic(flow_steps, args=(x, y, None, t0, dt, steps, solver),
-                       rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        flow_steps, args=(x, y, None, t0, dt, steps, solver), rounds=3, warmup_rounds=1
+    )

@@ -37,8 +37,12 @@ def main() -> None:
 
     # 1. the distributed loss equals one process on the concatenated batch (float64)
     torch.manual_seed(rank)
-    x = torch.randn(args.batch_per_rank + rank, args.dim, dtype=torch.float64,  # ragged shards
-                    requires_grad=True)
+    x = torch.randn(
+        args.batch_per_rank + rank,
+        args.dim,
+        dtype=torch.float64,  # ragged shards
+        requires_grad=True,
+    )
     loss = RieszLoss(s=2.0, bank_size=args.bank_size, gather_distributed=True)(x)
     loss.backward()
     shards = [None] * world
@@ -47,11 +51,13 @@ def main() -> None:
     reference = riesz_uniformity_loss(full, 2.0)
     reference.backward()
     offset = sum(len(s) for s in shards[:rank])
-    grad_error = (x.grad - full.grad[offset:offset + len(x)]).abs().max().item()
+    grad_error = (x.grad - full.grad[offset : offset + len(x)]).abs().max().item()
     assert abs(loss.item() - reference.item()) < 1e-10 and grad_error < 1e-10
     if rank == 0:
-        print(f"{world} ranks: loss {loss.item():.6f}, equal to one process on the concatenated "
-              f"batch ({reference.item():.6f}); largest gradient difference {grad_error:.1e}")
+        print(
+            f"{world} ranks: loss {loss.item():.6f}, equal to one process on the concatenated "
+            f"batch ({reference.item():.6f}); largest gradient difference {grad_error:.1e}"
+        )
 
     # 2. training: each rank its own shard of the data and its own bank shard. DDP averages the
     # ranks' parameter gradients, so a step follows the global loss's gradient / world size.

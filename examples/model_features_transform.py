@@ -47,8 +47,9 @@ def poissonflow_command() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run for CI (seconds)")
-    parser.add_argument("--workdir", default=None, help="where the .npy files go (default: a "
-                        "temporary folder)")
+    parser.add_argument(
+        "--workdir", default=None, help="where the .npy files go (default: a temporary folder)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -59,9 +60,13 @@ def main() -> None:
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
 
     # 1. any torch model: an MLP with a 32-d penultimate layer, trained briefly with labels
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 10),
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()
     for _ in range(20 if args.quick else 100):
@@ -88,8 +93,15 @@ def run(args, model, xt, x_te, y_tr, y_te, work: Path) -> None:
     t0 = time.perf_counter()
     for cmd in (
         ["transform", str(work / "train.npy"), "-o", str(work / "train_flowed.npy"), *steps],
-        ["transform", str(work / "test.npy"), "--charges", str(work / "train.npy"),
-         "-o", str(work / "test_flowed.npy"), *steps],
+        [
+            "transform",
+            str(work / "test.npy"),
+            "--charges",
+            str(work / "train.npy"),
+            "-o",
+            str(work / "test_flowed.npy"),
+            *steps,
+        ],
     ):
         print("$ poissonflow " + " ".join(cmd))
         subprocess.run(poissonflow_command() + cmd, check=True)
@@ -99,8 +111,10 @@ def run(args, model, xt, x_te, y_tr, y_te, work: Path) -> None:
     # 3. the probe, on the raw and on the flowed features
     raw = linear_probe(f_tr, y_tr, f_te, y_te)
     flowed = linear_probe(u_tr, y_tr, u_te, y_te)
-    print(f"tuned linear probe: raw features {raw.test_accuracy:.3f}, "
-          f"flowed features {flowed.test_accuracy:.3f}")
+    print(
+        f"tuned linear probe: raw features {raw.test_accuracy:.3f}, "
+        f"flowed features {flowed.test_accuracy:.3f}"
+    )
     print(raw)
 
 

@@ -23,17 +23,18 @@ import torch
 from poissonflow.learned import targets as pfgm
 
 
-def dense_pfgm_targets(x_pert: torch.Tensor, z: torch.Tensor, charges: torch.Tensor,
-                       gamma: float) -> torch.Tensor:
+def dense_pfgm_targets(
+    x_pert: torch.Tensor, z: torch.Tensor, charges: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """PFGM's recipe (losses.py of its reference code), restated: the N x B x (d + 1) way."""
     d = x_pert.shape[1]
-    pert = torch.cat([x_pert, z[:, None]], dim=1)                       # (N, d + 1)
-    real = torch.cat([charges, torch.zeros(len(charges), 1)], dim=1)    # (B, d + 1)
-    diff = pert[:, None, :] - real[None, :, :]                           # (N, B, d + 1)
-    dist = diff.pow(2).sum(-1).sqrt()                                    # (N, B)
+    pert = torch.cat([x_pert, z[:, None]], dim=1)  # (N, d + 1)
+    real = torch.cat([charges, torch.zeros(len(charges), 1)], dim=1)  # (B, d + 1)
+    diff = pert[:, None, :] - real[None, :, :]  # (N, B, d + 1)
+    dist = diff.pow(2).sum(-1).sqrt()  # (N, B)
     w = (dist.min(dim=1, keepdim=True).values / (dist + 1e-7)) ** (d + 1)
     coeff = w / (w.sum(dim=1, keepdim=True) + 1e-7)
-    direction = -(coeff[:, :, None] * diff).sum(dim=1)                   # (N, d + 1)
+    direction = -(coeff[:, :, None] * diff).sum(dim=1)  # (N, d + 1)
     return direction / (direction.norm(dim=1, keepdim=True) + gamma) * math.sqrt(d)
 
 
@@ -74,17 +75,22 @@ def main() -> None:
     grew_dense = peak_rss_mb() - base
 
     mb = 4 / 2**20
-    print(f"poissonflow field_targets: {t_fused * 1e3:8.1f} ms, largest intermediate "
-          f"{n * (d + 1) * mb:8.2f} MB (N x (d + 1)), peak memory +{grew_fused:.0f} MB")
-    print(f"PFGM's dense recipe:       {t_dense * 1e3:8.1f} ms, largest intermediate "
-          f"{n * b * (d + 1) * mb:8.2f} MB (N x B x (d + 1)), peak memory +{grew_dense:.0f} MB")
+    print(
+        f"poissonflow field_targets: {t_fused * 1e3:8.1f} ms, largest intermediate "
+        f"{n * (d + 1) * mb:8.2f} MB (N x (d + 1)), peak memory +{grew_fused:.0f} MB"
+    )
+    print(
+        f"PFGM's dense recipe:       {t_dense * 1e3:8.1f} ms, largest intermediate "
+        f"{n * b * (d + 1) * mb:8.2f} MB (N x B x (d + 1)), peak memory +{grew_dense:.0f} MB"
+    )
     err = ((fused - dense).norm(dim=1) / dense.norm(dim=1)).max().item()
     print(f"largest relative difference between the two: {err:.1e} (PFGM's 1e-7 epsilons)")
     assert err < 1e-3, err
 
     # one training step of a (tiny) field network on the kernel's targets
-    net = torch.nn.Sequential(torch.nn.Linear(d + 1, 256), torch.nn.SiLU(),
-                              torch.nn.Linear(256, d + 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(d + 1, 256), torch.nn.SiLU(), torch.nn.Linear(256, d + 1)
+    )
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss = (net(torch.cat([x_pert, z[:, None]], dim=1)) - fused).pow(2).sum(dim=1).mean()
     opt.zero_grad()

@@ -32,7 +32,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     img = x.view(-1, 1, 8, 8)
     padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
     dy, dx = torch.randint(0, 3, (2,), generator=g).tolist()
-    out = padded[:, :, dy:dy + 8, dx:dx + 8].reshape(len(x), 64)
+    out = padded[:, :, dy : dy + 8, dx : dx + 8].reshape(len(x), 64)
     return out + 0.05 * torch.randn(out.shape, generator=g)
 
 
@@ -53,22 +53,27 @@ def main() -> None:
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
 
-    encoder = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                  torch.nn.Linear(256, 32))
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 32)
+    )
     riesz = RieszLoss(s=args.s, bank_size=args.bank_size)
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    metrics = {"alignment": Alignment(), "uniformity": Uniformity(),
-               "W2 uniformity": WassersteinUniformity(), "effective rank": EffectiveRank()}
+    metrics = {
+        "alignment": Alignment(),
+        "uniformity": Uniformity(),
+        "W2 uniformity": WassersteinUniformity(),
+        "effective rank": EffectiveRank(),
+    }
 
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(x_tr), generator=g)
         for start in range(0, len(order), args.batch_size):
-            batch = x_tr[order[start:start + args.batch_size]]
+            batch = x_tr[order[start : start + args.batch_size]]
             z1 = torch.nn.functional.normalize(encoder(augment(batch, g)), dim=1)
             z2 = torch.nn.functional.normalize(encoder(augment(batch, g)), dim=1)
             align = (z1 - z2).pow(2).sum(dim=1).mean()
-            loss = align + riesz(z1)          # the bank is the module's: no push to write
+            loss = align + riesz(z1)  # the bank is the module's: no push to write
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -76,8 +81,10 @@ def main() -> None:
             for name in ("uniformity", "W2 uniformity", "effective rank"):
                 metrics[name].update(z1.detach())
         report = ", ".join(f"{name} {float(m.compute()):.3f}" for name, m in metrics.items())
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, {report} "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}, {report} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         for m in metrics.values():
             m.reset()
 

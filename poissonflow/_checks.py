@@ -95,8 +95,9 @@ def resolve_device(device, *, types: tuple[str, ...] | None = None) -> torch.dev
         try:
             dev = torch.device(device)
         except RuntimeError as err:
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got "
-                             f"{device!r}") from err
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}"
+            ) from err
     if types is not None and dev.type not in types:
         raise ValueError(f"device must be one of {types} (or 'auto'), got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -64,9 +64,7 @@ def cpu_weight_form() -> int:
     """The weight form for the CPU kernels: $POISSONFLOW_CPU_WEIGHTS (auto, log, power)."""
     forced = os.environ.get("POISSONFLOW_CPU_WEIGHTS", "").strip() or "auto"
     if forced not in WEIGHT_FORMS:
-        raise ValueError(
-            f"POISSONFLOW_CPU_WEIGHTS={forced!r} is not one of {sorted(WEIGHT_FORMS)}"
-        )
+        raise ValueError(f"POISSONFLOW_CPU_WEIGHTS={forced!r} is not one of {sorted(WEIGHT_FORMS)}")
     return WEIGHT_FORMS[forced]
 
 

@@ -18,8 +18,8 @@ to a fitted charge ignores that charge (leave-one-out), so `fit_transform(X)` eq
 from __future__ import annotations
 
 import warnings
-from typing import Any
 from numbers import Integral, Real
+from typing import Any
 
 import numpy as np
 from sklearn.base import (
@@ -140,9 +140,7 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
     # by its fit, which runs inside this one
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, copy=True
-        )
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=2, copy=True)
         import torch
 
         field = self._unfitted_field()
@@ -178,9 +176,14 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         else:
             self.z_max_ = float(defaults.get("z_max") or horizon.auto_z_max(charges))
         radial = (self.parameterization or defaults.get("parameterization")) == "radial"
-        _check_horizon(self.z_min_, self.z_max_, zero_ok=field is not None and radial,
-                       source=" (from the learned field's preset)" if field is not None and
-                       "auto" in (self.z_min, self.z_max) else "")
+        _check_horizon(
+            self.z_min_,
+            self.z_max_,
+            zero_ok=field is not None and radial,
+            source=" (from the learned field's preset)"
+            if field is not None and "auto" in (self.z_min, self.z_max)
+            else "",
+        )
         self._n_features_out = X.shape[1] + 1
         return self
 
@@ -214,11 +217,21 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False, copy=True)
         field = getattr(self, "field_", "empirical")
         return _transform(
-            X, charges=self.charges_.astype(X.dtype, copy=False), field=field, start=self.start,
-            solver=self.solver, steps=self.steps, z_min=self.z_min_, z_max=self.z_max_,
-            parameterization=self.parameterization, output=self.output,
-            exclude_self=self.exclude_self, seed=self.seed, backend=self.backend,
-            progress=self.progress, batch_size=self.batch_size,
+            X,
+            charges=self.charges_.astype(X.dtype, copy=False),
+            field=field,
+            start=self.start,
+            solver=self.solver,
+            steps=self.steps,
+            z_min=self.z_min_,
+            z_max=self.z_max_,
+            parameterization=self.parameterization,
+            output=self.output,
+            exclude_self=self.exclude_self,
+            seed=self.seed,
+            backend=self.backend,
+            progress=self.progress,
+            batch_size=self.batch_size,
         )
 
     def __sklearn_tags__(self):
@@ -229,13 +242,14 @@ class PoissonFlow(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimat
 
 def _check_horizon(z_min, z_max, *, zero_ok: bool, source: str = "") -> None:
     if not z_min < z_max:
-        raise ValueError(f"z_min must be < z_max, got z_min={z_min:.4g}, z_max={z_max:.4g}"
-                         f"{source}")
+        raise ValueError(f"z_min must be < z_max, got z_min={z_min:.4g}, z_max={z_max:.4g}{source}")
     # z = 0 (the blog's start on the plane) exists only in the radial parameterisation of a
     # learned field; log-z time starts at log z_min
     if z_min <= 0 and not zero_ok:
-        raise ValueError("z_min must be > 0 (log-z time starts at log z_min; z_min = 0 is for "
-                         "the radial flow of a learned field)")
+        raise ValueError(
+            "z_min must be > 0 (log-z time starts at log z_min; z_min = 0 is for "
+            "the radial flow of a learned field)"
+        )
 
 
 def _is_fitted(estimator) -> bool:

@@ -59,7 +59,8 @@ def poisson_field(
         algorithm: "exact" (r2 by direct differences) or "gemm": r2 in GEMM form on tensor
             cores with a certified per-row error, near pairs recomputed exactly, rows the
             certificate does not cover recomputed by the exact kernel (docs/DESIGN.md
-            "A tensor-core field with a certified error"); runs on the "triton-gemm" backend (backend "auto", "triton" or
+            "A tensor-core field with a certified error"); runs on the "triton-gemm" backend
+            (backend "auto", "triton" or
             "triton-gemm"), whose backward is the exact Triton one.
 
     Returns:
@@ -78,8 +79,10 @@ def poisson_field(
     p, e = _checks.check_field_inputs(x, charges, weights, power, eps, exclude)
     if algorithm == "gemm":
         if backend not in ("auto", "triton", "triton-gemm"):
-            raise ValueError(f"algorithm='gemm' runs on the Triton GEMM-form kernel "
-                             f"(backend='auto', 'triton' or 'triton-gemm'), got {backend!r}")
+            raise ValueError(
+                f"algorithm='gemm' runs on the Triton GEMM-form kernel "
+                f"(backend='auto', 'triton' or 'triton-gemm'), got {backend!r}"
+            )
         backend = "triton-gemm"
     elif algorithm != "exact":
         raise ValueError(f"algorithm must be 'exact' or 'gemm', got {algorithm!r}")

@@ -23,8 +23,15 @@ import numpy as np
 
 from ._io import atomic_write_bytes
 
-__all__ = ["FORMATS", "check_output_folder", "jsonable", "read_features", "read_named_features",
-           "write_features", "write_json"]
+__all__ = [
+    "FORMATS",
+    "check_output_folder",
+    "jsonable",
+    "read_features",
+    "read_named_features",
+    "write_features",
+    "write_json",
+]
 
 FORMATS = (".npy", ".npz", ".pt")
 
@@ -32,8 +39,10 @@ FORMATS = (".npy", ".npz", ".pt")
 def _format(path: Path, what: str) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(f"{what} {path}: unknown format {suffix or '(no suffix)'!r}; "
-                         f"use one of {', '.join(FORMATS)}")
+        raise ValueError(
+            f"{what} {path}: unknown format {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(FORMATS)}"
+        )
     return suffix
 
 
@@ -49,8 +58,9 @@ def check_output_folder(path: Path, what: str = "OUT") -> None:
         raise ValueError(f"{what} {path}: the folder {folder} {kind} (create it first)")
 
 
-def read_features(path, key: str | None = None, *, what: str = "FEATURES",
-                  key_option: str = "--key") -> np.ndarray:
+def read_features(
+    path, key: str | None = None, *, what: str = "FEATURES", key_option: str = "--key"
+) -> np.ndarray:
     """The (N, d) array stored in `path`; `key` picks one array of an .npz or of a .pt dict.
 
     `what` and `key_option` name the file and the key in error messages.
@@ -58,8 +68,9 @@ def read_features(path, key: str | None = None, *, what: str = "FEATURES",
     return read_named_features(path, key, what=what, key_option=key_option)[1]
 
 
-def read_named_features(path, key: str | None = None, *, what: str = "FEATURES",
-                        key_option: str = "--key") -> tuple[str | None, np.ndarray]:
+def read_named_features(
+    path, key: str | None = None, *, what: str = "FEATURES", key_option: str = "--key"
+) -> tuple[str | None, np.ndarray]:
     """(name, array): as read_features, with the name the array had in an .npz or .pt dict
     (None for a bare .npy or tensor), so that an output can keep it."""
     path = Path(path)
@@ -74,8 +85,14 @@ def read_named_features(path, key: str | None = None, *, what: str = "FEATURES",
                 arrays = {k: z[k] for k in z.files}
         else:
             arrays = _read_pt(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError,
-            _pickle_error()) as err:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        _pickle_error(),
+    ) as err:
         raise ValueError(f"{what} {path}: cannot be read as {fmt} ({_one_line(err)})") from None
     return _pick(arrays, key, path, what, key_option)
 
@@ -103,12 +120,19 @@ def _tensor_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _pick(arrays: dict[Any, np.ndarray], key: str | None, path: Path, what: str = "FEATURES",
-          key_option: str = "--key"):
+def _pick(
+    arrays: dict[Any, np.ndarray],
+    key: str | None,
+    path: Path,
+    what: str = "FEATURES",
+    key_option: str = "--key",
+):
     if key is not None:
         if list(arrays) == [None]:
-            raise ValueError(f"{what} {path}: holds one unnamed array; {key_option} picks an "
-                             "array of an .npz file or of a .pt dict")
+            raise ValueError(
+                f"{what} {path}: holds one unnamed array; {key_option} picks an "
+                "array of an .npz file or of a .pt dict"
+            )
         if key not in arrays:
             names = ", ".join(repr(k) for k in arrays if k is not None) or "none"
             raise ValueError(f"{what} {path}: no array named {key!r} (arrays: {names})")
@@ -119,12 +143,14 @@ def _pick(arrays: dict[Any, np.ndarray], key: str | None, path: Path, what: str 
         raise ValueError(f"{what} {path}: holds no array")
     else:
         names = ", ".join(repr(k) for k in arrays)
-        raise ValueError(f"{what} {path}: holds several arrays ({names}); choose one with "
-                         f"{key_option}")
+        raise ValueError(
+            f"{what} {path}: holds several arrays ({names}); choose one with {key_option}"
+        )
     a = np.asarray(a)
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"{what} {path}: must hold a 2-D (n_samples, n_features) array, "
-                         f"got shape {a.shape}")
+        raise ValueError(
+            f"{what} {path}: must hold a 2-D (n_samples, n_features) array, got shape {a.shape}"
+        )
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
         raise ValueError(f"{what} {path}: must hold real numbers, got dtype {a.dtype}")
     return key, a

@@ -18,8 +18,8 @@ empirical field for the radial preset) step by step in Python.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -148,8 +148,9 @@ def field_flow(
         raise ValueError(f"parameterization must be 'logz' or 'radial', got {parameterization!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    stats = FlowStats(steps=steps, solver=solver, parameterization=parameterization,
-                      points=int(x0.shape[0]))
+    stats = FlowStats(
+        steps=steps, solver=solver, parameterization=parameterization, points=int(x0.shape[0])
+    )
     x = x0.clone()
     z = z0.clone().to(x.dtype)
     if radial_guard is None:

@@ -56,11 +56,11 @@ def nearest_distances(queries: torch.Tensor, y: torch.Tensor, skip: torch.Tensor
         return nn
     chunk = max(1, 2**22 // y.shape[0])
     for s0 in range(0, queries.shape[0], chunk):
-        d = torch.cdist(queries[s0:s0 + chunk], y, compute_mode="donot_use_mm_for_euclid_dist")
-        sel = skip[s0:s0 + chunk]
+        d = torch.cdist(queries[s0 : s0 + chunk], y, compute_mode="donot_use_mm_for_euclid_dist")
+        sel = skip[s0 : s0 + chunk]
         here = torch.nonzero(sel >= 0).flatten()
         d[here, sel[here]] = float("inf")
-        nn[s0:s0 + chunk] = d.min(1).values
+        nn[s0 : s0 + chunk] = d.min(1).values
     return nn
 
 

@@ -26,7 +26,8 @@ def step(f, x, t, h, solver):
     """One Euler or classic RK4 step of dx/dt = f(x, t): x (N, d), t and h (N,) per point.
 
     The only RK4 written in Python: every unfused path (the reference flow, the learned and
-    radial flows of poissonflow.flow, the CUDA backend's per-stage fallback, the benchmarks' unfused loop)
+    radial flows of poissonflow.flow, the CUDA backend's per-stage fallback, the benchmarks' unfused
+    loop)
     steps through it. t and h may be float64 while x is float32: the stage times stay in t's
     dtype, the state update is in x's.
     """

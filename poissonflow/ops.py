@@ -22,7 +22,8 @@ queries, the charges, the weights and the per-query softening eps_rows. The back
 compute dL/dx, dL/dy, dL/dw; dL/d eps_rows comes from the same kernels on the augmented problem
 x~ = (x, e), y~ = (y, 0) in D + 1 dimensions with eps_rows = 0, whose squared distances
 ||x~_i - y~_j||^2 = ||x_i - y_j||^2 + e_i^2 are those of the original one: the last column of
-dL/dx~ is dL/de (docs/DESIGN.md, "The field operator"). The backward recomputes the softmax weights from
+dL/dx~ is dL/de (docs/DESIGN.md, "The field operator"). The backward recomputes the softmax weights
+from
 the forward's log_scale; nothing N x B is saved. Second derivatives are not provided.
 
 `field(..., backend)` is the Python entry point: it resolves the backend through the registry
@@ -31,7 +32,8 @@ and calls the right op (or, for "reference", the differentiable pure-PyTorch fie
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -57,8 +59,22 @@ def _field_fake(x, charges, weights, power, eps, exclude, eps_rows):
     return x.new_empty(x.shape), x.new_empty(x.shape[:1])
 
 
-def _backward_fake(x, charges, weights, power, eps, exclude, eps_rows, v, log_scale, grad_v,
-                   grad_log_scale, need_x, need_charges, need_weights):
+def _backward_fake(
+    x,
+    charges,
+    weights,
+    power,
+    eps,
+    exclude,
+    eps_rows,
+    v,
+    log_scale,
+    grad_v,
+    grad_log_scale,
+    need_x,
+    need_charges,
+    need_weights,
+):
     need_weights = need_weights and weights is not None
     return (
         x.new_empty(x.shape) if need_x else x.new_empty((0,)),
@@ -95,11 +111,28 @@ def drop_dead_rows(log_scale, grad_v, grad_log_scale):
     return grad_v, grad_log_scale
 
 
-def gradients(backward, x, charges, weights, power, eps, exclude, eps_rows, v, log_scale,
-              grad_v, grad_log_scale, need_x, need_y, need_w, need_e):
+def gradients(
+    backward,
+    x,
+    charges,
+    weights,
+    power,
+    eps,
+    exclude,
+    eps_rows,
+    v,
+    log_scale,
+    grad_v,
+    grad_log_scale,
+    need_x,
+    need_y,
+    need_w,
+    need_e,
+):
     """(dL/dx, dL/dy, dL/dw, dL/d eps_rows), each None unless asked for, from `backward` (a
     callable with the backward op's arguments and results, e.g. the op itself). The one
-    backward formula of every op pair (docs/DESIGN.md, "The field operator"): dL/d eps_rows, when asked
+    backward formula of every op pair (docs/DESIGN.md, "The field operator"): dL/d eps_rows, when
+    asked
     for, comes with dL/dx from one pass on the augmented problem (see the module docstring),
     whose dL/dy~ holds dL/dy in its first D columns."""
     need_w = bool(need_w and weights is not None)
@@ -113,13 +146,41 @@ def gradients(backward, x, charges, weights, power, eps, exclude, eps_rows, v, l
         gva = None
         if grad_v is not None:
             gva = torch.cat([grad_v, grad_v.new_zeros((grad_v.shape[0], 1))], dim=1)
-        gxa, gya, gw = backward(xa, ya, weights, power, 0.0, exclude, None, va, log_scale,
-                                gva, grad_log_scale, True, need_y, need_w)
+        gxa, gya, gw = backward(
+            xa,
+            ya,
+            weights,
+            power,
+            0.0,
+            exclude,
+            None,
+            va,
+            log_scale,
+            gva,
+            grad_log_scale,
+            True,
+            need_y,
+            need_w,
+        )
         gx, ge = gxa[:, :-1], gxa[:, -1].to(eps_rows.dtype)
         gy = gya[:, :-1] if need_y else None
     else:
-        gx, gy, gw = backward(x, charges, weights, power, eps, exclude, eps_rows, v, log_scale,
-                              grad_v, grad_log_scale, need_x, need_y, need_w)
+        gx, gy, gw = backward(
+            x,
+            charges,
+            weights,
+            power,
+            eps,
+            exclude,
+            eps_rows,
+            v,
+            log_scale,
+            grad_v,
+            grad_log_scale,
+            need_x,
+            need_y,
+            need_w,
+        )
     return (
         gx if need_x else None,
         gy if need_y else None,
@@ -133,8 +194,22 @@ def _make_backward(get_backward_op: Callable[[], Callable]):
         x, charges, weights, exclude, eps_rows, v, log_scale = ctx.saved_tensors
         need_x, need_y, need_w, _, _, _, need_e = ctx.needs_input_grad
         gx, gy, gw, ge = gradients(
-            get_backward_op(), x, charges, weights, ctx.power, ctx.eps, exclude, eps_rows, v,
-            log_scale, grad_v, grad_log_scale, need_x, need_y, need_w, need_e,
+            get_backward_op(),
+            x,
+            charges,
+            weights,
+            ctx.power,
+            ctx.eps,
+            exclude,
+            eps_rows,
+            v,
+            log_scale,
+            grad_v,
+            grad_log_scale,
+            need_x,
+            need_y,
+            need_w,
+            need_e,
         )
         return gx, gy, gw, None, None, None, ge
 
@@ -148,11 +223,38 @@ def protocol_backward(field_backward):
 
 
 def _protocol_adapter(field_backward):
-    def impl(x, charges, weights, power, eps, exclude, eps_rows, v, log_scale, gv, gl,
-             need_x, need_y, need_w):
-        return field_backward(x, charges, weights, power, eps, v, log_scale, gv, gl,
-                              need_x=need_x, need_y=need_y, need_w=need_w, exclude=exclude,
-                              eps_rows=eps_rows)
+    def impl(
+        x,
+        charges,
+        weights,
+        power,
+        eps,
+        exclude,
+        eps_rows,
+        v,
+        log_scale,
+        gv,
+        gl,
+        need_x,
+        need_y,
+        need_w,
+    ):
+        return field_backward(
+            x,
+            charges,
+            weights,
+            power,
+            eps,
+            v,
+            log_scale,
+            gv,
+            gl,
+            need_x=need_x,
+            need_y=need_y,
+            need_w=need_w,
+            exclude=exclude,
+            eps_rows=eps_rows,
+        )
 
     return impl
 
@@ -161,12 +263,38 @@ def _normalised_backward(bwd_impl):
     """The backward op's body around a backend's implementation: upstream gradients contiguous
     in the inputs' dtype, gradients not computed as empty (0,) tensors (an op returns tensors)."""
 
-    def body(x, charges, weights, power, eps, exclude, eps_rows, v, log_scale, grad_v,
-             grad_log_scale, need_x, need_charges, need_weights):
+    def body(
+        x,
+        charges,
+        weights,
+        power,
+        eps,
+        exclude,
+        eps_rows,
+        v,
+        log_scale,
+        grad_v,
+        grad_log_scale,
+        need_x,
+        need_charges,
+        need_weights,
+    ):
         need_weights = need_weights and weights is not None
         gx, gy, gw = bwd_impl(
-            x, charges, weights, power, eps, exclude, eps_rows, v, log_scale,
-            _as_grad(grad_v, x), _as_grad(grad_log_scale, x), need_x, need_charges, need_weights,
+            x,
+            charges,
+            weights,
+            power,
+            eps,
+            exclude,
+            eps_rows,
+            v,
+            log_scale,
+            _as_grad(grad_v, x),
+            _as_grad(grad_log_scale, x),
+            need_x,
+            need_charges,
+            need_weights,
         )
         empty = x.new_empty((0,))
         return (
@@ -189,8 +317,9 @@ class FieldOps:
         self.backward.register_kernel(device, _normalised_backward(backward_impl))
 
 
-def define_field_ops(name: str, forward_impl=None, backward_impl=None, *,
-                     decorator=torch.library.custom_op) -> FieldOps:
+def define_field_ops(
+    name: str, forward_impl=None, backward_impl=None, *, decorator=torch.library.custom_op
+) -> FieldOps:
     """Defines the pair `poissonflow::<name>` / `poissonflow::<name>_backward` with the schema of
     the module docstring, their fakes and the shared autograd.
 
@@ -238,8 +367,22 @@ def define_field_ops(name: str, forward_impl=None, backward_impl=None, *,
         need_weights: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gradients for x, charges, weights; the ones not needed are empty (0,) tensors."""
-        return bwd_body(x, charges, weights, power, eps, exclude, eps_rows, v, log_scale,
-                        grad_v, grad_log_scale, need_x, need_charges, need_weights)
+        return bwd_body(
+            x,
+            charges,
+            weights,
+            power,
+            eps,
+            exclude,
+            eps_rows,
+            v,
+            log_scale,
+            grad_v,
+            grad_log_scale,
+            need_x,
+            need_charges,
+            need_weights,
+        )
 
     fwd_op = decorator(f"poissonflow::{name}", forward, mutates_args=())
     bwd_op = decorator(f"poissonflow::{name}_backward", backward, mutates_args=())
@@ -255,8 +398,10 @@ def define_field_ops(name: str, forward_impl=None, backward_impl=None, *,
 
 def _protocol_forward(backend: str):
     def kernel(x, charges, weights, power, eps, exclude, eps_rows):
-        return registry.get(backend).module().field_forward(
-            x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows
+        return (
+            registry.get(backend)
+            .module()
+            .field_forward(x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows)
         )
 
     return kernel
@@ -281,8 +426,9 @@ for _entry in registry.REGISTRY.values():
                 f"{_device} kernel of poissonflow::field; give one its own op"
             )
         _DEVICE_KERNELS[_device] = _entry.name
-        _FIELD.register_device(_device, _protocol_forward(_entry.name),
-                               _protocol_backward(_entry.name))
+        _FIELD.register_device(
+            _device, _protocol_forward(_entry.name), _protocol_backward(_entry.name)
+        )
 
 
 def field_op(backend: str):
@@ -316,8 +462,10 @@ def field(
         # and no tracer or mode is watching, so its device kernel is called directly (the op's
         # dispatch cost ~40 us a call, a sixth of a learned-field target: docs/DESIGN.md
         # "CPU threads and small calls"); same function, same result
-        return registry.get(which).module().field_forward(
-            x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows
+        return (
+            registry.get(which)
+            .module()
+            .field_forward(x, charges, weights, power, eps, exclude=exclude, eps_rows=eps_rows)
         )
     return op(x, charges, weights, float(power), float(eps), exclude, eps_rows)
 
@@ -342,6 +490,7 @@ try:  # private helpers of torch (present in the supported versions); if absent:
     from torch._C._functorch import is_functorch_wrapped_tensor as _functorch_wrapped
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 except ImportError:  # pragma: no cover
+
     def _functorch_wrapped(t):
         return True
 

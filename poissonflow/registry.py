@@ -25,8 +25,8 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -148,32 +148,53 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend(
-            "reference", "poissonflow.kernels.reference", ("cpu", "cuda"), _HALF_AND_UP,
+            "reference",
+            "poissonflow.kernels.reference",
+            ("cpu", "cuda"),
+            _HALF_AND_UP,
             "float64 pure-PyTorch oracle (any device, any float dtype, autograd)",
-            _probe_reference, op=None,
+            _probe_reference,
+            op=None,
         ),
         Backend(
-            "cpu", "poissonflow.kernels.cpu", ("cpu",), (torch.float32, torch.float64),
-            "C++ kernels (OpenMP, one copy per ISA)", _probe_cpu,
+            "cpu",
+            "poissonflow.kernels.cpu",
+            ("cpu",),
+            (torch.float32, torch.float64),
+            "C++ kernels (OpenMP, one copy per ISA)",
+            _probe_cpu,
         ),
         Backend(
-            "triton", "poissonflow.kernels.triton", ("cuda",), _HALF_AND_UP,
+            "triton",
+            "poissonflow.kernels.triton",
+            ("cuda",),
+            _HALF_AND_UP,
             "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
-            _probe_triton, op="field_triton", op_module="poissonflow.kernels.triton.ops",
+            _probe_triton,
+            op="field_triton",
+            op_module="poissonflow.kernels.triton.ops",
             devices_fn=_triton_devices,
         ),
         Backend(
-            "triton-gemm", "poissonflow.kernels.triton_gemm", ("cuda",),
+            "triton-gemm",
+            "poissonflow.kernels.triton_gemm",
+            ("cuda",),
             _HALF_AND_UP,
             "Triton, r2 in GEMM form on tensor cores (TF32) with a certified error; near "
             "pairs recomputed exactly "
             "(docs/DESIGN.md, 'A tensor-core field with a certified error'; float64: exact kernel)",
-            _probe_triton, op="field_triton_gemm", op_module="poissonflow.kernels.triton.gemm_ops",
+            _probe_triton,
+            op="field_triton_gemm",
+            op_module="poissonflow.kernels.triton.gemm_ops",
             devices_fn=_triton_devices,
         ),
         Backend(
-            "cuda", "poissonflow.kernels.cuda", ("cuda",), _HALF_AND_UP,
-            "hand-written CUDA kernels (poissonflow._cuda)", _probe_cuda,
+            "cuda",
+            "poissonflow.kernels.cuda",
+            ("cuda",),
+            _HALF_AND_UP,
+            "hand-written CUDA kernels (poissonflow._cuda)",
+            _probe_cuda,
         ),
     )
 }
@@ -235,9 +256,12 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
         which = backend
         entry = get(which)
         if device.type not in entry.supported_devices():
-            hint = (" (set TRITON_INTERPRET=1 before first use to run the kernels on CPU "
-                    "tensors through Triton's interpreter, for testing)"
-                    if which == "triton" and device.type == "cpu" else "")
+            hint = (
+                " (set TRITON_INTERPRET=1 before first use to run the kernels on CPU "
+                "tensors through Triton's interpreter, for testing)"
+                if which == "triton" and device.type == "cpu"
+                else ""
+            )
             raise ValueError(
                 f"backend={which!r} needs tensors on {' or '.join(entry.supported_devices())}, "
                 f"got tensors on {device}{hint}"

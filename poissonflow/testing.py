@@ -183,5 +183,8 @@ def flow_errors(x_end: torch.Tensor, x_ref: torch.Tensor, x0: torch.Tensor) -> f
     if x_end.dtype in (torch.float16, torch.bfloat16):
         return row_errors(x_end, x_ref, floor=0.0)
     x0 = x0.detach().to("cpu", torch.float64)
-    return row_errors(x_end.detach().to("cpu", torch.float64) - x0,
-                      x_ref.detach().to("cpu", torch.float64) - x0, floor=0.0)
+    return row_errors(
+        x_end.detach().to("cpu", torch.float64) - x0,
+        x_ref.detach().to("cpu", torch.float64) - x0,
+        floor=0.0,
+    )

@@ -130,12 +130,12 @@ def transform(
     # radial parameterisation; log-z time needs z > 0.
     zero_ok = learned and parameterization == "radial"
     zmin = _horizon_value(
-        z_min, "z_min", lambda: defaults.get("z_min", None) if "z_min" in defaults
-        else horizon.auto_z_min(y), allow_zero=zero_ok,
+        z_min,
+        "z_min",
+        lambda: defaults.get("z_min", None) if "z_min" in defaults else horizon.auto_z_min(y),
+        allow_zero=zero_ok,
     )
-    zmax = _horizon_value(
-        z_max, "z_max", lambda: defaults.get("z_max") or horizon.auto_z_max(y, w)
-    )
+    zmax = _horizon_value(z_max, "z_max", lambda: defaults.get("z_max") or horizon.auto_z_max(y, w))
     if not zmin < zmax:
         raise ValueError(f"z_min must be < z_max, got z_min={zmin:.4g}, z_max={zmax:.4g}")
     if zmin <= 0 and not zero_ok:
@@ -169,24 +169,46 @@ def transform(
             N * y.shape[0] * steps * (4 if solver == "rk4" else 1) > 1e10
         )
     info: dict[str, Any] = {
-        "z_min": zmin, "z_max": zmax, "steps": steps, "solver": solver, "start": start,
-        "parameterization": parameterization, "backend": which,
+        "z_min": zmin,
+        "z_max": zmax,
+        "steps": steps,
+        "solver": solver,
+        "start": start,
+        "parameterization": parameterization,
+        "backend": which,
         "exclude_self": bool(exclude_self) and not learned,
-        "field": "learned" if learned else "empirical", "output": output,
+        "field": "learned" if learned else "empirical",
+        "output": output,
         "excluded": 0 if excl_used is None else int((excl_used >= 0).sum()),
         "delta": delta,
     }
     if not learned and parameterization == "logz":
         xe = empirical_flow(
-            x0, z0, y, w, zmax, steps, solver, exclude=excl_used, backend=which,
-            progress=progress, batch_size=batch_size,
+            x0,
+            z0,
+            y,
+            w,
+            zmax,
+            steps,
+            solver,
+            exclude=excl_used,
+            backend=which,
+            progress=progress,
+            batch_size=batch_size,
         )
         ze = torch.full((N,), zmax, dtype=x.dtype, device=x.device)
     else:
         fn = field.field_fn if learned else _empirical_field_fn(y, w, excl_used, which)
         xe, ze, stats = field_flow(
-            fn, x0, z0.to(x.dtype), parameterization=parameterization, solver=solver,
-            steps=steps, z_end=zmax, delta=delta, progress=progress,
+            fn,
+            x0,
+            z0.to(x.dtype),
+            parameterization=parameterization,
+            solver=solver,
+            steps=steps,
+            z_end=zmax,
+            delta=delta,
+            progress=progress,
         )
         info["guard_fired"] = stats.guard_fired
         info["guarded_points"] = stats.guarded_points  # points guarded at least once
@@ -218,8 +240,9 @@ def _empirical_field_fn(y, w, exclude, backend):
     mod = registry.get(backend).module()
 
     def fn(xx, zz):
-        v, _ = mod.field_forward(xx, y, w, float(xx.shape[1] + 1), 0.0, exclude=exclude,
-                                 eps_rows=zz)
+        v, _ = mod.field_forward(
+            xx, y, w, float(xx.shape[1] + 1), 0.0, exclude=exclude, eps_rows=zz
+        )
         return v, zz
 
     return fn
@@ -279,8 +302,9 @@ def _as_tensor(a, name: str, keep_dtype: bool = False):
     if isinstance(a, torch.Tensor):
         kind = "torch"
         if a.is_complex():
-            raise TypeError(f"{name} is a complex tensor ({a.dtype}); the flow is defined for "
-                            "real features")
+            raise TypeError(
+                f"{name} is a complex tensor ({a.dtype}); the flow is defined for real features"
+            )
         if not (a.is_floating_point() or a.dtype in _INT_DTYPES):
             raise TypeError(f"{name} must be a real numeric tensor, got dtype {a.dtype}")
         if a.requires_grad and torch.is_grad_enabled():
@@ -339,8 +363,12 @@ def _resolve_charges(charges, weights, x):
             )
     w = None
     if weights is not None:
-        w, _ = _as_tensor(np.asarray(weights)[:, None] if not isinstance(weights, torch.Tensor)
-                          else weights[:, None], "weights")
+        w, _ = _as_tensor(
+            np.asarray(weights)[:, None]
+            if not isinstance(weights, torch.Tensor)
+            else weights[:, None],
+            "weights",
+        )
         w = w[:, 0].to(device=x.device, dtype=x.dtype)
         if w.shape[0] != y.shape[0]:
             raise ValueError(f"weights must have one entry per charge ({y.shape[0]})")

@@ -9,18 +9,34 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "bench"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+)
 import ceiling  # noqa: E402
 import machine  # noqa: E402
 
 # A made-up machine: 1e9 vector FMAs and adds per second each, both together 2e9, 2e9 loads,
 # 16-lane vectors; divisions 1e8, square roots 5e7, exp2/log2 2e7, power weight 4e7 or 2e7.
 RATES = {
-    "fma": 1e9, "add": 1e9, "mul": 1e9, "fma+add": 2e9, "max": 1e9, "div": 1e8, "sqrt": 5e7,
-    "exp2": 2e7, "log2": 2e7, "load": 2e9, "bcast+fma": 1e9, "load+bcast+fma": 1e9,
-    "pow_weight@1.5": 4e7, "pow_weight@64.5": 2e7, "clock_hz": 1e9, "team_fma": 1e9,
-    "vector_bytes": 64, "threads": 1, "double": False,
+    "fma": 1e9,
+    "add": 1e9,
+    "mul": 1e9,
+    "fma+add": 2e9,
+    "max": 1e9,
+    "div": 1e8,
+    "sqrt": 5e7,
+    "exp2": 2e7,
+    "log2": 2e7,
+    "load": 2e9,
+    "bcast+fma": 1e9,
+    "load+bcast+fma": 1e9,
+    "pow_weight@1.5": 4e7,
+    "pow_weight@64.5": 2e7,
+    "clock_hz": 1e9,
+    "team_fma": 1e9,
+    "vector_bytes": 64,
+    "threads": 1,
+    "double": False,
 }
 
 
@@ -52,17 +68,23 @@ def test_forward_ceiling_arithmetic():
     assert c.geometry_at(3).QB == 4
     D = 129
     mix = ceiling.forward_mix(g)
-    per_dim = (max(1 / 1e9, (1 + 1 / 16) / 1e9, (2 + 1 / 16) / 2e9, (8 / 12) / 2e9)
-               + max(1 / 1e9, 1 / 1e9, 2 / 2e9, (8 / 12) / 2e9))
-    per_pair = (max(0.0, 2 / 1e9, 2 / 2e9, 1 / 2e9) + 1 / 1e8
-                + max(0.0, 2 / 1e9, 2 / 2e9, 2 / 2e9) + 1 / 2e7)
+    per_dim = max(1 / 1e9, (1 + 1 / 16) / 1e9, (2 + 1 / 16) / 2e9, (8 / 12) / 2e9) + max(
+        1 / 1e9, 1 / 1e9, 2 / 2e9, (8 / 12) / 2e9
+    )
+    per_pair = (
+        max(0.0, 2 / 1e9, 2 / 2e9, 1 / 2e9)
+        + 1 / 1e8
+        + max(0.0, 2 / 1e9, 2 / 2e9, 2 / 2e9)
+        + 1 / 2e7
+    )
     want = D * per_dim + per_pair
     assert mix.seconds_per_vector(D, RATES, 64.5) == pytest.approx(want)
     assert c.forward_seconds(1000, 2000, D) == pytest.approx(1000 * 2000 * want / 16)
     assert c.forward_gflops(D) == pytest.approx(4 * D * 16 / want / 1e9)
     # flows at p = D + 1; RK4 = four evaluations
     assert c.flow_step_seconds(10, 10, D, "rk4") == pytest.approx(
-        4 * c.forward_seconds(10, 10, D, D + 1.0))
+        4 * c.forward_seconds(10, 10, D, D + 1.0)
+    )
 
 
 def test_backward_floor():

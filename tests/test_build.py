@@ -23,14 +23,15 @@ def test_import_needs_no_gpu_and_does_no_work(tmp_path):
         "print('ok')"
     )
     # cwd outside the repository: from its root, `python -c` would import the source tree
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_cli_demo_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True,
+        [sys.executable, "-m", "poissonflow", "demo"],
+        capture_output=True,
+        text=True,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
@@ -49,8 +50,12 @@ def test_unbuilt_source_folder_refuses_with_a_message(tmp_path):
     pkg.mkdir()
     init = pathlib.Path(poissonflow.__file__).read_text(encoding="utf-8")
     (pkg / "__init__.py").write_text(init, encoding="utf-8")
-    out = subprocess.run([sys.executable, "-S", "-c", "import poissonflow"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", "import poissonflow"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: poissonflow is being imported from its source folder")

@@ -73,12 +73,31 @@ def test_transform_options_reach_the_flow(tmp_path):
     charges = _features(n=80, seed=2, dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     np.savez(tmp_path / "c.npz", a=charges, b=charges[:3])
-    argv = ["transform", str(tmp_path / "x.npy"), "-o", str(tmp_path / "u.npy"), "--charges",
-            str(tmp_path / "c.npz"), "--charges-key", "a", "--solver", "euler", "--steps", "20",
-            "--z-min", "0.05", "--z-max", "30", "--output", "raw", "--no-progress"]
+    argv = [
+        "transform",
+        str(tmp_path / "x.npy"),
+        "-o",
+        str(tmp_path / "u.npy"),
+        "--charges",
+        str(tmp_path / "c.npz"),
+        "--charges-key",
+        "a",
+        "--solver",
+        "euler",
+        "--steps",
+        "20",
+        "--z-min",
+        "0.05",
+        "--z-max",
+        "30",
+        "--output",
+        "raw",
+        "--no-progress",
+    ]
     assert main(argv) == 0
-    expected = poissonflow.transform(x, charges=charges, solver="euler", steps=20, z_min=0.05,
-                                     z_max=30.0, output="raw")
+    expected = poissonflow.transform(
+        x, charges=charges, solver="euler", steps=20, z_min=0.05, z_max=30.0, output="raw"
+    )
     got = np.load(tmp_path / "u.npy")
     assert got.dtype == np.float32 and np.array_equal(got, expected)
 
@@ -87,10 +106,36 @@ def test_transform_learned_field_saves_and_reloads(tmp_path):
     x = _features(n=200, d=3, seed=3)
     np.save(tmp_path / "x.npy", x)
     common = ["--field", "learned", "--preset", "blog", "--steps", "10", "--no-progress"]
-    assert main(["transform", str(tmp_path / "x.npy"), "-o", str(tmp_path / "a.npy"),
-                 "--field-epochs", "2", "--save-field", str(tmp_path / "f.pt")] + common) == 0
-    assert main(["transform", str(tmp_path / "x.npy"), "-o", str(tmp_path / "b.npy"),
-                 "--load-field", str(tmp_path / "f.pt")] + common) == 0
+    assert (
+        main(
+            [
+                "transform",
+                str(tmp_path / "x.npy"),
+                "-o",
+                str(tmp_path / "a.npy"),
+                "--field-epochs",
+                "2",
+                "--save-field",
+                str(tmp_path / "f.pt"),
+            ]
+            + common
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "transform",
+                str(tmp_path / "x.npy"),
+                "-o",
+                str(tmp_path / "b.npy"),
+                "--load-field",
+                str(tmp_path / "f.pt"),
+            ]
+            + common
+        )
+        == 0
+    )
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert a.shape == (200, 4) and np.array_equal(a, b)
     info = json.loads((tmp_path / "a.info.json").read_text())
@@ -106,29 +151,46 @@ def test_transform_bad_files_give_one_line(tmp_path, capsys):
     np.savez(tmp_path / "two.npz", a=_features(), b=_features())
     torch.save({"x": torch.zeros(3, 2, dtype=torch.complex64)}, tmp_path / "complex.pt")
     out = str(tmp_path / "o.npy")
-    _one_line_error(capsys, ["transform", str(tmp_path / "one_d.npy"), "-o", out],
-                    "one_d.npy", "2-D")
-    _one_line_error(capsys, ["transform", str(tmp_path / "nan.npy"), "-o", out],
-                    "features", "NaN")
-    _one_line_error(capsys, ["transform", str(tmp_path / "junk.npy"), "-o", out],
-                    "junk.npy", "cannot be read")
-    _one_line_error(capsys, ["transform", str(tmp_path / "two.npz"), "-o", out],
-                    "two.npz", "--key")
-    _one_line_error(capsys, ["transform", str(tmp_path / "complex.pt"), "-o", out],
-                    "complex.pt", "complex")
-    _one_line_error(capsys, ["transform", str(tmp_path / "missing.npy"), "-o", out],
-                    "missing.npy", "no such file")
-    _one_line_error(capsys, ["transform", str(tmp_path / "nan.npy"), "-o",
-                             str(tmp_path / "o.csv")], "OUT", ".csv")
+    _one_line_error(
+        capsys, ["transform", str(tmp_path / "one_d.npy"), "-o", out], "one_d.npy", "2-D"
+    )
+    _one_line_error(capsys, ["transform", str(tmp_path / "nan.npy"), "-o", out], "features", "NaN")
+    _one_line_error(
+        capsys, ["transform", str(tmp_path / "junk.npy"), "-o", out], "junk.npy", "cannot be read"
+    )
+    _one_line_error(capsys, ["transform", str(tmp_path / "two.npz"), "-o", out], "two.npz", "--key")
+    _one_line_error(
+        capsys, ["transform", str(tmp_path / "complex.pt"), "-o", out], "complex.pt", "complex"
+    )
+    _one_line_error(
+        capsys,
+        ["transform", str(tmp_path / "missing.npy"), "-o", out],
+        "missing.npy",
+        "no such file",
+    )
+    _one_line_error(
+        capsys,
+        ["transform", str(tmp_path / "nan.npy"), "-o", str(tmp_path / "o.csv")],
+        "OUT",
+        ".csv",
+    )
     np.save(tmp_path / "ok.npy", _features())
-    _one_line_error(capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out, "--steps", "0"],
-                    "steps")
-    _one_line_error(capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out,
-                             "--batch-size", "-5"], "batch_size")
-    _one_line_error(capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out, "--z-min", "x"],
-                    "--z-min")
-    _one_line_error(capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out,
-                             "--preset", "blog"], "--field learned")
+    _one_line_error(
+        capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out, "--steps", "0"], "steps"
+    )
+    _one_line_error(
+        capsys,
+        ["transform", str(tmp_path / "ok.npy"), "-o", out, "--batch-size", "-5"],
+        "batch_size",
+    )
+    _one_line_error(
+        capsys, ["transform", str(tmp_path / "ok.npy"), "-o", out, "--z-min", "x"], "--z-min"
+    )
+    _one_line_error(
+        capsys,
+        ["transform", str(tmp_path / "ok.npy"), "-o", out, "--preset", "blog"],
+        "--field learned",
+    )
     assert not (tmp_path / "o.npy").exists()  # nothing half-written by a failed run
 
 
@@ -140,12 +202,26 @@ def test_experiment_and_report_errors_are_one_line(tmp_path, capsys):
     _one_line_error(capsys, ["experiment", "--limit", "0"], "--limit")
     _one_line_error(capsys, ["experiment", "--encoder-epochs", "0"], "--encoder-epochs")
     _one_line_error(capsys, ["experiment", "--limit", "abc"], "--limit")
-    _one_line_error(capsys, ["experiment", "--dataset", "cifar10", "--data-dir",
-                             str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")],
-                    "nowhere")
+    _one_line_error(
+        capsys,
+        [
+            "experiment",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        "nowhere",
+    )
     (tmp_path / "notes.txt").write_text("hello")
-    _one_line_error(capsys, ["report", str(tmp_path / "notes.txt")], "notes.txt",
-                    "not an experiment results.json")
+    _one_line_error(
+        capsys,
+        ["report", str(tmp_path / "notes.txt")],
+        "notes.txt",
+        "not an experiment results.json",
+    )
     _one_line_error(capsys, ["report", str(tmp_path / "absent.json")], "absent.json")
 
 
@@ -153,7 +229,9 @@ def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):
     np.save(tmp_path / "one_d.npy", np.zeros(5))
     out = subprocess.run(
         [sys.executable, "-m", "poissonflow", "transform", "one_d.npy", "-o", "o.npy"],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
@@ -163,7 +241,9 @@ def test_demo_plot_writes_a_png(tmp_path):
     png = tmp_path / "pics" / "flow.png"
     out = subprocess.run(
         [sys.executable, "-m", "poissonflow", "demo", "--plot", str(png)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -190,18 +270,20 @@ def test_an_unbuilt_source_tree_hands_over_to_the_install(tmp_path):
     """`python -m poissonflow` from a folder holding the package's sources but no compiled
     extension (the repository root after `pip install .`) runs the installed package."""
     src = Path(poissonflow.__file__).resolve().parent
-    shutil.copytree(src, tmp_path / "poissonflow",
-                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    code = ("import poissonflow, poissonflow._C; "
-            "print(poissonflow.poisson_field(*[__import__('torch').ones(2, 3)] * 2)[0].shape)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path)
+    shutil.copytree(
+        src, tmp_path / "poissonflow", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__")
+    )
+    code = (
+        "import poissonflow, poissonflow._C; "
+        "print(poissonflow.poisson_field(*[__import__('torch').ones(2, 3)] * 2)[0].shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch.Size([2, 3])"
-    demo = subprocess.run([sys.executable, "-m", "poissonflow", "demo"], capture_output=True,
-                          text=True, cwd=tmp_path)
+    demo = subprocess.run(
+        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert demo.returncode == 0, demo.stderr
-
 
 
 # --------------------------------------------------------------------------- every option
@@ -232,8 +314,10 @@ _BAD = {
     "--preset": (["--preset", "blog"], ["--field learned"]),
     "--field-epochs": (["--field", "learned", "--field-epochs", "0"], ["epochs"]),
     "--load-field": (["--field", "learned", "--load-field", "{ok}"], ["--load-field"]),
-    "--save-field": (["--field", "learned", "--save-field", "{tmp}/absent-folder/f.pt"],
-                     ["--save-field", "absent-folder", "does not exist"]),
+    "--save-field": (
+        ["--field", "learned", "--save-field", "{tmp}/absent-folder/f.pt"],
+        ["--save-field", "absent-folder", "does not exist"],
+    ),
     "--start": (["--start", "moon"], ["--start", "invalid choice"]),
     "--solver": (["--solver", "heun"], ["--solver", "invalid choice"]),
     "--steps": (["--steps", "0"], ["steps"]),
@@ -278,8 +362,20 @@ def test_a_bad_value_of_any_transform_option_is_one_line_and_exit_2(option, tmp_
 def test_device_cuda_without_cuda_is_one_line_in_a_real_process(tmp_path):
     np.save(tmp_path / "x.npy", _features())
     out = subprocess.run(
-        [sys.executable, "-m", "poissonflow", "transform", "x.npy", "-o", "o.npy", "--device",
-         "cuda"], capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "poissonflow",
+            "transform",
+            "x.npy",
+            "-o",
+            "o.npy",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and "--device cuda" in out.stderr, out.stderr
@@ -290,8 +386,21 @@ def test_pt_output_layout_is_a_dict_of_one_named_tensor(tmp_path):
     or "features"; the .info.json beside it holds the settings."""
     x = _features(n=30, d=4)
     torch.save({"train": torch.from_numpy(x), "labels": torch.arange(30)}, tmp_path / "in.pt")
-    assert main(["transform", str(tmp_path / "in.pt"), "--key", "train", "-o",
-                 str(tmp_path / "out.pt"), "--steps", "4"]) == 0
+    assert (
+        main(
+            [
+                "transform",
+                str(tmp_path / "in.pt"),
+                "--key",
+                "train",
+                "-o",
+                str(tmp_path / "out.pt"),
+                "--steps",
+                "4",
+            ]
+        )
+        == 0
+    )
     blob = torch.load(tmp_path / "out.pt", weights_only=True)
     assert list(blob) == ["train"] and blob["train"].shape == (30, 5)
     assert blob["train"].dtype == torch.float64

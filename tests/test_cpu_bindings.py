@@ -1,4 +1,5 @@
-"""The CPU backend's own argument handling: poissonflow.kernels.cpu's validation of the flow's solver
+"""The CPU backend's own argument handling: poissonflow.kernels.cpu's validation of the flow's
+solver
 and step count, and the keyword binding of poissonflow._C (one keyword per field of the kernels'
 argument struct, csrc/common/field_args.h; the CUDA module binds the same way)."""
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from poissonflow import _C
-
 from poissonflow.kernels import cpu as _cpu
 
 
@@ -40,8 +40,26 @@ def test_flow_steps_accepts_integer_likes():
 
 def test_kernel_keywords_are_the_argument_struct_fields():
     names = _C.arg_names()
-    for required in ("x", "y", "w", "exclude", "N", "B", "D", "power", "v", "log_scale", "gv",
-                     "gx", "t0", "dt", "n_steps", "solver", "x_out", "num_threads"):
+    for required in (
+        "x",
+        "y",
+        "w",
+        "exclude",
+        "N",
+        "B",
+        "D",
+        "power",
+        "v",
+        "log_scale",
+        "gv",
+        "gx",
+        "t0",
+        "dt",
+        "n_steps",
+        "solver",
+        "x_out",
+        "num_threads",
+    ):
         assert required in names
     with pytest.raises(TypeError, match="field_forward: unknown argument 'vv'"):
         _C.field_forward(vv=0)

@@ -34,8 +34,8 @@ import torch
 
 from poissonflow import _C as poissonflow_C
 from poissonflow.kernels import cuda as cb
-from poissonflow.kernels.reference import flow_steps as flow_steps_reference
 from poissonflow.kernels.reference import field_backward_reference, poisson_field_reference
+from poissonflow.kernels.reference import flow_steps as flow_steps_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 2e-4, torch.float64: 1e-11, torch.bfloat16: 2**-7, torch.float16: 2**-9}
@@ -107,7 +107,11 @@ def test_cuda_module_is_compiled_into_the_install():
     assert mod.device_count() >= 0
     # The module plans with the same code as the emulator (block_plan.h).
     assert mod.plan(cb.MODE_FORWARD, False, 129, 232448) == {
-        "upt": 3, "window": 132, "splits": 1, "packs": 33, "smem_bytes": 94752,
+        "upt": 3,
+        "window": 132,
+        "splits": 1,
+        "packs": 33,
+        "smem_bytes": 94752,
     }
     # The module, the CPU module and the emulator are built from the same numerics header.
     from cuda_emulation.emulator import Emulator, build
@@ -122,8 +126,16 @@ def test_cuda_module_is_compiled_into_the_install():
         # parsing and fails only for want of a GPU.
         args = {name: 0 for name in mod.arg_names()}
         buf = torch.zeros(8)
-        args.update(x=buf.data_ptr(), y=buf.data_ptr(), v=buf.data_ptr(), lse2=buf.data_ptr(),
-                    N=1, B=1, D=1, ld=4)
+        args.update(
+            x=buf.data_ptr(),
+            y=buf.data_ptr(),
+            v=buf.data_ptr(),
+            lse2=buf.data_ptr(),
+            N=1,
+            B=1,
+            D=1,
+            ld=4,
+        )
         with pytest.raises(RuntimeError, match="poissonflow CUDA: cudaGetDevice"):
             mod.launch(**args)
 
@@ -186,7 +198,8 @@ def test_emulated_forward_per_query_softening(runner, dtype):
 
 
 def test_emulated_near_coincident_query_keeps_direct_differences(runner):
-    # A query 1e-3 from a charge of norm 10 in D = 129 (docs/DESIGN.md, "The field operator"): the expansion
+    # A query 1e-3 from a charge of norm 10 in D = 129 (docs/DESIGN.md, "The field operator"): the
+    # expansion
     # |x|^2 + |y|^2 - 2 x.y loses r2 entirely in float32; direct differences keep it.
     D = 129
     x, y, _ = make_problem(6, 300, D, torch.float64, seed=5)
@@ -216,8 +229,20 @@ def test_emulated_dead_rows_have_no_field(runner):
     assert rel_err(v[1:], vr[1:]) < TOL[torch.float32]
     assert rel_err(ls[1:], lsr[1:]) < TOL[torch.float32]
     gx, gy, gw = cb._field_backward(
-        runner(), x, y, w, 4.0, 0.0, v, ls, torch.ones(3, 4), torch.ones(3),
-        need_x=True, need_y=True, need_w=True, exclude=exclude,
+        runner(),
+        x,
+        y,
+        w,
+        4.0,
+        0.0,
+        v,
+        ls,
+        torch.ones(3, 4),
+        torch.ones(3),
+        need_x=True,
+        need_y=True,
+        need_w=True,
+        exclude=exclude,
     )
     assert torch.equal(gx[0], torch.ones(4))  # dL/dx = g_v where there is no field
     assert torch.isfinite(gy).all() and torch.isfinite(gw).all()
@@ -239,8 +264,9 @@ def test_emulated_no_queries(runner):
     x, y, w = make_problem(0, 10, 3, torch.float32)
     v, ls = cb._field_forward(runner(), x, y, w, 3.0, 0.0)
     assert v.shape == (0, 3) and ls.shape == (0,)
-    gx, gy, gw = cb._field_backward(runner(), x, y, w, 3.0, 0.0, v, ls, None, None,
-                                    need_x=True, need_y=True, need_w=True)
+    gx, gy, gw = cb._field_backward(
+        runner(), x, y, w, 3.0, 0.0, v, ls, None, None, need_x=True, need_y=True, need_w=True
+    )
     assert gx.shape == (0, 3)
     assert torch.equal(gy, torch.zeros(10, 3)) and torch.equal(gw, torch.zeros(10))
     out = cb._flow_steps(runner(), x, y, w, 0.0, 0.1, 2, "rk4")
@@ -274,8 +300,22 @@ def test_emulated_results_do_not_depend_on_thread_order(runner):
     for order in (0, 1, 2):
         run = runner(order=order, seed=11)
         v, ls = cb._field_forward(run, x, y, w, 21.0, 0.0, exclude=exclude)
-        grads = cb._field_backward(run, x, y, w, 21.0, 0.0, v, ls, gv, gl,
-                                   need_x=True, need_y=True, need_w=True, exclude=exclude)
+        grads = cb._field_backward(
+            run,
+            x,
+            y,
+            w,
+            21.0,
+            0.0,
+            v,
+            ls,
+            gv,
+            gl,
+            need_x=True,
+            need_y=True,
+            need_w=True,
+            exclude=exclude,
+        )
         flow = cb._flow_steps(run, x, y, w, -1.0, 0.25, 2, "rk4", exclude=exclude)
         results.append([v, ls, *grads, flow])
     for other in results[1:]:
@@ -293,16 +333,44 @@ def test_emulated_backward_matches_autograd(runner, dtype, N, B, D):
     p = float(D) + 0.5
     v, ls = cb._field_forward(runner(), x, y, w, p, 0.0, exclude=exclude, eps_rows=eps_rows)
     gv, gl = torch.randn(N, D, dtype=dtype), torch.randn(N, dtype=dtype)
-    gx, gy, gw = cb._field_backward(runner(), x, y, w, p, 0.0, v, ls, gv, gl,
-                                    need_x=True, need_y=True, need_w=True,
-                                    exclude=exclude, eps_rows=eps_rows)
+    gx, gy, gw = cb._field_backward(
+        runner(),
+        x,
+        y,
+        w,
+        p,
+        0.0,
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=True,
+        need_y=True,
+        need_w=True,
+        exclude=exclude,
+        eps_rows=eps_rows,
+    )
     rx, ry, rw = reference_grads(x, y, w, p, 0.0, gv, gl, exclude=exclude, eps_rows=eps_rows)
     assert rel_err(gx, rx) < TOL[dtype]
     assert rel_err(gy, ry) < TOL[dtype]
     assert rel_err(gw, rw) < TOL[dtype]
-    only_w = cb._field_backward(runner(), x, y, w, p, 0.0, v, ls, gv, gl,
-                                need_x=False, need_y=False, need_w=True,
-                                exclude=exclude, eps_rows=eps_rows)
+    only_w = cb._field_backward(
+        runner(),
+        x,
+        y,
+        w,
+        p,
+        0.0,
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=False,
+        need_y=False,
+        need_w=True,
+        exclude=exclude,
+        eps_rows=eps_rows,
+    )
     assert only_w[0] is None and only_w[1] is None and torch.equal(only_w[2], gw)
 
 
@@ -314,8 +382,9 @@ def test_emulated_weight_gradient_is_finite_at_zero_weight(runner):
     w0 = w.clone()
     w0[4] = 0.0
     v, ls = cb._field_forward(runner(), x, y, w0, 5.0, 0.1)
-    gw = cb._field_backward(runner(), x, y, w0, 5.0, 0.1, v, ls, gv, gl,
-                            need_x=False, need_y=False, need_w=True)[2]
+    gw = cb._field_backward(
+        runner(), x, y, w0, 5.0, 0.1, v, ls, gv, gl, need_x=False, need_y=False, need_w=True
+    )[2]
     w_eps = w0.clone()
     w_eps[4] = 1e-9
     rw = reference_grads(x, y, w_eps, 5.0, 0.1, gv, gl)[2]
@@ -330,8 +399,9 @@ def test_emulated_low_precision_inputs(runner, dtype):
     assert v.dtype == dtype and ls.dtype == dtype
     assert rel_err(v, vr) < TOL[dtype] and rel_err(ls, lsr) < TOL[dtype]
     gv, gl = torch.randn(50, 9).to(dtype), torch.randn(50).to(dtype)
-    gx, gy, gw = cb._field_backward(runner(), x, y, w, 9.0, 0.1, v, ls, gv, gl,
-                                    need_x=True, need_y=True, need_w=True)
+    gx, gy, gw = cb._field_backward(
+        runner(), x, y, w, 9.0, 0.1, v, ls, gv, gl, need_x=True, need_y=True, need_w=True
+    )
     rx, ry, rw = reference_grads(x, y, w, 9.0, 0.1, gv, gl)
     for got, want in ((gx, rx), (gy, ry), (gw, rw)):
         assert got.dtype == dtype
@@ -352,8 +422,22 @@ def test_emulated_gradcheck_float64(runner):
         @staticmethod
         def backward(ctx, gv, gl):
             x, y, w, v, ls = ctx.saved_tensors
-            return cb._field_backward(run, x, y, w, 3.5, 0.2, v, ls, gv, gl, need_x=True,
-                                      need_y=True, need_w=True, exclude=exclude)
+            return cb._field_backward(
+                run,
+                x,
+                y,
+                w,
+                3.5,
+                0.2,
+                v,
+                ls,
+                gv,
+                gl,
+                need_x=True,
+                need_y=True,
+                need_w=True,
+                exclude=exclude,
+            )
 
     x, y, w = make_problem(4, 6, 3, torch.float64, seed=12)
     inputs = tuple(t.requires_grad_() for t in (x, y, w))
@@ -374,8 +458,22 @@ def test_emulated_leave_one_out_gradients_at_exact_coincidence(runner, dtype, we
     exclude[::7] = -1  # some queries keep their own charge: a clamped (zero-slope) pair
     v, ls = cb._field_forward(runner(), x, x, w, p, 0.0, exclude=exclude)
     gv, gl = torch.ones(N, D, dtype=dtype), torch.ones(N, dtype=dtype)
-    got = cb._field_backward(runner(), x, x, w, p, 0.0, v, ls, gv, gl, need_x=True,
-                             need_y=True, need_w=weighted, exclude=exclude)
+    got = cb._field_backward(
+        runner(),
+        x,
+        x,
+        w,
+        p,
+        0.0,
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=True,
+        need_y=True,
+        need_w=weighted,
+        exclude=exclude,
+    )
     want = field_backward_reference(x, x, w, p, 0.0, gv, gl, exclude=exclude)
     for name, g, r in zip("xyw", got, want):
         if r is None or (name == "w" and not weighted):
@@ -461,10 +559,12 @@ needs_gpu = pytest.mark.skipif(
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["f32", "f64", "bf16"])
-@pytest.mark.parametrize("N,B,D", [(300, 500, 13), (257, 1000, 129), (64, 3, 300)],
-                         ids=["D13", "D129", "D300-splits"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"]
+)
+@pytest.mark.parametrize(
+    "N,B,D", [(300, 500, 13), (257, 1000, 129), (64, 3, 300)], ids=["D13", "D129", "D300-splits"]
+)
 def test_gpu_forward_backward_match_reference(dtype, N, B, D):
     x, y, w = make_problem(N, B, D, dtype, seed=20)
     x, y, w = x.cuda(), y.cuda(), w.cuda()
@@ -473,8 +573,21 @@ def test_gpu_forward_backward_match_reference(dtype, N, B, D):
     vr, lsr = poisson_field_reference(x, y, w, float(D), 0.0, exclude=exclude)
     assert rel_err(v, vr) < TOL[dtype] and rel_err(ls, lsr) < TOL[dtype]
     gv, gl = torch.randn(N, D, device="cuda").to(dtype), torch.randn(N, device="cuda").to(dtype)
-    got = cb.field_backward(x, y, w, float(D), 0.0, v, ls, gv, gl, need_x=True, need_y=True,
-                            need_w=True, exclude=exclude)
+    got = cb.field_backward(
+        x,
+        y,
+        w,
+        float(D),
+        0.0,
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=True,
+        need_y=True,
+        need_w=True,
+        exclude=exclude,
+    )
     want = reference_grads(x, y, w, float(D), 0.0, gv, gl, exclude=exclude)
     for g, r in zip(got, want):
         assert rel_err(g, r.to(dtype)) < TOL[dtype]
@@ -510,8 +623,9 @@ def test_gpu_gradcheck_float64():
         @staticmethod
         def backward(ctx, gv, gl):
             x, y, w, v, ls = ctx.saved_tensors
-            return cb.field_backward(x, y, w, 3.0, 0.1, v, ls, gv, gl, need_x=True,
-                                     need_y=True, need_w=True)
+            return cb.field_backward(
+                x, y, w, 3.0, 0.1, v, ls, gv, gl, need_x=True, need_y=True, need_w=True
+            )
 
     assert torch.autograd.gradcheck(Field.apply, (x, y, w), eps=1e-6, atol=1e-7, rtol=1e-6)
 
@@ -525,8 +639,9 @@ def test_cpu_tensors_are_rejected_before_any_kernel():
     with pytest.raises(ValueError, match="needs CUDA tensors, got x on cpu"):
         cb.field_forward(x, y, w, 2.0, 0.0)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        cb.field_backward(x, y, w, 2.0, 0.0, x, x[:, 0], None, None, need_x=True,
-                          need_y=False, need_w=False)
+        cb.field_backward(
+            x, y, w, 2.0, 0.0, x, x[:, 0], None, None, need_x=True, need_y=False, need_w=False
+        )
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         cb.flow_steps(x, y, w, 0.0, 0.1, 1, "euler")
 
@@ -561,14 +676,34 @@ def test_bad_flow_arguments(runner):
 def test_launch_checks_reject_bad_layouts(emulator):
     x = torch.zeros(4, 3)  # row stride 3 floats: not a multiple of 16 bytes
     with pytest.raises(RuntimeError, match="row stride"):
-        emulator.launch(dict(mode=0, x=x.data_ptr(), y=x.data_ptr(), v=x.data_ptr(),
-                             lse2=x.data_ptr(), N=4, B=4, D=3, ld=3))
+        emulator.launch(
+            dict(
+                mode=0,
+                x=x.data_ptr(),
+                y=x.data_ptr(),
+                v=x.data_ptr(),
+                lse2=x.data_ptr(),
+                N=4,
+                B=4,
+                D=3,
+                ld=3,
+            )
+        )
 
 
 def test_launch_checks_reject_an_input_dtype_that_does_not_match(emulator):
     x = torch.zeros(4, 4)
-    args = dict(mode=0, x=x.data_ptr(), y=x.data_ptr(), v=x.data_ptr(), lse2=x.data_ptr(),
-                N=4, B=4, D=3, ld=4)
+    args = dict(
+        mode=0,
+        x=x.data_ptr(),
+        y=x.data_ptr(),
+        v=x.data_ptr(),
+        lse2=x.data_ptr(),
+        N=4,
+        B=4,
+        D=3,
+        ld=4,
+    )
     with pytest.raises(RuntimeError, match="input_dtype float64 is computed in double"):
         emulator.launch(dict(args, input_dtype=1))  # float64 floor on float buffers
     with pytest.raises(RuntimeError, match="input_dtype must be"):
@@ -595,12 +730,22 @@ def test_numerics_are_one_definition(emulator):
 
 def test_gpu_check_script_exits_cleanly_without_gpu():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py")], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "no GPU present" in out.stdout
-    js = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--json"], env=env,
-                        capture_output=True, text=True, timeout=120)
+    js = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     import json
 
     report = json.loads(js.stdout)

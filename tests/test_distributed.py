@@ -50,20 +50,22 @@ def field_data(seed, R, dtype, kind):
     if kind == "plain":  # no weights, no exclusion
         w, ex = None, None
     elif kind == "zero_shard":  # the last rank's charges all have weight 0
-        w[B - nb[-1]:] = 0.0
+        w[B - nb[-1] :] = 0.0
     elif kind == "dead":  # one charge of weight > 0; queries that exclude it feel no field
         w = torch.zeros(B, dtype=torch.float64)
         w[B - 1] = 1.0
         ex[::2] = B - 1
-    return tuple(None if t is None else (t.to(dtype) if t.is_floating_point() else t)
-                 for t in (x, y, w, ex, gv, gl))
+    return tuple(
+        None if t is None else (t.to(dtype) if t.is_floating_point() else t)
+        for t in (x, y, w, ex, gv, gl)
+    )
 
 
 def shard(t, sizes, r):
     if t is None:
         return None
     o = sum(sizes[:r])
-    return t[o:o + sizes[r]]
+    return t[o : o + sizes[r]]
 
 
 def field_and_grads(fn, x, y, w, ex, gv, gl):
@@ -90,8 +92,7 @@ TRANSFORM_CASES = {
     "ring": ("ring", torch.float64, {}),
     "ring_f32": ("ring", torch.float32, {}),
     "ring_flux": ("ring", torch.float64, {"start": "flux", "seed": 3}),
-    "ring_radial_euler": ("ring", torch.float64, {"parameterization": "radial",
-                                                  "solver": "euler"}),
+    "ring_radial_euler": ("ring", torch.float64, {"parameterization": "radial", "solver": "euler"}),
     "ring_charges": ("ring", torch.float64, {"charges": True}),
     # several query batches per rank, as many on every rank (the ring passes line up)
     "ring_batches": ("ring", torch.float64, {"batch_size": 4}),
@@ -122,8 +123,9 @@ def worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     import poissonflow.distributed as pfd
     from poissonflow.distributed import flow as dtr
 
@@ -134,53 +136,85 @@ def worker(rank, world, port, out):
             if dtype == torch.float32 and kind != "full":
                 continue
             x, y, w, ex, gv, gl = field_data(1, world, dtype, kind)
-            args = [shard(x, nq, rank), shard(y, nb, rank), shard(w, nb, rank),
-                    shard(ex, nq, rank), shard(gv, nq, rank), shard(gl, nq, rank)]
+            args = [
+                shard(x, nq, rank),
+                shard(y, nb, rank),
+                shard(w, nb, rank),
+                shard(ex, nq, rank),
+                shard(gv, nq, rank),
+                shard(gl, nq, rank),
+            ]
             for mode in MODES:
+
                 def fn(a, b, c, e, mode=mode):
                     return pfd.poisson_field(a, b, weights=c, exclude=e, mode=mode)
+
                 first = field_and_grads(fn, *args)
                 again = field_and_grads(fn, *args)
-                same = all((a is None and b is None) or torch.equal(a, b)
-                           for a, b in zip(first, again))
+                same = all(
+                    (a is None and b is None) or torch.equal(a, b) for a, b in zip(first, again)
+                )
                 res[("field", str(dtype), kind, mode)] = (first, same)
     # "auto" at these sizes is the all-gather: the same bits
     x, y, w, ex, gv, gl = field_data(1, world, torch.float64, "full")
     args = [shard(x, nq, rank), shard(y, nb, rank), shard(w, nb, rank), shard(ex, nq, rank)]
     res["auto_equals_allgather"] = all(
-        torch.equal(a, b) for a, b in zip(pfd.poisson_field(*args[:2], weights=args[2],
-                                                            exclude=args[3]),
-                                          pfd.poisson_field(*args[:2], weights=args[2],
-                                                            exclude=args[3], mode="allgather")))
+        torch.equal(a, b)
+        for a, b in zip(
+            pfd.poisson_field(*args[:2], weights=args[2], exclude=args[3]),
+            pfd.poisson_field(*args[:2], weights=args[2], exclude=args[3], mode="allgather"),
+        )
+    )
     # a subgroup (ranks 0 and R - 1): point-to-point addresses are the group's global ranks
     sub = dist.new_group([0, world - 1])
     if rank in (0, world - 1):
-        xs, ys, gvs, gls = (torch.cat([shard(t, sz, 0), shard(t, sz, world - 1)])
-                            for t, sz in ((x, nq), (y, nb), (gv, nq), (gl, nq)))
+        xs, ys, gvs, gls = (
+            torch.cat([shard(t, sz, 0), shard(t, sz, world - 1)])
+            for t, sz in ((x, nq), (y, nb), (gv, nq), (gl, nq))
+        )
         part = 0 if rank == 0 else 1
         sq = [nq[0], nq[world - 1]]
         sb = [nb[0], nb[world - 1]]
 
         def fn(a, b, c, e):
             return pfd.poisson_field(a, b, group=sub, mode="ring")
-        res["subgroup"] = field_and_grads(fn, shard(xs, sq, part), shard(ys, sb, part), None,
-                                          None, shard(gvs, sq, part), shard(gls, sq, part))
+
+        res["subgroup"] = field_and_grads(
+            fn,
+            shard(xs, sq, part),
+            shard(ys, sb, part),
+            None,
+            None,
+            shard(gvs, sq, part),
+            shard(gls, sq, part),
+        )
     # the distributed horizon pieces against poissonflow.horizon on the union
     x, y, w, *_ = field_data(2, world, torch.float64, "full")
-    plan = pfd.field.plan_field(shard(x, nq, rank), shard(y, nb, rank), shard(w, nb, rank),
-                                None, 0.0, None, None, "ring", "auto", grad=False)
-    res["horizon"] = (dtr.median_nn_distance(shard(y, nb, rank), plan.layout, dist.group.WORLD,
-                                             sample=7),
-                      dtr.data_scale(shard(y, nb, rank), shard(w, nb, rank), plan.layout,
-                                     dist.group.WORLD))
+    plan = pfd.field.plan_field(
+        shard(x, nq, rank),
+        shard(y, nb, rank),
+        shard(w, nb, rank),
+        None,
+        0.0,
+        None,
+        None,
+        "ring",
+        "auto",
+        grad=False,
+    )
+    res["horizon"] = (
+        dtr.median_nn_distance(shard(y, nb, rank), plan.layout, dist.group.WORLD, sample=7),
+        dtr.data_scale(shard(y, nb, rank), shard(w, nb, rank), plan.layout, dist.group.WORLD),
+    )
     for case, (mode, dtype, kw) in TRANSFORM_CASES.items():
         feats = transform_data(world, dtype)
         q, c, nqq, nbb = transform_split(world, feats, case)
         kw = dict(kw)
         if kw.pop("charges", False):
             kw["charges"] = shard(c, nbb, rank)
-        u, info = pfd.transform(shard(q, nqq, rank), steps=T_STEPS, mode=mode,
-                                return_info=True, **kw)
+        u, info = pfd.transform(
+            shard(q, nqq, rank), steps=T_STEPS, mode=mode, return_info=True, **kw
+        )
         res[("transform", case)] = (u, info)
     for mode in MODES:
         res[("riesz", mode)] = _riesz_case(pfd, rank, world, mode)
@@ -196,8 +230,10 @@ def worker(rank, world, port, out):
     except ValueError as err:
         res["invalid"] = str(err)
     # the same for the flow and the loss, whose own checks run before any collective
-    for name, call in (("invalid_transform", lambda a: pfd.transform(a, steps=1)),
-                       ("invalid_riesz", lambda a: pfd.riesz_uniformity_loss(a, 2.0))):
+    for name, call in (
+        ("invalid_transform", lambda a: pfd.transform(a, steps=1)),
+        ("invalid_riesz", lambda a: pfd.riesz_uniformity_loss(a, 2.0)),
+    ):
         try:
             call(xs)
             res[name] = "no error"
@@ -264,9 +300,14 @@ def worlds(tmp_path_factory):
         dirs[R] = out
         port = free_port()
         for r in range(R):
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, str(r), str(R), str(port), str(out)], env=_env(),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, str(r), str(R), str(port), str(out)],
+                    env=_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     logs = []
     for p in procs:
         try:
@@ -278,19 +319,24 @@ def worlds(tmp_path_factory):
     bad = [(p.returncode, log) for p, log in zip(procs, logs) if p.returncode]
     assert not bad, "a worker failed:\n" + "\n".join(log[-3000:] for _, log in bad)
     print(f"worlds ran in {time.perf_counter() - t0:.1f} s")
-    return {R: [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(R)]
-            for R, d in dirs.items()}
+    return {
+        R: [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(R)]
+        for R, d in dirs.items()
+    }
 
 
 # ------------------------------------------------------------------------------- tests
 
 
 def test_import_poissonflow_imports_nothing_distributed():
-    code = ("import sys, poissonflow, poissonflow.losses, poissonflow.metrics; "
-            "bad = [m for m in sys.modules if m.startswith('poissonflow.distributed')]; "
-            "assert not bad, bad; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=_env(), timeout=120)
+    code = (
+        "import sys, poissonflow, poissonflow.losses, poissonflow.metrics; "
+        "bad = [m for m in sys.modules if m.startswith('poissonflow.distributed')]; "
+        "assert not bad, bad; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -301,9 +347,13 @@ def test_uninitialised_group_names_the_fix():
 
     assert not dist.is_initialized()
     x = torch.randn(3, 2)
-    for call in (lambda: pfd.poisson_field(x, x), lambda: pfd.transform(x),
-                 lambda: pfd.riesz_uniformity_loss(x, 2.0), lambda: pfd.uniform_loss(x),
-                 lambda: pfd.fit_learned_field(x)):
+    for call in (
+        lambda: pfd.poisson_field(x, x),
+        lambda: pfd.transform(x),
+        lambda: pfd.riesz_uniformity_loss(x, 2.0),
+        lambda: pfd.uniform_loss(x),
+        lambda: pfd.fit_learned_field(x),
+    ):
         with pytest.raises(RuntimeError, match="init_process_group"):
             call()
 
@@ -356,10 +406,13 @@ def test_field_and_gradients_float32(worlds, R, mode):
     """float32 against the float64 op on the same (rounded) inputs, within the conformance
     suite's float32 tolerances (poissonflow.testing)."""
     x, y, w, ex, gv, gl = field_data(1, R, torch.float32, "full")
-    ref = field_and_grads(lambda a, b, c, e: poissonflow.poisson_field(a, b, weights=c,
-                                                                       exclude=e),
-                          *(None if t is None else (t.double() if t.is_floating_point() else t)
-                            for t in (x, y, w, ex, gv, gl)))
+    ref = field_and_grads(
+        lambda a, b, c, e: poissonflow.poisson_field(a, b, weights=c, exclude=e),
+        *(
+            None if t is None else (t.double() if t.is_floating_point() else t)
+            for t in (x, y, w, ex, gv, gl)
+        ),
+    )
     tol = tolerance(torch.float32)
     nq, nb = SHARDS[R]
     for r in range(R):
@@ -380,10 +433,19 @@ def test_auto_mode_and_subgroup(worlds, R):
     nq, nb = SHARDS[R]
     x, y, w, ex, gv, gl = field_data(1, R, torch.float64, "full")
     pick = [0, R - 1]
-    cat = [torch.cat([shard(t, sz, k) for k in pick]) for t, sz in
-           ((x, nq), (y, nb), (gv, nq), (gl, nq))]
-    ref = field_and_grads(lambda a, b, c, e: poissonflow.poisson_field(a, b), cat[0], cat[1],
-                          None, None, cat[2], cat[3])
+    cat = [
+        torch.cat([shard(t, sz, k) for k in pick])
+        for t, sz in ((x, nq), (y, nb), (gv, nq), (gl, nq))
+    ]
+    ref = field_and_grads(
+        lambda a, b, c, e: poissonflow.poisson_field(a, b),
+        cat[0],
+        cat[1],
+        None,
+        None,
+        cat[2],
+        cat[3],
+    )
     sq, sb = [nq[k] for k in pick], [nb[k] for k in pick]
     for part, r in enumerate(pick):
         assert worlds[R][r]["auto_equals_allgather"]
@@ -474,8 +536,10 @@ def test_riesz_loss_of_the_global_batch(worlds, R, mode):
         ref.backward()
         single = getattr(poissonflow.losses, "riesz_uniformity_loss", None)
         if single is not None:  # the package's single-process loss, where it exists
-            assert abs(float(single(x, 3.0, bank=bank if with_bank else None)) -
-                       float(ref.detach())) <= 1e-12
+            assert (
+                abs(float(single(x, 3.0, bank=bank if with_bank else None)) - float(ref.detach()))
+                <= 1e-12
+            )
         for r in range(R):
             res = worlds[R][r][("riesz", mode)]
             assert abs(float(res[iv]) - float(ref.detach())) <= 1e-12 * abs(float(ref.detach()))

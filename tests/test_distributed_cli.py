@@ -25,11 +25,25 @@ def test_torchrun_transform_writes_the_single_process_result(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "poissonflow", "transform", str(src), "-o", str(out), "--steps", "5",
-           "--distributed-mode", "ring"]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "poissonflow",
+        "transform",
+        str(src),
+        "-o",
+        str(out),
+        "--steps",
+        "5",
+        "--distributed-mode",
+        "ring",
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "wrote" in run.stdout and "2 processes" in run.stdout
     got = np.load(out)
@@ -54,15 +68,36 @@ def test_torchrun_learned_field_transform(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    common = ["-m", "poissonflow", "transform", str(src), "--field", "learned",
-              "--field-epochs", "3", "--steps", "4"]
-    dist_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2", *common, "-o", str(tmp_path / "two.npz"),
-                "--save-field", str(tmp_path / "field.pt")]
+    common = [
+        "-m",
+        "poissonflow",
+        "transform",
+        str(src),
+        "--field",
+        "learned",
+        "--field-epochs",
+        "3",
+        "--steps",
+        "4",
+    ]
+    dist_cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *common,
+        "-o",
+        str(tmp_path / "two.npz"),
+        "--save-field",
+        str(tmp_path / "field.pt"),
+    ]
     one_cmd = [sys.executable, *common, "-o", str(tmp_path / "one.npz")]
     for cmd in (dist_cmd, one_cmd):
-        run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     two = np.load(tmp_path / "two.npz")["emb"]
     one = np.load(tmp_path / "one.npz")["emb"]

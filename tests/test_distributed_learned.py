@@ -27,8 +27,12 @@ ROWS = (21, 19)  # ragged shards of the 40 training features
 # differently; the comparison with one process (to 1e-5) runs everywhere.
 RECORDED_ON = ("2.13.0+cpu", "AVX512")
 WEIGHTS_SHA256 = "157ab1b7969735358b8ac4fa8e5363de3de9f48003fa6a6a5b849aee79d5971f"
-LOSS_HEX = ["0x1.c8832c4000000p+0", "0x1.80a5008000000p+1", "0x1.e660920000000p+0",
-            "0x1.48eab90000000p+1"]
+LOSS_HEX = [
+    "0x1.c8832c4000000p+0",
+    "0x1.80a5008000000p+1",
+    "0x1.e660920000000p+0",
+    "0x1.48eab90000000p+1",
+]
 
 
 def features():
@@ -40,18 +44,27 @@ def worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     import poissonflow.distributed as pfd
 
     x = features()
     o = sum(ROWS[:rank])
-    field = pfd.fit_learned_field(x[o:o + ROWS[rank]], checkpoint=Path(out) / "field.pt",
-                                  **PARAMS)
-    torch.save({"state": field.net_.state_dict(), "loss": field.loss_history_,
-                "wrong": field.wrong_sign_history_, "settings": field.settings_,
-                "iterations": field.n_iterations_, "timing": field.timing_},
-               Path(out) / f"rank{rank}.pt")
+    field = pfd.fit_learned_field(
+        x[o : o + ROWS[rank]], checkpoint=Path(out) / "field.pt", **PARAMS
+    )
+    torch.save(
+        {
+            "state": field.net_.state_dict(),
+            "loss": field.loss_history_,
+            "wrong": field.wrong_sign_history_,
+            "settings": field.settings_,
+            "iterations": field.n_iterations_,
+            "timing": field.timing_,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -60,9 +73,15 @@ def test_fit_under_two_processes_matches_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(port), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), "2", str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     one = LearnedField(**PARAMS).fit(features())
@@ -77,7 +96,8 @@ def test_fit_under_two_processes_matches_one(tmp_path):
             err = float((res["state"][k] - v).abs().max() / v.abs().max())
             assert err <= 1e-5, (k, err)
         assert {k: len(v) for k, v in res["timing"].items()} == {
-            k: PARAMS["epochs"] for k in ("epoch", "data", "target", "network")}
+            k: PARAMS["epochs"] for k in ("epoch", "data", "target", "network")
+        }
         h = hashlib.sha256()
         for k, v in res["state"].items():
             h.update(k.encode())
@@ -86,8 +106,9 @@ def test_fit_under_two_processes_matches_one(tmp_path):
             got = (h.hexdigest(), [float(v).hex() for v in res["loss"]])
             assert got == (WEIGHTS_SHA256, LOSS_HEX)
     untrained = LearnedField(**PARAMS).fit(features(), train=False)
-    assert any(not torch.equal(v, untrained.net_.state_dict()[k])
-               for k, v in one.net_.state_dict().items())  # the comparison is of trained nets
+    assert any(
+        not torch.equal(v, untrained.net_.state_dict()[k]) for k, v in one.net_.state_dict().items()
+    )  # the comparison is of trained nets
     for k in ranks[0]["state"]:  # every rank holds the same network
         assert torch.equal(ranks[0]["state"][k], ranks[1]["state"][k])
     loaded = LearnedField.load(tmp_path / "field.pt")
@@ -95,8 +116,7 @@ def test_fit_under_two_processes_matches_one(tmp_path):
         assert torch.equal(v, ranks[0]["state"][k])
     x = features()[:5]
     z = torch.full((5,), 0.3)
-    assert torch.allclose(loaded.predict_field(x, z), one.predict_field(x, z), rtol=1e-4,
-                          atol=1e-6)
+    assert torch.allclose(loaded.predict_field(x, z), one.predict_field(x, z), rtol=1e-4, atol=1e-6)
 
 
 def test_data_parallel_step_has_every_hook_of_the_single_process_one():
@@ -107,8 +127,7 @@ def test_data_parallel_step_has_every_hook_of_the_single_process_one():
     from poissonflow.learned.training import SingleProcess as _SingleProcess
 
     hooks = {k for k in vars(_SingleProcess) if not k.startswith("_")}
-    assert hooks == {"history_dtype", "batch_slice", "targets", "forward", "loss",
-                     "epoch_totals"}
+    assert hooks == {"history_dtype", "batch_slice", "targets", "forward", "loss", "epoch_totals"}
     assert hooks <= {k for k in vars(_DataParallel) if not k.startswith("_")}
 
 

@@ -48,7 +48,7 @@ def step_data(world):
 
 def shard(t, sizes, r):
     o = sum(sizes[:r])
-    return t[o:o + sizes[r]]
+    return t[o : o + sizes[r]]
 
 
 def feature_data(world):
@@ -75,8 +75,9 @@ def worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     res = {}
     data = step_data(world)
     for mode in ("ring", "allgather"):
@@ -94,17 +95,24 @@ def worker(rank, world, port, out):
     except ValueError as err:
         res["raise"] = str(err)
     x, y = feature_data(world)
-    metrics = {"alignment": M.Alignment(1.5), "uniformity": M.Uniformity(normalize=True),
-               "w2": M.WassersteinUniformity(), "erank": M.EffectiveRank(center=True),
-               "rankme": M.RankMe()}
+    metrics = {
+        "alignment": M.Alignment(1.5),
+        "uniformity": M.Uniformity(normalize=True),
+        "w2": M.WassersteinUniformity(),
+        "erank": M.EffectiveRank(center=True),
+        "rankme": M.RankMe(),
+    }
     for part in feature_shards(world, rank):
         for name, m in metrics.items():
             m.update(x[part], y[part]) if name == "alignment" else m.update(x[part])
     res["metrics"] = {name: float(m.compute()) for name, m in metrics.items()}
     local = M.EffectiveRank(center=True, sync=False)
     local.update(x[feature_shards(world, rank)[1]])
-    res["local_erank"] = float(local.compute()) if feature_shards(world, rank)[1].stop > \
-        feature_shards(world, rank)[1].start + 1 else None
+    res["local_erank"] = (
+        float(local.compute())
+        if feature_shards(world, rank)[1].stop > feature_shards(world, rank)[1].start + 1
+        else None
+    )
     torch.save(res, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -130,9 +138,14 @@ def worlds(tmp_path_factory):
         dirs[R] = out
         port = _free_port()
         for r in range(R):
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, str(r), str(R), str(port), str(out)], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, str(r), str(R), str(port), str(out)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     logs = []
     for p in procs:
         try:
@@ -144,8 +157,10 @@ def worlds(tmp_path_factory):
     bad = [log for p, log in zip(procs, logs) if p.returncode]
     assert not bad, "a worker failed:\n" + "\n".join(log[-3000:] for log in bad)
     print(f"worlds ran in {time.perf_counter() - t0:.1f} s")
-    return {R: [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(R)]
-            for R, d in dirs.items()}
+    return {
+        R: [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(R)]
+        for R, d in dirs.items()
+    }
 
 
 # ------------------------------------------------------------------------------- tests
@@ -180,17 +195,23 @@ def test_coincident_raise_names_rows_on_every_rank(worlds, R):
 def test_streaming_metrics_synced_equal_one_shot(worlds, R):
     x, y = feature_data(R)
     u = x / x.norm(dim=1, keepdim=True)
-    want = {"alignment": float(M.align_loss(x, y, 1.5)), "uniformity": float(M.uniform_loss(u)),
-            "w2": float(M.wasserstein_uniformity(x)),
-            "erank": M.effective_rank(x, center=True), "rankme": M.rankme(x)}
+    want = {
+        "alignment": float(M.align_loss(x, y, 1.5)),
+        "uniformity": float(M.uniform_loss(u)),
+        "w2": float(M.wasserstein_uniformity(x)),
+        "erank": M.effective_rank(x, center=True),
+        "rankme": M.rankme(x),
+    }
     for r in range(R):
         got = worlds[R][r]["metrics"]
         for name, value in want.items():
             assert abs(got[name] - value) <= 1e-10 * abs(value), (name, got[name], value)
         part = feature_shards(R, r)[1]
         if worlds[R][r]["local_erank"] is not None:  # sync=False: this rank's rows only
-            assert abs(worlds[R][r]["local_erank"] -
-                       M.effective_rank(x[part], center=True)) <= 1e-10 * R * 10
+            assert (
+                abs(worlds[R][r]["local_erank"] - M.effective_rank(x[part], center=True))
+                <= 1e-10 * R * 10
+            )
 
 
 if __name__ == "__main__":

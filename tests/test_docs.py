@@ -86,15 +86,25 @@ def test_readme_quick_start_runs_as_pasted(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert len(blocks) >= 4
     for block in blocks:
-        out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", block],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert out.returncode == 0, block + out.stderr
     # the flow block wrote feats.npy: the shell line after it runs too
     line = re.search(r"^poissonflow transform feats\.npy -o flowed\.npy", README, re.M)
     assert line is not None
-    cmd = [str(Path(sys.executable).with_name("poissonflow")), "transform", "feats.npy", "-o",
-           "flowed.npy"]
+    cmd = [
+        str(Path(sys.executable).with_name("poissonflow")),
+        "transform",
+        "feats.npy",
+        "-o",
+        "flowed.npy",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "flowed.info.json").is_file()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cpu_isas, forced_isa
+from test_field_forward import near_coincident_case
 
 import poissonflow
-from helpers import cpu_isas, forced_isa
 from poissonflow.kernels.reference import field_backward_reference
-from test_field_forward import near_coincident_case
 
 F32 = torch.float32
 F64 = torch.float64
@@ -196,8 +196,20 @@ def test_backward_accepts_strided_and_other_dtype_upstream_gradients():
     assert torch.equal(dx1, dx2) and torch.equal(dy1, dy2)
     # upstream gradients of other dtypes are cast to the inputs' dtype by the backward op
     gx, gy, gw = torch.ops.poissonflow.field_backward(
-        x, y, None, 6.0, 0.0, None, None, v.detach(), ls.detach(), gv.double(), gl.half(),
-        True, True, False,
+        x,
+        y,
+        None,
+        6.0,
+        0.0,
+        None,
+        None,
+        v.detach(),
+        ls.detach(),
+        gv.double(),
+        gl.half(),
+        True,
+        True,
+        False,
     )
     dx3, dy3 = torch.autograd.grad(
         poissonflow.poisson_field(xl, yl), [xl, yl], [gv, gl.half().float()]
@@ -208,7 +220,18 @@ def test_backward_accepts_strided_and_other_dtype_upstream_gradients():
 def test_only_requested_gradients_are_computed():
     x, y, w, gv, gl = make_inputs(10, 12, 3, F64, seed=9)
     gx, gy, gw = torch.ops.poissonflow.field_backward(
-        x, y, w, 3.0, 0.0, None, None, *poissonflow.poisson_field(x, y, weights=w), gv, gl,
-        True, False, False,
+        x,
+        y,
+        w,
+        3.0,
+        0.0,
+        None,
+        None,
+        *poissonflow.poisson_field(x, y, weights=w),
+        gv,
+        gl,
+        True,
+        False,
+        False,
     )
     assert gx.shape == x.shape and gy.numel() == 0 and gw.numel() == 0

@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from helpers import TOL_V, assert_field_close, cpu_isas, field_errors, forced_isa
 
 import poissonflow
-from helpers import TOL_V, assert_field_close, cpu_isas, field_errors, forced_isa
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -30,7 +30,7 @@ SHAPES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_case(N, B, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed + 1000 * D + N + 7 * B)
     x = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
@@ -70,7 +70,8 @@ def test_weights_power_eps(isa, dtype):
 
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_near_coincident_d129(isa):
-    """docs/DESIGN.md, "The field operator"'s trap: a query 1e-3 from a charge of norm 10, D = 129."""
+    """docs/DESIGN.md, "The field operator"'s trap: a query 1e-3 from a charge of norm 10, D =
+    129."""
     x, y = near_coincident_case()
     v, ls = run_cpu(isa, x, y)
     rel, _, ls_err = assert_field_close(x, y, v, ls)

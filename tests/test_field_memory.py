@@ -30,7 +30,10 @@ SCRIPT = textwrap.dedent(
 def test_forward_peak_memory_is_bounded(tmp_path):
     # cwd outside the repository, so that the installed package (with its extension) loads
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr

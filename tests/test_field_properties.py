@@ -9,11 +9,11 @@ from __future__ import annotations
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import torch
+from helpers import TOL_LS, TOL_V, field_errors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import poissonflow
-from helpers import TOL_LS, TOL_V, field_errors
 
 
 @st.composite

@@ -1,6 +1,7 @@
 """Bad input to poisson_field: a clear Python exception naming the argument, before any kernel.
 
-docs/DESIGN.md, "Bad input". Every case is checked on the cpu backend (the one that would crash in C++
+docs/DESIGN.md, "Bad input". Every case is checked on the cpu backend (the one that would crash in
+C++
 if a check were missing) and, where the check is backend-independent, on the reference too.
 """
 

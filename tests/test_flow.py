@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cpu_isas, forced_isa
 from scipy import stats
 
-from helpers import cpu_isas, forced_isa
 from poissonflow import horizon
-from poissonflow.kernels import cpu as _cpu
 from poissonflow.flow import empirical_flow
+from poissonflow.kernels import cpu as _cpu
 from poissonflow.kernels.reference import flow_steps as flow_steps_reference
 from poissonflow.metrics import uniform_hemisphere, wasserstein_uniformity
 from poissonflow.transform import transform
@@ -74,8 +74,13 @@ def mixture_2d(n, g):
     comps = torch.randint(0, 4, (n,), generator=g)
     means = torch.tensor([[0.0, 0.0], [3.0, 1.0], [-2.0, 2.5], [1.0, -3.0]], dtype=torch.float64)
     shapes = torch.tensor(
-        [[[1.0, 0.0], [0.6, 0.2]], [[0.3, 0], [0, 1.2]], [[0.8, 0.5], [0, 0.3]],
-         [[0.2, 0], [0.1, 0.9]]], dtype=torch.float64,
+        [
+            [[1.0, 0.0], [0.6, 0.2]],
+            [[0.3, 0], [0, 1.2]],
+            [[0.8, 0.5], [0, 0.3]],
+            [[0.2, 0], [0.1, 0.9]],
+        ],
+        dtype=torch.float64,
     )
     z = torch.randn(n, 2, generator=g, dtype=torch.float64)
     return means[comps] + torch.einsum("nij,nj->ni", shapes[comps], z)
@@ -158,8 +163,9 @@ def _radial(field, x0, steps=5, delta=0.01, **kw):
     from poissonflow.flow import field_flow
 
     z0 = torch.zeros(x0.shape[0], dtype=x0.dtype)
-    return field_flow(field, x0, z0, parameterization="radial", solver="euler", steps=steps,
-                      delta=delta, **kw)
+    return field_flow(
+        field, x0, z0, parameterization="radial", solver="euler", steps=steps, delta=delta, **kw
+    )
 
 
 def test_radial_update_runs_for_either_sign_and_guards_only_a_vanishing_dot():
@@ -192,14 +198,14 @@ def test_radial_guard_threshold_is_the_dot_products_rounding_level():
     # a dot product just above the threshold is divided by; just below, guarded
     c = radial_guard_threshold(3, torch.float64)
     for scale, guarded in ((10.0, 0), (0.1, 1)):
+
         def field(x, z, s=scale):
             f = torch.zeros_like(x)
             f[:, 1] = 1.0
             f[:, 0] = s * c  # f . y~ = s c |y~| on y~ = (1, 0, 0, 0); |f| ~ 1
             return f, torch.zeros_like(z)
 
-        _, _, stats = _radial(field, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64),
-                              steps=1)
+        _, _, stats = _radial(field, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64), steps=1)
         assert stats.guard_fired == guarded
 
 
@@ -215,7 +221,8 @@ def test_blog_preset_on_real_features_leaves_no_point_on_the_plane():
     g = torch.Generator().manual_seed(0)
     means = torch.nn.functional.normalize(torch.randn(10, 128, generator=g), dim=1)
     x = means[torch.randint(0, 10, (2600,), generator=g)] + 0.75 * torch.randn(
-        2600, 128, generator=g) / math.sqrt(128)
+        2600, 128, generator=g
+    ) / math.sqrt(128)
     x = torch.nn.functional.normalize(x, dim=1).double()
     train, held = x[:2048], x[2048:]
     field = LearnedField(preset="blog", epochs=4, device="cpu").fit(train, progress=False)
@@ -234,15 +241,17 @@ def test_guarded_points_are_counted_in_return_info():
     from poissonflow.learned import LearnedField
 
     x = torch.nn.functional.normalize(
-        torch.randn(40, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
-        dim=1)
-    field = LearnedField(preset="blog", epochs=1, large_batch=32, small_batch=8,
-                         device="cpu").fit(x, progress=False)
+        torch.randn(40, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=1
+    )
+    field = LearnedField(preset="blog", epochs=1, large_batch=32, small_batch=8, device="cpu").fit(
+        x, progress=False
+    )
     dead = torch.arange(40) < 20
 
     def orthogonal_for_half(xx, zz):
-        fx = torch.where(dead[:, None], torch.stack([-xx[:, 1], xx[:, 0], -xx[:, 3], xx[:, 2]],
-                                                    1), xx)
+        fx = torch.where(
+            dead[:, None], torch.stack([-xx[:, 1], xx[:, 0], -xx[:, 3], xx[:, 2]], 1), xx
+        )
         return fx, torch.ones_like(zz)
 
     field.field_fn = orthogonal_for_half

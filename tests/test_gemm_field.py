@@ -1,4 +1,5 @@
-"""The GEMM-form field with a certified error (docs/DESIGN.md, "A tensor-core field with a certified error"): poissonflow.kernels.triton._gemm
+"""The GEMM-form field with a certified error (docs/DESIGN.md, "A tensor-core field with a certified
+error"): poissonflow.kernels.triton._gemm
 and its backend "triton-gemm" / poisson_field(..., algorithm="gemm").
 
 Under TRITON_INTERPRET=1 (no GPU) tl.dot is exact float32. The kernel rounds its dot operands
@@ -25,11 +26,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'poissonflow[triton]')")
 
-import poissonflow  # noqa: E402
+from conformance.conformance_cases import near_coincident_case  # noqa: E402
 from helpers import TOL_GRAD, TOL_LS, TOL_V, field_errors, row_errors  # noqa: E402
+
+import poissonflow  # noqa: E402
 from poissonflow.kernels.reference import poisson_field_reference  # noqa: E402
 from poissonflow.kernels.triton import _gemm  # noqa: E402
-from conformance.conformance_cases import near_coincident_case  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = torch.float32
@@ -43,7 +45,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf bounds 
 
 def near_coincident(**kwargs):
     """The conformance suite's near-coincident case (queries 1e-3 from a charge of norm 10, each
-    with a near twin 1e-3 away, docs/DESIGN.md, "The field operator") in float32: |x|^2 = 100, whose TF32
+    with a near twin 1e-3 away, docs/DESIGN.md, "The field operator") in float32: |x|^2 = 100, whose
+    TF32
     rounding of the products (~0.1 in r2) dwarfs r2 ~ 1e-6."""
     x, y = near_coincident_case(**kwargs)
     return x.float(), y.float()
@@ -82,8 +85,9 @@ def test_plain_gemm_form_fails_and_certified_passes():
     with its GEMM-form r2) gets v wrong by ~100%; the certified version meets the float32
     tolerance, without falling back (the exact recomputation of the near pairs saves it)."""
     x, y = on(*near_coincident())
-    plain = _gemm.gemm_field_forward(x, y, None, 129.0, 0.0, margin=float("inf"),
-                                     recompute=False, fallback=False)
+    plain = _gemm.gemm_field_forward(
+        x, y, None, 129.0, 0.0, margin=float("inf"), recompute=False, fallback=False
+    )
     rel, ls_err = errors(x, y, plain)
     assert rel > 0.5, rel
     assert ls_err > 100 * TOL_LS[F32], ls_err
@@ -103,8 +107,11 @@ def test_r2_rounding_bound_holds(precision):
     near-coincident data, with the emulated operand rounding; and the emulation is real: TF32
     and bf16 errors reach a sizeable share of the bound (the bound is not vacuous), far above
     the float32 ('ieee') products' error."""
-    cases = [random_case(40, 48, 33, seed=1), clustered_case(40, 48, 129, seed=2),
-             near_coincident(N=8, B=16)]
+    cases = [
+        random_case(40, 48, 33, seed=1),
+        clustered_case(40, 48, 129, seed=2),
+        near_coincident(N=8, B=16),
+    ]
     worst = 0.0
     for x, y in cases:
         q, err = _gemm.gemm_r2_bounds(*on(x, y), precision=precision)
@@ -114,7 +121,8 @@ def test_r2_rounding_bound_holds(precision):
         worst = max(worst, float(ratio.max()))
     if precision in ("tf32", "bf16"):
         assert worst > 0.05, worst
-    # the constant of docs/DESIGN.md, "A tensor-core field with a certified error": c = C_S / u, about 2 + D / 2^12 for TF32
+    # the constant of docs/DESIGN.md, "A tensor-core field with a certified error": c = C_S / u,
+    # about 2 + D / 2^12 for TF32
     c_s = _gemm.rounding_constants("tf32", 129)
     assert 2.0 < c_s / 2.0**-11 < 2.04
 
@@ -131,8 +139,11 @@ def test_tf32_emulation_is_as_wrong_as_a_tensor_core():
         return b.to(torch.int32).view(torch.float32).double()
 
     xd, yd = x.double(), y.double()
-    want = ((xd * xd).sum(1).float().double()[:, None]
-            + (yd * yd).sum(1).float().double()[None, :] - 2 * tf32(x) @ tf32(y).T)
+    want = (
+        (xd * xd).sum(1).float().double()[:, None]
+        + (yd * yd).sum(1).float().double()[None, :]
+        - 2 * tf32(x) @ tf32(y).T
+    )
     scale = (xd * xd).sum(1)[:, None] + (yd * yd).sum(1)[None, :]
     # the bound's accumulation term, gamma_D (one float32 ulp per addition): what a tensor
     # core's float32 accumulation may add to the exact sum of the exact products
@@ -158,8 +169,9 @@ def test_certificate_holds(data, margin):
         x, y = clustered_case(32, 48, 17, k=3, spread=1.5, norm=2.0, seed=6)
     x, y = on(x, y)
     res = _gemm.gemm_field_forward(x, y, None, 17.0, 0.0, margin=margin, fallback=False)
-    v_ref, ls_ref = poisson_field_reference(x.cpu().double(), y.cpu().double(), None, 17.0, 0.0,
-                                            r2_floor=torch.finfo(F32).tiny)
+    v_ref, ls_ref = poisson_field_reference(
+        x.cpu().double(), y.cpu().double(), None, 17.0, 0.0, r2_floor=torch.finfo(F32).tiny
+    )
     dv = (res.v.cpu().double() - v_ref).norm(dim=1)
     dls = (res.log_scale.cpu().double() - ls_ref).abs()
     b_v, b_ls = res.certificate.cpu().double().unbind(1)
@@ -199,8 +211,10 @@ def test_fraction_recomputed_random_vs_clustered():
     measured). Both meet the tolerance without falling back; what is kept is exactly what is
     recomputed (at this distance scale no logit interval is tight)."""
     fractions = {}
-    for name, (x, y) in (("random", random_case(128, 128, 129, seed=7)),
-                         ("clustered", clustered_case(128, 128, 129, k=4, seed=7))):
+    for name, (x, y) in (
+        ("random", random_case(128, 128, 129, seed=7)),
+        ("clustered", clustered_case(128, 128, 129, k=4, seed=7)),
+    ):
         x, y = on(x, y)
         res = _gemm.gemm_field_forward(x, y, None, 129.0, 0.0)
         rel, ls_err = errors(x, y, res)
@@ -321,8 +335,9 @@ def test_backward_is_the_exact_one():
     got = torch.autograd.grad((v * gv).sum() + (ls * gl).sum(), (xl, yl, wl))
     xd, yd, wd = (t.double().requires_grad_() for t in (x, y, w))
     vr, lr = poisson_field_reference(xd, yd, wd, 33.0, 0.0, r2_floor=torch.finfo(F32).tiny)
-    want = torch.autograd.grad((vr * gv.cpu().double()).sum() + (lr * gl.cpu().double()).sum(),
-                               (xd, yd, wd))
+    want = torch.autograd.grad(
+        (vr * gv.cpu().double()).sum() + (lr * gl.cpu().double()).sum(), (xd, yd, wd)
+    )
     for a, b in zip(got, want):
         assert row_errors(a, b) <= TOL_GRAD[F32]
 
@@ -355,10 +370,13 @@ def test_op_registration_fake_and_dynamo():
     w = torch.rand(7, generator=torch.Generator().manual_seed(1)) + 0.1
     args = (x.to(DEV).requires_grad_(), y.to(DEV), w.to(DEV), 3.0, 0.1, None, None)
     op = torch.ops.poissonflow.field_triton_gemm
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
-                                                "test_faketensor"))
-    assert str(op.default._schema).split("(", 1)[1] == str(
-        torch.ops.poissonflow.field.default._schema).split("(", 1)[1]
+    torch.library.opcheck(
+        op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
+    assert (
+        str(op.default._schema).split("(", 1)[1]
+        == str(torch.ops.poissonflow.field.default._schema).split("(", 1)[1]
+    )
 
     def total(x):
         return op(x, *args[1:])[0].sum()

@@ -61,7 +61,11 @@ def triton_rows(tmp_path_factory):
     t0 = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-m", "poissonflow.kernels.triton.build_budget", "--json", str(out)],
-        cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, timeout=1800,
+        cwd=tempfile.gettempdir(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     wall = time.perf_counter() - t0
     print(res.stdout[-3000:], f"\nbuild_budget took {wall:.1f} s")
@@ -79,16 +83,23 @@ def test_every_triton_configuration_compiles(triton_rows):
 
 
 def test_triton_budgets(triton_rows):
-    bad = [(r.kernel.split(":")[1], r.label, r.dtype, f"sm_{r.arch}", p)
-           for r in triton_rows for p in r.problems()]
+    bad = [
+        (r.kernel.split(":")[1], r.label, r.dtype, f"sm_{r.arch}", p)
+        for r in triton_rows
+        for p in r.problems()
+    ]
     assert not bad, bad
 
 
 def test_triton_table_covers_every_kernel_dtype_and_arch(triton_rows):
     seen = {(r.kernel.split(":")[1], r.dtype, r.arch) for r in triton_rows}
     for arch in ARCHS:
-        for kernel in ("_field_fwd_kernel", "_field_bwd_dx_kernel", "_field_bwd_dy_kernel",
-                       "_flow_kernel"):
+        for kernel in (
+            "_field_fwd_kernel",
+            "_field_bwd_dx_kernel",
+            "_field_bwd_dy_kernel",
+            "_flow_kernel",
+        ):
             for dtype in ("float16", "bfloat16", "float32", "float64"):
                 assert (kernel, dtype, arch) in seen, (kernel, dtype, arch)
         for dtype in ("float16", "bfloat16", "float32"):
@@ -96,8 +107,9 @@ def test_triton_table_covers_every_kernel_dtype_and_arch(triton_rows):
         assert ("_r2_bounds_kernel", "float32", arch) in seen
 
 
-@pytest.mark.parametrize("special", ["N=1", "B=1", "D=1", "n_steps=1", "N=B=D=n_steps=1",
-                                     "divisible by 16"])
+@pytest.mark.parametrize(
+    "special", ["N=1", "B=1", "D=1", "n_steps=1", "N=B=D=n_steps=1", "divisible by 16"]
+)
 def test_integer_specialisations_compile(triton_rows, special):
     """Triton turns an integer argument equal to 1 into a constant (N = 1 once broke the fused
     flow kernel: `N.to(...)` on a Python int) and marks multiples of 16; each kernel compiles
@@ -106,8 +118,13 @@ def test_integer_specialisations_compile(triton_rows, special):
     assert rows
     kernels = {r.kernel.split(":")[1] for r in rows}
     if not special.startswith(("n_steps", "N=B=D")):
-        assert {"_field_fwd_kernel", "_field_bwd_dx_kernel", "_field_bwd_dy_kernel",
-                "_flow_kernel", "_gemm_fwd_kernel"} <= kernels
+        assert {
+            "_field_fwd_kernel",
+            "_field_bwd_dx_kernel",
+            "_field_bwd_dy_kernel",
+            "_flow_kernel",
+            "_gemm_fwd_kernel",
+        } <= kernels
     else:
         assert kernels == {"_flow_kernel"}
     assert {r.arch for r in rows} == set(ARCHS)
@@ -128,7 +145,9 @@ CUDA_ACCEPTED_SPILLS: dict[tuple, tuple[int, str]] = {
 }
 
 _MODES = {0: "forward", 1: "flow", 2: "backward_x", 3: "backward_y"}
-_ENTRY = re.compile(r"Function properties for (_ZN11poissonflow4cuda12field_kernelI([fd])Li(\d)ELi(\d)E\S*)")
+_ENTRY = re.compile(
+    r"Function properties for (_ZN11poissonflow4cuda12field_kernelI([fd])Li(\d)ELi(\d)E\S*)"
+)
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 _RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
@@ -152,8 +171,11 @@ def _cuobjdump():
 
 def _cuda_source_hash() -> str:
     h = hashlib.sha256()
-    for p in sorted(list(CUDA_DIR.glob("*.cu*")) + list(CUDA_DIR.glob("*.h"))
-                    + list((ROOT / "csrc" / "common").glob("*.h"))):
+    for p in sorted(
+        list(CUDA_DIR.glob("*.cu*"))
+        + list(CUDA_DIR.glob("*.h"))
+        + list((ROOT / "csrc" / "common").glob("*.h"))
+    ):
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -162,15 +184,27 @@ def _cuda_source_hash() -> str:
 def _compile_cuda(src: Path, arch: int, workdir: Path) -> list[dict]:
     """Rows (arch, mode, type, upt, regs, stack, spill stores/loads, static smem) of one .cu."""
     cubin = workdir / f"{src.stem}.sm{arch}.cubin"
-    cmd = [_nvcc(), "-std=c++17", "-O3", "-lineinfo", "-cubin", f"-arch=sm_{arch}",
-           "-Xptxas=-v,-warn-spills,-warn-lmem-usage", f"-I{ROOT / 'csrc'}", f"-I{CUDA_DIR}",
-           str(src), "-o", str(cubin)]
+    cmd = [
+        _nvcc(),
+        "-std=c++17",
+        "-O3",
+        "-lineinfo",
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-Xptxas=-v,-warn-spills,-warn-lmem-usage",
+        f"-I{ROOT / 'csrc'}",
+        f"-I{CUDA_DIR}",
+        str(src),
+        "-o",
+        str(cubin),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed for {src.name} sm_{arch}:\n{res.stderr[-3000:]}")
     log = res.stdout + res.stderr
-    dump = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)], capture_output=True,
-                          text=True).stdout
+    dump = subprocess.run(
+        [_cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True
+    ).stdout
     shared = {m.group(1): int(m.group(4)) for m in _RES.finditer(dump)}
     rows = []
     for block in log.split("Compiling entry function")[1:]:
@@ -180,10 +214,19 @@ def _compile_cuda(src: Path, arch: int, workdir: Path) -> list[dict]:
         if not (m and frame and regs):
             continue
         name, t, upt, mode = m.group(1), m.group(2), int(m.group(3)), int(m.group(4))
-        rows.append(dict(arch=arch, mode=_MODES[mode], type="float" if t == "f" else "double",
-                         upt=upt, registers=int(regs.group(1)), stack=int(frame.group(1)),
-                         spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)),
-                         static_smem=shared.get(name, -1)))
+        rows.append(
+            dict(
+                arch=arch,
+                mode=_MODES[mode],
+                type="float" if t == "f" else "double",
+                upt=upt,
+                registers=int(regs.group(1)),
+                stack=int(frame.group(1)),
+                spill_stores=int(frame.group(2)),
+                spill_loads=int(frame.group(3)),
+                static_smem=shared.get(name, -1),
+            )
+        )
     return rows
 
 
@@ -192,19 +235,26 @@ def cuda_rows(jobs: int | None = None) -> list[dict]:
     version in the system temp dir)."""
     version = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256((_cuda_source_hash() + version).encode()).hexdigest()[:20]
-    cache = Path(os.environ.get("POISSONFLOW_BUDGET_CACHE")
-                 or Path(tempfile.gettempdir()) / "poissonflow-gpu-build-budget")
+    cache = Path(
+        os.environ.get("POISSONFLOW_BUDGET_CACHE")
+        or Path(tempfile.gettempdir()) / "poissonflow-gpu-build-budget"
+    )
     path = cache / f"cuda-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     sources = sorted(CUDA_DIR.glob("kernels_*.cu"))
-    with tempfile.TemporaryDirectory() as tmp, \
-            ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        parts = pool.map(lambda sa: _compile_cuda(sa[0], sa[1], Path(tmp)),
-                         [(s, a) for a in ARCHS for s in sources])
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool,
+    ):
+        parts = pool.map(
+            lambda sa: _compile_cuda(sa[0], sa[1], Path(tmp)),
+            [(s, a) for a in ARCHS for s in sources],
+        )
         rows = [r for part in parts for r in part]
-    rows.sort(key=lambda r: (r["arch"], list(_MODES.values()).index(r["mode"]), r["type"],
-                             r["upt"]))
+    rows.sort(
+        key=lambda r: (r["arch"], list(_MODES.values()).index(r["mode"]), r["type"], r["upt"])
+    )
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1))
     return rows
@@ -239,8 +289,9 @@ def test_cuda_budgets(cuda_table):
         if spills > CUDA_ACCEPTED_SPILLS.get(key, (0, ""))[0]:
             bad.append((key, f"spills {r['spill_stores']}/{r['spill_loads']} B"))
         if r["static_smem"] > reserve:
-            bad.append((key, f"static shared memory {r['static_smem']} B > the plan's reserve "
-                             f"{reserve} B"))
+            bad.append(
+                (key, f"static shared memory {r['static_smem']} B > the plan's reserve {reserve} B")
+            )
     assert not bad, bad
 
 
@@ -290,12 +341,16 @@ def test_cuda_plans_leave_room_for_the_static_shared_memory(cuda_table):
 
 
 def cuda_markdown(rows) -> str:
-    lines = ["| arch | mode | type | UPT | regs | stack / spill-st / spill-ld B | static smem B |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arch | mode | type | UPT | regs | stack / spill-st / spill-ld B | static smem B |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| sm_{r['arch']} | {r['mode']} | {r['type']} | {r['upt']} | "
-                     f"{r['registers']} | {r['stack']}/{r['spill_stores']}/{r['spill_loads']} | "
-                     f"{r['static_smem']} |")
+        lines.append(
+            f"| sm_{r['arch']} | {r['mode']} | {r['type']} | {r['upt']} | "
+            f"{r['registers']} | {r['stack']}/{r['spill_stores']}/{r['spill_loads']} | "
+            f"{r['static_smem']} |"
+        )
     return "\n".join(lines)
 
 

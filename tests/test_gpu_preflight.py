@@ -70,8 +70,19 @@ def test_launchers_make_no_host_copy_or_sync(dtype):
     calls = {
         "forward": lambda: _field_fwd.field_forward_launch(x, y, w, 5.0, 0.0),
         "backward": lambda: _field_bwd.field_backward_launch(
-            x, y, w, 5.0, 0.0, torch.zeros(x.shape[0], dtype=torch.float64, device=DEV), x,
-            gv, gl, need_x=True, need_y=True, need_w=True),
+            x,
+            y,
+            w,
+            5.0,
+            0.0,
+            torch.zeros(x.shape[0], dtype=torch.float64, device=DEV),
+            x,
+            gv,
+            gl,
+            need_x=True,
+            need_y=True,
+            need_w=True,
+        ),
         "flow": lambda: _flow.flow_steps_launch(x, y, w, t0, dt, 1, "rk4"),
     }
     if dtype != torch.float64:
@@ -102,7 +113,8 @@ def _launch_sites(tree):
             guarded = guarded or any(
                 isinstance(item.context_expr, ast.Call)
                 and getattr(item.context_expr.func, "id", "") == "launch_guard"
-                for item in node.items)
+                for item in node.items
+            )
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
             out.append((node.lineno, guarded))
         for child in ast.iter_child_nodes(node):
@@ -177,10 +189,16 @@ def test_autotune_key_holds_the_size_bucket(name):
     fn = kernel.fn
     path = Path(fn.fn.__code__.co_filename)
     tree = ast.parse(path.read_text())
-    node = next(n for n in ast.walk(tree)
-                if isinstance(n, ast.FunctionDef) and n.name == fn.fn.__name__)
-    specs = [ast.literal_eval(k.value) for d in node.decorator_list if isinstance(d, ast.Call)
-             for k in d.keywords if k.arg == "do_not_specialize"]
+    node = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.fn.__name__
+    )
+    specs = [
+        ast.literal_eval(k.value)
+        for d in node.decorator_list
+        if isinstance(d, ast.Call)
+        for k in d.keywords
+        if k.arg == "do_not_specialize"
+    ]
     assert specs and "size_class" in specs[0]
     assert "size_class" in [a.arg for a in node.args.args]
 
@@ -197,11 +215,16 @@ def test_size_buckets():
 def test_f64_configs_are_separate():
     """float64 computation gets its own configurations (twice the registers per value); the
     pruning keeps only the launch's."""
-    for kernel in (_field_fwd._field_fwd_kernel, _field_bwd._field_bwd_dx_kernel,
-                   _field_bwd._field_bwd_dy_kernel, _flow._flow_kernel):
+    for kernel in (
+        _field_fwd._field_fwd_kernel,
+        _field_bwd._field_bwd_dx_kernel,
+        _field_bwd._field_bwd_dy_kernel,
+        _flow._flow_kernel,
+    ):
         for cdt in (torch.float32, torch.float64):
-            kept = _field_fwd.prune_configs(kernel.configs,
-                                            {"SCAL": torch.zeros(2, dtype=cdt), "D": 129})
+            kept = _field_fwd.prune_configs(
+                kernel.configs, {"SCAL": torch.zeros(2, dtype=cdt), "D": 129}
+            )
             assert kept and all(cdt in getattr(c, "compute_dtypes", (cdt,)) for c in kept)
 
 
@@ -219,14 +242,17 @@ def test_r2_bounds_on_a_ragged_grid():
     x = torch.randn(37, 9, generator=g).to(DEV)
     y = torch.randn(53, 9, generator=g).to(DEV)
     q, err = _gemm.gemm_r2_bounds(x, y, "tf32")
-    true = torch.cdist(x.double().cpu(), y.double().cpu(),
-                       compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    true = (
+        torch.cdist(x.double().cpu(), y.double().cpu(), compute_mode="donot_use_mm_for_euclid_dist")
+        ** 2
+    )
     assert bool(((q.double().cpu() - true).abs() <= err.double().cpu()).all())
 
 
 # --------------------------------------------------------------------------------------------
 # The certificate under approximate exp2
 # --------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _pair_bound_kernel(S_HI, WIDTH, MREF, APPROX, DROPPED, OUT, BLOCK: tl.constexpr):
@@ -254,8 +280,9 @@ def test_certificate_terms_hold_under_approximate_exp2(monkeypatch):
         def f(a):
             exact = torch.exp2(torch.from_numpy(a).double()).numpy()
             # low for some arguments, high for others (the worst case for a difference)
-            sign = torch.where(torch.from_numpy(a).double().frac().abs() * 2**20 % 2 < 1, -1.0,
-                               1.0).numpy()
+            sign = torch.where(
+                torch.from_numpy(a).double().frac().abs() * 2**20 % 2 < 1, -1.0, 1.0
+            ).numpy()
             return (exact * (1 + sign * rel)).astype(a.dtype)
 
         return self.unary_op(arg, f)
@@ -275,8 +302,9 @@ def test_certificate_terms_hold_under_approximate_exp2(monkeypatch):
     out = torch.empty(n, 2)
     _pair_bound_kernel[(1,)](s_hi, width, m_ref, approx, dropped, out, BLOCK=n)
     sh = s_hi.double()
-    exact = torch.where(approx.bool(), torch.exp2(sh) - torch.exp2(sh - width.double()),
-                        torch.exp2(sh))
+    exact = torch.where(
+        approx.bool(), torch.exp2(sh) - torch.exp2(sh - width.double()), torch.exp2(sh)
+    )
     assert bool((out.double() >= exact).all()), float((out.double() / exact).min())
     # and not loose beyond the inflation: within 1e-5 relative plus the linearisation
     assert bool((out.double() <= exact * (1 + 1e-5) + torch.exp2(sh) * width.double() ** 2).all())

@@ -17,8 +17,14 @@ STUDY = "poissonflow.experiments"
 # modules of the library allowed to reach the study: the command line's lazy dispatch only
 STUDY_DISPATCH = {"poissonflow.__main__"}
 # the backends: they may import only these modules of the package (and each other's internals)
-BACKEND_MAY_IMPORT = ("poissonflow._ext", "poissonflow._checks", "poissonflow.ode",
-                      "poissonflow.ops", "poissonflow.registry", "poissonflow.kernels")
+BACKEND_MAY_IMPORT = (
+    "poissonflow._ext",
+    "poissonflow._checks",
+    "poissonflow.ode",
+    "poissonflow.ops",
+    "poissonflow.registry",
+    "poissonflow.kernels",
+)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -76,7 +82,9 @@ def _ancestors(name: str) -> set[str]:
 def test_the_library_never_imports_the_study():
     graph = _graph()
     wrong = sorted(
-        f"{mod} -> {dep}" for mod, deps in graph.items() for dep in deps
+        f"{mod} -> {dep}"
+        for mod, deps in graph.items()
+        for dep in deps
         if not mod.startswith(STUDY) and dep.startswith(STUDY) and mod not in STUDY_DISPATCH
     )
     assert not wrong, wrong
@@ -85,7 +93,9 @@ def test_the_library_never_imports_the_study():
 def test_backends_import_nothing_above_them():
     graph = _graph()
     wrong = sorted(
-        f"{mod} -> {dep}" for mod, deps in graph.items() if mod.startswith("poissonflow.kernels")
+        f"{mod} -> {dep}"
+        for mod, deps in graph.items()
+        if mod.startswith("poissonflow.kernels")
         for dep in deps
         if dep != "poissonflow" and not dep.startswith(BACKEND_MAY_IMPORT)
     )
@@ -106,7 +116,7 @@ def test_no_import_circles():
         stack.append(m)
         for d in sorted(edges.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d)
         stack.pop()

@@ -36,8 +36,7 @@ def toy_2d(n: int, seed: int) -> torch.Tensor:
     return (centres[k] + torch.randn(n, 2, generator=g) @ shape).double()
 
 
-TOY_SETTINGS = dict(hidden=128, large_batch=2048, small_batch=256, epochs=100, seed=0,
-                    device="cpu")
+TOY_SETTINGS = dict(hidden=128, large_batch=2048, small_batch=256, epochs=100, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,10 @@ def test_training_with_large_batch_4096_d128_stays_in_memory(tmp_path):
     whole training (4 iterations) adds about 23 MB. Bound: 100 MB, below one such tensor."""
     # cwd outside the repository, so that the installed package (with its extension) loads
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
@@ -172,8 +174,7 @@ def test_flow_through_learned_field_gives_uniform_azimuth(toy):
     data's azimuth 4e-15."""
     charges, field = toy
     held_out = toy_2d(1000, 1)
-    out, info = transform(held_out.numpy(), charges=charges.numpy(), field=field,
-                          return_info=True)
+    out, info = transform(held_out.numpy(), charges=charges.numpy(), field=field, return_info=True)
     assert info["parameterization"] == "logz" and info["solver"] == "rk4"
     assert info["z_min"] == field.settings_["z_min"] and info["z_max"] == field.settings_["z_max"]
     assert out.shape == (1000, 3) and np.all(out[:, 2] > 0)
@@ -181,8 +182,9 @@ def test_flow_through_learned_field_gives_uniform_azimuth(toy):
     p = stats.kstest(azimuth, stats.uniform(loc=-np.pi, scale=2 * np.pi).cdf).pvalue
     assert p > 0.01, f"azimuth KS p = {p:.3g}"
     centred = (held_out - charges.mean(0)).numpy()
-    raw_p = stats.kstest(np.arctan2(centred[:, 1], centred[:, 0]),
-                         stats.uniform(loc=-np.pi, scale=2 * np.pi).cdf).pvalue
+    raw_p = stats.kstest(
+        np.arctan2(centred[:, 1], centred[:, 0]), stats.uniform(loc=-np.pi, scale=2 * np.pi).cdf
+    ).pvalue
     assert raw_p < 1e-6  # the test has power: the data themselves are far from uniform
 
 
@@ -200,10 +202,28 @@ def test_save_load_round_trip_is_bit_identical(toy, tmp_path):
     b = transform(queries, charges=charges.numpy(), field=loaded)
     assert np.array_equal(a, b)
     # the blog's flow too (radial Euler from z = 0)
-    a = transform(queries, charges=charges.numpy(), field=field, parameterization="radial",
-                  solver="euler", steps=50, z_min=0.0, z_max=1.0, output="raw")
-    b = transform(queries, charges=charges.numpy(), field=loaded, parameterization="radial",
-                  solver="euler", steps=50, z_min=0.0, z_max=1.0, output="raw")
+    a = transform(
+        queries,
+        charges=charges.numpy(),
+        field=field,
+        parameterization="radial",
+        solver="euler",
+        steps=50,
+        z_min=0.0,
+        z_max=1.0,
+        output="raw",
+    )
+    b = transform(
+        queries,
+        charges=charges.numpy(),
+        field=loaded,
+        parameterization="radial",
+        solver="euler",
+        steps=50,
+        z_min=0.0,
+        z_max=1.0,
+        output="raw",
+    )
     assert np.array_equal(a, b)
 
 
@@ -255,7 +275,8 @@ def test_batches_are_reshuffled_every_epoch(monkeypatch):
     monkeypatch.setattr(learned, "field_targets", spy)
     X = toy_2d(640, 6)
     LearnedField(hidden=8, large_batch=256, small_batch=32, epochs=2, device="cpu").fit(
-        X, progress=False)
+        X, progress=False
+    )
     assert len(seen) == 4 and all(c.shape == (256, 2) and n == 32 for c, n in seen)
     rows = [{tuple(r) for r in c.tolist()} for c, _ in seen]
     assert not rows[0] & rows[1]  # one epoch: disjoint batches of one permutation
@@ -268,7 +289,8 @@ def unit_mixture(n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     means = torch.nn.functional.normalize(torch.randn(10, d, generator=g), dim=1)
     x = means[torch.randint(0, 10, (n,), generator=g)] + 0.75 * torch.randn(
-        n, d, generator=g) / math.sqrt(d)
+        n, d, generator=g
+    ) / math.sqrt(d)
     return torch.nn.functional.normalize(x, dim=1).double()
 
 
@@ -282,16 +304,35 @@ def test_preset_blog_settings_and_radial_flow():
     X = unit_mixture(4096, 128, 0)
     field = LearnedField(preset="blog", epochs=60, device="cpu").fit(X, progress=False)
     s = field.settings_
-    expected = dict(hidden=129, depth=2, M=20.0, tau=0.03, sigma=0.01, gamma=0.3,
-                    restrict_M=False, large_batch=1024, small_batch=128, epochs=60, lr=1e-3,
-                    grad_clip=None, ema=None, z_min=0.0)
+    expected = dict(
+        hidden=129,
+        depth=2,
+        M=20.0,
+        tau=0.03,
+        sigma=0.01,
+        gamma=0.3,
+        restrict_M=False,
+        large_batch=1024,
+        small_batch=128,
+        epochs=60,
+        lr=1e-3,
+        grad_clip=None,
+        ema=None,
+        z_min=0.0,
+    )
     assert {k: s[k] for k in expected} == expected
-    assert [type(m).__name__ for m in field.net_] == ["Linear", "ReLU", "Linear", "ReLU",
-                                                      "Linear"]
+    assert [type(m).__name__ for m in field.net_] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
     assert all(m.in_features == 129 and m.out_features == 129 for m in field.net_[::2])
     flow = field.default_flow()
-    assert flow == dict(parameterization="radial", solver="euler", steps=100, delta=0.01,
-                        z_min=0.0, z_max=math.sqrt(2.0), output="raw")
+    assert flow == dict(
+        parameterization="radial",
+        solver="euler",
+        steps=100,
+        delta=0.01,
+        z_min=0.0,
+        z_max=math.sqrt(2.0),
+        output="raw",
+    )
     held_out = unit_mixture(500, 128, 1)
     out, info = transform(held_out.numpy(), field=field, output="raw", return_info=True)
     assert info["z_min"] == 0.0 and info["delta"] == 0.01 and info["steps"] == 100
@@ -331,8 +372,10 @@ def test_estimator_with_learned_field():
     from poissonflow.estimator import PoissonFlow
 
     X = toy_2d(512, 9).numpy()
-    est = PoissonFlow(field="learned", field_params=dict(
-        hidden=16, large_batch=256, small_batch=64, epochs=3, device="cpu"))
+    est = PoissonFlow(
+        field="learned",
+        field_params=dict(hidden=16, large_batch=256, small_batch=64, epochs=3, device="cpu"),
+    )
     Z = est.fit(X).transform(X[:50])
     assert Z.shape == (50, 3) and np.allclose(np.linalg.norm(Z, axis=1), 1.0)
     assert est.z_min_ == est.field_.settings_["z_min"]
@@ -389,7 +432,7 @@ def test_bad_features_raise():
 
 
 def test_blog_faithful_preset_settings():
-    """"blog-faithful" is "blog" plus what the blog's code does differently: the loss is the
+    """ "blog-faithful" is "blog" plus what the blog's code does differently: the loss is the
     mean over the d + 1 outputs, the batches are fixed and unshuffled, the last one kept."""
     X = unit_mixture(300, 8, 0)
     f = LearnedField(preset="blog-faithful", epochs=1, device="cpu").fit(X, progress=False)
@@ -397,7 +440,10 @@ def test_blog_faithful_preset_settings():
     diff = {k for k in f.settings_ if f.settings_[k] != b.settings_[k]}
     assert diff == {"loss", "shuffle", "drop_last"}
     assert (f.settings_["loss"], f.settings_["shuffle"], f.settings_["drop_last"]) == (
-        "mean", False, False)
+        "mean",
+        False,
+        False,
+    )
     assert f.default_flow() == b.default_flow()
 
 
@@ -415,12 +461,13 @@ def test_faithful_batches_are_fixed_and_only_their_heads_are_perturbed(monkeypat
 
     monkeypatch.setattr(learned, "pfgm_perturb", spy)
     X = toy_2d(640, 6).float()
-    f = LearnedField(preset="blog-faithful", hidden=8, large_batch=256, small_batch=32,
-                     epochs=2, device="cpu").fit(X, progress=False)
+    f = LearnedField(
+        preset="blog-faithful", hidden=8, large_batch=256, small_batch=32, epochs=2, device="cpu"
+    ).fit(X, progress=False)
     assert f.n_iterations_ == 6 and len(seen) == 6
     for epoch in range(2):
         for i, start in enumerate((0, 256, 512)):
-            assert torch.equal(seen[3 * epoch + i], X[start:start + 32])
+            assert torch.equal(seen[3 * epoch + i], X[start : start + 32])
 
 
 def test_loss_reduction_mean_and_sum_computed_by_hand(monkeypatch):
@@ -432,13 +479,22 @@ def test_loss_reduction_mean_and_sum_computed_by_hand(monkeypatch):
 
     X = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, -1.0]], dtype=torch.float32)
     target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0], [2.0, 2.0, 2.0]])
-    monkeypatch.setattr(learned, "pfgm_perturb",
-                        lambda x, *a: (x + 0.25, torch.full((x.shape[0],), 0.5)))
+    monkeypatch.setattr(
+        learned, "pfgm_perturb", lambda x, *a: (x + 0.25, torch.full((x.shape[0],), 0.5))
+    )
     monkeypatch.setattr(learned, "field_targets", lambda *a: target)
     losses = {}
     for loss in ("sum", "mean"):
-        f = LearnedField(preset="blog", loss=loss, shuffle=False, large_batch=3, small_batch=3,
-                         epochs=1, seed=3, device="cpu").fit(X, progress=False)
+        f = LearnedField(
+            preset="blog",
+            loss=loss,
+            shuffle=False,
+            large_batch=3,
+            small_batch=3,
+            epochs=1,
+            seed=3,
+            device="cpu",
+        ).fit(X, progress=False)
         losses[loss] = f.loss_history_[0]
     torch.manual_seed(3)
     net = mlp(2, 3, 2)
@@ -480,7 +536,8 @@ def test_plateau_rule_stops_after_patience_evaluations_without_improvement():
     X = toy_2d(600, 4)
     kw = dict(hidden=16, large_batch=256, small_batch=64, device="cpu", seed=2)
     stuck = LearnedField(lr=1e-12, epochs=100, patience=2, eval_every=3, **kw).fit(
-        X, progress=False)
+        X, progress=False
+    )
     assert stuck.plateau_epoch_ == 9 and len(stuck.loss_history_) == 9
     assert stuck.n_iterations_ == 9 * (600 // 256)
     assert [e for e, _ in stuck.val_loss_history_] == [3, 6, 9]

@@ -43,9 +43,16 @@ def problem(dtype, weighted, keep_some):
 
 
 CASES = [
-    pytest.param(dt, wt, ks, id=f"{'f32' if dt == torch.float32 else 'f64'}-"
-                 f"{'weights' if wt else 'unit'}-{'mixed' if ks else 'loo'}")
-    for dt in (torch.float32, torch.float64) for wt in (False, True) for ks in (False, True)
+    pytest.param(
+        dt,
+        wt,
+        ks,
+        id=f"{'f32' if dt == torch.float32 else 'f64'}-"
+        f"{'weights' if wt else 'unit'}-{'mixed' if ks else 'loo'}",
+    )
+    for dt in (torch.float32, torch.float64)
+    for wt in (False, True)
+    for ks in (False, True)
 ]
 
 
@@ -57,14 +64,28 @@ def test_cpu_backward_at_excluded_coincidence_matches_reference(dtype, weighted,
     gl = torch.randn(N, generator=gen, dtype=torch.float64).to(dtype)
     v, ls = _cpu.field_forward(x, x, w, POWER, 0.0, exclude=exclude)
     assert bool(torch.isfinite(v).all() and torch.isfinite(ls).all())
-    got = _cpu.field_backward(x, x, w, POWER, 0.0, v, ls, gv, gl, need_x=True, need_y=True,
-                              need_w=weighted, exclude=exclude)
+    got = _cpu.field_backward(
+        x,
+        x,
+        w,
+        POWER,
+        0.0,
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=True,
+        need_y=True,
+        need_w=weighted,
+        exclude=exclude,
+    )
     want = field_backward_reference(x, x, w, POWER, 0.0, gv, gl, exclude=exclude)
     for name, g_, r in zip("xyw", got, want):
         if not weighted and name == "w":
             continue
-        assert bool(torch.isfinite(g_).all()), f"dL/d{name}: {int((~torch.isfinite(g_)).sum())} "\
-                                                "non-finite entries"
+        assert bool(torch.isfinite(g_).all()), (
+            f"dL/d{name}: {int((~torch.isfinite(g_)).sum())} non-finite entries"
+        )
         assert rel_err(g_, r) < TOL[dtype], name
 
 
@@ -76,11 +97,20 @@ def test_public_op_leave_one_out_loss_has_finite_gradients(dtype):
     xq = x.clone().requires_grad_()
     yq = x.clone().requires_grad_()
     wq = w.clone().requires_grad_()
-    v, ls = poissonflow.poisson_field(xq, yq, weights=wq, power=POWER, exclude=exclude,
-                                      backend="cpu")
+    v, ls = poissonflow.poisson_field(
+        xq, yq, weights=wq, power=POWER, exclude=exclude, backend="cpu"
+    )
     (v.sum() + ls.sum()).backward()
-    want = field_backward_reference(x, x, w, POWER, 0.0, torch.ones(N, D, dtype=dtype),
-                                    torch.ones(N, dtype=dtype), exclude=exclude)
+    want = field_backward_reference(
+        x,
+        x,
+        w,
+        POWER,
+        0.0,
+        torch.ones(N, D, dtype=dtype),
+        torch.ones(N, dtype=dtype),
+        exclude=exclude,
+    )
     for name, g_, r in zip("xyw", (xq.grad, yq.grad, wq.grad), want):
         assert bool(torch.isfinite(g_).all()), name
         assert rel_err(g_, r) < TOL[dtype], name

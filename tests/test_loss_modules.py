@@ -23,8 +23,10 @@ def value_and_grad(fn, *xs):
     return out.detach(), [x.grad for x in xs]
 
 
-@pytest.mark.parametrize("kw", [{}, {"alpha": 1.5, "t": 3.0, "align_weight": 0.5,
-                                     "uniform_weight": 2.0, "normalize": False}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"alpha": 1.5, "t": 3.0, "align_weight": 0.5, "uniform_weight": 2.0, "normalize": False}],
+)
 def test_align_uniform_module_equals_function(kw):
     x, y = feats(seed=1), feats(seed=2)
     a = value_and_grad(L.AlignUniformLoss(**kw), x, y)
@@ -45,12 +47,22 @@ def test_wasserstein_module_equals_function(with_y):
 @pytest.mark.parametrize("critic", L.CRITICS)
 def test_noise_injected_module_equals_function(target, critic):
     z1, z2 = feats(seed=5), feats(seed=6)
-    mod = L.NoiseInjectedInfoNCELoss(target=target, sigma=0.2, critic=critic,
-                                     generator=torch.Generator().manual_seed(0))
+    mod = L.NoiseInjectedInfoNCELoss(
+        target=target, sigma=0.2, critic=critic, generator=torch.Generator().manual_seed(0)
+    )
     a = value_and_grad(mod, z1, z2)
-    b = value_and_grad(lambda p, q: L.noise_injected_infonce(
-        p, q, target=target, sigma=0.2, critic=critic,
-        generator=torch.Generator().manual_seed(0)), z1, z2)
+    b = value_and_grad(
+        lambda p, q: L.noise_injected_infonce(
+            p,
+            q,
+            target=target,
+            sigma=0.2,
+            critic=critic,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        z1,
+        z2,
+    )
     assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
 
 
@@ -85,8 +97,9 @@ def test_riesz_module_equals_function_with_its_bank(normalize):
             x = x / x.norm(dim=1, keepdim=True)
         bank = torch.cat(seen) if seen else None
         a = value_and_grad(mod, x)
-        b = value_and_grad(lambda p: L.riesz_uniformity_loss(p, 2.0, bank=bank,
-                                                             normalize=normalize), x)
+        b = value_and_grad(
+            lambda p, bank=bank: L.riesz_uniformity_loss(p, 2.0, bank=bank, normalize=normalize), x
+        )
         assert torch.equal(a[0], b[0]) and torch.equal(a[1][0], b[1][0])
         seen.append(x)
         assert len(mod.bank) == min(30, 12 * (step + 1))

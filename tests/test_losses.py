@@ -202,13 +202,22 @@ def test_gradcheck_wasserstein_uniformity_loss():
 def test_gradcheck_contrastive_l2(mode, normalize):
     x, xp = pair(5, 3, seed=10)
     r = np.random.default_rng(11)
-    negs = {"in-batch": None, "per-anchor": r.standard_normal((5, 3, 3)),
-            "shared": r.standard_normal((4, 3))}[mode]
+    negs = {
+        "in-batch": None,
+        "per-anchor": r.standard_normal((5, 3, 3)),
+        "shared": r.standard_normal((4, 3)),
+    }[mode]
     if negs is None:
-        fn = lambda a, b: L.contrastive_l2_loss(a, b, beta=0.5, lam=0.3, normalize=normalize)
+
+        def fn(a, b):
+            return L.contrastive_l2_loss(a, b, beta=0.5, lam=0.3, normalize=normalize)
+
         _gradcheck(fn, x, xp)
     else:
-        fn = lambda a, b, c: L.contrastive_l2_loss(a, b, c, beta=0.5, lam=0.3, normalize=normalize)
+
+        def fn(a, b, c):
+            return L.contrastive_l2_loss(a, b, c, beta=0.5, lam=0.3, normalize=normalize)
+
         _gradcheck(fn, x, xp, negs)
 
 
@@ -216,9 +225,12 @@ def test_gradcheck_contrastive_l2(mode, normalize):
 @pytest.mark.parametrize("critic", L.CRITICS)
 def test_gradcheck_noise_injected_infonce(target, critic):
     z1, z2 = pair(6, 3, seed=12)
-    fn = lambda a, b: L.noise_injected_infonce(
-        a, b, target=target, critic=critic, sigma=0.3, generator=seeded(3)
-    )
+
+    def fn(a, b):
+        return L.noise_injected_infonce(
+            a, b, target=target, critic=critic, sigma=0.3, generator=seeded(3)
+        )
+
     _gradcheck(fn, z1, z2)
 
 
@@ -246,7 +258,10 @@ def train(out_dim, loss_fn, metric, steps):
     x = four_clusters()
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(2, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
         torch.nn.Linear(64, out_dim),
     )
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
@@ -294,21 +309,60 @@ def gaussian_gap(net, x):
 #   uniform target: to U([0,1]^2) 0.19 -> 0.05; sphere target: to uniform S^2 0.42 -> 0.004.
 # The bounds leave a margin of at least 2x over those measurements.
 CASES = [
-    ("align_uniform", 3, lambda a, b, g: L.align_uniform_loss(a, b), uniformity_metric, 200,
-     "below", -1.8),
-    ("wasserstein", 8, lambda a, b, g: L.wasserstein_uniformity_loss(a, b),
-     lambda net, x: float(M.wasserstein_uniformity(net(x))), 200, "factor", 0.3),
-    ("contrastive_l2", 2, lambda a, b, g: L.contrastive_l2_loss(a, b, lam=1.0 / 255),
-     separation_ratio, 200, "above", 3.0),
-    ("infonce_gaussian", 2,
-     lambda a, b, g: L.noise_injected_infonce(a, b, target="gaussian", sigma=0.3, generator=g),
-     gaussian_gap, 300, "factor", 0.3),
-    ("infonce_uniform", 2,
-     lambda a, b, g: L.noise_injected_infonce(a, b, target="uniform", sigma=0.2, generator=g),
-     lambda net, x: M.energy_distance(torch.sigmoid(net(x)), CUBE_REF), 300, "factor", 0.6),
-    ("infonce_sphere", 3,
-     lambda a, b, g: L.noise_injected_infonce(a, b, target="sphere", sigma=0.3, generator=g),
-     lambda net, x: M.energy_distance_to_sphere(net(x)), 300, "factor", 0.3),
+    (
+        "align_uniform",
+        3,
+        lambda a, b, g: L.align_uniform_loss(a, b),
+        uniformity_metric,
+        200,
+        "below",
+        -1.8,
+    ),
+    (
+        "wasserstein",
+        8,
+        lambda a, b, g: L.wasserstein_uniformity_loss(a, b),
+        lambda net, x: float(M.wasserstein_uniformity(net(x))),
+        200,
+        "factor",
+        0.3,
+    ),
+    (
+        "contrastive_l2",
+        2,
+        lambda a, b, g: L.contrastive_l2_loss(a, b, lam=1.0 / 255),
+        separation_ratio,
+        200,
+        "above",
+        3.0,
+    ),
+    (
+        "infonce_gaussian",
+        2,
+        lambda a, b, g: L.noise_injected_infonce(a, b, target="gaussian", sigma=0.3, generator=g),
+        gaussian_gap,
+        300,
+        "factor",
+        0.3,
+    ),
+    (
+        "infonce_uniform",
+        2,
+        lambda a, b, g: L.noise_injected_infonce(a, b, target="uniform", sigma=0.2, generator=g),
+        lambda net, x: M.energy_distance(torch.sigmoid(net(x)), CUBE_REF),
+        300,
+        "factor",
+        0.6,
+    ),
+    (
+        "infonce_sphere",
+        3,
+        lambda a, b, g: L.noise_injected_infonce(a, b, target="sphere", sigma=0.3, generator=g),
+        lambda net, x: M.energy_distance_to_sphere(net(x)),
+        300,
+        "factor",
+        0.3,
+    ),
 ]
 
 

@@ -118,9 +118,9 @@ def uniform_loss_on_sphere_exact(m, t):
     density of one coordinate, so E exp(-t||u - v||^2) = e^(-2t) E e^(2t u_1) with
     E e^(k u_1) = Gamma(m/2) (2/k)^(m/2 - 1) I_(m/2 - 1)(k)."""
     k, nu = 2.0 * t, m / 2.0 - 1.0
-    log_mgf = scipy.special.gammaln(m / 2) + nu * math.log(2 / k) + math.log(
-        scipy.special.ive(nu, k)
-    ) + k  # ive is I scaled by e^-k
+    log_mgf = (
+        scipy.special.gammaln(m / 2) + nu * math.log(2 / k) + math.log(scipy.special.ive(nu, k)) + k
+    )  # ive is I scaled by e^-k
     return -2.0 * t + log_mgf
 
 

@@ -30,19 +30,16 @@ def stream(metric, *tensors):
 def test_effective_rank_and_rankme(center, normalize):
     x, _ = data()
     kw = {"center": center, "normalize": normalize}
-    assert stream(M.EffectiveRank(**kw), x) == pytest.approx(M.effective_rank(x, **kw),
-                                                            rel=1e-12)
+    assert stream(M.EffectiveRank(**kw), x) == pytest.approx(M.effective_rank(x, **kw), rel=1e-12)
     assert stream(M.RankMe(**kw), x) == pytest.approx(M.rankme(x, **kw), rel=1e-12)
-    assert stream(M.EffectiveRank(eps=1e-7, **kw), x) == pytest.approx(M.rankme(x, **kw),
-                                                                       rel=1e-12)
+    assert stream(M.EffectiveRank(eps=1e-7, **kw), x) == pytest.approx(M.rankme(x, **kw), rel=1e-12)
 
 
 def test_rank_deficient_and_fewer_rows_than_columns():
     """N < D and rank 3 of 16: min(N, D) values are kept, zero eigenvalues count as 0 (RankMe
     adds eps to each of the min(N, D) values, as the SVD form does)."""
     g = torch.Generator().manual_seed(1)
-    low = torch.randn(40, 3, generator=g, dtype=F64) @ torch.randn(3, 16, generator=g,
-                                                                   dtype=F64)
+    low = torch.randn(40, 3, generator=g, dtype=F64) @ torch.randn(3, 16, generator=g, dtype=F64)
     for x in (low, low[:9]):
         for cls, fn in ((M.EffectiveRank, M.effective_rank), (M.RankMe, M.rankme)):
             m = cls()
@@ -54,13 +51,16 @@ def test_rank_deficient_and_fewer_rows_than_columns():
 def test_wasserstein_alignment_uniformity():
     x, y = data()
     assert stream(M.WassersteinUniformity(), x) == pytest.approx(
-        float(M.wasserstein_uniformity(x)), rel=1e-10)
+        float(M.wasserstein_uniformity(x)), rel=1e-10
+    )
     assert stream(M.Alignment(), x, y) == pytest.approx(float(M.align_loss(x, y)), rel=1e-12)
-    assert stream(M.Alignment(1.5), x, y) == pytest.approx(float(M.align_loss(x, y, 1.5)),
-                                                          rel=1e-12)
+    assert stream(M.Alignment(1.5), x, y) == pytest.approx(
+        float(M.align_loss(x, y, 1.5)), rel=1e-12
+    )
     u, v = (t / t.norm(dim=1, keepdim=True) for t in (x, y))
     assert stream(M.Alignment(normalize=True), x, y) == pytest.approx(
-        float(M.align_loss(u, v)), rel=1e-12)
+        float(M.align_loss(u, v)), rel=1e-12
+    )
     assert stream(M.Uniformity(), u) == float(M.uniform_loss(u))
     assert stream(M.Uniformity(t=3.0, normalize=True), x) == float(M.uniform_loss(u, 3.0))
 
@@ -79,8 +79,12 @@ def test_float32_numpy_and_gradients_are_detached():
 
 def test_reset_and_errors():
     x, y = data()
-    for m, args in ((M.EffectiveRank(), (x,)), (M.WassersteinUniformity(), (x,)),
-                    (M.Uniformity(), (x,)), (M.Alignment(), (x, y))):
+    for m, args in (
+        (M.EffectiveRank(), (x,)),
+        (M.WassersteinUniformity(), (x,)),
+        (M.Uniformity(), (x,)),
+        (M.Alignment(), (x, y)),
+    ):
         with pytest.raises(ValueError, match="at least"):
             m.compute()
         m.update(*(a[:50] for a in args))
@@ -111,7 +115,7 @@ def test_memory_of_the_gram_metrics_does_not_grow():
     x, _ = data(n=2000, d=8)
     m = M.EffectiveRank()
     for i in range(0, 2000, 100):
-        m.update(x[i:i + 100])
+        m.update(x[i : i + 100])
     sizes = [t.numel() for t in (m._sum, m._gram)]
     assert sizes == [8, 64]
     assert float(m.compute()) == pytest.approx(M.effective_rank(x), rel=1e-12)

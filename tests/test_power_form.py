@@ -1,4 +1,5 @@
-"""The CPU kernels' power-form softmax weights (csrc/cpu/power_form.h, docs/DESIGN.md, "Weights without log/exp: the power form").
+"""The CPU kernels' power-form softmax weights (csrc/cpu/power_form.h, docs/DESIGN.md, "Weights
+without log/exp: the power form").
 
 Where 2p is an integer the kernels compute the weight of a pair relative to its row's
 reference as (q / Q)^(p/2) by multiplications and square roots instead of a log2 and an exp2.
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_field_close, cpu_isas, forced_isa, forced_weights
 
 import poissonflow
-from helpers import assert_field_close, cpu_isas, forced_isa, forced_weights
 from poissonflow.kernels import cpu as _cpu
 from poissonflow.testing import row_errors, tolerance
 
@@ -31,12 +32,12 @@ def _case(D, dtype, *, scale=1.0, seed=0, N=97, B=301):
     y = torch.randn(B, D, generator=g, dtype=torch.float64) * scale
     x = torch.randn(N, D, generator=g, dtype=torch.float64) * scale
     x[:8] = y[:8] + 1e-5 * scale * torch.randn(8, D, generator=g, dtype=torch.float64)
-    x[8] = y[11]                                          # exact coincidence: the r2 floor
-    x[9:13] = y[20:24] + 1e4 * scale                      # far from every charge
+    x[8] = y[11]  # exact coincidence: the r2 floor
+    x[9:13] = y[20:24] + 1e4 * scale  # far from every charge
     w = torch.rand(B, generator=g, dtype=torch.float64) + 0.05
-    w[5] = 0.0                                            # a zero weight
+    w[5] = 0.0  # a zero weight
     exclude = torch.full((N,), -1, dtype=torch.int64)
-    exclude[:4] = torch.arange(4)                         # near queries ignoring their charge
+    exclude[:4] = torch.arange(4)  # near queries ignoring their charge
     return x.to(dtype), y.to(dtype), w.to(dtype), exclude
 
 
@@ -79,7 +80,9 @@ def test_power_form_unweighted_softened_and_every_isa(p, dtype):
 def test_far_away_queries_have_no_subnormal_or_nan_weights():
     # every charge but one is far from the query: their weights underflow to exactly 0
     # relative to the near one, so v is exactly the difference to that charge
-    y = torch.cat([torch.zeros(1, 3), 1e3 + torch.randn(500, 3, generator=torch.Generator().manual_seed(1))])
+    y = torch.cat(
+        [torch.zeros(1, 3), 1e3 + torch.randn(500, 3, generator=torch.Generator().manual_seed(1))]
+    )
     x = torch.tensor([[1e-3, 0.0, 0.0]])
     v, ls = _forward("power", x, y, None, 8.0)
     assert torch.equal(v, x - y[:1]) and torch.isfinite(ls).all()
@@ -126,8 +129,21 @@ def test_power_form_backward_matches_log_domain(p, dtype):
     for form in ("power", "log"):
         with forced_weights(form):
             v, ls = _cpu.field_forward(x, y, None, p, 0.0, exclude=exclude)
-            grads[form] = _cpu.field_backward(x, y, None, p, 0.0, v, ls, gv, gl, need_x=True,
-                                              need_y=True, need_w=False, exclude=exclude)
+            grads[form] = _cpu.field_backward(
+                x,
+                y,
+                None,
+                p,
+                0.0,
+                v,
+                ls,
+                gv,
+                gl,
+                need_x=True,
+                need_y=True,
+                need_w=False,
+                exclude=exclude,
+            )
     xd, yd = x.double().requires_grad_(), y.double().requires_grad_()
     vr, lr = poissonflow.poisson_field(xd, yd, power=p, exclude=exclude, backend="reference")
     ((vr * gv.double()).sum() + (lr * gl.double()).sum()).backward()
@@ -146,9 +162,21 @@ def test_power_form_is_deterministic_across_thread_counts():
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             v, ls = _forward("power", x, y, w, 33.0, exclude=exclude)
-            gx, gy, _ = _cpu.field_backward(x, y, w, 33.0, 0.0, v, ls, torch.ones_like(x), None,
-                                            need_x=True, need_y=True, need_w=False,
-                                            exclude=exclude)
+            gx, gy, _ = _cpu.field_backward(
+                x,
+                y,
+                w,
+                33.0,
+                0.0,
+                v,
+                ls,
+                torch.ones_like(x),
+                None,
+                need_x=True,
+                need_y=True,
+                need_w=False,
+                exclude=exclude,
+            )
             outs.append((v, ls, gx, gy))
     finally:
         torch.set_num_threads(old)

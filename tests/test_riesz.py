@@ -152,7 +152,7 @@ def test_gradcheck_float64(with_bank, backend):
     bank = torch.randn(7, 4, generator=g, dtype=F64) if with_bank else None
     for s in (2.0, 7.5):
         assert torch.autograd.gradcheck(
-            lambda t: L.riesz_uniformity_loss(t, s, bank=bank, backend=backend), (x,)
+            lambda t, s=s: L.riesz_uniformity_loss(t, s, bank=bank, backend=backend), (x,)
         )
 
 
@@ -246,7 +246,8 @@ def test_coincident_rows_are_one_point(backend, dtype):
         ref = distinct_pairs_loss(x_ref, None if b is None else b.double(), 2.0)
         ref.backward()
         assert rel(float(loss.detach()), float(ref.detach())) <= (
-            TIGHT if dtype == F64 else LOOSE32)
+            TIGHT if dtype == F64 else LOOSE32
+        )
         err = (xt.grad.double() - x_ref.grad).abs().max() / x_ref.grad.abs().max()
         assert float(err) <= GRAD_TOL[dtype]
         assert float(xt.grad[[0, 10, 12]].norm(dim=1).min()) > 1e-3
@@ -299,8 +300,13 @@ def test_all_rows_coincident_is_an_error():
 @pytest.mark.parametrize(
     "s, err",
     [
-        (0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
-        (float("inf"), ValueError), ("2", TypeError), (True, TypeError), (None, TypeError),
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+        (None, TypeError),
         (torch.tensor([1.0, 2.0]), TypeError),
     ],
 )
@@ -371,7 +377,10 @@ def test_forward_backward_memory_with_a_large_bank(tmp_path):
     loss's forward and backward must add less than 300 MB of peak RSS over the inputs (measured
     73 MB: the normalised bank and the kernel's packed copy of it, 32 MB each)."""
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,  # outside the repository, so the installed package with its extension loads
     )
     assert out.returncode == 0, out.stderr
@@ -416,7 +425,10 @@ def test_gpu_backends_match_reference(tmp_path):
     hence a subprocess."""
     pytest.importorskip("triton", reason="triton is not installed (pip install '.[triton]')")
     out = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", TRITON_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr

@@ -48,7 +48,8 @@ def test_sklearn_contract(estimator, check):
 
 
 @pytest.mark.parametrize(
-    "estimator", [LearnedField(**TINY), PoissonFlow(), PoissonFlow(field=LearnedField(**TINY))],
+    "estimator",
+    [LearnedField(**TINY), PoissonFlow(), PoissonFlow(field=LearnedField(**TINY))],
     ids=["LearnedField", "PoissonFlow", "PoissonFlow(LearnedField)"],
 )
 def test_every_parameter_is_validated_in_fit(estimator):
@@ -59,8 +60,9 @@ def test_every_parameter_is_validated_in_fit(estimator):
 
 
 def blobs(n=160, d=4, seed=0):
-    X, y = make_classification(n_samples=n, n_features=d, n_informative=d, n_redundant=0,
-                               n_classes=2, random_state=seed)
+    X, y = make_classification(
+        n_samples=n, n_features=d, n_informative=d, n_redundant=0, n_classes=2, random_state=seed
+    )
     return X, y
 
 
@@ -76,10 +78,12 @@ def blobs(n=160, d=4, seed=0):
         (dict(z_min=2.0, z_max=1.0), ValueError, "z_min"),
         (dict(z_max=float("inf")), ValueError, "z_max"),
         (dict(field=LearnedField(**TINY), start="flux"), ValueError, "start"),
-        (dict(field=LearnedField(**TINY), field_params={"epochs": 2}), ValueError,
-         "field_params"),
-        (dict(field="learned", field_params={**TINY, "small_batch": 65}), ValueError,
-         "small_batch"),
+        (dict(field=LearnedField(**TINY), field_params={"epochs": 2}), ValueError, "field_params"),
+        (
+            dict(field="learned", field_params={**TINY, "small_batch": 65}),
+            ValueError,
+            "small_batch",
+        ),
         (dict(field=LearnedField(epochs=0)), ValueError, "epochs"),  # nested: validated too
     ],
 )

@@ -68,13 +68,25 @@ def test_radial_euler_step_identity():
     x = data()
     z0, steps = 0.1, 1
     raw, info = transform(
-        x, parameterization="radial", solver="euler", steps=steps, z_min=z0, z_max=3.0,
-        output="raw", return_info=True,
+        x,
+        parameterization="radial",
+        solver="euler",
+        steps=steps,
+        z_min=z0,
+        z_max=3.0,
+        output="raw",
+        return_info=True,
     )
     assert info["guard_fired"] == 0
     xt = torch.from_numpy(x)
     v, _ = poissonflow.ops.field(
-        xt, xt, None, 6.0, 0.0, torch.arange(120), torch.full((120,), z0, dtype=torch.float64),
+        xt,
+        xt,
+        None,
+        6.0,
+        0.0,
+        torch.arange(120),
+        torch.full((120,), z0, dtype=torch.float64),
         "cpu",
     )
     v = v.numpy()

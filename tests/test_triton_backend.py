@@ -23,8 +23,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'poissonflow[triton]')")
 
-import poissonflow  # noqa: E402
 from helpers import TOL_GRAD, TOL_V, row_errors  # noqa: E402
+
+import poissonflow  # noqa: E402
 from poissonflow.kernels import triton as pft  # noqa: E402
 from poissonflow.kernels.reference import poisson_field_reference  # noqa: E402
 
@@ -86,8 +87,9 @@ def test_interpreter_requested_after_kernel_import_is_a_clear_error():
         "    print(err)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1 was set after" in out.stdout
 
@@ -101,8 +103,10 @@ def test_strided_views_give_the_same_bits(dtype):
     N, B, D = 29, 41, 5
     x, y, _ = make_inputs(N, B, D, weights=False)
     g = torch.Generator().manual_seed(1)
-    kw = dict(exclude=torch.randint(-1, B, (N,), generator=g).to(DEV),
-              eps_rows=on(torch.rand(N, generator=g, dtype=F64) * 0.5, dtype))
+    kw = dict(
+        exclude=torch.randint(-1, B, (N,), generator=g).to(DEV),
+        eps_rows=on(torch.rand(N, generator=g, dtype=F64) * 0.5, dtype),
+    )
     v, ls = pft.field_forward(on(x, dtype), on(y, dtype), None, 2.5, 0.3, **kw)
     x_strided = torch.cat([x, x], dim=1)[:, :D]
     assert not x_strided.is_contiguous()
@@ -112,7 +116,8 @@ def test_strided_views_give_the_same_bits(dtype):
 
 def test_forward_near_coincident_points_far_from_origin():
     # The accumulator is formed from differences, sum_j p_ij (y_j - x_i), never p @ y - l x
-    # (docs/DESIGN.md, "The field operator"). D = 129, charges of norm 10 in pairs 2e-3 apart. Queries 0-3
+    # (docs/DESIGN.md, "The field operator"). D = 129, charges of norm 10 in pairs 2e-3 apart.
+    # Queries 0-3
     # sit 1e-3 from one charge (r2 formed as |x|^2 + |y|^2 - 2 x.y would be garbage); queries
     # 4-7 are equidistant from both charges of a pair (two weights ~1/2: v formed as
     # x - sum_j pi_j y_j would lose ~4e-4 of its digits).
@@ -174,12 +179,16 @@ def test_op_registration_fake_and_dynamo():
 
     x, y, w = make_inputs(5, 7, 3, seed=9)
     args = (x.to(DEV).requires_grad_(), y.to(DEV), w.to(DEV), 3.0, 0.1, None, None)
-    torch.library.opcheck(torch.ops.poissonflow.field_triton, args,
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.poissonflow.field_triton,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
     # The same schema as poissonflow::field: (v, log_scale), both differentiable.
-    assert str(torch.ops.poissonflow.field_triton.default._schema).split("(", 1)[1] == str(
-        torch.ops.poissonflow.field.default._schema).split("(", 1)[1]
+    assert (
+        str(torch.ops.poissonflow.field_triton.default._schema).split("(", 1)[1]
+        == str(torch.ops.poissonflow.field.default._schema).split("(", 1)[1]
+    )
     v, ls = torch.ops.poissonflow.field_triton(*args)
     assert v.requires_grad and ls.requires_grad
 
@@ -211,8 +220,15 @@ def test_half_precision_gradients_through_the_op(dtype):
     loss = (v.double() * gv.to(DEV)).sum() + (ls.double() * gl.to(DEV)).sum()
     grads = torch.autograd.grad(loss, leaves)
     # the op's upstream gradients are gv, gl rounded to `dtype`: the reference gets the same
-    refs = reference_grads(xh.double(), yh.double(), wh.double(), 17.0, 0.0,
-                           gv.to(dtype).double(), gl.to(dtype).double())
+    refs = reference_grads(
+        xh.double(),
+        yh.double(),
+        wh.double(),
+        17.0,
+        0.0,
+        gv.to(dtype).double(),
+        gl.to(dtype).double(),
+    )
     for got, ref in zip(grads, refs):
         assert got.dtype == dtype
         assert row_errors(got, ref) <= TOL_GRAD[dtype]
@@ -243,17 +259,20 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="x has dtype"):
         pft.field_forward(x.to(torch.int32), y.to(torch.int32), None, 3.0, 0.0)
     with pytest.raises(ValueError, match="exclude"):
-        pft.field_forward(x, y, None, 3.0, 0.0, exclude=torch.zeros(3, dtype=torch.int64,
-                                                                    device=DEV))
+        pft.field_forward(
+            x, y, None, 3.0, 0.0, exclude=torch.zeros(3, dtype=torch.int64, device=DEV)
+        )
     with pytest.raises(TypeError, match="exclude"):
         pft.field_forward(x, y, None, 3.0, 0.0, exclude=torch.zeros(4, device=DEV))
     with pytest.raises(TypeError, match="eps_rows"):
-        pft.field_forward(x, y, None, 3.0, 0.0, eps_rows=torch.zeros(4, dtype=torch.int64,
-                                                                     device=DEV))
+        pft.field_forward(
+            x, y, None, 3.0, 0.0, eps_rows=torch.zeros(4, dtype=torch.int64, device=DEV)
+        )
     v, ls = pft.field_forward(x, y, None, 3.0, 0.0)
     with pytest.raises(ValueError, match="gv"):
-        pft.field_backward(x, y, None, 3.0, 0.0, v, ls, v[:2], None, need_x=True,
-                           need_y=False, need_w=False)
+        pft.field_backward(
+            x, y, None, 3.0, 0.0, v, ls, v[:2], None, need_x=True, need_y=False, need_w=False
+        )
     t = torch.zeros(4, device=DEV)
     with pytest.raises(ValueError, match="solver"):
         pft.flow_steps(x, y, None, t, t, 1, "midpoint")

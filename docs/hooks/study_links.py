@@ -41,8 +41,8 @@ def _resolve_links(text: str, folder: str, built: set[str]) -> str:
             return match.group(0)
         path, _, anchor = target.partition("#")
         repo_path = posixpath.normpath(posixpath.join(folder, path))
-        if repo_path.startswith("docs/") and repo_path[len("docs/"):] in built:
-            site_path = repo_path[len("docs/"):] + (f"#{anchor}" if anchor else "")
+        if repo_path.startswith("docs/") and repo_path[len("docs/") :] in built:
+            site_path = repo_path[len("docs/") :] + (f"#{anchor}" if anchor else "")
             return f"{bang}[{label}]({site_path})"
         if bang:
             return f"*{label}* (`{repo_path}` in the repository)"

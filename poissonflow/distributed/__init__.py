@@ -15,9 +15,16 @@ initialised process group. `import poissonflow` does not import this package.
 """
 
 from .field import AUTO_ALLGATHER_BYTES, MODES, poisson_field
-from .losses import riesz_uniformity_loss, uniform_loss
 from .flow import transform
 from .learned import fit_learned_field
+from .losses import riesz_uniformity_loss, uniform_loss
 
-__all__ = ["poisson_field", "transform", "riesz_uniformity_loss", "uniform_loss",
-           "fit_learned_field", "MODES", "AUTO_ALLGATHER_BYTES"]
+__all__ = [
+    "poisson_field",
+    "transform",
+    "riesz_uniformity_loss",
+    "uniform_loss",
+    "fit_learned_field",
+    "MODES",
+    "AUTO_ALLGATHER_BYTES",
+]

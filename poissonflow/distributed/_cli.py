@@ -1,11 +1,13 @@
 """`poissonflow transform` under torchrun (`torchrun --nproc-per-node R -m poissonflow transform
 FEATURES -o OUT`): each rank reads its slice of the rows of FEATURES (and of --charges), runs
 `poissonflow.distributed.transform`, and rank 0 gathers the result and writes OUT and its
-.info.json (docs/DESIGN.md, "Sharding the field over processes"). Called by poissonflow.__main__ when torchrun's
+.info.json (docs/DESIGN.md, "Sharding the field over processes"). Called by poissonflow.__main__
+when torchrun's
 environment (WORLD_SIZE, RANK) is set.
 
 --field learned trains the field with poissonflow.distributed.fit_learned_field (or loads
---load-field) and flows each rank's rows through it. Rows are split as numpy.array_split does (the first N mod R ranks get one more). A .npy file is
+--load-field) and flows each rank's rows through it. Rows are split as numpy.array_split does (the
+first N mod R ranks get one more). A .npy file is
 memory-mapped, so each rank reads only its rows; .npz and .pt files are read whole by every
 rank and sliced (their formats have no row-wise access).
 """
@@ -42,7 +44,7 @@ def _read_slice(path, key, rank, world):
         name, a = files.read_named_features(p, key)
     sizes = [len(s) for s in np.array_split(np.arange(a.shape[0]), world)]
     bounds = np.cumsum([0] + sizes)
-    return name, np.array(a[bounds[rank]:bounds[rank + 1]]), int(a.shape[0])
+    return name, np.array(a[bounds[rank] : bounds[rank + 1]]), int(a.shape[0])
 
 
 def _learned(args, feats, charges, device, rank):
@@ -61,22 +63,40 @@ def _learned(args, feats, charges, device, rank):
         field = LearnedField.load(args.load_field, n_features=feats.shape[1], device=device)
         extra = {"learned_field": str(args.load_field)}
     else:
-        kwargs = {"preset": None if args.preset == "default" else args.preset,
-                  "seed": args.seed, "device": device, "backend": args.backend}
+        kwargs = {
+            "preset": None if args.preset == "default" else args.preset,
+            "seed": args.seed,
+            "device": device,
+            "backend": args.backend,
+        }
         if args.field_epochs is not None:
             kwargs["epochs"] = args.field_epochs
         field = fit_learned_field(data.float(), checkpoint=args.save_field, **kwargs)
-        extra = {"learned_field_epochs": len(field.loss_history_),
-                 "learned_field_final_loss": float(field.loss_history_[-1]),
-                 "learned_field_seconds": float(field.fit_seconds_)}
+        extra = {
+            "learned_field_epochs": len(field.loss_history_),
+            "learned_field_final_loss": float(field.loss_history_[-1]),
+            "learned_field_seconds": float(field.fit_seconds_),
+        }
     if not len(feats):
         u = feats.new_zeros((0, feats.shape[1] + 1))
         return u, {"field": "learned", "world_size": dist.get_world_size(), **extra}
     u, info = transform_one(
-        feats, field=field, start=args.start, solver=args.solver, steps=args.steps,
-        z_min=args.z_min, z_max=args.z_max, parameterization=args.parameterization,
-        output=args.output, exclude_self=not args.no_exclude_self, seed=args.seed,
-        backend=args.backend, batch_size=args.batch_size, progress=False, return_info=True)
+        feats,
+        field=field,
+        start=args.start,
+        solver=args.solver,
+        steps=args.steps,
+        z_min=args.z_min,
+        z_max=args.z_max,
+        parameterization=args.parameterization,
+        output=args.output,
+        exclude_self=not args.no_exclude_self,
+        seed=args.seed,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        progress=False,
+        return_info=True,
+    )
     info.update(extra)
     info["world_size"] = dist.get_world_size()
     info.pop("seconds", None)
@@ -86,10 +106,15 @@ def _learned(args, feats, charges, device, rank):
 def transform_main(args) -> int:
     from . import transform
 
-    if args.field == "empirical" and (args.load_field or args.save_field or
-                                      args.field_epochs is not None or args.preset != "default"):
-        raise ValueError("--preset, --field-epochs, --load-field and --save-field go with "
-                         "--field learned")
+    if args.field == "empirical" and (
+        args.load_field
+        or args.save_field
+        or args.field_epochs is not None
+        or args.preset != "default"
+    ):
+        raise ValueError(
+            "--preset, --field-epochs, --load-field and --save-field go with --field learned"
+        )
     device = torch.device(args.device)
     if not dist.is_initialized():
         if device.type == "cuda":
@@ -112,11 +137,21 @@ def transform_main(args) -> int:
             u, info = _learned(args, feats, charges, device, rank)
         else:
             u, info = transform(
-                feats, charges=charges, start=args.start, solver=args.solver,
-                steps=args.steps, z_min=args.z_min, z_max=args.z_max,
-                parameterization=args.parameterization, output=args.output,
-                exclude_self=not args.no_exclude_self, seed=args.seed, backend=args.backend,
-                batch_size=args.batch_size, return_info=True, mode=args.distributed_mode,
+                feats,
+                charges=charges,
+                start=args.start,
+                solver=args.solver,
+                steps=args.steps,
+                z_min=args.z_min,
+                z_max=args.z_max,
+                parameterization=args.parameterization,
+                output=args.output,
+                exclude_self=not args.no_exclude_self,
+                seed=args.seed,
+                backend=args.backend,
+                batch_size=args.batch_size,
+                return_info=True,
+                mode=args.distributed_mode,
             )
         rows = [None] * world
         dist.all_gather_object(rows, int(u.shape[0]))
@@ -127,14 +162,22 @@ def transform_main(args) -> int:
         if rank == 0:
             full = torch.cat([p[:k] for p, k in zip(parts, rows)]).cpu().numpy()
             files.write_features(out, full, key=key or "features")
-            info.update({"features": str(args.features), "n_samples": n_total,
-                         "n_features": int(x.shape[1]), "out": str(out),
-                         "total_seconds": time.perf_counter() - t0,
-                         "rows_per_rank": rows})
+            info.update(
+                {
+                    "features": str(args.features),
+                    "n_samples": n_total,
+                    "n_features": int(x.shape[1]),
+                    "out": str(out),
+                    "total_seconds": time.perf_counter() - t0,
+                    "rows_per_rank": rows,
+                }
+            )
             info_path = out.with_name(out.stem + ".info.json")
             files.write_json(info_path, info)
-            print(f"wrote {out} ({full.shape[0]} x {full.shape[1]}) and {info_path} "
-                  f"({world} processes)")
+            print(
+                f"wrote {out} ({full.shape[0]} x {full.shape[1]}) and {info_path} "
+                f"({world} processes)"
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

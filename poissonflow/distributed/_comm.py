@@ -10,8 +10,8 @@ the same order with consistent arguments, or the group blocks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,10 @@ __all__ = ["get_group", "Layout", "exchange", "gather_rows", "ring", "ring_with_
 def get_group(group=None):
     """The process group to use (None: the default group), or a clear error when there is none."""
     if not dist.is_available():
-        raise RuntimeError("poissonflow.distributed needs torch.distributed, which this PyTorch "
-                           "build does not provide")
+        raise RuntimeError(
+            "poissonflow.distributed needs torch.distributed, which this PyTorch "
+            "build does not provide"
+        )
     if not dist.is_initialized():
         raise RuntimeError(
             "poissonflow.distributed needs an initialised process group: call "
@@ -98,8 +100,9 @@ def check_together(group, device: torch.device, checks):
         out, err = checks(), None
     except (TypeError, ValueError) as e:
         out, err = None, e
-    recs = exchange(group, device, {"error": None if err is None else
-                                    f"{type(err).__name__}: {err}"})
+    recs = exchange(
+        group, device, {"error": None if err is None else f"{type(err).__name__}: {err}"}
+    )
     if err is not None:
         raise err
     bad = [(k, r["error"]) for k, r in enumerate(recs) if r["error"]]
@@ -111,10 +114,17 @@ def check_together(group, device: torch.device, checks):
 
 def make_layout(group, n: list[int], b: list[int], wsum: list[float]) -> Layout:
     world = dist.get_world_size(group)
-    peers = tuple(dist.get_global_rank(group, k) if group is not dist.group.WORLD else k
-                  for k in range(world))
-    return Layout(rank=dist.get_rank(group), world=world, n=tuple(n), b=tuple(b),
-                  wsum=tuple(float(w) for w in wsum), peers=peers)
+    peers = tuple(
+        dist.get_global_rank(group, k) if group is not dist.group.WORLD else k for k in range(world)
+    )
+    return Layout(
+        rank=dist.get_rank(group),
+        world=world,
+        n=tuple(n),
+        b=tuple(b),
+        wsum=tuple(float(w) for w in wsum),
+        peers=peers,
+    )
 
 
 def gather_rows(t: torch.Tensor, rows: tuple[int, ...], group) -> torch.Tensor:
@@ -165,8 +175,9 @@ def ring(own: torch.Tensor, layout: Layout, group) -> Iterator[tuple[int, torch.
             cur, s = incoming, sn
 
 
-def ring_with_accumulators(own: torch.Tensor, acc_width: int, layout: Layout, group, compute
-                           ) -> torch.Tensor:
+def ring_with_accumulators(
+    own: torch.Tensor, acc_width: int, layout: Layout, group, compute
+) -> torch.Tensor:
     """Ring-attention style backward: shard s travels as in `ring`, and with it an accumulator
     (b[s] x acc_width, float64) to which every rank adds compute(s, shard) ((b[s], acc_width)
     or None for no contribution). After R - 1 hops and one final hop of the accumulator alone,
@@ -186,8 +197,7 @@ def ring_with_accumulators(own: torch.Tensor, acc_width: int, layout: Layout, gr
         acc_in = None
         if k > 0:
             # the accumulator of shard s, finished by rank r - 1 in its previous step
-            acc_in = torch.empty((layout.b[s], acc_width), dtype=torch.float64,
-                                 device=own.device)
+            acc_in = torch.empty((layout.b[s], acc_width), dtype=torch.float64, device=own.device)
             ops += [_send(acc_out, nxt, group, 1), _recv(acc_in, prv, group, 1)]
         reqs = _p2p(ops)
         part = compute(s, cur)

@@ -1,5 +1,6 @@
 """`poisson_field` over a process group: each rank holds shards of the queries and the charges;
-the field is that of the union of all ranks' charges (docs/DESIGN.md, "Sharding the field over processes").
+the field is that of the union of all ranks' charges (docs/DESIGN.md, "Sharding the field over
+processes").
 
 Two ways to move the charges:
 
@@ -56,8 +57,18 @@ class FieldPlan:
     module, power, eps. Built once (one exchange of sizes), reused by every evaluation of a
     flow."""
 
-    def __init__(self, group, layout: _comm.Layout, mode: str, backend: str, power: float,
-                 eps: float, has_w: bool, need_y: bool = False, need_w: bool = False):
+    def __init__(
+        self,
+        group,
+        layout: _comm.Layout,
+        mode: str,
+        backend: str,
+        power: float,
+        eps: float,
+        has_w: bool,
+        need_y: bool = False,
+        need_w: bool = False,
+    ):
         self.group, self.layout, self.mode, self.backend = group, layout, mode, backend
         self.power, self.eps, self.has_w = power, eps, has_w
         self.need_y, self.need_w = need_y, need_w  # does any rank want these gradients
@@ -86,8 +97,10 @@ def _local_checks(x, charges, weights, power, eps, exclude):
     if weights is not None:
         _checks.check_tensor(weights, "weights", ndim=1)
         if weights.shape[0] != charges.shape[0]:
-            raise ValueError(f"weights must have one entry per local charge: got "
-                             f"{weights.shape[0]} for {charges.shape[0]} charges")
+            raise ValueError(
+                f"weights must have one entry per local charge: got "
+                f"{weights.shape[0]} for {charges.shape[0]} charges"
+            )
         if weights.dtype != x.dtype:
             raise TypeError(f"weights has dtype {weights.dtype} but x has {x.dtype}")
         if weights.device != x.device:
@@ -96,19 +109,21 @@ def _local_checks(x, charges, weights, power, eps, exclude):
         if weights.numel() and bool((weights < 0).any()):
             raise ValueError("weights must be non-negative")
     if exclude is not None:
-        if not isinstance(exclude, torch.Tensor) or exclude.dtype not in (torch.int64,
-                                                                          torch.int32):
+        if not isinstance(exclude, torch.Tensor) or exclude.dtype not in (torch.int64, torch.int32):
             raise TypeError("exclude must be an int64 tensor of global charge indices")
         if exclude.shape != (x.shape[0],):
-            raise ValueError(f"exclude must have one entry per local query, shape "
-                             f"({x.shape[0]},); got {tuple(exclude.shape)}")
+            raise ValueError(
+                f"exclude must have one entry per local query, shape "
+                f"({x.shape[0]},); got {tuple(exclude.shape)}"
+            )
         if exclude.device != x.device:
             raise ValueError(f"exclude is on {exclude.device} but x is on {x.device}")
     return p, e
 
 
-def plan_field(x, charges, weights, power, eps, exclude, group, mode, backend, *,
-               grad: bool | None = None):
+def plan_field(
+    x, charges, weights, power, eps, exclude, group, mode, backend, *, grad: bool | None = None
+):
     """Validates every rank's arguments and exchanges the sizes (one collective): a FieldPlan.
     An invalid argument on any rank raises on every rank (so that none is left waiting)."""
     group = _comm.get_group(group)
@@ -118,16 +133,34 @@ def plan_field(x, charges, weights, power, eps, exclude, group, mode, backend, *
         which = registry.resolve(backend, x.device, x.dtype)
         if grad is None:
             grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, charges, weights))
-        wsum = (float(weights.detach().double().sum()) if weights is not None
-                else float(charges.shape[0]))
-        ex = (int(exclude.min()), int(exclude.max())) if exclude is not None and \
-            exclude.numel() else None
-        record.update(n=x.shape[0], b=charges.shape[0], d=x.shape[1], dtype=str(x.dtype),
-                      has_w=weights is not None, grad=bool(grad), wsum=wsum, ex=ex, p=p, e=e,
-                      mode=mode, backend=which,
-                      need_y=bool(grad and charges.requires_grad),
-                      need_w=bool(grad and weights is not None and weights.requires_grad))
+                t is not None and t.requires_grad for t in (x, charges, weights)
+            )
+        wsum = (
+            float(weights.detach().double().sum())
+            if weights is not None
+            else float(charges.shape[0])
+        )
+        ex = (
+            (int(exclude.min()), int(exclude.max()))
+            if exclude is not None and exclude.numel()
+            else None
+        )
+        record.update(
+            n=x.shape[0],
+            b=charges.shape[0],
+            d=x.shape[1],
+            dtype=str(x.dtype),
+            has_w=weights is not None,
+            grad=bool(grad),
+            wsum=wsum,
+            ex=ex,
+            p=p,
+            e=e,
+            mode=mode,
+            backend=which,
+            need_y=bool(grad and charges.requires_grad),
+            need_w=bool(grad and weights is not None and weights.requires_grad),
+        )
     except (TypeError, ValueError) as err:
         record["error"] = f"{type(err).__name__}: {err}"
         mine = err
@@ -141,11 +174,16 @@ def plan_field(x, charges, weights, power, eps, exclude, group, mode, backend, *
         k, msg = bad[0]
         raise ValueError(f"rank {k} of the process group got invalid arguments ({msg})")
     first = recs[0]
-    for key, what in (("d", "the dimension D"), ("dtype", "the dtype"),
-                      ("has_w", "whether weights are given"), ("p", "power"), ("e", "eps"),
-                      ("mode", "mode"), ("backend", "the backend"),
-                      ("grad", "whether the inputs require grad (every rank must take part in "
-                               "the backward)")):
+    for key, what in (
+        ("d", "the dimension D"),
+        ("dtype", "the dtype"),
+        ("has_w", "whether weights are given"),
+        ("p", "power"),
+        ("e", "eps"),
+        ("mode", "mode"),
+        ("backend", "the backend"),
+        ("grad", "whether the inputs require grad (every rank must take part in the backward)"),
+    ):
         vals = [r[key] for r in recs]
         if any(v != vals[0] for v in vals):
             raise ValueError(f"every rank must pass the same {what}; got {vals} by rank")
@@ -156,22 +194,45 @@ def plan_field(x, charges, weights, power, eps, exclude, group, mode, backend, *
         raise ValueError("weights must have a positive sum over all ranks (all charges are zero)")
     for k, r in enumerate(recs):
         if r["ex"] is not None and (r["ex"][0] < -1 or r["ex"][1] >= total_b):
-            raise ValueError(f"exclude on rank {k} must hold global charge indices in "
-                             f"[0, {total_b}) or -1; got values in [{r['ex'][0]}, {r['ex'][1]}]")
-    layout = _comm.make_layout(group, [r["n"] for r in recs], [r["b"] for r in recs],
-                               [r["wsum"] for r in recs])
+            raise ValueError(
+                f"exclude on rank {k} must hold global charge indices in "
+                f"[0, {total_b}) or -1; got values in [{r['ex'][0]}, {r['ex'][1]}]"
+            )
+    layout = _comm.make_layout(
+        group, [r["n"] for r in recs], [r["b"] for r in recs], [r["wsum"] for r in recs]
+    )
     m = _resolve_mode(mode, total_b, first["d"], x.dtype)
     if m == "ring" and first["backend"] == "reference" and first["grad"]:
-        raise ValueError("mode='ring' differentiates through the backends' field_backward, which "
-                         "the reference backend does not take a log_scale in; use "
-                         "mode='allgather' with backend='reference'")
-    return FieldPlan(group, layout, m, first["backend"], first["p"], first["e"],
-                     first["has_w"], any(r["need_y"] for r in recs),
-                     any(r["need_w"] for r in recs))
+        raise ValueError(
+            "mode='ring' differentiates through the backends' field_backward, which "
+            "the reference backend does not take a log_scale in; use "
+            "mode='allgather' with backend='reference'"
+        )
+    return FieldPlan(
+        group,
+        layout,
+        m,
+        first["backend"],
+        first["p"],
+        first["e"],
+        first["has_w"],
+        any(r["need_y"] for r in recs),
+        any(r["need_w"] for r in recs),
+    )
 
 
-def poisson_field(x, charges, *, weights=None, power=None, eps=0.0, exclude=None, group=None,
-                  mode="auto", backend="auto"):
+def poisson_field(
+    x,
+    charges,
+    *,
+    weights=None,
+    power=None,
+    eps=0.0,
+    exclude=None,
+    group=None,
+    mode="auto",
+    backend="auto",
+):
     """The field of the union of every rank's charges at this rank's queries: `(v, log_scale)`.
 
     Collective: every rank of `group` (default: the default process group) calls it with its
@@ -185,7 +246,8 @@ def poisson_field(x, charges, *, weights=None, power=None, eps=0.0, exclude=None
     ring, at most two held) or "auto" (allgather while the gathered charges take at most
     256 MiB). Differentiable in x, charges and weights (first derivatives); the charges' and
     weights' gradients arrive at the rank that owns them. If the inputs require grad on one
-    rank they must on all, and every rank must run the backward. docs/DESIGN.md, "Sharding the field over processes".
+    rank they must on all, and every rank must run the backward. docs/DESIGN.md, "Sharding the field
+    over processes".
     """
     plan = plan_field(x, charges, weights, power, eps, exclude, group, mode, backend)
     return field_with_plan(plan, x, charges, weights, exclude)
@@ -194,8 +256,9 @@ def poisson_field(x, charges, *, weights=None, power=None, eps=0.0, exclude=None
 def field_with_plan(plan: FieldPlan, x, charges, weights, exclude, eps_rows=None):
     """poisson_field with a FieldPlan (no exchange of sizes); eps_rows (per-query softening,
     no gradient) for the flow."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, charges, weights)):
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, charges, weights)
+    ):
         return _Field.apply(x, charges, weights, exclude, eps_rows, plan)
     return _forward(plan, x, charges, weights, exclude, eps_rows)[:2]
 
@@ -236,8 +299,9 @@ def _forward(plan, x, charges, weights, exclude, eps_rows):
     if plan.mode == "allgather":
         packed = _comm.gather_rows(_pack(charges, weights), L.b, plan.group)
         y, w = _unpack(packed, d, plan.has_w)
-        v, ls = mod.field_forward(x.detach(), y, w, plan.power, plan.eps, exclude=exclude,
-                                  eps_rows=eps_rows)
+        v, ls = mod.field_forward(
+            x.detach(), y, w, plan.power, plan.eps, exclude=exclude, eps_rows=eps_rows
+        )
         return v, ls, packed
     cd = _compute_dtype(x.dtype)
     xc = x.detach().to(cd)
@@ -248,9 +312,15 @@ def _forward(plan, x, charges, weights, exclude, eps_rows):
         if L.b[s] == 0 or not L.wsum[s] > 0 or x.shape[0] == 0:
             continue  # a shard without charge weight contributes nothing
         y, w = _unpack(shard, d, plan.has_w)
-        v_s, ls_s = mod.field_forward(xc, y, w, plan.power, plan.eps,
-                                      exclude=_local_exclude(exclude, L.offset[s], L.b[s]),
-                                      eps_rows=er)
+        v_s, ls_s = mod.field_forward(
+            xc,
+            y,
+            w,
+            plan.power,
+            plan.eps,
+            exclude=_local_exclude(exclude, L.offset[s], L.b[s]),
+            eps_rows=er,
+        )
         lse_s = ls_s.double() + math.log(L.wsum[s])
         v_acc, lse_acc = _merge(v_acc, lse_acc, v_s.double(), lse_s)
     ls = lse_acc - L.log_total_w
@@ -258,7 +328,8 @@ def _forward(plan, x, charges, weights, exclude, eps_rows):
 
 
 def _merge(v_a, lse_a, v_b, lse_b):
-    """Exact merge of two partials over disjoint charge sets (docs/DESIGN.md, "Sharding the field over processes"); a
+    """Exact merge of two partials over disjoint charge sets (docs/DESIGN.md, "Sharding the field
+    over processes"); a
     partial with lse = -inf (no charge reached the query) has weight 0."""
     m = torch.maximum(lse_a, lse_b)
     live = torch.isfinite(m)
@@ -272,8 +343,9 @@ def _merge(v_a, lse_a, v_b, lse_b):
     return v, lse
 
 
-def _shard_backward(plan, mod, x, y, w, wsum_s, v, lse, gv, gl, glsum, ex_s, eps_rows,
-                    need_x, need_yw):
+def _shard_backward(
+    plan, mod, x, y, w, wsum_s, v, lse, gv, gl, glsum, ex_s, eps_rows, need_x, need_yw
+):
     """This rank's queries' gradient contributions for one shard (see the module docstring):
     (dx part without the g_v term (float64) or None, (b_s, D [+1]) float64 dy | dw or None)."""
     b_s, d = y.shape
@@ -282,9 +354,21 @@ def _shard_backward(plan, mod, x, y, w, wsum_s, v, lse, gv, gl, glsum, ex_s, eps
     if wsum_s > 0:
         ls_pass = (lse - math.log(wsum_s)).to(x.dtype)
         gx, gy, gw = mod.field_backward(
-            x, y, w, plan.power, plan.eps, v, ls_pass, gv, gl, need_x=need_x,
-            need_y=need_yw and plan.need_y, need_w=need_yw and plan.need_w, exclude=ex_s,
-            eps_rows=eps_rows)
+            x,
+            y,
+            w,
+            plan.power,
+            plan.eps,
+            v,
+            ls_pass,
+            gv,
+            gl,
+            need_x=need_x,
+            need_y=need_yw and plan.need_y,
+            need_w=need_yw and plan.need_w,
+            exclude=ex_s,
+            eps_rows=eps_rows,
+        )
         dx = None if gx is None else gx.double() - gv.double()
         corr = glsum / wsum_s - glsum / plan.layout.total_w
     else:
@@ -296,18 +380,37 @@ def _shard_backward(plan, mod, x, y, w, wsum_s, v, lse, gv, gl, glsum, ex_s, eps
         if need_yw and plan.need_w:
             ones = torch.ones(b_s, dtype=x.dtype, device=x.device)
             _, _, gw = mod.field_backward(
-                x, y, ones, plan.power, plan.eps, v, (lse - math.log(b_s)).to(x.dtype), gv, gl,
-                need_x=False, need_y=False, need_w=True, exclude=ex_s, eps_rows=eps_rows)
+                x,
+                y,
+                ones,
+                plan.power,
+                plan.eps,
+                v,
+                (lse - math.log(b_s)).to(x.dtype),
+                gv,
+                gl,
+                need_x=False,
+                need_y=False,
+                need_w=True,
+                exclude=ex_s,
+                eps_rows=eps_rows,
+            )
         corr = glsum / b_s - glsum / plan.layout.total_w
     if not need_yw:
         return dx, None
     cols = []
     if plan.need_y:
-        cols.append(gy.double() if gy is not None else torch.zeros(
-            (b_s, d), dtype=torch.float64, device=x.device))
+        cols.append(
+            gy.double()
+            if gy is not None
+            else torch.zeros((b_s, d), dtype=torch.float64, device=x.device)
+        )
     if plan.need_w:
-        cols.append((gw.double() + corr)[:, None] if gw is not None else torch.zeros(
-            (b_s, 1), dtype=torch.float64, device=x.device))
+        cols.append(
+            (gw.double() + corr)[:, None]
+            if gw is not None
+            else torch.zeros((b_s, 1), dtype=torch.float64, device=x.device)
+        )
     return dx, torch.cat(cols, 1)
 
 
@@ -317,8 +420,9 @@ class _Field(torch.autograd.Function):
         v, ls, packed = _forward(plan, x, charges, weights, exclude, eps_rows)
         ctx.plan = plan
         ctx.has_packed = packed is not None
-        ctx.save_for_backward(x, charges, weights, exclude, eps_rows, v, ls,
-                              packed if packed is not None else None)
+        ctx.save_for_backward(
+            x, charges, weights, exclude, eps_rows, v, ls, packed if packed is not None else None
+        )
         return v, ls
 
     @staticmethod
@@ -337,9 +441,21 @@ class _Field(torch.autograd.Function):
             y, w = _unpack(packed, d, plan.has_w)
             mod = plan.module()
             gxa, gya, gwa = mod.field_backward(
-                x.detach(), y, w, plan.power, plan.eps, v, ls, gv.to(x.dtype).contiguous(),
-                gl.to(x.dtype).contiguous(), need_x=need_x, need_y=plan.need_y,
-                need_w=plan.need_w, exclude=exclude, eps_rows=eps_rows)
+                x.detach(),
+                y,
+                w,
+                plan.power,
+                plan.eps,
+                v,
+                ls,
+                gv.to(x.dtype).contiguous(),
+                gl.to(x.dtype).contiguous(),
+                need_x=need_x,
+                need_y=plan.need_y,
+                need_w=plan.need_w,
+                exclude=exclude,
+                eps_rows=eps_rows,
+            )
             gx = gxa
             if want_yw:
                 cols = []
@@ -350,15 +466,20 @@ class _Field(torch.autograd.Function):
                 full = torch.cat(cols, 1).contiguous() if L.world > 1 else torch.cat(cols, 1)
                 if L.world > 1:
                     torch.distributed.all_reduce(full, group=plan.group)
-                mine = full[L.offset[L.rank]: L.offset[L.rank] + L.b[L.rank]]
+                mine = full[L.offset[L.rank] : L.offset[L.rank] + L.b[L.rank]]
                 gy, gw = _split(mine, d, plan)
         else:
-            gx, gy, gw = _ring_backward(plan, x, charges, weights, exclude, eps_rows, v, ls,
-                                        gv, gl, need_x, want_yw)
-        return (gx.to(x.dtype) if need_x and gx is not None else None,
-                gy.to(charges.dtype) if need_y and gy is not None else None,
-                gw.to(weights.dtype) if need_w and gw is not None else None,
-                None, None, None)
+            gx, gy, gw = _ring_backward(
+                plan, x, charges, weights, exclude, eps_rows, v, ls, gv, gl, need_x, want_yw
+            )
+        return (
+            gx.to(x.dtype) if need_x and gx is not None else None,
+            gy.to(charges.dtype) if need_y and gy is not None else None,
+            gw.to(weights.dtype) if need_w and gw is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
 def _split(mine, d, plan):
@@ -367,8 +488,7 @@ def _split(mine, d, plan):
     return gy, gw
 
 
-def _ring_backward(plan, x, charges, weights, exclude, eps_rows, v, ls, gv, gl, need_x,
-                   want_yw):
+def _ring_backward(plan, x, charges, weights, exclude, eps_rows, v, ls, gv, gl, need_x, want_yw):
     L, d = plan.layout, x.shape[1]
     mod = plan.module()
     cd = _compute_dtype(x.dtype)
@@ -382,9 +502,23 @@ def _ring_backward(plan, x, charges, weights, exclude, eps_rows, v, ls, gv, gl, 
 
     def compute(s, shard):
         y, w = _unpack(shard, d, plan.has_w)
-        dx, part = _shard_backward(plan, mod, xc, y, w, L.wsum[s], vc, lse, gvc, glc, glsum,
-                                   _local_exclude(exclude, L.offset[s], L.b[s]), er, need_x,
-                                   want_yw)
+        dx, part = _shard_backward(
+            plan,
+            mod,
+            xc,
+            y,
+            w,
+            L.wsum[s],
+            vc,
+            lse,
+            gvc,
+            glc,
+            glsum,
+            _local_exclude(exclude, L.offset[s], L.b[s]),
+            er,
+            need_x,
+            want_yw,
+        )
         if dx is not None:
             dx_acc.add_(dx)
         return part

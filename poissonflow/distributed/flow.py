@@ -41,10 +41,26 @@ __all__ = ["transform", "median_nn_distance", "data_scale"]
 _tf = importlib.import_module("poissonflow.transform")
 
 
-def transform(features, *, charges=None, weights=None, start="plane", solver=None, steps=None,
-              z_min="auto", z_max="auto", parameterization=None, output=None,
-              exclude_self=True, seed=None, backend="auto", batch_size=16384,
-              return_info=False, group=None, mode="auto"):
+def transform(
+    features,
+    *,
+    charges=None,
+    weights=None,
+    start="plane",
+    solver=None,
+    steps=None,
+    z_min="auto",
+    z_max="auto",
+    parameterization=None,
+    output=None,
+    exclude_self=True,
+    seed=None,
+    backend="auto",
+    batch_size=16384,
+    return_info=False,
+    group=None,
+    mode="auto",
+):
     """Poisson-flow transform of the union of every rank's `features` (N_r, d), returning this
     rank's rows of `poissonflow.transform(all_features, ...)` (same arguments, same defaults).
 
@@ -66,16 +82,18 @@ def transform(features, *, charges=None, weights=None, start="plane", solver=Non
         if not isinstance(exclude_self, (bool, np.bool_)):
             raise TypeError(f"exclude_self must be True or False, got {exclude_self!r}")
         sv = solver or "rk4"
-        n_steps = _tf._check_count(_tf.DEFAULT_STEPS[sv] if steps is None else steps, "steps",
-                                   1, _tf.MAX_STEPS)
+        n_steps = _tf._check_count(
+            _tf.DEFAULT_STEPS[sv] if steps is None else steps, "steps", 1, _tf.MAX_STEPS
+        )
         if charges is None:
             y = x
         else:
             y = _local_tensor(charges, "charges")[0].to(device=x.device, dtype=x.dtype)
         w = None
         if weights is not None:
-            w = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor)
-                                else weights).to(device=x.device, dtype=x.dtype)
+            w = torch.as_tensor(
+                np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights
+            ).to(device=x.device, dtype=x.dtype)
         return x, kind, x_dtype, bs, sv, n_steps, y, w
 
     device = features.device if isinstance(features, torch.Tensor) else torch.device("cpu")
@@ -95,8 +113,11 @@ def transform(features, *, charges=None, weights=None, start="plane", solver=Non
     yg, wg = gathered if gathered is not None else (None, None)
 
     def auto_zmin():
-        return horizon.auto_z_min(yg) if yg is not None else \
-            horizon.Z_MIN_FACTOR * median_nn_distance(y, L, grp)
+        return (
+            horizon.auto_z_min(yg)
+            if yg is not None
+            else horizon.Z_MIN_FACTOR * median_nn_distance(y, L, grp)
+        )
 
     def auto_zmax():
         if yg is not None:
@@ -123,9 +144,13 @@ def transform(features, *, charges=None, weights=None, start="plane", solver=Non
         if missing[0] > 0:
             raise ValueError(
                 f"start='flux' starts each point next to its own charge, but {int(missing[0])} "
-                f"of the {N} features are not charges; use start='plane' for held-out points")
-        fd = horizon.flux_delta(yg) if yg is not None else \
-            horizon.FLUX_DELTA_FACTOR * median_nn_distance(y, L, grp)
+                f"of the {N} features are not charges; use start='plane' for held-out points"
+            )
+        fd = (
+            horizon.flux_delta(yg)
+            if yg is not None
+            else horizon.FLUX_DELTA_FACTOR * median_nn_distance(y, L, grp)
+        )
         x0, z0 = _flux_start(x, fd, seed, N, qoff)
         excl_used = None  # a flux start must feel its own charge
     else:
@@ -133,18 +158,43 @@ def transform(features, *, charges=None, weights=None, start="plane", solver=Non
         z0 = torch.full((x.shape[0],), zmin, dtype=torch.float64, device=x.device)
         excl_used = exclude if exclude_self else None
 
-    excluded = 0 if excl_used is None else int(_allsum(
-        torch.tensor([float((excl_used >= 0).sum())], dtype=torch.float64), grp)[0])
+    excluded = (
+        0
+        if excl_used is None
+        else int(
+            _allsum(torch.tensor([float((excl_used >= 0).sum())], dtype=torch.float64), grp)[0]
+        )
+    )
     info: dict[str, Any] = {
-        "z_min": zmin, "z_max": zmax, "steps": steps, "solver": solver, "start": start,
-        "parameterization": parameterization, "backend": plan.backend,
-        "exclude_self": bool(exclude_self), "field": "empirical", "output": output,
-        "excluded": excluded, "delta": delta, "world_size": L.world, "mode": plan.mode,
+        "z_min": zmin,
+        "z_max": zmax,
+        "steps": steps,
+        "solver": solver,
+        "start": start,
+        "parameterization": parameterization,
+        "backend": plan.backend,
+        "exclude_self": bool(exclude_self),
+        "field": "empirical",
+        "output": output,
+        "excluded": excluded,
+        "delta": delta,
+        "world_size": L.world,
+        "mode": plan.mode,
     }
     if parameterization == "logz":
         if yg is not None:
-            xe = empirical_flow(x0, z0, yg, wg, zmax, steps, solver, exclude=excl_used,
-                                backend=plan.backend, batch_size=batch_size)
+            xe = empirical_flow(
+                x0,
+                z0,
+                yg,
+                wg,
+                zmax,
+                steps,
+                solver,
+                exclude=excl_used,
+                backend=plan.backend,
+                batch_size=batch_size,
+            )
         else:
             xe = _ring_flow(plan, x0, z0, y, w, excl_used, zmax, steps, solver, batch_size)
         ze = torch.full((x.shape[0],), zmax, dtype=x.dtype, device=x.device)
@@ -152,18 +202,30 @@ def transform(features, *, charges=None, weights=None, start="plane", solver=Non
         if yg is not None:
             fn = _tf._empirical_field_fn(yg, wg, excl_used, plan.backend)
         else:
+
             def fn(xx, zz):
                 return field_with_plan(plan, xx, y, w, excl_used, eps_rows=zz)[0], zz
-        xe, ze, stats = field_flow(fn, x0, z0.to(x.dtype), parameterization=parameterization,
-                                   solver=solver, steps=steps, z_end=zmax, delta=delta)
-        info["guard_fired"] = int(_allsum(
-            torch.tensor([float(stats.guard_fired)], dtype=torch.float64), grp)[0])
+
+        xe, ze, stats = field_flow(
+            fn,
+            x0,
+            z0.to(x.dtype),
+            parameterization=parameterization,
+            solver=solver,
+            steps=steps,
+            z_end=zmax,
+            delta=delta,
+        )
+        info["guard_fired"] = int(
+            _allsum(torch.tensor([float(stats.guard_fired)], dtype=torch.float64), grp)[0]
+        )
     if output == "sphere" and yg is None:
         centre = data_scale(y, w, L, grp)[1].to(x.dtype)
     else:
         centre = None
-    out = _tf._output(xe, ze, yg if yg is not None else y, wg if yg is not None else w, output,
-                      centre)
+    out = _tf._output(
+        xe, ze, yg if yg is not None else y, wg if yg is not None else w, output, centre
+    )
     info["seconds"] = time.perf_counter() - t_start
     result = _tf._back(out, kind, x_dtype, features)
     return (result, info) if return_info else result
@@ -209,14 +271,18 @@ def data_scale(y, w, layout, group):
     float64 sums."""
     yd = y.detach().to("cpu", torch.float64)
     wd = None if w is None else w.detach().to("cpu", torch.float64)
-    first = torch.cat([(yd if wd is None else wd[:, None] * yd).sum(0),
-                       torch.tensor([float(yd.shape[0]) if wd is None else float(wd.sum())],
-                                    dtype=torch.float64)])
+    first = torch.cat(
+        [
+            (yd if wd is None else wd[:, None] * yd).sum(0),
+            torch.tensor(
+                [float(yd.shape[0]) if wd is None else float(wd.sum())], dtype=torch.float64
+            ),
+        ]
+    )
     tot = _allsum(first, group)
     c = tot[:-1] / tot[-1]
     sq = ((yd - c) ** 2).sum(1)
-    second = torch.tensor([float(sq.sum() if wd is None else (wd * sq).sum())],
-                          dtype=torch.float64)
+    second = torch.tensor([float(sq.sum() if wd is None else (wd * sq).sum())], dtype=torch.float64)
     s = _allsum(second, group)[0] / tot[-1]
     return float(s.sqrt()), c.to(y.device)
 
@@ -227,8 +293,9 @@ def median_nn_distance(y, layout, group, *, sample=horizon.NN_SAMPLE, seed=0):
     to its own shard (direct differences), the minimum over ranks."""
     idx = horizon.nn_sample(layout.total_b, sample=sample, seed=seed)
     off = layout.offset
-    counts = tuple(int(((idx >= off[k]) & (idx < off[k] + layout.b[k])).sum())
-                   for k in range(layout.world))
+    counts = tuple(
+        int(((idx >= off[k]) & (idx < off[k] + layout.b[k])).sum()) for k in range(layout.world)
+    )
     yd = y.detach().to("cpu", torch.float64)
     lo = off[layout.rank]
     mine = idx[(idx >= lo) & (idx < lo + yd.shape[0])] - lo
@@ -265,7 +332,7 @@ def _flux_start(x, delta, seed, n_total, qoff):
     features are their own charges, so y[own] is x itself)."""
     g = torch.Generator().manual_seed(0 if seed is None else int(seed))
     d = x.shape[1]
-    u = torch.randn(n_total, d + 1, generator=g, dtype=torch.float64)[qoff: qoff + x.shape[0]]
+    u = torch.randn(n_total, d + 1, generator=g, dtype=torch.float64)[qoff : qoff + x.shape[0]]
     u = u / u.norm(dim=1, keepdim=True)
     x0 = (x.double().cpu() + delta * u[:, :d]).to(x.dtype).to(x.device)
     z0 = (delta * u[:, d].abs()).clamp_min(1e-300 if x.dtype == torch.float64 else 1e-30)

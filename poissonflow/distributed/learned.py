@@ -111,8 +111,18 @@ class _DataParallel:
     def targets(self, x_pert, z, charges, gamma):
         # the targets of learned.targets.field_targets, from the field of the global large batch
         d = x_pert.shape[1]
-        plan = plan_field(x_pert, charges, None, float(d + 1), 0.0, None, self.group,
-                          "allgather", self.backend, grad=False)
+        plan = plan_field(
+            x_pert,
+            charges,
+            None,
+            float(d + 1),
+            0.0,
+            None,
+            self.group,
+            "allgather",
+            self.backend,
+            grad=False,
+        )
         with torch.no_grad():
             v, _ = field_with_plan(plan, x_pert, charges, None, None, eps_rows=z)
             full = torch.cat([v, z[:, None].to(v.dtype)], dim=1)

@@ -1,5 +1,6 @@
 """Pairwise uniformity losses of the global batch of a data-parallel step (docs/DESIGN.md
-"The field as a Riesz-energy loss" and "Sharding the field over processes"): each rank passes its own rows; the loss is that of the union of all ranks'
+"The field as a Riesz-energy loss" and "Sharding the field over processes"): each rank passes its
+own rows; the loss is that of the union of all ranks'
 rows, the same value on every rank, and each rank's backward yields the exact gradient of that
 global loss with respect to its own rows.
 
@@ -78,17 +79,25 @@ def _bank_rows(bank, x):
         bank = bank.features()  # a poissonflow FeatureBank
     bank = _rows(bank, "bank")
     if bank.shape[1] != x.shape[1]:
-        raise ValueError(f"bank must have D = {x.shape[1]} columns like x, got "
-                         f"shape {tuple(bank.shape)}")
+        raise ValueError(
+            f"bank must have D = {x.shape[1]} columns like x, got shape {tuple(bank.shape)}"
+        )
     if bank.dtype != x.dtype or bank.device != x.device:
         raise TypeError(f"bank must have x's dtype and device ({x.dtype}, {x.device})")
     return bank.detach()
 
 
-def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
-                          bank: torch.Tensor | FeatureBank | None = None,
-                          normalize: bool = True, group: Any = None, mode: str = "auto",
-                          backend: str = "auto", coincident: str = "exclude") -> torch.Tensor:
+def riesz_uniformity_loss(
+    x: torch.Tensor,
+    s: float,
+    *,
+    bank: torch.Tensor | FeatureBank | None = None,
+    normalize: bool = True,
+    group: Any = None,
+    mode: str = "auto",
+    backend: str = "auto",
+    coincident: str = "exclude",
+) -> torch.Tensor:
     """Riesz s-energy uniformity of the global batch,
 
         L = log( 1 / (N (N - 1 + K)) * sum_i sum_{j != i} ||u_i - u_j||^(-s) ),
@@ -139,8 +148,10 @@ def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
     n_all, k_all = sizes[:, 0], sizes[:, 1]
     n, k = int(n_all.sum()), int(k_all.sum())
     if n < 1 or n + k < 2:
-        raise ValueError(f"the global batch has {n} row(s) and the banks {k}: the Riesz energy "
-                         "needs at least one pair")
+        raise ValueError(
+            f"the global batch has {n} row(s) and the banks {k}: the Riesz energy "
+            "needs at least one pair"
+        )
     rank = dist.get_rank(grp)
     lo = int(n_all[:rank].sum())
     hi = lo + x.shape[0]
@@ -153,18 +164,28 @@ def riesz_uniformity_loss(x: torch.Tensor, s: float, *,
             w = t.to(wire).contiguous()
             dist.all_reduce(w, op=op, group=grp)
             return w.to(t.device)
+
         return f
 
-    co = find_coincidences(u_all, bu.detach() if k else None, bank_lo,
-                          reduce(dist.ReduceOp.SUM), reduce(dist.ReduceOp.MIN))
+    co = find_coincidences(
+        u_all,
+        bu.detach() if k else None,
+        bank_lo,
+        reduce(dist.ReduceOp.SUM),
+        reduce(dist.ReduceOp.MIN),
+    )
     if coincident == "raise" and (co.in_batch or co.with_bank):
-        raise ValueError(f"coincident rows (equal after normalisation; global rank-major "
-                         f"indices): {co.describe()}; pass coincident='exclude' to count each "
-                         "as one point")
+        raise ValueError(
+            f"coincident rows (equal after normalisation; global rank-major "
+            f"indices): {co.describe()}; pass coincident='exclude' to count each "
+            "as one point"
+        )
     n_pairs = co.pairs(n, k)
     if n_pairs == 0:
-        raise ValueError(f"all {n} rows of the global batch coincide (and the banks hold no "
-                         "other point): the Riesz energy has no pair of distinct points")
+        raise ValueError(
+            f"all {n} rows of the global batch coincide (and the banks hold no "
+            "other point): the Riesz energy has no pair of distinct points"
+        )
     pairs = math.log(n_pairs)
     lses, consts, factors = [], [], []
     if co.groups >= 2:
@@ -198,8 +219,9 @@ def _global_logsumexp(lses, consts, grp, x, factor):
     total = -math.inf
     for r in range(every.shape[0]):  # rank order, then part order: the same bits everywhere
         for p, c in enumerate(consts):
-            total = float(torch.logaddexp(torch.tensor(total, dtype=torch.float64),
-                                          every[r, p] + c))
+            total = float(
+                torch.logaddexp(torch.tensor(total, dtype=torch.float64), every[r, p] + c)
+            )
     value = x.new_tensor(total, dtype=torch.float64)
     surrogate = value.new_zeros(())
     for t, c, f in zip(lses, consts, factor):
@@ -228,8 +250,11 @@ def uniform_loss(x, t: float = 2.0, *, group=None, chunk_size: int | None = None
     0-dim tensor on every rank.
     """
     grp = _comm.get_group(group)
-    x, tt = _comm.check_together(grp, _device(x), lambda: (
-        _rows(x, "x"), _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)))
+    x, tt = _comm.check_together(
+        grp,
+        _device(x),
+        lambda: (_rows(x, "x"), _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)),
+    )
     sizes = _gather_scalars([float(x.shape[0])], grp, _meta(grp, x))[:, 0]
     n = int(sizes.sum())
     if n < 2:
@@ -241,12 +266,15 @@ def uniform_loss(x, t: float = 2.0, *, group=None, chunk_size: int | None = None
     chunk = chunk_size or max(1, 2**22 // n)
     row_lse = []
     for i0 in range(0, x.shape[0], chunk):
-        xi = x[i0:i0 + chunk]
+        xi = x[i0 : i0 + chunk]
         sc = _sq_dists(xi, xs, (xi * xi).sum(1), sq_all).mul(-tt)
         rows = torch.arange(xi.shape[0], device=x.device)
         sc = sc.index_put((rows, rows + off + i0), sc.new_tensor(-math.inf))
         row_lse.append(torch.logsumexp(sc.to(torch.float64), dim=1))
     # an empty rank's term is -inf, connected to x so that its loss has a (zero) gradient
-    local = torch.logsumexp(torch.cat(row_lse), 0) if row_lse else \
-        x.to(torch.float64).sum() * 0.0 - math.inf
+    local = (
+        torch.logsumexp(torch.cat(row_lse), 0)
+        if row_lse
+        else x.to(torch.float64).sum() * 0.0 - math.inf
+    )
     return _global_logsumexp([local], [-math.log(n * (n - 1))], grp, x, factor=2.0)

@@ -63,17 +63,43 @@ def field_forward(
         exclude = exclude.to(torch.int64).contiguous()
     eps2_rows = None if eps_rows is None else (eps_rows.detach().to(x.dtype) ** 2).contiguous()
     cpu_module().field_forward(
-        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), eps2_rows=_addr(eps2_rows),
-        N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2,
-        is_double=x.dtype == torch.float64, v=_addr(v), log_scale=_addr(log_scale),
-        num_threads=_threads(N * B * D), isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
+        x=_addr(x),
+        y=_addr(y),
+        w=_addr(w),
+        exclude=_addr(exclude),
+        eps2_rows=_addr(eps2_rows),
+        N=N,
+        B=B,
+        D=D,
+        power=float(power),
+        eps2=float(eps) ** 2,
+        is_double=x.dtype == torch.float64,
+        v=_addr(v),
+        log_scale=_addr(log_scale),
+        num_threads=_threads(N * B * D),
+        isa=isa or default_cpu_isa(),
+        weight_form=cpu_weight_form(),
     )
     return v, log_scale
 
 
 def field_backward(
-    x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-    exclude=None, eps_rows=None, isa=None,
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+    isa=None,
 ):
     """Gradients (dL/dx, dL/dy, dL/dw) of L with dL/dv = gv, dL/dlog_scale = gl (None: zero).
 
@@ -102,11 +128,27 @@ def field_backward(
         exclude = exclude.to(torch.int64).contiguous()
     eps2_rows = None if eps_rows is None else (eps_rows.detach().to(dt) ** 2).contiguous()
     cpu_module().field_backward(
-        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), eps2_rows=_addr(eps2_rows),
-        N=N, B=B, D=D, power=float(power), eps2=float(eps) ** 2, is_double=dt == torch.float64,
-        v=_addr(v), log_scale=_addr(log_scale), gv=_addr(gv), gl=_addr(gl),
-        gx=_addr(gx), gy=_addr(gy), gw=_addr(gw),
-        num_threads=_threads(2 * N * B * D), isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
+        x=_addr(x),
+        y=_addr(y),
+        w=_addr(w),
+        exclude=_addr(exclude),
+        eps2_rows=_addr(eps2_rows),
+        N=N,
+        B=B,
+        D=D,
+        power=float(power),
+        eps2=float(eps) ** 2,
+        is_double=dt == torch.float64,
+        v=_addr(v),
+        log_scale=_addr(log_scale),
+        gv=_addr(gv),
+        gl=_addr(gl),
+        gx=_addr(gx),
+        gy=_addr(gy),
+        gw=_addr(gw),
+        num_threads=_threads(2 * N * B * D),
+        isa=isa or default_cpu_isa(),
+        weight_form=cpu_weight_form(),
     )
     return gx, gy, gw
 
@@ -135,11 +177,23 @@ def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
     if exclude is not None:
         exclude = exclude.to(torch.int64).contiguous()
     cpu_module().flow_steps(
-        x=_addr(x), y=_addr(y), w=_addr(w), exclude=_addr(exclude), N=N, B=y.shape[0], D=D,
-        power=float(D + 1), is_double=x.dtype == torch.float64, t0=_addr(t0), dt=_addr(dt),
-        n_steps=int(n_steps), solver=SOLVERS[solver], x_out=_addr(out),
+        x=_addr(x),
+        y=_addr(y),
+        w=_addr(w),
+        exclude=_addr(exclude),
+        N=N,
+        B=y.shape[0],
+        D=D,
+        power=float(D + 1),
+        is_double=x.dtype == torch.float64,
+        t0=_addr(t0),
+        dt=_addr(dt),
+        n_steps=int(n_steps),
+        solver=SOLVERS[solver],
+        x_out=_addr(out),
         num_threads=_threads(N * y.shape[0] * D * int(n_steps) * (4 if solver == "rk4" else 1)),
-        isa=isa or default_cpu_isa(), weight_form=cpu_weight_form(),
+        isa=isa or default_cpu_isa(),
+        weight_form=cpu_weight_form(),
     )
     return out
 

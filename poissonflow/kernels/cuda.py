@@ -183,9 +183,18 @@ class _Problem:
 
     def args(self, **extra) -> dict:
         a = dict(
-            x=_addr(self.x), y=_addr(self.y), w=_addr(self.w), exclude=_addr(self.exclude),
-            eps_rows=_addr(self.eps_rows), N=self.N, B=self.B, D=self.D, ld=self.ld,
-            eps2=self.eps2, power=self.power, input_dtype=self.input_dtype,
+            x=_addr(self.x),
+            y=_addr(self.y),
+            w=_addr(self.w),
+            exclude=_addr(self.exclude),
+            eps_rows=_addr(self.eps_rows),
+            N=self.N,
+            B=self.B,
+            D=self.D,
+            ld=self.ld,
+            eps2=self.eps2,
+            power=self.power,
+            input_dtype=self.input_dtype,
             is_double=int(self.acc == torch.float64),
         )
         a.update(extra)
@@ -213,8 +222,24 @@ def _field_forward(run, x, y, w, power, eps, *, exclude=None, eps_rows=None):
     return _out(v, pb.D, x.dtype), log_scale
 
 
-def _field_backward(run, x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-                    exclude=None, eps_rows=None):
+def _field_backward(
+    run,
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+):
     if not (need_x or need_y or need_w):
         return None, None, None
     N, D = x.shape
@@ -275,8 +300,16 @@ def _flow_steps(run, x, y, w, t0, dt, n_steps, solver, *, exclude=None):
         _flow_unfused(run, pb, t0b, dtb, n_steps, solver)
     else:
         comb = pb.empty(N, pb.ld) if solver == "rk4" else None
-        run.launch(**pb.args(mode=MODE_FLOW, t0=_addr(t0b), dt=_addr(dtb), comb=_addr(comb),
-                             n_steps=n_steps, solver=_SOLVERS[solver]))
+        run.launch(
+            **pb.args(
+                mode=MODE_FLOW,
+                t0=_addr(t0b),
+                dt=_addr(dtb),
+                comb=_addr(comb),
+                n_steps=n_steps,
+                solver=_SOLVERS[solver],
+            )
+        )
     return _out(pb.x, d, x.dtype)
 
 
@@ -298,34 +331,70 @@ def _flow_unfused(run, pb: _Problem, t0, dt, n_steps: int, solver: str) -> None:
 def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
     """Field (v, log_scale) of charges y (B, D) at queries x (N, D) on the GPU.
 
-        s_ij = log w_j - (p/2) log max(||x_i - y_j||^2 + e_i^2, tiny),  pi = softmax_j(s)
-        v_i = sum_j pi_ij (x_i - y_j),  log_scale_i = logsumexp_j(s_ij) - log sum_j w_j
+    s_ij = log w_j - (p/2) log max(||x_i - y_j||^2 + e_i^2, tiny),  pi = softmax_j(s)
+    v_i = sum_j pi_ij (x_i - y_j),  log_scale_i = logsumexp_j(s_ij) - log sum_j w_j
     """
     device = _require_cuda(x=x, y=y, w=w, exclude=exclude, eps_rows=eps_rows)
-    return _field_forward(_DeviceRunner(device), x, y, w, power, eps, exclude=exclude,
-                          eps_rows=eps_rows)
+    return _field_forward(
+        _DeviceRunner(device), x, y, w, power, eps, exclude=exclude, eps_rows=eps_rows
+    )
 
 
-def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-                   exclude=None, eps_rows=None):
+def field_backward(
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+):
     """Gradients (dL/dx, dL/dy, dL/dw) of the field, given upstream gv (N, D) and gl (N,):
 
-        gs_ij = pi_ij (gv_i . (x_i - y_j) - gv_i . v_i + gl_i)
-        dL/dx_i = gv_i - p sum_j gs_ij (x_i - y_j) / r2_ij
-        dL/dy_j = -sum_i pi_ij gv_i + p sum_i gs_ij (x_i - y_j) / r2_ij
-        dL/dw_j = sum_i gs_ij / w_j - sum_i gl_i / sum_k w_k
+    gs_ij = pi_ij (gv_i . (x_i - y_j) - gv_i . v_i + gl_i)
+    dL/dx_i = gv_i - p sum_j gs_ij (x_i - y_j) / r2_ij
+    dL/dy_j = -sum_i pi_ij gv_i + p sum_i gs_ij (x_i - y_j) / r2_ij
+    dL/dw_j = sum_i gs_ij / w_j - sum_i gl_i / sum_k w_k
     """
-    device = _require_cuda(x=x, y=y, w=w, v=v, log_scale=log_scale, gv=gv, gl=gl,
-                           exclude=exclude, eps_rows=eps_rows)
-    return _field_backward(_DeviceRunner(device), x, y, w, power, eps, v, log_scale, gv, gl,
-                           need_x=need_x, need_y=need_y, need_w=need_w, exclude=exclude,
-                           eps_rows=eps_rows)
+    device = _require_cuda(
+        x=x, y=y, w=w, v=v, log_scale=log_scale, gv=gv, gl=gl, exclude=exclude, eps_rows=eps_rows
+    )
+    return _field_backward(
+        _DeviceRunner(device),
+        x,
+        y,
+        w,
+        power,
+        eps,
+        v,
+        log_scale,
+        gv,
+        gl,
+        need_x=need_x,
+        need_y=need_y,
+        need_w=need_w,
+        exclude=exclude,
+        eps_rows=eps_rows,
+    )
 
 
 def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None):
     """`n_steps` fused Euler or RK4 steps of dx/dt = v(x; eps_rows = e^t, power = d + 1) from
     t0 with step dt (per query), every stage of every step in one kernel launch."""
-    device = _require_cuda(x=x, y=y, w=w, exclude=exclude,
-                           t0=t0 if isinstance(t0, torch.Tensor) else None,
-                           dt=dt if isinstance(dt, torch.Tensor) else None)
+    device = _require_cuda(
+        x=x,
+        y=y,
+        w=w,
+        exclude=exclude,
+        t0=t0 if isinstance(t0, torch.Tensor) else None,
+        dt=dt if isinstance(dt, torch.Tensor) else None,
+    )
     return _flow_steps(_DeviceRunner(device), x, y, w, t0, dt, n_steps, solver, exclude=exclude)

@@ -186,9 +186,7 @@ def flow_velocity_reference(
     height z.
     """
     d = x.shape[1]
-    v, _ = poisson_field_reference(
-        x, charges, weights, power=d + 1, eps_rows=z, exclude=exclude
-    )
+    v, _ = poisson_field_reference(x, charges, weights, power=d + 1, eps_rows=z, exclude=exclude)
     return v
 
 
@@ -202,8 +200,23 @@ def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
     return poisson_field_reference(x, y, w, power, eps, exclude=exclude, eps_rows=eps_rows)
 
 
-def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-                   exclude=None, eps_rows=None):
+def field_backward(
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+):
     """(dL/dx, dL/dy, dL/dw) of L = <v, gv> + <log_scale, gl> by autograd through the float64
     reference (v and log_scale are recomputed; the arguments only complete the protocol). Rows
     that no charge reaches (log_scale = -inf) carry no log_scale gradient."""
@@ -218,8 +231,9 @@ def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y,
             for t, n in zip((x, y, w), wanted)
         ]
         e = None if eps_rows is None else eps_rows.detach().double()
-        vr, lr = poisson_field_reference(*leaves, power, eps, exclude=exclude, eps_rows=e,
-                                         r2_floor=floor)
+        vr, lr = poisson_field_reference(
+            *leaves, power, eps, exclude=exclude, eps_rows=e, r2_floor=floor
+        )
         loss = vr.new_zeros(())
         if gv is not None:
             loss = loss + (vr * gv.detach().double()).sum()
@@ -227,8 +241,11 @@ def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y,
             live = torch.isfinite(lr)
             loss = loss + torch.where(live, lr * gl.detach().double(), 0.0).sum()
         asked = [t for t, n in zip(leaves, wanted) if n]
-        got = list(torch.autograd.grad(loss, asked, allow_unused=True)) if loss.requires_grad \
+        got = (
+            list(torch.autograd.grad(loss, asked, allow_unused=True))
+            if loss.requires_grad
             else [None] * len(asked)
+        )
     out = []
     for t, n in zip(leaves, wanted):
         if not n:

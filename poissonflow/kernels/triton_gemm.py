@@ -1,5 +1,6 @@
 """The `triton-gemm` backend: the field with r2 in GEMM form on tensor cores and a certified
-error (docs/DESIGN.md, "A tensor-core field with a certified error"), the backend protocol of docs/ARCHITECTURE.md.
+error (docs/DESIGN.md, "A tensor-core field with a certified error"), the backend protocol of
+docs/ARCHITECTURE.md.
 
     field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None) -> (v, log_scale)
     field_backward(...)   the exact Triton backward (poissonflow.kernels.triton.field_backward)
@@ -54,11 +55,41 @@ def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
     return forward_outputs(x, y, w, power, eps, exclude, eps_rows)
 
 
-def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-                   exclude=None, eps_rows=None):
-    """The exact Triton backward from this forward's outputs (docs/DESIGN.md, "A tensor-core field with a certified error")."""
-    return _exact_backward(x, y, w, power, eps, v, log_scale, gv, gl, need_x=need_x,
-                           need_y=need_y, need_w=need_w, exclude=exclude, eps_rows=eps_rows)
+def field_backward(
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+):
+    """The exact Triton backward from this forward's outputs (docs/DESIGN.md, "A tensor-core field
+    with a certified error")."""
+    return _exact_backward(
+        x,
+        y,
+        w,
+        power,
+        eps,
+        v,
+        log_scale,
+        gv,
+        gl,
+        need_x=need_x,
+        need_y=need_y,
+        need_w=need_w,
+        exclude=exclude,
+        eps_rows=eps_rows,
+    )
 
 
 def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None):

@@ -214,8 +214,9 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
 
     # ------------------------------------------------------------------ training
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None, *, progress: bool | None = None,
-            profile: bool = False, train: bool = True) -> LearnedField:
+    def fit(
+        self, X, y=None, *, progress: bool | None = None, profile: bool = False, train: bool = True
+    ) -> LearnedField:
         """Trains the network on the features X (N, d) (numpy, array-like or torch); returns
         self. y is ignored (scikit-learn's signature).
 
@@ -246,13 +247,22 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
             net = mlp(d, s["hidden"], s["depth"])
         self.net_ = net.to(device)
         run = Training(self.net_, s, seed, device)
-        sync = (lambda: torch.cuda.synchronize(device)) if (
-            profile and device.type == "cuda") else (lambda: None)
+        sync = (
+            (lambda: torch.cuda.synchronize(device))
+            if (profile and device.type == "cuda")
+            else (lambda: None)
+        )
         validation = None if s["patience"] is None else validation_set(X, s, seed, backend)
         bar = epoch_bar(s["epochs"], self._show_progress(progress))
         t_fit = time.perf_counter()
-        run.run(X, SingleProcess(self.net_, backend), s["epochs"] if train else 0,
-                validation=validation, sync=sync, bar=bar)
+        run.run(
+            X,
+            SingleProcess(self.net_, backend),
+            s["epochs"] if train else 0,
+            validation=validation,
+            sync=sync,
+            bar=bar,
+        )
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t_fit
@@ -412,8 +422,7 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
     # ------------------------------------------------------------------ helpers
     def _check_fitted(self) -> None:
         if not hasattr(self, "net_"):
-            raise _NotFittedError(
-                "this LearnedField is not fitted yet: call fit(features) first")
+            raise _NotFittedError("this LearnedField is not fitted yet: call fit(features) first")
 
     def _features(self, X, *, reset: bool) -> torch.Tensor:
         """X as a 2-D real float tensor, with n_features_in_ set (reset, in fit) or checked.
@@ -426,17 +435,20 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                 # torch would drop the imaginary part silently in the float conversion
                 raise TypeError(
                     f"X is a complex tensor ({X.dtype}); LearnedField needs real features "
-                    "(pass X.real or X.abs() if that is what is meant)")
+                    "(pass X.real or X.abs() if that is what is meant)"
+                )
             # training data are detached; a query is handed on as given, so that
             # poissonflow.transform applies its own rule to a tensor that requires grad
             t = X.detach() if reset else X
             if t.ndim != 2:
                 raise ValueError(
-                    f"X must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+                    f"X must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}"
+                )
             least = 2 if reset else 1  # training needs 2 points for a field; a flow needs 1
             if t.shape[0] < least or t.shape[1] < 1:
-                raise ValueError(f"X needs at least {least} sample(s) and 1 feature, got "
-                                 f"shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"X needs at least {least} sample(s) and 1 feature, got shape {tuple(t.shape)}"
+                )
             if not t.is_floating_point():
                 t = t.to(torch.float64)
             if not bool(torch.isfinite(t).all()):
@@ -448,16 +460,23 @@ class LearnedField(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstima
                 raise ValueError(
                     f"X has {t.shape[1]} features, but LearnedField is expecting "
                     f"{self.n_features_in_} features as input (it was trained on "
-                    f"{self.n_features_in_}-dimensional features)")
+                    f"{self.n_features_in_}-dimensional features)"
+                )
             return t
         shape = getattr(X, "shape", None)
         if shape is not None and len(shape) != 2:
             raise ValueError(  # "Reshape your data": the hint scikit-learn's checks look for
                 f"X must be 2-D (n_samples, n_features), got shape {tuple(shape)}. Reshape "
                 "your data: X.reshape(-1, 1) for a single feature, X.reshape(1, -1) for a "
-                "single sample")
-        a = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32],
-                          ensure_min_samples=2 if reset else 1)
+                "single sample"
+            )
+        a = validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            ensure_min_samples=2 if reset else 1,
+        )
         if not a.flags.writeable:  # torch.from_numpy warns on read-only memory
             a = a.copy()
         return torch.from_numpy(np.ascontiguousarray(a))

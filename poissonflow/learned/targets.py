@@ -136,8 +136,10 @@ def field_targets(
         # The backend's protocol function directly, not the autograd-aware op: no gradient is
         # needed, and the op's dispatch cost (~0.2 ms a call, measured) is a quarter of this
         # small problem (128 queries x 1024 charges in training).
-        v, _ = registry.get(which).module().field_forward(x_pert, charges, None, power, 0.0,
-                                                          eps_rows=z)
+        v, _ = (
+            registry.get(which)
+            .module()
+            .field_forward(x_pert, charges, None, power, 0.0, eps_rows=z)
+        )
         full = torch.cat([v, z[:, None].to(v.dtype)], dim=1)
         return full * (-math.sqrt(d) / (full.norm(dim=1, keepdim=True) + gamma))
-

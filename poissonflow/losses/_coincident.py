@@ -17,8 +17,8 @@ bank charge of weight m that the group's rows exclude.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -43,14 +43,14 @@ def row_keys(u: torch.Tensor) -> torch.Tensor:
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
     out = torch.empty(m, dtype=torch.int64, device=u.device)
     for i0 in range(0, m, _CHUNK):
-        bits = (u[i0:i0 + _CHUNK] + 0.0).contiguous().view(ints).to(torch.int64)
+        bits = (u[i0 : i0 + _CHUNK] + 0.0).contiguous().view(ints).to(torch.int64)
         if width < 8:
             lo = bits & ((1 << (8 * width)) - 1)
-            out[i0:i0 + _CHUNK] = ((lo * a) % _PRIME).sum(1)
+            out[i0 : i0 + _CHUNK] = ((lo * a) % _PRIME).sum(1)
         else:
             lo = bits & 0xFFFFFFFF
             hi = (bits >> 32) & 0xFFFFFFFF
-            out[i0:i0 + _CHUNK] = ((lo * a) % _PRIME + (hi * b) % _PRIME).sum(1)
+            out[i0 : i0 + _CHUNK] = ((lo * a) % _PRIME + (hi * b) % _PRIME).sum(1)
     return out
 
 
@@ -117,32 +117,40 @@ class Coincidences:
             return None
         return self.bank_rep[self.group[lo:hi]].clone()
 
-    def describe(self, owner: Callable[[int], str] = str, bank_owner: Callable[[int], str] = str,
-                 limit: int = 3) -> str:
+    def describe(
+        self,
+        owner: Callable[[int], str] = str,
+        bank_owner: Callable[[int], str] = str,
+        limit: int = 3,
+    ) -> str:
         """A message naming up to `limit` coincident pairs (indices through `owner`)."""
         out = []
         for g in torch.nonzero(self.count > 1).flatten()[:limit].tolist():
             rows = torch.nonzero(self.group == g).flatten()[:2].tolist()
             out.append(f"x rows {owner(rows[0])} and {owner(rows[1])}")
         for g in torch.nonzero(self.bank_count > 0).flatten()[:limit].tolist():
-            out.append(f"x row {owner(int(self.rep[g]))} and bank row "
-                       f"{bank_owner(int(self.bank_rep[g]))}")
+            out.append(
+                f"x row {owner(int(self.rep[g]))} and bank row {bank_owner(int(self.bank_rep[g]))}"
+            )
         more = int((self.count > 1).sum() + (self.bank_count > 0).sum())
         tail = f" (and {more - len(out)} more)" if more > len(out) else ""
         return ", ".join(out[:limit]) + tail
 
 
-def find(u_all: torch.Tensor, bank: torch.Tensor | None, bank_offset: int = 0,
-         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-         reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Coincidences:
+def find(
+    u_all: torch.Tensor,
+    bank: torch.Tensor | None,
+    bank_offset: int = 0,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Coincidences:
     """Coincidences of the (detached) global batch u_all (N, D) and this rank's bank rows
     (K_r, D, global indices from bank_offset; None for none). reduce_sum / reduce_min combine
     the per-rank bank counts and first indices over the ranks (None: one process); every rank
     must call it with the same u_all."""
     n = u_all.shape[0]
     dev = u_all.device
-    uniq, group, count = torch.unique(u_all + 0.0, dim=0, return_inverse=True,
-                                      return_counts=True)
+    uniq, group, count = torch.unique(u_all + 0.0, dim=0, return_inverse=True, return_counts=True)
     g_n = uniq.shape[0]
     rep = torch.full((g_n,), n, dtype=torch.int64, device=dev)
     rep.scatter_reduce_(0, group, torch.arange(n, device=dev), "amin")

@@ -1,5 +1,6 @@
 """Training losses of the papers whose metrics `poissonflow.metrics` reports, so encoders can be
-trained the ways the literature compares (docs/DESIGN.md, "Metrics and probes"). Each is a torch function of
+trained the ways the literature compares (docs/DESIGN.md, "Metrics and probes"). Each is a torch
+function of
 features (N, D) that returns a 0-dim tensor with gradients; lower is better for all of them.
 
 | loss | source |
@@ -8,7 +9,7 @@ features (N, D) that returns a 0-dim tensor with gradients; lower is better for 
 | `wasserstein_uniformity_loss` | Fang et al. (ICLR 2024), auxiliary term |
 | `contrastive_l2_loss` | the blog's closing proposal, ||x - x+||^a - lambda sum ||x - x-||^b |
 | `noise_injected_infonce` | Butakov et al. (2024), noise-injected Deep InfoMax |
-| `riesz_uniformity_loss` | Riesz s-energy, through the field kernel (docs/DESIGN.md, "The field as a Riesz-energy loss") |
+| `riesz_uniformity_loss` | Riesz s-energy through the field kernel (see `riesz_uniformity_loss`) |
 
 `FeatureBank` (from `poissonflow.bank`) is a FIFO memory bank of detached features; its module
 docstring says which of these losses take one.
@@ -22,11 +23,18 @@ import numpy as np
 import torch
 
 from .. import _checks
-from ..field import poisson_field
 from ..bank import FeatureBank
+from ..field import poisson_field
+from ..metrics import (
+    align_loss,
+    as_features,
+    check_pairs,
+    l2_normalize,
+    powered_norm,
+    uniform_loss,
+    wasserstein_uniformity,
+)
 from . import _coincident
-from ..metrics import align_loss, as_features, check_pairs, l2_normalize, powered_norm
-from ..metrics import uniform_loss, wasserstein_uniformity
 
 __all__ = [
     "align_uniform_loss",
@@ -87,7 +95,9 @@ def align_uniform_loss(
 
 
 def wasserstein_uniformity_loss(
-    x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | None = None, *,
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray | None = None,
+    *,
     weight: float = 1.0,
 ) -> torch.Tensor:
     """Fang et al.'s auxiliary term, added to a base self-supervised loss (they use BYOL, Barlow
@@ -330,7 +340,8 @@ def riesz_uniformity_loss(
     counts as none) is a constant: it is detached, and L2-normalised too when normalize=True, so
     raw or unit rows both work. Returns a 0-dim tensor in x's dtype, differentiable in x.
 
-    **Through the field kernel** (docs/DESIGN.md, "The field as a Riesz-energy loss"). With charges c = (u, bank), power
+    **Through the field kernel** (docs/DESIGN.md, "The field as a Riesz-energy loss"). With charges
+    c = (u, bank), power
     p = s, no weights and each query's own charge excluded (exclude = arange(N)), the field op's
     log_scale_i = logsumexp_{j != i}(-(s/2) log r2_ij) - log(N + K): the weight sum that
     normalises it counts all N + K charges, the excluded one included. Hence
@@ -438,8 +449,10 @@ def riesz_uniformity_loss(
             b = bank
     co = _coincident.find(u.detach(), b)
     if coincident == "raise" and (co.in_batch or co.with_bank):
-        raise ValueError(f"coincident rows (equal after normalisation): {co.describe()}; "
-                         "pass coincident='exclude' to count each as one point")
+        raise ValueError(
+            f"coincident rows (equal after normalisation): {co.describe()}; "
+            "pass coincident='exclude' to count each as one point"
+        )
     n_pairs = co.pairs(n, k)
     if n_pairs == 0:
         raise ValueError(
@@ -455,13 +468,20 @@ def riesz_uniformity_loss(
     parts = []
     if co.groups >= 2:
         w = co.batch_weights(0, n, x.dtype)
-        _, ls = poisson_field(u, u.detach(), weights=w, power=sv, exclude=co.batch_exclude(0, n),
-                              backend=backend)
+        _, ls = poisson_field(
+            u, u.detach(), weights=w, power=sv, exclude=co.batch_exclude(0, n), backend=backend
+        )
         lse = _finite_logsumexp(ls)
         parts.append(2.0 * lse - lse.detach() + (math.log(n) - pairs))  # symmetric pairs
     if b is not None:
-        _, ls = poisson_field(u, b, weights=co.bank_weights(0, x.dtype), power=sv,
-                              exclude=co.bank_exclude(0, n), backend=backend)
+        _, ls = poisson_field(
+            u,
+            b,
+            weights=co.bank_weights(0, x.dtype),
+            power=sv,
+            exclude=co.bank_exclude(0, n),
+            backend=backend,
+        )
         parts.append(_finite_logsumexp(ls) + (math.log(k) - pairs))
     parts = [p for p in parts if bool(torch.isfinite(p.detach()))]
     total = parts[0] if len(parts) == 1 else torch.logaddexp(parts[0], parts[1])

@@ -12,8 +12,7 @@ from .. import _checks
 from ..bank import FeatureBank
 from . import functions as F
 
-__all__ = ["RieszLoss", "AlignUniformLoss", "WassersteinUniformityLoss",
-           "NoiseInjectedInfoNCELoss"]
+__all__ = ["RieszLoss", "AlignUniformLoss", "WassersteinUniformityLoss", "NoiseInjectedInfoNCELoss"]
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -84,7 +83,8 @@ class RieszLoss(nn.Module):
         self.bank_size = bank_size
         self.normalize = _flag(normalize, "normalize")
         self.gather_distributed = _flag(gather_distributed, "gather_distributed") or (
-            process_group is not None)
+            process_group is not None
+        )
         self.process_group = process_group
         F.check_coincident(coincident)
         self.coincident = coincident
@@ -114,16 +114,26 @@ class RieszLoss(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         _flag(update_bank, "update_bank")
-        if self.bank_size and self._bank is None and x.ndim == 2 and x.shape[1] >= 1 \
-                and x.is_floating_point():
+        if (
+            self.bank_size
+            and self._bank is None
+            and x.ndim == 2
+            and x.shape[1] >= 1
+            and x.is_floating_point()
+        ):
             self._bank = FeatureBank(self.bank_size, x.shape[1], dtype=x.dtype, device=x.device)
         bank = None
         if self._bank is not None:
-            if not (x.ndim == 2 and x.shape[1] == self._bank.dim
-                    and x.dtype == self._bank.dtype and x.device == self._bank.device):
+            if not (
+                x.ndim == 2
+                and x.shape[1] == self._bank.dim
+                and x.dtype == self._bank.dtype
+                and x.device == self._bank.device
+            ):
                 raise ValueError(
                     f"x ({tuple(x.shape)}, {x.dtype}, {x.device}) does not match this loss's "
-                    f"bank (dim {self._bank.dim}, {self._bank.dtype}, {self._bank.device})")
+                    f"bank (dim {self._bank.dim}, {self._bank.dtype}, {self._bank.device})"
+                )
             if len(self._bank):
                 # the graph must not keep the storage, which the push below writes in place:
                 # normalize=True makes a normalised copy, normalize=False gets a copy
@@ -131,12 +141,25 @@ class RieszLoss(nn.Module):
         if self.gather_distributed:
             from ..distributed.losses import riesz_uniformity_loss as distributed_loss
 
-            loss = distributed_loss(x, self.s, bank=bank, normalize=self.normalize,
-                                    group=self.process_group, mode=self.mode,
-                                    backend=self.backend, coincident=self.coincident)
+            loss = distributed_loss(
+                x,
+                self.s,
+                bank=bank,
+                normalize=self.normalize,
+                group=self.process_group,
+                mode=self.mode,
+                backend=self.backend,
+                coincident=self.coincident,
+            )
         else:
-            loss = F.riesz_uniformity_loss(x, self.s, bank=bank, normalize=self.normalize,
-                                           coincident=self.coincident, backend=self.backend)
+            loss = F.riesz_uniformity_loss(
+                x,
+                self.s,
+                bank=bank,
+                normalize=self.normalize,
+                coincident=self.coincident,
+                backend=self.backend,
+            )
         if update_bank and self._bank is not None:
             self._bank.push(x)
         return loss
@@ -161,8 +184,10 @@ class RieszLoss(nn.Module):
         if not isinstance(feats, torch.Tensor) or feats.ndim != 2:
             raise ValueError("the saved bank must be a FeatureBank.state_dict()")
         if feats.shape[0] != self.bank_size:
-            raise ValueError(f"the saved bank holds {feats.shape[0]} rows; this RieszLoss has "
-                             f"bank_size={self.bank_size}")
+            raise ValueError(
+                f"the saved bank holds {feats.shape[0]} rows; this RieszLoss has "
+                f"bank_size={self.bank_size}"
+            )
         if self._bank is None or self._bank.dim != feats.shape[1]:
             device = feats.device if self._bank is None else self._bank.device
             dtype = feats.dtype if self._bank is None else self._bank.dtype
@@ -176,8 +201,10 @@ class RieszLoss(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"s={self.s}, bank_size={self.bank_size}, normalize={self.normalize}, "
-                f"gather_distributed={self.gather_distributed}, coincident={self.coincident!r}")
+        return (
+            f"s={self.s}, bank_size={self.bank_size}, normalize={self.normalize}, "
+            f"gather_distributed={self.gather_distributed}, coincident={self.coincident!r}"
+        )
 
 
 class AlignUniformLoss(nn.Module):
@@ -191,8 +218,14 @@ class AlignUniformLoss(nn.Module):
         normalize: L2-normalise both views first.
     """
 
-    def __init__(self, alpha: float = 2.0, t: float = 2.0, align_weight: float = 1.0,
-                 uniform_weight: float = 1.0, normalize: bool = True) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        t: float = 2.0,
+        align_weight: float = 1.0,
+        uniform_weight: float = 1.0,
+        normalize: bool = True,
+    ) -> None:
         super().__init__()
         self.alpha = _checks.check_scalar(alpha, "alpha", minimum=0.0, allow_equal=False)
         self.t = _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)
@@ -210,13 +243,21 @@ class AlignUniformLoss(nn.Module):
         Returns:
             A 0-dim tensor with gradients.
         """
-        return F.align_uniform_loss(x, y, alpha=self.alpha, t=self.t,
-                                    align_weight=self.align_weight,
-                                    uniform_weight=self.uniform_weight, normalize=self.normalize)
+        return F.align_uniform_loss(
+            x,
+            y,
+            alpha=self.alpha,
+            t=self.t,
+            align_weight=self.align_weight,
+            uniform_weight=self.uniform_weight,
+            normalize=self.normalize,
+        )
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, t={self.t}, align_weight={self.align_weight}, "
-                f"uniform_weight={self.uniform_weight}, normalize={self.normalize}")
+        return (
+            f"alpha={self.alpha}, t={self.t}, align_weight={self.align_weight}, "
+            f"uniform_weight={self.uniform_weight}, normalize={self.normalize}"
+        )
 
 
 class WassersteinUniformityLoss(nn.Module):
@@ -258,9 +299,14 @@ class NoiseInjectedInfoNCELoss(nn.Module):
         generator: a torch.Generator fixing the noise (on the features' device), or None.
     """
 
-    def __init__(self, target: str = "sphere", sigma: float = 0.3,
-                 temperature: float | None = None, critic: str = "sqdist",
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "sphere",
+        sigma: float = 0.3,
+        temperature: float | None = None,
+        critic: str = "sqdist",
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if target not in F.NOISE_TARGETS:
             raise ValueError(f"target must be one of {F.NOISE_TARGETS}, got {target!r}")
@@ -270,11 +316,13 @@ class NoiseInjectedInfoNCELoss(nn.Module):
         if temperature is None and self.sigma == 0.0:
             raise ValueError("temperature must be given when sigma is 0 (no noise to match)")
         if temperature is not None:
-            temperature = _checks.check_scalar(temperature, "temperature", minimum=0.0,
-                                               allow_equal=False)
+            temperature = _checks.check_scalar(
+                temperature, "temperature", minimum=0.0, allow_equal=False
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got "
-                            f"{type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         self.target, self.critic = target, critic
         self.temperature, self.generator = temperature, generator
 
@@ -288,10 +336,18 @@ class NoiseInjectedInfoNCELoss(nn.Module):
         Returns:
             A 0-dim tensor with gradients through z1 and z2.
         """
-        return F.noise_injected_infonce(z1, z2, target=self.target, sigma=self.sigma,
-                                        temperature=self.temperature, critic=self.critic,
-                                        generator=self.generator)
+        return F.noise_injected_infonce(
+            z1,
+            z2,
+            target=self.target,
+            sigma=self.sigma,
+            temperature=self.temperature,
+            critic=self.critic,
+            generator=self.generator,
+        )
 
     def extra_repr(self) -> str:
-        return (f"target={self.target!r}, sigma={self.sigma}, temperature={self.temperature}, "
-                f"critic={self.critic!r}")
+        return (
+            f"target={self.target!r}, sigma={self.sigma}, temperature={self.temperature}, "
+            f"critic={self.critic!r}"
+        )

@@ -1,7 +1,8 @@
 """Representation metrics: alignment, uniformity, Wasserstein uniformity, spectrum, energy
 distances.
 
-Every metric follows its authors' definition (docs/DESIGN.md, "Metrics and probes"). Inputs are feature matrices
+Every metric follows its authors' definition (docs/DESIGN.md, "Metrics and probes"). Inputs are
+feature matrices
 (N, D), as torch tensors or numpy arrays of a floating dtype.
 
 Return types follow one rule:
@@ -12,7 +13,7 @@ Return types follow one rule:
 | `effective_rank`, `rankme`, `energy_distance*` | python float (float64 math) | reports |
 | `singular_values` | numpy float64 array | a vector report |
 | `uniform_sphere`, `uniform_hemisphere` | torch float64 tensor | reference samples |
-| `Alignment`, `Uniformity`, ... `.compute()` | 0-dim tensor, no autograd | streaming, as torchmetrics |
+| `Alignment`, `Uniformity`, ... `.compute()` | 0-dim tensor, no autograd | streaming |
 
 Streaming forms for a training loop (update / compute / reset, synced over processes):
 `Alignment`, `Uniformity`, `WassersteinUniformity`, `EffectiveRank`, `RankMe`
@@ -366,7 +367,10 @@ def effective_rank(
 
 
 def rankme(
-    x: torch.Tensor | np.ndarray, *, eps: float = 1e-7, center: bool = False,
+    x: torch.Tensor | np.ndarray,
+    *,
+    eps: float = 1e-7,
+    center: bool = False,
     normalize: bool = False,
 ) -> float:
     """RankMe of Garrido et al. (ICML 2023): the effective rank with a small constant added,
@@ -512,8 +516,12 @@ def energy_distance_to_sphere(
 
 
 def energy_distance_to_hemisphere(
-    x: torch.Tensor | np.ndarray, *, n_reference: int = 4096, seed: int = 0,
-    normalize: bool = True, unbiased: bool = False,
+    x: torch.Tensor | np.ndarray,
+    *,
+    n_reference: int = 4096,
+    seed: int = 0,
+    normalize: bool = True,
+    unbiased: bool = False,
 ) -> float:
     """Energy distance between the rows of x (N, D) and the uniform distribution on the upper
     hemisphere {u in S^(D-1): u_D >= 0}, where Poisson-flowed features (D = d + 1) end up.

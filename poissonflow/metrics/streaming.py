@@ -30,8 +30,14 @@ import torch.distributed as dist
 from .. import _checks
 from . import as_features, check_pairs, l2_normalize, powered_norm, uniform_loss
 
-__all__ = ["StreamingMetric", "Alignment", "Uniformity", "WassersteinUniformity",
-           "EffectiveRank", "RankMe"]
+__all__ = [
+    "StreamingMetric",
+    "Alignment",
+    "Uniformity",
+    "WassersteinUniformity",
+    "EffectiveRank",
+    "RankMe",
+]
 
 
 def _wire(group) -> torch.device:
@@ -82,7 +88,7 @@ class StreamingMetric:
         dist.all_reduce(flat, group=group)
         out, i = [], 0
         for t in tensors:
-            out.append(flat[i:i + t.numel()].reshape(t.shape).to(t.device))
+            out.append(flat[i : i + t.numel()].reshape(t.shape).to(t.device))
             i += t.numel()
         return out
 
@@ -123,12 +129,12 @@ class _GramState(StreamingMetric):
             z = l2_normalize(z, "x")
         if self._sum is None:
             self._sum = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
-            self._gram = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64,
-                                     device=z.device)
+            self._gram = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64, device=z.device)
             self._n = self._n.to(z.device)
         elif z.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"x has {z.shape[1]} columns; earlier batches had "
-                             f"{self._sum.shape[0]}")
+            raise ValueError(
+                f"x has {z.shape[1]} columns; earlier batches had {self._sum.shape[0]}"
+            )
         self._n = self._n + z.shape[0]
         self._sum = self._sum + z.sum(0).to(self._sum.device)
         self._gram = self._gram + (z.T @ z).to(self._gram.device)
@@ -136,9 +142,11 @@ class _GramState(StreamingMetric):
     def _state(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         if self._sum is None:
             if self._synced():
-                raise ValueError(f"{type(self).__name__}.compute() before any update on this "
-                                 "rank: update every rank at least once (an empty (0, D) "
-                                 "batch will do)")
+                raise ValueError(
+                    f"{type(self).__name__}.compute() before any update on this "
+                    "rank: update every rank at least once (an empty (0, D) "
+                    "batch will do)"
+                )
             raise ValueError(f"{type(self).__name__}.compute() needs at least one update")
         n, s, g = self._all_reduce([self._n, self._sum, self._gram])
         return int(round(float(n))), s, g
@@ -177,8 +185,9 @@ class WassersteinUniformity(_GramState):
         lam = torch.linalg.eigvalsh(sigma)
         tol = m * torch.finfo(torch.float64).eps
         trace_sqrt = torch.where(lam > tol, lam.clamp_min(0.0).sqrt(), 0.0).sum()
-        w2_sq = ((mu * mu).sum() + 1.0 + torch.diagonal(sigma).sum()
-                 - 2.0 / math.sqrt(m) * trace_sqrt)
+        w2_sq = (
+            (mu * mu).sum() + 1.0 + torch.diagonal(sigma).sum() - 2.0 / math.sqrt(m) * trace_sqrt
+        )
         eps = torch.finfo(torch.float64).eps
         return torch.where(w2_sq > eps, w2_sq.clamp_min(eps).sqrt(), 0.0)
 
@@ -202,8 +211,15 @@ class EffectiveRank(_GramState):
         process_group: see `StreamingMetric`.
     """
 
-    def __init__(self, *, eps: float | None = None, center: bool = False,
-                 normalize: bool = False, sync: bool = True, process_group: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float | None = None,
+        center: bool = False,
+        normalize: bool = False,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
         self.eps = None if eps is None else _checks.check_scalar(eps, "eps", minimum=0.0)
         for value, name in ((center, "center"), (normalize, "normalize")):
             if not isinstance(value, bool):
@@ -229,8 +245,7 @@ class EffectiveRank(_GramState):
         sv = lam.sqrt()
         total = sv.sum()
         if not float(total) > 0.0:
-            raise ValueError("the rows have no non-zero singular value (all zero after "
-                             "centering)")
+            raise ValueError("the rows have no non-zero singular value (all zero after centering)")
         p = sv / total
         if self.eps is not None:
             p = p + self.eps
@@ -238,8 +253,9 @@ class EffectiveRank(_GramState):
         return torch.exp(-plogp.sum())
 
     def _describe(self) -> str:
-        return (f"eps={self.eps}, center={self.center}, normalize={self._normalize}, "
-                f"sync={self.sync}")
+        return (
+            f"eps={self.eps}, center={self.center}, normalize={self._normalize}, sync={self.sync}"
+        )
 
 
 class RankMe(EffectiveRank):
@@ -254,10 +270,18 @@ class RankMe(EffectiveRank):
         process_group: see `StreamingMetric`.
     """
 
-    def __init__(self, *, eps: float = 1e-7, center: bool = False, normalize: bool = False,
-                 sync: bool = True, process_group: Any = None) -> None:
-        super().__init__(eps=eps, center=center, normalize=normalize, sync=sync,
-                         process_group=process_group)
+    def __init__(
+        self,
+        *,
+        eps: float = 1e-7,
+        center: bool = False,
+        normalize: bool = False,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            eps=eps, center=center, normalize=normalize, sync=sync, process_group=process_group
+        )
 
 
 class Alignment(StreamingMetric):
@@ -273,8 +297,14 @@ class Alignment(StreamingMetric):
         process_group: see `StreamingMetric`.
     """
 
-    def __init__(self, alpha: float = 2.0, *, normalize: bool = False, sync: bool = True,
-                 process_group: Any = None) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        *,
+        normalize: bool = False,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
         self.alpha = _checks.check_scalar(alpha, "alpha", minimum=0.0, allow_equal=False)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
@@ -335,8 +365,14 @@ class Uniformity(StreamingMetric):
         process_group: see `StreamingMetric`.
     """
 
-    def __init__(self, t: float = 2.0, *, normalize: bool = False, sync: bool = True,
-                 process_group: Any = None) -> None:
+    def __init__(
+        self,
+        t: float = 2.0,
+        *,
+        normalize: bool = False,
+        sync: bool = True,
+        process_group: Any = None,
+    ) -> None:
         self.t = _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
@@ -356,11 +392,16 @@ class Uniformity(StreamingMetric):
         x = _as_batch(x, "x")
         if self.normalize and x.shape[0]:
             x = l2_normalize(x, "x")
-        if self._rows and (x.shape[1] != self._rows[0].shape[1] or x.dtype != self._rows[0].dtype
-                           or x.device != self._rows[0].device):
+        if self._rows and (
+            x.shape[1] != self._rows[0].shape[1]
+            or x.dtype != self._rows[0].dtype
+            or x.device != self._rows[0].device
+        ):
             first = self._rows[0]
-            raise ValueError(f"x ({x.shape[1]} columns, {x.dtype}, {x.device}) must match the "
-                             f"earlier batches ({first.shape[1]}, {first.dtype}, {first.device})")
+            raise ValueError(
+                f"x ({x.shape[1]} columns, {x.dtype}, {x.device}) must match the "
+                f"earlier batches ({first.shape[1]}, {first.dtype}, {first.device})"
+            )
         self._rows.append(x.clone())
 
     def compute(self) -> torch.Tensor:
@@ -382,8 +423,9 @@ class Uniformity(StreamingMetric):
         wire = _wire(group)
         world = dist.get_world_size(group)
         d = -1 if rows is None else rows.shape[1]
-        meta = torch.tensor([0 if rows is None else rows.shape[0], d], dtype=torch.int64,
-                            device=wire)
+        meta = torch.tensor(
+            [0 if rows is None else rows.shape[0], d], dtype=torch.int64, device=wire
+        )
         metas = [torch.empty_like(meta) for _ in range(world)]
         dist.all_gather(metas, meta, group=group)
         sizes = [int(m[0]) for m in metas]

@@ -24,8 +24,18 @@ SHAPES = [
 ]
 
 # Field features, each checked on one ragged shape.
-FEATURES = ["plain", "weights", "power", "eps", "exclude", "eps_rows", "combined", "coincident",
-            "dead-rows", "zero-weight-nearest"]
+FEATURES = [
+    "plain",
+    "weights",
+    "power",
+    "eps",
+    "exclude",
+    "eps_rows",
+    "combined",
+    "coincident",
+    "dead-rows",
+    "zero-weight-nearest",
+]
 
 
 def _gen(seed):
@@ -97,7 +107,10 @@ def field_case(N, B, D, feature, dtype, *, seed=0, device="cpu"):
 
     case["x"], case["y"] = cast(x), cast(y)
     case["w"], case["exclude"], case["eps_rows"] = (
-        cast(case["w"]), cast(case["exclude"]), cast(case["eps_rows"]))
+        cast(case["w"]),
+        cast(case["exclude"]),
+        cast(case["eps_rows"]),
+    )
     return case
 
 

@@ -21,17 +21,21 @@ Targets marked `small` (interpreter, emulator) are slow per pair: the cases are 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-
 from helpers import forced_isa, forced_weights
+
 from poissonflow import registry
 
-DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16",
-             torch.float16: "f16"}
+DTYPE_IDS = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,11 @@ def _emulated_cuda(dtypes) -> Target:
         return EmulatorRunner(_emulator())
 
     return Target(
-        "cuda-emu", "cuda", "cpu", dtypes, True,
+        "cuda-emu",
+        "cuda",
+        "cpu",
+        dtypes,
+        True,
         forward=lambda *a, **k: cb._field_forward(runner(), *a, **k),
         backward=lambda *a, **k: cb._field_backward(runner(), *a, **k),
         flow=lambda *a, **k: cb._flow_steps(runner(), *a, **k),
@@ -81,8 +89,16 @@ def _emulated_cuda(dtypes) -> Target:
 def _module_target(tid, name, device, small) -> Target:
     entry = registry.get(name)
     mod = entry.module()
-    return Target(tid, name, device, entry.dtypes, small, mod.field_forward, mod.field_backward,
-                  mod.flow_steps)
+    return Target(
+        tid,
+        name,
+        device,
+        entry.dtypes,
+        small,
+        mod.field_forward,
+        mod.field_backward,
+        mod.flow_steps,
+    )
 
 
 def _discover() -> dict[str, Callable[[], Target]]:
@@ -102,10 +118,16 @@ def _discover() -> dict[str, Callable[[], Target]]:
 
                     def make(isa=isa, weights=weights, tid=tid, entry=entry):
                         mod = entry.module()
-                        return Target(tid, "cpu", "cpu", entry.dtypes, False,
-                                      _with_isa(mod.field_forward, isa, weights),
-                                      _with_isa(mod.field_backward, isa, weights),
-                                      _with_isa(mod.flow_steps, isa, weights))
+                        return Target(
+                            tid,
+                            "cpu",
+                            "cpu",
+                            entry.dtypes,
+                            False,
+                            _with_isa(mod.field_forward, isa, weights),
+                            _with_isa(mod.field_backward, isa, weights),
+                            _with_isa(mod.flow_steps, isa, weights),
+                        )
 
                     out[tid] = make
         elif name == "cuda":
@@ -118,7 +140,8 @@ def _discover() -> dict[str, Callable[[], Target]]:
                     out["cuda-emu"] = functools.partial(_emulated_cuda, entry.dtypes)
         elif name in ("triton", "triton-gemm"):
             # triton-gemm: its TF32 operand rounding is done in the kernel, so the interpreter
-            # runs the same GEMM-form r2 as a tensor core (docs/DESIGN.md, "A tensor-core field with a certified error")
+            # runs the same GEMM-form r2 as a tensor core (docs/DESIGN.md, "A tensor-core field with
+            # a certified error")
             if ok:
                 device = "cuda" if gpu else "cpu"
                 tid = name if gpu else f"{name}-interp"
@@ -139,10 +162,15 @@ def get(tid: str) -> Target:
 
 def dtypes_of(tid: str) -> tuple:
     # The registry's dtypes, without building the target (the emulator compiles on first use).
-    backend = "cpu" if tid.startswith("cpu-") else {"cuda-emu": "cuda",
-                                                   "triton-interp": "triton",
-                                                   "triton-gemm-interp": "triton-gemm",
-                                                   }.get(tid, tid)
+    backend = (
+        "cpu"
+        if tid.startswith("cpu-")
+        else {
+            "cuda-emu": "cuda",
+            "triton-interp": "triton",
+            "triton-gemm-interp": "triton-gemm",
+        }.get(tid, tid)
+    )
     return registry.get(backend).dtypes
 
 
@@ -158,6 +186,5 @@ def params(*extra_axes, dtypes=None, targets=None):
             for axis in extra_axes:
                 combos = [(vals + (v,), ids + (i,)) for vals, ids in combos for v, i in axis]
             for vals, ids in combos:
-                out.append(pytest.param(tid, dt, *vals,
-                                        id="-".join((tid, DTYPE_IDS[dt]) + ids)))
+                out.append(pytest.param(tid, dt, *vals, id="-".join((tid, DTYPE_IDS[dt]) + ids)))
     return out

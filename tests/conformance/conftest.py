@@ -1,7 +1,8 @@
 """Set-up of the conformance suite (tests/conformance).
 
 Triton decides when a kernel is decorated whether it is compiled or interpreted, so without a GPU
-TRITON_INTERPRET=1 is set here, before anything imports the Triton kernels (poissonflow.kernels.triton
+TRITON_INTERPRET=1 is set here, before anything imports the Triton kernels
+(poissonflow.kernels.triton
 imports them lazily, on first use). The suite's helpers live one directory up (tests/).
 """
 

@@ -8,17 +8,23 @@ and the shape or feature.
 
 from __future__ import annotations
 
+import conformance_targets as ct
 import pytest
 import torch
-
-import conformance_targets as ct
 from conformance_cases import FEATURES, SHAPES, field_case, near_coincident_case
 from helpers import field_errors, tolerance
 
 
 def run_forward(target, case):
-    return target.forward(case["x"], case["y"], case["w"], case["power"], case["eps"],
-                          exclude=case["exclude"], eps_rows=case["eps_rows"])
+    return target.forward(
+        case["x"],
+        case["y"],
+        case["w"],
+        case["power"],
+        case["eps"],
+        exclude=case["exclude"],
+        eps_rows=case["eps_rows"],
+    )
 
 
 def check(case, v, ls, dtype, *, cancelling=False):
@@ -27,8 +33,15 @@ def check(case, v, ls, dtype, *, cancelling=False):
     assert v.dtype == dtype and ls.dtype == dtype
     cpu = {k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in case.items()}
     rel, cond, ls_err = field_errors(
-        cpu["x"], cpu["y"], v.cpu(), ls.cpu(), weights=cpu["w"], power=cpu["power"],
-        eps=cpu["eps"], exclude=cpu["exclude"], eps_rows=cpu["eps_rows"],
+        cpu["x"],
+        cpu["y"],
+        v.cpu(),
+        ls.cpu(),
+        weights=cpu["w"],
+        power=cpu["power"],
+        eps=cpu["eps"],
+        exclude=cpu["exclude"],
+        eps_rows=cpu["eps_rows"],
     )
     tol = tolerance(dtype)
     assert (cond if cancelling else rel) <= tol.v, f"v error {rel:.3e} > {tol.v:.1e}"
@@ -57,16 +70,21 @@ def test_forward_features(tid, dtype, feature):
         assert bool(torch.isneginf(ls[0::2]).all()) and bool(torch.isfinite(ls[1::2]).all())
 
 
-@pytest.mark.parametrize(
-    "tid,dtype", ct.params(dtypes=(torch.float32, torch.float64))
-)
+@pytest.mark.parametrize("tid,dtype", ct.params(dtypes=(torch.float32, torch.float64)))
 def test_forward_near_coincident_d129(tid, dtype):
     """A query 1e-3 from a charge of norm 10 with a twin 1e-3 away, D = 129: direct
     differences keep r2 (the expansion would lose it entirely in float32)."""
     target = ct.get(tid)
     x, y = near_coincident_case()
-    case = dict(x=x.to(dtype).to(target.device), y=y.to(dtype).to(target.device), w=None,
-                power=129.0, eps=0.0, exclude=None, eps_rows=None)
+    case = dict(
+        x=x.to(dtype).to(target.device),
+        y=y.to(dtype).to(target.device),
+        w=None,
+        power=129.0,
+        eps=0.0,
+        exclude=None,
+        eps_rows=None,
+    )
     v, ls = run_forward(target, case)
     check(case, v, ls, dtype)
 
@@ -84,8 +102,15 @@ def test_forward_unreachable_rows(tid, dtype):
     x[0] = y[3]  # exact coincidence, eps = 0
     w = torch.tensor([0.0, 0.0, 1.0, 0.5, 0.0], dtype=dtype)
     exclude = torch.tensor([-1, 2, 3, -1, -1, -1])  # rows 1, 2: one weighted charge left
-    case = dict(x=x.to(dev), y=y.to(dev), w=w.to(dev), power=4.0, eps=0.0,
-                exclude=exclude.to(dev), eps_rows=None)
+    case = dict(
+        x=x.to(dev),
+        y=y.to(dev),
+        w=w.to(dev),
+        power=4.0,
+        eps=0.0,
+        exclude=exclude.to(dev),
+        eps_rows=None,
+    )
     v, ls = run_forward(target, case)
     check(case, v, ls, dtype)
     assert float(v[0].abs().max()) == 0.0 and bool(torch.isfinite(ls[0]))
@@ -96,14 +121,23 @@ def test_forward_unreachable_rows(tid, dtype):
             assert bool(torch.isfinite(ls).all())  # charge 0 is still reachable
             continue
         assert torch.equal(v.cpu(), torch.zeros_like(x)) and bool(torch.isneginf(ls).all())
-    v, ls = target.forward(x.to(dev), y[:1].to(dev), None, 4.0, 0.0,
-                           exclude=torch.zeros(6, dtype=torch.int64, device=dev))
+    v, ls = target.forward(
+        x.to(dev),
+        y[:1].to(dev),
+        None,
+        4.0,
+        0.0,
+        exclude=torch.zeros(6, dtype=torch.int64, device=dev),
+    )
     assert torch.equal(v.cpu(), torch.zeros_like(x)) and bool(torch.isneginf(ls).all())
 
 
-@pytest.mark.parametrize("tid,dtype,order", ct.params([("rising", "max-rises"),
-                                                       ("falling", "max-first")],
-                                                      dtypes=(torch.float32, torch.float64)))
+@pytest.mark.parametrize(
+    "tid,dtype,order",
+    ct.params(
+        [("rising", "max-rises"), ("falling", "max-first")], dtypes=(torch.float32, torch.float64)
+    ),
+)
 def test_forward_online_softmax_order(tid, dtype, order):
     """Charges sorted so that the queries' nearest charges come last (the running max rises
     from tile to tile, rescaling the accumulator) or first (later tiles only add small
@@ -118,9 +152,15 @@ def test_forward_online_softmax_order(tid, dtype, order):
     best = torch.cdist(x, yy).argmin(dim=1)
     late = float((best >= 35).double().mean())
     assert (late > 0.9) if order == "rising" else (late < 0.1)
-    case = dict(x=x.to(dtype).to(target.device), y=yy.to(dtype).to(target.device),
-                w=ww.to(dtype).to(target.device), power=9.0, eps=0.0, exclude=None,
-                eps_rows=None)
+    case = dict(
+        x=x.to(dtype).to(target.device),
+        y=yy.to(dtype).to(target.device),
+        w=ww.to(dtype).to(target.device),
+        power=9.0,
+        eps=0.0,
+        exclude=None,
+        eps_rows=None,
+    )
     v, ls = run_forward(target, case)
     check(case, v, ls, dtype)
 
@@ -144,8 +184,9 @@ def test_half_exact_coincidence_agrees_across_backends(dtype):
     tol = tolerance(dtype)
     for tid in runners:
         target = ct.get(tid)
-        on = {k: (t.to(target.device) if isinstance(t, torch.Tensor) else t)
-              for k, t in case.items()}
+        on = {
+            k: (t.to(target.device) if isinstance(t, torch.Tensor) else t) for k, t in case.items()
+        }
         v, ls = run_forward(target, on)
         err = ((ls.cpu().double() - ref_ls.double()).abs() / (1 + ref_ls.double().abs())).max()
         assert float(err) <= tol.log_scale, (tid, float(err))

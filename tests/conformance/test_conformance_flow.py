@@ -1,5 +1,6 @@
 """Flow steps (Euler, classic RK4) of every backend that runs here against the float64
-reference flow (poissonflow.kernels.reference.flow_steps, which steps through the package's one Python
+reference flow (poissonflow.kernels.reference.flow_steps, which steps through the package's one
+Python
 RK4 driver, poissonflow.ode.integrate). One measure (poissonflow.testing.flow_errors: per-row
 relative error of the displacement) and one table (TOLERANCES[dtype].flow).
 
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import math
 
+import conformance_targets as ct
 import pytest
 import torch
-
-import conformance_targets as ct
 from helpers import flow_errors, tolerance
+
 from poissonflow.kernels import reference
 
 FLOW_CASES = [
@@ -34,8 +35,14 @@ def flow_case(N, B, d, weighted, excluded, dtype, device, seed=12):
     dt = 0.4 * torch.rand(N, generator=g, dtype=torch.float64) - 0.1  # both signs
     exclude = torch.randint(-1, B, (N,), generator=g) if excluded else None
     cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
-    return (cast(x), cast(y), cast(w), t0.to(device), dt.to(device),
-            None if exclude is None else exclude.to(device))
+    return (
+        cast(x),
+        cast(y),
+        cast(w),
+        t0.to(device),
+        dt.to(device),
+        None if exclude is None else exclude.to(device),
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,9 +55,16 @@ def test_flow_steps(tid, dtype, solver, case):
     x, y, w, t0, dt, exclude = flow_case(*shape, weighted, excluded, dtype, target.device)
     out = target.flow(x, y, w, t0, dt, 3, solver, exclude=exclude)
     assert out.dtype == dtype and out.shape == x.shape
-    ref = reference.flow_steps(x.cpu().double(), y.cpu(), None if w is None else w.cpu(),
-                               t0.cpu(), dt.cpu(), 3, solver,
-                               exclude=None if exclude is None else exclude.cpu())
+    ref = reference.flow_steps(
+        x.cpu().double(),
+        y.cpu(),
+        None if w is None else w.cpu(),
+        t0.cpu(),
+        dt.cpu(),
+        3,
+        solver,
+        exclude=None if exclude is None else exclude.cpu(),
+    )
     err = flow_errors(out.cpu(), ref, x.cpu())
     tol = tolerance(dtype).flow
     assert err <= tol, f"displacement error {err:.3e} > {tol:.1e}"

@@ -8,26 +8,47 @@ One measure (poissonflow.testing.row_errors) and one table (TOLERANCES[dtype].gr
 
 from __future__ import annotations
 
+import conformance_targets as ct
 import pytest
 import torch
-
-import conformance_targets as ct
 from conformance_cases import field_case, upstream
 from helpers import row_errors, tolerance
+
 from poissonflow import ops
 from poissonflow.kernels.reference import poisson_field_reference
 
-GRAD_FEATURES = ["plain", "weights", "power", "eps", "exclude", "eps_rows", "gl-only",
-                 "gv-only", "zero-weight-nearest"]
+GRAD_FEATURES = [
+    "plain",
+    "weights",
+    "power",
+    "eps",
+    "exclude",
+    "eps_rows",
+    "gl-only",
+    "gv-only",
+    "zero-weight-nearest",
+]
 
 
 def target_gradients(target, case, gv, gl, *, need=(True, True, True, True)):
     x, y, w = case["x"], case["y"], case["w"]
-    v, ls = target.forward(x, y, w, case["power"], case["eps"], exclude=case["exclude"],
-                           eps_rows=case["eps_rows"])
+    v, ls = target.forward(
+        x, y, w, case["power"], case["eps"], exclude=case["exclude"], eps_rows=case["eps_rows"]
+    )
     return ops.gradients(
-        ops.protocol_backward(target.backward), x, y, w, case["power"], case["eps"],
-        case["exclude"], case["eps_rows"], v, ls, gv, gl, *need,
+        ops.protocol_backward(target.backward),
+        x,
+        y,
+        w,
+        case["power"],
+        case["eps"],
+        case["exclude"],
+        case["eps_rows"],
+        v,
+        ls,
+        gv,
+        gl,
+        *need,
     )
 
 
@@ -36,10 +57,20 @@ def reference_gradients(case, gv, gl):
     input is absent), with the r2 floor of the inputs' dtype."""
     cpu = {k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in case.items()}
     floor = torch.finfo(cpu["x"].dtype).tiny
-    leaves = [None if cpu[k] is None else cpu[k].double().requires_grad_()
-              for k in ("x", "y", "w", "eps_rows")]
-    v, ls = poisson_field_reference(leaves[0], leaves[1], leaves[2], cpu["power"], cpu["eps"],
-                                    exclude=cpu["exclude"], eps_rows=leaves[3], r2_floor=floor)
+    leaves = [
+        None if cpu[k] is None else cpu[k].double().requires_grad_()
+        for k in ("x", "y", "w", "eps_rows")
+    ]
+    v, ls = poisson_field_reference(
+        leaves[0],
+        leaves[1],
+        leaves[2],
+        cpu["power"],
+        cpu["eps"],
+        exclude=cpu["exclude"],
+        eps_rows=leaves[3],
+        r2_floor=floor,
+    )
     loss = v.new_zeros(())
     if gv is not None:
         loss = loss + (v * gv.cpu().double()).sum()
@@ -95,8 +126,10 @@ def test_gradients(tid, dtype, feature):
     assert_gradients_close(got, want, dtype, tid)
 
 
-@pytest.mark.parametrize("tid,dtype,weighted", ct.params([(False, "loo"), (True, "loo-weights")],
-                                                         dtypes=(torch.float32, torch.float64)))
+@pytest.mark.parametrize(
+    "tid,dtype,weighted",
+    ct.params([(False, "loo"), (True, "loo-weights")], dtypes=(torch.float32, torch.float64)),
+)
 def test_leave_one_out_coincident_gradients(tid, dtype, weighted):
     """Queries that are the charges, each excluding its own (`exclude = arange(N)`, as the
     transform and every pairwise loss use it): the excluded pair has r2 = 0, and a backward
@@ -108,8 +141,15 @@ def test_leave_one_out_coincident_gradients(tid, dtype, weighted):
     N, D = 50, 6
     x = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype).to(target.device)
     w = (torch.rand(N, generator=g, dtype=torch.float64) + 0.2).to(dtype).to(target.device)
-    case = dict(x=x, y=x.clone(), w=w if weighted else torch.ones_like(w), power=4.0, eps=0.0,
-                exclude=torch.arange(N, device=target.device), eps_rows=None)
+    case = dict(
+        x=x,
+        y=x.clone(),
+        w=w if weighted else torch.ones_like(w),
+        power=4.0,
+        eps=0.0,
+        exclude=torch.arange(N, device=target.device),
+        eps_rows=None,
+    )
     gv = torch.ones(N, D, dtype=dtype, device=target.device)
     gl = torch.ones(N, dtype=dtype, device=target.device)
     got = target_gradients(target, case, gv, gl)
@@ -130,8 +170,15 @@ def test_dead_rows_gradients(tid, dtype):
         assert bool(torch.isfinite(g).all()), tid
     want = reference_gradients(case, gv, gl)
     assert_gradients_close(got, want, dtype, tid)
-    _, log_scale = target.forward(case["x"], case["y"], case["w"], case["power"], case["eps"],
-                                  exclude=case["exclude"], eps_rows=case["eps_rows"])
+    _, log_scale = target.forward(
+        case["x"],
+        case["y"],
+        case["w"],
+        case["power"],
+        case["eps"],
+        exclude=case["exclude"],
+        eps_rows=case["eps_rows"],
+    )
     dead = torch.isneginf(log_scale.cpu().double())
     assert bool(dead.any()), "the case must hold dead rows"
     assert torch.equal(got[0].cpu()[dead], torch.zeros_like(got[0].cpu()[dead]))
@@ -155,8 +202,20 @@ def test_only_requested_gradients(tid, dtype):
     case = field_case(9, 11, 4, "weights", dtype, seed=8, device=target.device)
     gv, gl = upstream(9, 4, dtype, device=target.device)
     v, ls = target.forward(case["x"], case["y"], case["w"], case["power"], case["eps"])
-    gx, gy, gw = target.backward(case["x"], case["y"], case["w"], case["power"], case["eps"], v,
-                                 ls, gv, gl, need_x=False, need_y=False, need_w=True)
+    gx, gy, gw = target.backward(
+        case["x"],
+        case["y"],
+        case["w"],
+        case["power"],
+        case["eps"],
+        v,
+        ls,
+        gv,
+        gl,
+        need_x=False,
+        need_y=False,
+        need_w=True,
+    )
     assert gx is None and gy is None and gw.shape == (11,)
 
 
@@ -185,6 +244,18 @@ def test_weight_gradient_at_zero_weight_is_the_one_sided_derivative(tid, dtype):
     fd = (loss(w_h) - loss(w)) / h  # error O(h * second derivative)
     dev = target.device
     v, ls = target.forward(x.to(dev), y.to(dev), w.to(dev), float(D), 0.0)
-    _, _, gw = target.backward(x.to(dev), y.to(dev), w.to(dev), float(D), 0.0, v, ls,
-                               gv.to(dev), gl.to(dev), need_x=False, need_y=False, need_w=True)
+    _, _, gw = target.backward(
+        x.to(dev),
+        y.to(dev),
+        w.to(dev),
+        float(D),
+        0.0,
+        v,
+        ls,
+        gv.to(dev),
+        gl.to(dev),
+        need_x=False,
+        need_y=False,
+        need_w=True,
+    )
     assert abs(float(gw[j]) - fd) <= 1e-5 * (1 + abs(fd))

@@ -16,8 +16,12 @@ import torch
 
 from poissonflow import ode
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float64": torch.float64}
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,5 +67,9 @@ def test_rk4_tableau_is_shared(numerics):
         assert numerics[key] == value, (key, numerics[key], value)
     # the Triton flow kernel's constexprs are built from the same tuples
     assert (_flow.RK4_A, _flow.RK4_B, _flow.RK4_C, _flow.RK4_B_DIV) == (
-        ode.RK4_A, ode.RK4_B, ode.RK4_C, ode.RK4_B_DIV)
+        ode.RK4_A,
+        ode.RK4_B,
+        ode.RK4_C,
+        ode.RK4_B_DIV,
+    )
     assert _flow.SOLVER_STAGES["rk4"] == numerics["rk4_stages"]

@@ -42,7 +42,9 @@ FLAGS = ["-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off"]
 A100_SMEM_OPTIN = 166912
 
 _CTYPES = {
-    ("u", 8): ctypes.c_uint64, ("i", 8): ctypes.c_int64, ("i", 4): ctypes.c_int32,
+    ("u", 8): ctypes.c_uint64,
+    ("i", 8): ctypes.c_int64,
+    ("i", 4): ctypes.c_int32,
     ("f", 8): ctypes.c_double,
 }
 
@@ -51,8 +53,11 @@ def launch_args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
     """A ctypes mirror of poissonflow::cuda::LaunchArgs built from the compiled struct's own
     field table (csrc/common/field_args.h), checked offset by offset."""
     lib.pf_emu_launch_arg.argtypes = [
-        ctypes.c_int, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_int64),
-        ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_char),
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_int64),
+        ctypes.POINTER(ctypes.c_char),
     ]
     lib.pf_emu_sizeof_launch_args.restype = ctypes.c_int64
     fields, offsets = [], []
@@ -73,7 +78,9 @@ def launch_args_type(lib: ctypes.CDLL) -> type[ctypes.Structure]:
 
 def _numerics(lib: ctypes.CDLL) -> dict:
     lib.pf_emu_numeric.argtypes = [
-        ctypes.c_int, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_double),
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_char_p),
+        ctypes.POINTER(ctypes.c_double),
         ctypes.POINTER(ctypes.c_int),
     ]
     out, name, value, is_int = {}, ctypes.c_char_p(), ctypes.c_double(), ctypes.c_int()
@@ -114,13 +121,23 @@ class Emulator:
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         self.lib.pf_emu_plan.argtypes = [
-            ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_char_p,
+            ctypes.c_int,
         ]
         self.LaunchArgs = launch_args_type(self.lib)
         self.lib.pf_emu_launch.argtypes = [
-            ctypes.POINTER(self.LaunchArgs), ctypes.c_int64, ctypes.c_int, ctypes.c_uint64,
-            ctypes.c_char_p, ctypes.c_int,
+            ctypes.POINTER(self.LaunchArgs),
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+            ctypes.c_int,
         ]
 
     def arg_names(self) -> list[str]:
@@ -158,8 +175,7 @@ class EmulatorRunner:
     dimension window, forcing splits in the field kernels and the unfused flow fallback.
     """
 
-    def __init__(self, emu: Emulator, *, order=0, seed=0, max_window=0,
-                 smem_limit=A100_SMEM_OPTIN):
+    def __init__(self, emu: Emulator, *, order=0, seed=0, max_window=0, smem_limit=A100_SMEM_OPTIN):
         self.emu, self.order, self.seed = emu, order, seed
         self.max_window, self.smem_limit = max_window, smem_limit
         self.launches: list[dict] = []

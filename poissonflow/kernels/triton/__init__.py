@@ -56,8 +56,7 @@ def _kernels(name: str):
 def _check_runnable(x: torch.Tensor) -> None:
     if x.dtype not in _DTYPES:
         raise TypeError(
-            f"x has dtype {x.dtype}; the triton backend takes float16, bfloat16, float32 or "
-            "float64"
+            f"x has dtype {x.dtype}; the triton backend takes float16, bfloat16, float32 or float64"
         )
     fwd = _kernels("_field_fwd")
     if x.device.type == "cuda":
@@ -84,8 +83,9 @@ def _check_rows(t, name: str, x: torch.Tensor, *, integer: bool = False) -> None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.shape != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},) (one per query), got "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({x.shape[0]},) (one per query), got {tuple(t.shape)}"
+        )
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -109,8 +109,23 @@ def field_forward(x, y, w, power, eps, *, exclude=None, eps_rows=None):
     return v, log_scale
 
 
-def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y, need_w,
-                   exclude=None, eps_rows=None):
+def field_backward(
+    x,
+    y,
+    w,
+    power,
+    eps,
+    v,
+    log_scale,
+    gv,
+    gl,
+    *,
+    need_x,
+    need_y,
+    need_w,
+    exclude=None,
+    eps_rows=None,
+):
     """(dL/dx, dL/dy, dL/dw) of the field from its forward outputs (v, log_scale) and upstream
     gradients gv (N, D) and gl (N,), either None for zero; an output is None unless asked for
     (dL/dw also when w is None). The softmax weights are recomputed from
@@ -124,13 +139,15 @@ def field_backward(x, y, w, power, eps, v, log_scale, gv, gl, *, need_x, need_y,
         raise ValueError(f"gv must have shape {(N, D)} like v, got {tuple(gv.shape)}")
     if gl is not None and gl.shape != (N,):
         raise ValueError(f"gl must have shape ({N},) like log_scale, got {tuple(gl.shape)}")
-    gx, gy, gw = backward_from_outputs(x, y, w, power, eps, exclude, eps_rows, v, log_scale,
-                                       gv, gl, need_x, need_y, need_w)
+    gx, gy, gw = backward_from_outputs(
+        x, y, w, power, eps, exclude, eps_rows, v, log_scale, gv, gl, need_x, need_y, need_w
+    )
     return gx, gy, gw
 
 
-def backward_from_outputs(x, y, w, power, eps, exclude, eps_rows, v, log_scale, gv, gl,
-                          need_x, need_y, need_w):
+def backward_from_outputs(
+    x, y, w, power, eps, exclude, eps_rows, v, log_scale, gv, gl, need_x, need_y, need_w
+):
     """The backward kernels from the forward's outputs (v, log_scale): the one implementation
     behind field_backward above and the op poissonflow::field_triton_backward (no checks here:
     traceable by make_fx, as torch.library.triton_op requires).
@@ -144,15 +161,27 @@ def backward_from_outputs(x, y, w, power, eps, exclude, eps_rows, v, log_scale, 
     fwd = _kernels("_field_fwd")
     cdt = fwd.compute_dtype(x.dtype)
     if cdt != x.dtype:
-        _, _, lse2, v = fwd.field_forward_launch(x, y, w, float(power), float(eps), exclude,
-                                                 eps_rows)
+        _, _, lse2, v = fwd.field_forward_launch(
+            x, y, w, float(power), float(eps), exclude, eps_rows
+        )
     else:
         _, log_wsum = fwd.charge_terms(y, w, cdt)
         lse2 = ((log_scale.detach().to(torch.float64) + log_wsum) / math.log(2.0)).to(cdt)
     return _kernels("_field_bwd").field_backward_launch(
-        x, y, w, float(power), float(eps), lse2, v, gv, gl,
-        need_x=bool(need_x), need_y=bool(need_y), need_w=bool(need_w),
-        exclude=exclude, eps_rows=eps_rows,
+        x,
+        y,
+        w,
+        float(power),
+        float(eps),
+        lse2,
+        v,
+        gv,
+        gl,
+        need_x=bool(need_x),
+        need_y=bool(need_y),
+        need_w=bool(need_w),
+        exclude=exclude,
+        eps_rows=eps_rows,
     )
 
 

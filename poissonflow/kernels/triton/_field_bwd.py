@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._field_fwd import (
+    _zero_rows,
     autotune,
     charge_terms,
     compute_dtype,
@@ -39,7 +40,6 @@ from ._field_fwd import (
     size_class,
     softening_sq,
     wrap_triton,
-    _zero_rows,
 )
 
 # (rows of the program's own axis, rows of the streamed axis, BLOCK_D, num_warps): the shapes
@@ -53,8 +53,18 @@ _DY_SHAPES_F64 = ((32, 32, 2, 8), (16, 32, 4, 4))
 
 
 @triton.jit
-def _sq_dist_proj(x_cols, g_cols, mask_m, y_cols, mask_n, D, cdt: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sq_dist_proj(
+    x_cols,
+    g_cols,
+    mask_m,
+    y_cols,
+    mask_n,
+    D,
+    cdt: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """(||x_i - y_j||^2, g_i . (x_i - y_j)) of a [BLOCK_M, BLOCK_N] tile from one pass over D.
 
     Pointers are [1, rows] row starts, chunks are loaded transposed and partial sums kept per
@@ -76,8 +86,9 @@ def _sq_dist_proj(x_cols, g_cols, mask_m, y_cols, mask_n, D, cdt: tl.constexpr,
 
 
 @triton.jit
-def _query_terms(rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+def _query_terms(
+    rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """Per-query inputs of the weight recomputation: e^2, alive, lse2 (0 where dead),
     g_l - delta, excluded charge (-1 when EXCL is None)."""
     e2 = tl.load(E2 + rows * e2_stride, mask=mask_m, other=0.0)
@@ -97,8 +108,9 @@ def _query_terms(rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt: tl.con
 
 
 @triton.jit
-def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny,
-                  WITH_Q: tl.constexpr):
+def _pair_weights(
+    r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny, WITH_Q: tl.constexpr
+):
     """(pi, q, floored, r2f) of a tile: pi = 2^(lw_j - (p/2) log2 r2f - lse2_i) (lw None: all
     weights 1), q = pi / w = 2^(-(p/2) log2 r2f - lse2_i) when WITH_Q (else None); 0 for dead
     rows, padding and excluded pairs (q is pi when not WITH_Q). floored marks r2 + e^2 < tiny,
@@ -126,9 +138,28 @@ def _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny
 
 @autotune(make_configs(_DX_SHAPES, _DX_SHAPES_F64))
 @triton.jit(do_not_specialize=["size_class"])
-def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
-                         N, B, D, e2_stride, size_class,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _field_bwd_dx_kernel(
+    X,
+    Y,
+    LW,
+    EXCL,
+    E2,
+    SCAL,
+    LSE2,
+    GV,
+    DELTA,
+    GL,
+    ACC,
+    DX,
+    N,
+    B,
+    D,
+    e2_stride,
+    size_class,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_M queries: DX = dL/dx. ACC holds sum_j c_ij (x_i - y_j) in the
     compute dtype (may alias DX)."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
@@ -136,8 +167,9 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
     mask_m = rows < N
     half_p = tl.load(SCAL)
     tiny = tl.load(SCAL + 1)
-    e2, alive, lse_ref, base, excl = _query_terms(rows, mask_m, E2, e2_stride, LSE2, DELTA, GL,
-                                                  EXCL, cdt, BLOCK_M)
+    e2, alive, lse_ref, base, excl = _query_terms(
+        rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt, BLOCK_M
+    )
     x_rows = X + rows[:, None] * D
     g_cols = None
     if GV is not None:
@@ -148,13 +180,24 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
         cols_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols_n < B
         y_rows = Y + cols_n.to(tl.int64)[:, None] * D
-        r2, proj = _sq_dist_proj(tl.trans(x_rows), g_cols, mask_m, tl.trans(y_rows), mask_n, D,
-                                 cdt, BLOCK_M, BLOCK_N, BLOCK_D)
+        r2, proj = _sq_dist_proj(
+            tl.trans(x_rows),
+            g_cols,
+            mask_m,
+            tl.trans(y_rows),
+            mask_n,
+            D,
+            cdt,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
         lw = None
         if LW is not None:
             lw = tl.load(LW + cols_n, mask=mask_n, other=float("-inf"))
-        pi, _, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
-                                            half_p, tiny, False)
+        pi, _, floored, r2f = _pair_weights(
+            r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny, False
+        )
         c = tl.where(floored, 0.0, (2.0 * half_p) * pi * (proj + base[:, None]) / r2f)
         ct = tl.trans(c)
         for d0 in range(0, D, BLOCK_D):
@@ -162,8 +205,7 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
             in_d = (dims < D)[None, :]
             mask = mask_m[:, None] & in_d
             xk = tl.load(x_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
-            yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d,
-                         other=0.0).to(cdt)
+            yk = tl.load(y_rows + dims[None, :], mask=mask_n[:, None] & in_d, other=0.0).to(cdt)
             contrib = tl.sum(ct[:, :, None] * (xk[None, :, :] - yk[:, None, :]), axis=0)
             a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
             tl.store(acc_rows + dims[None, :], a + contrib, mask=mask)
@@ -181,9 +223,29 @@ def _field_bwd_dx_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DX,
 
 @autotune(make_configs(_DY_SHAPES, _DY_SHAPES_F64, row_block="BLOCK_N", col_block="BLOCK_M"))
 @triton.jit(do_not_specialize=["size_class"])
-def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY, DW,
-                         N, B, D, e2_stride, size_class,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _field_bwd_dy_kernel(
+    X,
+    Y,
+    LW,
+    EXCL,
+    E2,
+    SCAL,
+    LSE2,
+    GV,
+    DELTA,
+    GL,
+    ACC,
+    DY,
+    DW,
+    N,
+    B,
+    D,
+    e2_stride,
+    size_class,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_N charges, streaming all queries: DY = dL/dy (if not None) and
     DW = sum_i q_ij (a_ij - delta_i + g_l,i) (if not None; the host subtracts the sum-of-weights
     term). ACC holds dL/dy in the compute dtype (may alias DY). LW: log2 weights or None."""
@@ -203,18 +265,30 @@ def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY,
     for i0 in range(0, N, BLOCK_M):
         rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = rows < N
-        e2, alive, lse_ref, base, excl = _query_terms(rows, mask_m, E2, e2_stride, LSE2, DELTA,
-                                                      GL, EXCL, cdt, BLOCK_M)
+        e2, alive, lse_ref, base, excl = _query_terms(
+            rows, mask_m, E2, e2_stride, LSE2, DELTA, GL, EXCL, cdt, BLOCK_M
+        )
         x_rows = X + rows[:, None] * D
         g_rows = None
         g_cols = None
         if GV is not None:
             g_rows = GV + rows[:, None] * D
             g_cols = tl.trans(g_rows)
-        r2, proj = _sq_dist_proj(tl.trans(x_rows), g_cols, mask_m, tl.trans(y_rows), mask_n, D,
-                                 cdt, BLOCK_M, BLOCK_N, BLOCK_D)
-        pi, q, floored, r2f = _pair_weights(r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n,
-                                            half_p, tiny, DW is not None)
+        r2, proj = _sq_dist_proj(
+            tl.trans(x_rows),
+            g_cols,
+            mask_m,
+            tl.trans(y_rows),
+            mask_n,
+            D,
+            cdt,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+        )
+        pi, q, floored, r2f = _pair_weights(
+            r2, e2, alive, lse_ref, excl, lw, cols_n, mask_n, half_p, tiny, DW is not None
+        )
         t = proj + base[:, None]
         if DW is not None:
             dw += tl.sum(q * t, axis=0)
@@ -224,13 +298,13 @@ def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY,
                 dims = d0 + tl.arange(0, BLOCK_D)
                 in_d = (dims < D)[None, :]
                 mask = mask_n[:, None] & in_d
-                xk = tl.load(x_rows + dims[None, :], mask=mask_m[:, None] & in_d,
-                             other=0.0).to(cdt)
+                xk = tl.load(x_rows + dims[None, :], mask=mask_m[:, None] & in_d, other=0.0).to(cdt)
                 yk = tl.load(y_rows + dims[None, :], mask=mask, other=0.0).to(cdt)
                 term = c[:, :, None] * (xk[:, None, :] - yk[None, :, :])
                 if GV is not None:
-                    gk = tl.load(g_rows + dims[None, :], mask=mask_m[:, None] & in_d,
-                                 other=0.0).to(cdt)
+                    gk = tl.load(g_rows + dims[None, :], mask=mask_m[:, None] & in_d, other=0.0).to(
+                        cdt
+                    )
                     term -= pi[:, :, None] * gk[:, None, :]
                 contrib = tl.sum(term, axis=0)
                 a = tl.load(acc_rows + dims[None, :], mask=mask, other=0.0)
@@ -246,8 +320,9 @@ def _field_bwd_dy_kernel(X, Y, LW, EXCL, E2, SCAL, LSE2, GV, DELTA, GL, ACC, DY,
             tl.store(DY + offs, tl.load(ACC + offs, mask=mask).to(DY.dtype.element_ty), mask=mask)
 
 
-def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_y, need_w,
-                          exclude=None, eps_rows=None):
+def field_backward_launch(
+    x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_y, need_w, exclude=None, eps_rows=None
+):
     """Gradients (gx, gy, gw) of the field from lse2 (log2 units, compute dtype).
 
     v is the forward's field, in x's dtype or (better for float16/bfloat16 input) in the
@@ -285,7 +360,22 @@ def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_
 
         with launch_guard(x):
             wrap_triton(_field_bwd_dx_kernel)[grid_q](
-                x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, acc, gx, N, B, D, e2_stride,
+                x,
+                y,
+                lw,
+                excl,
+                e2,
+                scal,
+                lse2,
+                gv,
+                delta,
+                gl_c,
+                acc,
+                gx,
+                N,
+                B,
+                D,
+                e2_stride,
                 size_class(N, B),
             )
 
@@ -301,8 +391,24 @@ def field_backward_launch(x, y, w, power, eps, lse2, v, gv, gl, *, need_x, need_
 
             with launch_guard(x):
                 wrap_triton(_field_bwd_dy_kernel)[grid_c](
-                    x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c, accy, gy, dw,
-                    N, B, D, e2_stride, size_class(N, B),
+                    x,
+                    y,
+                    lw,
+                    excl,
+                    e2,
+                    scal,
+                    lse2,
+                    gv,
+                    delta,
+                    gl_c,
+                    accy,
+                    gy,
+                    dw,
+                    N,
+                    B,
+                    D,
+                    e2_stride,
+                    size_class(N, B),
                 )
         else:
             if need_y:

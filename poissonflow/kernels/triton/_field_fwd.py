@@ -49,6 +49,7 @@ except ImportError:  # torch < 2.6
     def wrap_triton(kernel):
         return kernel
 
+
 # How this module's kernels were decorated: under TRITON_INTERPRET=1 they run on CPU tensors
 # through the numpy interpreter; otherwise they are compiled for the GPU.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -62,7 +63,8 @@ LN2 = math.log(2.0)
 
 # GPU configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The [BLOCK_D, BLOCK_M, BLOCK_N] partial sums
 # of r2 are what occupies registers; these are the shapes that compile for sm_80 and sm_90 with
-# no spills (python -m poissonflow.kernels.triton.build_budget, run by tests/test_gpu_build_budget.py).
+# no spills (python -m poissonflow.kernels.triton.build_budget, run by
+# tests/test_gpu_build_budget.py).
 # float64 computation (float64 input) has its own list: twice the registers per value.
 _GPU_SHAPES = (
     (32, 32, 4, 4),
@@ -77,8 +79,9 @@ _GPU_SHAPES_F64 = ((32, 32, 4, 4), (64, 32, 2, 8), (32, 64, 2, 8))
 _INTERPRETER_SHAPE = (16, 16, 32, 1)
 
 
-def make_configs(shapes=None, f64_shapes=None, *, row_block: str = "BLOCK_M",
-                 col_block: str = "BLOCK_N"):
+def make_configs(
+    shapes=None, f64_shapes=None, *, row_block: str = "BLOCK_M", col_block: str = "BLOCK_N"
+):
     """triton.Config list for the kernels: `shapes` for float32 computation, `f64_shapes` for
     float64 (each config carries the compute dtypes it serves in .compute_dtypes, which
     prune_configs reads); the interpreter gets exactly one, for both."""
@@ -92,8 +95,7 @@ def make_configs(shapes=None, f64_shapes=None, *, row_block: str = "BLOCK_M",
             out.setdefault(shape, []).append(cdt)
     configs = []
     for (bm, bn, bd, nw), cdts in out.items():
-        c = triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw,
-                          num_stages=1)
+        c = triton.Config({row_block: bm, col_block: bn, "BLOCK_D": bd}, num_warps=nw, num_stages=1)
         c.compute_dtypes = tuple(cdts)
         configs.append(c)
     return configs
@@ -125,6 +127,7 @@ def size_class(N: int, B: int) -> int:
     """The autotuning size bucket of a launch: ceil(log2) of N and of B in steps of 2 (factor-4
     buckets), packed in one integer. A configuration tuned on a 70-point test call is not
     reused (nor read back from the disk cache) at N = B = 65,536."""
+
     def bucket(n):
         return min((max(int(n), 1) - 1).bit_length() // 2, 31)
 
@@ -162,8 +165,17 @@ def _zero_rows(PTR_ROWS, mask_rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.conste
 
 
 @triton.jit
-def _sq_dist(x_cols, mask_m, y_cols, mask_n, D, cdt: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sq_dist(
+    x_cols,
+    mask_m,
+    y_cols,
+    mask_n,
+    D,
+    cdt: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """||x_i - y_j||^2 of a [BLOCK_M, BLOCK_N] tile, summed over BLOCK_D chunks of differences.
 
     x_cols ([1, BLOCK_M]) and y_cols ([1, BLOCK_N]) point at the rows' starts: chunks are loaded
@@ -185,8 +197,24 @@ def _sq_dist(x_cols, mask_m, y_cols, mask_n, D, cdt: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _field_tile(XQ, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _field_tile(
+    XQ,
+    Y,
+    LW,
+    EXCL,
+    ACC,
+    rows,
+    mask_m,
+    e2,
+    half_p,
+    tiny,
+    B,
+    D,
+    cdt: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Field of the queries `rows` of XQ (row stride D) against all B charges.
 
     Leaves acc_i = sum_j 2^(s_ij - m_i) (y_j - x_i) in ACC's rows (compute dtype) and returns
@@ -204,8 +232,9 @@ def _field_tile(XQ, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt:
         cols_n = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols_n < B
         y_rows = Y + cols_n.to(tl.int64)[:, None] * D
-        r2 = _sq_dist(tl.trans(x_rows), mask_m, tl.trans(y_rows), mask_n, D, cdt,
-                      BLOCK_M, BLOCK_N, BLOCK_D)
+        r2 = _sq_dist(
+            tl.trans(x_rows), mask_m, tl.trans(y_rows), mask_n, D, cdt, BLOCK_M, BLOCK_N, BLOCK_D
+        )
         s = -half_p * tl.log2(tl.maximum(r2 + e2[:, None], tiny))
         if LW is not None:
             s += tl.load(LW + cols_n, mask=mask_n, other=float("-inf"))[None, :]
@@ -221,15 +250,15 @@ def _field_tile(XQ, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt:
         p = tl.exp2(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-        _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt,
-                                BLOCK_D)
+        _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt, BLOCK_D)
         tl.debug_barrier()
     return m, l
 
 
 @triton.jit
-def _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D,
-                            cdt: tl.constexpr, BLOCK_D: tl.constexpr):
+def _accumulate_differences(
+    acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """acc_i <- alpha_i acc_i + sum_j p_ij (y_j - x_i), as a [BLOCK_N, BLOCK_M, BLOCK_D]
     broadcast reduced over its first axis. Differences, never p @ y - l * x: that form cancels
     catastrophically for a query next to a charge far from the origin (docs/DESIGN.md
@@ -273,8 +302,25 @@ def _finish_rows(m, l):
 
 @autotune(make_configs())
 @triton.jit(do_not_specialize=["size_class"])
-def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride, size_class,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _field_fwd_kernel(
+    X,
+    Y,
+    LW,
+    EXCL,
+    E2,
+    SCAL,
+    ACC,
+    V,
+    LSE2,
+    N,
+    B,
+    D,
+    e2_stride,
+    size_class,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_M queries: v (in V's dtype) and lse2 (log2 units). size_class
     (unused in the kernel) keys the autotuner."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
@@ -283,8 +329,9 @@ def _field_fwd_kernel(X, Y, LW, EXCL, E2, SCAL, ACC, V, LSE2, N, B, D, e2_stride
     half_p = tl.load(SCAL)
     tiny = tl.load(SCAL + 1)
     e2 = tl.load(E2 + rows * e2_stride, mask=mask_m, other=0.0)
-    m, l = _field_tile(X, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt,
-                       BLOCK_M, BLOCK_N, BLOCK_D)
+    m, l = _field_tile(
+        X, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt, BLOCK_M, BLOCK_N, BLOCK_D
+    )
     neg_inv, lse2 = _finish_rows(m, l)
     tl.store(LSE2 + rows, lse2, mask=mask_m)
     _store_field(ACC, V, rows, mask_m, neg_inv, D, cdt, BLOCK_D)
@@ -374,8 +421,20 @@ def field_forward_launch(x, y, w, power, eps, exclude=None, eps_rows=None):
 
     with launch_guard(x):
         wrap_triton(_field_fwd_kernel)[grid](
-            x, y, lw, index_rows(exclude), e2, scalar_params(power, x.dtype, x.device), acc, v,
-            lse2, N, B, D, e2_stride, size_class(N, B),
+            x,
+            y,
+            lw,
+            index_rows(exclude),
+            e2,
+            scalar_params(power, x.dtype, x.device),
+            acc,
+            v,
+            lse2,
+            N,
+            B,
+            D,
+            e2_stride,
+            size_class(N, B),
         )
     return v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c
 

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ...ode import RK4_A, RK4_B, RK4_B_DIV, RK4_C
 from ._field_fwd import (
-    _finish_rows,
     _field_tile,
+    _finish_rows,
     autotune,
     charge_terms,
     compute_dtype,
@@ -60,11 +60,29 @@ _FLOW_SHAPES_F64 = ((32, 32, 2, 8), (32, 32, 4, 8))
 
 # The kernel integrates STATE in place: autotuning must restore it after each timed run. Keyed
 # on N_STAGES too: RK4 does not reuse Euler's choice.
-@autotune(make_configs(_FLOW_SHAPES, _FLOW_SHAPES_F64), restore_value=("STATE",), key_extra=("N_STAGES",))
+@autotune(
+    make_configs(_FLOW_SHAPES, _FLOW_SHAPES_F64), restore_value=("STATE",), key_extra=("N_STAGES",)
+)
 @triton.jit(do_not_specialize=["size_class"])
-def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps, size_class,
-                 N_STAGES: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _flow_kernel(
+    Y,
+    LW,
+    EXCL,
+    SCAL,
+    T0,
+    DT,
+    STATE,
+    WORK,
+    N,
+    B,
+    D,
+    n_steps,
+    size_class,
+    N_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """STATE (N, D), in and out, and WORK (slots, N, D) in the compute dtype: slot 0 the field
     accumulator, for RK4 slot 1 the stage input and slot 2 the k-sum."""
     cdt: tl.constexpr = SCAL.dtype.element_ty
@@ -87,21 +105,39 @@ def _flow_kernel(Y, LW, EXCL, SCAL, T0, DT, STATE, WORK, N, B, D, n_steps, size_
         t = t0 + step * dt64
         for stage in range(N_STAGES):
             # Stage times t + C[stage] dt; the first stage reads the state itself.
-            frac = tl.where(stage == 1, _C1, tl.where(stage == 2, _C2,
-                                                      tl.where(stage == 3, _C3, 0.0)))
+            frac = tl.where(
+                stage == 1, _C1, tl.where(stage == 2, _C2, tl.where(stage == 3, _C3, 0.0))
+            )
             tau = t + frac * dt64
             e2 = tl.exp(2.0 * tau).to(cdt)
             if stage == 0:
                 x_in = STATE
             else:
                 x_in = XS
-            m, l = _field_tile(x_in, Y, LW, EXCL, ACC, rows, mask_m, e2, half_p, tiny, B, D, cdt,
-                               BLOCK_M, BLOCK_N, BLOCK_D)
+            m, l = _field_tile(
+                x_in,
+                Y,
+                LW,
+                EXCL,
+                ACC,
+                rows,
+                mask_m,
+                e2,
+                half_p,
+                tiny,
+                B,
+                D,
+                cdt,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
             neg_inv, lse2 = _finish_rows(m, l)
             # RK4 coefficients of this stage: weight B[stage] of k in the k-sum and step
             # A[stage + 1] dt to the next stage input.
-            k_weight = tl.where(stage == 0, _B0, tl.where(stage == 1, _B1,
-                                                          tl.where(stage == 2, _B2, _B3)))
+            k_weight = tl.where(
+                stage == 0, _B0, tl.where(stage == 1, _B1, tl.where(stage == 2, _B2, _B3))
+            )
             next_step = dt * tl.where(stage == 0, _A1, tl.where(stage == 1, _A2, _A3))
             more = stage < N_STAGES - 1
             last = stage == N_STAGES - 1
@@ -142,11 +178,19 @@ def flow_steps_launch(x, y, w, t0, dt, n_steps, solver, exclude=None):
 
     with launch_guard(x):
         wrap_triton(_flow_kernel)[grid](
-            y.detach().contiguous(), lw, index_rows(exclude),
+            y.detach().contiguous(),
+            lw,
+            index_rows(exclude),
             scalar_params(D + 1, x.dtype, x.device),
             t0.detach().to(torch.float64).contiguous(),
             dt.detach().to(torch.float64).contiguous(),
-            state, work,
-            N, B, D, int(n_steps), size_class(N, B), N_STAGES=n_stages,
+            state,
+            work,
+            N,
+            B,
+            D,
+            int(n_steps),
+            size_class(N, B),
+            N_STAGES=n_stages,
         )
     return state.to(x.dtype)

@@ -25,7 +25,8 @@ than `tight` (then the GEMM value is kept, an error of at most (2^s_hi - 2^s_lo)
 Pairs that are not near are dropped: their weight is at most 2^(s_hi - m_lo) <= 2^-K times
 the row's largest, and they are bounded, not summed (the online softmax starts from m_lo - K,
 so that such a bound is never lost to a rescale from -inf). v is accumulated over the kept pairs by
-direct differences, sum p (y - x), as the exact kernel does (docs/DESIGN.md, "The field operator"), in
+direct differences, sum p (y - x), as the exact kernel does (docs/DESIGN.md, "The field operator"),
+in
 tiles that hold at least one kept pair (the other tiles skip the D sweep).
 
 The certificate of row i, in units of the kept sum Z' = sum_kept 2^s:
@@ -40,7 +41,8 @@ tolerance of poissonflow.testing covers it). A row whose bound exceeds tau_v |v'
 recomputed by the exact kernel's tile (_field_tile of _field_fwd) inside the same launch
 (FALLBACK), and its certificate is then 0.
 
-The rounding bound (docs/DESIGN.md, "A tensor-core field with a certified error"), for unit roundoff u of the operands (TF32
+The rounding bound (docs/DESIGN.md, "A tensor-core field with a certified error"), for unit roundoff
+u of the operands (TF32
 2^-11, bf16 2^-8; the operands are rounded to nearest in the kernel by a bit mask, so the
 tensor cores' own truncation of float32 inputs never applies, and products of two rounded
 operands are exact in float32), u32 = 2^-24 and S = |x|^2 + |y|^2:
@@ -94,12 +96,15 @@ from ._field_fwd import (
     wrap_triton,
 )
 
-__all__ = ["PRECISIONS", "rounding_constants", "gemm_field_forward", "gemm_r2_bounds",
-           "GemmResult"]
+__all__ = ["PRECISIONS", "rounding_constants", "gemm_field_forward", "gemm_r2_bounds", "GemmResult"]
 
 # precision name -> (kernel code, operand unit roundoff u)
-PRECISIONS = {"ieee": (0, 0.0), "tf32": (1, 2.0**-11), "tf32x3": (2, 2.0**-11),
-              "bf16": (3, 2.0**-8)}
+PRECISIONS = {
+    "ieee": (0, 0.0),
+    "tf32": (1, 2.0**-11),
+    "tf32x3": (2, 2.0**-11),
+    "bf16": (3, 2.0**-8),
+}
 U32 = 2.0**-24
 _BF16_OPERANDS = tl.constexpr(not INTERPRETED)
 LN2 = math.log(2.0)
@@ -118,7 +123,8 @@ R2_WARPS = 8
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) on the GPU: BLOCK_K is the dot's
 # reduction chunk, BLOCK_D the direct-difference chunk of the recomputed tiles ([BLOCK_D,
 # BLOCK_M, BLOCK_N] partial sums, as the exact kernel's). Compiled offline for sm_80 and sm_90
-# (python -m poissonflow.kernels.triton.build_budget, Triton's ptxas, no GPU; not yet run or timed on
+# (python -m poissonflow.kernels.triton.build_budget, Triton's ptxas, no GPU; not yet run or timed
+# on
 # one): none spills at TF32. The first also compiles without spills at every other precision
 # and is the only one they get (prune_gemm_configs); the 64-row shapes with BLOCK_D = 1 that
 # used wgmma spilled 72-1,660 bytes on sm_80 and sm_90.
@@ -135,8 +141,11 @@ _INTERPRETER_SHAPE = (16, 16, 16, 32, 1, 1)
 def _configs():
     shapes = (_INTERPRETER_SHAPE,) if INTERPRETED else _GPU_SHAPES
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd},
-                      num_warps=nw, num_stages=ns)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd},
+            num_warps=nw,
+            num_stages=ns,
+        )
         for bm, bn, bk, bd, nw, ns in shapes
     ]
 
@@ -197,8 +206,9 @@ def _dot_prec(a, b, acc, PREC: tl.constexpr):
         acc = tl.dot(ah, bl, acc, input_precision="tf32")
         acc = tl.dot(ah, bh, acc, input_precision="tf32")
     elif _BF16_OPERANDS:
-        acc = tl.dot(_round_nearest(a, 16).to(tl.bfloat16),
-                     _round_nearest(b, 16).to(tl.bfloat16), acc)
+        acc = tl.dot(
+            _round_nearest(a, 16).to(tl.bfloat16), _round_nearest(b, 16).to(tl.bfloat16), acc
+        )
     else:
         # The interpreter's dot mishandles bfloat16 operands; the rounded values are exact in
         # float32, so the float32 dot of them is the product a bf16 tensor core forms.
@@ -207,8 +217,18 @@ def _dot_prec(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _gemm_q(x_rows, mask_m, Y, cols, mask_n, D, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm_q(
+    x_rows,
+    mask_m,
+    Y,
+    cols,
+    mask_n,
+    D,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """x_i . y_j of a [BLOCK_M, BLOCK_N] tile at precision PREC, over BLOCK_K chunks of D."""
     dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     y_cols = Y + cols.to(tl.int64)[None, :] * D
@@ -235,9 +255,25 @@ def _pair_error_bound(s_hi, width, m_ref, approx, dropped):
 
 
 @triton.jit
-def _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n, D, NEG: tl.constexpr,
-               cdt: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm_tile(
+    x_rows,
+    mask_m,
+    nx,
+    Y,
+    NY,
+    LW,
+    EXCL,
+    excl,
+    cols,
+    mask_n,
+    D,
+    NEG: tl.constexpr,
+    cdt: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """What both passes of the GEMM-form forward need of one tile of charges: q = |x|^2 + |y|^2
     - 2 x.y (GEMM form, no softening), s_norm = |x|^2 + |y|^2 (the rounding bound's scale), the
     log2 weights lw (1, BLOCK_N), and the live pairs (in range, non-zero weight, not
@@ -256,8 +292,22 @@ def _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n, D, NEG: 
 
 
 @triton.jit
-def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _r2_bounds_kernel(
+    X,
+    Y,
+    NX,
+    NY,
+    R2G,
+    ERR,
+    N,
+    B,
+    D,
+    c_s,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(q = nx + ny - 2 x.y, C_S (nx + ny)) of every pair, for tests and bench/gpu_check.py.
     One program per tile on a 1-D grid (a grid's y extent stops at 65,535 tiles)."""
     tiles_n = tl.cdiv(B, BLOCK_N)
@@ -266,8 +316,9 @@ def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
     cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rows < N
     mask_n = cols < B
-    dot = _gemm_q(X + rows[:, None] * D, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N,
-                  BLOCK_K)
+    dot = _gemm_q(
+        X + rows[:, None] * D, mask_m, Y, cols, mask_n, D, PREC, BLOCK_M, BLOCK_N, BLOCK_K
+    )
     nx = tl.load(NX + rows, mask=mask_m, other=0.0)
     ny = tl.load(NY + cols, mask=mask_n, other=0.0)
     s = nx[:, None] + ny[None, :]
@@ -277,14 +328,46 @@ def _r2_bounds_kernel(X, Y, NX, NY, R2G, ERR, N, B, D, c_s, PREC: tl.constexpr,
     tl.store(ERR + offs, c_s * s, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["D", "size_class", "PREC", "RECOMPUTE", "FALLBACK"],
-                 prune_configs_by={"early_config_prune": prune_gemm_configs}, cache_results=True)
+@triton.autotune(
+    configs=_configs(),
+    key=["D", "size_class", "PREC", "RECOMPUTE", "FALLBACK"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
+    cache_results=True,
+)
 @triton.jit(do_not_specialize=["size_class"])
-def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tight, tau_v, tau_ls,
-                     ACC, V, LSE2, CERT, STATS,
-                     N, B, D, e2_stride, size_class, PREC: tl.constexpr, RECOMPUTE: tl.constexpr,
-                     FALLBACK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gemm_fwd_kernel(
+    X,
+    Y,
+    NX,
+    NY,
+    LW,
+    EXCL,
+    E2,
+    half_p,
+    tiny,
+    c_s,
+    margin,
+    tight,
+    tau_v,
+    tau_ls,
+    ACC,
+    V,
+    LSE2,
+    CERT,
+    STATS,
+    N,
+    B,
+    D,
+    e2_stride,
+    size_class,
+    PREC: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One program per BLOCK_M queries: v, lse2 (log2 units), the certificate CERT (N, 2) =
     (bound on |v - v_exact|, on |lse - lse_exact| in natural-log units) and STATS (N, 6) int32 =
     (pairs recomputed, pairs kept, fell back, and on each block's first row: charge tiles,
@@ -321,8 +404,25 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
     for j0 in range(0, B, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols < B
-        q, s_norm, lw, live = _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n,
-                                         D, NEG, cdt, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        q, s_norm, lw, live = _gemm_tile(
+            x_rows,
+            mask_m,
+            nx,
+            Y,
+            NY,
+            LW,
+            EXCL,
+            excl,
+            cols,
+            mask_n,
+            D,
+            NEG,
+            cdt,
+            PREC,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         r2_up = q + e2[:, None] + c_s * s_norm
         s_lo = tl.where(live, lw - half_p * tl.log2(tl.maximum(r2_up, tiny)), NEG)
         m_lo = tl.maximum(m_lo, tl.max(s_lo, axis=1))
@@ -341,8 +441,25 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
     for j0 in range(0, B, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         mask_n = cols < B
-        q, s_norm, lw, live = _gemm_tile(x_rows, mask_m, nx, Y, NY, LW, EXCL, excl, cols, mask_n,
-                                         D, NEG, cdt, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        q, s_norm, lw, live = _gemm_tile(
+            x_rows,
+            mask_m,
+            nx,
+            Y,
+            NY,
+            LW,
+            EXCL,
+            excl,
+            cols,
+            mask_n,
+            D,
+            NEG,
+            cdt,
+            PREC,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
         err = c_s * s_norm
         r2g = q + e2[:, None]
         r2g_f = tl.maximum(r2g, tiny)
@@ -353,8 +470,7 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
         d_lo = half_p * inv_ln2 * t
         s_hi = tl.where(unbounded, lw + s_cap_rel, s_g + d_hi)
         # where the interval reaches the floor, t is not small: the lower bound from r2g + err
-        s_lo = tl.where(unbounded, lw - half_p * tl.log2(tl.maximum(r2g + err, tiny)),
-                        s_g - d_lo)
+        s_lo = tl.where(unbounded, lw - half_p * tl.log2(tl.maximum(r2g + err, tiny)), s_g - d_lo)
         s_hi = tl.where(live, s_hi, NEG)
         s_lo = tl.where(live, s_lo, NEG)
         m_lo_t = tl.maximum(m_lo, tl.max(s_lo, axis=1))
@@ -365,8 +481,17 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
         if RECOMPUTE:
             if tl.max(tl.max(redo.to(tl.int32), axis=1), axis=0) > 0:
                 y_rows = Y + cols.to(tl.int64)[:, None] * D
-                r2e = _sq_dist(tl.trans(x_rows), mask_m, tl.trans(y_rows), mask_n, D, cdt,
-                               BLOCK_M, BLOCK_N, BLOCK_D)
+                r2e = _sq_dist(
+                    tl.trans(x_rows),
+                    mask_m,
+                    tl.trans(y_rows),
+                    mask_n,
+                    D,
+                    cdt,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
                 s_e = lw - half_p * tl.log2(tl.maximum(r2e + e2[:, None], tiny))
                 s_use = tl.where(redo, s_e, s_g)
                 tiles_redo += 1
@@ -390,8 +515,7 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
         # the interval's width: d_hi + d_lo as formed (s_hi - s_lo would cancel), or where it
         # reaches the floor (plain GEMM form only: such pairs are recomputed otherwise) s_hi - s_lo
         wide = approx & unbounded
-        width = tl.where(wide, tl.where(wide, s_hi, 0.0) - tl.where(wide, s_lo, 0.0),
-                         d_hi + d_lo)
+        width = tl.where(wide, tl.where(wide, s_hi, 0.0) - tl.where(wide, s_lo, 0.0), d_hi + d_lo)
         e_pair = _pair_error_bound(s_hi, width, m_ref, approx, dropped)
         dist_hi = tl.sqrt(tl.maximum(q + err, 0.0)) * (1.0 + 2.0**-20)
         ez = ez * alpha + tl.sum(e_pair, axis=1)
@@ -405,8 +529,9 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
         if tl.max(tl.max(near.to(tl.int32), axis=1), axis=0) > 0:
             tiles_acc += 1
             y_rows = Y + cols.to(tl.int64)[:, None] * D
-            _accumulate_differences(acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt,
-                                    BLOCK_D)
+            _accumulate_differences(
+                acc_rows, x_rows, y_rows, mask_m, mask_n, p, alpha, D, cdt, BLOCK_D
+            )
             tl.debug_barrier()
     neg_inv, lse2 = _finish_rows(m, l)
     vsq = tl.zeros([BLOCK_M], cdt)
@@ -431,8 +556,24 @@ def _gemm_fwd_kernel(X, Y, NX, NY, LW, EXCL, E2, half_p, tiny, c_s, margin, tigh
         if tl.max(fell.to(tl.int32), axis=0) > 0:
             # Rows the certificate does not cover: the exact kernel's tile on those rows only
             # (its scratch rows are the same; the other rows are left as they are).
-            m2, l2 = _field_tile(X, Y, LW, EXCL, ACC, rows, fell, e2, half_p, tiny, B, D, cdt,
-                                 BLOCK_M, BLOCK_N, BLOCK_D)
+            m2, l2 = _field_tile(
+                X,
+                Y,
+                LW,
+                EXCL,
+                ACC,
+                rows,
+                fell,
+                e2,
+                half_p,
+                tiny,
+                B,
+                D,
+                cdt,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
             m = tl.where(fell, m2, m)
             l = tl.where(fell, l2, l)
             neg_inv, lse2 = _finish_rows(m, l)
@@ -507,9 +648,23 @@ def _norms(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64).pow(2).sum(1).to(torch.float32).contiguous()
 
 
-def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, precision="tf32",
-                       margin=None, tight=None, tau_v=1e-5, tau_ls=1e-5, recompute=True,
-                       fallback=True) -> GemmResult:
+def gemm_field_forward(
+    x,
+    y,
+    w,
+    power,
+    eps,
+    exclude=None,
+    eps_rows=None,
+    *,
+    precision="tf32",
+    margin=None,
+    tight=None,
+    tau_v=1e-5,
+    tau_ls=1e-5,
+    recompute=True,
+    fallback=True,
+) -> GemmResult:
     """The certified GEMM-form forward (module docstring) on float16/bfloat16/float32 inputs,
     computed in float32: returns GemmResult(v, log_scale, lse2, v_c, certificate (N, 2),
     stats (N, 6) int32); lse2 and v_c as _field_fwd.field_forward_launch returns them.
@@ -522,8 +677,10 @@ def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, prec
     bounded): for tests of what the recomputation saves.
     """
     if x.dtype == torch.float64:
-        raise TypeError("the GEMM-form kernel computes in float32; float64 input goes to the "
-                        "exact kernel (poissonflow.kernels.triton_gemm.field_forward does so)")
+        raise TypeError(
+            "the GEMM-form kernel computes in float32; float64 input goes to the "
+            "exact kernel (poissonflow.kernels.triton_gemm.field_forward does so)"
+        )
     prec_code = PRECISIONS[precision][0] if precision in PRECISIONS else None
     if prec_code is None:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
@@ -538,8 +695,9 @@ def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, prec
     acc = v if x.dtype == cdt else torch.empty((N, D), dtype=cdt, device=x.device)
     v_c = None if acc is v else acc
     if N == 0:
-        return GemmResult(v, torch.empty((0,), dtype=x.dtype, device=x.device), lse2, v_c,
-                          cert, stats)
+        return GemmResult(
+            v, torch.empty((0,), dtype=x.dtype, device=x.device), lse2, v_c, cert, stats
+        )
     x = x.detach().contiguous()
     y = y.detach().contiguous()
     e2, e2_stride = softening_sq(x, eps, eps_rows, cdt)
@@ -555,9 +713,32 @@ def gemm_field_forward(x, y, w, power, eps, exclude=None, eps_rows=None, *, prec
 
     with launch_guard(x):
         wrap_triton(_gemm_fwd_kernel)[grid](
-            x, y, _norms(x), _norms(y), lw, index_rows(exclude), e2, half_p, tiny, c_s, K, tight,
-            float(tau_v), float(tau_ls), acc, v, lse2, cert, stats,
-            N, B, D, e2_stride, size_class(N, B), PREC=prec_code, RECOMPUTE=bool(recompute),
+            x,
+            y,
+            _norms(x),
+            _norms(y),
+            lw,
+            index_rows(exclude),
+            e2,
+            half_p,
+            tiny,
+            c_s,
+            K,
+            tight,
+            float(tau_v),
+            float(tau_ls),
+            acc,
+            v,
+            lse2,
+            cert,
+            stats,
+            N,
+            B,
+            D,
+            e2_stride,
+            size_class(N, B),
+            PREC=prec_code,
+            RECOMPUTE=bool(recompute),
             FALLBACK=bool(fallback),
         )
     return GemmResult(v, log_scale_from_lse2(lse2, log_wsum, x.dtype), lse2, v_c, cert, stats)
@@ -574,10 +755,23 @@ def gemm_r2_bounds(x, y, precision="tf32"):
     err = torch.empty((N, B), dtype=torch.float32, device=x.device)
     c_s = rounding_constants(precision, D)
     with launch_guard(x):
-        _r2_bounds_kernel[r2_grid(N, B)](x, y, _norms(x), _norms(y), q, err, N, B, D, c_s,
-                                         PREC=PRECISIONS[precision][0], BLOCK_M=R2_BLOCK,
-                                         BLOCK_N=R2_BLOCK, BLOCK_K=R2_BLOCK_K,
-                                         num_warps=R2_WARPS)
+        _r2_bounds_kernel[r2_grid(N, B)](
+            x,
+            y,
+            _norms(x),
+            _norms(y),
+            q,
+            err,
+            N,
+            B,
+            D,
+            c_s,
+            PREC=PRECISIONS[precision][0],
+            BLOCK_M=R2_BLOCK,
+            BLOCK_N=R2_BLOCK,
+            BLOCK_K=R2_BLOCK_K,
+            num_warps=R2_WARPS,
+        )
     return q, err
 
 

@@ -1,7 +1,8 @@
 """Every Triton kernel configuration the package can launch, compiled for sm_80 and sm_90 without
 a GPU, with ptxas's figures and the budgets they must meet.
 
-    python -m poissonflow.kernels.triton.build_budget [--arch 80 90] [--jobs 2] [--json FILE] [--markdown]
+    python -m poissonflow.kernels.triton.build_budget [--arch 80 90] [--jobs 2] [--json FILE]
+    [--markdown]
 
 Each launch variant is specialised exactly as a launch would specialise it (Triton's own binder,
 on CPU tensors of the launch's dtypes and the launch's integer values: an integer argument equal
@@ -47,24 +48,28 @@ REG_LIMIT = 255
 # (docs/gpu.md); what is left spills a few bytes only where Triton specialises an integer
 # argument to a constant, i.e. for degenerate problems whose whole cost is the launch.
 _DEGENERATE = "a specialisation for a degenerate size (one charge or one dimension): tens of bytes"
-_SIXTEEN = ("N, B and D all multiples of 16 on sm_80: 4 bytes (one value) on the default GEMM-form "
-            "config; the other TF32 configs are autotuned beside it")
+_SIXTEEN = (
+    "N, B and D all multiples of 16 on sm_80: 4 bytes (one value) on the default GEMM-form "
+    "config; the other TF32 configs are autotuned beside it"
+)
 ACCEPTED_SPILLS: dict[tuple, tuple[int, str]] = {
     ("_flow_kernel", "(32,32,4) w8 s1 rk4 B=1", "float32", 80): (116, _DEGENERATE),
     ("_flow_kernel", "(32,32,4) w8 s1 rk4 B=1", "float32", 90): (8, _DEGENERATE),
     ("_gemm_fwd_kernel", "(32,32,16,2) w8 s2 tf32 D=1", "float32", 80): (64, _DEGENERATE),
-    ("_gemm_fwd_kernel", "(32,32,16,2) w8 s2 tf32 N,B,D divisible by 16", "float32", 80):
-        (8, _SIXTEEN),
+    ("_gemm_fwd_kernel", "(32,32,16,2) w8 s2 tf32 N,B,D divisible by 16", "float32", 80): (
+        8,
+        _SIXTEEN,
+    ),
 }
 
 
 @dataclass
 class Variant:
-    kernel: str          # module:attribute of the (autotuned) kernel
-    label: str           # what the row says: config, dtype, specialisation
+    kernel: str  # module:attribute of the (autotuned) kernel
+    label: str  # what the row says: config, dtype, specialisation
     dtype: str
-    args: dict           # how to build the launch's arguments (see _launch_args)
-    config: dict         # constexpr block sizes
+    args: dict  # how to build the launch's arguments (see _launch_args)
+    config: dict  # constexpr block sizes
     num_warps: int
     num_stages: int
     constexprs: dict = field(default_factory=dict)
@@ -106,12 +111,15 @@ class Row:
             out.append(f"{self.registers} registers > {REG_LIMIT}")
         accepted = ACCEPTED_SPILLS.get(self.key(), (0, ""))[0]
         if self.spills > accepted:
-            out.append(f"spills {self.spill_stores} B stored / {self.spill_loads} B loaded "
-                       f"(stack {self.stack} B), {accepted} B accepted")
+            out.append(
+                f"spills {self.spill_stores} B stored / {self.spill_loads} B loaded "
+                f"(stack {self.stack} B), {accepted} B accepted"
+            )
         limit = SMEM_LIMIT[self.arch]
         if self.smem > limit:
-            out.append(f"shared memory {self.static_smem} static + {self.dynamic_smem} dynamic "
-                       f"> {limit} B")
+            out.append(
+                f"shared memory {self.static_smem} static + {self.dynamic_smem} dynamic > {limit} B"
+            )
         return out
 
 
@@ -140,8 +148,11 @@ def _configs(kernel, dtype="float32"):
     import torch
 
     cdt = torch.float64 if dtype == "float64" else torch.float32
-    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kernel.configs
-            if cdt in getattr(c, "compute_dtypes", (cdt,))]
+    return [
+        (dict(c.kwargs), c.num_warps, c.num_stages)
+        for c in kernel.configs
+        if cdt in getattr(c, "compute_dtypes", (cdt,))
+    ]
 
 
 def _label(cfg, nw, ns, extra=""):
@@ -161,41 +172,85 @@ def variants() -> list[Variant]:
         for dt in dtypes:
             for cfg, nw, ns in _configs(kernel, dt):
                 for cx, tag in extra_constexprs:
-                    out.append(Variant(kernel_name, _label(cfg, nw, ns, tag), dt, dict(GENERIC),
-                                       cfg, nw, ns, dict(cx)))
+                    out.append(
+                        Variant(
+                            kernel_name,
+                            _label(cfg, nw, ns, tag),
+                            dt,
+                            dict(GENERIC),
+                            cfg,
+                            nw,
+                            ns,
+                            dict(cx),
+                        )
+                    )
         if specials:
             cfg, nw, ns = _configs(kernel)[0]
             special = SPECIAL + (SPECIAL_FLOW if kernel_name.endswith("_flow_kernel") else ())
             for cx, tag in extra_constexprs:
                 for name, sizes in special:
-                    out.append(Variant(kernel_name, _label(cfg, nw, ns, f"{tag} {name}".strip()),
-                                       "float32", dict(GENERIC, **sizes), cfg, nw, ns, dict(cx)))
+                    out.append(
+                        Variant(
+                            kernel_name,
+                            _label(cfg, nw, ns, f"{tag} {name}".strip()),
+                            "float32",
+                            dict(GENERIC, **sizes),
+                            cfg,
+                            nw,
+                            ns,
+                            dict(cx),
+                        )
+                    )
 
     add(f"{_PKG}._field_fwd:_field_fwd_kernel", _field_fwd._field_fwd_kernel, DTYPES)
-    add(f"{_PKG}._field_bwd:_field_bwd_dx_kernel", _field_bwd._field_bwd_dx_kernel,
-        DTYPES)
-    add(f"{_PKG}._field_bwd:_field_bwd_dy_kernel", _field_bwd._field_bwd_dy_kernel,
-        DTYPES)
-    add(f"{_PKG}._flow:_flow_kernel", _flow._flow_kernel, DTYPES,
-        (({"N_STAGES": 1}, "euler"), ({"N_STAGES": 4}, "rk4")))
+    add(f"{_PKG}._field_bwd:_field_bwd_dx_kernel", _field_bwd._field_bwd_dx_kernel, DTYPES)
+    add(f"{_PKG}._field_bwd:_field_bwd_dy_kernel", _field_bwd._field_bwd_dy_kernel, DTYPES)
+    add(
+        f"{_PKG}._flow:_flow_kernel",
+        _flow._flow_kernel,
+        DTYPES,
+        (({"N_STAGES": 1}, "euler"), ({"N_STAGES": 4}, "rk4")),
+    )
     # The GEMM form: float16/bfloat16/float32 (float64 goes to the exact kernel); TF32 (the
     # default) over every config, the other precisions on the one config they are given
     # (_gemm.prune_gemm_configs).
     gemm_name = f"{_PKG}._gemm:_gemm_fwd_kernel"
     cx = {"RECOMPUTE": True, "FALLBACK": True}
-    add(gemm_name, _gemm._gemm_fwd_kernel, ("float16", "bfloat16", "float32"),
-        ((dict(cx, PREC=_gemm.PRECISIONS["tf32"][0]), "tf32"),))
+    add(
+        gemm_name,
+        _gemm._gemm_fwd_kernel,
+        ("float16", "bfloat16", "float32"),
+        ((dict(cx, PREC=_gemm.PRECISIONS["tf32"][0]), "tf32"),),
+    )
     cfg, nw, ns = _configs(_gemm._gemm_fwd_kernel)[0]
     for name, (code, _) in _gemm.PRECISIONS.items():
         if name != "tf32":
-            out.append(Variant(gemm_name, _label(cfg, nw, ns, name), "float32", dict(GENERIC),
-                               cfg, nw, ns, dict(cx, PREC=code)))
+            out.append(
+                Variant(
+                    gemm_name,
+                    _label(cfg, nw, ns, name),
+                    "float32",
+                    dict(GENERIC),
+                    cfg,
+                    nw,
+                    ns,
+                    dict(cx, PREC=code),
+                )
+            )
     for name, (code, _) in _gemm.PRECISIONS.items():
         cfg = dict(BLOCK_M=_gemm.R2_BLOCK, BLOCK_N=_gemm.R2_BLOCK, BLOCK_K=_gemm.R2_BLOCK_K)
-        out.append(Variant(f"{_PKG}._gemm:_r2_bounds_kernel",
-                           _label(cfg, _gemm.R2_WARPS, 3, name), "float32", dict(GENERIC), cfg,
-                           _gemm.R2_WARPS, 3,
-                           {"PREC": code}))
+        out.append(
+            Variant(
+                f"{_PKG}._gemm:_r2_bounds_kernel",
+                _label(cfg, _gemm.R2_WARPS, 3, name),
+                "float32",
+                dict(GENERIC),
+                cfg,
+                _gemm.R2_WARPS,
+                3,
+                {"PREC": code},
+            )
+        )
     return out
 
 
@@ -216,30 +271,122 @@ def _launch_args(kernel_name: str, v: Variant):
     name = kernel_name.split(":")[1]
     size_class = 5
     if name == "_field_fwd_kernel":
-        args = (t(4, 4), t(4, 4), t(4, dtype=cdt), idx, t(4, dtype=cdt), scal, t(4, 4, dtype=cdt),
-                t(4, 4), t(4, dtype=cdt), N, B, D, 1, size_class)
+        args = (
+            t(4, 4),
+            t(4, 4),
+            t(4, dtype=cdt),
+            idx,
+            t(4, dtype=cdt),
+            scal,
+            t(4, 4, dtype=cdt),
+            t(4, 4),
+            t(4, dtype=cdt),
+            N,
+            B,
+            D,
+            1,
+            size_class,
+        )
     elif name == "_field_bwd_dx_kernel":
-        args = (t(4, 4), t(4, 4), t(4, dtype=cdt), idx, t(4, dtype=cdt), scal, t(4, dtype=cdt),
-                t(4, 4), t(4, dtype=cdt), t(4, dtype=cdt), t(4, 4, dtype=cdt), t(4, 4),
-                N, B, D, 1, size_class)
+        args = (
+            t(4, 4),
+            t(4, 4),
+            t(4, dtype=cdt),
+            idx,
+            t(4, dtype=cdt),
+            scal,
+            t(4, dtype=cdt),
+            t(4, 4),
+            t(4, dtype=cdt),
+            t(4, dtype=cdt),
+            t(4, 4, dtype=cdt),
+            t(4, 4),
+            N,
+            B,
+            D,
+            1,
+            size_class,
+        )
     elif name == "_field_bwd_dy_kernel":
-        args = (t(4, 4), t(4, 4), t(4, dtype=cdt), idx, t(4, dtype=cdt), scal, t(4, dtype=cdt),
-                t(4, 4), t(4, dtype=cdt), t(4, dtype=cdt), t(4, 4, dtype=cdt), t(4, 4),
-                t(4, dtype=cdt), N, B, D, 1, size_class)
+        args = (
+            t(4, 4),
+            t(4, 4),
+            t(4, dtype=cdt),
+            idx,
+            t(4, dtype=cdt),
+            scal,
+            t(4, dtype=cdt),
+            t(4, 4),
+            t(4, dtype=cdt),
+            t(4, dtype=cdt),
+            t(4, 4, dtype=cdt),
+            t(4, 4),
+            t(4, dtype=cdt),
+            N,
+            B,
+            D,
+            1,
+            size_class,
+        )
     elif name == "_flow_kernel":
         f64 = torch.float64
-        args = (t(4, 4), t(4, dtype=cdt), idx, scal, t(4, dtype=f64), t(4, dtype=f64),
-                t(4, 4, dtype=cdt), t(3, 4, 4, dtype=cdt), N, B, D, n_steps, size_class)
+        args = (
+            t(4, 4),
+            t(4, dtype=cdt),
+            idx,
+            scal,
+            t(4, dtype=f64),
+            t(4, dtype=f64),
+            t(4, 4, dtype=cdt),
+            t(3, 4, 4, dtype=cdt),
+            N,
+            B,
+            D,
+            n_steps,
+            size_class,
+        )
     elif name == "_gemm_fwd_kernel":
         f32 = torch.float32
-        args = (t(4, 4), t(4, 4), t(4, dtype=f32), t(4, dtype=f32), t(4, dtype=f32), idx,
-                t(4, dtype=f32), 64.5, 1e-38, 2e-3, 20.0, 3e-6, 1e-6, 1e-6, t(4, 4, dtype=f32),
-                t(4, 4), t(4, dtype=f32), t(4, 2, dtype=f32), t(4, 6, dtype=torch.int32),
-                N, B, D, 1, size_class)
+        args = (
+            t(4, 4),
+            t(4, 4),
+            t(4, dtype=f32),
+            t(4, dtype=f32),
+            t(4, dtype=f32),
+            idx,
+            t(4, dtype=f32),
+            64.5,
+            1e-38,
+            2e-3,
+            20.0,
+            3e-6,
+            1e-6,
+            1e-6,
+            t(4, 4, dtype=f32),
+            t(4, 4),
+            t(4, dtype=f32),
+            t(4, 2, dtype=f32),
+            t(4, 6, dtype=torch.int32),
+            N,
+            B,
+            D,
+            1,
+            size_class,
+        )
     elif name == "_r2_bounds_kernel":
         f32 = torch.float32
-        args = (t(4, 4), t(4, 4), t(4, dtype=f32), t(4, dtype=f32), t(4, 4, dtype=f32),
-                t(4, 4, dtype=f32), N, B, D, 1e-3)
+        args = (
+            t(4, 4),
+            t(4, 4),
+            t(4, dtype=f32),
+            t(4, dtype=f32),
+            t(4, 4, dtype=f32),
+            t(4, 4, dtype=f32),
+            N,
+            B,
+            D,
+            1e-3,
+        )
     else:
         raise KeyError(name)
     return args, dict(v.constexprs, **v.config)
@@ -247,8 +394,10 @@ def _launch_args(kernel_name: str, v: Variant):
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                          r"(\d+) bytes spill loads")
+_PTXAS_FRAME = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+    r"(\d+) bytes spill loads"
+)
 
 
 def _compile_one(item) -> dict:
@@ -257,8 +406,9 @@ def _compile_one(item) -> dict:
         return _compile(*item)
     except Exception as exc:  # noqa: BLE001 - a broken harness is a row too
         v, arch, _ = item
-        return asdict(Row(v.kernel, v.label, v.dtype, arch,
-                          error=f"{type(exc).__name__}: {exc}"[:400]))
+        return asdict(
+            Row(v.kernel, v.label, v.dtype, arch, error=f"{type(exc).__name__}: {exc}"[:400])
+        )
 
 
 def _compile(v: Variant, arch: int, cache_dir: str) -> dict:
@@ -379,22 +529,35 @@ def _ptxas_log(ptx: str, arch: int) -> str:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={sm}", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                get_ptxas(arch).path,
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={sm}",
+                src,
+                "-o",
+                os.path.join(tmp, "k.o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     return res.stdout + res.stderr
 
 
 def default_cache_dir() -> str:
     return os.environ.get("POISSONFLOW_BUDGET_CACHE") or os.path.join(
-        tempfile.gettempdir(), "poissonflow-gpu-build-budget")
+        tempfile.gettempdir(), "poissonflow-gpu-build-budget"
+    )
 
 
 def run(archs=ARCHS, jobs=None, cache_dir=None, select=None) -> list[Row]:
     """Compiles every variant for every arch (in `jobs` processes); returns the rows."""
     cache_dir = cache_dir or default_cache_dir()
-    items = [(v, a, cache_dir) for a in archs for v in variants()
-             if select is None or select in v.kernel]
+    items = [
+        (v, a, cache_dir) for a in archs for v in variants() if select is None or select in v.kernel
+    ]
     jobs = jobs or min(len(items), os.cpu_count() or 1)
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
@@ -406,19 +569,24 @@ def run(archs=ARCHS, jobs=None, cache_dir=None, select=None) -> list[Row]:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| kernel | configuration | dtype | arch | regs | stack | spill st/ld B | "
-             "smem static + dynamic B | budget |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | configuration | dtype | arch | regs | stack | spill st/ld B | "
+        "smem static + dynamic B | budget |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         name = r.kernel.split(":")[1]
         if r.error:
-            lines.append(f"| {name} | {r.label} | {r.dtype} | sm_{r.arch} | - | - | - | - | "
-                         f"{r.error} |")
+            lines.append(
+                f"| {name} | {r.label} | {r.dtype} | sm_{r.arch} | - | - | - | - | {r.error} |"
+            )
             continue
         verdict = "; ".join(r.problems()) or "ok"
-        lines.append(f"| {name} | {r.label} | {r.dtype} | sm_{r.arch} | {r.registers} | "
-                     f"{r.stack} | {r.spill_stores}/{r.spill_loads} | "
-                     f"{r.static_smem} + {r.dynamic_smem} | {verdict} |")
+        lines.append(
+            f"| {name} | {r.label} | {r.dtype} | sm_{r.arch} | {r.registers} | "
+            f"{r.stack} | {r.spill_stores}/{r.spill_loads} | "
+            f"{r.static_smem} + {r.dynamic_smem} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -430,8 +598,10 @@ def markdown_by_arch(rows: list[Row]) -> str:
     for r in rows:
         table.setdefault((r.kernel.split(":")[1], r.label, r.dtype), {})[r.arch] = r
     head = " | ".join(f"sm_{a} regs | sm_{a} spill st/ld B | sm_{a} smem B" for a in archs)
-    lines = [f"| kernel | configuration (blocks) warps stages [variant] | dtype | {head} |",
-             "|---|---|---|" + "---|" * (3 * len(archs))]
+    lines = [
+        f"| kernel | configuration (blocks) warps stages [variant] | dtype | {head} |",
+        "|---|---|---|" + "---|" * (3 * len(archs)),
+    ]
     for (name, label, dtype), by in table.items():
         cells = []
         for a in archs:
@@ -440,8 +610,11 @@ def markdown_by_arch(rows: list[Row]) -> str:
                 cells += ["-", "error" if r else "-", "-"]
                 continue
             mark = "*" if r.spills and r.key() in ACCEPTED_SPILLS else ""
-            cells += [str(r.registers), f"{r.spill_stores}/{r.spill_loads}{mark}",
-                      f"{r.static_smem} + {r.dynamic_smem}"]
+            cells += [
+                str(r.registers),
+                f"{r.spill_stores}/{r.spill_loads}{mark}",
+                f"{r.static_smem} + {r.dynamic_smem}",
+            ]
         lines.append(f"| {name} | {label} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -452,8 +625,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    ap.add_argument("--by-arch", action="store_true",
-                    help="print the markdown table with the architectures side by side")
+    ap.add_argument(
+        "--by-arch",
+        action="store_true",
+        help="print the markdown table with the architectures side by side",
+    )
     ap.add_argument("--select", help="only kernels whose name contains this")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "") == "1":
@@ -472,8 +648,10 @@ def main(argv=None) -> int:
     elif args.markdown:
         print(markdown(rows))
     compiled = sum(not r.cached for r in rows)
-    print(f"{len(rows)} variants ({compiled} compiled, {len(rows) - compiled} cached) "
-          f"in {wall:.1f} s; {len(bad)} budget violations")
+    print(
+        f"{len(rows)} variants ({compiled} compiled, {len(rows) - compiled} cached) "
+        f"in {wall:.1f} s; {len(bad)} budget violations"
+    )
     for r, p in bad:
         print(f"  {r.kernel.split(':')[1]} {r.label} {r.dtype} sm_{r.arch}: {p}")
     return 1 if bad else 0

@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from ... import ops
-from . import backward_from_outputs
 from ..triton_gemm import forward_outputs
+from . import backward_from_outputs
 
 __all__ = ["field_triton_gemm", "field_triton_gemm_backward"]
 
 triton_op = getattr(torch.library, "triton_op", None) or torch.library.custom_op
 
-_OPS = ops.define_field_ops("field_triton_gemm", forward_outputs, backward_from_outputs,
-                            decorator=triton_op)
+_OPS = ops.define_field_ops(
+    "field_triton_gemm", forward_outputs, backward_from_outputs, decorator=triton_op
+)
 field_triton_gemm, field_triton_gemm_backward = _OPS.forward, _OPS.backward
