@@ -35,8 +35,12 @@ def test_digits_shift_is_a_shift_with_zero_fill():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     seen = set()
     for i in range(len(x)):
-        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                   if torch.equal(out[i, 0], padded[i, 0, 1 - dy:9 - dy, 1 - dx:9 - dx])]
+        matches = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(out[i, 0], padded[i, 0, 1 - dy : 9 - dy, 1 - dx : 9 - dx])
+        ]
         assert matches, f"image {i} is not a shift of its input"
         seen.add(matches[0])
     assert len(seen) >= 4  # the shifts vary between images
@@ -52,15 +56,15 @@ def test_digits_noise_has_the_stated_std():
 
 def test_cifar_identity_settings_reproduce_the_image():
     x = images(4, 3, 32, 32)
-    ident = CifarAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
-                         grayscale_p=0.0)
+    ident = CifarAugment(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0, grayscale_p=0.0
+    )
     assert torch.allclose(ident(x, gen(0)), x, atol=1e-5)
 
 
 def test_cifar_flip_mirrors_or_keeps():
     x = images(16, 3, 32, 32)
-    aug = CifarAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True, jitter_p=0.0,
-                       grayscale_p=0.0)
+    aug = CifarAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True, jitter_p=0.0, grayscale_p=0.0)
     out = aug(x, gen(5))
     kinds = []
     for i in range(len(x)):
@@ -75,8 +79,9 @@ def test_cifar_crop_zooms_in():
     # a crop of at most 25% of the area, resized back, stretches a vertical edge
     x = torch.zeros(1, 3, 32, 32)
     x[..., 16:] = 1.0
-    aug = CifarAugment(scale=(0.25, 0.25), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
-                       grayscale_p=0.0)
+    aug = CifarAugment(
+        scale=(0.25, 0.25), ratio=(1.0, 1.0), flip=False, jitter_p=0.0, grayscale_p=0.0
+    )
     out = aug(x.expand(8, -1, -1, -1).contiguous(), gen(0))
     fraction_bright = out[:, 0].mean(dim=(1, 2))
     assert float((fraction_bright - 0.5).abs().max()) > 0.1  # not the uncropped 50 / 50
@@ -86,10 +91,12 @@ def test_cifar_grayscale_and_jitter():
     x = images(8, 3, 32, 32)
     gray = CifarAugment(jitter_p=0.0, grayscale_p=1.0)(x, gen(0))
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
-    base = CifarAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0,
-                        grayscale_p=0.0)
-    jit = CifarAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=1.0,
-                       grayscale_p=0.0)
+    base = CifarAugment(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=0.0, grayscale_p=0.0
+    )
+    jit = CifarAugment(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter_p=1.0, grayscale_p=0.0
+    )
     assert (jit(x, gen(0)) - base(x, gen(0))).abs().mean() > 0.02
 
 

@@ -20,8 +20,11 @@ from poissonflow.experiments.cache import ArrayCache, cache_key
 
 def _arrays(seed=0):
     rng = np.random.default_rng(seed)
-    return {"features": rng.standard_normal((50, 8)).astype(np.float32),
-            "labels": rng.integers(0, 10, 50), "empty": np.zeros((0, 3))}
+    return {
+        "features": rng.standard_normal((50, 8)).astype(np.float32),
+        "labels": rng.integers(0, 10, 50),
+        "empty": np.zeros((0, 3)),
+    }
 
 
 def test_key_is_canonical():
@@ -116,12 +119,14 @@ def test_interrupt_during_put_keeps_the_old_entry(tmp_path, monkeypatch, where):
     store.put("k", old)
 
     if where == "savez":
+
         def broken_savez(f, **arrays):
             f.write(b"PK\x03\x04 partial")  # some bytes, then Ctrl-C
             raise KeyboardInterrupt
 
         monkeypatch.setattr(cache.np, "savez", broken_savez)
     else:
+
         def broken_replace(src, dst):
             raise KeyboardInterrupt
 
@@ -151,8 +156,11 @@ _WRITER = textwrap.dedent("""
 def test_killed_writer_never_leaves_a_corrupt_entry(tmp_path, sig):
     """A real process writing 32 MB entries in a loop, interrupted (Ctrl-C) or killed at an
     arbitrary moment: every entry present afterwards is complete and verifies."""
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(0.7)  # some puts complete, one is in flight

@@ -24,8 +24,12 @@ def _write_batch(path, rows, labels, *, numpy1_names: bool = False) -> None:
     """A batch as the official files hold it: dict with bytes keys, uint8 (n, 3072) data, labels
     as a list of ints. Protocol 2 (what the official files use) writes globals as text lines, so
     the numpy 1 module name of the official files can be substituted byte for byte."""
-    batch = {b"batch_label": b"tiny batch", b"labels": labels, b"data": rows,
-             b"filenames": [f"img{i}.png".encode() for i in range(len(labels))]}
+    batch = {
+        b"batch_label": b"tiny batch",
+        b"labels": labels,
+        b"data": rows,
+        b"filenames": [f"img{i}.png".encode() for i in range(len(labels))],
+    }
     blob = pickle.dumps(batch, protocol=2)
     if numpy1_names:
         assert b"numpy._core.multiarray" in blob
@@ -50,9 +54,15 @@ def cifar_dir(tmp_path):
     _write_batch(folder / "test_batch", test_rows, test_labels)
     names = [n.encode() for n in data.CIFAR10_CLASSES]
     (folder / "batches.meta").write_bytes(
-        pickle.dumps({b"label_names": names, b"num_cases_per_batch": N_PER_BATCH}, protocol=2))
-    return folder, np.concatenate(train_rows), np.array(train_labels), test_rows, \
-        np.array(test_labels)
+        pickle.dumps({b"label_names": names, b"num_cases_per_batch": N_PER_BATCH}, protocol=2)
+    )
+    return (
+        folder,
+        np.concatenate(train_rows),
+        np.array(train_labels),
+        test_rows,
+        np.array(test_labels),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +85,10 @@ def test_cifar10_reads_official_batches(cifar_dir):
     np.testing.assert_array_equal(ds.x_test * np.float32(255), test_rows.reshape(-1, 3, 32, 32))
     assert ds.class_names == data.CIFAR10_CLASSES
     assert ds.source == str(folder)
-    assert ds.file_sha256["test_batch"] == hashlib.sha256(
-        (folder / "test_batch").read_bytes()).hexdigest()
+    assert (
+        ds.file_sha256["test_batch"]
+        == hashlib.sha256((folder / "test_batch").read_bytes()).hexdigest()
+    )
     assert set(ds.file_sha256) == {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"}
 
 
@@ -113,8 +125,11 @@ def test_cifar10_corrupt_pickle_names_the_file(cifar_dir, damage):
     folder = cifar_dir[0]
     path = folder / "data_batch_2"
     blob = path.read_bytes()
-    path.write_bytes({"truncated": blob[: len(blob) // 2], "garbage": b"\x00not a pickle" * 50,
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"truncated": blob[: len(blob) // 2], "garbage": b"\x00not a pickle" * 50, "empty": b""}[
+            damage
+        ]
+    )
     err = _expect_data_error(folder, "data_batch_2")
     assert "corrupt" in str(err)
 
@@ -132,14 +147,17 @@ def test_cifar10_refuses_code_in_a_pickle(cifar_dir, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({b"labels": [0] * 3}, "lacks the key"),
-    ({b"data": np.zeros((3, 1024), np.uint8), b"labels": [0] * 3}, r"shape \(n, 3072\)"),
-    ({b"data": np.zeros((3, 3072), np.float32), b"labels": [0] * 3}, "uint8"),
-    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0] * 2}, "3 images"),
-    ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 10, 1]}, r"0\.\.9"),
-    ([1, 2, 3], "not a dict"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({b"labels": [0] * 3}, "lacks the key"),
+        ({b"data": np.zeros((3, 1024), np.uint8), b"labels": [0] * 3}, r"shape \(n, 3072\)"),
+        ({b"data": np.zeros((3, 3072), np.float32), b"labels": [0] * 3}, "uint8"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0] * 2}, "3 images"),
+        ({b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 10, 1]}, r"0\.\.9"),
+        ([1, 2, 3], "not a dict"),
+    ],
+)
 def test_cifar10_malformed_batch(cifar_dir, bad, match):
     folder = cifar_dir[0]
     (folder / "data_batch_4").write_bytes(pickle.dumps(bad, protocol=2))
@@ -189,13 +207,16 @@ def test_subset_truncated_npz_names_the_file(tmp_path):
     assert info.value.__cause__ is None
 
 
-@pytest.mark.parametrize("override, match", [
-    ({"y_test": None}, r"lacks the array\(s\) \['y_test'\]"),
-    ({"x_train": np.zeros((20, 32, 32, 3), np.uint8)}, r"x_train must be uint8 of shape"),
-    ({"x_test": np.zeros((10, 3, 32, 32), np.float32)}, r"x_test must be uint8"),
-    ({"y_train": np.zeros(19, np.uint8)}, r"y_train must be integer labels of shape \(20,\)"),
-    ({"y_train": np.full(20, 12, np.uint8)}, r"y_train must lie in 0\.\.9"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"y_test": None}, r"lacks the array\(s\) \['y_test'\]"),
+        ({"x_train": np.zeros((20, 32, 32, 3), np.uint8)}, r"x_train must be uint8 of shape"),
+        ({"x_test": np.zeros((10, 3, 32, 32), np.float32)}, r"x_test must be uint8"),
+        ({"y_train": np.zeros(19, np.uint8)}, r"y_train must be integer labels of shape \(20,\)"),
+        ({"y_train": np.full(20, 12, np.uint8)}, r"y_train must lie in 0\.\.9"),
+    ],
+)
 def test_subset_malformed(tmp_path, override, match):
     path = tmp_path / "sub.npz"
     _write_subset(path, **override)

@@ -1,4 +1,5 @@
-"""poissonflow.experiments.encoder: architecture, augmentation, seeded training, features and their cache."""
+"""poissonflow.experiments.encoder: architecture, augmentation, seeded training, features and their
+cache."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from poissonflow.experiments import data
 from poissonflow.experiments import encoder as E
 
 # A tiny network so that a training epoch on a few hundred digits takes well under a second.
-TINY = E.AlexNetConfig(conv_widths=(8, 16, 16, 16, 8), pool_after=(1,), fc_width=32,
-                       feat_dim=16)
-TINY_SETTINGS = E.EncoderSettings(arch=TINY, augmentation=E.Augmentation(pad=1, flip=False),
-                                  epochs=1, batch_size=32, seed=0)
+TINY = E.AlexNetConfig(conv_widths=(8, 16, 16, 16, 8), pool_after=(1,), fc_width=32, feat_dim=16)
+TINY_SETTINGS = E.EncoderSettings(
+    arch=TINY, augmentation=E.Augmentation(pad=1, flip=False), epochs=1, batch_size=32, seed=0
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,9 +37,14 @@ def digits():
 @pytest.fixture(scope="module")
 def small_digits(digits):
     """300 train / 100 test digits as a Dataset."""
-    return dataclasses.replace(digits, name="digits-small", x_train=digits.x_train[:300],
-                               y_train=digits.y_train[:300], x_test=digits.x_test[:100],
-                               y_test=digits.y_test[:100])
+    return dataclasses.replace(
+        digits,
+        name="digits-small",
+        x_train=digits.x_train[:300],
+        y_train=digits.y_train[:300],
+        x_test=digits.x_test[:100],
+        y_test=digits.y_test[:100],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,8 +61,11 @@ def test_blog_layout_on_32x32():
     assert pools == [0, 1, 4]
     linears = [m for m in net.fc.modules() if isinstance(m, torch.nn.Linear)]
     # 32 -> 15 -> 7 -> 3 through the three MaxPool2d(3, 2).
-    assert [(m.in_features, m.out_features) for m in linears] == \
-        [(192 * 3 * 3, 4096), (4096, 4096), (4096, 128)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (192 * 3 * 3, 4096),
+        (4096, 4096),
+        (4096, 128),
+    ]
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.fc) == 2
     net.eval()
     with torch.no_grad():
@@ -88,14 +97,17 @@ def test_default_settings():
         E.default_settings("mnist")
 
 
-@pytest.mark.parametrize("change, err, match", [
-    ({"epochs": -1}, ValueError, "epochs"),
-    ({"batch_size": 1}, ValueError, "batch_size"),
-    ({"lr": 0.0}, ValueError, "lr"),
-    ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
-    ({"seed": 1.5}, TypeError, "seed"),
-    ({"arch": "big"}, TypeError, "arch"),
-])
+@pytest.mark.parametrize(
+    "change, err, match",
+    [
+        ({"epochs": -1}, ValueError, "epochs"),
+        ({"batch_size": 1}, ValueError, "batch_size"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"arch": "big"}, TypeError, "arch"),
+    ],
+)
 def test_settings_validation(change, err, match):
     with pytest.raises(err, match=match):
         TINY_SETTINGS.replace(**change)
@@ -118,9 +130,16 @@ def test_augment_crop_and_flip_are_windows_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     seen = set()
     for i in range(x.shape[0]):
-        matches = [(oy, ox, fl) for oy in range(5) for ox in range(5) for fl in (False, True)
-                   if torch.equal(out[i], (lambda win: win.flip(-1) if fl else win)(
-                       padded[i, :, oy:oy + 5, ox:ox + 7]))]
+        matches = [
+            (oy, ox, fl)
+            for oy in range(5)
+            for ox in range(5)
+            for fl in (False, True)
+            if torch.equal(
+                out[i],
+                (lambda win: win.flip(-1) if fl else win)(padded[i, :, oy : oy + 5, ox : ox + 7]),
+            )
+        ]
         assert matches, f"image {i} is not a (flipped) window of its padded input"
         seen.update(matches)
     # 64 draws over 5 * 5 offsets x 2 flips: both flips and several offsets occur.
@@ -134,8 +153,11 @@ def test_augment_without_flip_never_mirrors():
     out = E.augment(x, E.Augmentation(pad=1, flip=False), torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
     for i in range(40):
-        assert any(torch.equal(out[i], padded[i, :, oy:oy + 8, ox:ox + 8])
-                   for oy in range(3) for ox in range(3))
+        assert any(
+            torch.equal(out[i], padded[i, :, oy : oy + 8, ox : ox + 8])
+            for oy in range(3)
+            for ox in range(3)
+        )
 
 
 def test_augment_is_seeded():
@@ -154,25 +176,33 @@ def test_augment_is_seeded():
 def test_training_is_deterministic_and_leaves_global_rng_alone(small_digits):
     torch.manual_seed(123)
     rng_before = torch.get_rng_state()
-    m1, h1 = E.train_encoder(small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS,
-                             progress=False)
+    m1, h1 = E.train_encoder(
+        small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS, progress=False
+    )
     assert torch.equal(torch.get_rng_state(), rng_before)
-    m2, h2 = E.train_encoder(small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS,
-                             progress=False)
+    m2, h2 = E.train_encoder(
+        small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS, progress=False
+    )
     f1, l1 = E.extract_features(m1, small_digits.x_test)
     f2, l2 = E.extract_features(m2, small_digits.x_test)
     np.testing.assert_array_equal(f1, f2)  # bitwise: same seed, same CPU
     np.testing.assert_array_equal(l1, l2)
     assert h1.epoch_loss == h2.epoch_loss and h1.epoch_acc == h2.epoch_acc
-    m3, _ = E.train_encoder(small_digits.x_train, small_digits.y_train, 10,
-                            TINY_SETTINGS.replace(seed=1), progress=False)
+    m3, _ = E.train_encoder(
+        small_digits.x_train,
+        small_digits.y_train,
+        10,
+        TINY_SETTINGS.replace(seed=1),
+        progress=False,
+    )
     assert not np.array_equal(E.extract_features(m3, small_digits.x_test)[0], f1)
 
 
 def test_training_learns(small_digits):
     settings = TINY_SETTINGS.replace(epochs=8, lr=1e-2)
-    model, hist = E.train_encoder(small_digits.x_train, small_digits.y_train, 10, settings,
-                                  progress=False)
+    model, hist = E.train_encoder(
+        small_digits.x_train, small_digits.y_train, 10, settings, progress=False
+    )
     assert len(hist.epoch_loss) == 8 and len(hist.epoch_seconds) == 8
     # Measured: loss 2.26 -> 1.28. Learning starts slowly because the head sees unit-norm
     # features, so its logits can only grow as fast as its weights do.
@@ -185,13 +215,13 @@ def test_training_learns(small_digits):
 
 
 def test_extract_features_is_eval_mode_and_batch_independent(small_digits):
-    model, _ = E.train_encoder(small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS,
-                               progress=False)
+    model, _ = E.train_encoder(
+        small_digits.x_train, small_digits.y_train, 10, TINY_SETTINGS, progress=False
+    )
     # The training images' per-channel statistics travel with the model. Tolerance: float32
     # storage of float64 sums.
     x = small_digits.x_train.astype(np.float64)
-    np.testing.assert_allclose(model.encoder.input_mean.numpy(), x.mean(axis=(0, 2, 3)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(model.encoder.input_mean.numpy(), x.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(model.encoder.input_std.numpy(), x.std(axis=(0, 2, 3)), rtol=1e-6)
     model.train()
     f_a, lg_a = E.extract_features(model, small_digits.x_test, batch_size=100)
@@ -263,19 +293,25 @@ def test_encode_dataset_caches_features(small_digits, tmp_path, monkeypatch):
     assert second.from_cache and second.key == first.key
     np.testing.assert_array_equal(second.features_train, first.features_train)
     np.testing.assert_array_equal(second.logits_test, first.logits_test)
-    assert (second.train_acc, second.test_acc, second.train_acc_augmented) == \
-        (first.train_acc, first.test_acc, first.train_acc_augmented)
+    assert (second.train_acc, second.test_acc, second.train_acc_augmented) == (
+        first.train_acc,
+        first.test_acc,
+        first.train_acc_augmented,
+    )
     assert second.history.epoch_loss == first.history.epoch_loss
     monkeypatch.undo()
 
     # Other settings or other data: another key, so a new training run.
-    other = E.encode_dataset(small_digits, TINY_SETTINGS.replace(seed=1), cache_dir=tmp_path,
-                             progress=False)
+    other = E.encode_dataset(
+        small_digits, TINY_SETTINGS.replace(seed=1), cache_dir=tmp_path, progress=False
+    )
     assert not other.from_cache and other.key != first.key
-    fewer = dataclasses.replace(small_digits, x_train=small_digits.x_train[:299],
-                                y_train=small_digits.y_train[:299])
-    assert E.encode_dataset(fewer, TINY_SETTINGS, cache_dir=tmp_path,
-                            progress=False).key != first.key
+    fewer = dataclasses.replace(
+        small_digits, x_train=small_digits.x_train[:299], y_train=small_digits.y_train[:299]
+    )
+    assert (
+        E.encode_dataset(fewer, TINY_SETTINGS, cache_dir=tmp_path, progress=False).key != first.key
+    )
 
     # A damaged entry is recomputed, never returned; recomputation reproduces it exactly.
     entry = tmp_path / f"{first.key}.npz"
@@ -299,8 +335,9 @@ def test_blog_initialisation_statistics(small_digits):
     settings = E.EncoderSettings(init="blog", standardize=False, shuffle=False, epochs=0)
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     model, _ = E.train_encoder(x, np.arange(4) % 2, 2, settings, progress=False)
-    layers = [m for m in model.encoder.modules() if isinstance(m, (torch.nn.Conv2d,
-                                                                    torch.nn.Linear))]
+    layers = [
+        m for m in model.encoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     assert len(layers) == 8  # five convs, fc6, fc7, fc8
     for m in layers:
         w = m.weight.detach().double()
@@ -312,10 +349,11 @@ def test_blog_initialisation_statistics(small_digits):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
     assert torch.all(model.encoder.input_mean == 0) and torch.all(model.encoder.input_std == 1)
     head = model.head.weight.detach().double()
-    assert head.abs().max().item() <= 1 / 128 ** 0.5 and head.std().item() > 0.04
+    assert head.abs().max().item() <= 1 / 128**0.5 and head.std().item() > 0.04
     # the package's default: PyTorch's init and standardised pixels
-    default, _ = E.train_encoder(x, np.arange(4) % 2, 2, E.EncoderSettings(epochs=0),
-                                 progress=False)
+    default, _ = E.train_encoder(
+        x, np.arange(4) % 2, 2, E.EncoderSettings(epochs=0), progress=False
+    )
     assert default.encoder.conv[0][0].weight.std().item() > 0.1  # kaiming-uniform, fan-in 27
     assert not torch.all(default.encoder.input_mean == 0)
 
@@ -337,7 +375,7 @@ def test_unshuffled_training_visits_the_images_in_order(small_digits, monkeypatc
     assert len(seen) == 6
     for i, b in enumerate(seen):
         start = 32 * (i % 3)
-        assert torch.equal(b, x[start:start + 32])
+        assert torch.equal(b, x[start : start + 32])
 
 
 def test_faithful_default_settings():
@@ -363,8 +401,11 @@ def test_feature_dim_sets_the_width_of_fc8_only(small_digits, tmp_path):
         assert low.to_dict() != plain.to_dict()  # so the features' cache key differs
     assert E.default_settings("digits", faithful=True, feature_dim=8).init == "blog"
     for bad in (1, 0, -3, 4097, 16.0, "16", True):
-        with pytest.raises(ValueError, match=r"^feature_dim must be None or an integer from 2 "
-                                             r"to 4096, got "):
+        with pytest.raises(
+            ValueError,
+            match=r"^feature_dim must be None or an integer from 2 "
+            r"to 4096, got ",
+        ):
             E.default_settings("digits", feature_dim=bad)
     settings = TINY_SETTINGS.replace(arch=dataclasses.replace(TINY, feat_dim=3))
     first = E.encode_dataset(small_digits, settings, cache_dir=tmp_path, progress=False)
@@ -402,7 +443,7 @@ def test_the_shared_training_loop_is_the_loop_written_out(small_digits):
         order = torch.randperm(n, generator=gen)
         total = torch.zeros(())
         for start in range(0, n, settings.batch_size):
-            idx = order[start:start + settings.batch_size]
+            idx = order[start : start + settings.batch_size]
             if idx.numel() < 2:
                 continue
             _, logits = ref(E.augment(xt[idx], settings.augmentation, gen))

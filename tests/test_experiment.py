@@ -21,9 +21,15 @@ from poissonflow.experiments.experiment import ROWS, ExperimentConfig, run_exper
 
 # possible range of every reported number (features are L2-normalised for the metrics)
 RANGES = {
-    "train": (0, 1), "test": (0, 1), "val": (0, 1), "train_augmented": (0, 1),
-    "train_last_epoch": (0, 1), "alignment": (0, 4), "uniform_loss": (-8, 0),
-    "wasserstein_uniformity": (0, 2), "C": (1e-3, 1e3),
+    "train": (0, 1),
+    "test": (0, 1),
+    "val": (0, 1),
+    "train_augmented": (0, 1),
+    "train_last_epoch": (0, 1),
+    "alignment": (0, 4),
+    "uniform_loss": (-8, 0),
+    "wasserstein_uniformity": (0, 2),
+    "C": (1e-3, 1e3),
 }
 
 
@@ -31,8 +37,13 @@ RANGES = {
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("exp")
     cfg = ExperimentConfig(
-        dataset="digits", seeds=(0, 1), out_dir=str(out), encoder_epochs=1, field_epochs=2,
-        limit=240, progress=False,
+        dataset="digits",
+        seeds=(0, 1),
+        out_dir=str(out),
+        encoder_epochs=1,
+        field_epochs=2,
+        limit=240,
+        progress=False,
     )
     return run_experiment(cfg), out
 
@@ -79,7 +90,7 @@ def test_summary_json_table_and_plot(results):
     res, out = results
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["config"]["seeds"] == [0, 1] and on_disk["versions"]["poissonflow"]
-    for name, entry in on_disk["summary"].items():
+    for entry in on_disk["summary"].values():
         for stats in entry.values():
             assert stats["n"] == 2 and stats["std"] >= 0
     table = (out / "results.md").read_text()
@@ -103,8 +114,15 @@ def test_report_command_renders_again_from_the_json(results, tmp_path):
 
 
 def _point(curve, fraction, acc, w2):
-    return {"curve": curve, "knob": "z_max", "value": fraction, "fraction": fraction,
-            "test_accuracy": acc, "wasserstein_uniformity": w2, "uniform_loss": -1.0}
+    return {
+        "curve": curve,
+        "knob": "z_max",
+        "value": fraction,
+        "fraction": fraction,
+        "test_accuracy": acc,
+        "wasserstein_uniformity": w2,
+        "uniform_loss": -1.0,
+    }
 
 
 def test_sweep_curves_average_by_position_across_seeds():
@@ -177,8 +195,7 @@ def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(resul
         for name, row in s["rows"].items():
             if name == "encoder head":
                 continue
-            for probe in ("blog_converged", "knn20", "knn", "labels1perclass",
-                          "labels10perclass"):
+            for probe in ("blog_converged", "knn20", "knn", "labels1perclass", "labels10perclass"):
                 assert 0 <= row[probe]["test"] <= 1, (name, probe)
             assert row["knn"]["k"] <= row["knn"]["k_cap"] and row["knn20"]["k"] <= 20
             assert row["knn"]["k_cap"] < n_fit / 10  # the smallest class, not the set
@@ -186,8 +203,12 @@ def test_every_row_has_every_probe_and_the_learned_rows_their_guard_counts(resul
             assert row["blog_converged"]["n_iter"] >= 1 and row["blog_converged"]["C"] == 1.0
             assert row["blog_converged"]["convergence_warnings"] == 0
             assert isinstance(row["convergence_warnings"], int)
-        for name in (experiment.BLOG_ROW, experiment.UNTRAINED_ROW, experiment.PLATEAU_ROW,
-                     "flow: PFGM preset"):
+        for name in (
+            experiment.BLOG_ROW,
+            experiment.UNTRAINED_ROW,
+            experiment.PLATEAU_ROW,
+            "flow: PFGM preset",
+        ):
             info = s["rows"][name]["info"]
             assert 0 <= info["guarded_fraction"] <= 1 and 0 <= info["on_plane_fraction"] <= 1
             # flowed: the fit, validation and test features and the test set's two views
@@ -225,19 +246,33 @@ def test_predictions_are_saved_and_paired_against_raw(results):
     pooled = res["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["pooled"]
     assert pooled["n"] == 2 * len(y)
     assert set(res["paired"]["against_raw"]["knn20"]) == {
-        name for name, _ in ROWS if name != "raw features"}
+        name for name, _ in ROWS if name != "raw features"
+    }
     # the seed-aware statistics: every row x probe against raw, recomputed for one
     stats = res["seed_aware"]["against_raw"]["tuned"][experiment.BLOG_ROW]
-    per_seed = [float((saved[f"seed{k}/{experiment.BLOG_ROW}/tuned"] == y).mean()
-                      - (saved[f"seed{k}/raw features/tuned"] == y).mean()) for k in (0, 1)]
+    per_seed = [
+        float(
+            (saved[f"seed{k}/{experiment.BLOG_ROW}/tuned"] == y).mean()
+            - (saved[f"seed{k}/raw features/tuned"] == y).mean()
+        )
+        for k in (0, 1)
+    ]
     assert stats["per_seed_diff"] == pytest.approx([100 * v for v in per_seed])  # points
     assert stats["mean_diff"] == pytest.approx(100 * np.mean(per_seed))
-    assert {"ci95", "t_p", "mcnemar_p_per_seed", "n_seeds", "n_images", "p_adjusted",
-            "significant"} <= set(stats)
+    assert {
+        "ci95",
+        "t_p",
+        "mcnemar_p_per_seed",
+        "n_seeds",
+        "n_images",
+        "p_adjusted",
+        "significant",
+    } <= set(stats)
     assert set(res["seed_aware"]["against_raw"]) >= {"blog_converged", "knn", "labels1perclass"}
     head = saved["seed0/encoder head/head"]
     assert float((head == y).mean()) == pytest.approx(
-        res["per_seed"][0]["rows"]["encoder head"]["head"]["test"])
+        res["per_seed"][0]["rows"]["encoder head"]["head"]["test"]
+    )
     comparison = res["paired"]["blog_comparison"]
     assert len(comparison) == 3 and all("pooled" in c for c in comparison.values())
     table = (out / "results.md").read_text()
@@ -281,8 +316,9 @@ def _toy_features(n_train=200, n_test=80, d=16, seed=0):
     ftr, ytr = draw(n_train)
     fte, yte = draw(n_test)
     fva, yva = draw(n_test)
-    views = tuple((fte + 0.01 * rng.standard_normal(fte.shape)).astype(np.float32)
-                  for _ in range(2))
+    views = tuple(
+        (fte + 0.01 * rng.standard_normal(fte.shape)).astype(np.float32) for _ in range(2)
+    )
     return experiment.Features(ftr, fte, views, fva), (ytr, yte, yva)
 
 
@@ -354,8 +390,9 @@ def test_learned_field_is_cached_and_not_retrained(tmp_path, monkeypatch):
     shown = dict(cold.field.get_params(), progress=True)  # display only: same field
     assert experiment.learned_field_key(shown, features.train) == key
     with pytest.raises(AssertionError, match="must not be retrained"):
-        experiment.row_graph(features, labels,
-                             dataclasses.replace(run, field_epochs=2)).get("field: blog")
+        experiment.row_graph(features, labels, dataclasses.replace(run, field_epochs=2)).get(
+            "field: blog"
+        )
 
 
 # --------------------------------------------------------------------------- command line
@@ -372,26 +409,29 @@ def test_every_option_has_help_text():
         assert action.help and action.help.strip(), action.option_strings
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--limit", "-5"], "--limit"),
-    (["--limit", "0"], "--limit"),
-    (["--limit", "99"], "--limit"),
-    (["--encoder-epochs", "0"], "--encoder-epochs"),
-    (["--field-epochs", "0"], "--field-epochs"),
-    (["--seeds", "0", "-1"], "--seeds"),
-    (["--seeds", "1", "1"], "--seeds"),
-    (["--threads", "0"], "--threads"),
-    (["--data-dir", "."], "--data-dir"),  # digits read no folder
-    (["--dataset", "cifar10"], "--data-dir"),  # cifar10 needs one
-    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
-    (["--dataset", "cifar10-subset", "--data-dir", "/nonexistent/subset.npz"], "--data-dir"),
-    (["--device", "tpu"], "--device"),
-    (["--out", __file__], "--out"),  # an existing file, not a folder
-    (["--feature-dim", "1"], "--feature-dim"),  # S^0: two points
-    (["--feature-dim", "0"], "--feature-dim"),
-    (["--feature-dim", "-16"], "--feature-dim"),
-    (["--feature-dim", "4097"], "--feature-dim"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--limit", "-5"], "--limit"),
+        (["--limit", "0"], "--limit"),
+        (["--limit", "99"], "--limit"),
+        (["--encoder-epochs", "0"], "--encoder-epochs"),
+        (["--field-epochs", "0"], "--field-epochs"),
+        (["--seeds", "0", "-1"], "--seeds"),
+        (["--seeds", "1", "1"], "--seeds"),
+        (["--threads", "0"], "--threads"),
+        (["--data-dir", "."], "--data-dir"),  # digits read no folder
+        (["--dataset", "cifar10"], "--data-dir"),  # cifar10 needs one
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--data-dir"),
+        (["--dataset", "cifar10-subset", "--data-dir", "/nonexistent/subset.npz"], "--data-dir"),
+        (["--device", "tpu"], "--device"),
+        (["--out", __file__], "--out"),  # an existing file, not a folder
+        (["--feature-dim", "1"], "--feature-dim"),  # S^0: two points
+        (["--feature-dim", "0"], "--feature-dim"),
+        (["--feature-dim", "-16"], "--feature-dim"),
+        (["--feature-dim", "4097"], "--feature-dim"),
+    ],
+)
 def test_bad_settings_are_rejected_before_any_work(argv, option, monkeypatch, tmp_path):
     def no_work(*a, **k):
         raise AssertionError("validation must come before any work")
@@ -424,9 +464,21 @@ def test_unreadable_data_folder(tmp_path):
 
 
 def test_good_settings_pass_validation(tmp_path):
-    cfg = experiment.config_from_args(_parser().parse_args(
-        ["--limit", str(experiment.MIN_LIMIT), "--seeds", "0", "3", "--encoder-epochs", "1",
-         "--out", str(tmp_path / "new" / "folder")]))
+    cfg = experiment.config_from_args(
+        _parser().parse_args(
+            [
+                "--limit",
+                str(experiment.MIN_LIMIT),
+                "--seeds",
+                "0",
+                "3",
+                "--encoder-epochs",
+                "1",
+                "--out",
+                str(tmp_path / "new" / "folder"),
+            ]
+        )
+    )
     experiment.validate_config(cfg)
     assert cfg.seeds == (0, 3) and cfg.limit == experiment.MIN_LIMIT
 
@@ -434,13 +486,19 @@ def test_good_settings_pass_validation(tmp_path):
 # --------------------------------------------------------------------------- report input
 
 
-@pytest.mark.parametrize("content, words", [
-    ("not json at all", "is not JSON"),
-    ("[1, 2, 3]", "holds a list"),
-    ('{"config": {}}', "lacks dataset, per_seed, summary"),
-    ('{"config": {}, "dataset": {"name": "d", "n_train": 1, "n_test": 1}, "per_seed": [],'
-     ' "summary": {}}', "per_seed"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("not json at all", "is not JSON"),
+        ("[1, 2, 3]", "holds a list"),
+        ('{"config": {}}', "lacks dataset, per_seed, summary"),
+        (
+            '{"config": {}, "dataset": {"name": "d", "n_train": 1, "n_test": 1}, "per_seed": [],'
+            ' "summary": {}}',
+            "per_seed",
+        ),
+    ],
+)
 def test_report_refuses_a_file_that_is_not_results(tmp_path, content, words):
     path = tmp_path / "results.json"
     path.write_text(content)
@@ -493,8 +551,13 @@ def test_the_main_job_needs_only_runtime_dependencies(tmp_path):
     (run outside the source tree, which would shadow the install)."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _RUNTIME_ONLY, str(tmp_path / "p.png")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _RUNTIME_ONLY, str(tmp_path / "p.png")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok"
     assert (tmp_path / "p.png").stat().st_size > 1000
@@ -523,12 +586,15 @@ def test_feature_dim_at_the_command_line_and_in_the_api(tmp_path, capsys, monkey
     assert not (tmp_path / "o").exists()
     for bad in (1, 0, 4097, 8.0, "8", True):
         cfg = ExperimentConfig(feature_dim=bad, out_dir=str(tmp_path / "o"))
-        with pytest.raises(experiment.ConfigError, match="^argument --feature-dim: must be an "
-                                                         "integer from 2 to 4096, got "):
+        with pytest.raises(
+            experiment.ConfigError,
+            match="^argument --feature-dim: must be an integer from 2 to 4096, got ",
+        ):
             run_experiment(cfg)
     assert experiment.config_from_args(_parser().parse_args([])).feature_dim is None
-    assert experiment.config_from_args(_parser().parse_args(
-        ["--feature-dim", "16"])).feature_dim == 16
+    assert (
+        experiment.config_from_args(_parser().parse_args(["--feature-dim", "16"])).feature_dim == 16
+    )
     assert experiment.encoder_settings(ExperimentConfig(), "digits", 0).arch.feat_dim == 128
 
 
@@ -555,9 +621,18 @@ def test_low_dimensional_run_is_partial_after_each_seed_and_resumes(tmp_path, mo
     seed and reads the first back unchanged; another feature dimension is another key."""
     from poissonflow.experiments.data import load_dataset
 
-    cfg = ExperimentConfig(dataset="digits", seeds=(0, 1), out_dir=str(tmp_path / "out"),
-                           encoder_epochs=1, field_epochs=2, limit=experiment.MIN_LIMIT,
-                           sweep=False, progress=False, feature_dim=8, pfgm_plateau=True)
+    cfg = ExperimentConfig(
+        dataset="digits",
+        seeds=(0, 1),
+        out_dir=str(tmp_path / "out"),
+        encoder_epochs=1,
+        field_epochs=2,
+        limit=experiment.MIN_LIMIT,
+        sweep=False,
+        progress=False,
+        feature_dim=8,
+        pfgm_plateau=True,
+    )
     calls: list[int] = []
     _counting_run_seed(monkeypatch, calls, fail_at=1)
     with pytest.raises(_Stopped):
@@ -591,20 +666,28 @@ def test_low_dimensional_run_is_partial_after_each_seed_and_resumes(tmp_path, mo
     assert "Partial results" not in (tmp_path / "out" / "results.md").read_text()
     saved = np.load(tmp_path / "out" / "predictions.npz")
     assert {"seed0/y_test", "seed1/y_test", f"seed0/{experiment.BLOG_ROW}/tuned"} <= set(
-        saved.files)
-    assert final["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["pooled"]["n"] == \
-        2 * final["dataset"]["n_test"]
+        saved.files
+    )
+    assert (
+        final["paired"]["against_raw"]["tuned"][experiment.BLOG_ROW]["pooled"]["n"]
+        == 2 * final["dataset"]["n_test"]
+    )
 
     # what changes a seed's results changes its key; display settings do not
     ds = load_dataset("digits", None)
     key = experiment.seed_result_key(cfg, ds, 0)
     assert experiment.seed_result_key(cfg, ds, 1) != key
-    for change in ({"feature_dim": 16}, {"feature_dim": None}, {"field_epochs": 3},
-                   {"faithful": True}, {"threads": 2}, {"sweep": True},
-                   {"pfgm_plateau": False}):
+    for change in (
+        {"feature_dim": 16},
+        {"feature_dim": None},
+        {"field_epochs": 3},
+        {"faithful": True},
+        {"threads": 2},
+        {"sweep": True},
+        {"pfgm_plateau": False},
+    ):
         assert experiment.seed_result_key(dataclasses.replace(cfg, **change), ds, 0) != key
-    for change in ({"progress": True}, {"out_dir": str(tmp_path / "elsewhere")},
-                   {"seeds": (0,)}):
+    for change in ({"progress": True}, {"out_dir": str(tmp_path / "elsewhere")}, {"seeds": (0,)}):
         assert experiment.seed_result_key(dataclasses.replace(cfg, **change), ds, 0) == key
 
     # --no-resume recomputes a finished seed
@@ -656,20 +739,22 @@ def test_validation_split_is_disjoint_from_what_the_encoder_and_fields_trained_o
         assert set(dataset.y_train[val_idx]) == set(dataset.y_train)
         # the encoder's cached features are those of a model trained on the fit images only:
         # encoding the fit images (and the validation images held out) hits that entry
-        fit = dataclasses.replace(dataset, x_train=dataset.x_train[fit_idx],
-                                  y_train=dataset.y_train[fit_idx])
+        fit = dataclasses.replace(
+            dataset, x_train=dataset.x_train[fit_idx], y_train=dataset.y_train[fit_idx]
+        )
         settings = experiment.encoder_settings(
-            ExperimentConfig(encoder_epochs=1), "digits", s["seed"])
-        enc = enc_mod.encode_dataset(fit, settings, cache_dir=out / "cache", progress=False,
-                                     x_val=dataset.x_train[val_idx])
+            ExperimentConfig(encoder_epochs=1), "digits", s["seed"]
+        )
+        enc = enc_mod.encode_dataset(
+            fit, settings, cache_dir=out / "cache", progress=False, x_val=dataset.x_train[val_idx]
+        )
         assert enc.from_cache and len(enc.features_train) == len(fit_idx)
         assert len(enc.features_val) == len(val_idx)
         # the fields trained on those features: their cached entry is keyed by them
         from poissonflow.experiments.cache import ArrayCache
         from poissonflow.learned import LearnedField
 
-        params = LearnedField(preset="blog", seed=s["seed"], device="cpu",
-                              epochs=2).get_params()
+        params = LearnedField(preset="blog", seed=s["seed"], device="cpu", epochs=2).get_params()
         key = experiment.learned_field_key(params, enc.features_train)
         assert ArrayCache(out / "cache").path(key).exists()
     a = validation_split(dataset.y_train, 0)[1]
@@ -681,21 +766,32 @@ def test_validation_split_is_disjoint_from_what_the_encoder_and_fields_trained_o
 def test_results_schema_carries_the_protocol_fields(results):
     res, out = results
     assert {"seed_aware", "protocol", "cpu_seconds", "seeds_done", "seeds_planned"} <= set(res)
-    for key in ("tuned_Cs", "knn_grid", "labels_per_class", "blog_converged_max_iter",
-                "clip_factor"):
+    for key in (
+        "tuned_Cs",
+        "knn_grid",
+        "labels_per_class",
+        "blog_converged_max_iter",
+        "clip_factor",
+    ):
         assert key in res["protocol"]
     for s in res["per_seed"]:
         assert {"fraction", "n_val", "n_fit", "indices", "held_out_from"} <= set(s["validation"])
         for name in ROWS:
             row = s["rows"][name[0]]
             assert set(row["tuned"]["val_accuracies"]) and 0 <= row["tuned"]["val"] <= 1
-        for name in ("flow: blog, far points clipped",
-                     "flow: blog preset, to plateau, far points clipped"):
+        for name in (
+            "flow: blog, far points clipped",
+            "flow: blog preset, to plateau, far points clipped",
+        ):
             info = s["rows"][name]["info"]
             assert info["clip_radius"] > 0 and 0 <= info["clipped_fraction"] <= 1
-        for name in ("flow: untrained blog field, unit norm",
-                     "flow: blog preset, to plateau, unit norm"):
+        for name in (
+            "flow: untrained blog field, unit norm",
+            "flow: blog preset, to plateau, unit norm",
+        ):
             assert s["rows"][name]["mean_norm"] == pytest.approx(1.0, rel=1e-5)
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["per_seed"][0]["validation"]["indices"] == \
-        res["per_seed"][0]["validation"]["indices"]
+    assert (
+        on_disk["per_seed"][0]["validation"]["indices"]
+        == res["per_seed"][0]["validation"]["indices"]
+    )

@@ -34,50 +34,75 @@ from poissonflow.learned import LearnedField
 
 CASES = {
     "default": (40, dict(epochs=3, large_batch=16, small_batch=8, seed=3)),
-    "faithful": (40, dict(preset="blog-faithful", epochs=3, large_batch=16, small_batch=8,
-                          seed=1)),
-    "pfgm_clip": (40, dict(preset="pfgm", epochs=3, large_batch=16, small_batch=8, seed=2,
-                           lr=1e-2)),
-    "plateau": (40, dict(epochs=6, large_batch=16, small_batch=8, seed=4, patience=1,
-                         eval_every=1)),
-    "one_batch": (10, dict(epochs=3, large_batch=16, small_batch=8, seed=5, grad_clip=0.5,
-                           loss="mean")),
+    "faithful": (40, dict(preset="blog-faithful", epochs=3, large_batch=16, small_batch=8, seed=1)),
+    "pfgm_clip": (
+        40,
+        dict(preset="pfgm", epochs=3, large_batch=16, small_batch=8, seed=2, lr=1e-2),
+    ),
+    "plateau": (
+        40,
+        dict(epochs=6, large_batch=16, small_batch=8, seed=4, patience=1, eval_every=1),
+    ),
+    "one_batch": (
+        10,
+        dict(epochs=3, large_batch=16, small_batch=8, seed=5, grad_clip=0.5, loss="mean"),
+    ),
 }
 
 REFERENCE = {
     "default": {
         "weights": "ee7d24064b560ae8c425eb043c39bd12f39fdb568410c04c345d1fc0369bd773",
         "loss": ["0x1.008db40000000p+1", "0x1.5a06b20000000p+1", "0x1.0c74980000000p+1"],
-        "wrong": [7, 6, 5], "iters": 6,
-        "val": [], "plateau": None,
+        "wrong": [7, 6, 5],
+        "iters": 6,
+        "val": [],
+        "plateau": None,
     },
     "faithful": {
         "weights": "de227b408a62614a10005eb0bc05d8e135c92b51a07de8a2483cc5bb7e8124ba",
         "loss": ["0x1.ad6ebaaaaaaabp-3", "0x1.896442aaaaaabp-3", "0x1.86a3580000000p-3"],
-        "wrong": [0, 0, 0], "iters": 9,
-        "val": [], "plateau": None,
+        "wrong": [0, 0, 0],
+        "iters": 9,
+        "val": [],
+        "plateau": None,
     },
     "pfgm_clip": {
         "weights": "5089b4f6a379bddd59ee3d2475945c26cff451018c2809c90d688ff1b314e71d",
         "loss": ["0x1.d03e080000000p-3", "0x1.3cef6e0000000p-3", "0x1.fff6d80000000p-4"],
-        "wrong": [0, 0, 0], "iters": 6,
-        "val": [], "plateau": None,
+        "wrong": [0, 0, 0],
+        "iters": 6,
+        "val": [],
+        "plateau": None,
     },
     "plateau": {
         "weights": "c7b4c442fc4617ad8301eec3bf9e3596b8fd4df5c08e02b1b3352e01d7985b69",
-        "loss": ["0x1.476ff80000000p+0", "0x1.c3f6ac0000000p+0", "0x1.5f3b980000000p+0",
-                 "0x1.0399d40000000p+0", "0x1.70bc7c0000000p+0", "0x1.3e1bba0000000p+0"],
-        "wrong": [0, 1, 0, 0, 0, 0], "iters": 12,
-        "val": [[1, "0x1.e38fb60000000p+0"], [2, "0x1.e036800000000p+0"],
-                [3, "0x1.dcdc660000000p+0"], [4, "0x1.d9b6a40000000p+0"],
-                [5, "0x1.d687340000000p+0"], [6, "0x1.d368fa0000000p+0"]],
+        "loss": [
+            "0x1.476ff80000000p+0",
+            "0x1.c3f6ac0000000p+0",
+            "0x1.5f3b980000000p+0",
+            "0x1.0399d40000000p+0",
+            "0x1.70bc7c0000000p+0",
+            "0x1.3e1bba0000000p+0",
+        ],
+        "wrong": [0, 1, 0, 0, 0, 0],
+        "iters": 12,
+        "val": [
+            [1, "0x1.e38fb60000000p+0"],
+            [2, "0x1.e036800000000p+0"],
+            [3, "0x1.dcdc660000000p+0"],
+            [4, "0x1.d9b6a40000000p+0"],
+            [5, "0x1.d687340000000p+0"],
+            [6, "0x1.d368fa0000000p+0"],
+        ],
         "plateau": None,
     },
     "one_batch": {
         "weights": "d6d438009f2ee2217dab6bff1f991ae0cc3dfed75372d208ce36c915c9ae43db",
         "loss": ["0x1.3b240e0000000p-1", "0x1.00d2060000000p-1", "0x1.0662360000000p-1"],
-        "wrong": [3, 6, 7], "iters": 3,
-        "val": [], "plateau": None,
+        "wrong": [3, 6, 7],
+        "iters": 3,
+        "val": [],
+        "plateau": None,
     },
 }
 
@@ -110,6 +135,8 @@ def test_training_matches_the_recorded_bits(case):
     here = (torch.__version__, torch.backends.cpu.get_cpu_capability())
     if here != RECORDED_ON:
         assert got == _fit(case)  # still deterministic, whatever the rounding here
-        pytest.skip(f"bits recorded on torch {RECORDED_ON[0]} / CPU capability "
-                    f"{RECORDED_ON[1]}, this is {here[0]} / {here[1]}")
+        pytest.skip(
+            f"bits recorded on torch {RECORDED_ON[0]} / CPU capability "
+            f"{RECORDED_ON[1]}, this is {here[0]} / {here[1]}"
+        )
     assert got == REFERENCE[case]

@@ -125,8 +125,11 @@ def test_probe_accepts_torch_tensors(data):
     xtr, ytr, xte, yte = data
     a = linear_probe(xtr, ytr, xte, yte, Cs=(1.0,))
     b = linear_probe(
-        torch.from_numpy(xtr).float(), torch.from_numpy(ytr), torch.from_numpy(xte).float(),
-        torch.from_numpy(yte), Cs=(1.0,),
+        torch.from_numpy(xtr).float(),
+        torch.from_numpy(ytr),
+        torch.from_numpy(xte).float(),
+        torch.from_numpy(yte),
+        Cs=(1.0,),
     )
     # float32 inputs round the features at 1e-7: predictions of these well-separated fits agree.
     assert (a.train_accuracy, a.test_accuracy) == (b.train_accuracy, b.test_accuracy)
@@ -237,8 +240,9 @@ def test_paired_comparison_mcnemar_and_bootstrap_by_hand():
     assert same["p_mcnemar"] == 1.0 and same["ci"] == [0.0, 0.0] and same["diff"] == 0.0
     # strata: the bootstrap keeps each group's size; two identical halves give the same
     # difference and a narrower interval than one half alone
-    both = paired_comparison(np.tile(a, 2), np.tile(b, 2), strata=np.repeat([0, 1], 12),
-                             n_boot=4000, seed=0)
+    both = paired_comparison(
+        np.tile(a, 2), np.tile(b, 2), strata=np.repeat([0, 1], 12), n_boot=4000, seed=0
+    )
     assert both["diff"] == pytest.approx(5 / 12) and (both["n01"], both["n10"]) == (2, 12)
     assert both["ci"][1] - both["ci"][0] < hi - lo
     with pytest.raises(ValueError):

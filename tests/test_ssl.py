@@ -1,5 +1,7 @@
-"""Self-supervised objectives, their training loop and feature cache (poissonflow/experiments/ssl.py), and
-the driver's validation and outputs (poissonflow/experiments/ssl_experiment.py). No test reads /work/shared:
+"""Self-supervised objectives, their training loop and feature cache
+(poissonflow/experiments/ssl.py), and
+the driver's validation and outputs (poissonflow/experiments/ssl_experiment.py). No test reads
+/work/shared:
 the end-to-end case runs on a few digits."""
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ def seeded(seed):
 
 def test_nt_xent_matches_the_definition():
     g = seeded(0)
-    z1, z2 = torch.randn(5, 4, generator=g, dtype=torch.float64), \
-        torch.randn(5, 4, generator=g, dtype=torch.float64)
+    z1, z2 = (
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
     tau = 0.3
     z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     n = 5
@@ -65,8 +69,9 @@ class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
-                                       torch.nn.Linear(64, 8))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+        )
         with torch.no_grad():
             self.net[2].bias.copy_(torch.full((8,), 3.0))  # every output near one direction
 
@@ -75,8 +80,9 @@ class Tiny(torch.nn.Module):
 
 
 def views(x, g, scale=0.1):
-    return x + scale * torch.randn(x.shape, generator=g), x + scale * torch.randn(x.shape,
-                                                                                    generator=g)
+    return x + scale * torch.randn(x.shape, generator=g), x + scale * torch.randn(
+        x.shape, generator=g
+    )
 
 
 GAUSS_REF = torch.randn(2000, 8, generator=torch.Generator().manual_seed(9))
@@ -97,20 +103,37 @@ def separation(z1, z2):
 # 0.156 -> 0.034; separation ratio 24 -> 55; Riesz (s = 2) energy
 # 4.22 -> 2.10. The checks leave about 2x margin on the change.
 OBJ_CASES = [
-    (ssl.InfoNCE(), lambda a, b: float(ssl.nt_xent_loss(a, b, 0.5)),
-     lambda before, after: after < before - 0.7),
-    (ssl.AlignUniform(), lambda a, b: float(M.uniform_loss(torch.cat([a, b]))),
-     lambda before, after: after < before - 1.0),
-    (ssl.AlignUniformW2(), lambda a, b: float(M.wasserstein_uniformity(torch.cat([a, b]))),
-     lambda before, after: after < 0.5 * before),
-    (ssl.NoiseInfoNCE(), lambda a, b: M.energy_distance_to_sphere(torch.cat([a, b])),
-     lambda before, after: after < 0.3 * before),
-    (ssl.NoiseInfoNCEGaussian(), lambda a, b: gaussian_gap(torch.cat([a, b])),
-     lambda before, after: after < 0.5 * before),
+    (
+        ssl.InfoNCE(),
+        lambda a, b: float(ssl.nt_xent_loss(a, b, 0.5)),
+        lambda before, after: after < before - 0.7,
+    ),
+    (
+        ssl.AlignUniform(),
+        lambda a, b: float(M.uniform_loss(torch.cat([a, b]))),
+        lambda before, after: after < before - 1.0,
+    ),
+    (
+        ssl.AlignUniformW2(),
+        lambda a, b: float(M.wasserstein_uniformity(torch.cat([a, b]))),
+        lambda before, after: after < 0.5 * before,
+    ),
+    (
+        ssl.NoiseInfoNCE(),
+        lambda a, b: M.energy_distance_to_sphere(torch.cat([a, b])),
+        lambda before, after: after < 0.3 * before,
+    ),
+    (
+        ssl.NoiseInfoNCEGaussian(),
+        lambda a, b: gaussian_gap(torch.cat([a, b])),
+        lambda before, after: after < 0.5 * before,
+    ),
     (ssl.ContrastiveL2(), separation, lambda before, after: after > 1.5 * before),
-    (ssl.AlignRiesz(s=2.0, bank_size=256),
-     lambda a, b: float(L.riesz_uniformity_loss(torch.cat([a, b]), 2.0)),
-     lambda before, after: after < before - 1.0),
+    (
+        ssl.AlignRiesz(s=2.0, bank_size=256),
+        lambda a, b: float(L.riesz_uniformity_loss(torch.cat([a, b]), 2.0)),
+        lambda before, after: after < before - 1.0,
+    ),
 ]
 
 
@@ -199,18 +222,24 @@ def test_train_ssl_deterministic_and_cached(tmp_path, one_thread):
     assert c.from_cache and c.key == a.key
     assert np.array_equal(c.features_train, a.features_train)
     assert c.history.epoch_loss == a.history.epoch_loss
-    other = ssl.encode_ssl(x, x[:10], "fp", ssl.AlignUniform(t=1.0), DigitsAugment(), settings,
-                           cache_dir=tmp_path)
+    other = ssl.encode_ssl(
+        x, x[:10], "fp", ssl.AlignUniform(t=1.0), DigitsAugment(), settings, cache_dir=tmp_path
+    )
     assert other.key != a.key and not other.from_cache
-    seed4 = ssl.encode_ssl(x, x[:10], "fp", obj, DigitsAugment(),
-                           ssl.SSLSettings(epochs=2, batch_size=16, seed=4))
+    seed4 = ssl.encode_ssl(
+        x, x[:10], "fp", obj, DigitsAugment(), ssl.SSLSettings(epochs=2, batch_size=16, seed=4)
+    )
     assert not np.array_equal(seed4.features_train, a.features_train)
 
 
 def test_train_ssl_lowers_its_loss(one_thread):
     x = tiny_images(64)
-    _, hist = ssl.train_ssl(x, ssl.AlignRiesz(s=2.0, bank_size=64), DigitsAugment(),
-                            ssl.SSLSettings(epochs=6, batch_size=32, seed=0))
+    _, hist = ssl.train_ssl(
+        x,
+        ssl.AlignRiesz(s=2.0, bank_size=64),
+        DigitsAugment(),
+        ssl.SSLSettings(epochs=6, batch_size=32, seed=0),
+    )
     assert len(hist.epoch_loss) == 6 and all(math.isfinite(v) for v in hist.epoch_loss)
     assert hist.epoch_loss[-1] < hist.epoch_loss[0]
 
@@ -237,8 +266,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="objective"):
         ssl.train_ssl(tiny_images(), "infonce", DigitsAugment(), ssl.SSLSettings())
     with pytest.raises(ValueError, match="fingerprint"):
-        ssl.encode_ssl(tiny_images(), tiny_images(), "", ssl.InfoNCE(), DigitsAugment(),
-                       ssl.SSLSettings())
+        ssl.encode_ssl(
+            tiny_images(), tiny_images(), "", ssl.InfoNCE(), DigitsAugment(), ssl.SSLSettings()
+        )
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -282,10 +312,18 @@ def test_cli_bad_argument_exits_2(capsys):
 def test_end_to_end_tiny_and_resumes(tmp_path, one_thread):
     from poissonflow.experiments.ssl_experiment import SSLExperimentConfig, run_ssl_experiment
 
-    cfg = SSLExperimentConfig(objectives=("align_uniform", "align_riesz"), seeds=(0,), epochs=1,
-                              batch_size=32, s_grid=(1.0, 2.0), bank_size=64,
-                              rows=("raw features", "L2 (centred)"), limit=100,
-                              weight_grid=(1.0, 4.0), out_dir=str(tmp_path / "out"))
+    cfg = SSLExperimentConfig(
+        objectives=("align_uniform", "align_riesz"),
+        seeds=(0,),
+        epochs=1,
+        batch_size=32,
+        s_grid=(1.0, 2.0),
+        bank_size=64,
+        rows=("raw features", "L2 (centred)"),
+        limit=100,
+        weight_grid=(1.0, 4.0),
+        out_dir=str(tmp_path / "out"),
+    )
     first = run_ssl_experiment(cfg)
     out = tmp_path / "out"
     for name in ("results.json", "results.md", "alignment_uniformity.png", "s_validation.png"):
@@ -348,12 +386,12 @@ def test_the_shared_training_loop_is_the_loop_written_out(one_thread):
         order = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
         for start in range(0, n, settings.batch_size):
-            idx = order[start:start + settings.batch_size]
+            idx = order[start : start + settings.batch_size]
             if idx.numel() < 2:
                 continue
             v1, v2 = aug(x[idx], gen), aug(x[idx], gen)
             z = ref(torch.cat([v1, v2]))
-            z1, z2 = z[: idx.numel()], z[idx.numel():]
+            z1, z2 = z[: idx.numel()], z[idx.numel() :]
             loss = objective.loss(z1, z2, loss_gen, index=idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()

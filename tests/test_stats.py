@@ -15,8 +15,9 @@ from poissonflow.experiments import stats  # noqa: E402
 
 def _seeds(rng, n_seeds, n_images, p_raw=0.7, shift=0.05):
     raw = [rng.random(n_images) < p_raw for _ in range(n_seeds)]
-    row = [rng.random(n_images) < p_raw + shift * (k - n_seeds / 2) / n_seeds
-           for k in range(n_seeds)]
+    row = [
+        rng.random(n_images) < p_raw + shift * (k - n_seeds / 2) / n_seeds for k in range(n_seeds)
+    ]
     return row, raw
 
 
@@ -67,15 +68,19 @@ def _exact_crossed(d):
     """Every equally likely (seed draw, image draw) of the crossed bootstrap: the exact
     distribution of the replicate, as a sorted array with multiplicities."""
     r, n = d.shape
-    vals = [d[np.ix_(s, i)].mean() for s in itertools.product(range(r), repeat=r)
-            for i in itertools.product(range(n), repeat=n)]
+    vals = [
+        d[np.ix_(s, i)].mean()
+        for s in itertools.product(range(r), repeat=r)
+        for i in itertools.product(range(n), repeat=n)
+    ]
     return np.sort(np.array(vals))
 
 
 def _exact_nested(d):
     r, n = d.shape
-    per_seed_draws = {s: [d[s, list(i)].mean() for i in itertools.product(range(n), repeat=n)]
-                      for s in range(r)}
+    per_seed_draws = {
+        s: [d[s, list(i)].mean() for i in itertools.product(range(n), repeat=n)] for s in range(r)
+    }
     vals = []
     for seeds in itertools.product(range(r), repeat=r):
         for combo in itertools.product(*(per_seed_draws[s] for s in seeds)):
@@ -115,8 +120,9 @@ def test_one_seed_interval_matches_scipy_bootstrap():
     row, raw = _seeds(rng, 1, 500, shift=0.1)
     out = stats.paired_summary(row, raw, n_boot=20000, seed=0)
     d = row[0].astype(float) - raw[0].astype(float)
-    ref = scipy_stats.bootstrap((d,), np.mean, n_resamples=20000, method="percentile",
-                                random_state=np.random.default_rng(9)).confidence_interval
+    ref = scipy_stats.bootstrap(
+        (d,), np.mean, n_resamples=20000, method="percentile", random_state=np.random.default_rng(9)
+    ).confidence_interval
     np.testing.assert_allclose(out["ci95"], [100 * ref.low, 100 * ref.high], atol=0.35)
 
 
@@ -162,8 +168,12 @@ def test_benjamini_hochberg_against_a_reference_loop():
 
 
 def test_mark_significance_primary_alone_rest_corrected():
-    fam = {("a", "r1", "tuned"): {"t_p": 0.04}, ("a", "r2", "tuned"): {"t_p": 0.01},
-           ("a", "r3", "tuned"): {"t_p": 0.03}, ("a", "r4", "tuned"): {"t_p": None}}
+    fam = {
+        ("a", "r1", "tuned"): {"t_p": 0.04},
+        ("a", "r2", "tuned"): {"t_p": 0.01},
+        ("a", "r3", "tuned"): {"t_p": 0.03},
+        ("a", "r4", "tuned"): {"t_p": None},
+    }
     out = stats.mark_significance(fam, primary=("a", "r1", "tuned"))
     assert out[("a", "r1", "tuned")]["primary"] and out[("a", "r1", "tuned")]["significant"]
     # the rest, m = 2: 0.01 -> 0.02, 0.03 -> 0.03
@@ -189,18 +199,31 @@ def _fake_run(tmp_path, name="cifar10-subset", n_seeds=3, n_test=60):
     rows = ["encoder head", "raw features", "flow: blog preset", "ZCA whitening"]
     preds = {}
     for s in range(n_seeds):
+
         def noisy(p_wrong):
             return np.where(rng.random(n_test) < p_wrong, (y + 1) % 3, y)
-        preds[s] = ({"encoder head": {"head": noisy(0.4)},
-                     "raw features": {"blog": noisy(0.3), "tuned": noisy(0.3)},
-                     "flow: blog preset": {"blog": noisy(0.3), "tuned": noisy(0.35)},
-                     "ZCA whitening": {"blog": noisy(0.25), "tuned": noisy(0.3)}}, y)
+
+        preds[s] = (
+            {
+                "encoder head": {"head": noisy(0.4)},
+                "raw features": {"blog": noisy(0.3), "tuned": noisy(0.3)},
+                "flow: blog preset": {"blog": noisy(0.3), "tuned": noisy(0.35)},
+                "ZCA whitening": {"blog": noisy(0.25), "tuned": noisy(0.3)},
+            },
+            y,
+        )
     run = tmp_path / name
     write_predictions(preds, run)
-    (run / "results.json").write_text(json.dumps({
-        "config": {}, "dataset": {"name": name, "n_train": 1, "n_test": n_test},
-        "per_seed": [{"seed": s, "rows": {r: {} for r in rows}} for s in range(n_seeds)],
-        "summary": {}}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "config": {},
+                "dataset": {"name": name, "n_train": 1, "n_test": n_test},
+                "per_seed": [{"seed": s, "rows": {r: {} for r in rows}} for s in range(n_seeds)],
+                "summary": {},
+            }
+        )
+    )
     return run, preds
 
 
@@ -214,22 +237,29 @@ def test_reanalyse_a_run_and_render_the_verdict(tmp_path):
     prim = out["against_raw"]["tuned"]["flow: blog preset"]
     assert prim["primary"] and out["method"]["family_size"] == 3 + 3
     # the same numbers as paired_summary on the raw predictions
-    ref = stats.paired_summary([p[0]["flow: blog preset"]["tuned"] == p[1] for p in preds.values()],
-                               [p[0]["raw features"]["tuned"] == p[1] for p in preds.values()],
-                               n_boot=200)
+    ref = stats.paired_summary(
+        [p[0]["flow: blog preset"]["tuned"] == p[1] for p in preds.values()],
+        [p[0]["raw features"]["tuned"] == p[1] for p in preds.values()],
+        n_boot=200,
+    )
     assert {k: prim[k] for k in ref} == ref
     assert (run / "seed_aware.json").exists() and "| flow: blog preset |" in (
-        run / "seed_aware.md").read_text()
-    loaded = reanalyse.load_predictions(run, ["encoder head", "raw features",
-                                              "flow: blog preset", "ZCA whitening"])
-    np.testing.assert_array_equal(loaded[1][0]["ZCA whitening"]["blog"],
-                                  preds[1][0]["ZCA whitening"]["blog"])
+        run / "seed_aware.md"
+    ).read_text()
+    loaded = reanalyse.load_predictions(
+        run, ["encoder head", "raw features", "flow: blog preset", "ZCA whitening"]
+    )
+    np.testing.assert_array_equal(
+        loaded[1][0]["ZCA whitening"]["blog"], preds[1][0]["ZCA whitening"]["blog"]
+    )
     runs = verdict.load_runs(tmp_path, ["cifar10-subset"])
     table = verdict.verdict_table(runs, ["cifar10-subset"])
     assert "| blog flow (200 epochs) | tuned probe |" in table
     assert verdict.plus3_table(runs, ["cifar10-subset"]).count("\n") == 2
     page = tmp_path / "page.md"
-    page.write_text("x\n<!-- generated:verdict-table -->\nold\n<!-- /generated:verdict-table -->\ny\n")
+    page.write_text(
+        "x\n<!-- generated:verdict-table -->\nold\n<!-- /generated:verdict-table -->\ny\n"
+    )
     pytest.importorskip("matplotlib")
     verdict.render_page(tmp_path, page, repo=tmp_path, runs=["cifar10-subset"])
     text = page.read_text()
@@ -238,8 +268,12 @@ def test_reanalyse_a_run_and_render_the_verdict(tmp_path):
 
 
 def test_significance_needs_the_interval_too():
-    fam = {"a": {"t_p": 0.001, "ci95": [-0.2, 1.0]}, "b": {"t_p": 0.001, "ci95": [0.1, 1.0]},
-           "p": {"t_p": 0.01, "ci95": [-1.0, -0.1]}, "q": {"t_p": 0.01, "ci95": [-1.0, 0.0]}}
+    fam = {
+        "a": {"t_p": 0.001, "ci95": [-0.2, 1.0]},
+        "b": {"t_p": 0.001, "ci95": [0.1, 1.0]},
+        "p": {"t_p": 0.01, "ci95": [-1.0, -0.1]},
+        "q": {"t_p": 0.01, "ci95": [-1.0, 0.0]},
+    }
     out = stats.mark_significance(fam, primary="p")
     assert not out["a"]["significant"] and out["b"]["significant"] and out["p"]["significant"]
     assert not out["q"]["significant"]
@@ -248,9 +282,11 @@ def test_significance_needs_the_interval_too():
 
 
 _REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-_COMMITTED = [r for r, _ in __import__("poissonflow.experiments.reanalyse",
-                                       fromlist=["RUNS"]).RUNS
-              if (_REPO / "docs/results" / r / "seed_aware.json").exists()]
+_COMMITTED = [
+    r
+    for r, _ in __import__("poissonflow.experiments.reanalyse", fromlist=["RUNS"]).RUNS
+    if (_REPO / "docs/results" / r / "seed_aware.json").exists()
+]
 
 
 @pytest.mark.parametrize("run", _COMMITTED)
@@ -264,8 +300,11 @@ def test_committed_intervals_match_a_recomputation(run):
     d = _REPO / "docs/results" / run
     committed = json.loads((d / "seed_aware.json").read_text())
     pairs = [(pr, row) for pr, rows in committed["against_raw"].items() for row in rows]
-    only = [p for p in pairs if p in {("tuned", "flow: blog preset"),
-                                      ("blog", "flow: PFGM preset, to plateau")}] or pairs[:1]
+    only = [
+        p
+        for p in pairs
+        if p in {("tuned", "flow: blog preset"), ("blog", "flow: PFGM preset, to plateau")}
+    ] or pairs[:1]
     assert reanalyse.check_run(d, only=only) == []
 
 
@@ -281,10 +320,16 @@ def test_committed_primary_interval_against_an_independent_bootstrap():
     if not (d / "seed_aware.json").exists():
         pytest.skip("no committed seed-aware statistics")
     committed = json.loads((d / "seed_aware.json").read_text())["against_raw"]["tuned"][
-        "flow: blog preset"]
+        "flow: blog preset"
+    ]
     preds = reanalyse.load_predictions(d)
-    diff = np.stack([(rows["flow: blog preset"]["tuned"] == y).astype(float)
-                     - (rows["raw features"]["tuned"] == y) for rows, y in preds.values()])
+    diff = np.stack(
+        [
+            (rows["flow: blog preset"]["tuned"] == y).astype(float)
+            - (rows["raw features"]["tuned"] == y)
+            for rows, y in preds.values()
+        ]
+    )
     rng = np.random.RandomState(12345)
     r, n = diff.shape
     reps = np.empty(4000)

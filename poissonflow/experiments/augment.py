@@ -1,4 +1,5 @@
-"""Seeded augmentations for the self-supervised encoders (`poissonflow.experiments.ssl`), in pure torch.
+"""Seeded augmentations for the self-supervised encoders (`poissonflow.experiments.ssl`), in pure
+torch.
 
 Each augmentation is a frozen dataclass: call it on a batch of [0, 1] images (N, C, H, W) with a
 CPU `torch.Generator`; every random draw comes from that generator (one set of draws per image,
@@ -22,7 +23,8 @@ into cache keys.
 | RandomGrayscale(0.2) | ITU-R 601 luma | the same weights (0.299, 0.587, 0.114) |
 
 Digits (8x8, 1 channel) take no crop-resize, flip or colour: a mirrored digit is another shape
-(the supervised encoder's reason for no flip, `poissonflow/experiments/encoder.py`), and a resized crop of
+(the supervised encoder's reason for no flip, `poissonflow/experiments/encoder.py`), and a resized
+crop of
 an 8x8 image leaves little of it; a one-pixel shift is the supervised encoder's pad-1 crop.
 """
 
@@ -124,8 +126,11 @@ class DigitsAugment:
     noise_std: float = 0.1
 
     def __post_init__(self):
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) \
-                or self.max_shift < 0:
+        if (
+            isinstance(self.max_shift, bool)
+            or not isinstance(self.max_shift, int)
+            or self.max_shift < 0
+        ):
             raise ValueError(f"max_shift must be a non-negative int, got {self.max_shift!r}")
         _real(self.noise_std, "noise_std", 0.0)
 
@@ -147,8 +152,9 @@ class DigitsAugment:
             padded = F.pad(x, (p, p, p, p))
             b = torch.arange(n, device=x.device)[:, None, None, None]
             ch = torch.arange(c, device=x.device)[None, :, None, None]
-            out = padded[b, ch, rows.to(x.device)[:, None, :, None],
-                         cols.to(x.device)[:, None, None, :]]
+            out = padded[
+                b, ch, rows.to(x.device)[:, None, :, None], cols.to(x.device)[:, None, None, :]
+            ]
         if self.noise_std > 0:
             noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
             out = (out + self.noise_std * noise).clamp_(0.0, 1.0)
@@ -179,8 +185,10 @@ class CifarAugment:
             lo = _real(v[0], f"{name}[0]", 0.0)
             hi = _real(v[1], f"{name}[1]", 0.0)
             if not 0 < lo <= hi or (name == "scale" and hi > 1):
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi{' <= 1' if name == 'scale' else ''}, "
-                                 f"got {v!r}")
+                raise ValueError(
+                    f"{name} must satisfy 0 < lo <= hi{' <= 1' if name == 'scale' else ''}, "
+                    f"got {v!r}"
+                )
             object.__setattr__(self, name, (lo, hi))
         if not isinstance(self.flip, bool):
             raise TypeError(f"flip must be a bool, got {type(self.flip).__name__}")
@@ -224,8 +232,9 @@ class CifarAugment:
         theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * cx - 1
         theta[:, 1, 1], theta[:, 1, 2] = fh, 2 * cy - 1
         grid = F.affine_grid(theta.to(x.dtype), [n, c, h, w], align_corners=False)
-        out = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="border",
-                            align_corners=False)
+        out = F.grid_sample(
+            x, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False
+        )
 
         dev, dt = x.device, x.dtype
         col = lambda t: t.to(dev, dt)[:, None, None, None]  # noqa: E731
@@ -271,5 +280,6 @@ def augmentation_for(dataset_name: str):
         return DigitsAugment()
     if dataset_name in ("cifar10", "cifar10-subset"):
         return CifarAugment()
-    raise ValueError(f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got "
-                     f"{dataset_name!r}")
+    raise ValueError(
+        f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got {dataset_name!r}"
+    )

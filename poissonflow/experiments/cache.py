@@ -59,8 +59,10 @@ def _canonical(obj):
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"settings value {obj!r} of type {type(obj).__name__} cannot be part of a "
-                    "cache key (use str, int, float, bool, None, lists/tuples or dicts)")
+    raise TypeError(
+        f"settings value {obj!r} of type {type(obj).__name__} cannot be part of a "
+        "cache key (use str, int, float, bool, None, lists/tuples or dicts)"
+    )
 
 
 def cache_key(settings: Mapping, fingerprint: str = "") -> str:
@@ -73,9 +75,14 @@ def cache_key(settings: Mapping, fingerprint: str = "") -> str:
     if not isinstance(fingerprint, str):
         raise TypeError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
     payload = json.dumps(
-        {"format": CACHE_FORMAT_VERSION, "settings": _canonical(settings),
-         "fingerprint": fingerprint},
-        sort_keys=True, separators=(",", ":"), allow_nan=False,
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "settings": _canonical(settings),
+            "fingerprint": fingerprint,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        allow_nan=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -99,8 +106,9 @@ class ArrayCache:
 
     def path(self, key: str) -> Path:
         if not isinstance(key, str) or not key or not all(c.isalnum() or c in "-_" for c in key):
-            raise ValueError(f"key must be a non-empty string of letters, digits, '-' or '_', "
-                             f"got {key!r}")
+            raise ValueError(
+                f"key must be a non-empty string of letters, digits, '-' or '_', got {key!r}"
+            )
         return self.root / f"{key}.npz"
 
     def get(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -131,13 +139,19 @@ class ArrayCache:
             raise ValueError(f"arrays may not use the reserved name(s) {clash}")
         for k, v in arrays.items():
             if v.dtype.hasobject:
-                raise TypeError(f"arrays[{k!r}] has dtype object; only plain numeric or string "
-                                "arrays can be cached (no pickle)")
+                raise TypeError(
+                    f"arrays[{k!r}] has dtype object; only plain numeric or string "
+                    "arrays can be cached (no pickle)"
+                )
         meta_json = json.dumps(_canonical(dict(meta or {})), sort_keys=True, allow_nan=False)
         checksum = arrays_sha256(arrays, meta_json)
         self.root.mkdir(parents=True, exist_ok=True)
-        return atomic_write(path, lambda f: np.savez(
-            f, **arrays, **{_META: np.array(meta_json), _CHECKSUM: np.array(checksum)}))
+        return atomic_write(
+            path,
+            lambda f: np.savez(
+                f, **arrays, **{_META: np.array(meta_json), _CHECKSUM: np.array(checksum)}
+            ),
+        )
 
     def get_or_compute(
         self,
@@ -163,8 +177,9 @@ class ArrayCache:
         return arrays, _canonical(dict(meta or {})), False
 
     # ------------------------------------------------------------------ objects
-    def put_object(self, key: str, obj: Any, save: Callable[[Any, Path], None],
-                   meta: Mapping | None = None) -> Path:
+    def put_object(
+        self, key: str, obj: Any, save: Callable[[Any, Path], None], meta: Mapping | None = None
+    ) -> Path:
         """Stores `obj` as the file save(obj, path) writes; returns the entry's path."""
         with tempfile.TemporaryDirectory(prefix="poissonflow-cache-") as folder:
             file = Path(folder) / "object"
@@ -226,6 +241,9 @@ class ArrayCache:
     def _discard(self, path: Path, why: str) -> None:
         import warnings
 
-        warnings.warn(f"cache entry {path} is {why}; it is removed and will be recomputed",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"cache entry {path} is {why}; it is removed and will be recomputed",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         path.unlink(missing_ok=True)

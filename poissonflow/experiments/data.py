@@ -46,7 +46,16 @@ __all__ = [
 DATASETS = ("digits", "cifar10", "cifar10-subset")
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 # The sha256 published with the shared subset file; a loaded subset whose file hash differs is
@@ -232,8 +241,18 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             # encoding="bytes": the official files were pickled by Python 2; their str keys
             # come back as bytes (b'data', b'labels').
             batch = _BatchUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError, MemoryError, OSError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OSError,
+    ) as exc:
         raise DataError(
             f"CIFAR-10 batch file {path} is corrupt or not a CIFAR-10 python batch "
             f"({type(exc).__name__}: {exc})"
@@ -244,10 +263,17 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if missing:
         raise DataError(f"CIFAR-10 batch file {path} lacks the key(s) {missing}")
     data, labels = batch[b"data"], batch[b"labels"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * 32 * 32:
-        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
-                else type(data).__name__)
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+    ):
+        desc = (
+            f"{data.dtype} array of shape {data.shape}"
+            if isinstance(data, np.ndarray)
+            else type(data).__name__
+        )
         raise DataError(
             f"CIFAR-10 batch file {path}: b'data' must be a uint8 array of shape (n, 3072), "
             f"got {desc}"
@@ -255,8 +281,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError) as exc:
-        raise DataError(f"CIFAR-10 batch file {path}: b'labels' is not a list of ints ({exc})") \
-            from None
+        raise DataError(
+            f"CIFAR-10 batch file {path}: b'labels' is not a list of ints ({exc})"
+        ) from None
     if labels.shape != (data.shape[0],):
         raise DataError(
             f"CIFAR-10 batch file {path}: {data.shape[0]} images but b'labels' has shape "
@@ -276,8 +303,9 @@ def _read_cifar_label_names(folder: Path) -> tuple[str, ...]:
             names = _BatchUnpickler(f, encoding="bytes").load()[b"label_names"]
         names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     except Exception as exc:  # noqa: BLE001 - any failure means the file is not what it claims
-        raise DataError(f"CIFAR-10 metadata file {meta} is corrupt ({type(exc).__name__}: "
-                        f"{exc})") from None
+        raise DataError(
+            f"CIFAR-10 metadata file {meta} is corrupt ({type(exc).__name__}: {exc})"
+        ) from None
     if len(names) != 10:
         raise DataError(f"CIFAR-10 metadata file {meta} lists {len(names)} label names, not 10")
     return names
@@ -347,7 +375,8 @@ def find_cifar10_subset(path: str | Path | None = None) -> Path | None:
     """Where the CIFAR-10 subset is.
 
     path None: the shared copy at ``<repo>/../shared/data/cifar10-subset/cifar10_subset.npz``
-    (the repository of this package, or the current directory), or None when it is absent (a user's machine has no ../shared). An explicit path (the .npz,
+    (the repository of this package, or the current directory), or None when it is absent (a user's
+    machine has no ../shared). An explicit path (the .npz,
     or a folder holding ``cifar10_subset.npz``) must exist: a mistyped path raises
     DataNotFoundError rather than silently skipping the data set.
     """
@@ -425,5 +454,6 @@ def _to_unit_float(x_uint8: np.ndarray) -> np.ndarray:
 
 def _check_labels(y: np.ndarray, n_classes: int, what: str) -> None:
     if y.size and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise DataError(f"{what} must lie in 0..{n_classes - 1}, got {int(y.min())}.."
-                        f"{int(y.max())}")
+        raise DataError(
+            f"{what} must lie in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}"
+        )

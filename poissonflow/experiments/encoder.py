@@ -109,10 +109,12 @@ class AlexNetConfig:
         if len(widths) != 5 or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"conv_widths must be 5 positive ints, got {self.conv_widths!r}")
         pools = tuple(self.pool_after)
-        if any(not isinstance(i, int) or not 0 <= i < 5 for i in pools) or \
-                len(set(pools)) != len(pools):
-            raise ValueError(f"pool_after must be distinct block indices in 0..4, got "
-                             f"{self.pool_after!r}")
+        if any(not isinstance(i, int) or not 0 <= i < 5 for i in pools) or len(set(pools)) != len(
+            pools
+        ):
+            raise ValueError(
+                f"pool_after must be distinct block indices in 0..4, got {self.pool_after!r}"
+            )
         for name in ("fc_width", "feat_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -162,15 +164,21 @@ class EncoderSettings:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         for name in ("lr", "weight_decay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0 or (name == "lr" and v == 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (name == "lr" and v == 0)
+            ):
                 bound = "> 0" if name == "lr" else ">= 0"
                 raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
         if not isinstance(self.arch, AlexNetConfig):
             raise TypeError(f"arch must be an AlexNetConfig, got {type(self.arch).__name__}")
         if not isinstance(self.augmentation, Augmentation):
-            raise TypeError(f"augmentation must be an Augmentation, got "
-                            f"{type(self.augmentation).__name__}")
+            raise TypeError(
+                f"augmentation must be an Augmentation, got {type(self.augmentation).__name__}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,8 +187,9 @@ class EncoderSettings:
         return dataclasses.replace(self, **changes)
 
 
-def default_settings(dataset_name: str, faithful: bool = False,
-                     feature_dim: int | None = None) -> EncoderSettings:
+def default_settings(
+    dataset_name: str, faithful: bool = False, feature_dim: int | None = None
+) -> EncoderSettings:
     """Defaults per data set: the blog's settings for CIFAR-10 (and its subset). Digits keep the
     blog's 20 epochs of Adam at lr 1e-3 but use the scaled-down network, pad-1 crop without
     flip, and batch 64: with 1347 training images, batch 256 would give only 6 updates an epoch
@@ -188,24 +197,34 @@ def default_settings(dataset_name: str, faithful: bool = False,
     faithful=True: also the blog's initialisation, raw pixels and fixed order (module doc).
     feature_dim: the width of fc8, the L2-normalised features (None: the blog's 128), from
     MIN_FEATURE_DIM to MAX_FEATURE_DIM; the rest of the network is unchanged."""
-    if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(
-            feature_dim, (int, np.integer)) or not
-            MIN_FEATURE_DIM <= feature_dim <= MAX_FEATURE_DIM):
-        raise ValueError(f"feature_dim must be None or an integer from {MIN_FEATURE_DIM} to "
-                         f"{MAX_FEATURE_DIM}, got {feature_dim!r}")
+    if feature_dim is not None and (
+        isinstance(feature_dim, bool)
+        or not isinstance(feature_dim, (int, np.integer))
+        or not MIN_FEATURE_DIM <= feature_dim <= MAX_FEATURE_DIM
+    ):
+        raise ValueError(
+            f"feature_dim must be None or an integer from {MIN_FEATURE_DIM} to "
+            f"{MAX_FEATURE_DIM}, got {feature_dim!r}"
+        )
     blog = dict(init="blog", standardize=False, shuffle=False) if faithful else {}
     if dataset_name == "digits":
-        settings = EncoderSettings(arch=DIGITS_ALEXNET,
-                                   augmentation=Augmentation(pad=1, flip=False),
-                                   epochs=20, batch_size=64, **blog)
+        settings = EncoderSettings(
+            arch=DIGITS_ALEXNET,
+            augmentation=Augmentation(pad=1, flip=False),
+            epochs=20,
+            batch_size=64,
+            **blog,
+        )
     elif dataset_name in ("cifar10", "cifar10-subset"):
         settings = EncoderSettings(**blog)
     else:
-        raise ValueError(f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got "
-                         f"{dataset_name!r}")
+        raise ValueError(
+            f"dataset_name must be 'digits', 'cifar10' or 'cifar10-subset', got {dataset_name!r}"
+        )
     if feature_dim is not None:
-        settings = settings.replace(arch=dataclasses.replace(settings.arch,
-                                                             feat_dim=int(feature_dim)))
+        settings = settings.replace(
+            arch=dataclasses.replace(settings.arch, feat_dim=int(feature_dim))
+        )
     return settings
 
 
@@ -220,16 +239,20 @@ def _pooled(size: int) -> int:
 class SmallAlexNet(nn.Module):
     """[0, 1] images (N, C, H, W) -> L2-normalised features (N, feat_dim)."""
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int],
-                 arch: AlexNetConfig = BLOG_ALEXNET):
+    def __init__(
+        self, in_channels: int, image_size: tuple[int, int], arch: AlexNetConfig = BLOG_ALEXNET
+    ):
         super().__init__()
         height, width = image_size
         self.register_buffer("input_mean", torch.zeros(in_channels))
         self.register_buffer("input_std", torch.ones(in_channels))
         blocks, prev = [], in_channels
         for i, w in enumerate(arch.conv_widths):
-            layers = [nn.Conv2d(prev, w, kernel_size=3, padding=1, bias=False),
-                      nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers = [
+                nn.Conv2d(prev, w, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
             if i in arch.pool_after:
                 if min(height, width) < 3:
                     raise ValueError(
@@ -245,9 +268,11 @@ class SmallAlexNet(nn.Module):
         self.fc = nn.Sequential(
             nn.Flatten(),
             nn.Linear(prev * height * width, arch.fc_width, bias=False),  # fc6
-            nn.BatchNorm1d(arch.fc_width), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(arch.fc_width),
+            nn.ReLU(inplace=True),
             nn.Linear(arch.fc_width, arch.fc_width, bias=False),  # fc7
-            nn.BatchNorm1d(arch.fc_width), nn.ReLU(inplace=True),
+            nn.BatchNorm1d(arch.fc_width),
+            nn.ReLU(inplace=True),
             nn.Linear(arch.fc_width, arch.feat_dim),  # fc8
         )
         self.feat_dim = arch.feat_dim
@@ -276,8 +301,13 @@ class SmallAlexNet(nn.Module):
 class EncoderClassifier(nn.Module):
     """SmallAlexNet plus the linear head Linear(feat_dim, n_classes) it is trained through."""
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], n_classes: int,
-                 arch: AlexNetConfig = BLOG_ALEXNET):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        n_classes: int,
+        arch: AlexNetConfig = BLOG_ALEXNET,
+    ):
         super().__init__()
         self.encoder = SmallAlexNet(in_channels, image_size, arch)
         self.head = nn.Linear(arch.feat_dim, n_classes)
@@ -336,12 +366,14 @@ def _as_images(x, name: str) -> torch.Tensor:
 def _as_labels(y, n: int, n_classes: int, name: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if t.shape != (n,) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be integer labels of shape ({n},), got {t.dtype} "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be integer labels of shape ({n},), got {t.dtype} {tuple(t.shape)}"
+        )
     t = t.long()
     if n and (int(t.min()) < 0 or int(t.max()) >= n_classes):
-        raise ValueError(f"{name} must lie in 0..{n_classes - 1}, got {int(t.min())}.."
-                         f"{int(t.max())}")
+        raise ValueError(
+            f"{name} must lie in 0..{n_classes - 1}, got {int(t.min())}..{int(t.max())}"
+        )
     return t
 
 
@@ -391,14 +423,18 @@ def train_encoder(
     x, y = x.to(dev), y.to(dev)
 
     gen = torch.Generator().manual_seed(settings.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr,
-                           weight_decay=settings.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     history = TrainResult([], [], [])
     from tqdm import tqdm
 
-    bar = tqdm(total=settings.epochs * steps_per_epoch, disable=not progress, unit="batch",
-               desc=f"encoder {c}x{h}x{w}", leave=False)
+    bar = tqdm(
+        total=settings.epochs * steps_per_epoch,
+        disable=not progress,
+        unit="batch",
+        desc=f"encoder {c}x{h}x{w}",
+        leave=False,
+    )
     aug = settings.augmentation
 
     class Supervised:  # cross-entropy through the head; sums stay on the device (no sync)
@@ -422,14 +458,25 @@ def train_encoder(
             history.epoch_loss.append(float(self.loss_sum) / self.seen)
             history.epoch_acc.append(int(self.correct) / self.seen)
             history.epoch_seconds.append(seconds)
-            bar.set_postfix(epoch=len(history.epoch_loss),
-                            loss=f"{history.epoch_loss[-1]:.3f}",
-                            acc=f"{history.epoch_acc[-1]:.3f}")
+            bar.set_postfix(
+                epoch=len(history.epoch_loss),
+                loss=f"{history.epoch_loss[-1]:.3f}",
+                acc=f"{history.epoch_acc[-1]:.3f}",
+            )
 
     try:
-        train_loop(model, Supervised(), n=n, epochs=settings.epochs,
-                   batch_size=settings.batch_size, generator=gen, optimizer=opt,
-                   shuffle=settings.shuffle, order_device=dev, bar=bar)
+        train_loop(
+            model,
+            Supervised(),
+            n=n,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            generator=gen,
+            optimizer=opt,
+            shuffle=settings.shuffle,
+            order_device=dev,
+            bar=bar,
+        )
     finally:
         bar.close()
     model.eval()
@@ -462,7 +509,7 @@ def extract_features(
     feats, logits = [], []
     try:
         for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size].to(dev)
+            xb = x[start : start + batch_size].to(dev)
             if augmentation is not None:
                 xb = augment(xb, augmentation, gen)
             f, lg = model(xb)
@@ -471,8 +518,10 @@ def extract_features(
     finally:
         model.train(was_training)
     if not feats:
-        return (np.zeros((0, model.encoder.feat_dim), np.float32),
-                np.zeros((0, model.head.out_features), np.float32))
+        return (
+            np.zeros((0, model.encoder.feat_dim), np.float32),
+            np.zeros((0, model.head.out_features), np.float32),
+        )
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
@@ -526,7 +575,8 @@ def encode_dataset(
     train and test images, and of x_val when given (images the encoder never trains on: the
     study's validation split).
 
-    dataset: a poissonflow.experiments.data.Dataset. settings: default_settings(dataset.name) when None.
+    dataset: a poissonflow.experiments.data.Dataset. settings: default_settings(dataset.name) when
+    None.
     cache_dir: when given, results are stored there keyed by sha256 of (settings, device type,
     ENCODER_VERSION, torch version, dataset.fingerprint()); a later call with the same key
     returns them without training.
@@ -541,31 +591,53 @@ def encode_dataset(
         x_val = np.ascontiguousarray(x_val, dtype=np.float32)
         fingerprint += "|val:" + _cache.arrays_sha256({"x_val": x_val})
     key = _cache.cache_key(
-        {"what": "encoder-features", "encoder_version": ENCODER_VERSION,
-         "torch": torch.__version__, "device": dev.type, "settings": settings.to_dict()},
+        {
+            "what": "encoder-features",
+            "encoder_version": ENCODER_VERSION,
+            "torch": torch.__version__,
+            "device": dev.type,
+            "settings": settings.to_dict(),
+        },
         fingerprint,
     )
 
     def compute():
-        model, history = train_encoder(dataset.x_train, dataset.y_train, dataset.n_classes,
-                                       settings, device=dev, progress=progress)
+        model, history = train_encoder(
+            dataset.x_train,
+            dataset.y_train,
+            dataset.n_classes,
+            settings,
+            device=dev,
+            progress=progress,
+        )
         f_train, lg_train = extract_features(model, dataset.x_train)
         f_test, lg_test = extract_features(model, dataset.x_test)
-        _, lg_aug = extract_features(model, dataset.x_train, augmentation=settings.augmentation,
-                                     seed=settings.seed + 1)
+        _, lg_aug = extract_features(
+            model, dataset.x_train, augmentation=settings.augmentation, seed=settings.seed + 1
+        )
         aug = settings.augmentation if settings.augmentation.active else None
-        view_a, _ = extract_features(model, dataset.x_test, augmentation=aug,
-                                     seed=settings.seed + 2)
-        view_b, _ = extract_features(model, dataset.x_test, augmentation=aug,
-                                     seed=settings.seed + 3)
-        arrays = {"features_train": f_train, "features_test": f_test,
-                  "logits_train": lg_train, "logits_test": lg_test,
-                  "view_a_test": view_a, "view_b_test": view_b}
+        view_a, _ = extract_features(
+            model, dataset.x_test, augmentation=aug, seed=settings.seed + 2
+        )
+        view_b, _ = extract_features(
+            model, dataset.x_test, augmentation=aug, seed=settings.seed + 3
+        )
+        arrays = {
+            "features_train": f_train,
+            "features_test": f_test,
+            "logits_train": lg_train,
+            "logits_test": lg_test,
+            "view_a_test": view_a,
+            "view_b_test": view_b,
+        }
         if x_val is not None:  # after every other pass: the same model, the same bits
             arrays["features_val"] = extract_features(model, x_val)[0]
-        meta = {"train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
-                "epoch_loss": history.epoch_loss, "epoch_acc": history.epoch_acc,
-                "epoch_seconds": history.epoch_seconds}
+        meta = {
+            "train_acc_augmented": _accuracy(lg_aug, dataset.y_train),
+            "epoch_loss": history.epoch_loss,
+            "epoch_acc": history.epoch_acc,
+            "epoch_seconds": history.epoch_seconds,
+        }
         return arrays, meta
 
     if cache_dir is None:
@@ -577,8 +649,9 @@ def encode_dataset(
 
 
 def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cache):
-    history = TrainResult(list(meta["epoch_loss"]), list(meta["epoch_acc"]),
-                          list(meta["epoch_seconds"]))
+    history = TrainResult(
+        list(meta["epoch_loss"]), list(meta["epoch_acc"]), list(meta["epoch_seconds"])
+    )
     return EncodedDataset(
         features_train=arrays["features_train"],
         features_test=arrays["features_test"],
@@ -597,4 +670,3 @@ def _encoded_from_arrays(arrays, meta, dataset, settings, device, key, from_cach
         from_cache=from_cache,
         features_val=arrays.get("features_val"),
     )
-

@@ -118,10 +118,26 @@ from .rows import (  # noqa: F401 (re-exported: the rows are part of the experim
     score_row,
 )
 
-__all__ = ["ExperimentConfig", "ConfigError", "validate_config", "run_experiment", "main",
-           "ROWS", "OPTIONAL_ROWS", "row_names", "NODES", "Graph", "Node", "Features",
-           "RowOutput", "RunSettings",
-           "row_graph", "evaluate_rows", "check_readable", "check_writable_folder"]
+__all__ = [
+    "ExperimentConfig",
+    "ConfigError",
+    "validate_config",
+    "run_experiment",
+    "main",
+    "ROWS",
+    "OPTIONAL_ROWS",
+    "row_names",
+    "NODES",
+    "Graph",
+    "Node",
+    "Features",
+    "RowOutput",
+    "RunSettings",
+    "row_graph",
+    "evaluate_rows",
+    "check_readable",
+    "check_writable_folder",
+]
 
 
 # Five seeds: a run of all five took 149-237 s on the 2-core development machine with one
@@ -164,34 +180,58 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
     # the validation split is cut before anything trains: the encoder, the fields and the
     # probes' fits see only the fit images (protocol.py)
     fit_idx, val_idx = validation_split(dataset.y_train, seed)
-    fit = dataclasses.replace(dataset, x_train=dataset.x_train[fit_idx],
-                              y_train=dataset.y_train[fit_idx])
-    enc = encode_dataset(fit, settings, device=cfg.device, cache_dir=_cache_dir(cfg),
-                         progress=cfg.progress, x_val=dataset.x_train[val_idx])
+    fit = dataclasses.replace(
+        dataset, x_train=dataset.x_train[fit_idx], y_train=dataset.y_train[fit_idx]
+    )
+    enc = encode_dataset(
+        fit,
+        settings,
+        device=cfg.device,
+        cache_dir=_cache_dir(cfg),
+        progress=cfg.progress,
+        x_val=dataset.x_train[val_idx],
+    )
     seconds = {"encoder": time.perf_counter() - t0}
     ytr, yte, yva = fit.y_train, dataset.y_test, dataset.y_train[val_idx]
-    features = Features(enc.features_train, enc.features_test, tuple(enc.views_test),
-                        enc.features_val)
+    features = Features(
+        enc.features_train, enc.features_test, tuple(enc.views_test), enc.features_val
+    )
     rows: dict[str, Any] = {
         "encoder head": {
-            "head": {"train": enc.train_acc, "train_augmented": enc.train_acc_augmented,
-                     "train_last_epoch": enc.history.epoch_acc[-1], "test": enc.test_acc},
+            "head": {
+                "train": enc.train_acc,
+                "train_augmented": enc.train_acc_augmented,
+                "train_last_epoch": enc.history.epoch_acc[-1],
+                "test": enc.test_acc,
+            },
             "metrics": representation_metrics(features.test, features.views),
-            "dim": int(features.train.shape[1]), "encoder_from_cache": enc.from_cache,
+            "dim": int(features.train.shape[1]),
+            "encoder_from_cache": enc.from_cache,
             "encoder_settings": settings.to_dict(),
         }
     }
-    run = RunSettings(seed=seed, device=cfg.device, progress=bool(cfg.progress),
-                      field_epochs=cfg.field_epochs, cache_dir=_cache_dir(cfg),
-                      blog_preset="blog-faithful" if cfg.faithful else "blog")
+    run = RunSettings(
+        seed=seed,
+        device=cfg.device,
+        progress=bool(cfg.progress),
+        field_epochs=cfg.field_epochs,
+        cache_dir=_cache_dir(cfg),
+        blog_preset="blog-faithful" if cfg.faithful else "blog",
+    )
     graph = row_graph(features, (ytr, yte, yva), run)
     rows.update(evaluate_rows(graph, row_names(cfg.pfgm_plateau)))
     predictions = {"encoder head": {"head": enc.logits_test.argmax(1)}}
     for name, row in rows.items():
         if "_predictions" in row:
             predictions[name] = row.pop("_predictions")
-    out = {"seed": seed, "rows": rows, "seconds": seconds, "predictions": predictions,
-           "y_test": np.asarray(yte), "validation": split_record(fit_idx, val_idx)}
+    out = {
+        "seed": seed,
+        "rows": rows,
+        "seconds": seconds,
+        "predictions": predictions,
+        "y_test": np.asarray(yte),
+        "validation": split_record(fit_idx, val_idx),
+    }
     if cfg.sweep:
         t = time.perf_counter()
         out["sweep"] = graph.get(SWEEP)
@@ -207,8 +247,9 @@ def encoder_settings(cfg: ExperimentConfig, dataset_name: str, seed: int):
     """The EncoderSettings of one seed of the run (its cache key includes every field)."""
     from .encoder import default_settings
 
-    settings = default_settings(dataset_name, faithful=cfg.faithful,
-                                feature_dim=cfg.feature_dim).replace(seed=seed)
+    settings = default_settings(
+        dataset_name, faithful=cfg.faithful, feature_dim=cfg.feature_dim
+    ).replace(seed=seed)
     if cfg.encoder_epochs is not None:
         settings = settings.replace(epochs=cfg.encoder_epochs)
     return settings
@@ -240,16 +281,28 @@ def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
     from .encoder import ENCODER_VERSION
 
     return cache_key(
-        {"what": "experiment-seed", "seed_result_version": SEED_RESULT_VERSION,
-         "encoder_version": ENCODER_VERSION,
-         "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION,
-         "poissonflow": __version__, "torch": torch.__version__, "numpy": np.__version__,
-         "sklearn": _sklearn_version(), "dataset": dataset.name, "seed": int(seed),
-         "encoder_settings": encoder_settings(cfg, dataset.name, seed).to_dict(),
-         "field_epochs": cfg.field_epochs, "faithful": cfg.faithful, "sweep": cfg.sweep,
-         "device": torch.device(cfg.device).type, "threads": cfg.threads,
-         "rows": row_names(cfg.pfgm_plateau), "plateau": PLATEAU,
-         "val_fraction": VAL_FRACTION, "clip_factor": CLIP_FACTOR},
+        {
+            "what": "experiment-seed",
+            "seed_result_version": SEED_RESULT_VERSION,
+            "encoder_version": ENCODER_VERSION,
+            "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION,
+            "poissonflow": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "sklearn": _sklearn_version(),
+            "dataset": dataset.name,
+            "seed": int(seed),
+            "encoder_settings": encoder_settings(cfg, dataset.name, seed).to_dict(),
+            "field_epochs": cfg.field_epochs,
+            "faithful": cfg.faithful,
+            "sweep": cfg.sweep,
+            "device": torch.device(cfg.device).type,
+            "threads": cfg.threads,
+            "rows": row_names(cfg.pfgm_plateau),
+            "plateau": PLATEAU,
+            "val_fraction": VAL_FRACTION,
+            "clip_factor": CLIP_FACTOR,
+        },
         dataset.fingerprint(),
     )
 
@@ -325,8 +378,11 @@ def load_limited(name: str, data_dir, limit):
     if limit is not None:
         n_test = max(10, limit // 3)
         dataset = dataclasses.replace(
-            dataset, x_train=dataset.x_train[:limit], y_train=dataset.y_train[:limit],
-            x_test=dataset.x_test[:n_test], y_test=dataset.y_test[:n_test],
+            dataset,
+            x_train=dataset.x_train[:limit],
+            y_train=dataset.y_train[:limit],
+            x_test=dataset.x_test[:n_test],
+            y_test=dataset.y_test[:n_test],
         )
     return dataset
 
@@ -348,8 +404,11 @@ def _run(cfg: ExperimentConfig) -> dict[str, Any]:
         if found is not None:
             done, preds, y_test = found
             done["resumed"] = True
-            print(f"{dataset.name}: seed {seed} finished before, its results read from "
-                  f"{cache.path(key)}", file=sys.stderr)
+            print(
+                f"{dataset.name}: seed {seed} finished before, its results read from "
+                f"{cache.path(key)}",
+                file=sys.stderr,
+            )
         else:
             print(f"{dataset.name}: seed {seed}", file=sys.stderr)
             done = run_seed(dataset, cfg, seed)
@@ -372,12 +431,21 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
 
     results = {
         "config": dataclasses.asdict(cfg),
-        "dataset": {"name": dataset.name, "n_train": int(len(dataset.y_train)),
-                    "n_test": int(len(dataset.y_test)), "source": str(dataset.source),
-                    "sha256": dataset.file_sha256},
-        "versions": {"poissonflow": __version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version(),
-                     "sklearn": _sklearn_version(), "platform": platform.platform()},
+        "dataset": {
+            "name": dataset.name,
+            "n_train": int(len(dataset.y_train)),
+            "n_test": int(len(dataset.y_test)),
+            "source": str(dataset.source),
+            "sha256": dataset.file_sha256,
+        },
+        "versions": {
+            "poissonflow": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "sklearn": _sklearn_version(),
+            "platform": platform.platform(),
+        },
         "torch_threads": torch.get_num_threads(),
         "per_seed": per_seed,
         "summary": report.summarise(per_seed),
@@ -404,12 +472,17 @@ def protocol_record() -> dict[str, Any]:
     """The protocol's settings, as results.json records them."""
     from .probes import CONVERGED_MAX_ITER, DEFAULT_CS, KNN_GRID
 
-    return {"val_fraction": VAL_FRACTION,
-            "validation": "stratified per seed, held out from the encoder, the fields and "
-                          "the probes' fits; every choice made on it; test scored once",
-            "tuned_Cs": list(DEFAULT_CS), "knn_grid": list(KNN_GRID),
-            "knn_fixed": KNN_FIXED, "labels_per_class": list(LABELS_PER_CLASS),
-            "blog_converged_max_iter": CONVERGED_MAX_ITER, "clip_factor": CLIP_FACTOR}
+    return {
+        "val_fraction": VAL_FRACTION,
+        "validation": "stratified per seed, held out from the encoder, the fields and "
+        "the probes' fits; every choice made on it; test scored once",
+        "tuned_Cs": list(DEFAULT_CS),
+        "knn_grid": list(KNN_GRID),
+        "knn_fixed": KNN_FIXED,
+        "labels_per_class": list(LABELS_PER_CLASS),
+        "blog_converged_max_iter": CONVERGED_MAX_ITER,
+        "clip_factor": CLIP_FACTOR,
+    }
 
 
 def _sklearn_version() -> str:
@@ -420,14 +493,14 @@ def _sklearn_version() -> str:
 
 # --------------------------------------------------------------------------- command line
 
+
 def validate_config(cfg: ExperimentConfig) -> None:
     """Raises ConfigError (a ValueError naming the command-line option) for any bad setting;
     cheap, so run_experiment and main call it before loading data or training anything."""
     from .data import DATASETS, find_cifar10_subset
 
     if cfg.dataset not in DATASETS:
-        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, "
-                                       f"got {cfg.dataset!r}")
+        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else None
     if not seeds:
         raise ConfigError("--seeds", f"must be one or more integers, got {cfg.seeds!r}")
@@ -439,16 +512,25 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
         raise ConfigError("--threads", f"must be an integer >= 1, got {cfg.threads!r}")
     if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < MIN_LIMIT):
-        raise ConfigError("--limit", f"must be an integer >= {MIN_LIMIT} (enough examples for "
-                                     f"the probe's validation split), got {cfg.limit!r}")
-    for option, value in (("--encoder-epochs", cfg.encoder_epochs),
-                          ("--field-epochs", cfg.field_epochs)):
+        raise ConfigError(
+            "--limit",
+            f"must be an integer >= {MIN_LIMIT} (enough examples for "
+            f"the probe's validation split), got {cfg.limit!r}",
+        )
+    for option, value in (
+        ("--encoder-epochs", cfg.encoder_epochs),
+        ("--field-epochs", cfg.field_epochs),
+    ):
         if value is not None and (not _is_int(value) or value < 1):
             raise ConfigError(option, f"must be an integer >= 1, got {value!r}")
-    if cfg.feature_dim is not None and (not _is_int(cfg.feature_dim) or not
-                                        MIN_FEATURE_DIM <= cfg.feature_dim <= MAX_FEATURE_DIM):
-        raise ConfigError("--feature-dim", f"must be an integer from {MIN_FEATURE_DIM} to "
-                                           f"{MAX_FEATURE_DIM}, got {cfg.feature_dim!r}")
+    if cfg.feature_dim is not None and (
+        not _is_int(cfg.feature_dim) or not MIN_FEATURE_DIM <= cfg.feature_dim <= MAX_FEATURE_DIM
+    ):
+        raise ConfigError(
+            "--feature-dim",
+            f"must be an integer from {MIN_FEATURE_DIM} to "
+            f"{MAX_FEATURE_DIM}, got {cfg.feature_dim!r}",
+        )
     if not isinstance(cfg.resume, bool):
         raise ConfigError("--no-resume", f"resume must be True or False, got {cfg.resume!r}")
     if not isinstance(cfg.pfgm_plateau, bool):
@@ -456,84 +538,156 @@ def validate_config(cfg: ExperimentConfig) -> None:
     check_device(cfg.device)
     if cfg.data_dir is not None:
         if cfg.dataset == "digits":
-            raise ConfigError("--data-dir", "digits are bundled with scikit-learn and read no "
-                                            "folder; drop --data-dir or choose another --dataset")
-        check_readable(Path(cfg.data_dir).expanduser(), "--data-dir",
-                        "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file")
+            raise ConfigError(
+                "--data-dir",
+                "digits are bundled with scikit-learn and read no "
+                "folder; drop --data-dir or choose another --dataset",
+            )
+        check_readable(
+            Path(cfg.data_dir).expanduser(),
+            "--data-dir",
+            "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file",
+        )
     elif cfg.dataset == "cifar10":
-        raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir: the official "
-                                        "'cifar-10-batches-py' folder or the folder holding it")
+        raise ConfigError(
+            "--data-dir",
+            "--dataset cifar10 needs --data-dir: the official "
+            "'cifar-10-batches-py' folder or the folder holding it",
+        )
     elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
-        raise ConfigError("--data-dir", "--dataset cifar10-subset found no shared copy at its "
-                                        "default location; pass --data-dir (the .npz or its "
-                                        "folder)")
+        raise ConfigError(
+            "--data-dir",
+            "--dataset cifar10-subset found no shared copy at its "
+            "default location; pass --data-dir (the .npz or its "
+            "folder)",
+        )
     check_writable_folder(Path(cfg.out_dir), "--out")
     if cfg.cache_dir is not None:
         check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="digits",
-                        choices=["digits", "cifar10", "cifar10-subset"],
-                        help="digits: scikit-learn's bundled 8x8 digits (default); cifar10: the "
-                             "official batches (needs --data-dir); cifar10-subset: the shared "
-                             "5085/1017-image subset, or --data-dir")
-    parser.add_argument("--data-dir", default=None,
-                        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
-                             "(cifar10-subset); not allowed with digits")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="non-negative seeds, one full run each (encoder, probe split, flow; "
-                             "default: 0 1 2 3 4)")
-    parser.add_argument("--out", default=None,
-                        help="output folder for results.json, results.md and the plot "
-                             "(default: results/<dataset>)")
-    parser.add_argument("--cache-dir", default=None,
-                        help="where encoder features and learned fields are cached "
-                             "(default: <out>/cache)")
-    parser.add_argument("--device", default="cpu",
-                        help="torch device for the encoder and the learned fields: cpu "
-                             "(default) or cuda[:index]")
-    parser.add_argument("--encoder-epochs", type=int, default=None,
-                        help="encoder training epochs, >= 1 (default: 20, the blog's)")
-    parser.add_argument("--field-epochs", type=int, default=None,
-                        help="learned-field training epochs, >= 1 (default: each preset's, 200)")
-    parser.add_argument("--no-sweep", action="store_true",
-                        help="skip the horizon sweep (accuracy along the flow) and its plot")
-    parser.add_argument("--limit", type=int, default=None,
-                        help=f"use only the first N train and N/3 test examples, N >= "
-                             f"{MIN_LIMIT} (quick runs)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bars (default: bars when stderr is a terminal)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch, BLAS and OpenMP threads for the run (default: 1; the "
-                             "experiment's small problems run fastest on one thread a process)")
-    parser.add_argument("--feature-dim", type=int, default=None,
-                        help=f"size of the encoder's L2-normalised features (fc8), "
-                             f"{MIN_FEATURE_DIM}..{MAX_FEATURE_DIM} (default: 128, the blog's); "
-                             f"part of every cache key")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="recompute seeds that this configuration already finished "
-                             "(default: their stored results are reused, so a stopped run "
-                             "resumes at the next seed; encoder features and learned fields "
-                             "are cached either way)")
-    parser.add_argument("--pfgm-plateau", action="store_true",
-                        help="also the row 'flow: PFGM preset, to plateau': the PFGM field "
-                             "trained until its validation loss plateaus (about 100 s of CPU "
-                             "a seed on digits, so not in the default run)")
-    parser.add_argument("--faithful", action="store_true",
-                        help="the blog's code where it differs: N(0, 0.02) encoder init, raw "
-                             "[0, 1] pixels in a fixed order, mean field loss, unshuffled "
-                             "field batches (docs/BLOG_FAITHFULNESS.md)")
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "cifar10", "cifar10-subset"],
+        help="digits: scikit-learn's bundled 8x8 digits (default); cifar10: the "
+        "official batches (needs --data-dir); cifar10-subset: the shared "
+        "5085/1017-image subset, or --data-dir",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
+        "(cifar10-subset); not allowed with digits",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        help="non-negative seeds, one full run each (encoder, probe split, flow; "
+        "default: 0 1 2 3 4)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for results.json, results.md and the plot (default: results/<dataset>)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where encoder features and learned fields are cached (default: <out>/cache)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the encoder and the learned fields: cpu (default) or cuda[:index]",
+    )
+    parser.add_argument(
+        "--encoder-epochs",
+        type=int,
+        default=None,
+        help="encoder training epochs, >= 1 (default: 20, the blog's)",
+    )
+    parser.add_argument(
+        "--field-epochs",
+        type=int,
+        default=None,
+        help="learned-field training epochs, >= 1 (default: each preset's, 200)",
+    )
+    parser.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="skip the horizon sweep (accuracy along the flow) and its plot",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"use only the first N train and N/3 test examples, N >= {MIN_LIMIT} (quick runs)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (default: bars when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch, BLAS and OpenMP threads for the run (default: 1; the "
+        "experiment's small problems run fastest on one thread a process)",
+    )
+    parser.add_argument(
+        "--feature-dim",
+        type=int,
+        default=None,
+        help=f"size of the encoder's L2-normalised features (fc8), "
+        f"{MIN_FEATURE_DIM}..{MAX_FEATURE_DIM} (default: 128, the blog's); "
+        f"part of every cache key",
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="recompute seeds that this configuration already finished "
+        "(default: their stored results are reused, so a stopped run "
+        "resumes at the next seed; encoder features and learned fields "
+        "are cached either way)",
+    )
+    parser.add_argument(
+        "--pfgm-plateau",
+        action="store_true",
+        help="also the row 'flow: PFGM preset, to plateau': the PFGM field "
+        "trained until its validation loss plateaus (about 100 s of CPU "
+        "a seed on digits, so not in the default run)",
+    )
+    parser.add_argument(
+        "--faithful",
+        action="store_true",
+        help="the blog's code where it differs: N(0, 0.02) encoder init, raw "
+        "[0, 1] pixels in a fixed order, mean field loss, unshuffled "
+        "field batches (docs/BLOG_FAITHFULNESS.md)",
+    )
 
 
 def config_from_args(args) -> ExperimentConfig:
     return ExperimentConfig(
-        dataset=args.dataset, data_dir=args.data_dir, seeds=tuple(args.seeds),
-        out_dir=args.out or f"results/{args.dataset}", cache_dir=args.cache_dir,
-        device=args.device, encoder_epochs=args.encoder_epochs, field_epochs=args.field_epochs,
-        sweep=not args.no_sweep, limit=args.limit,
-        progress=False if args.no_progress else None, faithful=args.faithful,
-        threads=args.threads, feature_dim=args.feature_dim, resume=not args.no_resume,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        seeds=tuple(args.seeds),
+        out_dir=args.out or f"results/{args.dataset}",
+        cache_dir=args.cache_dir,
+        device=args.device,
+        encoder_epochs=args.encoder_epochs,
+        field_epochs=args.field_epochs,
+        sweep=not args.no_sweep,
+        limit=args.limit,
+        progress=False if args.no_progress else None,
+        faithful=args.faithful,
+        threads=args.threads,
+        feature_dim=args.feature_dim,
+        resume=not args.no_resume,
         pfgm_plateau=args.pfgm_plateau,
     )
 
@@ -548,6 +702,8 @@ def main(args) -> int:
     write_command(Path(cfg.out_dir))
     results = run_experiment(cfg)
     print(report.markdown_table(results))
-    print(f"\nwrote {Path(cfg.out_dir) / 'results.json'} and plots in {cfg.out_dir} "
-          f"({results['seconds']:.0f} s)")
+    print(
+        f"\nwrote {Path(cfg.out_dir) / 'results.json'} and plots in {cfg.out_dir} "
+        f"({results['seconds']:.0f} s)"
+    )
     return 0

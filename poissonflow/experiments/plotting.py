@@ -26,8 +26,11 @@ def demo_charges(n_charges: int = 2000, n_queries: int = 2000, seed: int = 0):
         k = g.integers(0, 3, size=n)
         a = g.uniform(0.0, math.pi, size=n)
         moon = np.stack([np.cos(a), np.sin(a)], 1)
-        out = np.where((k == 0)[:, None], moon + [-0.5, -0.2],
-                       np.where((k == 1)[:, None], [0.5, 0.2] - moon, 0.0))
+        out = np.where(
+            (k == 0)[:, None],
+            moon + [-0.5, -0.2],
+            np.where((k == 1)[:, None], [0.5, 0.2] - moon, 0.0),
+        )
         blob = g.normal([1.6, 1.2], 0.15, size=(n, 2))
         out = np.where((k == 2)[:, None], blob, out)
         return out + g.normal(0.0, 0.06, size=(n, 2))
@@ -51,8 +54,17 @@ def flow_trajectories(charges, queries, *, heights: int = 64, backend: str = "au
     z_min, z_max = horizon.auto_z_min(yt), horizon.auto_z_max(yt)
     path = [np.hstack([q, np.full((len(q), 1), z_min)])]
     for z in np.geomspace(z_min, z_max, heights)[1:]:
-        path.append(transform(q, charges=y, z_min=z_min, z_max=float(z), output="raw",
-                              backend=backend, progress=False))
+        path.append(
+            transform(
+                q,
+                charges=y,
+                z_min=z_min,
+                z_max=float(z),
+                output="raw",
+                backend=backend,
+                progress=False,
+            )
+        )
     return np.stack(path)
 
 
@@ -95,9 +107,13 @@ def flow_picture(charges, queries, *, n_paths: int = 120, backend: str = "auto")
     ax = fig.add_subplot(1, 2, 1, projection="3d")
     ax.scatter(charges[:, 0], charges[:, 1], 0 * charges[:, 0], s=1, c="0.3", alpha=0.4)
     u, v = np.meshgrid(np.linspace(0, 2 * math.pi, 36), np.linspace(0, math.pi / 2, 10))
-    ax.plot_wireframe(centre[0] + radius * np.cos(u) * np.sin(v),
-                      centre[1] + radius * np.sin(u) * np.sin(v),
-                      radius * np.cos(v), color="0.82", linewidth=0.4)
+    ax.plot_wireframe(
+        centre[0] + radius * np.cos(u) * np.sin(v),
+        centre[1] + radius * np.sin(u) * np.sin(v),
+        radius * np.cos(v),
+        color="0.82",
+        linewidth=0.4,
+    )
     colours = plt.cm.viridis(np.linspace(0, 1, paths.shape[1]))
     for i in range(paths.shape[1]):
         p = _clip_to_sphere(paths[:, i, :], centre, radius)
@@ -115,10 +131,20 @@ def flow_picture(charges, queries, *, n_paths: int = 120, backend: str = "auto")
     ax2 = fig.add_subplot(1, 2, 2)
     azimuth = (np.arctan2(ends[:, 1], ends[:, 0]) + math.pi) / (2 * math.pi)
     bins = np.linspace(0, 1, 21)
-    ax2.hist(azimuth, bins=bins, histtype="step", density=True,
-             label=f"azimuth / 2pi (KS {_ks_uniform(azimuth):.3f})")
-    ax2.hist(ends[:, 2], bins=bins, histtype="step", density=True,
-             label=f"height on S^2 (KS {_ks_uniform(ends[:, 2]):.3f})")
+    ax2.hist(
+        azimuth,
+        bins=bins,
+        histtype="step",
+        density=True,
+        label=f"azimuth / 2pi (KS {_ks_uniform(azimuth):.3f})",
+    )
+    ax2.hist(
+        ends[:, 2],
+        bins=bins,
+        histtype="step",
+        density=True,
+        label=f"height on S^2 (KS {_ks_uniform(ends[:, 2]):.3f})",
+    )
     ax2.axhline(1.0, color="k", linestyle=":", linewidth=1, label="uniform hemisphere")
     ax2.set_ylim(0, 2)
     ax2.set_title(f"end points of {len(queries)} held-out points")

@@ -73,11 +73,13 @@ class ProbeResult:
         preds = self.test_predictions
         preds = "None" if preds is None else f"<{len(preds)} labels>"
         val = "None" if self.val_accuracy is None else f"{self.val_accuracy:.4f}"
-        return (f"ProbeResult(mode={self.mode!r}, test_accuracy={self.test_accuracy:.4f}, "
-                f"train_accuracy={self.train_accuracy:.4f}, val_accuracy={val}, C={self.C:g}, "
-                f"n_train_used={self.n_train_used}, val_accuracies=<{len(self.val_accuracies)} Cs>, "
-                f"convergence_warnings=<{len(self.convergence_warnings)}>, "
-                f"test_predictions={preds})")
+        return (
+            f"ProbeResult(mode={self.mode!r}, test_accuracy={self.test_accuracy:.4f}, "
+            f"train_accuracy={self.train_accuracy:.4f}, val_accuracy={val}, C={self.C:g}, "
+            f"n_train_used={self.n_train_used}, val_accuracies=<{len(self.val_accuracies)} Cs>, "
+            f"convergence_warnings=<{len(self.convergence_warnings)}>, "
+            f"test_predictions={preds})"
+        )
 
 
 def _features(x, name: str) -> np.ndarray:
@@ -229,8 +231,7 @@ def linear_probe(
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if val_x is not None:
-        return _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler,
-                                    log)
+        return _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler, log)
     scaled_tr, scaled_te = _standardise(xtr, xte)
     x_fit, x_val, y_fit, y_val = _stratified_split(scaled_tr, ytr, val_size, seed)
 
@@ -254,8 +255,9 @@ def linear_probe(
     )
 
 
-def _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler, log,
-                         mode="tuned", rows=None):
+def _tuned_on_validation(
+    xtr, ytr, xte, yte, val_x, val_y, grid, max_iter, scaler, log, mode="tuned", rows=None
+):
     """C chosen on a held-out validation set; the chosen model scored once on test. rows:
     the training rows to fit on (all by default; the scaler always sees every row)."""
     xva = _features(val_x, "val_x")
@@ -302,8 +304,19 @@ def knn_tuned(train_x, train_y, val_x, val_y, test_x, *, grid=KNN_GRID):
     return knn_predict(train_x, ytr, test_x, k=k), k, acc
 
 
-def labels_per_class_probe(train_x, train_y, test_x, test_y, val_x, val_y, *, per_class: int,
-                           seed: int = 0, Cs=DEFAULT_CS, max_iter: int = 1000) -> ProbeResult:
+def labels_per_class_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    val_x,
+    val_y,
+    *,
+    per_class: int,
+    seed: int = 0,
+    Cs=DEFAULT_CS,
+    max_iter: int = 1000,
+) -> ProbeResult:
     """A probe of the features: a linear classifier fit on `per_class` labelled training rows
     of each class (a seeded draw), C chosen on the validation set, scored once on test. The
     scaler is fit on every training row's features (no labels). The encoder saw every training
@@ -313,14 +326,38 @@ def labels_per_class_probe(train_x, train_y, test_x, test_y, val_x, val_y, *, pe
         raise ValueError(f"per_class must be a positive int, got {per_class!r}")
     classes, inverse = np.unique(ytr, return_inverse=True)
     rng = np.random.default_rng(seed)
-    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(inverse == c))[:per_class]
-                                   for c in range(classes.size)]))
-    return _tuned_on_validation(xtr, ytr, xte, yte, val_x, val_y, _check_grid(Cs), max_iter,
-                                "standard", _WarningLog(), mode="labels-per-class", rows=rows)
+    rows = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(inverse == c))[:per_class] for c in range(classes.size)]
+        )
+    )
+    return _tuned_on_validation(
+        xtr,
+        ytr,
+        xte,
+        yte,
+        val_x,
+        val_y,
+        _check_grid(Cs),
+        max_iter,
+        "standard",
+        _WarningLog(),
+        mode="labels-per-class",
+        rows=rows,
+    )
 
 
-def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: int = 0,
-                    C: float = 1.0, max_iter: int = 1000) -> ProbeResult:
+def low_label_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    *,
+    fraction: float,
+    seed: int = 0,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> ProbeResult:
     """A linear probe that sees only `fraction` of the training labels: a stratified draw
     (with `seed`) of round(fraction * N) training rows, at least one per class, then
     LogisticRegression(C, lbfgs) fit on them and scored on the whole test set. The features are
@@ -338,8 +375,9 @@ def low_label_probe(train_x, train_y, test_x, test_y, *, fraction: float, seed: 
     idx = _stratified_subset(inverse, classes.size, n, seed)
     log = _WarningLog()
     scaled_tr, scaled_te = _standardise(xtr, xte)
-    model = log.fit(f"low-label {fraction:g} (C={C:g})", _logreg(C, max_iter),
-                    scaled_tr[idx], ytr[idx])
+    model = log.fit(
+        f"low-label {fraction:g} (C={C:g})", _logreg(C, max_iter), scaled_tr[idx], ytr[idx]
+    )
     return ProbeResult(
         train_accuracy=float(model.score(scaled_tr[idx], ytr[idx])),
         val_accuracy=None,
@@ -442,16 +480,18 @@ def knn_predict(train_x, train_y, test_x, *, k: int) -> np.ndarray:
     ytr = _labels(train_y, xtr.shape[0], "train_y", "train_x")
     from sklearn.neighbors import KNeighborsClassifier
 
-    clf = KNeighborsClassifier(n_neighbors=min(int(k), xtr.shape[0]), metric="cosine",
-                               algorithm="brute")
+    clf = KNeighborsClassifier(
+        n_neighbors=min(int(k), xtr.shape[0]), metric="cosine", algorithm="brute"
+    )
     return clf.fit(xtr, ytr).predict(xte)
 
 
 # --------------------------------------------------------------------------- paired comparison
 
 
-def paired_comparison(correct_a, correct_b, *, strata=None, n_boot: int = 2000,
-                      seed: int = 0, alpha: float = 0.05) -> dict:
+def paired_comparison(
+    correct_a, correct_b, *, strata=None, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict:
     """B's accuracy minus A's on the same test items, with a bootstrap interval and an exact
     McNemar test (docs/DESIGN.md, "Metrics and probes").
 
@@ -470,11 +510,16 @@ def paired_comparison(correct_a, correct_b, *, strata=None, n_boot: int = 2000,
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-        raise ValueError(f"correct_a and correct_b must be 1-D of one non-zero length, got "
-                         f"{a.shape} and {b.shape}")
+        raise ValueError(
+            f"correct_a and correct_b must be 1-D of one non-zero length, got "
+            f"{a.shape} and {b.shape}"
+        )
     d = b.astype(np.int64) - a.astype(np.int64)
-    groups = np.zeros(a.size, dtype=np.int64) if strata is None else \
-        np.unique(np.asarray(strata), return_inverse=True)[1]
+    groups = (
+        np.zeros(a.size, dtype=np.int64)
+        if strata is None
+        else np.unique(np.asarray(strata), return_inverse=True)[1]
+    )
     if groups.shape != a.shape:
         raise ValueError(f"strata must hold one label per item, got shape {groups.shape}")
     rng = np.random.default_rng(seed)
@@ -487,5 +532,11 @@ def paired_comparison(correct_a, correct_b, *, strata=None, n_boot: int = 2000,
     n10 = int((~a & b).sum())
     p = float(binomtest(n10, n01 + n10, 0.5).pvalue) if n01 + n10 else 1.0
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return {"diff": float(d.mean()), "ci": [float(lo), float(hi)], "n01": n01, "n10": n10,
-            "p_mcnemar": p, "n": int(a.size)}
+    return {
+        "diff": float(d.mean()),
+        "ci": [float(lo), float(hi)],
+        "n01": n01,
+        "n10": n10,
+        "p_mcnemar": p,
+        "n": int(a.size),
+    }

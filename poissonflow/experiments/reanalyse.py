@@ -35,21 +35,34 @@ HEAD = "encoder head"
 # The blog's comparison: (label, (row A, probe A), (row B, probe B)), B minus A (the labels of
 # report.BLOG_COMPARISONS, so that the two analyses line up).
 BLOG_COMPARISONS = [
-    ("blog LR on the blog-flowed features − encoder head",
-     (HEAD, "head"), ("flow: blog preset", "blog")),
+    (
+        "blog LR on the blog-flowed features − encoder head",
+        (HEAD, "head"),
+        ("flow: blog preset", "blog"),
+    ),
     ("blog LR on the raw features − encoder head", (HEAD, "head"), (RAW, "blog")),
     ("blog LR: blog-flowed − raw features", (RAW, "blog"), ("flow: blog preset", "blog")),
 ]
 
 # The probes' order in tables: the two of the verdict first, then the others as in report.PROBES;
 # probes unknown here (added by a later protocol) follow in the order the run saved them.
-PROBE_ORDER = ["tuned", "blog", "blog_converged", "knn20", "knn", "knn200", "labels1perclass",
-               "labels10perclass", "labels1%", "labels10%"]
+PROBE_ORDER = [
+    "tuned",
+    "blog",
+    "blog_converged",
+    "knn20",
+    "knn",
+    "knn200",
+    "labels1perclass",
+    "labels10perclass",
+    "labels1%",
+    "labels10%",
+]
 
 
-
-def load_predictions(run_dir: str | Path, rows: list[str] | None = None
-                     ) -> dict[int, tuple[dict[str, dict[str, np.ndarray]], np.ndarray]]:
+def load_predictions(
+    run_dir: str | Path, rows: list[str] | None = None
+) -> dict[int, tuple[dict[str, dict[str, np.ndarray]], np.ndarray]]:
     """{seed: ({row: {probe: predicted labels}}, y_test)} from run_dir/predictions.npz (keys
     "seed<s>/y_test" and "seed<s>/<row>/<probe>"). rows: the run's row names (results.json),
     used to split a key whose probe name holds a "/"; without them the last "/" splits."""
@@ -64,12 +77,14 @@ def load_predictions(run_dir: str | Path, rows: list[str] | None = None
             if rest == "y_test":
                 continue
             seed = int(head[4:])
-            row = next((r for r in sorted(rows or [], key=len, reverse=True)
-                        if rest.startswith(r + "/")), None)
+            row = next(
+                (r for r in sorted(rows or [], key=len, reverse=True) if rest.startswith(r + "/")),
+                None,
+            )
             if row is None:
                 row, probe = rest.rsplit("/", 1)
             else:
-                probe = rest[len(row) + 1:]
+                probe = rest[len(row) + 1 :]
             out[seed][0].setdefault(row, {})[probe] = z[k]
     if rows:  # the run's row order, not the archive's alphabetical one
         rank = {r: i for i, r in enumerate(rows)}
@@ -88,8 +103,14 @@ def _correct(predictions, row: str, probe: str) -> list[np.ndarray] | None:
     return vecs
 
 
-def run_statistics(predictions: dict, *, run: str | None = None, n_boot: int = 10000,
-                   seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+def run_statistics(
+    predictions: dict,
+    *,
+    run: str | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """The seed-aware statistics of one run.
 
     predictions: {seed: ({row: {probe: labels}}, y_test)}. run: the run's name, matched against
@@ -114,12 +135,14 @@ def run_statistics(predictions: dict, *, run: str | None = None, n_boot: int = 1
             cur = _correct(predictions, row, probe)
             if cur is not None:
                 fam[("against_raw", probe, row)] = stats.paired_summary(
-                    cur, base, n_boot=n_boot, seed=seed, alpha=alpha)
+                    cur, base, n_boot=n_boot, seed=seed, alpha=alpha
+                )
     for label, a, b in BLOG_COMPARISONS:
         ca, cb = _correct(predictions, *a), _correct(predictions, *b)
         if ca is not None and cb is not None:
             fam[("blog_comparison", label)] = stats.paired_summary(
-                cb, ca, n_boot=n_boot, seed=seed, alpha=alpha)
+                cb, ca, n_boot=n_boot, seed=seed, alpha=alpha
+            )
     primary = None
     if run is not None and run == stats.PRIMARY[0]:
         primary = ("against_raw", stats.PRIMARY[2], stats.PRIMARY[1])
@@ -134,9 +157,11 @@ def run_statistics(predictions: dict, *, run: str | None = None, n_boot: int = 1
     return {
         "method": {
             "interval": "two-level percentile bootstrap, seeds and test images crossed "
-                        "(docs/DESIGN.md, 'Statistics of the study')",
+            "(docs/DESIGN.md, 'Statistics of the study')",
             "test": "paired t-test over the per-seed differences, two-sided",
-            "n_boot": int(n_boot), "bootstrap_seed": int(seed), "alpha": alpha,
+            "n_boot": int(n_boot),
+            "bootstrap_seed": int(seed),
+            "alpha": alpha,
             "correction": "primary alone at alpha; the rest of the run Benjamini-Hochberg",
             "primary": list(primary[1:]) if primary else None,
             "family_size": len(fam) - (primary is not None and primary in fam),
@@ -164,12 +189,21 @@ def _reported(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
     pooled = node.get("pooled") if isinstance(node, dict) else None
     if not pooled:
         return None
-    return {"diff": 100 * pooled["diff"], "ci95": [100 * v for v in pooled["ci"]],
-            "p_mcnemar_pooled": pooled["p_mcnemar"]}
+    return {
+        "diff": 100 * pooled["diff"],
+        "ci95": [100 * v for v in pooled["ci"]],
+        "p_mcnemar_pooled": pooled["p_mcnemar"],
+    }
 
 
-def reanalyse_run(run_dir: str | Path, *, run: str | None = None, n_boot: int = 10000,
-                  seed: int = 0, write: bool = True) -> dict[str, Any]:
+def reanalyse_run(
+    run_dir: str | Path,
+    *,
+    run: str | None = None,
+    n_boot: int = 10000,
+    seed: int = 0,
+    write: bool = True,
+) -> dict[str, Any]:
     """run_statistics of a committed run folder (results.json + predictions.npz), with the
     run's own earlier image-only intervals beside each comparison ("reported"), the inputs'
     SHA-256, and (write) seed_aware.json and seed_aware.md written into the folder."""
@@ -189,20 +223,27 @@ def reanalyse_run(run_dir: str | Path, *, run: str | None = None, n_boot: int = 
     out["dataset"] = results.get("dataset", {})
     out["feature_dim"] = (results.get("config") or {}).get("feature_dim") or 128
     out["head_test"] = _head_accuracy(preds)
-    out["inputs"] = {"predictions.npz": _sha256(run_dir / "predictions.npz"),
-                     "results.json": _sha256(run_dir / "results.json")}
+    out["inputs"] = {
+        "predictions.npz": _sha256(run_dir / "predictions.npz"),
+        "results.json": _sha256(run_dir / "results.json"),
+    }
     out["command"] = f"python -m poissonflow.experiments.reanalyse {run_dir.as_posix()}"
     if write:
         from .report import seed_aware_markdown
 
-        atomic_write_bytes(run_dir / "seed_aware.json",
-                           json.dumps(out, indent=1, allow_nan=False).encode())
+        atomic_write_bytes(
+            run_dir / "seed_aware.json", json.dumps(out, indent=1, allow_nan=False).encode()
+        )
         atomic_write_text(run_dir / "seed_aware.md", seed_aware_markdown(out) + "\n")
     return out
 
 
-def check_run(run_dir: str | Path, *, only: list[tuple[str, str]] | None = None,
-              source: str = "seed_aware.json") -> list[str]:
+def check_run(
+    run_dir: str | Path,
+    *,
+    only: list[tuple[str, str]] | None = None,
+    source: str = "seed_aware.json",
+) -> list[str]:
     """Recomputes a run's committed seed-aware statistics from its committed predictions.npz
     (same n_boot and bootstrap seed as recorded) and lists every disagreement: the
     predictions' SHA-256, and per comparison (probe, row) the mean difference, interval, t-test
@@ -215,7 +256,8 @@ def check_run(run_dir: str | Path, *, only: list[tuple[str, str]] | None = None,
     else:
         committed = json.loads((run_dir / source).read_text(encoding="utf-8"))
         if committed.get("inputs", {}).get("predictions.npz") != _sha256(
-                run_dir / "predictions.npz"):
+            run_dir / "predictions.npz"
+        ):
             return [f"{run_dir}: predictions.npz is not the file the statistics were computed from"]
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     preds = load_predictions(run_dir, list(results["per_seed"][0]["rows"]))
@@ -226,22 +268,36 @@ def check_run(run_dir: str | Path, *, only: list[tuple[str, str]] | None = None,
     bad = []
     pairs = only or [(pr, row) for pr, rows in committed["against_raw"].items() for row in rows]
     for probe, row in pairs:
-        got = stats.paired_summary(_correct(preds, row, probe), _correct(preds, RAW, probe),
-                                   n_boot=m["n_boot"], seed=m["bootstrap_seed"],
-                                   alpha=m["alpha"])
+        got = stats.paired_summary(
+            _correct(preds, row, probe),
+            _correct(preds, RAW, probe),
+            n_boot=m["n_boot"],
+            seed=m["bootstrap_seed"],
+            alpha=m["alpha"],
+        )
         want = committed["against_raw"][probe][row]
-        bad += [f"{run_dir}: {row} / {probe}: {k} committed {want[k]}, recomputed {got[k]}"
-                for k in keys if not _close(want[k], got[k])]
+        bad += [
+            f"{run_dir}: {row} / {probe}: {k} committed {want[k]}, recomputed {got[k]}"
+            for k in keys
+            if not _close(want[k], got[k])
+        ]
     if only is None:
         for label, a, b in BLOG_COMPARISONS:
             if label not in committed.get("blog_comparison", {}):
                 continue
-            got = stats.paired_summary(_correct(preds, *b), _correct(preds, *a),
-                                       n_boot=m["n_boot"], seed=m["bootstrap_seed"],
-                                       alpha=m["alpha"])
+            got = stats.paired_summary(
+                _correct(preds, *b),
+                _correct(preds, *a),
+                n_boot=m["n_boot"],
+                seed=m["bootstrap_seed"],
+                alpha=m["alpha"],
+            )
             want = committed["blog_comparison"][label]
-            bad += [f"{run_dir}: {label}: {k} committed {want[k]}, recomputed {got[k]}"
-                    for k in keys if not _close(want[k], got[k])]
+            bad += [
+                f"{run_dir}: {label}: {k} committed {want[k]}, recomputed {got[k]}"
+                for k in keys
+                if not _close(want[k], got[k])
+            ]
     return bad
 
 
@@ -264,26 +320,36 @@ def _head_accuracy(preds) -> list[float] | None:
 def _run_name(run_dir: Path) -> str:
     parts = run_dir.resolve().parts
     if "results" in parts:
-        return "/".join(parts[len(parts) - parts[::-1].index("results"):])
+        return "/".join(parts[len(parts) - parts[::-1].index("results") :])
     return run_dir.name
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m poissonflow.experiments.reanalyse",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="*", help="run folders holding results.json and "
-                    "predictions.npz")
-    ap.add_argument("--all", action="store_true",
-                    help="every run of the verdict under --root (%s)" % ", ".join(r for r, _ in RUNS))
+    ap = argparse.ArgumentParser(
+        prog="python -m poissonflow.experiments.reanalyse", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("runs", nargs="*", help="run folders holding results.json and predictions.npz")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every run of the verdict under --root ({', '.join(r for r, _ in RUNS)})",
+    )
     ap.add_argument("--root", default="docs/results")
     ap.add_argument("--n-boot", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", action="store_true",
-                    help="recompute the named runs' committed seed-aware statistics from their "
-                    "predictions.npz and report any disagreement, writing nothing")
-    ap.add_argument("--verdict", nargs="?", const="poissonflow/experiments/README.md",
-                    help="also render the verdict page's generated parts (table, figures) "
-                    "into this file (default %(const)s)")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="recompute the named runs' committed seed-aware statistics from their "
+        "predictions.npz and report any disagreement, writing nothing",
+    )
+    ap.add_argument(
+        "--verdict",
+        nargs="?",
+        const="poissonflow/experiments/README.md",
+        help="also render the verdict page's generated parts (table, figures) "
+        "into this file (default %(const)s)",
+    )
     args = ap.parse_args(argv)
     root = Path(args.root)
     dirs = [Path(r) for r in args.runs]
@@ -295,18 +361,30 @@ def main(argv: list[str] | None = None) -> int:
         bad = [line for d in dirs for line in check_run(d)]
         for line in bad:
             print(line, file=sys.stderr)
-        print(f"{len(dirs)} run(s) checked: "
-              + ("the committed statistics are the recomputed ones" if not bad
-                 else f"{len(bad)} disagreement(s)"), file=sys.stderr)
+        print(
+            f"{len(dirs)} run(s) checked: "
+            + (
+                "the committed statistics are the recomputed ones"
+                if not bad
+                else f"{len(bad)} disagreement(s)"
+            ),
+            file=sys.stderr,
+        )
         return 1 if bad else 0
     for d in dirs:
         out = reanalyse_run(d, n_boot=args.n_boot, seed=args.seed)
-        print(f"{d}: {sum(len(v) for v in out['against_raw'].values())} comparisons with the raw "
-              f"features, {len(out['blog_comparison'])} blog comparisons -> "
-              f"{d / 'seed_aware.json'}", file=sys.stderr)
+        print(
+            f"{d}: {sum(len(v) for v in out['against_raw'].values())} comparisons with the raw "
+            f"features, {len(out['blog_comparison'])} blog comparisons -> "
+            f"{d / 'seed_aware.json'}",
+            file=sys.stderr,
+        )
     if args.verdict:
-        render_page(root, Path(args.verdict),
-                    pages=[p for p in ("docs/BLOG_FAITHFULNESS.md",) if Path(p).exists()])
+        render_page(
+            root,
+            Path(args.verdict),
+            pages=[p for p in ("docs/BLOG_FAITHFULNESS.md",) if Path(p).exists()],
+        )
     return 0
 
 

@@ -19,9 +19,22 @@ import numpy as np
 from .._io import atomic_write, atomic_write_bytes, atomic_write_text
 from .summary import _stats
 
-__all__ = ["summarise", "markdown_table", "write_outputs", "render_outputs", "load_results",
-           "rerender", "paired_statistics", "write_predictions", "PROBES", "comparison_cell",
-           "pyplot", "save_png", "seed_aware_cell", "seed_aware_markdown"]
+__all__ = [
+    "summarise",
+    "markdown_table",
+    "write_outputs",
+    "render_outputs",
+    "load_results",
+    "rerender",
+    "paired_statistics",
+    "write_predictions",
+    "PROBES",
+    "comparison_cell",
+    "pyplot",
+    "save_png",
+    "seed_aware_cell",
+    "seed_aware_markdown",
+]
 
 # What a results.json written by write_outputs holds at its top level (what rendering reads).
 _RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
@@ -29,9 +42,15 @@ _RESULT_KEYS = ("config", "dataset", "per_seed", "summary")
 # The probes every row is scored by: (key in a row, title); paired tests use the same keys.
 # The first two are the table's fixed columns; k-NN's k and every C are chosen on the held-out
 # validation split (protocol.py).
-PROBES = [("blog", "blog LR"), ("tuned", "tuned"), ("blog_converged", "blog LR, converged"),
-          ("knn20", "k-NN 20"), ("knn", "k-NN, k on validation"),
-          ("labels1perclass", "1 label a class"), ("labels10perclass", "10 labels a class")]
+PROBES = [
+    ("blog", "blog LR"),
+    ("tuned", "tuned"),
+    ("blog_converged", "blog LR, converged"),
+    ("knn20", "k-NN 20"),
+    ("knn", "k-NN, k on validation"),
+    ("labels1perclass", "1 label a class"),
+    ("labels10perclass", "10 labels a class"),
+]
 
 # Row info summarised over seeds besides the columns (title, path).
 _INFO = [
@@ -71,12 +90,19 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     for name in names:
         rows = [s["rows"][name] for s in per_seed]
         entry: dict[str, Any] = {}
-        for title, path in COLUMNS + [
-            ("head train", ("head", "train")), ("head train (augmented)", ("head", "train_augmented")),
-            ("head train (last epoch, augmented)", ("head", "train_last_epoch")),
-            ("head test", ("head", "test")), ("tuned C", ("tuned", "C")),
-            ("mean norm", ("mean_norm",)),
-        ] + [(title, (key, "test")) for key, title in PROBES[2:]] + _INFO:
+        for title, path in (
+            COLUMNS
+            + [
+                ("head train", ("head", "train")),
+                ("head train (augmented)", ("head", "train_augmented")),
+                ("head train (last epoch, augmented)", ("head", "train_last_epoch")),
+                ("head test", ("head", "test")),
+                ("tuned C", ("tuned", "C")),
+                ("mean norm", ("mean_norm",)),
+            ]
+            + [(title, (key, "test")) for key, title in PROBES[2:]]
+            + _INFO
+        ):
             st = _stats([_get(r, path) for r in rows])
             if st is not None:
                 entry[title] = st
@@ -102,8 +128,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def comparison_cell(cmp: dict | None, n_seeds_sig: int | None = None,
-                    n_seeds: int = 0, star: bool = True) -> str:
+def comparison_cell(
+    cmp: dict | None, n_seeds_sig: int | None = None, n_seeds: int = 0, star: bool = True
+) -> str:
     """'+0.4 [-0.2, +1.0] p=0.21' in points; '*' marks p < 0.05 (McNemar) unless star is
     False."""
     if cmp is None:
@@ -167,23 +194,31 @@ def markdown_table(results: dict[str, Any]) -> str:
         "plane z = 0 (docs/DESIGN.md, 'The flow'); iterations and final loss: of the row's "
         "learned field.",
         "",
-        "| row | " + " | ".join(t for t, _ in COLUMNS if "test" not in t)
+        "| row | "
+        + " | ".join(t for t, _ in COLUMNS if "test" not in t)
         + " | guarded % | on plane % | largest norm / median | field iterations "
         "| field final loss |",
         "|---|" + "---|" * (len([t for t, _ in COLUMNS if "test" not in t]) + 5),
     ]
     for name, entry in summary.items():
         if name == "encoder head":
-            cells = [_fmt(entry.get("head train (augmented)"), True),
-                     _fmt(entry.get("head train"), True)]
+            cells = [
+                _fmt(entry.get("head train (augmented)"), True),
+                _fmt(entry.get("head train"), True),
+            ]
             cells += [_fmt(entry.get(t), False) for t, _ in COLUMNS[4:]]
             name = "encoder head (own classifier)"
         else:
-            cells = [_fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS)
-                     if "test" not in t]
-        for key, pct in (("guarded fraction", True), ("on-plane fraction", True),
-                         ("largest norm / median", False), ("field iterations", False),
-                         ("field final loss", False)):
+            cells = [
+                _fmt(entry.get(t), i < 4) for i, (t, _) in enumerate(COLUMNS) if "test" not in t
+            ]
+        for key, pct in (
+            ("guarded fraction", True),
+            ("on-plane fraction", True),
+            ("largest norm / median", False),
+            ("field iterations", False),
+            ("field final loss", False),
+        ):
             st = entry.get(key)
             if st is None:
                 cells.append("–")
@@ -215,34 +250,44 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
     if results.get("complete") is False:
         done = [str(s.get("seed")) for s in results["per_seed"]]
         planned = results.get("seeds_planned") or _get(results, ("config", "seeds")) or []
-        lines += [f"**Partial results: {len(done)} of {len(planned)} planned seeds done "
-                  f"(seeds {', '.join(done)}).** The run was still going or was stopped when "
-                  "this was written; the same command resumes it at the next seed.", ""]
+        lines += [
+            f"**Partial results: {len(done)} of {len(planned)} planned seeds done "
+            f"(seeds {', '.join(done)}).** The run was still going or was stopped when "
+            "this was written; the same command resumes it at the next seed.",
+            "",
+        ]
     sources = [h for h in results.get("source_sha256", []) if h != "unknown"]
     if len(sources) > 1:
-        lines += [f"The seeds were computed by {len(sources)} different versions of the "
-                  "package's sources (a run resumed after a code change; per_seed[i]"
-                  ".source_sha256 in results.json).", ""]
+        lines += [
+            f"The seeds were computed by {len(sources)} different versions of the "
+            "package's sources (a run resumed after a code change; per_seed[i]"
+            ".source_sha256 in results.json).",
+            "",
+        ]
     return lines
 
 
 def _paired_table(paired: dict[str, Any], n_seeds: int, seed_aware: bool = False) -> str:
     if seed_aware:
-        intro = ("The earlier, image-only analysis, kept for comparison (not significance "
-                 "claims: the seed-aware table above is the analysis): every row against the "
-                 "raw features, pooled over seeds, with a bootstrap 95% interval that resamples "
-                 "images within each seed and holds the seeds fixed, the pooled exact McNemar "
-                 "p-value, and (k/n) the seeds whose own McNemar test has p < 0.05. Pooling "
-                 "treats each (seed, image) as an item although the test images recur in "
-                 "every seed.")
+        intro = (
+            "The earlier, image-only analysis, kept for comparison (not significance "
+            "claims: the seed-aware table above is the analysis): every row against the "
+            "raw features, pooled over seeds, with a bootstrap 95% interval that resamples "
+            "images within each seed and holds the seeds fixed, the pooled exact McNemar "
+            "p-value, and (k/n) the seeds whose own McNemar test has p < 0.05. Pooling "
+            "treats each (seed, image) as an item although the test images recur in "
+            "every seed."
+        )
     else:
-        intro = ("Every row against the raw features, image by image (same encoder, same test "
-                 "images): test accuracy difference in points, pooled over seeds, with its "
-                 "bootstrap 95% interval (images resampled within each seed) and the exact "
-                 "McNemar p-value; * marks p < 0.05, and (k/n) counts the seeds whose own "
-                 "McNemar test has p < 0.05. Pooling treats each (seed, image) as an item "
-                 "although the test images recur in every seed, so the per-seed counts are the "
-                 "conservative reading.")
+        intro = (
+            "Every row against the raw features, image by image (same encoder, same test "
+            "images): test accuracy difference in points, pooled over seeds, with its "
+            "bootstrap 95% interval (images resampled within each seed) and the exact "
+            "McNemar p-value; * marks p < 0.05, and (k/n) counts the seeds whose own "
+            "McNemar test has p < 0.05. Pooling treats each (seed, image) as an item "
+            "although the test images recur in every seed, so the per-seed counts are the "
+            "conservative reading."
+        )
     lines = [
         intro,
         "",
@@ -259,8 +304,9 @@ def _paired_table(paired: dict[str, Any], n_seeds: int, seed_aware: bool = False
                 cells.append("–")
                 continue
             sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
-            cells.append(comparison_cell(entry["pooled"], sig, len(entry["per_seed"]),
-                                         star=not seed_aware))
+            cells.append(
+                comparison_cell(entry["pooled"], sig, len(entry["per_seed"]), star=not seed_aware)
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -269,16 +315,20 @@ def _blog_comparison(paired: dict[str, Any], n_seeds: int) -> str:
     blog = paired.get("blog_comparison", {})
     if not blog:
         return ""
-    lines = ["The blog's own comparison (its AlexNet head against the default "
-             "`LogisticRegression()` on the flowed features) and the baseline it left out "
-             "(the same classifier on the raw features), in points, pooled over seeds:", "",
-             "| comparison | pooled difference [95% CI], McNemar p (seeds p < 0.05) | "
-             "per seed |", "|---|---|---|"]
+    lines = [
+        "The blog's own comparison (its AlexNet head against the default "
+        "`LogisticRegression()` on the flowed features) and the baseline it left out "
+        "(the same classifier on the raw features), in points, pooled over seeds:",
+        "",
+        "| comparison | pooled difference [95% CI], McNemar p (seeds p < 0.05) | per seed |",
+        "|---|---|---|",
+    ]
     for label, entry in blog.items():
         sig = sum(c["p_mcnemar"] < 0.05 for c in entry["per_seed"].values())
         per = ", ".join(_pct(c["diff"]) for c in entry["per_seed"].values())
-        lines.append(f"| {label} | {comparison_cell(entry['pooled'], sig, len(entry['per_seed']))} "
-                     f"| {per} |")
+        lines.append(
+            f"| {label} | {comparison_cell(entry['pooled'], sig, len(entry['per_seed']))} | {per} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,8 +359,7 @@ def seed_aware_cell(s: dict | None, *, p: bool = True) -> str:
     return cell
 
 
-def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
-                        before_after: bool = True) -> str:
+def seed_aware_markdown(sa: dict[str, Any], heading: bool = True, before_after: bool = True) -> str:
     """The seed-aware tables of one run (reanalyse.run_statistics / seed_aware.json): every row
     x probe against the raw features, the blog's comparisons with per-seed differences, and,
     where the run's earlier image-only intervals are known, the two side by side."""
@@ -320,8 +369,11 @@ def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
         title = sa.get("run", "run")
         lines += [f"### {title}: seed-aware comparisons ({len(m['seeds'])} seeds)", ""]
         if sa.get("command"):
-            lines += [f"Written by `{sa['command']}` from the run's predictions.npz "
-                      f"(SHA-256 {sa.get('inputs', {}).get('predictions.npz', '?')[:12]}…).", ""]
+            lines += [
+                f"Written by `{sa['command']}` from the run's predictions.npz "
+                f"(SHA-256 {sa.get('inputs', {}).get('predictions.npz', '?')[:12]}…).",
+                "",
+            ]
     primary = m.get("primary")
     lines += [
         "Every row against the raw features with the same probe, in points: the mean over "
@@ -329,40 +381,61 @@ def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
         f"({m['n_boot']} replicates: seeds and test images resampled together, crossed), and "
         "the paired t-test over the seeds (two-sided). * significant after Benjamini–Hochberg "
         f"over this run's {m['family_size']} comparisons"
-        + (f"; the primary comparison ({primary[1]} vs raw, {primary[0]} probe) is tested "
-           "alone: ** significant, † not" if primary else "")
-        + " (docs/DESIGN.md, \"Statistics of the study\").",
+        + (
+            f"; the primary comparison ({primary[1]} vs raw, {primary[0]} probe) is tested "
+            "alone: ** significant, † not"
+            if primary
+            else ""
+        )
+        + ' (docs/DESIGN.md, "Statistics of the study").',
         "",
     ]
     against = sa["against_raw"]
     probes = list(against)
     rows = list(dict.fromkeys(r for pr in against.values() for r in pr))
-    lines += ["| row | " + " | ".join(f"Δ {pr}" for pr in probes) + " |",
-              "|---|" + "---|" * len(probes)]
+    lines += [
+        "| row | " + " | ".join(f"Δ {pr}" for pr in probes) + " |",
+        "|---|" + "---|" * len(probes),
+    ]
     for row in rows:
         cells = [seed_aware_cell(against[pr].get(row)) for pr in probes]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     blog = sa.get("blog_comparison") or {}
     if blog:
-        lines += ["", "The blog's comparison (its encoder head against the default "
-                  "`LogisticRegression()`) and the baseline it left out:", "",
-                  "| comparison | Δ [two-level 95%] t-test p | per seed |", "|---|---|---|"]
+        lines += [
+            "",
+            "The blog's comparison (its encoder head against the default "
+            "`LogisticRegression()`) and the baseline it left out:",
+            "",
+            "| comparison | Δ [two-level 95%] t-test p | per seed |",
+            "|---|---|---|",
+        ]
         for label, s in blog.items():
             per = _minus(", ".join(f"{v:+.1f}" for v in s["per_seed_diff"]))
             lines.append(f"| {label} | {seed_aware_cell(s)} | {per} |")
-    before = [(pr, row, against[pr][row]) for pr in probes for row in rows
-              if before_after and row in against[pr]
-              and against[pr][row].get("reported_image_only")]
+    before = [
+        (pr, row, against[pr][row])
+        for pr in probes
+        for row in rows
+        if before_after and row in against[pr] and against[pr][row].get("reported_image_only")
+    ]
     if before:
-        lines += ["", "Before and after: the run's earlier interval (images resampled within "
-                  "each seed, seeds fixed; pooled McNemar p) against the two-level one "
-                  "(t-test p over seeds).", "",
-                  "| row | probe | earlier: Δ [image-only 95%] McNemar p | two-level: Δ [95%] "
-                  "t-test p | per seed |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Before and after: the run's earlier interval (images resampled within "
+            "each seed, seeds fixed; pooled McNemar p) against the two-level one "
+            "(t-test p over seeds).",
+            "",
+            "| row | probe | earlier: Δ [image-only 95%] McNemar p | two-level: Δ [95%] "
+            "t-test p | per seed |",
+            "|---|---|---|---|---|",
+        ]
         for pr, row, s in before:
             r = s["reported_image_only"]
-            old = (_minus(f"{r['diff']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}]")
-                   + f" p={_p(r['p_mcnemar_pooled'])}")
+            old = (
+                _minus(f"{r['diff']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}]")
+                + f" p={_p(r['p_mcnemar_pooled'])}"
+            )
             per = _minus(", ".join(f"{v:+.1f}" for v in s["per_seed_diff"]))
             lines.append(f"| {row} | {pr} | {old} | {seed_aware_cell(s)} | {per} |")
     return "\n".join(lines)
@@ -371,24 +444,38 @@ def seed_aware_markdown(sa: dict[str, Any], heading: bool = True,
 def sweep_table(per_seed: list[list[dict[str, Any]]]) -> str:
     """The horizon sweep as markdown: per curve and point, how far along the flow, the tuned
     probe's test accuracy and W2 (mean ± std over seeds)."""
-    lines = ["Horizon sweep (tuned probe, test accuracy in %; W2 of the test features):", "",
-             "| curve | fraction of the flow | test accuracy | W2 unif. |", "|---|---|---|---|"]
+    lines = [
+        "Horizon sweep (tuned probe, test accuracy in %; W2 of the test features):",
+        "",
+        "| curve | fraction of the flow | test accuracy | W2 unif. |",
+        "|---|---|---|---|",
+    ]
     for curve, c in sweep_curves(per_seed).items():
         for i in range(len(c["fraction"])):
             lines.append(
                 f"| {curve} | {c['fraction'][i]:.2f} | {100 * c['accuracy'][i]:.1f} ± "
-                f"{100 * c['accuracy_std'][i]:.1f} | {c['w2'][i]:.3f} ± {c['w2_std'][i]:.3f} |")
+                f"{100 * c['accuracy_std'][i]:.1f} | {c['w2'][i]:.3f} ± {c['w2_std'][i]:.3f} |"
+            )
     return "\n".join(lines)
 
 
 # The blog's comparison: (label, (row A, probe A), (row B, probe B)), B minus A.
 BLOG_COMPARISONS = [
-    ("blog LR on the blog-flowed features − encoder head",
-     ("encoder head", "head"), ("flow: blog preset", "blog")),
-    ("blog LR on the raw features − encoder head", ("encoder head", "head"),
-     ("raw features", "blog")),
-    ("blog LR: blog-flowed − raw features", ("raw features", "blog"),
-     ("flow: blog preset", "blog")),
+    (
+        "blog LR on the blog-flowed features − encoder head",
+        ("encoder head", "head"),
+        ("flow: blog preset", "blog"),
+    ),
+    (
+        "blog LR on the raw features − encoder head",
+        ("encoder head", "head"),
+        ("raw features", "blog"),
+    ),
+    (
+        "blog LR: blog-flowed − raw features",
+        ("raw features", "blog"),
+        ("flow: blog preset", "blog"),
+    ),
 ]
 RAW = "raw features"
 
@@ -420,8 +507,13 @@ def paired_statistics(predictions: dict, *, n_boot: int = 2000) -> dict[str, Any
             pooled_a.append(ca)
             pooled_b.append(cb)
             strata.append(np.full(ca.size, int(seed)))
-        pooled = paired_comparison(np.concatenate(pooled_a), np.concatenate(pooled_b),
-                                   strata=np.concatenate(strata), n_boot=n_boot, seed=0)
+        pooled = paired_comparison(
+            np.concatenate(pooled_a),
+            np.concatenate(pooled_b),
+            strata=np.concatenate(strata),
+            n_boot=n_boot,
+            seed=0,
+        )
         return {"per_seed": per_seed, "pooled": pooled}
 
     rows = [r for r in predictions[seeds[0]][0] if r not in ("encoder head", RAW)]
@@ -480,20 +572,29 @@ def load_results(results_json: str | Path) -> dict[str, Any]:
 
 def _check_results(results: Any, where: str) -> None:
     if not isinstance(results, dict):
-        raise ValueError(f"not an experiment results.json: {where} holds a "
-                         f"{type(results).__name__}, not an object")
+        raise ValueError(
+            f"not an experiment results.json: {where} holds a "
+            f"{type(results).__name__}, not an object"
+        )
     missing = [k for k in _RESULT_KEYS if k not in results]
     if missing:
         raise ValueError(f"not an experiment results.json: {where} lacks {', '.join(missing)}")
     per_seed = results["per_seed"]
-    if not isinstance(per_seed, list) or not per_seed or not all(
-            isinstance(s, dict) and isinstance(s.get("rows"), dict) for s in per_seed):
-        raise ValueError(f"not an experiment results.json: {where}: per_seed is not a "
-                         "non-empty list of seeds with rows")
+    if (
+        not isinstance(per_seed, list)
+        or not per_seed
+        or not all(isinstance(s, dict) and isinstance(s.get("rows"), dict) for s in per_seed)
+    ):
+        raise ValueError(
+            f"not an experiment results.json: {where}: per_seed is not a "
+            "non-empty list of seeds with rows"
+        )
     if not isinstance(results["dataset"], dict) or not {"name", "n_train", "n_test"} <= set(
-            results["dataset"]):
-        raise ValueError(f"not an experiment results.json: {where}: dataset lacks name, "
-                         "n_train or n_test")
+        results["dataset"]
+    ):
+        raise ValueError(
+            f"not an experiment results.json: {where}: dataset lacks name, n_train or n_test"
+        )
 
 
 def rerender(results_json: str | Path) -> None:
@@ -531,8 +632,7 @@ def _jsonable(obj):
 def write_outputs(results: dict[str, Any], out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "results.json",
-                       json.dumps(_jsonable(results), indent=1).encode())
+    atomic_write_bytes(out_dir / "results.json", json.dumps(_jsonable(results), indent=1).encode())
     render_outputs(results, out_dir)
 
 
@@ -543,12 +643,18 @@ def render_outputs(results: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "results.md", markdown_table(results) + "\n")
     sweeps = [s.get("sweep", []) for s in results["per_seed"]]
     if any(sweeps):
-        plot_sweep(sweeps, out_dir / "accuracy_vs_uniformity.png",
-                   title=f"{results['dataset']['name']}: accuracy along the flow")
+        plot_sweep(
+            sweeps,
+            out_dir / "accuracy_vs_uniformity.png",
+            title=f"{results['dataset']['name']}: accuracy along the flow",
+        )
     curves = loss_curves(results["per_seed"])
     if curves:
-        plot_loss_curves(curves, out_dir / "field_loss_curves.png",
-                         title=f"{results['dataset']['name']}: learned-field training loss")
+        plot_loss_curves(
+            curves,
+            out_dir / "field_loss_curves.png",
+            title=f"{results['dataset']['name']}: learned-field training loss",
+        )
 
 
 def loss_curves(per_seed: list[dict[str, Any]]) -> dict[str, list[tuple[Any, list[float]]]]:
@@ -563,8 +669,9 @@ def loss_curves(per_seed: list[dict[str, Any]]) -> dict[str, list[tuple[Any, lis
     return out
 
 
-def plot_loss_curves(curves: dict[str, list[tuple[Any, list[float]]]], path: Path,
-                     title: str) -> None:
+def plot_loss_curves(
+    curves: dict[str, list[tuple[Any, list[float]]]], path: Path, title: str
+) -> None:
     """One panel per learned field: the mean training loss of every epoch, one line a seed."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
@@ -603,9 +710,15 @@ def sweep_curves(per_seed: list[list[dict[str, Any]]]) -> dict[str, dict[str, np
             return np.array([[p[key] for p in r] for r in runs], dtype=np.float64)
 
         frac, acc, w2 = stack("fraction"), stack("test_accuracy"), stack("wasserstein_uniformity")
-        out[curve] = {"fraction": frac.mean(0), "accuracy": acc.mean(0), "w2": w2.mean(0),
-                      "accuracy_std": acc.std(0), "w2_std": w2.std(0),
-                      "knob": runs[0][0]["knob"], "seeds": len(runs)}
+        out[curve] = {
+            "fraction": frac.mean(0),
+            "accuracy": acc.mean(0),
+            "w2": w2.mean(0),
+            "accuracy_std": acc.std(0),
+            "w2_std": w2.std(0),
+            "knob": runs[0][0]["knob"],
+            "seeds": len(runs),
+        }
     return out
 
 
@@ -618,10 +731,23 @@ def plot_sweep(per_seed: list[list[dict[str, Any]]], path: Path, title: str) -> 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for curve, c in sweep_curves(per_seed).items():
         n = c["seeds"]
-        axes[0].errorbar(c["w2"], c["accuracy"], xerr=c["w2_std"], yerr=c["accuracy_std"],
-                         fmt="o-", capsize=2, label=f"{curve} ({n} seed{'s' * (n > 1)})")
-        axes[1].errorbar(c["fraction"], c["accuracy"], yerr=c["accuracy_std"], fmt="o-",
-                         capsize=2, label=f"{curve} ({c['knob']})")
+        axes[0].errorbar(
+            c["w2"],
+            c["accuracy"],
+            xerr=c["w2_std"],
+            yerr=c["accuracy_std"],
+            fmt="o-",
+            capsize=2,
+            label=f"{curve} ({n} seed{'s' * (n > 1)})",
+        )
+        axes[1].errorbar(
+            c["fraction"],
+            c["accuracy"],
+            yerr=c["accuracy_std"],
+            fmt="o-",
+            capsize=2,
+            label=f"{curve} ({c['knob']})",
+        )
     axes[0].set_xlabel("Wasserstein uniformity of test features (lower: more uniform)")
     axes[0].set_ylabel("tuned linear probe, test accuracy")
     axes[1].set_xlabel("fraction of the flow (blog: steps / 100; exact: log z / log z_max)")

@@ -1,5 +1,7 @@
-"""Self-supervised encoders: the blog's SmallAlexNet (`poissonflow.experiments.encoder`) trained without
-labels on two augmented views (`poissonflow.experiments.augment`), with one of six objectives, and its
+"""Self-supervised encoders: the blog's SmallAlexNet (`poissonflow.experiments.encoder`) trained
+without
+labels on two augmented views (`poissonflow.experiments.augment`), with one of six objectives, and
+its
 features cached like the supervised encoder's (`poissonflow.experiments.cache`).
 
 Every objective is a small frozen dataclass: `loss(z1, z2, generator)` of the two views' unit
@@ -37,10 +39,23 @@ from ..bank import FeatureBank
 from .augment import CifarAugment, CropFlip, DigitsAugment, check_images
 
 __all__ = [
-    "InfoNCE", "AlignUniform", "AlignUniformW2", "NoiseInfoNCE", "NoiseInfoNCEGaussian",
-    "ContrastiveL2", "AlignRiesz",
-    "OBJECTIVES", "make_objective", "nt_xent_loss", "SSLSettings", "SSLHistory", "train_ssl",
-    "extract", "SSLFeatures", "encode_ssl", "SSL_VERSION",
+    "InfoNCE",
+    "AlignUniform",
+    "AlignUniformW2",
+    "NoiseInfoNCE",
+    "NoiseInfoNCEGaussian",
+    "ContrastiveL2",
+    "AlignRiesz",
+    "OBJECTIVES",
+    "make_objective",
+    "nt_xent_loss",
+    "SSLSettings",
+    "SSLHistory",
+    "train_ssl",
+    "extract",
+    "SSLFeatures",
+    "encode_ssl",
+    "SSL_VERSION",
 ]
 
 # Part of every cache key: bump it whenever a change here changes trained features.
@@ -115,9 +130,14 @@ class AlignUniform(_Objective):
         _positive(self.uniform_weight, "uniform_weight", allow_zero=True)
 
     def loss(self, z1, z2, generator=None, index=None):
-        return losses.align_uniform_loss(z1, z2, alpha=self.alpha, t=self.t,
-                                         align_weight=self.align_weight,
-                                         uniform_weight=self.uniform_weight)
+        return losses.align_uniform_loss(
+            z1,
+            z2,
+            alpha=self.alpha,
+            t=self.t,
+            align_weight=self.align_weight,
+            uniform_weight=self.uniform_weight,
+        )
 
 
 @dataclasses.dataclass
@@ -131,7 +151,8 @@ class AlignUniformW2(AlignUniform):
 
     def loss(self, z1, z2, generator=None, index=None):
         return super().loss(z1, z2) + losses.wasserstein_uniformity_loss(
-            z1, z2, weight=self.w2_weight)
+            z1, z2, weight=self.w2_weight
+        )
 
 
 @dataclasses.dataclass
@@ -146,8 +167,9 @@ class NoiseInfoNCE(_Objective):
         _positive(self.sigma, "sigma")
 
     def loss(self, z1, z2, generator=None, index=None):
-        return losses.noise_injected_infonce(z1, z2, target=self.target, sigma=self.sigma,
-                                             generator=generator)
+        return losses.noise_injected_infonce(
+            z1, z2, target=self.target, sigma=self.sigma, generator=generator
+        )
 
 
 @dataclasses.dataclass
@@ -176,8 +198,9 @@ class ContrastiveL2(_Objective):
     def loss(self, z1, z2, generator=None, index=None):
         lam = 1.0 / (z1.shape[0] - 1) if self.lam is None else self.lam
         kw = dict(alpha=self.alpha, beta=self.beta, lam=lam, normalize=True)
-        return 0.5 * (losses.contrastive_l2_loss(z1, z2, **kw)
-                      + losses.contrastive_l2_loss(z2, z1, **kw))
+        return 0.5 * (
+            losses.contrastive_l2_loss(z1, z2, **kw) + losses.contrastive_l2_loss(z2, z1, **kw)
+        )
 
 
 @dataclasses.dataclass
@@ -205,8 +228,11 @@ class AlignRiesz(_Objective):
         _positive(self.alpha, "alpha")
         _positive(self.align_weight, "align_weight", allow_zero=True)
         _positive(self.uniform_weight, "uniform_weight", allow_zero=True)
-        if isinstance(self.bank_size, bool) or not isinstance(self.bank_size, int) \
-                or self.bank_size < 0:
+        if (
+            isinstance(self.bank_size, bool)
+            or not isinstance(self.bank_size, int)
+            or self.bank_size < 0
+        ):
             raise ValueError(f"bank_size must be a non-negative int, got {self.bank_size!r}")
         if not isinstance(self.exclude_own, bool):
             raise TypeError(f"exclude_own must be a bool, got {type(self.exclude_own).__name__}")
@@ -214,8 +240,14 @@ class AlignRiesz(_Objective):
         self._ids: FeatureBank | None = None  # the bank rows' image indices (-1: unknown)
 
     def config(self) -> dict:
-        out = {"name": self.name, "s": self.s, "bank_size": self.bank_size, "alpha": self.alpha,
-               "align_weight": self.align_weight, "uniform_weight": self.uniform_weight}
+        out = {
+            "name": self.name,
+            "s": self.s,
+            "bank_size": self.bank_size,
+            "alpha": self.alpha,
+            "align_weight": self.align_weight,
+            "uniform_weight": self.uniform_weight,
+        }
         if self.exclude_own:  # (absent: the key of the first runs, which had no exclusion)
             out["exclude_own"] = True
         return out
@@ -243,15 +275,20 @@ class AlignRiesz(_Objective):
         from ..metrics import align_loss
 
         bank = self.bank_rows(index)
-        unif = 0.5 * (losses.riesz_uniformity_loss(z1, self.s, bank=bank)
-                      + losses.riesz_uniformity_loss(z2, self.s, bank=bank))
+        unif = 0.5 * (
+            losses.riesz_uniformity_loss(z1, self.s, bank=bank)
+            + losses.riesz_uniformity_loss(z2, self.s, bank=bank)
+        )
         return self.align_weight * align_loss(z1, z2, self.alpha) + self.uniform_weight * unif
 
     def after_step(self, z1, z2, index=None):
         if self._bank is not None:
             self._bank.push(z1.detach())
-            ids = torch.full((z1.shape[0], 1), -1.0, dtype=torch.float64, device=z1.device) \
-                if index is None else torch.as_tensor(index).to(z1.device, torch.float64)[:, None]
+            ids = (
+                torch.full((z1.shape[0], 1), -1.0, dtype=torch.float64, device=z1.device)
+                if index is None
+                else torch.as_tensor(index).to(z1.device, torch.float64)[:, None]
+            )
             self._ids.push(ids)
 
 
@@ -316,20 +353,25 @@ class SSLHistory:
 
 def _check_augmentation(aug):
     if not isinstance(aug, (DigitsAugment, CifarAugment, CropFlip)):
-        raise TypeError(f"augmentation must be a DigitsAugment, CifarAugment or CropFlip "
-                        f"(poissonflow.experiments.augment), got {type(aug).__name__}")
+        raise TypeError(
+            f"augmentation must be a DigitsAugment, CifarAugment or CropFlip "
+            f"(poissonflow.experiments.augment), got {type(aug).__name__}"
+        )
     return aug
 
 
 def _check_objective(objective):
     if not isinstance(objective, _Objective):
-        raise TypeError(f"objective must be one of the presets {sorted(OBJECTIVES)} "
-                        f"(poissonflow.experiments.ssl), got {type(objective).__name__}")
+        raise TypeError(
+            f"objective must be one of the presets {sorted(OBJECTIVES)} "
+            f"(poissonflow.experiments.ssl), got {type(objective).__name__}"
+        )
     return objective
 
 
-def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device="cpu",
-              progress: bool = False):
+def train_ssl(
+    x_train, objective, augmentation, settings: SSLSettings, *, device="cpu", progress: bool = False
+):
     """Trains SmallAlexNet on two augmented views of each image of x_train ([0, 1] images
     (N, C, H, W), numpy or torch) with `objective`; Adam, a fresh permutation every epoch, the
     last batch dropped when it has fewer than 2 images. Returns (encoder in eval mode,
@@ -341,8 +383,9 @@ def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device
     if not isinstance(settings, SSLSettings):
         raise TypeError(f"settings must be an SSLSettings, got {type(settings).__name__}")
     dev = _resolve_device(device)
-    x = torch.as_tensor(np.asarray(x_train, dtype=np.float32)
-                        if not isinstance(x_train, torch.Tensor) else x_train)
+    x = torch.as_tensor(
+        np.asarray(x_train, dtype=np.float32) if not isinstance(x_train, torch.Tensor) else x_train
+    )
     x = check_images(x, "x_train").float().contiguous()
     n, c, h, w = x.shape
     if n < 2:
@@ -363,8 +406,13 @@ def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device
     from tqdm import tqdm
 
     steps = math.ceil(n / settings.batch_size)
-    bar = tqdm(total=settings.epochs * steps, disable=not progress, unit="step",
-               desc=f"ssl {objective.name}", leave=False)
+    bar = tqdm(
+        total=settings.epochs * steps,
+        disable=not progress,
+        unit="step",
+        desc=f"ssl {objective.name}",
+        leave=False,
+    )
     from .training import train_loop
 
     class SelfSupervised:  # two augmented views of each image, the objective's loss
@@ -376,7 +424,7 @@ def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device
             v1 = augmentation(xb, gen).to(dev)
             v2 = augmentation(xb, gen).to(dev)
             z = model(torch.cat([v1, v2]))  # one BatchNorm batch for both views
-            self.z1, self.z2 = z[: idx.numel()], z[idx.numel():]
+            self.z1, self.z2 = z[: idx.numel()], z[idx.numel() :]
             loss = objective.loss(self.z1, self.z2, loss_gen, index=idx)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"{objective.name}: the loss became {float(loss)}")
@@ -393,8 +441,16 @@ def train_ssl(x_train, objective, augmentation, settings: SSLSettings, *, device
             bar.set_postfix(loss=f"{history.epoch_loss[-1]:.3f}")
 
     try:
-        train_loop(model, SelfSupervised(), n=n, epochs=settings.epochs,
-                   batch_size=settings.batch_size, generator=gen, optimizer=opt, bar=bar)
+        train_loop(
+            model,
+            SelfSupervised(),
+            n=n,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            generator=gen,
+            optimizer=opt,
+            bar=bar,
+        )
     finally:
         bar.close()
     model.eval()
@@ -412,7 +468,7 @@ def extract(model, x, *, augmentation=None, seed: int = 0, batch_size: int = 102
     out = []
     model.eval()
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
+        xb = x[start : start + batch_size]
         if augmentation is not None:
             xb = augmentation(xb, gen)
         out.append(model(xb.to(dev)).float().cpu())
@@ -434,9 +490,19 @@ class SSLFeatures:
     features_val: np.ndarray | None = None  # of encode_ssl's x_val (held out from training)
 
 
-def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
-               settings: SSLSettings, *, device="cpu", cache_dir: str | Path | None = None,
-               progress: bool = False, x_val=None) -> SSLFeatures:
+def encode_ssl(
+    x_train,
+    x_test,
+    fingerprint: str,
+    objective,
+    augmentation,
+    settings: SSLSettings,
+    *,
+    device="cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    x_val=None,
+) -> SSLFeatures:
     """Trains (unless cached) and extracts the features. The cache key covers the objective's,
     the augmentation's and the run's settings, SSL_VERSION, the torch version, the device type
     and `fingerprint` (of the images: Dataset.fingerprint() or cache.arrays_sha256)."""
@@ -448,22 +514,31 @@ def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
         raise ValueError("fingerprint must be a non-empty string identifying the images")
     dev = torch.device(device)
     key = _cache.cache_key(
-        {"what": "ssl-features", "ssl_version": SSL_VERSION, "torch": torch.__version__,
-         "device": dev.type, "settings": settings.to_dict(), "objective": objective.config(),
-         "augmentation": augmentation.config()},
+        {
+            "what": "ssl-features",
+            "ssl_version": SSL_VERSION,
+            "torch": torch.__version__,
+            "device": dev.type,
+            "settings": settings.to_dict(),
+            "objective": objective.config(),
+            "augmentation": augmentation.config(),
+        },
         fingerprint,
     )
 
     def compute():
-        model, history = train_ssl(x_train, objective, augmentation, settings, device=dev,
-                                   progress=progress)
+        model, history = train_ssl(
+            x_train, objective, augmentation, settings, device=dev, progress=progress
+        )
         arrays = {
             "features_train": extract(model, x_train),
             "features_test": extract(model, x_test),
-            "view_a_test": extract(model, x_test, augmentation=augmentation,
-                                   seed=settings.seed + 2),
-            "view_b_test": extract(model, x_test, augmentation=augmentation,
-                                   seed=settings.seed + 3),
+            "view_a_test": extract(
+                model, x_test, augmentation=augmentation, seed=settings.seed + 2
+            ),
+            "view_b_test": extract(
+                model, x_test, augmentation=augmentation, seed=settings.seed + 3
+            ),
         }
         if x_val is not None:  # images the encoder never trained on (the fingerprint's part)
             arrays["features_val"] = extract(model, x_val)
@@ -475,9 +550,16 @@ def encode_ssl(x_train, x_test, fingerprint: str, objective, augmentation,
     else:
         arrays, meta, hit = _cache.ArrayCache(cache_dir).get_or_compute(key, compute)
     hist = SSLHistory(list(meta["epoch_loss"]), list(meta["epoch_seconds"]))
-    return SSLFeatures(arrays["features_train"], arrays["features_test"],
-                       (arrays["view_a_test"], arrays["view_b_test"]), hist, key, hit,
-                       hist.seconds, arrays.get("features_val"))
+    return SSLFeatures(
+        arrays["features_train"],
+        arrays["features_test"],
+        (arrays["view_a_test"], arrays["view_b_test"]),
+        hist,
+        key,
+        hit,
+        hist.seconds,
+        arrays.get("features_val"),
+    )
 
 
 def describe(objective) -> dict[str, Any]:

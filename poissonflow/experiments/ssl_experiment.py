@@ -5,8 +5,10 @@
         --objectives infonce align_uniform align_riesz --seeds 0 --riesz-s 2 \\
         --out docs/results/ssl-cifar10-subset
 
-Per objective of `poissonflow.experiments.ssl` and seed: train SmallAlexNet without labels on two augmented
-views (`poissonflow.experiments.augment`; features cached per objective x seed, so a killed run resumes),
+Per objective of `poissonflow.experiments.ssl` and seed: train SmallAlexNet without labels on two
+augmented
+views (`poissonflow.experiments.augment`; features cached per objective x seed, so a killed run
+resumes),
 then score the post-hoc rows of the supervised experiment (raw, centred L2, ZCA, the blog flow,
 the PFGM flow, the exact flow) with its probes (blog LR, tuned linear, cosine k-NN, 1% / 10%
 labels) through `experiment.row_graph` / `experiment.evaluate_rows` (imported, not copied; the
@@ -66,16 +68,33 @@ from .ssl_report import (  # noqa: F401 (rerender: the report command's)
     summarise,
 )
 
-__all__ = ["SSLExperimentConfig", "validate_config", "run_ssl_experiment", "add_arguments",
-           "config_from_args", "main", "DEFAULT_ROWS", "S_GRID", "EPOCHS", "validate_s",
-           "rerender"]
+__all__ = [
+    "SSLExperimentConfig",
+    "validate_config",
+    "run_ssl_experiment",
+    "add_arguments",
+    "config_from_args",
+    "main",
+    "DEFAULT_ROWS",
+    "S_GRID",
+    "EPOCHS",
+    "validate_s",
+    "rerender",
+]
 
-DEFAULT_ROWS = ("raw features", "L2 (centred)", "ZCA whitening", "flow: blog preset",
-                "flow: PFGM preset", "flow: exact field")
+DEFAULT_ROWS = (
+    "raw features",
+    "L2 (centred)",
+    "ZCA whitening",
+    "flow: blog preset",
+    "flow: PFGM preset",
+    "flow: exact field",
+)
 S_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Epoch budgets and batch sizes per data set: digits, 30 epochs of batch 128 (11 steps an
 # epoch, about 0.7 s an epoch on one thread) keep 6 objectives x 3 seeds plus the s sweep and
-# every row well under 30 minutes on the shared 2-core machine. CIFAR subset: see poissonflow/experiments/README.md.
+# every row well under 30 minutes on the shared 2-core machine. CIFAR subset: see
+# poissonflow/experiments/README.md.
 EPOCHS = {"digits": 30, "cifar10-subset": 15, "cifar10": 15}
 BATCH = {"digits": 128, "cifar10-subset": 256, "cifar10": 256}
 BANK = {"digits": 1024, "cifar10-subset": 4096, "cifar10": 4096}
@@ -115,9 +134,11 @@ class SSLExperimentConfig:
 
     def resolved(self) -> SSLExperimentConfig:
         return dataclasses.replace(
-            self, epochs=self.epochs or EPOCHS[self.dataset],
+            self,
+            epochs=self.epochs or EPOCHS[self.dataset],
             batch_size=self.batch_size or BATCH[self.dataset],
-            bank_size=self.bank_size if self.bank_size is not None else BANK[self.dataset])
+            bank_size=self.bank_size if self.bank_size is not None else BANK[self.dataset],
+        )
 
 
 def validate_config(cfg: SSLExperimentConfig) -> None:
@@ -126,17 +147,21 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
     from .data import DATASETS, find_cifar10_subset
 
     if cfg.dataset not in DATASETS:
-        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got "
-                                       f"{cfg.dataset!r}")
+        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
     objs = tuple(cfg.objectives) if isinstance(cfg.objectives, (list, tuple)) else ()
     if not objs or any(o not in _ssl.OBJECTIVES for o in objs) or len(set(objs)) != len(objs):
-        raise ConfigError("--objectives", f"must be distinct names among "
-                                          f"{', '.join(_ssl.OBJECTIVES)}, got {cfg.objectives!r}")
+        raise ConfigError(
+            "--objectives",
+            f"must be distinct names among {', '.join(_ssl.OBJECTIVES)}, got {cfg.objectives!r}",
+        )
     seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else ()
     if not seeds or any(not _is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError("--seeds", f"must be distinct non-negative integers, got {cfg.seeds!r}")
-    for opt, v, lo in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 2),
-                       ("--bank-size", cfg.bank_size, 0)):
+    for opt, v, lo in (
+        ("--epochs", cfg.epochs, 1),
+        ("--batch-size", cfg.batch_size, 2),
+        ("--bank-size", cfg.bank_size, 0),
+    ):
         if v is not None and (not _is_int(v) or v < lo):
             raise ConfigError(opt, f"must be an integer >= {lo}, got {v!r}")
     if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
@@ -144,23 +169,37 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
     if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < E.MIN_LIMIT):
         raise ConfigError("--limit", f"must be an integer >= {E.MIN_LIMIT}, got {cfg.limit!r}")
     if cfg.riesz_s != "validate":
-        if isinstance(cfg.riesz_s, bool) or not isinstance(cfg.riesz_s, (int, float)) or \
-                not math.isfinite(cfg.riesz_s) or cfg.riesz_s <= 0:
-            raise ConfigError("--riesz-s", f"must be 'validate' or a number > 0, got "
-                                           f"{cfg.riesz_s!r}")
-    if isinstance(cfg.riesz_weight, bool) or not isinstance(cfg.riesz_weight, (int, float)) or \
-            not math.isfinite(cfg.riesz_weight) or cfg.riesz_weight <= 0:
+        if (
+            isinstance(cfg.riesz_s, bool)
+            or not isinstance(cfg.riesz_s, (int, float))
+            or not math.isfinite(cfg.riesz_s)
+            or cfg.riesz_s <= 0
+        ):
+            raise ConfigError(
+                "--riesz-s", f"must be 'validate' or a number > 0, got {cfg.riesz_s!r}"
+            )
+    if (
+        isinstance(cfg.riesz_weight, bool)
+        or not isinstance(cfg.riesz_weight, (int, float))
+        or not math.isfinite(cfg.riesz_weight)
+        or cfg.riesz_weight <= 0
+    ):
         raise ConfigError("--riesz-weight", f"must be a number > 0, got {cfg.riesz_weight!r}")
     if cfg.validate_only and ("align_riesz" not in objs or cfg.riesz_s != "validate"):
-        raise ConfigError("--validate-only", "needs align_riesz among --objectives and "
-                                             "--riesz-s validate")
+        raise ConfigError(
+            "--validate-only", "needs align_riesz among --objectives and --riesz-s validate"
+        )
     wgrid = tuple(cfg.weight_grid) if isinstance(cfg.weight_grid, (list, tuple)) else None
-    if wgrid is None or any(isinstance(w, bool) or not isinstance(w, (int, float)) or
-                            not math.isfinite(w) or w <= 0 for w in wgrid):
+    if wgrid is None or any(
+        isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0
+        for w in wgrid
+    ):
         raise ConfigError("--weight-grid", f"must be numbers > 0, got {cfg.weight_grid!r}")
     grid = tuple(cfg.s_grid) if isinstance(cfg.s_grid, (list, tuple)) else ()
-    if not grid or any(isinstance(s, bool) or not isinstance(s, (int, float)) or
-                       not math.isfinite(s) or s <= 0 for s in grid):
+    if not grid or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0
+        for s in grid
+    ):
         raise ConfigError("--s-grid", f"must be one or more numbers > 0, got {cfg.s_grid!r}")
     rows = tuple(cfg.rows) if isinstance(cfg.rows, (list, tuple)) else ()
     known = [n for n, _ in E.ROWS]
@@ -171,14 +210,17 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
     E.check_device(cfg.device)
     if cfg.data_dir is not None:
         if cfg.dataset == "digits":
-            raise ConfigError("--data-dir", "digits are bundled with scikit-learn; drop "
-                                            "--data-dir or choose another --dataset")
+            raise ConfigError(
+                "--data-dir",
+                "digits are bundled with scikit-learn; drop --data-dir or choose another --dataset",
+            )
         E.check_readable(Path(cfg.data_dir).expanduser(), "--data-dir", "the data")
     elif cfg.dataset == "cifar10":
         raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir")
     elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
-        raise ConfigError("--data-dir", "--dataset cifar10-subset found no shared copy; pass "
-                                        "--data-dir")
+        raise ConfigError(
+            "--data-dir", "--dataset cifar10-subset found no shared copy; pass --data-dir"
+        )
     E.check_writable_folder(Path(cfg.out_dir), "--out")
     if cfg.cache_dir is not None:
         E.check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
@@ -188,17 +230,24 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
 
 
 def _settings(cfg: SSLExperimentConfig, seed: int) -> _ssl.SSLSettings:
-    return _ssl.SSLSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed,
-                            arch="digits" if cfg.dataset == "digits" else "blog")
+    return _ssl.SSLSettings(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        arch="digits" if cfg.dataset == "digits" else "blog",
+    )
 
 
 def _objective(cfg: SSLExperimentConfig, name: str, s: float | None, weight=None):
     """The objective `name`; weight: its uniformity term's weight (None: riesz_weight for
     align_riesz, the objective's default otherwise)."""
     if name == "align_riesz":
-        return _ssl.make_objective(name, s=float(s), bank_size=cfg.bank_size,
-                                   uniform_weight=float(cfg.riesz_weight if weight is None
-                                                        else weight))
+        return _ssl.make_objective(
+            name,
+            s=float(s),
+            bank_size=cfg.bank_size,
+            uniform_weight=float(cfg.riesz_weight if weight is None else weight),
+        )
     if weight is not None:
         return _ssl.make_objective(name, uniform_weight=float(weight))
     return _ssl.make_objective(name)
@@ -224,17 +273,36 @@ def _validation_point(cfg, dataset, cache):
 
     def point(objective, label):
         t0 = time.perf_counter()
-        enc = _ssl.encode_ssl(xf, xv, fp, objective, aug, _settings(cfg, 0), device=cfg.device,
-                              cache_dir=cache, progress=cfg.progress)
-        tuned = linear_probe(enc.features_train, yf, enc.features_test, yv,
-                             val_x=enc.features_test, val_y=yv)
+        enc = _ssl.encode_ssl(
+            xf,
+            xv,
+            fp,
+            objective,
+            aug,
+            _settings(cfg, 0),
+            device=cfg.device,
+            cache_dir=cache,
+            progress=cfg.progress,
+        )
+        tuned = linear_probe(
+            enc.features_train, yf, enc.features_test, yv, val_x=enc.features_test, val_y=yv
+        )
         knn = knn_predict(enc.features_train, yf, enc.features_test, k=20)
         m = representation_metrics(enc.features_test, enc.views_test)
-        p = {"val_tuned": tuned.val_accuracy, "val_knn20": float((knn == yv).mean()), **m,
-             "train_seconds": enc.train_seconds, "from_cache": enc.from_cache,
-             "seconds": time.perf_counter() - t0}
-        print(f"  validation: {label} val tuned {tuned.val_accuracy:.3f} knn20 "
-              f"{p['val_knn20']:.3f} ({p['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        p = {
+            "val_tuned": tuned.val_accuracy,
+            "val_knn20": float((knn == yv).mean()),
+            **m,
+            "train_seconds": enc.train_seconds,
+            "from_cache": enc.from_cache,
+            "seconds": time.perf_counter() - t0,
+        }
+        print(
+            f"  validation: {label} val tuned {tuned.val_accuracy:.3f} knn20 "
+            f"{p['val_knn20']:.3f} ({p['seconds']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         return p
 
     return point, len(fit_i), len(val_i)
@@ -249,14 +317,20 @@ def validate_weights(cfg: SSLExperimentConfig, dataset, cache: Path, s) -> dict[
     for name in WEIGHTED:
         if name not in cfg.objectives or not cfg.weight_grid:
             continue
-        pts = [{"weight": float(w), **point(_objective(cfg, name, s, w), f"{name} w={w:g}")}
-               for w in cfg.weight_grid]
+        pts = [
+            {"weight": float(w), **point(_objective(cfg, name, s, w), f"{name} w={w:g}")}
+            for w in cfg.weight_grid
+        ]
         best = max(p["val_tuned"] for p in pts)
-        out[name] = {"points": pts, "chosen": min(p["weight"] for p in pts
-                                                  if p["val_tuned"] == best),
-                     "n_fit": n_fit, "n_val": n_val, "seed": 0,
-                     "criterion": "tuned linear probe accuracy on the validation split (C "
-                                  "chosen there; ties: the smaller weight)"}
+        out[name] = {
+            "points": pts,
+            "chosen": min(p["weight"] for p in pts if p["val_tuned"] == best),
+            "n_fit": n_fit,
+            "n_val": n_val,
+            "seed": 0,
+            "criterion": "tuned linear probe accuracy on the validation split (C "
+            "chosen there; ties: the smaller weight)",
+        }
     return out
 
 
@@ -270,16 +344,22 @@ def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]
 
 
 def _s_curve(cfg, point, fit_i, val_i):
-    points = [{"s": float(s), **point(_objective(cfg, "align_riesz", s), f"s={s:g}")}
-              for s in cfg.s_grid]
+    points = [
+        {"s": float(s), **point(_objective(cfg, "align_riesz", s), f"s={s:g}")} for s in cfg.s_grid
+    ]
     best = max(p["val_tuned"] for p in points)
     chosen = min(p["s"] for p in points if p["val_tuned"] == best)
-    return {"n_fit": int(len(fit_i)), "n_val": int(len(val_i)), "seed": 0, "points": points,
-            "chosen_s": chosen, "criterion": "tuned linear probe accuracy on the validation "
-                                             "split, C chosen there (ties: the smaller s)",
-            # Wang & Isola's objective on the same split, same seed: the bar to meet
-            "reference_align_uniform": point(_objective(cfg, "align_uniform", None),
-                                             "align_uniform")}
+    return {
+        "n_fit": int(len(fit_i)),
+        "n_val": int(len(val_i)),
+        "seed": 0,
+        "points": points,
+        "chosen_s": chosen,
+        "criterion": "tuned linear probe accuracy on the validation "
+        "split, C chosen there (ties: the smaller s)",
+        # Wang & Isola's objective on the same split, same seed: the bar to meet
+        "reference_align_uniform": point(_objective(cfg, "align_uniform", None), "align_uniform"),
+    }
 
 
 def _row_cache_key(features_key: str, rows, seed: int) -> str:
@@ -287,14 +367,22 @@ def _row_cache_key(features_key: str, rows, seed: int) -> str:
     from .cache import cache_key
     from .experiment import LEARNED_FIELD_CACHE_VERSION
 
-    return cache_key({"what": "ssl-rows", "version": ROWS_CACHE_VERSION, "rows": list(rows),
-                      "seed": seed, "poissonflow": __version__,
-                      "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION},
-                     features_key)
+    return cache_key(
+        {
+            "what": "ssl-rows",
+            "version": ROWS_CACHE_VERSION,
+            "rows": list(rows),
+            "seed": seed,
+            "poissonflow": __version__,
+            "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION,
+        },
+        features_key,
+    )
 
 
-def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cache: Path,
-                weight=None):
+def run_encoder(
+    cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cache: Path, weight=None
+):
     """One objective x seed: features (cached) and the scored rows (cached). The encoder
     trains on the seed's fit images only; its validation images (protocol.py) choose the
     probes' C and k. Returns the per-seed record and the per-image predictions
@@ -307,11 +395,18 @@ def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cach
     x_fit, y_fit = dataset.x_train[fit_i], dataset.y_train[fit_i]
     y_val = dataset.y_train[val_i]
     t0 = time.perf_counter()
-    enc = _ssl.encode_ssl(x_fit, dataset.x_test, _fingerprint(x_fit, dataset.x_test,
-                                                              dataset.x_train[val_i]),
-                          objective, augmentation_for(dataset.name), _settings(cfg, seed),
-                          device=cfg.device, cache_dir=cache, progress=cfg.progress,
-                          x_val=dataset.x_train[val_i])
+    enc = _ssl.encode_ssl(
+        x_fit,
+        dataset.x_test,
+        _fingerprint(x_fit, dataset.x_test, dataset.x_train[val_i]),
+        objective,
+        augmentation_for(dataset.name),
+        _settings(cfg, seed),
+        device=cfg.device,
+        cache_dir=cache,
+        progress=cfg.progress,
+        x_val=dataset.x_train[val_i],
+    )
     encode_seconds = time.perf_counter() - t0
     store = ArrayCache(cache)
     rkey = _row_cache_key(enc.key, cfg.rows, seed)
@@ -325,25 +420,35 @@ def run_encoder(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, cach
             predictions.setdefault(row, {})[probe] = v
         rows_from_cache = True
     else:
-        features = Features(enc.features_train, enc.features_test, tuple(enc.views_test),
-                            enc.features_val)
+        features = Features(
+            enc.features_train, enc.features_test, tuple(enc.views_test), enc.features_val
+        )
         run = RunSettings(seed=seed, device=cfg.device, progress=False, cache_dir=cache)
         graph = row_graph(features, (y_fit, dataset.y_test, y_val), run)
         rows = evaluate_rows(graph, cfg.rows)
         predictions = {r: rows[r].pop("_predictions") for r in rows}
         rows = _jsonable(rows)
-        store.put(rkey, {f"{r}|{p}": np.asarray(v) for r, d in predictions.items()
-                         for p, v in d.items()}, rows)
+        store.put(
+            rkey,
+            {f"{r}|{p}": np.asarray(v) for r, d in predictions.items() for p, v in d.items()},
+            rows,
+        )
         rows_from_cache = False
     record = {
-        "objective": name, "seed": seed, "objective_settings": objective.config(),
+        "objective": name,
+        "seed": seed,
+        "objective_settings": objective.config(),
         "ssl_settings": _settings(cfg, seed).to_dict(),
         "augmentation": augmentation_for(dataset.name).config(),
-        "epochs": cfg.epochs, "epoch_loss": enc.history.epoch_loss,
-        "train_seconds": enc.train_seconds, "encoder_from_cache": enc.from_cache,
-        "rows_from_cache": rows_from_cache, "rows_seconds": time.perf_counter() - t1,
+        "epochs": cfg.epochs,
+        "epoch_loss": enc.history.epoch_loss,
+        "train_seconds": enc.train_seconds,
+        "encoder_from_cache": enc.from_cache,
+        "rows_from_cache": rows_from_cache,
+        "rows_seconds": time.perf_counter() - t1,
         "validation": split_record(fit_i, val_i),
-        "encode_seconds_this_run": encode_seconds, "rows": rows,
+        "encode_seconds_this_run": encode_seconds,
+        "rows": rows,
     }
     return record, predictions
 
@@ -384,8 +489,15 @@ def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
     wv = validate_weights(cfg, dataset, cache, s) if cfg.weight_grid else {}
     weights = {name: v["chosen"] for name, v in wv.items()}
     records, predictions = [], {}
-    state = {"cfg": cfg, "dataset": dataset, "sv": sv, "s": s, "t0": t0, "command": command,
-             "wv": wv}
+    state = {
+        "cfg": cfg,
+        "dataset": dataset,
+        "sv": sv,
+        "s": s,
+        "t0": t0,
+        "command": command,
+        "wv": wv,
+    }
     for seed in () if cfg.validate_only else cfg.seeds:
         for name in cfg.objectives:
             print(f"{dataset.name}: {name} seed {seed}", file=sys.stderr, flush=True)
@@ -393,9 +505,13 @@ def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
             records.append(rec)
             predictions.setdefault(name, {})[seed] = (pred, np.asarray(dataset.y_test))
             raw = rec["rows"][RAW_ROW]
-            print(f"  {name} seed {seed}: raw tuned {raw['tuned']['test']:.3f}, train "
-                  f"{rec['train_seconds']:.0f} s (cached: {rec['encoder_from_cache']}), rows "
-                  f"{rec['rows_seconds']:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"  {name} seed {seed}: raw tuned {raw['tuned']['test']:.3f}, train "
+                f"{rec['train_seconds']:.0f} s (cached: {rec['encoder_from_cache']}), rows "
+                f"{rec['rows_seconds']:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             _write(state, records, predictions, complete=False)
     return _write(state, records, predictions, complete=True)
 
@@ -417,12 +533,20 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
     results = {
         "config": dataclasses.asdict(cfg),
         "command": state["command"],
-        "dataset": {"name": dataset.name, "n_train": int(len(dataset.y_train)),
-                    "n_test": int(len(dataset.y_test)), "source": str(dataset.source)},
+        "dataset": {
+            "name": dataset.name,
+            "n_train": int(len(dataset.y_train)),
+            "n_test": int(len(dataset.y_test)),
+            "source": str(dataset.source),
+        },
         "augmentation": augmentation_for(dataset.name).config(),
-        "versions": {"poissonflow": __version__, "torch": torch.__version__,
-                     "numpy": np.__version__, "python": platform.python_version(),
-                     "platform": platform.platform()},
+        "versions": {
+            "poissonflow": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "torch_threads": torch.get_num_threads(),
         "riesz_s": state["s"],
         "s_validation": state["sv"],
@@ -453,59 +577,110 @@ def _s_value(text: str):
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'validate', got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"must be a number or 'validate', got {text!r}") from None
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="digits",
-                        choices=["digits", "cifar10", "cifar10-subset"])
-    parser.add_argument("--data-dir", default=None,
-                        help="cifar-10-batches-py folder or the subset .npz (not for digits)")
-    parser.add_argument("--objectives", nargs="+", default=list(_ssl.OBJECTIVES),
-                        help=f"SSL objectives (default: all: {' '.join(_ssl.OBJECTIVES)})")
+    parser.add_argument(
+        "--dataset", default="digits", choices=["digits", "cifar10", "cifar10-subset"]
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="cifar-10-batches-py folder or the subset .npz (not for digits)",
+    )
+    parser.add_argument(
+        "--objectives",
+        nargs="+",
+        default=list(_ssl.OBJECTIVES),
+        help=f"SSL objectives (default: all: {' '.join(_ssl.OBJECTIVES)})",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"encoder epochs (default per data set: {EPOCHS})")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"pairs per step (default per data set: {BATCH})")
-    parser.add_argument("--riesz-s", type=_s_value, default="validate",
-                        help="Riesz exponent of align_riesz, or 'validate' (default: chosen "
-                             "from --s-grid on a validation split of train)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help=f"encoder epochs (default per data set: {EPOCHS})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"pairs per step (default per data set: {BATCH})",
+    )
+    parser.add_argument(
+        "--riesz-s",
+        type=_s_value,
+        default="validate",
+        help="Riesz exponent of align_riesz, or 'validate' (default: chosen "
+        "from --s-grid on a validation split of train)",
+    )
     parser.add_argument("--s-grid", type=float, nargs="+", default=list(S_GRID))
-    parser.add_argument("--bank-size", type=int, default=None,
-                        help=f"align_riesz memory bank rows (default per data set: {BANK})")
-    parser.add_argument("--riesz-weight", type=float, default=1.0,
-                        help="weight of align_riesz's uniformity term (default 1, as Wang & "
-                             "Isola weight theirs)")
-    parser.add_argument("--weight-grid", type=float, nargs="*", default=list(WEIGHT_GRID),
-                        help="uniformity weights of align_uniform and align_riesz tried on the "
-                             "validation split (default: 1 4 16; none: --riesz-weight and 1)")
-    parser.add_argument("--validate-only", action="store_true",
-                        help="only the s validation of align_riesz (results.json holds the "
-                             "curve)")
-    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
-                        help="experiment rows to score (names as in poissonflow.experiments.experiment)")
-    parser.add_argument("--out", default=None, help="output folder (default: "
-                                                     "results/ssl-<dataset>)")
+    parser.add_argument(
+        "--bank-size",
+        type=int,
+        default=None,
+        help=f"align_riesz memory bank rows (default per data set: {BANK})",
+    )
+    parser.add_argument(
+        "--riesz-weight",
+        type=float,
+        default=1.0,
+        help="weight of align_riesz's uniformity term (default 1, as Wang & Isola weight theirs)",
+    )
+    parser.add_argument(
+        "--weight-grid",
+        type=float,
+        nargs="*",
+        default=list(WEIGHT_GRID),
+        help="uniformity weights of align_uniform and align_riesz tried on the "
+        "validation split (default: 1 4 16; none: --riesz-weight and 1)",
+    )
+    parser.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="only the s validation of align_riesz (results.json holds the curve)",
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(DEFAULT_ROWS),
+        help="experiment rows to score (names as in poissonflow.experiments.experiment)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: results/ssl-<dataset>)"
+    )
     parser.add_argument("--cache-dir", default=None, help="cache (default: <out>/cache)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--limit", type=int, default=None,
-                        help="only the first N train and N/3 test images (quick runs)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="only the first N train and N/3 test images (quick runs)",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars")
 
 
 def config_from_args(args) -> SSLExperimentConfig:
     return SSLExperimentConfig(
-        dataset=args.dataset, data_dir=args.data_dir, objectives=tuple(args.objectives),
-        seeds=tuple(args.seeds), epochs=args.epochs, batch_size=args.batch_size,
-        riesz_s=args.riesz_s, s_grid=tuple(args.s_grid), bank_size=args.bank_size,
-        riesz_weight=args.riesz_weight, weight_grid=tuple(args.weight_grid),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        objectives=tuple(args.objectives),
+        seeds=tuple(args.seeds),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        riesz_s=args.riesz_s,
+        s_grid=tuple(args.s_grid),
+        bank_size=args.bank_size,
+        riesz_weight=args.riesz_weight,
+        weight_grid=tuple(args.weight_grid),
         validate_only=args.validate_only,
-        rows=tuple(args.rows), out_dir=args.out or f"results/ssl-{args.dataset}",
-        cache_dir=args.cache_dir, device=args.device, threads=args.threads, limit=args.limit,
-        progress=args.progress)
+        rows=tuple(args.rows),
+        out_dir=args.out or f"results/ssl-{args.dataset}",
+        cache_dir=args.cache_dir,
+        device=args.device,
+        threads=args.threads,
+        limit=args.limit,
+        progress=args.progress,
+    )
 
 
 def main(args) -> int:
@@ -513,8 +688,11 @@ def main(args) -> int:
     validate_config(cfg)
     import shlex
 
-    command = "python -m poissonflow ssl-experiment " + shlex.join(sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "ssl-experiment" else ""
+    command = (
+        "python -m poissonflow ssl-experiment " + shlex.join(sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "ssl-experiment"
+        else ""
+    )
     from .config import write_command
 
     write_command(Path(cfg.out_dir))

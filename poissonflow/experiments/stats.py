@@ -25,12 +25,21 @@ numpy and scipy only; nothing here imports torch or the rest of the package.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_summary", "benjamini_hochberg", "mark_significance", "PRIMARY",
-           "bootstrap_differences", "mcnemar_exact", "ttest_over_seeds", "family"]
+__all__ = [
+    "paired_summary",
+    "benjamini_hochberg",
+    "mark_significance",
+    "PRIMARY",
+    "bootstrap_differences",
+    "mcnemar_exact",
+    "ttest_over_seeds",
+    "family",
+]
 
 # The primary comparison, declared before the protocol re-run (docs/DESIGN.md, "Statistics of
 # the study"): (results folder, row, probe), the row against the raw features.
@@ -42,16 +51,19 @@ def _matrix(correct: Sequence[np.ndarray], name: str) -> np.ndarray:
     if not rows:
         raise ValueError(f"{name} holds no seed")
     if any(r.ndim != 1 for r in rows) or len({r.size for r in rows}) != 1 or rows[0].size == 0:
-        raise ValueError(f"{name}: every seed must be a 1-D vector over the same non-empty set "
-                         f"of test images, got shapes {[r.shape for r in rows]}")
+        raise ValueError(
+            f"{name}: every seed must be a 1-D vector over the same non-empty set "
+            f"of test images, got shapes {[r.shape for r in rows]}"
+        )
     for r in rows:
         if r.dtype != bool and not np.isin(r, (0, 1)).all():
             raise ValueError(f"{name}: per-image correctness must be boolean (or 0/1)")
     return np.stack([r.astype(bool) for r in rows])
 
 
-def bootstrap_differences(d: np.ndarray, *, n_boot: int = 10000, seed: int = 0,
-                          scheme: str = "crossed", chunk: int = 500) -> np.ndarray:
+def bootstrap_differences(
+    d: np.ndarray, *, n_boot: int = 10000, seed: int = 0, scheme: str = "crossed", chunk: int = 500
+) -> np.ndarray:
     """Bootstrap replicates of the mean over seeds of the per-seed mean of d.
 
     d: (n_seeds, n_images), the per-image difference (row correct − raw correct) of each seed.
@@ -76,16 +88,16 @@ def bootstrap_differences(d: np.ndarray, *, n_boot: int = 10000, seed: int = 0,
         if scheme == "crossed":
             seeds = rng.integers(0, r, size=(b, r))
             images = rng.integers(0, n, size=(b, n))
-            per_seed = d[:, images].mean(-1)                     # (r, b): each seed, each draw
+            per_seed = d[:, images].mean(-1)  # (r, b): each seed, each draw
             picked = np.take_along_axis(per_seed.T, seeds, axis=1)  # (b, r)
-            out[start:start + b] = picked.mean(1)
+            out[start : start + b] = picked.mean(1)
         elif scheme == "nested":
             seeds = rng.integers(0, r, size=(b, r))
             images = rng.integers(0, n, size=(b, r, n))
-            out[start:start + b] = d[seeds[..., None], images].mean(-1).mean(-1)
+            out[start : start + b] = d[seeds[..., None], images].mean(-1).mean(-1)
         else:
             images = rng.integers(0, n, size=(b, r, n))
-            out[start:start + b] = d[np.arange(r)[None, :, None], images].mean(-1).mean(-1)
+            out[start : start + b] = d[np.arange(r)[None, :, None], images].mean(-1).mean(-1)
     return out
 
 
@@ -119,9 +131,15 @@ def ttest_over_seeds(diffs: Sequence[float]) -> tuple[float | None, float | None
     return float(res.statistic), float(res.pvalue)
 
 
-def paired_summary(correct_row: Sequence[np.ndarray], correct_raw: Sequence[np.ndarray], *,
-                   n_boot: int = 10000, seed: int = 0, scheme: str = "crossed",
-                   alpha: float = 0.05) -> dict[str, Any]:
+def paired_summary(
+    correct_row: Sequence[np.ndarray],
+    correct_raw: Sequence[np.ndarray],
+    *,
+    n_boot: int = 10000,
+    seed: int = 0,
+    scheme: str = "crossed",
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """A row against the raw features (or any two rows), seed-aware.
 
     correct_row[s], correct_raw[s]: per test image, whether seed s's row and seed s's raw
@@ -137,8 +155,10 @@ def paired_summary(correct_row: Sequence[np.ndarray], correct_raw: Sequence[np.n
     row = _matrix(correct_row, "correct_row")
     raw = _matrix(correct_raw, "correct_raw")
     if row.shape != raw.shape:
-        raise ValueError(f"correct_row and correct_raw differ in shape: {row.shape} and "
-                         f"{raw.shape} (seeds, images)")
+        raise ValueError(
+            f"correct_row and correct_raw differ in shape: {row.shape} and "
+            f"{raw.shape} (seeds, images)"
+        )
     d = row.astype(np.int8) - raw.astype(np.int8)
     per_seed = d.mean(1)
     boot = bootstrap_differences(d, n_boot=n_boot, seed=seed, scheme=scheme)
@@ -192,10 +212,13 @@ def _interval_excludes_zero(summary: Mapping[str, Any]) -> bool:
     return ci is None or not (ci[0] <= 0.0 <= ci[1])
 
 
-def mark_significance(results: Mapping[Any, Mapping[str, Any]],
-                      primary: Any = None, alpha: float = 0.05,
-                      p_key: str = "t_p", require_interval: bool = True
-                      ) -> dict[Any, dict[str, Any]]:
+def mark_significance(
+    results: Mapping[Any, Mapping[str, Any]],
+    primary: Any = None,
+    alpha: float = 0.05,
+    p_key: str = "t_p",
+    require_interval: bool = True,
+) -> dict[Any, dict[str, Any]]:
     """The study's significance rule over a family of comparisons.
 
     results: {key: summary} with summaries as returned by `paired_summary` (any mapping with a
@@ -212,22 +235,36 @@ def mark_significance(results: Mapping[Any, Mapping[str, Any]],
     rest = [k for k in results if k != primary]
     adjusted = benjamini_hochberg([results[k].get(p_key) for k in rest])
     for k, adj in zip(rest, adjusted):
-        out[k] = {**results[k], "primary": False, "p_adjusted": adj,
-                  "significant": adj is not None and adj < alpha and (
-                      not require_interval or _interval_excludes_zero(results[k]))}
+        out[k] = {
+            **results[k],
+            "primary": False,
+            "p_adjusted": adj,
+            "significant": adj is not None
+            and adj < alpha
+            and (not require_interval or _interval_excludes_zero(results[k])),
+        }
     if primary in results:
         p = results[primary].get(p_key)
         ok = p is not None and not math.isnan(float(p))
-        out[primary] = {**results[primary], "primary": True, "p_adjusted": p if ok else None,
-                        "significant": ok and float(p) < alpha and (
-                            not require_interval or _interval_excludes_zero(results[primary]))}
+        out[primary] = {
+            **results[primary],
+            "primary": True,
+            "p_adjusted": p if ok else None,
+            "significant": ok
+            and float(p) < alpha
+            and (not require_interval or _interval_excludes_zero(results[primary])),
+        }
     return {k: out[k] for k in results}
 
 
-def family(summaries: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]
-           ) -> dict[tuple[str, str, str], Mapping[str, Any]]:
+def family(
+    summaries: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+) -> dict[tuple[str, str, str], Mapping[str, Any]]:
     """Flattens {run: {probe: {row: summary}}} into {(run, row, probe): summary}, the keys
     `mark_significance` and `PRIMARY` use."""
-    return {(run, row, probe): s for run, probes in summaries.items()
-            for probe, rows in probes.items() for row, s in rows.items()}
-
+    return {
+        (run, row, probe): s
+        for run, probes in summaries.items()
+        for probe, rows in probes.items()
+        for row, s in rows.items()
+    }
