@@ -242,15 +242,20 @@ def check_run(
     run_dir: str | Path,
     *,
     only: list[tuple[str, str]] | None = None,
-    source: str = "seed_aware.json",
+    source: str | None = None,
 ) -> list[str]:
     """Recomputes a run's committed seed-aware statistics from its committed predictions.npz
     (same n_boot and bootstrap seed as recorded) and lists every disagreement: the
     predictions' SHA-256, and per comparison (probe, row) the mean difference, interval, t-test
     and per-seed figures. only: the (probe, row) pairs to recompute (default all; the blog
     comparisons are checked when only is None). source: "seed_aware.json" or "results.json"
-    (its "seed_aware" key). An empty list: the committed intervals are the recomputed ones."""
+    (its "seed_aware" key); default: results.json where it carries them (the runs of the
+    current protocol), else seed_aware.json. An empty list: the committed intervals are the
+    recomputed ones."""
     run_dir = Path(run_dir)
+    if source is None:
+        on_disk = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+        source = "results.json" if "seed_aware" in on_disk else "seed_aware.json"
     if source == "results.json":
         committed = json.loads((run_dir / source).read_text(encoding="utf-8"))["seed_aware"]
     else:
