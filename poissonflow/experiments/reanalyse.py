@@ -170,6 +170,8 @@ def run_statistics(
         },
         "against_raw": against,
         "blog_comparison": blog,
+        # the encoder head's test accuracy per seed: the "+3" decomposition's first term
+        "head_test": _head_accuracy(predictions),
     }
 
 

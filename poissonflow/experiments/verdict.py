@@ -87,22 +87,10 @@ def load_runs(root: str | Path, runs: list[str] | None = None) -> dict[str, dict
             continue
         res = root / run / "results.json"
         if res.exists():
-            results = json.loads(res.read_text(encoding="utf-8"))
-            sa = results.get("seed_aware")
+            sa = json.loads(res.read_text(encoding="utf-8")).get("seed_aware")
             if sa:
-                out[run] = _with_head_accuracy(sa, root / run, results)
+                out[run] = sa
     return out
-
-
-def _with_head_accuracy(sa: dict[str, Any], run_dir: Path, results: dict[str, Any]):
-    """A run's statistics from its results.json lack the encoder head's test accuracy (the
-    "+3" decomposition's first term): taken from its predictions, as reanalyse_run does."""
-    if sa.get("head_test") is not None or not (run_dir / "predictions.npz").exists():
-        return sa
-    from .reanalyse import _head_accuracy, load_predictions
-
-    preds = load_predictions(run_dir, list(results["per_seed"][0]["rows"]))
-    return {**sa, "head_test": _head_accuracy(preds)}
 
 
 def _probes(stats: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
