@@ -158,6 +158,7 @@ def test_killed_writer_never_leaves_a_corrupt_entry(tmp_path, sig):
     arbitrary moment: every entry present afterwards is complete and verifies."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(tmp_path)],
+        cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -266,24 +266,21 @@ def test_flow_picture_paths_follow_the_transform():
 # --------------------------------------------------------------------------- the source tree
 
 
-def test_an_unbuilt_source_tree_hands_over_to_the_install(tmp_path):
-    """`python -m poissonflow` from a folder holding the package's sources but no compiled
-    extension (the repository root after `pip install .`) runs the installed package."""
+def test_the_command_runs_the_install_from_a_folder_of_sources(tmp_path):
+    """From a folder holding the package's sources but no compiled extension (the repository
+    root after `pip install .`), the installed `poissonflow` command runs the install: a console
+    script does not put the working directory on sys.path. (`python -c "import poissonflow"`
+    there refuses with a message instead: tests/test_build.py.)"""
     src = Path(poissonflow.__file__).resolve().parent
     shutil.copytree(
         src, tmp_path / "poissonflow", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__")
     )
-    code = (
-        "import poissonflow, poissonflow._C; "
-        "print(poissonflow.poisson_field(*[__import__('torch').ones(2, 3)] * 2)[0].shape)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "torch.Size([2, 3])"
+    command = Path(sys.executable).with_name("poissonflow")
     demo = subprocess.run(
-        [sys.executable, "-m", "poissonflow", "demo"], capture_output=True, text=True, cwd=tmp_path
+        [str(command), "demo"], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     assert demo.returncode == 0, demo.stderr
+    assert "max relative error of v against the float64 reference" in demo.stdout
 
 
 # --------------------------------------------------------------------------- every option

@@ -32,7 +32,7 @@ def test_kernels_run_on_torchs_openmp_runtime():
     assert os.path.realpath(used) == os.path.realpath(torch_runtimes[0]), (used, torch_runtimes)
 
 
-def test_import_does_not_touch_the_environment():
+def test_import_does_not_touch_the_environment(tmp_path):
     code = (
         "import os, json; before = dict(os.environ); import poissonflow, torch; "
         "poissonflow.poisson_field(torch.randn(50, 3), torch.randn(60, 3)); "
@@ -40,6 +40,11 @@ def test_import_does_not_touch_the_environment():
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=tmp_path,
     )
     assert out.stdout.strip() == "[]", out.stdout

@@ -140,9 +140,11 @@ def test_cuda_module_is_compiled_into_the_install():
             mod.launch(**args)
 
 
-def test_importing_poissonflow_does_not_load_cuda():
+def test_importing_poissonflow_does_not_load_cuda(tmp_path):
     code = "import sys, poissonflow; print('poissonflow._cuda' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == "False"
 
 

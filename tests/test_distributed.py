@@ -328,14 +328,19 @@ def worlds(tmp_path_factory):
 # ------------------------------------------------------------------------------- tests
 
 
-def test_import_poissonflow_imports_nothing_distributed():
+def test_import_poissonflow_imports_nothing_distributed(tmp_path):
     code = (
         "import sys, poissonflow, poissonflow.losses, poissonflow.metrics; "
         "bad = [m for m in sys.modules if m.startswith('poissonflow.distributed')]; "
         "assert not bad, bad; print('ok')"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 

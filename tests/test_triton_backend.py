@@ -72,7 +72,7 @@ def test_backend_is_available_and_kernels_match_the_device():
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="checks the CPU-only error path")
-def test_interpreter_requested_after_kernel_import_is_a_clear_error():
+def test_interpreter_requested_after_kernel_import_is_a_clear_error(tmp_path):
     # triton reads TRITON_INTERPRET when a kernel is decorated: kernels imported without it are
     # compiled kernels, which cannot take CPU tensors even if the variable is set later.
     code = (
@@ -88,7 +88,12 @@ def test_interpreter_requested_after_kernel_import_is_a_clear_error():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "TRITON_INTERPRET=1 was set after" in out.stdout
