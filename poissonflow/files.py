@@ -26,6 +26,7 @@ from ._io import atomic_write_bytes
 __all__ = [
     "FORMATS",
     "check_output_folder",
+    "flow_options",
     "jsonable",
     "read_features",
     "read_named_features",
@@ -214,3 +215,22 @@ def _pickle_error():
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def flow_options(args) -> dict[str, Any]:
+    """The flow's options of `poissonflow transform` (parsed arguments) as keyword arguments of
+    `poissonflow.transform`: one mapping for the single-process command and each torchrun rank
+    (the learned and the exact field alike)."""
+    return {
+        "start": args.start,
+        "solver": args.solver,
+        "steps": args.steps,
+        "z_min": args.z_min,
+        "z_max": args.z_max,
+        "parameterization": args.parameterization,
+        "output": args.output,
+        "exclude_self": not args.no_exclude_self,
+        "seed": args.seed,
+        "backend": args.backend,
+        "batch_size": args.batch_size,
+    }
