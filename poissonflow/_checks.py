@@ -73,6 +73,13 @@ def check_positive(value, name: str, *, allow_zero: bool = False) -> float:
     return check_scalar(value, name, minimum=0.0, allow_equal=allow_zero)
 
 
+def check_bool(value, name: str) -> bool:
+    """`value` if it is a bool (not merely truthy), else a TypeError naming `name`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_int(value, name: str, minimum: int) -> int:
     """`value` as an int >= minimum (numpy integers accepted, bools refused), else a
     ValueError naming `name`."""

@@ -136,8 +136,7 @@ def riesz_uniformity_loss(
     def checks():
         xx = _rows(x, "x")
         sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        _checks.check_bool(normalize, "normalize")
         check_coincident(coincident)
         b = _bank_rows(bank, xx)
         return xx, sv, b, _normalised(xx, "x", normalize), _normalised(b, "bank", normalize)

@@ -428,8 +428,7 @@ def riesz_uniformity_loss(
     """
     x = as_features(x, "x", min_rows=1)
     sv = _checks.check_scalar(s, "s", minimum=0.0, allow_equal=False)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _checks.check_bool(normalize, "normalize")
     check_coincident(coincident)
     n, d = x.shape
     bank = _bank_rows(bank, x)

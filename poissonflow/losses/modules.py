@@ -15,12 +15,6 @@ from . import functions as F
 __all__ = ["RieszLoss", "AlignUniformLoss", "WassersteinUniformityLoss", "NoiseInjectedInfoNCELoss"]
 
 
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 class RieszLoss(nn.Module):
     """Riesz s-energy uniformity (`poissonflow.losses.riesz_uniformity_loss`) with its own
     memory bank, on one process or over a process group.
@@ -81,8 +75,8 @@ class RieszLoss(nn.Module):
         if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 0:
             raise ValueError(f"bank_size must be an int >= 0, got {bank_size!r}")
         self.bank_size = bank_size
-        self.normalize = _flag(normalize, "normalize")
-        self.gather_distributed = _flag(gather_distributed, "gather_distributed") or (
+        self.normalize = _checks.check_bool(normalize, "normalize")
+        self.gather_distributed = _checks.check_bool(gather_distributed, "gather_distributed") or (
             process_group is not None
         )
         self.process_group = process_group
@@ -113,7 +107,7 @@ class RieszLoss(nn.Module):
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        _flag(update_bank, "update_bank")
+        _checks.check_bool(update_bank, "update_bank")
         if (
             self.bank_size
             and self._bank is None
@@ -231,7 +225,7 @@ class AlignUniformLoss(nn.Module):
         self.t = _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)
         self.align_weight = _checks.check_scalar(align_weight, "align_weight")
         self.uniform_weight = _checks.check_scalar(uniform_weight, "uniform_weight")
-        self.normalize = _flag(normalize, "normalize")
+        self.normalize = _checks.check_bool(normalize, "normalize")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of the two views x, y (N, D), paired row by row.

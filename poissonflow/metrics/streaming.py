@@ -57,9 +57,7 @@ class StreamingMetric:
     """
 
     def __init__(self, *, sync: bool = True, process_group: Any = None) -> None:
-        if not isinstance(sync, bool):
-            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
-        self.sync = sync
+        self.sync = _checks.check_bool(sync, "sync")
         self.process_group = process_group
         self.reset()
 
@@ -221,11 +219,8 @@ class EffectiveRank(_GramState):
         process_group: Any = None,
     ) -> None:
         self.eps = None if eps is None else _checks.check_scalar(eps, "eps", minimum=0.0)
-        for value, name in ((center, "center"), (normalize, "normalize")):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-        self.center = center
-        self._normalize = normalize
+        self.center = _checks.check_bool(center, "center")
+        self._normalize = _checks.check_bool(normalize, "normalize")
         super().__init__(sync=sync, process_group=process_group)
 
     def compute(self) -> torch.Tensor:
@@ -306,9 +301,7 @@ class Alignment(StreamingMetric):
         process_group: Any = None,
     ) -> None:
         self.alpha = _checks.check_scalar(alpha, "alpha", minimum=0.0, allow_equal=False)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self.normalize = normalize
+        self.normalize = _checks.check_bool(normalize, "normalize")
         super().__init__(sync=sync, process_group=process_group)
 
     def reset(self) -> None:
@@ -374,9 +367,7 @@ class Uniformity(StreamingMetric):
         process_group: Any = None,
     ) -> None:
         self.t = _checks.check_scalar(t, "t", minimum=0.0, allow_equal=False)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self.normalize = normalize
+        self.normalize = _checks.check_bool(normalize, "normalize")
         super().__init__(sync=sync, process_group=process_group)
 
     def reset(self) -> None:
