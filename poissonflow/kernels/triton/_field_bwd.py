@@ -352,32 +352,22 @@ def field_backward_launch(
         delta = (gv.to(cdt) * v.detach().to(cdt)).sum(dim=1).contiguous()
     gl_c = None if gl is None else gl.detach().to(cdt).contiguous()
 
+    def launch(kernel, blocks, outputs):
+        # both kernels take the same inputs, then their outputs, then the sizes
+        with launch_guard(x):
+            wrap_triton(kernel)[blocks](
+                x, y, lw, excl, e2, scal, lse2, gv, delta, gl_c,
+                *outputs,
+                N, B, D, e2_stride, size_class(N, B),
+            )  # fmt: skip
+
     if need_x and N > 0:
         acc = gx if cdt == x.dtype else torch.empty((N, D), dtype=cdt, device=dev)
 
         def grid_q(meta):
             return (triton.cdiv(N, meta["BLOCK_M"]),)
 
-        with launch_guard(x):
-            wrap_triton(_field_bwd_dx_kernel)[grid_q](
-                x,
-                y,
-                lw,
-                excl,
-                e2,
-                scal,
-                lse2,
-                gv,
-                delta,
-                gl_c,
-                acc,
-                gx,
-                N,
-                B,
-                D,
-                e2_stride,
-                size_class(N, B),
-            )
+        launch(_field_bwd_dx_kernel, grid_q, (acc, gx))
 
     if need_y or need_w:
         accy = None
@@ -389,27 +379,7 @@ def field_backward_launch(
             def grid_c(meta):
                 return (triton.cdiv(B, meta["BLOCK_N"]),)
 
-            with launch_guard(x):
-                wrap_triton(_field_bwd_dy_kernel)[grid_c](
-                    x,
-                    y,
-                    lw,
-                    excl,
-                    e2,
-                    scal,
-                    lse2,
-                    gv,
-                    delta,
-                    gl_c,
-                    accy,
-                    gy,
-                    dw,
-                    N,
-                    B,
-                    D,
-                    e2_stride,
-                    size_class(N, B),
-                )
+            launch(_field_bwd_dy_kernel, grid_c, (accy, gy, dw))
         else:
             if need_y:
                 gy.zero_()

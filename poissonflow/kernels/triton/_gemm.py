@@ -1,6 +1,9 @@
 """Triton forward of the Poisson field with r2 in GEMM form and a certified error
 (docs/DESIGN.md, "A tensor-core field with a certified error").
 
+(Over 600 lines, kept whole: the bound derived below, the pre-pass, the kernel that relies on
+the bound and its launcher are one argument; split, the proof would sit apart from its code.)
+
 Per tile of BLOCK_M queries x BLOCK_N charges:
 
     q_ij   = nx_i + ny_j - 2 x_i . y_j          tl.dot at an explicit precision (PRECISIONS)

@@ -1,6 +1,9 @@
 """Every Triton kernel configuration the package can launch, compiled for sm_80 and sm_90 without
 a GPU, with ptxas's figures and the budgets they must meet.
 
+(Over 600 lines, kept whole: the enumeration of the launch variants, their specialisation, the
+reading of ptxas's figures and the budget table are one check, run as one subprocess.)
+
     python -m poissonflow.kernels.triton.build_budget [--arch 80 90] [--jobs 2] [--json FILE]
     [--markdown]
 
