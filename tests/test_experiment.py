@@ -722,8 +722,8 @@ def test_validation_split_is_disjoint_from_what_the_encoder_and_fields_trained_o
     fixed by the seed; the encoder and the learned fields were fit on the other images only
     (their cache keys fingerprint exactly those), and results.json records the split."""
     from poissonflow.experiments import encoder as enc_mod
-    from poissonflow.experiments.experiment import load_limited
     from poissonflow.experiments.protocol import VAL_FRACTION, validation_split
+    from poissonflow.experiments.runner import load_limited
 
     res, out = results
     dataset = load_limited("digits", None, 240)

@@ -6,6 +6,7 @@ the end-to-end case runs on a few digits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -350,9 +351,24 @@ def test_end_to_end_tiny_and_resumes(tmp_path, one_thread):
         assert 0 <= r["rows"]["raw features"]["tuned"]["test"] <= 1
     assert "align_riesz" in data["summary"] and data["riesz_vs_uniform"]["seeds"] == [0]
     assert "chosen s" in (out / "results.md").read_text()
-    second = run_ssl_experiment(cfg)  # everything from the cache, the same numbers
-    assert all(r["encoder_from_cache"] and r["rows_from_cache"] for r in second["per_encoder"])
+    assert data["units_done"] == [["align_uniform", 0], ["align_riesz", 0]]
+    # the per-image predictions are saved, and the committed statistics recompute from them
+    from poissonflow.experiments.reanalyse import check_run, load_predictions
+
+    assert check_run(out) == []
+    saved = load_predictions(out, ["raw features", "L2 (centred)"], group="align_riesz")
+    assert list(saved) == [0] and set(saved[0][0]) == {"raw features", "L2 (centred)"}
+    assert data["cpu_seconds"] > 0 and all(r["cpu_seconds"] > 0 for r in recs)
+    assert [r["resumed"] for r in first["per_encoder"]] == [False, False]
+    second = run_ssl_experiment(cfg)  # the finished units read back: the same numbers
+    assert [r["resumed"] for r in second["per_encoder"]] == [True, True]
     assert second["summary"] == first["summary"]
+    assert second["per_encoder"][1]["rows"] == first["per_encoder"][1]["rows"]
+    # --no-resume recomputes the units, from the encoders and rows cached on their own
+    third = run_ssl_experiment(dataclasses.replace(cfg, resume=False))
+    assert all(r["encoder_from_cache"] and r["rows_from_cache"] for r in third["per_encoder"])
+    assert [r["resumed"] for r in third["per_encoder"]] == [False, False]
+    assert third["summary"] == first["summary"]
 
 
 def test_the_shared_training_loop_is_the_loop_written_out(one_thread):

@@ -1,6 +1,7 @@
-"""What both study drivers (experiment, ssl_experiment) share about their settings: the
-ConfigError that names a command-line option, the checks of integers, folders and devices, and
-the command.txt written beside a run's results."""
+"""What both studies (experiment, ssl_experiment) share about their settings: the ConfigError
+that names a command-line option, the checks of integers, folders and devices, the validation
+and command-line options of the settings every study has, and the command.txt written beside
+a run's results."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 __all__ = [
     "MIN_LIMIT",
     "ConfigError",
+    "add_common_arguments",
+    "common_settings",
+    "validate_common",
     "check_device",
     "check_readable",
     "check_writable_folder",
@@ -87,3 +91,166 @@ def write_command(out_dir: Path) -> None:
         out_dir / "command.txt",
         "python -m poissonflow " + " ".join(shlex.quote(a) for a in argv) + "\n",
     )
+
+
+# --------------------------------------------------------------------------- shared settings
+# The settings every study has (dataset, seeds, folders, device, threads, --limit, progress,
+# resume): validated and parsed here once, for experiment.py and ssl_experiment.py alike.
+
+
+def check_flag(value, option: str, what: str = "must be True or False") -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(option, f"{what}, got {value!r}")
+
+
+def validate_common(cfg) -> None:
+    """ConfigError (naming the option) for a bad shared setting of either study's
+    configuration; cheap, so both run before loading data or training anything."""
+    from .data import DATASETS, find_cifar10_subset
+
+    if cfg.dataset not in DATASETS:
+        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else None
+    if not seeds:
+        raise ConfigError("--seeds", f"must be one or more integers, got {cfg.seeds!r}")
+    for seed in seeds:
+        if not _is_int(seed) or seed < 0:
+            raise ConfigError("--seeds", f"seeds must be non-negative integers, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("--seeds", f"a seed is given twice in {list(seeds)}")
+    if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
+        raise ConfigError("--threads", f"must be an integer >= 1, got {cfg.threads!r}")
+    if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < MIN_LIMIT):
+        raise ConfigError(
+            "--limit",
+            f"must be an integer >= {MIN_LIMIT} (enough examples for "
+            f"the probe's validation split), got {cfg.limit!r}",
+        )
+    if cfg.progress is not None:
+        check_flag(cfg.progress, "--progress", "must be True, False or None (a terminal's)")
+    check_flag(cfg.resume, "--no-resume", "resume must be True or False")
+    check_device(cfg.device)
+    if cfg.data_dir is not None:
+        if cfg.dataset == "digits":
+            raise ConfigError(
+                "--data-dir",
+                "digits are bundled with scikit-learn and read no "
+                "folder; drop --data-dir or choose another --dataset",
+            )
+        check_readable(
+            Path(cfg.data_dir).expanduser(),
+            "--data-dir",
+            "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file",
+        )
+    elif cfg.dataset == "cifar10":
+        raise ConfigError(
+            "--data-dir",
+            "--dataset cifar10 needs --data-dir: the official "
+            "'cifar-10-batches-py' folder or the folder holding it",
+        )
+    elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
+        raise ConfigError(
+            "--data-dir",
+            "--dataset cifar10-subset found no shared copy at its "
+            "default location; pass --data-dir (the .npz or its "
+            "folder)",
+        )
+    check_writable_folder(Path(cfg.out_dir), "--out")
+    if cfg.cache_dir is not None:
+        check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
+
+
+def add_common_arguments(parser, *, default_seeds, what_is_cached: str) -> None:
+    """The shared options of both study commands (their defaults differ only in seeds)."""
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "cifar10", "cifar10-subset"],
+        help="digits: scikit-learn's bundled 8x8 digits (default); cifar10: the "
+        "official batches (needs --data-dir); cifar10-subset: the shared "
+        "5085/1017-image subset, or --data-dir",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
+        "(cifar10-subset); not allowed with digits",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(default_seeds),
+        help="non-negative seeds, one full run each (encoder, validation split, probes; "
+        f"default: {' '.join(map(str, default_seeds))})",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for results.json, results.md and the plots "
+        "(default: results/<study>-<dataset>, results/<dataset> for the experiment)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"where {what_is_cached} are cached (default: <out>/cache)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the encoders and the learned fields: cpu (default) or cuda[:index]",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"use only the first N train and N/3 test examples, N >= {MIN_LIMIT} (quick runs)",
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
+    progress.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_const",
+        const=False,
+        help="no progress bars",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch, BLAS and OpenMP threads for the run (default: 1; the "
+        "studies' small problems run fastest on one thread a process)",
+    )
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="recompute units of work (a seed; an objective's seed) that this "
+        "configuration already finished (default: their stored results are "
+        "reused, so a stopped run resumes where it stopped; encoders and "
+        "learned fields are cached either way)",
+    )
+
+
+def common_settings(args, study: str) -> dict:
+    """The shared settings from parsed arguments, as keyword arguments of a study's
+    configuration (`study` names the default output folder: results/<study><dataset>)."""
+    return {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "seeds": tuple(args.seeds),
+        "out_dir": args.out or f"results/{study}{args.dataset}",
+        "cache_dir": args.cache_dir,
+        "device": args.device,
+        "limit": args.limit,
+        "progress": args.progress,
+        "threads": args.threads,
+        "resume": not args.no_resume,
+    }

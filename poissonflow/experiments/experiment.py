@@ -48,7 +48,8 @@ validation split; a probe of the features). Every probe's per-image test predict
 the primary comparison alone and the rest Benjamini-Hochberg corrected; protocol._compare),
 and the earlier image-only comparison ("paired", probes.paired_comparison).
 
-Resuming: each finished seed's results are stored in the cache folder (seed_result_key), and
+Resuming (runner.py, the one runner of both studies; a seed is this study's unit): each
+finished seed's results are stored in the cache folder (seed_result_key), and
 results.json / results.md are rewritten after every seed, marked partial until the last; the
 same command run again reads the finished seeds back and continues with the next one (a seed
 stopped half-way reuses its cached encoder features and learned fields). --no-resume
@@ -67,9 +68,6 @@ image, their uniformity with t = 2, Fang et al.'s Wasserstein uniformity, effect
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -77,13 +75,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import (
+from .config import (  # noqa: F401 (MIN_LIMIT re-exported: the smallest --limit)
     MIN_LIMIT,
     ConfigError,
     _is_int,
-    check_device,
+    add_common_arguments,
+    check_flag,
     check_readable,
     check_writable_folder,
+    common_settings,
+    validate_common,
     write_command,
 )
 from .encoder import MAX_FEATURE_DIM, MIN_FEATURE_DIM
@@ -117,6 +118,7 @@ from .rows import (  # noqa: F401 (re-exported: the rows are part of the experim
     row_names,
     score_row,
 )
+from .runner import Unit, cache_dir, run_study, unit_key, versions
 
 __all__ = [
     "ExperimentConfig",
@@ -187,7 +189,7 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
         fit,
         settings,
         device=cfg.device,
-        cache_dir=_cache_dir(cfg),
+        cache_dir=cache_dir(cfg),
         progress=cfg.progress,
         x_val=dataset.x_train[val_idx],
     )
@@ -215,7 +217,7 @@ def run_seed(dataset, cfg: ExperimentConfig, seed: int) -> dict[str, Any]:
         device=cfg.device,
         progress=bool(cfg.progress),
         field_epochs=cfg.field_epochs,
-        cache_dir=_cache_dir(cfg),
+        cache_dir=cache_dir(cfg),
         blog_preset="blog-faithful" if cfg.faithful else "blog",
     )
     graph = row_graph(features, (ytr, yte, yva), run)
@@ -255,17 +257,10 @@ def encoder_settings(cfg: ExperimentConfig, dataset_name: str, seed: int):
     return settings
 
 
-def _cache_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
-
-
 # ------------------------------------------------------------------ finished seeds, resumed
-# A finished seed's results (rows, sweep, timings, per-image predictions) are stored in the
-# cache folder under a key of everything that determines them, so a run that is stopped (or
-# a longer list of seeds) resumes at the next unfinished seed. Within a seed the encoder's
-# features and the learned fields are cached on their own (encode_dataset, _fit_field): a
-# seed stopped half-way recomputes only its rows. Bump SEED_RESULT_VERSION whenever a change
-# here, in probes.py, metrics.py, transform.py or flow.py changes what a seed's rows hold.
+# The unit of this study's work is a seed (runner.py runs the units, stores each finished one
+# under its key and reads it back on resume). Bump SEED_RESULT_VERSION whenever a change here,
+# in probes.py, metrics.py, transform.py or flow.py changes what a seed's rows hold.
 # 2: the probes scale with one StandardScaler fit on all training features (probes.py).
 # 3: the held-out validation split (protocol.py), converged blog classifier, k-NN k on
 # validation, labels-per-class probes, unit-norm and clipped controls.
@@ -273,159 +268,61 @@ SEED_RESULT_VERSION = 3
 
 
 def seed_result_key(cfg: ExperimentConfig, dataset, seed: int) -> str:
-    """Cache key of one seed's results: the code versions, the settings that change them and
-    a fingerprint of the data (after --limit). Display options (progress, output folders)
-    are not part of it."""
-    from .. import __version__
-    from .cache import cache_key
-    from .encoder import ENCODER_VERSION
-
-    return cache_key(
+    """Cache key of one seed's results (runner.unit_key: the versions, the data and the
+    shared settings) with the settings of this study that change them."""
+    return unit_key(
+        cfg,
+        dataset,
+        seed,
+        "experiment-seed",
         {
-            "what": "experiment-seed",
             "seed_result_version": SEED_RESULT_VERSION,
-            "encoder_version": ENCODER_VERSION,
-            "learned_field_cache_version": LEARNED_FIELD_CACHE_VERSION,
-            "poissonflow": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "sklearn": _sklearn_version(),
-            "dataset": dataset.name,
-            "seed": int(seed),
             "encoder_settings": encoder_settings(cfg, dataset.name, seed).to_dict(),
             "field_epochs": cfg.field_epochs,
             "faithful": cfg.faithful,
             "sweep": cfg.sweep,
-            "device": torch.device(cfg.device).type,
-            "threads": cfg.threads,
             "rows": row_names(cfg.pfgm_plateau),
             "plateau": PLATEAU,
-            "val_fraction": VAL_FRACTION,
             "clip_factor": CLIP_FACTOR,
         },
-        dataset.fingerprint(),
     )
 
 
-def source_sha256() -> str:
-    """sha256 of the package's Python sources (recorded with each seed, not part of its key:
-    a resumed run reports when its seeds were computed by different sources)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def _store_seed(cache, key: str, done: dict[str, Any], predictions, y_test) -> None:
-    from .report import _jsonable
-
-    index, arrays = [], {"y_test": np.asarray(y_test)}
-    for row, probes in predictions.items():
-        for probe, pred in probes.items():
-            name = f"p{len(index)}"
-            index.append([row, probe, name])
-            arrays[name] = np.asarray(pred)
-    record = {"result": _jsonable(done), "predictions": index}
-    arrays["record_json"] = np.array(json.dumps(record))
-    cache.put(key, arrays, {"what": "experiment-seed", "seed": int(done["seed"])})
-
-
-def _load_seed(cache, key: str):
-    """(seed results, predictions, y_test) of a finished seed, or None."""
-    found = cache.get(key)
-    if found is None:
-        return None
-    arrays, _ = found
-    try:
-        record = json.loads(str(arrays["record_json"][()]))
-        predictions: dict[str, dict[str, np.ndarray]] = {}
-        for row, probe, name in record["predictions"]:
-            predictions.setdefault(row, {})[probe] = arrays[name]
-        return record["result"], predictions, arrays["y_test"]
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Runs every seed and writes the outputs (after each seed, marked incomplete until the
-    last). The problems are small (a 1347 x 129 logistic regression, a 129-wide MLP): with two
-    threads on two shared cores the OpenMP and BLAS workers spin against each other, and one
-    seed's rows took 17 minutes at a load of 9 where one thread took 30 s for the whole seed
-    (measured on the development machine), so the run limits torch, BLAS and OpenMP to
-    `cfg.threads`."""
+    """Runs every seed (runner.run_study: one thread by default, resume) and writes the
+    outputs after each seed, marked incomplete until the last."""
     validate_config(cfg)
-    if cfg.threads is None:
-        return _run(cfg)
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with threadpool_limits(limits=cfg.threads):
-            return _run(cfg)
-    finally:
-        torch.set_num_threads(before)
+    return run_study(cfg, SupervisedStudy())
 
 
-def load_limited(name: str, data_dir, limit):
-    """The data set, cut to its first `limit` train and limit / 3 test examples (--limit;
-    shared with ssl_experiment)."""
-    from .data import load_dataset
+class SupervisedStudy:
+    """The experiment as the runner's study: a unit per seed (run_seed), written as
+    results.json "per_seed"."""
 
-    dataset = load_dataset(name, data_dir)
-    if limit is not None:
-        n_test = max(10, limit // 3)
-        dataset = dataclasses.replace(
-            dataset,
-            x_train=dataset.x_train[:limit],
-            y_train=dataset.y_train[:limit],
-            x_test=dataset.x_test[:n_test],
-            y_test=dataset.y_test[:n_test],
-        )
-    return dataset
-
-
-def _run(cfg: ExperimentConfig) -> dict[str, Any]:
-    if cfg.progress is None:
-        cfg = dataclasses.replace(cfg, progress=sys.stderr.isatty())
-    t0 = time.perf_counter()
-    dataset = load_limited(cfg.dataset, cfg.data_dir, cfg.limit)
-    from .cache import ArrayCache
-
-    cache = ArrayCache(_cache_dir(cfg))
-    source = source_sha256()
-    per_seed: list[dict[str, Any]] = []
-    predictions: dict[int, Any] = {}
-    for seed in cfg.seeds:
-        key = seed_result_key(cfg, dataset, seed)
-        found = _load_seed(cache, key) if cfg.resume else None
-        if found is not None:
-            done, preds, y_test = found
-            done["resumed"] = True
-            print(
-                f"{dataset.name}: seed {seed} finished before, its results read from "
-                f"{cache.path(key)}",
-                file=sys.stderr,
+    def units(self, cfg: ExperimentConfig, dataset, cache: Path) -> list[Unit]:
+        return [
+            Unit(
+                label=f"seed {seed}",
+                key=seed_result_key(cfg, dataset, seed),
+                run=lambda seed=seed: _seed_unit(dataset, cfg, seed),
+                meta={"what": "experiment-seed", "seed": int(seed)},
             )
-        else:
-            print(f"{dataset.name}: seed {seed}", file=sys.stderr)
-            done = run_seed(dataset, cfg, seed)
-            preds, y_test = done.pop("predictions"), done.pop("y_test")
-            done["source_sha256"] = source
-            _store_seed(cache, key, done, preds, y_test)
-            done["resumed"] = False
-        predictions[seed] = (preds, y_test)
-        per_seed.append(done)
-        if seed != cfg.seeds[-1]:
-            # the seeds so far, marked partial: a long run that is stopped keeps them
-            _write(cfg, dataset, per_seed, predictions, t0, complete=False)
-    return _write(cfg, dataset, per_seed, predictions, t0, complete=True)
+            for seed in cfg.seeds
+        ]
+
+    def write(self, cfg, dataset, done, t0, *, complete: bool) -> dict[str, Any]:
+        per_seed = [d.record for d in done]
+        predictions = {int(d.record["seed"]): (d.predictions, d.y_test) for d in done}
+        return _write(cfg, dataset, per_seed, predictions, t0, complete=complete)
+
+
+def _seed_unit(dataset, cfg: ExperimentConfig, seed: int):
+    # run_seed looked up when called (a test stands in for it)
+    done = run_seed(dataset, cfg, seed)
+    return done, done.pop("predictions"), done.pop("y_test")
 
 
 def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[str, Any]:
-    from .. import __version__
     from . import report
     from .protocol import _compare, run_name
 
@@ -438,14 +335,7 @@ def _write(cfg, dataset, per_seed, predictions, t0, *, complete: bool) -> dict[s
             "source": str(dataset.source),
             "sha256": dataset.file_sha256,
         },
-        "versions": {
-            "poissonflow": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-            "sklearn": _sklearn_version(),
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
         "torch_threads": torch.get_num_threads(),
         "per_seed": per_seed,
         "summary": report.summarise(per_seed),
@@ -485,38 +375,13 @@ def protocol_record() -> dict[str, Any]:
     }
 
 
-def _sklearn_version() -> str:
-    import sklearn
-
-    return sklearn.__version__
-
-
 # --------------------------------------------------------------------------- command line
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
     """Raises ConfigError (a ValueError naming the command-line option) for any bad setting;
     cheap, so run_experiment and main call it before loading data or training anything."""
-    from .data import DATASETS, find_cifar10_subset
-
-    if cfg.dataset not in DATASETS:
-        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
-    seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else None
-    if not seeds:
-        raise ConfigError("--seeds", f"must be one or more integers, got {cfg.seeds!r}")
-    for seed in seeds:
-        if not _is_int(seed) or seed < 0:
-            raise ConfigError("--seeds", f"seeds must be non-negative integers, got {seed!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("--seeds", f"a seed is given twice in {list(seeds)}")
-    if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
-        raise ConfigError("--threads", f"must be an integer >= 1, got {cfg.threads!r}")
-    if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < MIN_LIMIT):
-        raise ConfigError(
-            "--limit",
-            f"must be an integer >= {MIN_LIMIT} (enough examples for "
-            f"the probe's validation split), got {cfg.limit!r}",
-        )
+    validate_common(cfg)
     for option, value in (
         ("--encoder-epochs", cfg.encoder_epochs),
         ("--field-epochs", cfg.field_epochs),
@@ -531,78 +396,14 @@ def validate_config(cfg: ExperimentConfig) -> None:
             f"must be an integer from {MIN_FEATURE_DIM} to "
             f"{MAX_FEATURE_DIM}, got {cfg.feature_dim!r}",
         )
-    if not isinstance(cfg.resume, bool):
-        raise ConfigError("--no-resume", f"resume must be True or False, got {cfg.resume!r}")
-    if not isinstance(cfg.pfgm_plateau, bool):
-        raise ConfigError("--pfgm-plateau", f"must be True or False, got {cfg.pfgm_plateau!r}")
-    check_device(cfg.device)
-    if cfg.data_dir is not None:
-        if cfg.dataset == "digits":
-            raise ConfigError(
-                "--data-dir",
-                "digits are bundled with scikit-learn and read no "
-                "folder; drop --data-dir or choose another --dataset",
-            )
-        check_readable(
-            Path(cfg.data_dir).expanduser(),
-            "--data-dir",
-            "the CIFAR-10 folder" if cfg.dataset == "cifar10" else "the subset file",
-        )
-    elif cfg.dataset == "cifar10":
-        raise ConfigError(
-            "--data-dir",
-            "--dataset cifar10 needs --data-dir: the official "
-            "'cifar-10-batches-py' folder or the folder holding it",
-        )
-    elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
-        raise ConfigError(
-            "--data-dir",
-            "--dataset cifar10-subset found no shared copy at its "
-            "default location; pass --data-dir (the .npz or its "
-            "folder)",
-        )
-    check_writable_folder(Path(cfg.out_dir), "--out")
-    if cfg.cache_dir is not None:
-        check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
+    check_flag(cfg.pfgm_plateau, "--pfgm-plateau")
+    for option, value in (("--no-sweep", cfg.sweep), ("--faithful", cfg.faithful)):
+        check_flag(value, option)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--dataset",
-        default="digits",
-        choices=["digits", "cifar10", "cifar10-subset"],
-        help="digits: scikit-learn's bundled 8x8 digits (default); cifar10: the "
-        "official batches (needs --data-dir); cifar10-subset: the shared "
-        "5085/1017-image subset, or --data-dir",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="cifar-10-batches-py folder (cifar10) or the subset .npz / folder "
-        "(cifar10-subset); not allowed with digits",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_SEEDS),
-        help="non-negative seeds, one full run each (encoder, probe split, flow; "
-        "default: 0 1 2 3 4)",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output folder for results.json, results.md and the plot (default: results/<dataset>)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where encoder features and learned fields are cached (default: <out>/cache)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device for the encoder and the learned fields: cpu (default) or cuda[:index]",
+    add_common_arguments(
+        parser, default_seeds=DEFAULT_SEEDS, what_is_cached="encoder features and learned fields"
     )
     parser.add_argument(
         "--encoder-epochs",
@@ -622,38 +423,12 @@ def add_arguments(parser) -> None:
         help="skip the horizon sweep (accuracy along the flow) and its plot",
     )
     parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help=f"use only the first N train and N/3 test examples, N >= {MIN_LIMIT} (quick runs)",
-    )
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bars (default: bars when stderr is a terminal)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch, BLAS and OpenMP threads for the run (default: 1; the "
-        "experiment's small problems run fastest on one thread a process)",
-    )
-    parser.add_argument(
         "--feature-dim",
         type=int,
         default=None,
         help=f"size of the encoder's L2-normalised features (fc8), "
         f"{MIN_FEATURE_DIM}..{MAX_FEATURE_DIM} (default: 128, the blog's); "
         f"part of every cache key",
-    )
-    parser.add_argument(
-        "--no-resume",
-        action="store_true",
-        help="recompute seeds that this configuration already finished "
-        "(default: their stored results are reused, so a stopped run "
-        "resumes at the next seed; encoder features and learned fields "
-        "are cached either way)",
     )
     parser.add_argument(
         "--pfgm-plateau",
@@ -673,21 +448,12 @@ def add_arguments(parser) -> None:
 
 def config_from_args(args) -> ExperimentConfig:
     return ExperimentConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        seeds=tuple(args.seeds),
-        out_dir=args.out or f"results/{args.dataset}",
-        cache_dir=args.cache_dir,
-        device=args.device,
+        **common_settings(args, study=""),
         encoder_epochs=args.encoder_epochs,
         field_epochs=args.field_epochs,
         sweep=not args.no_sweep,
-        limit=args.limit,
-        progress=False if args.no_progress else None,
         faithful=args.faithful,
-        threads=args.threads,
         feature_dim=args.feature_dim,
-        resume=not args.no_resume,
         pfgm_plateau=args.pfgm_plateau,
     )
 

@@ -30,6 +30,8 @@ from .verdict import RUNS, render_page
 __all__ = ["run_statistics", "load_predictions", "reanalyse_run", "check_run", "RUNS", "main"]
 
 RAW = "raw features"
+# The self-supervised study's runs: --check --all recomputes their statistics too.
+SSL_RUNS = ["ssl-digits", "ssl-cifar10-subset"]
 HEAD = "encoder head"
 
 # The blog's comparison: (label, (row A, probe A), (row B, probe B)), B minus A (the labels of
@@ -61,14 +63,20 @@ PROBE_ORDER = [
 
 
 def load_predictions(
-    run_dir: str | Path, rows: list[str] | None = None
+    run_dir: str | Path, rows: list[str] | None = None, group: str | None = None
 ) -> dict[int, tuple[dict[str, dict[str, np.ndarray]], np.ndarray]]:
     """{seed: ({row: {probe: predicted labels}}, y_test)} from run_dir/predictions.npz (keys
     "seed<s>/y_test" and "seed<s>/<row>/<probe>"). rows: the run's row names (results.json),
-    used to split a key whose probe name holds a "/"; without them the last "/" splits."""
+    used to split a key whose probe name holds a "/"; without them the last "/" splits.
+    group: the self-supervised study's objective (its keys are prefixed "<group>/")."""
     out: dict[int, tuple[dict[str, dict[str, np.ndarray]], np.ndarray]] = {}
-    with np.load(Path(run_dir) / "predictions.npz") as z:
-        keys = sorted(z.files)
+    with np.load(Path(run_dir) / "predictions.npz") as archive:
+        if group is None:
+            z = {k: archive[k] for k in archive.files}
+        else:
+            cut = len(group) + 1
+            z = {k[cut:]: archive[k] for k in archive.files if k.startswith(group + "/")}
+        keys = sorted(z)
         ys = {int(k.split("/", 1)[0][4:]): z[k] for k in keys if k.endswith("/y_test")}
         for seed, y in ys.items():
             out[seed] = ({}, y)
@@ -252,25 +260,41 @@ def check_run(
     and per-seed figures. only: the (probe, row) pairs to recompute (default all; the blog
     comparisons are checked when only is None). source: "seed_aware.json" or "results.json"
     (its "seed_aware" key); default: results.json where it carries them (the runs of the
-    current protocol), else seed_aware.json. An empty list: the committed intervals are the
-    recomputed ones."""
+    current protocol), else seed_aware.json. A self-supervised run (results.json
+    "per_encoder") is checked objective by objective. An empty list: the committed intervals
+    are the recomputed ones."""
     run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    if "per_encoder" in results:
+        rows = list(results["per_encoder"][0]["rows"]) if results["per_encoder"] else []
+        return [
+            line
+            for objective, committed in results.get("seed_aware", {}).items()
+            for line in _check_statistics(
+                f"{run_dir} ({objective})",
+                committed,
+                load_predictions(run_dir, rows, group=objective),
+                only,
+            )
+        ]
     if source is None:
-        on_disk = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-        source = "results.json" if "seed_aware" in on_disk else "seed_aware.json"
+        source = "results.json" if "seed_aware" in results else "seed_aware.json"
     if source == "results.json":
-        committed = json.loads((run_dir / source).read_text(encoding="utf-8"))["seed_aware"]
+        committed = results["seed_aware"]
     else:
         committed = json.loads((run_dir / source).read_text(encoding="utf-8"))
         if committed.get("inputs", {}).get("predictions.npz") != _sha256(
             run_dir / "predictions.npz"
         ):
             return [f"{run_dir}: predictions.npz is not the file the statistics were computed from"]
-    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     preds = load_predictions(run_dir, list(results["per_seed"][0]["rows"]))
+    return _check_statistics(str(run_dir), committed, preds, only)
+
+
+def _check_statistics(where: str, committed: dict, preds, only) -> list[str]:
     m = committed["method"]
     if [int(s) for s in preds] != m["seeds"]:
-        return [f"{run_dir}: seeds {list(preds)} in predictions.npz, {m['seeds']} committed"]
+        return [f"{where}: seeds {list(preds)} in predictions.npz, {m['seeds']} committed"]
     keys = ("mean_diff", "ci95", "t_p", "per_seed_diff", "mcnemar_p_per_seed")
     bad = []
     pairs = only or [(pr, row) for pr, rows in committed["against_raw"].items() for row in rows]
@@ -284,7 +308,7 @@ def check_run(
         )
         want = committed["against_raw"][probe][row]
         bad += [
-            f"{run_dir}: {row} / {probe}: {k} committed {want[k]}, recomputed {got[k]}"
+            f"{where}: {row} / {probe}: {k} committed {want[k]}, recomputed {got[k]}"
             for k in keys
             if not _close(want[k], got[k])
         ]
@@ -301,7 +325,7 @@ def check_run(
             )
             want = committed["blog_comparison"][label]
             bad += [
-                f"{run_dir}: {label}: {k} committed {want[k]}, recomputed {got[k]}"
+                f"{where}: {label}: {k} committed {want[k]}, recomputed {got[k]}"
                 for k in keys
                 if not _close(want[k], got[k])
             ]
@@ -362,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [Path(r) for r in args.runs]
     if args.all:
         dirs += [root / r for r, _ in RUNS if (root / r / "predictions.npz").exists()]
+        if args.check:  # their results.json carries their statistics (nothing to re-analyse)
+            dirs += [root / r for r in SSL_RUNS if (root / r / "predictions.npz").exists()]
     if not dirs and not args.verdict:
         ap.error("name run folders or --all")
     if args.check:

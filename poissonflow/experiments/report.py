@@ -532,15 +532,19 @@ def paired_statistics(predictions: dict, *, n_boot: int = 2000) -> dict[str, Any
     return {"against_raw": against, "blog_comparison": blog}
 
 
-def write_predictions(predictions: dict, out_dir: Path) -> None:
+def write_predictions(predictions: dict, out_dir: Path, *, groups: bool = False) -> None:
     """predictions.npz beside results.json: per seed the test labels ("seed<s>/y_test") and
-    every row's and probe's predicted labels ("seed<s>/<row>/<probe>"), for paired tests."""
+    every row's and probe's predicted labels ("seed<s>/<row>/<probe>"), for paired tests.
+    groups: predictions is {group: {seed: ...}} (the self-supervised study's objectives), each
+    key then prefixed "<group>/"."""
     arrays = {}
-    for seed, (rows, y) in predictions.items():
-        arrays[f"seed{seed}/y_test"] = np.asarray(y)
-        for row, probes in rows.items():
-            for probe, pred in probes.items():
-                arrays[f"seed{seed}/{row}/{probe}"] = np.asarray(pred)
+    for group, by_seed in predictions.items() if groups else [("", predictions)]:
+        prefix = f"{group}/" if groups else ""
+        for seed, (rows, y) in by_seed.items():
+            arrays[f"{prefix}seed{seed}/y_test"] = np.asarray(y)
+            for row, probes in rows.items():
+                for probe, pred in probes.items():
+                    arrays[f"{prefix}seed{seed}/{row}/{probe}"] = np.asarray(pred)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "predictions.npz", lambda f: np.savez_compressed(f, **arrays))

@@ -25,6 +25,11 @@ align_uniform and of align_riesz (at the chosen s) is chosen the same way from -
 (default 1 4 16; results.json "weight_validation"). The test set is not looked at. The curve
 goes into results.json / results.md / s_validation.png.
 
+Runs go through runner.py, the supervised experiment's runner: each finished objective x seed
+(its record and per-image predictions) is stored under unit_key, so the same command run again
+reads the finished ones back and continues with the next (--no-resume recomputes them, from the
+encoders and rows cached on their own).
+
 Outputs in --out: results.json (every seed's rows, the summary over seeds, paired tests against
 the raw features, the s curve, epochs and wall times), results.md, alignment_uniformity.png
 (Wang & Isola's plot: alignment against uniformity of the test features, each encoder raw and
@@ -36,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,19 +49,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import runner
 from . import ssl as _ssl
 from .augment import augmentation_for
+from .config import ConfigError, _is_int, add_common_arguments, common_settings, validate_common
 from .experiment import (
     RAW_ROW,
-    ConfigError,
     Features,
     RunSettings,
-    _is_int,
     evaluate_rows,
-    representation_metrics,
     row_graph,
 )
 from .report import _jsonable
+from .runner import Unit, run_study, versions
+from .ssl_choices import (
+    WEIGHTED,  # noqa: F401 (re-exported: the objectives whose uniformity weight is chosen)
+    _fingerprint,
+    _objective,
+    _settings,
+    validate_s,
+    validate_weights,
+)
 from .ssl_report import (  # noqa: F401 (rerender: the report command's)
     PROBE_KEYS,
     markdown,
@@ -106,7 +118,6 @@ ROWS_CACHE_VERSION = 3
 # s) align_riesz: at weight 1 the Riesz term barely uniformises (CIFAR-10 subset: uniform_loss
 # -0.61 against align_uniform's -3.06).
 WEIGHT_GRID = (1.0, 4.0, 16.0)
-WEIGHTED = ("align_uniform", "align_riesz")
 
 
 @dataclasses.dataclass
@@ -130,7 +141,8 @@ class SSLExperimentConfig:
     device: str = "cpu"
     threads: int | None = 1
     limit: int | None = None
-    progress: bool = False
+    progress: bool | None = None  # None: progress bars when stderr is a terminal
+    resume: bool = True  # reuse the results of encoders this configuration already finished
 
     def resolved(self) -> SSLExperimentConfig:
         return dataclasses.replace(
@@ -144,19 +156,14 @@ class SSLExperimentConfig:
 def validate_config(cfg: SSLExperimentConfig) -> None:
     """ConfigError (a ValueError naming the option) for any bad setting, before any work."""
     from . import experiment as E
-    from .data import DATASETS, find_cifar10_subset
 
-    if cfg.dataset not in DATASETS:
-        raise ConfigError("--dataset", f"must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    validate_common(cfg)
     objs = tuple(cfg.objectives) if isinstance(cfg.objectives, (list, tuple)) else ()
     if not objs or any(o not in _ssl.OBJECTIVES for o in objs) or len(set(objs)) != len(objs):
         raise ConfigError(
             "--objectives",
             f"must be distinct names among {', '.join(_ssl.OBJECTIVES)}, got {cfg.objectives!r}",
         )
-    seeds = tuple(cfg.seeds) if isinstance(cfg.seeds, (list, tuple)) else ()
-    if not seeds or any(not _is_int(s) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError("--seeds", f"must be distinct non-negative integers, got {cfg.seeds!r}")
     for opt, v, lo in (
         ("--epochs", cfg.epochs, 1),
         ("--batch-size", cfg.batch_size, 2),
@@ -164,42 +171,19 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
     ):
         if v is not None and (not _is_int(v) or v < lo):
             raise ConfigError(opt, f"must be an integer >= {lo}, got {v!r}")
-    if cfg.threads is not None and (not _is_int(cfg.threads) or cfg.threads < 1):
-        raise ConfigError("--threads", f"must be an integer >= 1, got {cfg.threads!r}")
-    if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < E.MIN_LIMIT):
-        raise ConfigError("--limit", f"must be an integer >= {E.MIN_LIMIT}, got {cfg.limit!r}")
-    if cfg.riesz_s != "validate":
-        if (
-            isinstance(cfg.riesz_s, bool)
-            or not isinstance(cfg.riesz_s, (int, float))
-            or not math.isfinite(cfg.riesz_s)
-            or cfg.riesz_s <= 0
-        ):
-            raise ConfigError(
-                "--riesz-s", f"must be 'validate' or a number > 0, got {cfg.riesz_s!r}"
-            )
-    if (
-        isinstance(cfg.riesz_weight, bool)
-        or not isinstance(cfg.riesz_weight, (int, float))
-        or not math.isfinite(cfg.riesz_weight)
-        or cfg.riesz_weight <= 0
-    ):
+    if cfg.riesz_s != "validate" and not _positive_number(cfg.riesz_s):
+        raise ConfigError("--riesz-s", f"must be 'validate' or a number > 0, got {cfg.riesz_s!r}")
+    if not _positive_number(cfg.riesz_weight):
         raise ConfigError("--riesz-weight", f"must be a number > 0, got {cfg.riesz_weight!r}")
     if cfg.validate_only and ("align_riesz" not in objs or cfg.riesz_s != "validate"):
         raise ConfigError(
             "--validate-only", "needs align_riesz among --objectives and --riesz-s validate"
         )
     wgrid = tuple(cfg.weight_grid) if isinstance(cfg.weight_grid, (list, tuple)) else None
-    if wgrid is None or any(
-        isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0
-        for w in wgrid
-    ):
+    if wgrid is None or not all(_positive_number(w) for w in wgrid):
         raise ConfigError("--weight-grid", f"must be numbers > 0, got {cfg.weight_grid!r}")
     grid = tuple(cfg.s_grid) if isinstance(cfg.s_grid, (list, tuple)) else ()
-    if not grid or any(
-        isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0
-        for s in grid
-    ):
+    if not grid or not all(_positive_number(s) for s in grid):
         raise ConfigError("--s-grid", f"must be one or more numbers > 0, got {cfg.s_grid!r}")
     rows = tuple(cfg.rows) if isinstance(cfg.rows, (list, tuple)) else ()
     known = [n for n, _ in E.ROWS]
@@ -207,159 +191,10 @@ def validate_config(cfg: SSLExperimentConfig) -> None:
         raise ConfigError("--rows", f"must be names among {known}, got {cfg.rows!r}")
     if RAW_ROW not in rows:
         raise ConfigError("--rows", f"must include {RAW_ROW!r} (the rows are compared with it)")
-    E.check_device(cfg.device)
-    if cfg.data_dir is not None:
-        if cfg.dataset == "digits":
-            raise ConfigError(
-                "--data-dir",
-                "digits are bundled with scikit-learn; drop --data-dir or choose another --dataset",
-            )
-        E.check_readable(Path(cfg.data_dir).expanduser(), "--data-dir", "the data")
-    elif cfg.dataset == "cifar10":
-        raise ConfigError("--data-dir", "--dataset cifar10 needs --data-dir")
-    elif cfg.dataset == "cifar10-subset" and find_cifar10_subset(None) is None:
-        raise ConfigError(
-            "--data-dir", "--dataset cifar10-subset found no shared copy; pass --data-dir"
-        )
-    E.check_writable_folder(Path(cfg.out_dir), "--out")
-    if cfg.cache_dir is not None:
-        E.check_writable_folder(Path(cfg.cache_dir), "--cache-dir")
 
 
-# --------------------------------------------------------------------------- pieces
-
-
-def _settings(cfg: SSLExperimentConfig, seed: int) -> _ssl.SSLSettings:
-    return _ssl.SSLSettings(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        arch="digits" if cfg.dataset == "digits" else "blog",
-    )
-
-
-def _objective(cfg: SSLExperimentConfig, name: str, s: float | None, weight=None):
-    """The objective `name`; weight: its uniformity term's weight (None: riesz_weight for
-    align_riesz, the objective's default otherwise)."""
-    if name == "align_riesz":
-        return _ssl.make_objective(
-            name,
-            s=float(s),
-            bank_size=cfg.bank_size,
-            uniform_weight=float(cfg.riesz_weight if weight is None else weight),
-        )
-    if weight is not None:
-        return _ssl.make_objective(name, uniform_weight=float(weight))
-    return _ssl.make_objective(name)
-
-
-def _fingerprint(*arrays) -> str:
-    from .cache import arrays_sha256
-
-    return arrays_sha256({f"a{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)})
-
-
-def _validation_point(cfg, dataset, cache):
-    """point(objective, label): an encoder trained (seed 0) on seed 0's fit images, scored on
-    its validation images (protocol.py): tuned-probe accuracy with C chosen there, k-NN 20."""
-    from .probes import knn_predict, linear_probe
-    from .protocol import validation_split
-
-    fit_i, val_i = validation_split(dataset.y_train, 0)
-    xf, xv = dataset.x_train[fit_i], dataset.x_train[val_i]
-    yf, yv = dataset.y_train[fit_i], dataset.y_train[val_i]
-    fp = _fingerprint(xf, xv)
-    aug = augmentation_for(dataset.name)
-
-    def point(objective, label):
-        t0 = time.perf_counter()
-        enc = _ssl.encode_ssl(
-            xf,
-            xv,
-            fp,
-            objective,
-            aug,
-            _settings(cfg, 0),
-            device=cfg.device,
-            cache_dir=cache,
-            progress=cfg.progress,
-        )
-        tuned = linear_probe(
-            enc.features_train, yf, enc.features_test, yv, val_x=enc.features_test, val_y=yv
-        )
-        knn = knn_predict(enc.features_train, yf, enc.features_test, k=20)
-        m = representation_metrics(enc.features_test, enc.views_test)
-        p = {
-            "val_tuned": tuned.val_accuracy,
-            "val_knn20": float((knn == yv).mean()),
-            **m,
-            "train_seconds": enc.train_seconds,
-            "from_cache": enc.from_cache,
-            "seconds": time.perf_counter() - t0,
-        }
-        print(
-            f"  validation: {label} val tuned {tuned.val_accuracy:.3f} knn20 "
-            f"{p['val_knn20']:.3f} ({p['seconds']:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        return p
-
-    return point, len(fit_i), len(val_i)
-
-
-def validate_weights(cfg: SSLExperimentConfig, dataset, cache: Path, s) -> dict[str, Any]:
-    """The uniformity weight of each objective of WEIGHTED that runs, chosen from
-    cfg.weight_grid on the validation split (align_riesz at the chosen s); ties: the smaller
-    weight. {objective: {"points": [...], "chosen": weight}}."""
-    point, n_fit, n_val = _validation_point(cfg, dataset, cache)
-    out = {}
-    for name in WEIGHTED:
-        if name not in cfg.objectives or not cfg.weight_grid:
-            continue
-        pts = [
-            {"weight": float(w), **point(_objective(cfg, name, s, w), f"{name} w={w:g}")}
-            for w in cfg.weight_grid
-        ]
-        best = max(p["val_tuned"] for p in pts)
-        out[name] = {
-            "points": pts,
-            "chosen": min(p["weight"] for p in pts if p["val_tuned"] == best),
-            "n_fit": n_fit,
-            "n_val": n_val,
-            "seed": 0,
-            "criterion": "tuned linear probe accuracy on the validation split (C "
-            "chosen there; ties: the smaller weight)",
-        }
-    return out
-
-
-def validate_s(cfg: SSLExperimentConfig, dataset, cache: Path) -> dict[str, Any]:
-    """The s curve on seed 0's validation split (protocol.py; module docstring)."""
-    from .protocol import validation_split
-
-    point, _, _ = _validation_point(cfg, dataset, cache)
-    fit_i, val_i = validation_split(dataset.y_train, 0)
-    return _s_curve(cfg, point, fit_i, val_i)
-
-
-def _s_curve(cfg, point, fit_i, val_i):
-    points = [
-        {"s": float(s), **point(_objective(cfg, "align_riesz", s), f"s={s:g}")} for s in cfg.s_grid
-    ]
-    best = max(p["val_tuned"] for p in points)
-    chosen = min(p["s"] for p in points if p["val_tuned"] == best)
-    return {
-        "n_fit": int(len(fit_i)),
-        "n_val": int(len(val_i)),
-        "seed": 0,
-        "points": points,
-        "chosen_s": chosen,
-        "criterion": "tuned linear probe accuracy on the validation "
-        "split, C chosen there (ties: the smaller s)",
-        # Wang & Isola's objective on the same split, same seed: the bar to meet
-        "reference_align_uniform": point(_objective(cfg, "align_uniform", None), "align_uniform"),
-    }
+def _positive_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
 def _row_cache_key(features_key: str, rows, seed: int) -> str:
@@ -394,7 +229,7 @@ def run_encoder(
     fit_i, val_i = validation_split(dataset.y_train, seed)
     x_fit, y_fit = dataset.x_train[fit_i], dataset.y_train[fit_i]
     y_val = dataset.y_train[val_i]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     enc = _ssl.encode_ssl(
         x_fit,
         dataset.x_test,
@@ -448,80 +283,116 @@ def run_encoder(
         "rows_seconds": time.perf_counter() - t1,
         "validation": split_record(fit_i, val_i),
         "encode_seconds_this_run": encode_seconds,
+        # the process's CPU time for the encoder and its rows when they were computed (one
+        # thread: what they take on an idle core, whatever else the machine was running)
+        "cpu_seconds": time.process_time() - cpu0,
         "rows": rows,
     }
     return record, predictions
 
 
 # --------------------------------------------------------------------------- the run
+# The unit of this study's work is an objective's encoder on one seed, with its scored rows
+# (runner.py runs the units, stores each finished one under unit_key and reads it back on
+# resume). Bump SSL_UNIT_VERSION when a change here changes what a unit's record holds.
+SSL_UNIT_VERSION = 1
+
+
+def unit_key(cfg: SSLExperimentConfig, dataset, name: str, seed: int, s, weight) -> str:
+    """Cache key of one objective x seed's results (runner.unit_key: the versions, the data
+    and the shared settings) with the objective's, the training's and the rows' settings."""
+    return runner.unit_key(
+        cfg,
+        dataset,
+        seed,
+        "ssl-encoder-result",
+        {
+            "ssl_unit_version": SSL_UNIT_VERSION,
+            "ssl_version": _ssl.SSL_VERSION,
+            "rows_cache_version": ROWS_CACHE_VERSION,
+            "objective": _objective(cfg, name, s, weight).config(),
+            "ssl_settings": _settings(cfg, seed).to_dict(),
+            "augmentation": augmentation_for(dataset.name).config(),
+            "rows": list(cfg.rows),
+        },
+    )
 
 
 def run_ssl_experiment(cfg: SSLExperimentConfig, command: str = "") -> dict[str, Any]:
+    """The choices on the validation split, then every objective x seed (runner.run_study:
+    one thread by default, resume); the outputs written after each, partial until the last."""
     validate_config(cfg)
-    cfg = cfg.resolved()
-    if cfg.threads is None:
-        return _run(cfg, command)
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with threadpool_limits(limits=cfg.threads):
-            return _run(cfg, command)
-    finally:
-        torch.set_num_threads(before)
+    return run_study(cfg.resolved(), SelfSupervisedStudy(command))
 
 
-def _run(cfg: SSLExperimentConfig, command: str) -> dict[str, Any]:
-    from .experiment import load_limited
+class SelfSupervisedStudy:
+    """The self-supervised study as the runner's study: first the Riesz s and the uniformity
+    weights chosen on seed 0's validation split, then a unit per seed and objective
+    (run_encoder), written as results.json "per_encoder"."""
 
-    t0 = time.perf_counter()
-    dataset = load_limited(cfg.dataset, cfg.data_dir, cfg.limit)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir) / "cache"
-    sv, s = None, None
-    if "align_riesz" in cfg.objectives:
-        if cfg.riesz_s == "validate":
-            print(f"{dataset.name}: choosing the Riesz s on a validation split", file=sys.stderr)
-            sv = validate_s(cfg, dataset, cache)
-            s = sv["chosen_s"]
-        else:
-            s = float(cfg.riesz_s)
-    wv = validate_weights(cfg, dataset, cache, s) if cfg.weight_grid else {}
-    weights = {name: v["chosen"] for name, v in wv.items()}
-    records, predictions = [], {}
-    state = {
-        "cfg": cfg,
-        "dataset": dataset,
-        "sv": sv,
-        "s": s,
-        "t0": t0,
-        "command": command,
-        "wv": wv,
-    }
-    for seed in () if cfg.validate_only else cfg.seeds:
-        for name in cfg.objectives:
-            print(f"{dataset.name}: {name} seed {seed}", file=sys.stderr, flush=True)
-            rec, pred = run_encoder(cfg, dataset, name, seed, s, cache, weights.get(name))
-            records.append(rec)
-            predictions.setdefault(name, {})[seed] = (pred, np.asarray(dataset.y_test))
-            raw = rec["rows"][RAW_ROW]
-            print(
-                f"  {name} seed {seed}: raw tuned {raw['tuned']['test']:.3f}, train "
-                f"{rec['train_seconds']:.0f} s (cached: {rec['encoder_from_cache']}), rows "
-                f"{rec['rows_seconds']:.0f} s",
-                file=sys.stderr,
-                flush=True,
+    def __init__(self, command: str = ""):
+        self.command = command
+        self.s_validation: dict[str, Any] | None = None
+        self.s: float | None = None
+        self.weight_validation: dict[str, Any] = {}
+        self.validation_cpu_seconds = 0.0
+
+    def units(self, cfg: SSLExperimentConfig, dataset, cache: Path) -> list[Unit]:
+        cpu0 = time.process_time()
+        if "align_riesz" in cfg.objectives:
+            if cfg.riesz_s == "validate":
+                print(
+                    f"{dataset.name}: choosing the Riesz s on a validation split", file=sys.stderr
+                )
+                self.s_validation = validate_s(cfg, dataset, cache)
+                self.s = self.s_validation["chosen_s"]
+            else:
+                self.s = float(cfg.riesz_s)
+        if cfg.weight_grid:
+            self.weight_validation = validate_weights(cfg, dataset, cache, self.s)
+        # CPU time of this run's choices (encoders read from the cache cost next to nothing)
+        self.validation_cpu_seconds = time.process_time() - cpu0
+        weights = {name: v["chosen"] for name, v in self.weight_validation.items()}
+        return [
+            Unit(
+                label=f"{name} seed {seed}",
+                key=unit_key(cfg, dataset, name, seed, self.s, weights.get(name)),
+                run=lambda name=name, seed=seed: _encoder_unit(
+                    cfg, dataset, name, seed, self.s, cache, weights.get(name)
+                ),
+                meta={"what": "ssl-encoder-result", "objective": name, "seed": int(seed)},
             )
-            _write(state, records, predictions, complete=False)
-    return _write(state, records, predictions, complete=True)
+            for seed in (() if cfg.validate_only else cfg.seeds)
+            for name in cfg.objectives
+        ]
+
+    def write(self, cfg, dataset, done, t0, *, complete: bool) -> dict[str, Any]:
+        records = [d.record for d in done]
+        predictions: dict[str, dict[int, Any]] = {}
+        for d in done:
+            predictions.setdefault(d.record["objective"], {})[int(d.record["seed"])] = (
+                d.predictions,
+                d.y_test,
+            )
+        return _write(self, cfg, dataset, records, predictions, t0, complete=complete)
 
 
-def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
-    from .. import __version__
+def _encoder_unit(cfg, dataset, name, seed, s, cache, weight):
+    rec, pred = run_encoder(cfg, dataset, name, seed, s, cache, weight)
+    raw = rec["rows"][RAW_ROW]
+    print(
+        f"  {name} seed {seed}: raw tuned {raw['tuned']['test']:.3f}, train "
+        f"{rec['train_seconds']:.0f} s (cached: {rec['encoder_from_cache']}), rows "
+        f"{rec['rows_seconds']:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return rec, pred, np.asarray(dataset.y_test)
+
+
+def _write(study, cfg, dataset, records, predictions, t0, *, complete: bool) -> dict[str, Any]:
     from .._io import atomic_write_text
     from . import report
-
-    cfg, dataset = state["cfg"], state["dataset"]
     from .protocol import _compare
 
     paired, seed_aware = {}, {}
@@ -532,7 +403,7 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
         seed_aware[name] = _compare(pred, None)
     results = {
         "config": dataclasses.asdict(cfg),
-        "command": state["command"],
+        "command": study.command,
         "dataset": {
             "name": dataset.name,
             "n_train": int(len(dataset.y_train)),
@@ -540,27 +411,32 @@ def _write(state, records, predictions, *, complete: bool) -> dict[str, Any]:
             "source": str(dataset.source),
         },
         "augmentation": augmentation_for(dataset.name).config(),
-        "versions": {
-            "poissonflow": __version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "versions": versions(),
         "torch_threads": torch.get_num_threads(),
-        "riesz_s": state["s"],
-        "s_validation": state["sv"],
-        "weight_validation": state["wv"],
+        "riesz_s": study.s,
+        "s_validation": study.s_validation,
+        "weight_validation": study.weight_validation,
         "per_encoder": records,
         "summary": summarise(records, cfg.rows),
         "paired": paired,
         "seed_aware": seed_aware,
         "riesz_vs_uniform": riesz_vs_uniform(records),
-        "seconds": time.perf_counter() - state["t0"],
+        "seconds": time.perf_counter() - t0,
+        # CPU time: the encoders and their rows (each when it was computed) and this run's
+        # choices on the validation split (near zero where its encoders came from the cache)
+        "cpu_seconds": float(sum(r.get("cpu_seconds") or 0.0 for r in records)),
+        "validation_cpu_seconds": study.validation_cpu_seconds,
         "complete": complete,
+        "units_done": [[r["objective"], int(r["seed"])] for r in records],
+        # the package sources that computed the units (more than one: a resumed run whose
+        # code changed in between; each unit's own is per_encoder[i]["source_sha256"])
+        "source_sha256": sorted({r.get("source_sha256") or "unknown" for r in records}),
     }
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # per objective and seed every row's and probe's test predictions, from which the
+    # seed-aware statistics are recomputed (reanalyse --check)
+    report.write_predictions(predictions, out, groups=True)
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1))
     render(results, out)
     return results
@@ -581,13 +457,10 @@ def _s_value(text: str):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--dataset", default="digits", choices=["digits", "cifar10", "cifar10-subset"]
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="cifar-10-batches-py folder or the subset .npz (not for digits)",
+    add_common_arguments(
+        parser,
+        default_seeds=(0, 1, 2),
+        what_is_cached="encoder features, learned fields and scored rows",
     )
     parser.add_argument(
         "--objectives",
@@ -595,7 +468,6 @@ def add_arguments(parser) -> None:
         default=list(_ssl.OBJECTIVES),
         help=f"SSL objectives (default: all: {' '.join(_ssl.OBJECTIVES)})",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--epochs", type=int, default=None, help=f"encoder epochs (default per data set: {EPOCHS})"
     )
@@ -644,27 +516,12 @@ def add_arguments(parser) -> None:
         default=list(DEFAULT_ROWS),
         help="experiment rows to score (names as in poissonflow.experiments.experiment)",
     )
-    parser.add_argument(
-        "--out", default=None, help="output folder (default: results/ssl-<dataset>)"
-    )
-    parser.add_argument("--cache-dir", default=None, help="cache (default: <out>/cache)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="only the first N train and N/3 test images (quick runs)",
-    )
-    parser.add_argument("--progress", action="store_true", help="progress bars")
 
 
 def config_from_args(args) -> SSLExperimentConfig:
     return SSLExperimentConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
+        **common_settings(args, study="ssl-"),
         objectives=tuple(args.objectives),
-        seeds=tuple(args.seeds),
         epochs=args.epochs,
         batch_size=args.batch_size,
         riesz_s=args.riesz_s,
@@ -674,12 +531,6 @@ def config_from_args(args) -> SSLExperimentConfig:
         weight_grid=tuple(args.weight_grid),
         validate_only=args.validate_only,
         rows=tuple(args.rows),
-        out_dir=args.out or f"results/ssl-{args.dataset}",
-        cache_dir=args.cache_dir,
-        device=args.device,
-        threads=args.threads,
-        limit=args.limit,
-        progress=args.progress,
     )
 
 
