@@ -217,14 +217,24 @@ def markdown(results: dict[str, Any]) -> str:
                 + f" | {_num(r['alignment'])} | {_num(r['uniform_loss'])} | "
                 f"{_num(r['wasserstein_uniformity'])} |"
             )
+    seed_aware = results.get("seed_aware") or {}
+    if seed_aware:
+        from .report import seed_aware_markdown
+
+        lines += ["", "## Seed-aware comparisons with the raw features (the analysis)"]
+        for name, sa in seed_aware.items():
+            lines += ["", f"### {name}", "", seed_aware_markdown(sa, heading=False)]
     paired = results.get("paired", {})
     if paired:
         lines += [
             "",
-            "## Paired against the raw features (pooled over seeds)",
+            "## Paired against the raw features (pooled over seeds; the earlier, image-only "
+            "analysis)",
             "",
-            "Difference in points, bootstrap 95% interval, exact McNemar p "
-            "(`probes.paired_comparison`).",
+            "Difference in points, bootstrap 95% interval resampling images within each seed, "
+            "exact McNemar p pooled over seeds (`probes.paired_comparison`): kept for "
+            "comparison, not for significance claims (the seed-aware tables above are the "
+            "analysis).",
             "",
             "| encoder | row | tuned | blog LR | k-NN 20 |",
             "|---|---|---|---|---|",
