@@ -391,7 +391,20 @@ static inline bool power_row_weights(TileScratch<T>& sc, int q, int nvec,
   }
   const T inv_q = (T)1 / sc.m[q];
   V l = vload<T>(sc.lvec + (int64_t)q * W);
-  for (int c = 0; c < nvec; ++c) {
+  // kGroup vectors at a time (power_weight_n: independent squaring chains side by side); nvec is
+  // a multiple of the charge block CB, and l adds the weights in the same order as before.
+  constexpr int kGroup = 4;
+  int c = 0;
+  for (; c + kGroup <= nvec; c += kGroup) {
+    V p[kGroup];
+    for (int i = 0; i < kGroup; ++i) p[i] = vload<T>(srow + (c + i) * W);
+    power_weight_n<T, kGroup>(p, inv_q, plan);
+    for (int i = 0; i < kGroup; ++i) {
+      vstore<T>(srow + (c + i) * W, p[i]);
+      l += p[i];
+    }
+  }
+  for (; c < nvec; ++c) {
     const V p = power_weight<T>(vload<T>(srow + c * W), inv_q, plan);
     vstore<T>(srow + c * W, p);
     l += p;

@@ -108,6 +108,48 @@ static inline VecT<T> vpow_plan(VecT<T> t, const PowerPlan<T>& plan) {
   return r;
 }
 
+// vpow_plan on K vectors at once, the same multiplications per lane in the same order (so the
+// same bits): the squaring chain of one vector is a string of dependent multiplications (and a
+// square root) whose latency, vector after vector with the exponent's bits tested in between,
+// held the weights' phase to about a third of the multiply pipes' rate; K independent chains
+// stepped together fill the pipes.
+template <typename T, int K>
+static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  V r[K], b[K];
+  for (int i = 0; i < K; ++i) {
+    r[i] = (plan.whole & 1) ? t[i] : vbroadcast<T>((T)1);
+    b[i] = t[i];
+  }
+  for (int e = plan.whole >> 1; e; e >>= 1) {
+    for (int i = 0; i < K; ++i) b[i] = b[i] * b[i];
+    if (e & 1)
+      for (int i = 0; i < K; ++i) r[i] = r[i] * b[i];
+  }
+  if (plan.quarters) {
+    for (int i = 0; i < K; ++i) {
+      const V s = vsqrt<T>(t[i]);
+      if (plan.quarters & 2) r[i] = r[i] * s;
+      if (plan.quarters & 1) r[i] = r[i] * vsqrt<T>(s);
+    }
+  }
+  for (int i = 0; i < K; ++i) t[i] = r[i];
+}
+
+// power_weight on K vectors of one row at once (vpow_plan_n: the same bits as K calls).
+template <typename T, int K>
+static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& plan) {
+  typedef VecT<T> V;
+  const V cut = vbroadcast<T>(plan.cut);
+  V t[K], c[K];
+  for (int i = 0; i < K; ++i) {
+    t[i] = q[i] * inv_q;
+    c[i] = vmax<T>(t[i], cut);
+  }
+  vpow_plan_n<T, K>(c, plan);
+  for (int i = 0; i < K; ++i) q[i] = t[i] < cut ? V{} : c[i];
+}
+
 // The weight of pairs with q (a vector) in a row whose reference has inverse inv_q:
 // (q / Q)^(p/2), exactly 0 below the cut.
 template <typename T>
