@@ -25,7 +25,7 @@ import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_text
 from . import stats
-from .verdict import RUNS, render_page
+from .verdict import RUNS, _reported, render_page
 
 __all__ = ["run_statistics", "load_predictions", "reanalyse_run", "check_run", "RUNS", "main"]
 
@@ -189,21 +189,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _reported(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
-    """The committed run's own (image-only, pooled) comparison, for before/after."""
-    node = results.get("paired", {}).get(section, {})
-    for k in keys:
-        node = node.get(k, {}) if isinstance(node, dict) else {}
-    pooled = node.get("pooled") if isinstance(node, dict) else None
-    if not pooled:
-        return None
-    return {
-        "diff": 100 * pooled["diff"],
-        "ci95": [100 * v for v in pooled["ci"]],
-        "p_mcnemar_pooled": pooled["p_mcnemar"],
-    }
 
 
 def reanalyse_run(

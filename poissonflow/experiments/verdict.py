@@ -75,6 +75,21 @@ def _label(run: str) -> str:
     return dict(RUNS).get(run, run)
 
 
+def _reported(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
+    """The committed run's own (image-only, pooled) comparison, for before/after."""
+    node = results.get("paired", {}).get(section, {})
+    for k in keys:
+        node = node.get(k, {}) if isinstance(node, dict) else {}
+    pooled = node.get("pooled") if isinstance(node, dict) else None
+    if not pooled:
+        return None
+    return {
+        "diff": 100 * pooled["diff"],
+        "ci95": [100 * v for v in pooled["ci"]],
+        "p_mcnemar_pooled": pooled["p_mcnemar"],
+    }
+
+
 def load_runs(root: str | Path, runs: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """{run: seed-aware statistics} for the runs under root that have them (seed_aware.json,
     else results.json's "seed_aware"), in the order of `runs` (default: reanalyse.RUNS)."""
@@ -87,8 +102,15 @@ def load_runs(root: str | Path, runs: list[str] | None = None) -> dict[str, dict
             continue
         res = root / run / "results.json"
         if res.exists():
-            sa = json.loads(res.read_text(encoding="utf-8")).get("seed_aware")
+            results = json.loads(res.read_text(encoding="utf-8"))
+            sa = results.get("seed_aware")
             if sa:
+                # the run's own image-only comparisons ("paired") beside the two-level ones
+                for probe, by_row in sa.get("against_raw", {}).items():
+                    for row, s in by_row.items():
+                        s.setdefault(
+                            "reported_image_only", _reported(results, "against_raw", probe, row)
+                        )
                 out[run] = sa
     return out
 
