@@ -99,8 +99,9 @@ def _run(cfg, study: Study) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     dataset = load_limited(cfg.dataset, cfg.data_dir, cfg.limit)
-    store = ArrayCache(cache_dir(cfg))
-    units = study.units(cfg, dataset, cache_dir(cfg))
+    folder = cache_dir(cfg)
+    store = ArrayCache(folder)
+    units = study.units(cfg, dataset, folder)
     source = source_sha256()
     done: list[Done] = []
     for i, unit in enumerate(units):
