@@ -15,11 +15,16 @@ def test_cpu_backend_is_built_and_listed():
 
 
 def test_import_needs_no_gpu_and_does_no_work(tmp_path):
-    """Importing poissonflow with CUDA hidden must work and must not load the CUDA module."""
+    """Importing poissonflow with CUDA hidden must work and must not load the CUDA module; the
+    losses and metrics load on first use, as attributes or as imports."""
     code = (
         "import os, sys; os.environ['CUDA_VISIBLE_DEVICES'] = '';"
         "import poissonflow; assert 'poissonflow._cuda' not in sys.modules;"
         "assert 'triton' not in sys.modules; assert 'sklearn' not in sys.modules;"
+        "assert 'poissonflow.losses' not in sys.modules;"
+        "assert 'poissonflow.metrics' not in sys.modules;"
+        "assert poissonflow.losses.RieszLoss.__module__ == 'poissonflow.losses.modules';"
+        "from poissonflow import metrics; assert metrics is sys.modules['poissonflow.metrics'];"
         "print('ok')"
     )
     # cwd outside the repository: from its root, `python -c` would import the source tree
