@@ -88,31 +88,13 @@ static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_b
   return plan;
 }
 
-// t^(p/2) for t in [cut, 2^(kTau / (p/2))]: binary exponentiation of the whole part (a fixed
-// sequence of multiplications for a given p, so the result never depends on the thread), then
-// t^(1/2) and t^(1/4) by square roots.
-template <typename T>
-static inline VecT<T> vpow_plan(VecT<T> t, const PowerPlan<T>& plan) {
-  typedef VecT<T> V;
-  V r = (plan.whole & 1) ? t : vbroadcast<T>((T)1);
-  V b = t;
-  for (int e = plan.whole >> 1; e; e >>= 1) {
-    b = b * b;
-    if (e & 1) r = r * b;
-  }
-  if (plan.quarters) {
-    const V s = vsqrt<T>(t);
-    if (plan.quarters & 2) r = r * s;
-    if (plan.quarters & 1) r = r * vsqrt<T>(s);
-  }
-  return r;
-}
-
-// vpow_plan on K vectors at once, the same multiplications per lane in the same order (so the
-// same bits): the squaring chain of one vector is a string of dependent multiplications (and a
-// square root) whose latency, vector after vector with the exponent's bits tested in between,
-// held the weights' phase to about a third of the multiply pipes' rate; K independent chains
-// stepped together fill the pipes.
+// t^(p/2) for t in [cut, 2^(kTau / (p/2))] on K vectors at once: binary exponentiation of the
+// whole part (a fixed sequence of multiplications for a given p, so the result never depends on
+// the thread), then t^(1/2) and t^(1/4) by square roots. Each vector gets the same
+// multiplications in the same order whatever K (so the same bits). K > 1 is for latency: one
+// vector's squaring chain is a string of dependent multiplications (and a square root) that,
+// vector after vector with the exponent's bits tested in between, held the weights' phase to
+// about a third of the multiply pipes' rate; K independent chains stepped together fill them.
 template <typename T, int K>
 static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   typedef VecT<T> V;
@@ -154,11 +136,9 @@ static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& 
 // (q / Q)^(p/2), exactly 0 below the cut.
 template <typename T>
 static inline VecT<T> power_weight(VecT<T> q, T inv_q, const PowerPlan<T>& plan) {
-  typedef VecT<T> V;
-  const V t = q * inv_q;
-  const V cut = vbroadcast<T>(plan.cut);
-  const V w = vpow_plan<T>(vmax<T>(t, cut), plan);
-  return t < cut ? V{} : w;
+  VecT<T> one[1] = {q};
+  power_weight_n<T, 1>(one, inv_q, plan);
+  return one[0];
 }
 
 // Scalar (Q_old / Q_new)^(p/2) for the online rescaling, in double (rare: once per rescale).
