@@ -25,7 +25,7 @@ import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_text
 from . import stats
-from .verdict import RUNS, _reported, render_page
+from .verdict import RUNS, attach_image_only, render_page
 
 __all__ = ["run_statistics", "load_predictions", "reanalyse_run", "check_run", "RUNS", "main"]
 
@@ -209,11 +209,7 @@ def reanalyse_run(
     if run is None:
         run = _run_name(run_dir)
     out = run_statistics(preds, run=run, n_boot=n_boot, seed=seed)
-    for probe, by_row in out["against_raw"].items():
-        for row, s in by_row.items():
-            s["reported_image_only"] = _reported(results, "against_raw", probe, row)
-    for label, s in out["blog_comparison"].items():
-        s["reported_image_only"] = _reported(results, "blog_comparison", label)
+    attach_image_only(out, results)
     out["run"] = run
     out["dataset"] = results.get("dataset", {})
     out["feature_dim"] = (results.get("config") or {}).get("feature_dim") or 128

@@ -75,7 +75,7 @@ def _label(run: str) -> str:
     return dict(RUNS).get(run, run)
 
 
-def _reported(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
+def image_only_comparison(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
     """The committed run's own (image-only, pooled) comparison, for before/after."""
     node = results.get("paired", {}).get(section, {})
     for k in keys:
@@ -88,6 +88,22 @@ def _reported(results: dict, section: str, *keys: str) -> dict[str, Any] | None:
         "ci95": [100 * v for v in pooled["ci"]],
         "p_mcnemar_pooled": pooled["p_mcnemar"],
     }
+
+
+def attach_image_only(sa: dict[str, Any], results: dict) -> dict[str, Any]:
+    """Beside each of the seed-aware statistics `sa` ("against_raw" rows, "blog_comparison"),
+    the run's own image-only comparison from its results.json ("reported_image_only"), where
+    `sa` does not carry one already. Returns sa."""
+    for probe, by_row in sa.get("against_raw", {}).items():
+        for row, s in by_row.items():
+            s.setdefault(
+                "reported_image_only", image_only_comparison(results, "against_raw", probe, row)
+            )
+    for label, s in sa.get("blog_comparison", {}).items():
+        s.setdefault(
+            "reported_image_only", image_only_comparison(results, "blog_comparison", label)
+        )
+    return sa
 
 
 def load_runs(root: str | Path, runs: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -105,13 +121,7 @@ def load_runs(root: str | Path, runs: list[str] | None = None) -> dict[str, dict
             results = json.loads(res.read_text(encoding="utf-8"))
             sa = results.get("seed_aware")
             if sa:
-                # the run's own image-only comparisons ("paired") beside the two-level ones
-                for probe, by_row in sa.get("against_raw", {}).items():
-                    for row, s in by_row.items():
-                        s.setdefault(
-                            "reported_image_only", _reported(results, "against_raw", probe, row)
-                        )
-                out[run] = sa
+                out[run] = attach_image_only(sa, results)
     return out
 
 
