@@ -10,13 +10,17 @@ code) on the kernels' thread team and keeps the best of a few short repeats of e
 (the machine is shared; the best repeat is the closest to an idle core). `Ceiling` turns the
 rates into the time a kernel could take at best:
 
-    a phase (one loop nest) takes at least  max(fma/R_fma, add/R_add, (fma + add)/R_fp, loads/R_ld)
+    a phase (one loop nest) takes at least
+        max(fma/R_fma, add/R_add, (fma + add)/R_fp, loads/R_ld, stores/R_st)
     per vector of W pairs (fma: FMA and multiply instructions, add: add, subtract, max, compare
     and blend, all from the kernels' assembly: bench/asm_mix.py), the per-pair divisions, square
     roots, power-form weights or log2/exp2 at their measured throughput, and the phases add up.
 
 The ceiling is an upper bound on the rate (a lower bound on the time) with every pipe busy all
 the time: a kernel at 100% would have no stall, no cache miss and no overhead outside its loops.
+`loop_attainment()` sets the kernels' own inner loops, run from L1 by the micro-benchmark
+(loop_A, loop_C, loop_A', loop_C'), against their phase's model: what the loops as compiled
+reach of the pipes before any cache or tile overhead enters.
 The counts below are per vector of W pairs, per dimension (`per_dim`) or per pair (`per_pair`),
 and follow the register blocks of csrc/cpu/field_tile.h and field_backward.h (Geometry).
 """
@@ -47,7 +51,18 @@ PIPE_OPS = (
     "bcast+fma",
     "load+bcast+fma",
     "sub+fma",
+    "store",
+    "load+store",
 )
+# pipe_bench.cpp's loop_* operations: the kernels' inner loops from L1, in pair-dimension
+# vectors per second, and the phase of the model each one is set against (kernel, index in
+# KernelMix.per_dim)
+LOOP_OPS = {
+    "loop_A": ("forward", 0),
+    "loop_C": ("forward", 1),
+    "loop_A'": ("backward", 0),
+    "loop_C'": ("backward", 1),
+}
 # pipe_bench.cpp's phase_a_step register blocks (param of "phaseA"): the forward's r2 loop as
 # compiled, from L1, to see what its block shape allows of the pipes' rate
 PHASE_A_BLOCKS = {"4x2": 0, "4x3": 1, "6x2": 2, "8x2": 3}
@@ -88,6 +103,8 @@ def measure_pipes(
         out[f"pow_weight@{hp:g}"] = threads * best("pow_weight", iters // 8, hp)
     for name, param in PHASE_A_BLOCKS.items():
         out[f"phaseA@{name}"] = threads * best("phaseA", iters, param)
+    for op in LOOP_OPS:
+        out[op] = threads * best(op, iters)
     out["team_fma"] = best("fma", iters, th=threads)
     out["clock_hz"] = best("clock", iters)
     out["vector_bytes"] = C.vector_bytes(isa)
@@ -101,7 +118,7 @@ def pipe_table(rates: dict) -> list[tuple[str, float, float]]:
     th, clk = rates["threads"], rates["clock_hz"]
     rows = []
     for k, v in rates.items():
-        if isinstance(v, float) and k not in ("clock_hz", "team_fma"):
+        if isinstance(v, float) and k not in ("clock_hz", "team_fma") and k not in LOOP_OPS:
             rows.append((k, v / th, v / th / clk if not math.isnan(clk) else float("nan")))
     return rows
 
@@ -116,6 +133,7 @@ class Mix:
     fma: float = 0.0  # FMA and multiply (the two FMA pipes)
     add: float = 0.0  # add, subtract, max, compare, blend (the add pipes)
     loads: float = 0.0  # vector loads, memory operands and broadcasts
+    stores: float = 0.0  # vector stores
     div: float = 0.0
     sqrt: float = 0.0
     exp2: float = 0.0
@@ -128,6 +146,7 @@ class Mix:
             self.add / r["add"],
             (self.fma + self.add) / r["fma+add"],
             self.loads / load_rate(r),
+            self.stores / r["store"] if self.stores else 0.0,
         )
         t += self.div / r["div"] + self.sqrt / r["sqrt"]
         t += self.exp2 / r["exp2"] + self.log2 / r["log2"]
@@ -231,10 +250,10 @@ def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
     if g.held:
         n = 2 * 3
-        c = Mix(fma=14 / n, add=14 / n, loads=11 / n)
+        c = Mix(fma=14 / n, add=14 / n, loads=11 / n, stores=3 / n)
     else:
         n = g.QCb * g.KBb
-        c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n)
+        c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n, stores=g.KBb / n)
     if power_form:
         # A': + e2 (2 stores);  B': rr = 1/max(r2, tiny), g rr, pi = (g rr / Q)^(p/2),
         # h = gd - dl, a = p pi h rr (3 mul), select
@@ -309,6 +328,25 @@ class Ceiling:
         return 2.0 * self.geometry.W * self.rates["fma"] / 1e9
 
 
+def loop_attainment(ceil: Ceiling) -> list[tuple[str, float, float, float]]:
+    """(loop, model cycles per pair-dimension vector, measured cycles, model / measured) for
+    each of the kernels' inner loops run from L1 by the micro-benchmark (LOOP_OPS). Cycles
+    from the clock the same run measured; the model is the loop's phase of forward_mix or
+    backward_mix on this machine's pipe rates (its per-dimension mix, D = 129)."""
+    r = ceil.rates
+    g = ceil.geometry_at(129)
+    mixes = {"forward": forward_mix(g), "backward": backward_mix(g)}
+    rows = []
+    per_core = r["threads"] * r["clock_hz"]  # team seconds per vector -> one core's cycles
+    for op, (kernel, i) in LOOP_OPS.items():
+        if op not in r:
+            continue
+        model = mixes[kernel].per_dim[i].seconds(r) * per_core
+        measured = per_core / r[op]
+        rows.append((op, model, measured, model / measured))
+    return rows
+
+
 def measure(threads: int | None = None, double: bool = False, **kw) -> Ceiling:
     import torch
 
@@ -344,6 +382,16 @@ def report(ceil: Ceiling, dims=(2, 3, 8, 16, 33, 129, 513)) -> list[str]:
             f"{4.0 * D / ceil.flow_step_seconds(1, 1, D) / 1e9:11.1f}"
         )
     lines.append(f"  backward/forward floor by operation count: {floor_ratio_by_ops():.2f}")
+    loops = loop_attainment(ceil)
+    if loops:
+        lines.append("")
+        lines.append(
+            "the kernels' inner loops from L1 (D = 129 register blocks and run lengths), "
+            "cycles per pair-dimension vector:"
+        )
+        lines.append(f"  {'loop':8} {'model':>7} {'measured':>9} {'of the model':>13}")
+        for op, model, meas, frac in loops:
+            lines.append(f"  {op:8} {model:7.3f} {meas:9.3f} {frac:13.2f}")
     return lines
 
 

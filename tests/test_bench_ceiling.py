@@ -16,7 +16,8 @@ import ceiling  # noqa: E402
 import machine  # noqa: E402
 
 # A made-up machine: 1e9 vector FMAs and adds per second each, both together 2e9, 2e9 loads,
-# 16-lane vectors; divisions 1e8, square roots 5e7, exp2/log2 2e7, power weight 4e7 or 2e7.
+# 1e9 stores, 16-lane vectors; divisions 1e8, square roots 5e7, exp2/log2 2e7, power weight 4e7
+# or 2e7.
 RATES = {
     "fma": 1e9,
     "add": 1e9,
@@ -28,6 +29,7 @@ RATES = {
     "exp2": 2e7,
     "log2": 2e7,
     "load": 2e9,
+    "store": 1e9,
     "bcast+fma": 1e9,
     "load+bcast+fma": 1e9,
     "pow_weight@1.5": 4e7,
@@ -45,8 +47,9 @@ def test_phase_is_bounded_by_its_busiest_pipe():
     assert ceiling.Mix(fma=1, add=3).seconds(RATES) == pytest.approx(3e-9)
     # both pipes busy: fma + add over the combined rate
     assert ceiling.Mix(fma=2, add=2).seconds(RATES) == pytest.approx(2e-9)
-    # loads: 6 over 2e9
+    # loads: 6 over 2e9; stores: 4 over 1e9
     assert ceiling.Mix(fma=1, add=1, loads=6).seconds(RATES) == pytest.approx(3e-9)
+    assert ceiling.Mix(fma=1, add=1, stores=4).seconds(RATES) == pytest.approx(4e-9)
     # per-pair units add to the pipes' time
     m = ceiling.Mix(fma=1, div=1, sqrt=1, exp2=1, log2=1)
     assert m.seconds(RATES) == pytest.approx(1e-9 + 1e-8 + 2e-8 + 5e-8 + 5e-8)
@@ -104,6 +107,26 @@ def test_backward_floor():
     assert c.fma_peak_gflops() == pytest.approx(2 * 16 * 1e9 / 1e9)
 
 
+def test_loop_attainment_sets_each_loop_against_its_phase():
+    # the made-up machine at 1 GHz, one thread: loop rates in pair-dimension vectors per second
+    rates = dict(RATES, **{"loop_A": 0.5e9, "loop_C": 1e9, "loop_A'": 0.25e9, "loop_C'": 0.3e9})
+    c = ceiling.Ceiling(rates)
+    rows = {op: (model, meas, frac) for op, model, meas, frac in ceiling.loop_attainment(c)}
+    assert set(rows) == set(ceiling.LOOP_OPS)
+    g = c.geometry_at(129)
+    for op, (kernel, i) in ceiling.LOOP_OPS.items():
+        mix = (ceiling.forward_mix if kernel == "forward" else ceiling.backward_mix)(g)
+        model = mix.per_dim[i].seconds(rates) * 1e9  # cycles at 1 GHz
+        assert rows[op][0] == pytest.approx(model)
+        assert rows[op][1] == pytest.approx(1e9 / rates[op])
+        assert rows[op][2] == pytest.approx(model / rows[op][1])
+    # forward A: 1 FMA and 1 + 1/16 adds per pair-dimension on one pipe each: 1.0625 cycles
+    assert rows["loop_A"][0] == pytest.approx(1 + 1 / 16)
+    assert rows["loop_A"][2] == pytest.approx((1 + 1 / 16) / 2)
+    # a machine record without the loops (an older JSON) has no rows
+    assert ceiling.loop_attainment(ceiling.Ceiling(dict(RATES))) == []
+
+
 def test_avx2_geometry():
     g = ceiling.Geometry.for_isa(32)
     assert (g.W, g.KB, g.KBb) == (8, 3, 2)
@@ -130,7 +153,7 @@ def test_pipe_benchmark_runs_every_operation():
 
     C = _ext.cpu_module()
     ops = C.pipe_ops()
-    for op in ceiling.PIPE_OPS + ("pow_weight", "phaseA"):
+    for op in ceiling.PIPE_OPS + tuple(ceiling.LOOP_OPS) + ("pow_weight", "phaseA"):
         assert op in ops
         assert C.pipe_rate(op, 64, 1, 1.5) > 0  # a rate, whatever it is
     with pytest.raises(ValueError):

@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "common/field_args.h"
 #include "common/field_numerics.h"
 #include "power_form.h"
 #include "simd.h"

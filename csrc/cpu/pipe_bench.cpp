@@ -11,11 +11,18 @@
 // figure is vector operations per second of the whole team, from one wall-clock interval that
 // starts and ends at barriers. bench/ceiling.py turns these rates and the kernels' instruction
 // mix into each kernel's ceiling (docs/performance.md).
+//
+// The loop_* operations run the kernels' own inner loops (field_tile.h, field_backward.h: the
+// same inline functions, register blocks and run lengths) on data that stays in L1, so that
+// their rate against the ceiling's model separates what the loops as compiled can do from what
+// the caches and the tiles' set-up cost in the kernels.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
+#include "field_backward.h"
+#include "field_tile.h"
 #include "power_form.h"
 #include "simd.h"
 
@@ -35,6 +42,8 @@ namespace {
 #else
 #define PF_OPAQUE(v) __asm__ volatile("" : "+m"(v))
 #endif
+// a pointer whose target the compiler must assume read and written (no hoisting across calls)
+#define PF_OPAQUE_PTR(p) __asm__ volatile("" : "+r"(p) : : "memory")
 
 constexpr int kChains = 12;
 
@@ -63,13 +72,21 @@ enum Op : int {
   kSubFma,     // r2 += (y - x)^2 on 12 chains: the forward's pair-dimension (1 sub + 1 FMA)
   kPhaseA,     // the forward's phase-A step from L1 (phase_a_step; param: the block shape)
   kClock,      // dependent one-cycle scalar additions: the core clock (x86-64 only)
+  kStore,      // store(y + i W, a): full-width vector stores to L1, nothing else
+  kLoadStore,  // three vector loads and one store per chain (the backward C' mix of memory ops)
+  kLoopA,      // the forward's phase A loop (distance_block) from L1: pair-dimension vectors
+  kLoopC,      // the forward's phase C loop (accumulate_block) from L1
+  kLoopAGrad,  // the backward's phase A' loop (distance_block with g.d) from L1
+  kLoopCGrad,  // the backward's phase C' loop (dx and dy, with pi g) from L1
   kNumOps
 };
 
 const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "div", "sqrt",
                                        "exp2", "log2", "pow_weight", "load+fma",
                                        "load", "bcast+fma",
-                                       "load+bcast+fma", "sub+fma", "phaseA", "clock"};
+                                       "load+bcast+fma", "sub+fma", "phaseA", "clock",
+                                       "store", "load+store", "loop_A", "loop_C",
+                                       "loop_A'", "loop_C'"};
 
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
@@ -137,6 +154,121 @@ __attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
   for (int q = 0; q < QB; ++q)
     for (int c = 0; c < CB; ++c) PF_OPAQUE(r[q][c]);
   return 2 * QB * CB * iters;
+}
+
+// ---- the kernels' own loops from L1 -------------------------------------------------------------
+// Each returns the pair-dimension vectors it processed (one vector of W pairs times one
+// dimension), the unit of the ceiling's per-dimension mix (bench/ceiling.py).
+
+// Phases A and A': distance_block over kLoopDims dimensions (its 16-dimension sum blocks
+// included) for the kernel's query block against one column block of a charge tile, the rows
+// contiguous (2 vectors wide: a 16.5 KiB strip) so that everything stays in L1.
+constexpr int64_t kLoopDims = 129;
+
+template <typename T, int QB, bool kGrad>
+int64_t loop_distance(int64_t iters) {
+  typedef VecT<T> V;
+  typedef Geometry<T> G;
+  constexpr int W = VecTraits<T>::W, CB = G::CB;
+  const int64_t D = kLoopDims, ld = CB * W;
+  T* y = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
+  T* x = (T*)aligned_buffer(sizeof(T) * (size_t)(QB * D));
+  T* gq = (T*)aligned_buffer(sizeof(T) * (size_t)(QB * D));
+  if (!y || !x || !gq) {
+    free(y); free(x); free(gq);
+    return 0;
+  }
+  for (int64_t i = 0; i < D * ld; ++i) y[i] = (T)(1e-3 * (double)(i % 13));
+  for (int64_t i = 0; i < QB * D; ++i) x[i] = gq[i] = (T)(1e-2 * (double)(i % 7));
+  const T* xq[QB];
+  const T* gr[QB];
+  for (int q = 0; q < QB; ++q) {
+    xq[q] = x + q * D;
+    gr[q] = gq + q * D;
+  }
+  V acc[QB][CB], gd[QB][CB];
+  const int64_t calls = iters / D + 1;
+  for (int64_t it = 0; it < calls; ++it) {
+    const T* yk = y;
+    PF_OPAQUE_PTR(yk);
+    distance_block<T, QB, CB, kGrad>(xq, gr, yk, ld, D, acc, gd);
+    for (int q = 0; q < QB; ++q)
+      for (int c = 0; c < CB; ++c) {
+        PF_OPAQUE(acc[q][c]);
+        PF_OPAQUE(gd[q][c]);
+      }
+  }
+  free(y); free(x); free(gq);
+  return calls * D * QB * CB;
+}
+
+// Phases C and C': the kernels' register blocks over the run length of a D = 129 tile (its
+// 256 charges: 16 vectors in float32), kLoopBlockDims dimensions and four query rows, in the
+// kernels' order (dimension blocks outside, query blocks inside: field_tile,
+// backward_accumulate).
+constexpr int kLoopBlockDims = 6;  // a multiple of every ISA's dimension block (6, 3 and 2)
+constexpr int kLoopRows = 4;       // a multiple of every query block (2 and 4)
+
+template <typename T, bool kBackward>
+int64_t loop_accumulate(int64_t iters) {
+  typedef Geometry<T> G;
+  constexpr int W = VecTraits<T>::W, QT = kLoopRows;
+  const TileShape<T> ts = tile_shape<T>(kLoopDims);
+  const int nvec = ts.CT / W;
+  const int64_t D = kLoopBlockDims, ld = ts.CT;
+  const TileShape<T> shape{QT, ts.CT};
+  Packed<T> pk;
+  pk.D = D;
+  T* y = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
+  T* dy = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
+  TileScratch<T> sc;
+  BackwardScratch<T> bs;
+  const bool ok = y && dy && (kBackward ? bs.allocate(shape, D) : sc.allocate(shape, D));
+  int64_t done = 0;
+  if (ok) {
+    for (int64_t i = 0; i < D * ld; ++i) {
+      y[i] = (T)(1e-3 * (double)(i % 13));
+      dy[i] = (T)0;
+    }
+    T* xt = kBackward ? bs.xt : sc.xt;
+    T* rows = kBackward ? bs.C : sc.S;  // the weights (forward) or c (backward) per pair
+    T* acc = kBackward ? bs.accdx : sc.acc;
+    for (int64_t i = 0; i < QT * D; ++i) xt[i] = (T)(1e-2 * (double)(i % 7));
+    for (int64_t i = 0; i < (int64_t)QT * ts.CT; ++i) rows[i] = (T)(1e-4 * (double)(i % 11));
+    for (int64_t i = 0; i < QT * D * W; ++i) acc[i] = (T)0;
+    if (kBackward) {
+      for (int64_t i = 0; i < (int64_t)QT * ts.CT; ++i) bs.P[i] = (T)(1e-5 * (double)(i % 3));
+      for (int64_t i = 0; i < QT * D; ++i) bs.gt[i] = (T)(1e-2 * (double)(i % 5));
+    }
+    const int64_t per_call = (int64_t)QT * D * nvec;
+    const int64_t calls = iters / per_call + 1;
+    for (int64_t it = 0; it < calls; ++it) {
+      if constexpr (kBackward) {
+        if constexpr (HeldBlock<T>::kEnabled) {
+          constexpr int QC = HeldBlock<T>::QC, KB = HeldBlock<T>::KB;
+          for (int64_t k0 = 0; k0 < D; k0 += KB)
+            for (int q0 = 0; q0 < QT; q0 += QC)
+              backward_accumulate_held<T, QC, KB, true>(bs, pk, y, dy, ld, q0, k0, nvec);
+        } else {
+          constexpr int QC = BackwardBlock<T, true>::QC, KB = BackwardBlock<T, true>::KB;
+          for (int q0 = 0; q0 < QT; q0 += QC)
+            for (int64_t k0 = 0; k0 < D; k0 += KB)
+              backward_accumulate_block<T, QC, KB, true, true, true>(bs, pk, y, dy, ld, q0, k0,
+                                                                     nvec);
+        }
+      } else {
+        for (int64_t k0 = 0; k0 < D; k0 += G::KB)
+          for (int q0 = 0; q0 < QT; q0 += G::QC)
+            accumulate_block<T, G::QC, G::KB>(sc, pk, y, ld, q0, k0, nvec);
+      }
+      PF_OPAQUE_PTR(acc);
+    }
+    done = calls * per_call;
+  }
+  if (kBackward) bs.release(); else sc.release();
+  free(y);
+  free(dy);
+  return done;
 }
 
 template <typename T>
@@ -252,6 +384,60 @@ int64_t run_op(int op, int64_t iters, double param) {
       return -1;
 #endif
     }
+    case kStore:
+    case kLoadStore: {
+      // twelve chains, each storing its vector every step to its own line of a 12-line ring;
+      // load+store adds three loads per chain, from 36 lines of the same page kept clear of
+      // the stores' address bits 0-11 (a load that shares them with a store still in flight
+      // waits for it: 4K aliasing, measured 2-3 times slower)
+      char* raw = (char*)aligned_buffer(2 * 4096);
+      if (!raw) return -1;
+      char* page = raw + (4096 - ((uintptr_t)raw & 4095)) % 4096;
+      T* st = (T*)page;                 // bytes 0-767 of the page
+      const T* lp = (const T*)(page + 1024);  // bytes 1024-3327
+      for (int64_t i = 0; i < 12 * W; ++i) st[i] = (T)0;
+      for (int64_t i = 0; i < 36 * W; ++i) ((T*)lp)[i] = (T)(1e-3 * (double)(i % 17));
+#define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      const bool with_loads = op == kLoadStore;
+      per_iter = with_loads ? 4 * kChains : kChains;
+      for (int64_t it = 0; it < iters; ++it) {
+        T* sp = st;
+        const T* l = lp;
+        __asm__ volatile("" : "+r"(sp), "+r"(l));
+        if (with_loads) {
+#define PF_STEP(i)                                                              \
+  {                                                                             \
+    V l0 = vload<T>(l + (3 * i) * W), l1 = vload<T>(l + (3 * i + 1) * W);      \
+    V l2 = vload<T>(l + (3 * i + 2) * W);                                       \
+    PF_OPAQUE(l0);                                                              \
+    PF_OPAQUE(l1);                                                              \
+    PF_OPAQUE(l2);                                                              \
+    vstore<T>(sp + (i) * W, a##i);                                              \
+  }
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        } else {
+#define PF_STEP(i) vstore<T>(sp + (i) * W, a##i);
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        }
+#define PF_HIDE(i) PF_OPAQUE(a##i);
+        PF_REP(PF_HIDE)
+#undef PF_HIDE
+      }
+      free(raw);
+      break;
+    }
+    case kLoopA:
+      return loop_distance<T, Geometry<T>::QB, false>(iters);
+    case kLoopAGrad:
+      return loop_distance<T, Geometry<T>::QBb, true>(iters);
+    case kLoopC:
+      return loop_accumulate<T, false>(iters);
+    case kLoopCGrad:
+      return loop_accumulate<T, true>(iters);
     case kMax:
       chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return vmax<T>(a, b); });
       break;
