@@ -238,17 +238,31 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
 
 
-def backward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
-    """The backward for dx and dy (backward_item): A' r2 and g.(x - y), B' the pair term,
-    C' dx += a d (lanes), dy -= a d + pi g. The per-dimension counts are the compiled loops'
-    (bench/asm_mix.py). A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts
-    (plus 3 reloads of a spilled y vector on avx512: not binding, the FMA pipes are).
-    C' on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers): 10 FMA + 4 mul
-    and 14 add/sub per step, 11 loads (c, pi, y, dy, one y reloaded) and 3 stores; elsewhere
-    (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
-    2 QCb + 2 KBb + 2 QCb KBb loads per step."""
-    a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
-    if g.held:
+def backward_mix(
+    g: Geometry, power_form: bool = True, need_y: bool = True, has_g: bool = True
+) -> KernelMix:
+    """The backward (backward_item): A' r2 and g.(x - y), B' the pair term, C' dx += a d (lanes),
+    dy -= a d + pi g. The per-dimension counts are the compiled loops' (bench/asm_mix.py).
+    A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts (plus 3 reloads of a
+    spilled y vector on avx512: not binding, the FMA pipes are); without g (has_g False: the
+    output v carries no gradient) the forward's distance step, 8 + 8, 2 loads and 4 broadcasts.
+    C' for dx and dy on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers):
+    10 FMA + 4 mul and 14 add/sub per step, 11 loads (c, pi, y, dy, one y reloaded) and 3
+    stores; elsewhere (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub
+    per pair-dimension, 2 QCb + 2 KBb + 2 QCb KBb loads per step. C' for dx alone (need_y False,
+    the charges take no gradient; without g, as the Riesz loss calls it): the forward's QC x KB
+    block with c for p and x as broadcast memory operands: 1 FMA + 1 sub per pair-dimension,
+    QC + KB + QC KB loads per step."""
+    if need_y and not has_g:
+        raise ValueError("backward_mix: no model for dy without the gradient of v")
+    if has_g:
+        a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
+    else:
+        a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QBb) / (g.QBb * g.CB))
+    if not need_y:
+        n = g.QC * g.KB
+        c = Mix(fma=1, add=1, loads=(g.QC + g.KB + n) / n)
+    elif g.held:
         n = 2 * 3
         c = Mix(fma=14 / n, add=14 / n, loads=11 / n, stores=3 / n)
     else:
@@ -308,11 +322,29 @@ class Ceiling:
         )
 
     def backward_seconds(
-        self, N: int, B: int, D: int, power: float | None = None, power_form: bool = True
+        self,
+        N: int,
+        B: int,
+        D: int,
+        power: float | None = None,
+        power_form: bool = True,
+        need_y: bool = True,
+        has_g: bool = True,
     ) -> float:
+        """dL/dx and, with need_y, dL/dy; has_g: the output v carries a gradient (else only the
+        log-scale does, as in the Riesz loss)."""
         p = float(D if power is None else power)
-        return (
-            N * B / self._pairs_per_second(backward_mix(self.geometry_at(D), power_form), D, p / 2)
+        mix = backward_mix(self.geometry_at(D), power_form, need_y, has_g)
+        return N * B / self._pairs_per_second(mix, D, p / 2)
+
+    def riesz_seconds(self, N: int, charges, D: int, s: float) -> float:
+        """One step of the Riesz loss (losses.riesz_uniformity_loss): a field call at power s of
+        the N rows against each block of charges in `charges` (the batch itself, a bank), and
+        its backward for dL/dx alone (the charges take no gradient, the field v none)."""
+        return sum(
+            self.forward_seconds(N, b, D, s)
+            + self.backward_seconds(N, b, D, s, need_y=False, has_g=False)
+            for b in charges
         )
 
     def backward_over_forward(self, D: int, power: float | None = None) -> float:

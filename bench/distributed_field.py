@@ -66,6 +66,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
+
 
 def _best(fn, repeats):
     fn()  # warm: the first call loads the kernels and wakes the threads
@@ -234,6 +238,14 @@ def main():
     args = ap.parse_args()
     if args.rank is not None:
         return rank_main(args)
+    rec = machine.machine_record(2)
+    # the ceilings of the configurations (bench/ceiling.py): one process on 2 threads, or a rank
+    # on one thread with N / 2 of the queries against all the charges; the field is D = d at
+    # p = d, and an RK4 step of the d - 1 features is four of them
+    ceil1 = ceiling.measure(threads=1)
+    ceil2 = ceiling.measure(threads=2)
+    field_1x2 = ceil2.forward_seconds(args.n, args.n, args.d, float(args.d))
+    field_2x1 = ceil1.forward_seconds(args.n // 2, args.n, args.d, float(args.d))
     one = single(args)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,24 +287,37 @@ def main():
     two["crossover_queries_per_rank"] = (
         two["kernel_gflops_1_thread"] * 1e9 * 4 / (4 * two["gloo_bandwidth_GBps"] * 1e9)
     )
-    print(f"N = B = {args.n}, D = {args.d}, float32, best of {args.repeats}")
+    one["ceiling_field_s"], two["ceiling_field_s"] = field_1x2, field_2x1
+    print(f"# {machine.cpu_line(rec)}")
+    print(
+        f"N = B = {args.n}, D = {args.d}, float32, best of {args.repeats}; in brackets the "
+        "fraction of the configuration's ceiling (bench/ceiling.py: the field's time with every "
+        f"vector pipe busy, {1e3 * field_1x2:.1f} ms on 1 x 2 and {1e3 * field_2x1:.1f} ms "
+        "per rank on 2 x 1; an RK4 step is four fields)"
+    )
     print(
         "| configuration | field (s) | RK4 step (s) | bytes received / eval / rank | "
         "communicating |"
     )
     print("|---|---|---|---|---|")
+
+    def frac(ceil_s, t):
+        return f"{t:.3f} ({ceil_s / t:.2f})"
+
     print(
-        f"| 1 process x 2 threads | {one['field_s']:.3f} | {one['rk4_fused_s']:.3f} fused, "
-        f"{one['rk4_unfused_s']:.3f} unfused | 0 | - |"
+        f"| 1 process x 2 threads | {frac(field_1x2, one['field_s'])} | "
+        f"{frac(4 * field_1x2, one['rk4_fused_s'])} fused, "
+        f"{frac(4 * field_1x2, one['rk4_unfused_s'])} unfused | 0 | - |"
     )
     print(
-        f"| 2 x 1, allgather | {two['allgather_field_s']:.3f} | "
-        f"{two['rk4_allgather_fused_s']:.3f} (fused; gather {two['rk4_allgather_gather_s']:.4f}"
-        f" once per flow) | {two['bytes_per_eval']:,} | "
+        f"| 2 x 1, allgather | {frac(field_2x1, two['allgather_field_s'])} | "
+        f"{frac(4 * field_2x1, two['rk4_allgather_fused_s'])} (fused; gather "
+        f"{two['rk4_allgather_gather_s']:.4f} once per flow) | {two['bytes_per_eval']:,} | "
         f"{100 * two['allgather_comm_share']:.1f}% |"
     )
     print(
-        f"| 2 x 1, ring | {two['ring_field_s']:.3f} | {two['rk4_ring_s']:.3f} (4 ring passes) "
+        f"| 2 x 1, ring | {frac(field_2x1, two['ring_field_s'])} | "
+        f"{frac(4 * field_2x1, two['rk4_ring_s'])} (4 ring passes) "
         f"| {two['bytes_per_eval']:,} | {100 * two['ring_exposed_comm_share']:.1f}% exposed "
         f"(bare transfer {two['ring_transfer_only_s']:.4f} s) |"
     )
@@ -303,7 +328,18 @@ def main():
     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"n": args.n, "d": args.d, "single": one, "two": two}, fh, indent=1)
+            json.dump(
+                {
+                    "n": args.n,
+                    "d": args.d,
+                    "machine": rec,
+                    "ceiling_rates": {"1_thread": ceil1.rates, "2_threads": ceil2.rates},
+                    "single": one,
+                    "two": two,
+                },
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ float64 poissonflow loss, which tests/test_riesz.py checks against explicit pair
 to 1e-10; for uniform_loss its own float64 evaluation). A cell whose dense N x (N + K) memory,
 extrapolated from the implementation's largest measured cell, exceeds `--budget-gb`, or whose
 extrapolated time exceeds `--max-seconds`, is not run: its row says what it would need.
+
+Ceiling. The poissonflow rows also give their fraction of this machine's ceiling
+(bench/ceiling.py, measured at the start of the run on the cells' thread count): the loss makes
+two field calls, the batch against itself (N x N) and against the bank (N x K), each at power s
+in D dimensions, and their backward for dL/dx alone (the charges take no gradient and the field
+v none); the ceiling is the time those four kernel passes would take with every vector pipe
+busy. At N = 256 the kernels' share of a step is small (normalisation, the logsumexp, autograd):
+the fraction says how much of the step the kernels' best case is, not how well they run.
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -55,6 +62,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
 
 IMPLS = ["poissonflow", "torch dense", "torch chunked", "torch direct", "uniform_loss"]
 # Implementations whose memory grows like N (N + K): the ones the budget guards.
@@ -262,7 +273,7 @@ def estimate(impl, n, k, measured):
     }
 
 
-def run_all(args):
+def run_all(args, ceil=None):
     """Every cell, `--rounds` times over: a cell's time is its minimum over all rounds and
     repeats, so that each figure had several chances, minutes apart, at a quiet machine (the
     cores are shared, and a busy spell inflates every repeat of a cell run back to back). The
@@ -293,6 +304,10 @@ def run_all(args):
                 took = f"{res['seconds']:.3f} s" if "seconds" in res else "failed"
                 print(f"  round {rnd + 1}/{args.rounds}: {impl}, N={n}, K={k}: {took}", flush=True)
     out = list(rows.values())
+    for r in out:
+        if ceil is not None and r["impl"] == "poissonflow" and "seconds" in r:
+            r["ceiling_seconds"] = ceil.riesz_seconds(r["N"], (r["N"], r["K"]), args.dim, args.s)
+            r["of_ceiling"] = r["ceiling_seconds"] / r["seconds"]
     for r in out:
         print(format_row(r, out))
     return out
@@ -356,6 +371,8 @@ def format_row(r, rows):
             f"  time x{r['seconds'] / base['seconds']:6.2f}"
             f"  mem x{r['peak_mb'] / max(base['peak_mb'], 1e-9):7.1f}"
         )
+    if "of_ceiling" in r:
+        ratio = f"  {r['of_ceiling']:.3f} of the ceiling ({1e3 * r['ceiling_seconds']:.1f} ms)"
     err = ""
     if "value_rel_err" in r:
         err = f"  err value {r['value_rel_err']:.1e} grad {r['grad_rel_err']:.1e}"
@@ -415,19 +432,22 @@ def main():
     load0 = os.getloadavg()
     t0 = time.time()
     threads = args.threads or torch.get_num_threads()
+    rec = machine.machine_record(threads)
+    ceil = ceiling.measure(threads)
     print(
         f"riesz_uniformity_loss benchmark, D = {args.dim}, s = {args.s:g}, float32, "
-        f"{threads} threads, load average {load0[0]:.1f}",
+        f"{threads} threads, load average {load0[0]:.1f}\n# {machine.cpu_line(rec)}",
         flush=True,
     )
-    rows = run_all(args)
+    rows = run_all(args, ceil)
     meta = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "started_utc": started.isoformat(timespec="seconds"),
         "wall_seconds": time.time() - t0,
         "torch": torch.__version__,
         "threads": args.threads or torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": rec,
+        "ceiling_rates": ceil.rates,
         "cpus": os.cpu_count(),
         "load_average_start": load0,
         "load_average_end": os.getloadavg(),

@@ -28,6 +28,12 @@ the minimum over the
 repeats of the slowest rank's step (this machine's cores are shared; the minimum is the least
 disturbed figure; the two ways' worlds alternate, `--rounds` times each, so that both meet
 the same spells of load). Both ways' loss values are printed: they must agree to float32 rounding.
+
+Ceiling: each way's step beside its fraction of this machine's ceiling for the kernel work a
+rank does (bench/ceiling.py, Ceiling.riesz_seconds, one thread): with R ranks, b batch rows and
+K bank rows per rank, the module's rank runs its b rows against the global batch (R b) and the
+R bank shards (R K); the gather way's rank computes the whole loss, R b rows against R b and
+R K. The rest of a step (the ring's transfers, the gathers, autograd) is outside the ceiling.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -45,6 +50,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
 
 
 def _status_mb(field: str) -> float:
@@ -221,17 +230,26 @@ def main(argv: list[str] | None = None) -> None:
             median_s=every[len(every) // 2],
         )
     m, g = results["module"], results["gather"]
+    ceil = ceiling.measure(threads=1)
+    R, b, K = args.world, args.batch, args.bank
+    m["ceiling_s"] = ceil.riesz_seconds(b, (R * b, R * K), args.dim, args.s)
+    g["ceiling_s"] = ceil.riesz_seconds(R * b, (R * b, R * K), args.dim, args.s)
+    rec = machine.machine_record(1)
     lines = [
+        f"# {machine.cpu_line(rec)}",
         f"RieszLoss over {args.world} gloo processes (1 thread each), bank {args.bank} rows per "
         f"rank, batch {args.batch} rows per rank, D = {args.dim}, float32, s = {args.s}; "
         f"one step = forward + backward, min over {args.rounds} x {args.repeats} steps of the "
         f"slowest rank; peak = largest growth of the peak resident size (VmHWM) in the timed "
         f"steps over ranks and rounds",
-        f"{'way':<40} {'min s/step':>11} {'median s':>9} {'peak MB (max rank)':>19} {'loss':>10}",
+        f"{'way':<40} {'min s/step':>11} {'median s':>9} {'peak MB (max rank)':>19} {'loss':>10}"
+        f" {'ceiling s':>10} {'of it':>6}",
         f"{'module (ring, banks never gathered)':<40} {m['time_s']:>11.2f} "
-        f"{m['median_s']:>9.2f} {m['peak_mb']:>19.1f} {m['loss']:>10.6f}",
+        f"{m['median_s']:>9.2f} {m['peak_mb']:>19.1f} {m['loss']:>10.6f}"
+        f" {m['ceiling_s']:>10.3f} {m['ceiling_s'] / m['time_s']:>6.2f}",
         f"{'gather banks + single-process loss':<40} {g['time_s']:>11.2f} "
-        f"{g['median_s']:>9.2f} {g['peak_mb']:>19.1f} {g['loss']:>10.6f}",
+        f"{g['median_s']:>9.2f} {g['peak_mb']:>19.1f} {g['loss']:>10.6f}"
+        f" {g['ceiling_s']:>10.3f} {g['ceiling_s'] / g['time_s']:>6.2f}",
         f"ratio gather/module: time {g['time_s'] / m['time_s']:.2f}x (min), "
         f"{g['median_s'] / m['median_s']:.2f}x (median); peak memory "
         f"{g['peak_mb'] / max(m['peak_mb'], 1e-9):.2f}x",
@@ -241,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         meta = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "machine": platform.platform(),
+            "machine": rec,
+            "ceiling_rates": ceil.rates,
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "load_avg": os.getloadavg(),

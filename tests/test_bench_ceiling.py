@@ -107,6 +107,29 @@ def test_backward_floor():
     assert c.fma_peak_gflops() == pytest.approx(2 * 16 * 1e9 / 1e9)
 
 
+def test_backward_for_dx_alone():
+    # the Riesz loss's calls: dL/dx only, no gradient on v. A' is the forward's distance step
+    # (1 FMA, 1 + 1/16 adds per pair-dimension), C' the forward's 2 x 6 block with c for p and x
+    # as broadcast operands (1 FMA, 1 add, 20 loads per 12 pair-dimensions)
+    c = ceiling.Ceiling(dict(RATES))
+    mix = ceiling.backward_mix(c.geometry, need_y=False, has_g=False)
+    assert (mix.per_dim[0].fma, mix.per_dim[0].add) == (1, 1 + 1 / 16)
+    assert (mix.per_dim[1].fma, mix.per_dim[1].add) == (1, 1)
+    assert mix.per_dim[1].loads == pytest.approx(20 / 12)
+    assert mix.per_dim[1].stores == 0
+    D = 128
+    full = c.backward_seconds(100, 100, D)
+    dx = c.backward_seconds(100, 100, D, need_y=False, has_g=False)
+    assert dx < full
+    # per pair-dimension: A' 1.0625 / 1e9 and C' max(1 / 1e9, (20 / 12) / 2e9) on this machine;
+    # per pair, the same B' as the full backward
+    per_dim = (1 + 1 / 16) / 1e9 + 1 / 1e9
+    per_pair = sum(m.seconds(RATES, D / 2) for m in mix.per_pair)
+    assert dx / (100 * 100 / 16) == pytest.approx(D * per_dim + per_pair)
+    with pytest.raises(ValueError):
+        ceiling.backward_mix(c.geometry, need_y=True, has_g=False)
+
+
 def test_loop_attainment_sets_each_loop_against_its_phase():
     # the made-up machine at 1 GHz, one thread: loop rates in pair-dimension vectors per second
     rates = dict(RATES, **{"loop_A": 0.5e9, "loop_C": 1e9, "loop_A'": 0.25e9, "loop_C'": 0.3e9})
