@@ -82,6 +82,7 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
     import torch.distributed.nn.functional as dnn
 
     from poissonflow import losses as L
+    from poissonflow.distributed import end_process_group
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -141,8 +142,7 @@ def worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace,
         "exact_peak": exact_peak,
     }
     Path(out, f"{way}_rank{rank}.json").write_text(json.dumps(res))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def _free_port() -> int:

@@ -17,6 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from poissonflow.distributed import end_process_group
 from poissonflow.losses import RieszLoss, riesz_uniformity_loss
 
 
@@ -71,11 +72,7 @@ def main() -> None:
         opt.step()
         if rank == 0:
             print(f"step {step + 1}: global Riesz loss {loss.item():.4f}")
-    # every rank done with the group before any tears it down: a rank that destroyed it while
-    # its peer's last transfers were still being completed by gloo aborted at exit (SIGABRT,
-    # "terminate called without an active exception"), about one run in four
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()  # a barrier, then the group torn down (and a clean exit)
 
 
 if __name__ == "__main__":

@@ -240,8 +240,7 @@ def worker(rank, world, port, out):
         except ValueError as err:
             res[name] = str(err)
     torch.save(res, Path(out) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    pfd.end_process_group()
 
 
 def riesz_data(world):

@@ -75,6 +75,8 @@ def worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from poissonflow.distributed import end_process_group
+
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -114,8 +116,7 @@ def worker(rank, world, port, out):
         else None
     )
     torch.save(res, Path(out) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def _free_port():

@@ -14,6 +14,7 @@ Every function is collective (all ranks of the group call it, in the same order)
 initialised process group. `import poissonflow` does not import this package.
 """
 
+from ._comm import end_process_group
 from .field import AUTO_ALLGATHER_BYTES, MODES, poisson_field
 from .flow import transform
 from .learned import fit_learned_field
@@ -27,4 +28,5 @@ __all__ = [
     "fit_learned_field",
     "MODES",
     "AUTO_ALLGATHER_BYTES",
+    "end_process_group",
 ]

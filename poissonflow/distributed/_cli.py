@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import files
+from ._comm import end_process_group
 
 __all__ = ["launched_by_torchrun", "transform_main"]
 
@@ -112,6 +113,7 @@ def transform_main(args) -> int:
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ended = False
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         t0 = time.perf_counter()
@@ -158,7 +160,9 @@ def transform_main(args) -> int:
                 f"wrote {out} ({full.shape[0]} x {full.shape[1]}) and {info_path} "
                 f"({world} processes)"
             )
-        dist.barrier()
+        end_process_group()
+        ended = True
     finally:
-        dist.destroy_process_group()
+        if not ended:  # a rank failed: no barrier, the others may never reach it
+            dist.destroy_process_group()
     return 0
