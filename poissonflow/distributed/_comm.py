@@ -218,7 +218,7 @@ def ring_with_accumulators(
     return mine
 
 
-def end_process_group(group=None) -> None:
+def end_process_group(group: dist.ProcessGroup | None = None) -> None:
     """End a distributed script: a barrier of every rank, then the group torn down.
 
     gloo's worker threads outlive `torch.distributed.destroy_process_group`, and a worker that
