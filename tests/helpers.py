@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import poissonflow
 from poissonflow.testing import (  # noqa: F401  (re-exported)
     ROW_FLOOR,
     TOLERANCES,
@@ -26,7 +25,9 @@ TOL_FLOW = {dt: t.flow for dt, t in TOLERANCES.items()}
 
 
 def cpu_isas() -> list[str]:
-    return poissonflow._ext.cpu_isas()
+    from poissonflow import _ext  # imported here: the package loads it lazily
+
+    return _ext.cpu_isas()
 
 
 def assert_field_close(x, y, v, ls, dtype=None, *, cancelling=False, **kw):

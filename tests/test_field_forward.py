@@ -201,6 +201,26 @@ def test_deterministic_across_runs_and_threads():
     assert torch.equal(ls1, ls2) and torch.equal(ls2, ls3)
 
 
+def test_rows_do_not_depend_on_the_calls_other_queries():
+    """A query's field is the same bits whether it comes in a small call or a large one, on one
+    thread or two: the kernel picks its tile height from N and the thread count (few tiles per
+    thread get shorter tiles, so that no thread is left a tile short), and rows never interact."""
+    for D in (3, 129):
+        x, y = gaussian_case(2000, 700, D, torch.float32, seed=D)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            v_all, ls_all = poisson_field_cpu(x, y)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for n in (1, 7, 128, 301):
+                    v, ls = poisson_field_cpu(x[:n], y)
+                    same = torch.equal(v, v_all[:n]) and torch.equal(ls, ls_all[:n])
+                    assert same, (D, threads, n)
+        finally:
+            torch.set_num_threads(old)
+
+
 def test_auto_backend_is_cpu_kernel():
     x, y = gaussian_case(30, 40, 6, torch.float32)
     va, la = poissonflow.poisson_field(x, y)

@@ -70,7 +70,7 @@ static PowerPlan<T> field_plan(const FieldArgs& a) {
 // combination). The team is the OpenMP runtime's, which is torch's own (poissonflow/_ext.py).
 template <typename T, bool kFlowBuffers, class Body>
 static int sweep_query_tiles(const FieldArgs& a, const PowerPlan<T>& plan, Body&& body) {
-  const TileShape<T> shape = tile_shape<T>(a.D);
+  const TileShape<T> shape = balance_tiles<T>(tile_shape<T>(a.D), a.N, a.num_threads);
   Packed<T> pk;
   if (!pk.allocate(a.B, a.D, shape.CT)) {
     pk.release();

@@ -216,7 +216,7 @@ int64_t loop_accumulate(int64_t iters) {
   const TileShape<T> ts = tile_shape<T>(kLoopDims);
   const int nvec = ts.CT / W;
   const int64_t D = kLoopBlockDims, ld = ts.CT;
-  const TileShape<T> shape{QT, ts.CT};
+  const TileShape<T> shape{QT, ts.CT, ts.blk};
   Packed<T> pk;
   pk.D = D;
   T* y = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
