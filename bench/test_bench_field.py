@@ -7,11 +7,19 @@
 Each benchmark checks its result against the float64 reference once before timing, so a fast
 wrong kernel cannot pass as a speed-up. Sizes are moderate (a few seconds per benchmark on a
 2-core CPU); bench/field_throughput.py is the full sweep with peers and GEMM ratios.
+
+Each benchmark's extra_info (in the saved JSON) holds its primary figure, the fraction of this
+machine's ceiling for that kernel (bench/ceiling.py, measured once per session on the current
+thread count, against the best round), and where it was measured (bench/machine.py: the CPU,
+the dispatcher's ISA, threads, torch's BLAS, load average): a saved run compares only with runs
+on the same CPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -22,6 +30,10 @@ from poissonflow.kernels import reference  # noqa: E402
 from poissonflow.kernels.reference import field_backward_reference
 from poissonflow.testing import field_errors, flow_errors, row_errors, tolerance
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceiling  # noqa: E402
+import machine  # noqa: E402
+
 SIZES = [(4096, 129), (4096, 3), (2048, 513)]
 F32 = tolerance(torch.float32)
 
@@ -31,6 +43,23 @@ def _case(N, D, seed=0):
     return torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
 
 
+@pytest.fixture(scope="module")
+def ceil():
+    """This machine's ceiling on the current thread count, measured once for the module."""
+    return ceiling.measure(torch.get_num_threads())
+
+
+def _record(benchmark, ceiling_seconds: float) -> None:
+    """The fraction of the ceiling (the best round against the kernel's best possible time)
+    and where it was measured, into the benchmark's saved extra_info."""
+    best = benchmark.stats.stats.min
+    rec = machine.machine_record(torch.get_num_threads())
+    benchmark.extra_info["ceiling_seconds"] = ceiling_seconds
+    benchmark.extra_info["fraction_of_ceiling"] = ceiling_seconds / best
+    benchmark.extra_info["cpu"] = machine.cpu_line(rec)
+    benchmark.extra_info["machine"] = rec
+
+
 def _check(x, y, v, ls, rows=64):
     """The first `rows` queries against all charges, the suite's measure and tolerance."""
     rel, _, ls_err = field_errors(x[:rows], y, v[:rows], ls[:rows])
@@ -38,7 +67,7 @@ def _check(x, y, v, ls, rows=64):
 
 
 @pytest.mark.parametrize("N,D", SIZES, ids=lambda v: str(v))
-def test_forward_cpu(benchmark, N, D):
+def test_forward_cpu(benchmark, ceil, N, D):
     x, y = _case(N, D)
     v, ls = poissonflow.poisson_field(x, y, backend="cpu")
     _check(x, y, v, ls)
@@ -46,10 +75,11 @@ def test_forward_cpu(benchmark, N, D):
     benchmark.pedantic(
         poissonflow.poisson_field, args=(x, y), kwargs={"backend": "cpu"}, rounds=3, warmup_rounds=1
     )
+    _record(benchmark, ceil.forward_seconds(N, N, D))
 
 
 @pytest.mark.parametrize("N,D", [(4096, 129)], ids=lambda v: str(v))
-def test_forward_backward_cpu(benchmark, N, D):
+def test_forward_backward_cpu(benchmark, ceil, N, D):
     x, y = _case(N, D)
     g = torch.Generator().manual_seed(1)
     gv, gl = torch.randn(N, D, generator=g), torch.randn(N, generator=g)
@@ -67,10 +97,11 @@ def test_forward_backward_cpu(benchmark, N, D):
     assert row_errors(dx, rx) <= F32.grad and row_errors(dy, ry) <= F32.grad
     benchmark.extra_info["gflop_forward_equivalent"] = 4 * D * N * N / 1e9
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    _record(benchmark, ceil.forward_seconds(N, N, D) + ceil.backward_seconds(N, N, D))
 
 
 @pytest.mark.parametrize("solver,steps", [("euler", 8), ("rk4", 2)])
-def test_flow_steps_cpu(benchmark, solver, steps):
+def test_flow_steps_cpu(benchmark, ceil, solver, steps):
     N, d = 4096, 128
     x, y = _case(N, d)
     t0 = torch.full((N,), math.log(0.5), dtype=torch.float64)
@@ -85,3 +116,5 @@ def test_flow_steps_cpu(benchmark, solver, steps):
     benchmark.pedantic(
         flow_steps, args=(x, y, None, t0, dt, steps, solver), rounds=3, warmup_rounds=1
     )
+    # the flow of d features: d dimensions at p = d + 1, plus the softening by z
+    _record(benchmark, steps * ceil.flow_step_seconds(N, N, d, solver))
