@@ -389,6 +389,23 @@ static inline void accumulate_tail(TileScratch<T>& sc, const Packed<T>& pk, cons
   }
 }
 
+// Phase C for the tile's QT queries over one charge tile (rows ld apart, nvec charge vectors).
+// Dimension blocks outside, query pairs inside: the block's KB rows of yT (KB x CT) stay in L1
+// while every query pair reads them.
+template <typename T>
+static inline void accumulate_tile(TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                   int64_t ld, int nvec) {
+  typedef Geometry<T> G;
+  const int64_t D = pk.D;
+  int64_t k0 = 0;
+  for (; k0 + G::KB <= D; k0 += G::KB)
+    for (int q0 = 0; q0 < sc.QT; q0 += G::QC)
+      accumulate_block<T, G::QC, G::KB>(sc, pk, ytile, ld, q0, k0, nvec);
+  if (k0 < D)
+    for (int q0 = 0; q0 < sc.QT; q0 += G::QC)
+      accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, ytile, ld, q0, k0, nvec, (int)(D - k0));
+}
+
 // Phase B of the power form for one row (power_form.h): the lazy reference update in q units
 // (the log domain's kTau rule: Q moves only when a tile beats it by 2^(kTau / (p/2))), the
 // rescaling, and the weights (q / Q)^(p/2). Returns false when the row has no charge yet.
@@ -512,16 +529,8 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
       }
       vstore<T>(sc.lvec + (int64_t)q * W, l);
     }
-    // Phase C: accumulate p * (y - x). Dimension blocks outside, query pairs inside: the
-    // block's KB rows of yT (KB x CT) stay in L1 while every query pair reads them.
-    int64_t k0 = 0;
-    for (; k0 + G::KB <= D; k0 += G::KB)
-      for (int q0 = 0; q0 < QT; q0 += G::QC)
-        accumulate_block<T, G::QC, G::KB>(sc, pk, ytile, ncharges, q0, k0, nvec);
-    if (k0 < D)
-      for (int q0 = 0; q0 < QT; q0 += G::QC)
-        accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, ytile, ncharges, q0, k0, nvec,
-                                             (int)(D - k0));
+    // Phase C: accumulate p * (y - x).
+    accumulate_tile<T>(sc, pk, ytile, ncharges, nvec);
   }
 
   // Finalise: v = x - mu = -sum p (y - x) / sum p; lse = m + log2(sum p). A dead row (no

@@ -211,16 +211,18 @@ constexpr int kLoopRows = 4;       // a multiple of every query block (2 and 4)
 
 template <typename T, bool kBackward>
 int64_t loop_accumulate(int64_t iters) {
-  typedef Geometry<T> G;
   constexpr int W = VecTraits<T>::W, QT = kLoopRows;
   const TileShape<T> ts = tile_shape<T>(kLoopDims);
   const int nvec = ts.CT / W;
   const int64_t D = kLoopBlockDims, ld = ts.CT;
   const TileShape<T> shape{QT, ts.CT, ts.blk};
-  Packed<T> pk;
-  pk.D = D;
   T* y = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
   T* dy = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
+  // one charge tile of D rows, as the kernels' packed layout has it (y is not owned by pk)
+  Packed<T> pk;
+  pk.D = D;
+  pk.CT = pk.Bp = pk.B = ld;
+  pk.yT = y;
   TileScratch<T> sc;
   BackwardScratch<T> bs;
   const bool ok = y && dy && (kBackward ? bs.allocate(shape, D) : sc.allocate(shape, D));
@@ -243,24 +245,10 @@ int64_t loop_accumulate(int64_t iters) {
     const int64_t per_call = (int64_t)QT * D * nvec;
     const int64_t calls = iters / per_call + 1;
     for (int64_t it = 0; it < calls; ++it) {
-      if constexpr (kBackward) {
-        if constexpr (HeldBlock<T>::kEnabled) {
-          constexpr int QC = HeldBlock<T>::QC, KB = HeldBlock<T>::KB;
-          for (int64_t k0 = 0; k0 < D; k0 += KB)
-            for (int q0 = 0; q0 < QT; q0 += QC)
-              backward_accumulate_held<T, QC, KB, true>(bs, pk, y, dy, ld, q0, k0, nvec);
-        } else {
-          constexpr int QC = BackwardBlock<T, true>::QC, KB = BackwardBlock<T, true>::KB;
-          for (int q0 = 0; q0 < QT; q0 += QC)
-            for (int64_t k0 = 0; k0 < D; k0 += KB)
-              backward_accumulate_block<T, QC, KB, true, true, true>(bs, pk, y, dy, ld, q0, k0,
-                                                                     nvec);
-        }
-      } else {
-        for (int64_t k0 = 0; k0 < D; k0 += G::KB)
-          for (int q0 = 0; q0 < QT; q0 += G::QC)
-            accumulate_block<T, G::QC, G::KB>(sc, pk, y, ld, q0, k0, nvec);
-      }
+      if constexpr (kBackward)
+        backward_accumulate<T, true, true, true>(bs, pk, dy, 0, nvec);
+      else
+        accumulate_tile<T>(sc, pk, y, ld, nvec);
       PF_OPAQUE_PTR(acc);
     }
     done = calls * per_call;
