@@ -125,29 +125,44 @@ __attribute__((noinline)) void chains(int64_t iters, T start, T spread, Step ste
 
 // distance_block's step for QB queries x CB charge vectors (d = y - x; r2 += d d), its operands
 // from L1: the charge rows (64 of them, consecutive as in a tile's column block) and the
-// queries' scalars as broadcast operands. Returns the vector instructions executed.
-template <typename T, int QB, int CB>
+// queries' scalars as broadcast operands, or with kVectorX the queries' coordinates already
+// broadcast in memory (W copies each) and read as full vectors: the same arithmetic without
+// broadcast loads, which on Zen 4 slow the step by half (docs/performance.md, "Zen 4").
+// Returns the vector instructions executed.
+template <typename T, int QB, int CB, bool kVectorX = false>
 __attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
   constexpr int kRows = 64;
   alignas(64) T yt[kRows * CB * W];
   alignas(64) T xq[QB * kRows];
+  alignas(64) T xv[kVectorX ? QB * kRows * W : 1];
   for (int i = 0; i < kRows * CB * W; ++i) yt[i] = (T)(1e-3 * (i % 13));
   for (int i = 0; i < QB * kRows; ++i) xq[i] = (T)(1e-2 * (i % 7));
+  if (kVectorX)
+    for (int i = 0; i < QB * kRows * W; ++i) xv[i] = xq[i / W];
   V r[QB][CB] = {};
   for (int64_t it = 0; it < iters; ++it) {
     const int64_t k = it & (kRows - 1);
     const T* yp = yt + k * CB * W;
-    const T* xp = xq + k;
+    const T* xp = kVectorX ? xv + k * W : xq + k;
     __asm__ volatile("" : "+r"(yp), "+r"(xp));
     V y[CB];
     for (int c = 0; c < CB; ++c) y[c] = vload<T>(yp + c * W);
     for (int q = 0; q < QB; ++q) {
-      const T xs = xp[q * kRows];
-      for (int c = 0; c < CB; ++c) {
-        const V d = y[c] - xs;
-        r[q][c] += d * d;
+      if constexpr (kVectorX) {
+        V x = vload<T>(xp + q * kRows * W);
+        __asm__("" : "+v"(x));  // one load, not one memory operand per subtraction
+        for (int c = 0; c < CB; ++c) {
+          const V d = y[c] - x;
+          r[q][c] += d * d;
+        }
+      } else {
+        const T xs = xp[q * kRows];  // as distance_block: a broadcast load
+        for (int c = 0; c < CB; ++c) {
+          const V d = y[c] - xs;
+          r[q][c] += d * d;
+        }
       }
     }
   }
@@ -351,10 +366,12 @@ int64_t run_op(int op, int64_t iters, double param) {
       break;
     }
     case kPhaseA:
-      // param: the register block (0: 4 x 2 as the kernel, 1: 4 x 3, 2: 6 x 2, 3: 8 x 2)
+      // param: the register block (0: 4 x 2, the kernel's below D = 8; 1: 4 x 3; 2: 6 x 2, the
+      // kernel's from D = 8; 3: 8 x 2; 4: 6 x 2 with the queries' coordinates read as vectors)
       if (param == 1) return phase_a_step<T, 4, 3>(iters);
       if (param == 2) return phase_a_step<T, 6, 2>(iters);
       if (param == 3) return phase_a_step<T, 8, 2>(iters);
+      if (param == 4) return phase_a_step<T, 6, 2, true>(iters);
       return phase_a_step<T, 4, 2>(iters);
     case kClock: {
       // kChains dependent one-cycle integer additions per step: steps x kChains / seconds is
