@@ -64,9 +64,11 @@ LOOP_OPS = {
     "loop_C'": ("backward", 1),
 }
 # pipe_bench.cpp's phase_a_step register blocks (param of "phaseA"): the forward's r2 loop as
-# compiled, from L1, to see what its block shape allows of the pipes' rate; "6x2vec" is the
-# kernel's 6 x 2 step with the queries' coordinates read as vectors rather than broadcast (what
-# the broadcast loads cost the step on this CPU: docs/performance.md, "Zen 4")
+# compiled, from L1, to see what its block shape allows of the pipes' rate, with the queries'
+# coordinates as one broadcast register per coordinate (the kernels' shared form); "6x2vec"
+# reads them as full vectors instead: what the broadcast loads cost the step on this CPU
+# (docs/performance.md, "Zen 4"). loop_A and loop_A' run the kernels' own loops in the form
+# the kernels choose on this CPU (resolve_broadcasts).
 PHASE_A_BLOCKS = {"4x2": 0, "4x3": 1, "6x2": 2, "8x2": 3, "6x2vec": 4}
 
 

@@ -58,6 +58,8 @@ PYBIND11_MODULE(_C, m) {
         "The instruction set the dispatcher runs for `isa` ('auto': the best this CPU has).");
   m.def("vector_bytes", &vector_bytes, py::arg("isa") = "auto",
         "Vector width in bytes of an instruction set's kernels.");
+  m.def("resolve_broadcasts", &resolve_broadcasts, py::arg("requested") = 0,
+        "Phase A's broadcast operands for a request (0 auto: by CPU; 1 shared; 2 embedded).");
   m.def("pipe_ops", &pipe_ops, "Operations of the vector-pipe micro-benchmark (pipe_rate).");
   m.def(
       "pipe_rate",

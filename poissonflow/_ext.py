@@ -68,6 +68,23 @@ def cpu_weight_form() -> int:
     return WEIGHT_FORMS[forced]
 
 
+# Phase A's broadcast operands in the avx512 kernels (csrc/cpu/simd.h vsub_broadcast): "auto"
+# chooses by CPU (embedded on Zen 4, shared elsewhere), the others force one. For tests and
+# benchmarks; results are bit-identical.
+BROADCAST_FORMS = {"auto": 0, "shared": 1, "embedded": 2}
+
+
+def cpu_broadcasts() -> int:
+    """Phase A's broadcasts for the CPU kernels: $POISSONFLOW_CPU_BROADCASTS (auto, shared,
+    embedded)."""
+    forced = os.environ.get("POISSONFLOW_CPU_BROADCASTS", "").strip() or "auto"
+    if forced not in BROADCAST_FORMS:
+        raise ValueError(
+            f"POISSONFLOW_CPU_BROADCASTS={forced!r} is not one of {sorted(BROADCAST_FORMS)}"
+        )
+    return BROADCAST_FORMS[forced]
+
+
 def default_cpu_isa() -> str:
     """The CPU kernel copy to use: $POISSONFLOW_CPU_ISA if set (for testing), else the best."""
     forced = os.environ.get("POISSONFLOW_CPU_ISA", "").strip()

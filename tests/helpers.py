@@ -68,6 +68,12 @@ def forced_weights(form: str) -> forced_env:
     return forced_env("POISSONFLOW_CPU_WEIGHTS", form)
 
 
+def forced_broadcasts(form: str) -> forced_env:
+    """Phase A's broadcast operands forced through $POISSONFLOW_CPU_BROADCASTS (shared,
+    embedded)."""
+    return forced_env("POISSONFLOW_CPU_BROADCASTS", form)
+
+
 class forced_isa:
     """Context manager selecting one CPU kernel copy through $POISSONFLOW_CPU_ISA."""
 

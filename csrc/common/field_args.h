@@ -28,6 +28,7 @@
   X(bool, is_double, false)                                                                   \
   X(int, num_threads, 1)                                                                      \
   X(int, weight_form, 0)               /* CPU softmax weights: 0 auto, 1 log domain, 2 power */ \
+  X(int, broadcasts, 0)                /* CPU phase A's broadcasts: 0 auto, 1 shared, 2 embedded */ \
   /* forward outputs; the backward reads them */                                             \
   X(void*, v, nullptr)                 /* (N, D) */                                           \
   X(void*, log_scale, nullptr)         /* (N,) */                                             \

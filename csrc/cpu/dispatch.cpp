@@ -3,6 +3,10 @@
 
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #ifdef _OPENMP
 #include <dlfcn.h>
 #include <omp.h>
@@ -104,13 +108,49 @@ std::vector<std::string> available_isas() {
   return out;
 }
 
-int field_forward(const FieldArgs& a, const std::string& isa) { return pick(isa).field_forward(a); }
+namespace {
 
-int field_backward(const FieldArgs& a, const std::string& isa) {
-  return pick(isa).field_backward(a);
+// AMD family 25 (0x19: Zen 3 and Zen 4; of them only Zen 4 has AVX-512, so only it runs the
+// avx512 copy that the choice concerns).
+bool amd_family_25() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // AuthenticAMD
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  unsigned int family = (eax >> 8) & 0xfu;
+  if (family == 0xfu) family += (eax >> 20) & 0xffu;
+  return family == 25u;
+#else
+  return false;
+#endif
 }
 
-int flow_steps(const FieldArgs& a, const std::string& isa) { return pick(isa).flow_steps(a); }
+FieldArgs resolved(const FieldArgs& a) {
+  FieldArgs b = a;
+  b.broadcasts = resolve_broadcasts(a.broadcasts);
+  return b;
+}
+
+}  // namespace
+
+int resolve_broadcasts(int requested) {
+  if (requested == 1 || requested == 2) return requested;
+  static const int by_cpu = amd_family_25() ? 2 : 1;
+  return by_cpu;
+}
+
+int field_forward(const FieldArgs& a, const std::string& isa) {
+  return pick(isa).field_forward(resolved(a));
+}
+
+int field_backward(const FieldArgs& a, const std::string& isa) {
+  return pick(isa).field_backward(resolved(a));
+}
+
+int flow_steps(const FieldArgs& a, const std::string& isa) {
+  return pick(isa).flow_steps(resolved(a));
+}
 
 std::string chosen_isa(const std::string& isa) { return pick(isa).name; }
 

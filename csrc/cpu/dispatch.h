@@ -24,6 +24,13 @@ int field_forward(const FieldArgs& a, const std::string& isa);
 int field_backward(const FieldArgs& a, const std::string& isa);
 int flow_steps(const FieldArgs& a, const std::string& isa);
 
+// Phase A's broadcast operands (FieldArgs::broadcasts; simd.h vsub_broadcast): 0 (auto)
+// resolves to 2, embedded in the arithmetic, on AMD family 25 (Zen 4, the one CPU of that family
+// with AVX-512), where stand-alone 512-bit broadcast loads cost the add pipes a cycle, and to 1,
+// one broadcast register shared by its subtractions, elsewhere. 1 and 2 are kept as given.
+// Results do not depend on it.
+int resolve_broadcasts(int requested);
+
 // The instruction set "auto" (or `isa`) resolves to, and its vector width in bytes.
 std::string chosen_isa(const std::string& isa);
 int vector_bytes(const std::string& isa);

@@ -43,6 +43,7 @@ struct BackwardScratch {
   T* C = nullptr;      // (QT, CT) c = p gs / r2
   T* accdx = nullptr;  // (QT, D, W)
   T* dx_sums = nullptr;  // (D,) one row's lane sums of accdx
+  bool embed = false;    // phase A' with broadcast memory operands (simd.h vsub_broadcast)
 
   bool allocate(TileShape<T> shape, int64_t D_) {
     QT = shape.QT;
@@ -73,7 +74,7 @@ struct BackwardScratch {
 };
 
 // Phase A': r2 (the forward's distance_block, so bit-identical) and gd = g.(x - y).
-template <typename T, int QB, int CB, bool kGrad>
+template <typename T, int QB, int CB, bool kGrad, bool kEmbed>
 static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>& pk,
                                         const T* ytile, int64_t ld, int q0, int col) {
   typedef VecT<T> V;
@@ -87,7 +88,7 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
     xq[q] = sc.xt + (int64_t)(q0 + q) * D;
     gq[q] = sc.gt + (int64_t)(q0 + q) * D;
   }
-  distance_block<T, QB, CB, kGrad>(xq, gq, ytile + col, ld, D, acc, gd);
+  distance_block<T, QB, CB, kGrad, kEmbed>(xq, gq, ytile + col, ld, D, acc, gd);
   for (int q = 0; q < QB; ++q)
     for (int c = 0; c < CB; ++c) {
       const int64_t off = (int64_t)(q0 + q) * CT + col + c * W;
@@ -347,10 +348,14 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const Pow
 
   for (int q0 = 0; q0 < QT; q0 += G::QBb)
     for (int c0 = 0; c0 < nvec; c0 += G::CB) {
-      if (has_g)
-        backward_pairs_block<T, G::QBb, G::CB, true>(sc, pk, ytile, ncharges, q0, c0 * W);
+      if (has_g && sc.embed)
+        backward_pairs_block<T, G::QBb, G::CB, true, true>(sc, pk, ytile, ncharges, q0, c0 * W);
+      else if (has_g)
+        backward_pairs_block<T, G::QBb, G::CB, true, false>(sc, pk, ytile, ncharges, q0, c0 * W);
+      else if (sc.embed)
+        backward_pairs_block<T, G::QBb, G::CB, false, true>(sc, pk, ytile, ncharges, q0, c0 * W);
       else
-        backward_pairs_block<T, G::QBb, G::CB, false>(sc, pk, ytile, ncharges, q0, c0 * W);
+        backward_pairs_block<T, G::QBb, G::CB, false, false>(sc, pk, ytile, ncharges, q0, c0 * W);
     }
 
   // Phase B': the shared per-pair gradient term on a vector of charges.

@@ -88,6 +88,7 @@ static int sweep_query_tiles(const FieldArgs& a, const PowerPlan<T>& plan, Body&
     T* xs = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
     T* ks = kFlowBuffers ? (T*)aligned_buffer(flow_bytes) : nullptr;
     const bool ok = sc.allocate(shape, a.D) && (!kFlowBuffers || (xs && ks));
+    sc.embed = a.broadcasts == 2;
     if (!ok) failed = 1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntiles; ++t) {
@@ -276,6 +277,7 @@ static int backward_impl(const FieldArgs& a) {
 #pragma omp barrier  // packing and zeroing done before the sweep
     BackwardScratch<T> sc;
     const bool ok = sc.allocate(shape, D);
+    sc.embed = a.broadcasts == 2;
     if (!ok) failed = 1;
     if (partials || !(need_y || need_w)) {
 #pragma omp for schedule(dynamic, 1)

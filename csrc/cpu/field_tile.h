@@ -252,6 +252,7 @@ struct TileScratch {
   T* m = nullptr;      // (QT,) running max of scores (log2); power form: the reference Q
   T* out_v = nullptr;  // (QT, D) field of the tile
   T* out_lse = nullptr;  // (QT,) log-sum-exp in log2 units (-inf: no charge)
+  bool embed = false;  // phase A with broadcast memory operands (simd.h vsub_broadcast)
 
   bool allocate(TileShape<T> shape, int64_t D_) {
     QT = shape.QT;
@@ -285,7 +286,7 @@ struct TileScratch {
 // r2 is summed in blocks of kSumBlock dimensions, each block added to the total: a float32
 // running sum over D = 300 terms has a rounding error ~sqrt(D/3) ulp of r2, which p/2 in the
 // exponent turns into 3e-5 relative error of the weights; blocking cuts it about fourfold.
-template <typename T, int QB, int CB, bool kGrad>
+template <typename T, int QB, int CB, bool kGrad, bool kEmbed>
 static inline void distance_block(const T* const* xq, const T* const* gq, const T* yk, int64_t ld,
                                   int64_t D, VecT<T> (&acc)[QB][CB], VecT<T> (&gd)[QB][CB]) {
   typedef VecT<T> V;
@@ -302,11 +303,10 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
       V y[CB];
       for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
       for (int q = 0; q < QB; ++q) {
-        const T xs = xq[q][k];
         for (int c = 0; c < CB; ++c) {
-          V d = y[c] - xs;
+          V d = vsub_broadcast<T, kEmbed>(y[c], xq[q] + k);
           part[q][c] += d * d;
-          if (kGrad) gd[q][c] -= gq[q][k] * d;
+          if (kGrad) gd[q][c] = vfnmadd_broadcast<T, kEmbed>(d, gq[q] + k, gd[q][c]);
         }
       }
     }
@@ -318,7 +318,7 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
 // Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0:
 // scores s = log2 w - (p/2) log2(max(r2 + eps2, tiny)) into S, or with kPower the power form's
 // q = g / max(r2 + eps2, tiny) (power_form.h).
-template <typename T, int QB, int CB, bool kPower>
+template <typename T, int QB, int CB, bool kPower, bool kEmbed>
 static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
                                 int64_t ld, int q0, int64_t j, int col, T half_p) {
   typedef VecT<T> V;
@@ -328,7 +328,7 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, c
   V acc[QB][CB], unused[QB][CB];
   const T* xq[QB];
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
-  distance_block<T, QB, CB, false>(xq, xq, ytile + col, ld, D, acc, unused);
+  distance_block<T, QB, CB, false, kEmbed>(xq, xq, ytile + col, ld, D, acc, unused);
   for (int c = 0; c < CB; ++c) {
     if constexpr (kPower) {
       const V g = vload<T>(pk.g + j + c * W);
@@ -344,6 +344,26 @@ static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, c
         vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
       }
     }
+  }
+}
+
+// Phase A for the tile's QT queries over the charge tile at j0 (nvec charge vectors).
+template <typename T, bool kPower, bool kEmbed>
+static void scores_tile(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile, int64_t j0,
+                        int nvec, T half_p) {
+  typedef Geometry<T> G;
+  constexpr int W = G::W;
+  const int64_t ld = pk.width(j0);
+  if (pk.D < G::kSmallD) {
+    for (int q0 = 0; q0 < sc.QT; q0 += G::QBs)
+      for (int c0 = 0; c0 < nvec; c0 += G::CB)
+        scores_block<T, G::QBs, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
+                                                       j0 + (int64_t)c0 * W, c0 * W, half_p);
+  } else {
+    for (int q0 = 0; q0 < sc.QT; q0 += G::QB)
+      for (int c0 = 0; c0 < nvec; c0 += G::CB)
+        scores_block<T, G::QB, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
+                                                      j0 + (int64_t)c0 * W, c0 * W, half_p);
   }
 }
 
@@ -481,17 +501,10 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
     const int nvec = ncharges / W;
     const T* ytile = pk.tile(j0);
     // Phase A: scores.
-    if (D < G::kSmallD) {
-      for (int q0 = 0; q0 < QT; q0 += G::QBs)
-        for (int c0 = 0; c0 < nvec; c0 += G::CB)
-          scores_block<T, G::QBs, G::CB, kPower>(sc, pk, ytile, ncharges, q0,
-                                                 j0 + (int64_t)c0 * W, c0 * W, half_p);
-    } else {
-      for (int q0 = 0; q0 < QT; q0 += G::QB)
-        for (int c0 = 0; c0 < nvec; c0 += G::CB)
-          scores_block<T, G::QB, G::CB, kPower>(sc, pk, ytile, ncharges, q0,
-                                                j0 + (int64_t)c0 * W, c0 * W, half_p);
-    }
+    if (sc.embed)
+      scores_tile<T, kPower, true>(sc, pk, ytile, j0, nvec, half_p);
+    else
+      scores_tile<T, kPower, false>(sc, pk, ytile, j0, nvec, half_p);
     // Excluded self-charges.
     for (int q = 0; q < QT; ++q) {
       const int64_t e = sc.excl[q];

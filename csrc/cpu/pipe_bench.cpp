@@ -31,6 +31,10 @@
 #endif
 
 namespace poissonflow {
+// dispatch.cpp (declared here rather than through dispatch.h, which brings the STL into this
+// per-ISA translation unit): phase A's broadcast operands on this CPU, which loop_A and loop_A'
+// run as the kernels do.
+int resolve_broadcasts(int requested);
 namespace PF_ISA_NS {
 
 namespace {
@@ -158,7 +162,7 @@ __attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
           r[q][c] += d * d;
         }
       } else {
-        const T xs = xp[q * kRows];  // as distance_block: a broadcast load
+        const T xs = xp[q * kRows];  // as distance_block's shared form: a broadcast load
         for (int c = 0; c < CB; ++c) {
           const V d = y[c] - xs;
           r[q][c] += d * d;
@@ -180,7 +184,7 @@ __attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
 // contiguous (2 vectors wide: a 16.5 KiB strip) so that everything stays in L1.
 constexpr int64_t kLoopDims = 129;
 
-template <typename T, int QB, bool kGrad>
+template <typename T, int QB, bool kGrad, bool kEmbed>
 int64_t loop_distance(int64_t iters) {
   typedef VecT<T> V;
   typedef Geometry<T> G;
@@ -206,7 +210,7 @@ int64_t loop_distance(int64_t iters) {
   for (int64_t it = 0; it < calls; ++it) {
     const T* yk = y;
     PF_OPAQUE_PTR(yk);
-    distance_block<T, QB, CB, kGrad>(xq, gr, yk, ld, D, acc, gd);
+    distance_block<T, QB, CB, kGrad, kEmbed>(xq, gr, yk, ld, D, acc, gd);
     for (int q = 0; q < QB; ++q)
       for (int c = 0; c < CB; ++c) {
         PF_OPAQUE(acc[q][c]);
@@ -282,6 +286,7 @@ int64_t run_op(int op, int64_t iters, double param) {
   PF_OPAQUE(b);
   PF_OPAQUE(c);
   int64_t per_iter = kChains;
+  const bool embed = resolve_broadcasts(0) == 2;
   switch (op) {
     case kFma:
       chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return a * b + c; });
@@ -436,9 +441,11 @@ int64_t run_op(int op, int64_t iters, double param) {
       break;
     }
     case kLoopA:
-      return loop_distance<T, Geometry<T>::QB, false>(iters);
+      return embed ? loop_distance<T, Geometry<T>::QB, false, true>(iters)
+                   : loop_distance<T, Geometry<T>::QB, false, false>(iters);
     case kLoopAGrad:
-      return loop_distance<T, Geometry<T>::QBb, true>(iters);
+      return embed ? loop_distance<T, Geometry<T>::QBb, true, true>(iters)
+                   : loop_distance<T, Geometry<T>::QBb, true, false>(iters);
     case kLoopC:
       return loop_accumulate<T, false>(iters);
     case kLoopCGrad:

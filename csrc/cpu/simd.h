@@ -68,6 +68,46 @@ static inline VecT<T> vbroadcast(T s) {
   return VecT<T>{} + s;
 }
 
+// y - *x in every lane. With kEmbed (avx512), *x is a broadcast memory operand of the
+// subtraction itself ({1toW}); otherwise the compiler loads the broadcast once into a register
+// and shares it between the subtractions of one x (phase A: 2 of them). On Zen 4 those
+// stand-alone 512-bit broadcast loads slow phase A's step from 12 cycles to 18, and a
+// subtraction with its own broadcast operand runs at the pipes' rate; on CPUs that issue 2 loads
+// a cycle and 4 vector instructions (Zen 5) the embedded operands' extra loads would bind
+// instead (docs/performance.md, "Zen 4"; the choice: field_cpu.cpp, embed_broadcasts). The same
+// IEEE subtraction either way: results are bit-identical.
+template <typename T, bool kEmbed>
+static inline VecT<T> vsub_broadcast(VecT<T> y, const T* x) {
+#if defined(PF_ISA_AVX512) && defined(__x86_64__)
+  if constexpr (kEmbed) {
+    VecT<T> d;
+    if constexpr (sizeof(T) == 4)
+      __asm__("vsubps %2%{1to16%}, %1, %0" : "=v"(d) : "v"(y), "m"(*x));
+    else
+      __asm__("vsubpd %2%{1to8%}, %1, %0" : "=v"(d) : "v"(y), "m"(*x));
+    return d;
+  }
+#endif
+  return y - *x;
+}
+
+// acc - d * *g as one fused operation; with kEmbed (avx512) *g is a broadcast memory operand
+// (vsub_broadcast's reason). The compiled shared form is the same vfnmadd with a broadcast
+// register: the same single rounding.
+template <typename T, bool kEmbed>
+static inline VecT<T> vfnmadd_broadcast(VecT<T> d, const T* g, VecT<T> acc) {
+#if defined(PF_ISA_AVX512) && defined(__x86_64__)
+  if constexpr (kEmbed) {
+    if constexpr (sizeof(T) == 4)
+      __asm__("vfnmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(d), "m"(*g));
+    else
+      __asm__("vfnmadd231pd %2%{1to8%}, %1, %0" : "+v"(acc) : "v"(d), "m"(*g));
+    return acc;
+  }
+#endif
+  return acc - *g * d;
+}
+
 template <typename T>
 static inline VecT<T> vload(const T* p) {
   VecT<T> v;

@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from .._ext import cpu_module, cpu_weight_form, default_cpu_isa
+from .._ext import cpu_broadcasts, cpu_module, cpu_weight_form, default_cpu_isa
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -79,6 +79,7 @@ def field_forward(
         num_threads=_threads(N * B * D),
         isa=isa or default_cpu_isa(),
         weight_form=cpu_weight_form(),
+        broadcasts=cpu_broadcasts(),
     )
     return v, log_scale
 
@@ -149,6 +150,7 @@ def field_backward(
         num_threads=_threads(2 * N * B * D),
         isa=isa or default_cpu_isa(),
         weight_form=cpu_weight_form(),
+        broadcasts=cpu_broadcasts(),
     )
     return gx, gy, gw
 
@@ -194,6 +196,7 @@ def flow_steps(x, y, w, t0, dt, n_steps, solver, *, exclude=None, isa=None):
         num_threads=_threads(N * y.shape[0] * D * int(n_steps) * (4 if solver == "rk4" else 1)),
         isa=isa or default_cpu_isa(),
         weight_form=cpu_weight_form(),
+        broadcasts=cpu_broadcasts(),
     )
     return out
 
