@@ -26,8 +26,8 @@ int flow_steps(const FieldArgs& a, const std::string& isa);
 
 // Phase A's broadcast operands (FieldArgs::broadcasts; simd.h vsub_broadcast): 0 (auto)
 // resolves to 2, embedded in the arithmetic, on AMD family 25 (Zen 4, the one CPU of that family
-// with AVX-512), where stand-alone 512-bit broadcast loads cost the add pipes a cycle, and to 1,
-// one broadcast register shared by its subtractions, elsewhere. 1 and 2 are kept as given.
+// with AVX-512), where stand-alone 512-bit broadcast loads slow phase A's step by half, and to
+// 1, one broadcast register shared by its subtractions, elsewhere. 1 and 2 are kept as given.
 // Results do not depend on it.
 int resolve_broadcasts(int requested);
 

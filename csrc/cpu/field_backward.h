@@ -97,6 +97,21 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
     }
 }
 
+// Phase A' for the tile's QT queries over one charge tile (nvec charge vectors, rows ld apart).
+template <typename T, bool kEmbed>
+static void backward_pairs_tile(BackwardScratch<T>& sc, const Packed<T>& pk, const T* ytile,
+                                int64_t ld, int nvec, bool has_g) {
+  typedef Geometry<T> G;
+  constexpr int W = G::W;
+  for (int q0 = 0; q0 < sc.QT; q0 += G::QBb)
+    for (int c0 = 0; c0 < nvec; c0 += G::CB) {
+      if (has_g)
+        backward_pairs_block<T, G::QBb, G::CB, true, kEmbed>(sc, pk, ytile, ld, q0, c0 * W);
+      else
+        backward_pairs_block<T, G::QBb, G::CB, false, kEmbed>(sc, pk, ytile, ld, q0, c0 * W);
+    }
+}
+
 // Phase C': dx and dy for QC queries x KBr dimensions over nvec charge vectors.
 template <typename T, int QC, int KBr, bool kDx, bool kDy, bool kGrad>
 static inline void backward_accumulate_block(BackwardScratch<T>& sc, const Packed<T>& pk,
@@ -346,17 +361,10 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const Pow
   const int nvec = ncharges / W;
   const T* ytile = pk.tile(j0);
 
-  for (int q0 = 0; q0 < QT; q0 += G::QBb)
-    for (int c0 = 0; c0 < nvec; c0 += G::CB) {
-      if (has_g && sc.embed)
-        backward_pairs_block<T, G::QBb, G::CB, true, true>(sc, pk, ytile, ncharges, q0, c0 * W);
-      else if (has_g)
-        backward_pairs_block<T, G::QBb, G::CB, true, false>(sc, pk, ytile, ncharges, q0, c0 * W);
-      else if (sc.embed)
-        backward_pairs_block<T, G::QBb, G::CB, false, true>(sc, pk, ytile, ncharges, q0, c0 * W);
-      else
-        backward_pairs_block<T, G::QBb, G::CB, false, false>(sc, pk, ytile, ncharges, q0, c0 * W);
-    }
+  if (sc.embed)
+    backward_pairs_tile<T, true>(sc, pk, ytile, ncharges, nvec, has_g);
+  else
+    backward_pairs_tile<T, false>(sc, pk, ytile, ncharges, nvec, has_g);
 
   // Phase B': the shared per-pair gradient term on a vector of charges.
   const T p = half_p * (T)2;

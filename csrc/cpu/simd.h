@@ -72,9 +72,9 @@ static inline VecT<T> vbroadcast(T s) {
 // subtraction itself ({1toW}); otherwise the compiler loads the broadcast once into a register
 // and shares it between the subtractions of one x (phase A: 2 of them). On Zen 4 those
 // stand-alone 512-bit broadcast loads slow phase A's step from 12 cycles to 18, and a
-// subtraction with its own broadcast operand runs at the pipes' rate; on CPUs that issue 2 loads
+// subtraction with its own broadcast operand runs at the pipes' rate; on CPUs that run 2 loads
 // a cycle and 4 vector instructions (Zen 5) the embedded operands' extra loads would bind
-// instead (docs/performance.md, "Zen 4"; the choice: field_cpu.cpp, embed_broadcasts). The same
+// instead (docs/performance.md, "Zen 4"; the choice: dispatch.cpp, resolve_broadcasts). The same
 // IEEE subtraction either way: results are bit-identical.
 template <typename T, bool kEmbed>
 static inline VecT<T> vsub_broadcast(VecT<T> y, const T* x) {
