@@ -60,12 +60,18 @@ def cpu_isas() -> list[str]:
 WEIGHT_FORMS = {"auto": 0, "log": 1, "power": 2}
 
 
+def _forced_form(variable: str, forms: dict[str, int]) -> int:
+    """The kernels' code of the form named by $variable ("auto" when unset or empty); a
+    ValueError naming the variable for any other name."""
+    forced = os.environ.get(variable, "").strip() or "auto"
+    if forced not in forms:
+        raise ValueError(f"{variable}={forced!r} is not one of {sorted(forms)}")
+    return forms[forced]
+
+
 def cpu_weight_form() -> int:
     """The weight form for the CPU kernels: $POISSONFLOW_CPU_WEIGHTS (auto, log, power)."""
-    forced = os.environ.get("POISSONFLOW_CPU_WEIGHTS", "").strip() or "auto"
-    if forced not in WEIGHT_FORMS:
-        raise ValueError(f"POISSONFLOW_CPU_WEIGHTS={forced!r} is not one of {sorted(WEIGHT_FORMS)}")
-    return WEIGHT_FORMS[forced]
+    return _forced_form("POISSONFLOW_CPU_WEIGHTS", WEIGHT_FORMS)
 
 
 # Phase A's broadcast operands in the avx512 kernels (csrc/cpu/simd.h vsub_broadcast): "auto"
@@ -77,12 +83,7 @@ BROADCAST_FORMS = {"auto": 0, "shared": 1, "embedded": 2}
 def cpu_broadcasts() -> int:
     """Phase A's broadcasts for the CPU kernels: $POISSONFLOW_CPU_BROADCASTS (auto, shared,
     embedded)."""
-    forced = os.environ.get("POISSONFLOW_CPU_BROADCASTS", "").strip() or "auto"
-    if forced not in BROADCAST_FORMS:
-        raise ValueError(
-            f"POISSONFLOW_CPU_BROADCASTS={forced!r} is not one of {sorted(BROADCAST_FORMS)}"
-        )
-    return BROADCAST_FORMS[forced]
+    return _forced_form("POISSONFLOW_CPU_BROADCASTS", BROADCAST_FORMS)
 
 
 def default_cpu_isa() -> str:
