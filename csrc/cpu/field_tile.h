@@ -236,6 +236,20 @@ static inline TileShape<T> balance_tiles(TileShape<T> shape, int64_t N, int thre
   return shape;
 }
 
+// The lane sums of one row of a lane accumulator: out[k] = the sum of the W lanes at
+// acc + at(k), for k < D. Blocks of W rows are gathered and reduced together (vhsum_block).
+template <typename T, typename At>
+static inline void row_lane_sums(const T* acc, At at, int64_t D, T* out) {
+  constexpr int W = VecTraits<T>::W;
+  int64_t k = 0;
+  for (; k + W <= D; k += W) {
+    alignas(64) T rows[W * W];
+    for (int i = 0; i < W; ++i) vstore<T>(rows + i * W, vload<T>(acc + at(k + i)));
+    vhsum_block<T>(rows, out + k);
+  }
+  for (; k < D; ++k) out[k] = vhsum<T>(vload<T>(acc + at(k)));
+}
+
 // Per-thread scratch for one query tile.
 template <typename T>
 struct TileScratch {
@@ -247,12 +261,33 @@ struct TileScratch {
   T* e2 = nullptr;     // (QT,) softening squared
   int64_t* excl = nullptr;  // (QT,) excluded charge or -1
   T* S = nullptr;      // (QT, CT) scores, then probabilities
-  T* acc = nullptr;    // (QT, D, W) lane partial sums of p * (y - x)
+  T* acc = nullptr;    // lane partial sums of p * (y - x), QT x D x W in acc_index's order
   T* lvec = nullptr;   // (QT, W) lane partial sums of p
   T* m = nullptr;      // (QT,) running max of scores (log2); power form: the reference Q
   T* out_v = nullptr;  // (QT, D) field of the tile
   T* out_lse = nullptr;  // (QT,) log-sum-exp in log2 units (-inf: no charge)
   bool embed = false;  // phase A with broadcast memory operands (simd.h vsub_broadcast)
+
+  // Where (query q, dimension k)'s W lanes sit in acc: dimension-block major, the block of
+  // phase C's KB dimensions that holds k first, then the query, then k within the block (the
+  // last block holds the D mod KB remaining dimensions). Phase C sweeps the blocks outside and
+  // the query pairs inside, so it reads and writes acc as one sequential stream that the
+  // hardware prefetchers follow; a query-major (q, k) layout put each pair's accumulators
+  // D x W apart from the next pair's.
+  int64_t acc_index(int q, int64_t k) const {
+    constexpr int KB = Geometry<T>::KB;
+    const int64_t k0 = k / KB * KB;
+    const int64_t bw = D - k0 < KB ? D - k0 : KB;
+    return (k0 * QT + (int64_t)q * bw + (k - k0)) * W;
+  }
+  // Row q's accumulators and weight sum times alpha (the online maximum moved).
+  void rescale_row(int q, T alpha) {
+    for (int64_t k = 0; k < D; ++k) {
+      T* a = acc + acc_index(q, k);
+      vstore<T>(a, vload<T>(a) * alpha);
+    }
+    vstore<T>(lvec + (int64_t)q * W, vload<T>(lvec + (int64_t)q * W) * alpha);
+  }
 
   bool allocate(TileShape<T> shape, int64_t D_) {
     QT = shape.QT;
@@ -317,10 +352,14 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
 
 // Phase A for QB queries x CB charge vectors starting at charge j (absolute) and query row q0:
 // scores s = log2 w - (p/2) log2(max(r2 + eps2, tiny)) into S, or with kPower the power form's
-// q = g / max(r2 + eps2, tiny) (power_form.h).
+// q = g / max(r2 + eps2, tiny) (power_form.h). Always inlined: compiled on its own, GCC kept
+// the 12 running r2 sums in memory, 12 stores to the stack after every 16-dimension block
+// (docs/performance.md, "Zen 4"); inlined into scores_tile they stay in registers.
 template <typename T, int QB, int CB, bool kPower, bool kEmbed>
-static inline void scores_block(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile,
-                                int64_t ld, int q0, int64_t j, int col, T half_p) {
+__attribute__((always_inline)) static inline void scores_block(const TileScratch<T>& sc,
+                                                              const Packed<T>& pk,
+                                                              const T* ytile, int64_t ld, int q0,
+                                                              int64_t j, int col, T half_p) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
   const int64_t D = pk.D;
@@ -376,11 +415,14 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, con
   const int64_t D = pk.D;
   const int CT = sc.CT;
   V acc[QC][KBr];
-  T xs[QC][KBr];
+  V xs[QC][KBr];
+  // the block's QC x KBr accumulators, consecutive (TileScratch::acc_index, k0 a block start)
+  T* const ablk = sc.acc + (k0 * sc.QT + (int64_t)q0 * KBr) * W;
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk) {
-      acc[q][kk] = vload<T>(sc.acc + ((int64_t)(q0 + q) * D + k0 + kk) * W);
-      xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk];
+      acc[q][kk] = vload<T>(ablk + (q * KBr + kk) * W);
+      // a broadcast load (x - 0 is x for every x, -0 included), not a scalar load kept aside
+      xs[q][kk] = sc.xt[(int64_t)(q0 + q) * D + k0 + kk] - V{};
     }
   const T* prow[QC];
   for (int q = 0; q < QC; ++q) prow[q] = sc.S + (int64_t)(q0 + q) * CT;
@@ -395,7 +437,7 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, con
   }
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk)
-      vstore<T>(sc.acc + ((int64_t)(q0 + q) * D + k0 + kk) * W, acc[q][kk]);
+      vstore<T>(ablk + (q * KBr + kk) * W, acc[q][kk]);
 }
 
 template <typename T, int QC, int KBr>
@@ -443,9 +485,7 @@ static inline bool power_row_weights(TileScratch<T>& sc, int q, int nvec,
   if (tile_max > (T)0 && (!(Q > (T)0) || tile_max > Q * plan.tau_factor)) {
     if (Q > (T)0) {  // rescale what was accumulated against the old reference
       const T alpha = (T)power_ratio((double)Q, (double)tile_max, plan.half_p);
-      T* a = sc.acc + (int64_t)q * D * W;
-      for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
-      vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
+      sc.rescale_row(q, alpha);
     }
     sc.m[q] = tile_max;
   }
@@ -525,9 +565,7 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
       const T alpha = online_max_update<ScalarMath<T>>(m, vhmax<T>(mx));
       // The first real charge of a row finds its accumulators still zero: nothing to rescale.
       if (alpha != (T)1 && is_real_score(m_before)) {
-        T* a = sc.acc + (int64_t)q * D * W;
-        for (int64_t i = 0; i < D * W; i += W) vstore<T>(a + i, vload<T>(a + i) * alpha);
-        vstore<T>(sc.lvec + (int64_t)q * W, vload<T>(sc.lvec + (int64_t)q * W) * alpha);
+        sc.rescale_row(q, alpha);
       }
       sc.m[q] = m;
       if (!is_real_score(m)) {
@@ -553,11 +591,8 @@ static void field_tile(TileScratch<T>& sc, const Packed<T>& pk, T half_p, int nq
     // power form: m holds Q, and lse2 = log2 w_max + (p/2) log2 Q + log2 l (in double)
     const bool dead = kPower ? !(l > (T)0) || !(sc.m[q] > (T)0) : row_is_dead(sc.m[q], l);
     T* vq = sc.out_v + (int64_t)q * D;
-    const T* a = sc.acc + (int64_t)q * D * W;
-    int64_t k = 0;
-    for (; k + W <= D; k += W) vhsum_block<T>(a + k * W, vq + k);  // W lane sums at once
-    for (; k < D; ++k) vq[k] = vhsum<T>(vload<T>(a + k * W));
-    for (k = 0; k < D; ++k) vq[k] = field_from_acc(vq[k], l, dead);
+    row_lane_sums<T>(sc.acc, [&](int64_t k) { return sc.acc_index(q, k); }, D, vq);
+    for (int64_t k = 0; k < D; ++k) vq[k] = field_from_acc(vq[k], l, dead);
     if constexpr (kPower)
       sc.out_lse[q] = dead ? (T)-INFINITY
                            : (T)(pk.log2_wmax + plan.half_p * log2((double)sc.m[q]) +
