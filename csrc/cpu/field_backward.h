@@ -177,19 +177,6 @@ static inline void backward_accumulate_tail(BackwardScratch<T>& sc, const Packed
   }
 }
 
-// A product the compiler must not fuse into the additions that use it (-ffp-contract=fast
-// would turn t = c d; a += t; b -= t into two FMAs): the empty asm hides t's origin and costs
-// no instruction.
-template <typename T>
-static inline VecT<T> unfused(VecT<T> t) {
-#if defined(__x86_64__) || defined(__i386__)
-  __asm__("" : "+v"(t));
-#elif defined(__aarch64__)
-  __asm__("" : "+w"(t));
-#endif
-  return t;
-}
-
 // Phase C' for dx and dy with the block's x and g held in registers (AVX-512: 32 vector
 // registers hold the QC x KBr accumulators, the 2 QC KBr broadcasts, the block's c and pi and
 // the temporaries), so that a step loads only c, pi, y and dy: 10 loads per 6 pair-dimensions
@@ -239,7 +226,7 @@ static inline void backward_accumulate_held(BackwardScratch<T>& sc, const Packed
           acc[q][kk] += cc[q] * d;
           dy -= cc[q] * d;
         } else {
-          const V t = unfused<T>(cc[q] * d);
+          const V t = vhold<T>(cc[q] * d);
           acc[q][kk] += t;
           dy -= t;
         }

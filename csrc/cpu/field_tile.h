@@ -427,14 +427,18 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, con
   const T* prow[QC];
   for (int q = 0; q < QC; ++q) prow[q] = sc.S + (int64_t)(q0 + q) * CT;
   const T* ybase = ytile + k0 * ld;
-  for (int c = 0; c < nvec; ++c) {
+  // nvec >= 1 (tiles are never empty): with the loop's zero-trip path GCC kept a second copy of
+  // the accumulators, spilled four of them and shuffled the rest around the loop; without that
+  // path it re-read each y for its second query (14 loads a step instead of 8) until y was held
+  int c = 0;
+  do {
     V p[QC];
     for (int q = 0; q < QC; ++q) p[q] = vload<T>(prow[q] + c * W);
     for (int kk = 0; kk < KBr; ++kk) {
-      const V y = vload<T>(ybase + kk * ld + c * W);
+      const V y = vhold<T>(vload<T>(ybase + kk * ld + c * W));
       for (int q = 0; q < QC; ++q) acc[q][kk] += p[q] * (y - xs[q][kk]);
     }
-  }
+  } while (++c < nvec);
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk)
       vstore<T>(ablk + (q * KBr + kk) * W, acc[q][kk]);

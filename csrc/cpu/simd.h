@@ -108,6 +108,20 @@ static inline VecT<T> vfnmadd_broadcast(VecT<T> d, const T* g, VecT<T> acc) {
   return acc - *g * d;
 }
 
+// v, held in a register as it is: the empty asm hides where v came from, at no instruction's
+// cost, so the compiler neither fuses a product into the additions that use it (with
+// -ffp-contract=fast, t = c d; a += t; b -= t would become two FMAs) nor re-reads a loaded
+// value from memory at each of its uses.
+template <typename T>
+static inline VecT<T> vhold(VecT<T> v) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#endif
+  return v;
+}
+
 template <typename T>
 static inline VecT<T> vload(const T* p) {
   VecT<T> v;
