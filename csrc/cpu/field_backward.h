@@ -211,14 +211,15 @@ static inline void backward_accumulate_held(BackwardScratch<T>& sc, const Packed
   }
   const T* ybase = ytile + k0 * ld;
   T* dybase = dytile + k0 * ld;
-  for (int c = 0; c < nvec; ++c) {
+  int c = 0;
+  do {  // nvec >= 1: accumulate_block's reasons (field_tile.h)
     V cc[QC], pp[QC];
     for (int q = 0; q < QC; ++q) {
       cc[q] = vload<T>(crow[q] + c * W);
       if (kGrad) pp[q] = vload<T>(prow[q] + c * W);
     }
     for (int kk = 0; kk < KBr; ++kk) {
-      const V y = vload<T>(ybase + kk * ld + c * W);
+      const V y = vhold<T>(vload<T>(ybase + kk * ld + c * W));
       V dy = vload<T>(dybase + kk * ld + c * W);
       for (int q = 0; q < QC; ++q) {
         const V d = y - xs[q][kk];
@@ -234,7 +235,7 @@ static inline void backward_accumulate_held(BackwardScratch<T>& sc, const Packed
       }
       vstore<T>(dybase + kk * ld + c * W, dy);
     }
-  }
+  } while (++c < nvec);
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk)
       vstore<T>(sc.accdx + ((int64_t)(q0 + q) * D + k0 + kk) * W, acc[q][kk]);
