@@ -10,14 +10,22 @@ code) on the kernels' thread team and keeps the best of a few short repeats of e
 (the machine is shared; the best repeat is the closest to an idle core). `Ceiling` turns the
 rates into the time a kernel could take at best:
 
-    a phase (one loop nest) takes at least
+    a phase (one loop nest) keeps the pipes busy for at least
         max(fma/R_fma, add/R_add, (fma + add)/R_fp, loads/R_ld, stores/R_st)
     per vector of W pairs (fma: FMA and multiply instructions, add: add, subtract, max, compare
-    and blend, all from the kernels' assembly: bench/asm_mix.py), the per-pair divisions, square
-    roots, power-form weights or log2/exp2 at their measured throughput, and the phases add up.
+    and blend, all from the kernels' assembly: bench/asm_mix.py; the power-form weight's
+    multiplications and selects counted from csrc/cpu/power_form.h, `pow_ops`), plus its
+    log2/exp2 polynomials at their measured throughput; the phases add up. Divisions and
+    square roots run on the divider, a unit beside the pipes that works while they do: the
+    kernel takes at least the larger of the pipes' total and the divider's total
+    (div/R_div + sqrt/R_sqrt).
 
-The ceiling is an upper bound on the rate (a lower bound on the time) with every pipe busy all
-the time: a kernel at 100% would have no stall, no cache miss and no overhead outside its loops.
+The ceiling is an upper bound on the rate (a lower bound on the time) with the busiest unit
+busy all the time: a kernel at 100% would have no stall, no cache miss and no overhead outside
+its loops. (Until 2026-12-07 the model added the divider's time to the pipes' and took the
+power-form weight at its measured throughput alone, which includes its square root's: a Zen 4,
+which overlaps the two, ran the forward at 1.10-1.16 of that "ceiling" at D = 2 and 1.02 at
+D = 8, where the divisions weigh most. docs/performance.md, "The divider".)
 `loop_attainment()` sets the kernels' own inner loops, run from L1 by the micro-benchmark
 (loop_A, loop_C, loop_A', loop_C'), against their phase's model: what the loops as compiled
 reach of the pipes before any cache or tile overhead enters.
@@ -142,51 +150,56 @@ class Mix:
     sqrt: float = 0.0
     exp2: float = 0.0
     log2: float = 0.0
-    pow_weight: float = 0.0  # whole power_weight() calls (their own mix is in the measurement)
+    pow_weight: float = 0.0  # power_weight() calls at p/2 = half_p (their ops: pow_ops)
 
-    def seconds(self, r: dict, half_p: float | None = None) -> float:
+    def pipe_seconds(self, r: dict, half_p: float | None = None) -> float:
+        """The vector pipes' time: the busiest pipe class, then the exp2/log2 polynomials."""
+        fma, add = self.fma, self.add
+        if self.pow_weight:
+            mults, selects, _ = pow_ops(half_p)
+            fma += self.pow_weight * mults
+            add += self.pow_weight * selects
         t = max(
-            self.fma / r["fma"],
-            self.add / r["add"],
-            (self.fma + self.add) / r["fma+add"],
+            fma / r["fma"],
+            add / r["add"],
+            (fma + add) / r["fma+add"],
             self.loads / load_rate(r),
             self.stores / r["store"] if self.stores else 0.0,
         )
-        t += self.div / r["div"] + self.sqrt / r["sqrt"]
-        t += self.exp2 / r["exp2"] + self.log2 / r["log2"]
-        if self.pow_weight:
-            t += self.pow_weight / pow_rate(r, half_p)
-        return t
+        return t + self.exp2 / r["exp2"] + self.log2 / r["log2"]
+
+    def divider_seconds(self, r: dict, half_p: float | None = None) -> float:
+        """The divider's time: divisions and square roots (the weight's too)."""
+        sqrt = self.sqrt + (self.pow_weight * pow_ops(half_p)[2] if self.pow_weight else 0)
+        return self.div / r["div"] + sqrt / r["sqrt"]
+
+    def seconds(self, r: dict, half_p: float | None = None) -> float:
+        """This phase alone: its pipes or its divider, whichever binds."""
+        return max(self.pipe_seconds(r, half_p), self.divider_seconds(r, half_p))
+
+
+def pow_ops(half_p: float) -> tuple[int, int, int]:
+    """(multiplications, add-pipe selects, square roots) of one power-form weight vector at
+    p/2 = half_p, as csrc/cpu/power_form.h computes it: t = q / Q (a multiplication), the
+    floor max(t, cut), t^(whole part) by binary exponentiation (a squaring per bit after the
+    first, a multiplication per further set bit), t^(1/2) and t^(1/4) by square roots (each
+    multiplied in), and the select against the floor."""
+    if half_p is None:
+        raise ValueError("pow_ops: the power form needs p/2")
+    fourths = int(round(4 * half_p))
+    whole, quarters = fourths // 4, fourths % 4
+    mults, e = 1, whole >> 1
+    while e:
+        mults += 1 + (e & 1)
+        e >>= 1
+    sqrts = (1 if quarters else 0) + (quarters & 1)
+    mults += (quarters & 2) // 2 + (quarters & 1)
+    return mults, 3, sqrts
 
 
 def load_rate(r: dict) -> float:
     """Loads per second: full vectors alone, or a vector and a broadcast per FMA (2 loads)."""
     return max(r["load"], 2.0 * r["load+bcast+fma"])
-
-
-def pow_rate(r: dict, half_p: float) -> float:
-    """The power-form weight's throughput at p/2, from the measured p/2 closest in cost: its
-    cost is one multiplication per squaring (log2 of the whole part) plus the square roots,
-    so rates are interpolated in log2(p/2) between the measured exponents."""
-    meas = sorted((float(k.split("@")[1]), v) for k, v in r.items() if k.startswith("pow_weight@"))
-    if not meas:
-        raise KeyError("no pow_weight rate measured")
-    for hp, v in meas:
-        if abs(hp - half_p) < 1e-9:
-            return v
-    # cost (seconds per vector) linear in log2(p/2), clamped to the measured range
-    xs = [math.log2(max(hp, 1.0)) for hp, _ in meas]
-    cs = [1.0 / v for _, v in meas]
-    x = math.log2(max(half_p, 1.0))
-    if len(meas) == 1 or x <= xs[0]:
-        return 1.0 / cs[0] if x <= xs[0] else 1.0 / cs[-1]
-    if x >= xs[-1]:
-        return 1.0 / cs[-1]
-    for i in range(len(xs) - 1):
-        if xs[i] <= x <= xs[i + 1]:
-            f = (x - xs[i]) / (xs[i + 1] - xs[i]) if xs[i + 1] > xs[i] else 0.0
-            return 1.0 / (cs[i] + f * (cs[i + 1] - cs[i]))
-    return 1.0 / cs[-1]
 
 
 @dataclass
@@ -220,9 +233,11 @@ class KernelMix:
     per_pair: list = field(default_factory=list)
 
     def seconds_per_vector(self, D: int, r: dict, half_p: float | None) -> float:
-        return D * sum(m.seconds(r, half_p) for m in self.per_dim) + sum(
-            m.seconds(r, half_p) for m in self.per_pair
-        )
+        """The pipes' total or the divider's, whichever is larger."""
+        phases = [(D, m) for m in self.per_dim] + [(1, m) for m in self.per_pair]
+        pipes = sum(n * m.pipe_seconds(r, half_p) for n, m in phases)
+        divider = sum(n * m.divider_seconds(r, half_p) for n, m in phases)
+        return max(pipes, divider)
 
 
 def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
@@ -231,14 +246,17 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     (D >= 8; 8 + 8 and 2 + 4 at 4 x 2), C 12 FMA + 12 sub and 8 loads per 2 x 6 step."""
     a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QB) / (g.QB * g.CB))  # d = y - x; r2 += d d
     c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))  # acc += p (y - x)
+    # Per pair, each phase writes its vector of S (a store), B reads it twice (its maximum,
+    # then the weight).
     if power_form:
-        # A: + e2, max(., tiny), q = g / r2;  B: tile max, t^(p/2) (pow_weight), l += p
-        pa = Mix(add=2, loads=1, div=1)
-        pb = Mix(add=2, loads=2, pow_weight=1)
+        # A: + e2, max(., tiny) as a compare and a blend, q = g / r2 (the asm: 3 add-pipe
+        # instructions, a division and a store a vector);  B: tile max, t^(p/2) (pow_ops), l += p
+        pa = Mix(add=3, loads=1, stores=1, div=1)
+        pb = Mix(add=2, loads=2, stores=1, pow_weight=1)
     else:
         # A: + e2, max, log2, s = lw - (p/2) log2 r2, select;  B: tile max, 2^(s - m), l += p
-        pa = Mix(fma=1, add=3, loads=1, log2=1)
-        pb = Mix(add=3, loads=2, exp2=1)
+        pa = Mix(fma=1, add=3, loads=1, stores=1, log2=1)
+        pb = Mix(add=3, loads=2, stores=1, exp2=1)
     return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
 
 
@@ -251,12 +269,12 @@ def backward_mix(
     spilled y vector on avx512: not binding, the FMA pipes are); without g (has_g False: the
     output v carries no gradient) the forward's distance step, 8 + 8, 2 loads and 4 broadcasts.
     C' for dx and dy on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers):
-    10 FMA + 4 mul and 14 add/sub per step, 11 loads (c, pi, y, dy, one y reloaded) and 3
-    stores; elsewhere (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub
-    per pair-dimension, 2 QCb + 2 KBb + 2 QCb KBb loads per step. C' for dx alone (need_y False,
-    the charges take no gradient; without g, as the Riesz loss calls it): the forward's QC x KB
-    block with c for p and x as broadcast memory operands: 1 FMA + 1 sub per pair-dimension,
-    QC + KB + QC KB loads per step."""
+    10 FMA + 4 mul and 14 add/sub per step, 10 loads (c, pi, y, dy) and 3 stores; elsewhere
+    (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
+    2 QCb + 2 KBb + 2 QCb KBb loads per step. C' for dx alone (need_y False, the charges take no
+    gradient; without g, as the Riesz loss calls it): the forward's QC x KB block with c for p
+    and x as broadcast memory operands: 1 FMA + 1 sub per pair-dimension, QC + KB + QC KB loads
+    per step."""
     if need_y and not has_g:
         raise ValueError("backward_mix: no model for dy without the gradient of v")
     if has_g:
@@ -268,17 +286,17 @@ def backward_mix(
         c = Mix(fma=1, add=1, loads=(g.QC + g.KB + n) / n)
     elif g.held:
         n = 2 * 3
-        c = Mix(fma=14 / n, add=14 / n, loads=11 / n, stores=3 / n)
+        c = Mix(fma=14 / n, add=14 / n, loads=10 / n, stores=3 / n)
     else:
         n = g.QCb * g.KBb
         c = Mix(fma=3, add=2, loads=(2 * g.QCb + 2 * g.KBb + 2 * n) / n, stores=g.KBb / n)
     if power_form:
-        # A': + e2 (2 stores);  B': rr = 1/max(r2, tiny), g rr, pi = (g rr / Q)^(p/2),
-        # h = gd - dl, a = p pi h rr (3 mul), select
-        pb = Mix(fma=4, add=4, loads=3, div=1, pow_weight=1)
+        # A': + e2, r2 and gd stored;  B': rr = 1/max(r2, tiny), g rr, pi = (g rr / Q)^(p/2),
+        # h = gd - dl, a = p pi h rr (3 mul), select; pi and c stored
+        pb = Mix(fma=4, add=4, loads=3, stores=2, div=1, pow_weight=1)
     else:
-        pb = Mix(fma=5, add=5, loads=3, div=1, log2=1, exp2=1)
-    pa = Mix(add=1)
+        pb = Mix(fma=5, add=5, loads=3, stores=2, div=1, log2=1, exp2=1)
+    pa = Mix(add=1, stores=2)
     return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
 
 

@@ -141,6 +141,9 @@ def one_run(quick: bool) -> dict:
     out["fma_peak_gflops"] = ceil.fma_peak_gflops()
     out["gemm_of_fma_peak"] = gemm / ceil.fma_peak_gflops()
     th = torch.get_num_threads()
+    # each fraction's measured and ceiling seconds, so that a later ceiling model can rescore
+    # the run from its stored pipe rates (docs/performance.md, "The divider")
+    timings = out["timings"] = {}
     big = 4096 if quick else 8192
     for D in (2, 3, 8, 16, 33, 129):
         N = big * 2 if D < 16 and not quick else big
@@ -150,6 +153,7 @@ def one_run(quick: bool) -> dict:
             suffix = "" if form == "auto" else "_log"
             best = ceil.forward_seconds(N, N, D, power_form=form == "auto")
             out[f"forward_D{D}{suffix}"] = best / wall
+            timings[f"forward_D{D}{suffix}"] = {"N": N, "wall": wall, "cpu": cpu_s, "ceiling": best}
             out[f"forward_x_gemm_D{D}{suffix}"] = 4.0 * D * N * N / wall / 1e9 / gemm
             if D in (3, 33, 129):
                 out[f"forward_D{D}{suffix}_by_cpu_time"] = th * best / cpu_s
@@ -158,6 +162,12 @@ def one_run(quick: bool) -> dict:
     t = backward_seconds(nb, 129, repeat)
     best = ceil.backward_seconds(nb, nb, 129)
     out["backward_D129"] = best / t["backward"][0]
+    timings["backward_D129"] = {
+        "N": nb,
+        "wall": t["backward"][0],
+        "cpu": t["backward"][1],
+        "ceiling": best,
+    }
     out["backward_D129_by_cpu_time"] = th * best / t["backward"][1]
     out["backward_over_forward_D129"] = t["backward"][0] / t["forward"][0]
     out["backward_over_forward_D129_by_cpu_time"] = t["backward"][1] / t["forward"][1]

@@ -50,18 +50,37 @@ def test_phase_is_bounded_by_its_busiest_pipe():
     # loads: 6 over 2e9; stores: 4 over 1e9
     assert ceiling.Mix(fma=1, add=1, loads=6).seconds(RATES) == pytest.approx(3e-9)
     assert ceiling.Mix(fma=1, add=1, stores=4).seconds(RATES) == pytest.approx(4e-9)
-    # per-pair units add to the pipes' time
-    m = ceiling.Mix(fma=1, div=1, sqrt=1, exp2=1, log2=1)
-    assert m.seconds(RATES) == pytest.approx(1e-9 + 1e-8 + 2e-8 + 5e-8 + 5e-8)
+    # exp2/log2 polynomials run on the pipes: they add to the pipes' time
+    m = ceiling.Mix(fma=1, exp2=1, log2=1)
+    assert m.pipe_seconds(RATES) == pytest.approx(1e-9 + 5e-8 + 5e-8)
+    # divisions and square roots run on the divider beside the pipes: the phase takes the larger
+    m = ceiling.Mix(fma=1, div=1, sqrt=1)
+    assert m.pipe_seconds(RATES) == pytest.approx(1e-9)
+    assert m.divider_seconds(RATES) == pytest.approx(1e-8 + 2e-8)
+    assert m.seconds(RATES) == pytest.approx(3e-8)
+    assert ceiling.Mix(fma=50, div=1).seconds(RATES) == pytest.approx(50e-9)
 
 
-def test_pow_rate_exact_and_interpolated():
-    assert ceiling.pow_rate(RATES, 1.5) == 4e7
-    assert ceiling.pow_rate(RATES, 64.5) == 2e7
-    mid = ceiling.pow_rate(RATES, 8.0)
-    assert 2e7 < mid < 4e7
-    assert ceiling.pow_rate(RATES, 1.0) == 4e7  # clamped below
-    assert ceiling.pow_rate(RATES, 1000.0) == 2e7  # and above
+def test_pow_ops_follow_the_power_form():
+    # (multiplications, selects, square roots) per weight vector: t = q / Q is one
+    # multiplication; p/2 = 1: nothing more
+    assert ceiling.pow_ops(1.0) == (1, 3, 0)
+    # 1.5: t * sqrt(t)
+    assert ceiling.pow_ops(1.5) == (2, 3, 1)
+    # 4 = 100b: two squarings and the multiplication that takes the top bit
+    assert ceiling.pow_ops(4.0) == (4, 3, 0)
+    # 64.5: six squarings, the top bit, the square root's product
+    assert ceiling.pow_ops(64.5) == (9, 3, 1)
+    # 16.75 = 16 + 1/2 + 1/4: two square roots, two products
+    assert ceiling.pow_ops(16.75) == (8, 3, 2)
+    # 7 = 111b: two squarings, two further set bits (the lowest bit starts the product)
+    assert ceiling.pow_ops(7.0) == (5, 3, 0)
+    # the weight's ops join its phase's pipes and divider
+    m = ceiling.Mix(add=2, pow_weight=1)
+    assert m.pipe_seconds(RATES, 64.5) == pytest.approx(max(9 / 1e9, 5 / 1e9, 14 / 2e9))
+    assert m.divider_seconds(RATES, 64.5) == pytest.approx(1 / 5e7)
+    with pytest.raises(ValueError):
+        m.pipe_seconds(RATES)
 
 
 def test_forward_ceiling_arithmetic():
@@ -74,12 +93,14 @@ def test_forward_ceiling_arithmetic():
     per_dim = max(1 / 1e9, (1 + 1 / 16) / 1e9, (2 + 1 / 16) / 2e9, (8 / 12) / 2e9) + max(
         1 / 1e9, 1 / 1e9, 2 / 2e9, (8 / 12) / 2e9
     )
-    per_pair = (
-        max(0.0, 2 / 1e9, 2 / 2e9, 1 / 2e9)
-        + 1 / 1e8
-        + max(0.0, 2 / 1e9, 2 / 2e9, 2 / 2e9)
-        + 1 / 2e7
+    # per pair: A's 3 add-pipe instructions, a load and a store, B's 2 adds, 2 loads, a store
+    # and the weight at p/2 = 64.5 (9 multiplications, 3 selects) on the pipes; A's division and
+    # the weight's square root on the divider, which is not the busier unit here
+    per_pair = max(0.0, 3 / 1e9, 3 / 2e9, 1 / 2e9, 1 / 1e9) + max(
+        9 / 1e9, 5 / 1e9, 14 / 2e9, 2 / 2e9, 1 / 1e9
     )
+    divider = 1 / 1e8 + 1 / 5e7
+    assert divider < D * per_dim + per_pair
     want = D * per_dim + per_pair
     assert mix.seconds_per_vector(D, RATES, 64.5) == pytest.approx(want)
     assert c.forward_seconds(1000, 2000, D) == pytest.approx(1000 * 2000 * want / 16)
@@ -95,11 +116,20 @@ def test_backward_floor():
     c = ceiling.Ceiling(dict(RATES))
     r = c.backward_over_forward(513)
     # the compiled loops on this made-up machine (one FMA and one add pipe): A' 2 FMA per
-    # pair-dim, C' 7/3 on each pipe (11 / 6 loads fit in 2e9 loads/s) against the forward's
+    # pair-dim, C' 7/3 on each pipe (10 / 6 loads fit in 2e9 loads/s) against the forward's
     # A (1 + 1/16 adds) and C (1 FMA); the per-pair terms add a little at D = 513
     want = (2 + 7 / 3) / (1 + 1 / 16 + 1)
     assert r == pytest.approx(want, rel=0.05)
     assert r < want
+    # at small D the divider can bind: D = 2, one division and (p/2 = 1) no square root per
+    # vector, on a machine whose divider takes 2e-8 s a vector
+    slow = dict(RATES, div=5e7)
+    mix = ceiling.forward_mix(c.geometry_at(2))
+    pipes = sum(2 * m.pipe_seconds(slow, 1.0) for m in mix.per_dim) + sum(
+        m.pipe_seconds(slow, 1.0) for m in mix.per_pair
+    )
+    assert pipes < 2e-8
+    assert mix.seconds_per_vector(2, slow, 1.0) == pytest.approx(2e-8)
     # the other ISAs' C' (x and g as broadcast loads): 3 FMA-pipe instructions
     g = ceiling.Geometry.for_isa(32)
     assert not g.held
@@ -124,8 +154,9 @@ def test_backward_for_dx_alone():
     # per pair-dimension: A' 1.0625 / 1e9 and C' max(1 / 1e9, (20 / 12) / 2e9) on this machine;
     # per pair, the same B' as the full backward
     per_dim = (1 + 1 / 16) / 1e9 + 1 / 1e9
-    per_pair = sum(m.seconds(RATES, D / 2) for m in mix.per_pair)
-    assert dx / (100 * 100 / 16) == pytest.approx(D * per_dim + per_pair)
+    per_pair = sum(m.pipe_seconds(RATES, D / 2) for m in mix.per_pair)
+    divider = sum(m.divider_seconds(RATES, D / 2) for m in mix.per_pair)
+    assert dx / (100 * 100 / 16) == pytest.approx(max(D * per_dim + per_pair, divider))
     with pytest.raises(ValueError):
         ceiling.backward_mix(c.geometry, need_y=True, has_g=False)
 
