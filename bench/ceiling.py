@@ -14,8 +14,9 @@ rates into the time a kernel could take at best:
         max(fma/R_fma, add/R_add, (fma + add)/R_fp, loads/R_ld, stores/R_st)
     per vector of W pairs (fma: FMA and multiply instructions, add: add, subtract, max, compare
     and blend, all from the kernels' assembly: bench/asm_mix.py; the power-form weight's
-    multiplications and selects counted from csrc/cpu/power_form.h, `pow_ops`), plus its
-    log2/exp2 polynomials at their measured throughput; the phases add up. Divisions and
+    multiplications and selects counted from csrc/cpu/power_form.h, `pow_ops`, the log domain's
+    exp2 and log2 from csrc/cpu/simd.h, `exp2_ops` and `log2_ops`, their integer and conversion
+    instructions on any pipe); the phases add up. Divisions and
     square roots run on the divider, a unit beside the pipes that works while they do: the
     kernel takes at least the larger of the pipes' total and the divider's total
     (div/R_div + sqrt/R_sqrt).
@@ -148,30 +149,35 @@ class Mix:
     stores: float = 0.0  # vector stores
     div: float = 0.0
     sqrt: float = 0.0
-    exp2: float = 0.0
-    log2: float = 0.0
+    exp2: float = 0.0  # vexp2() calls (their ops: exp2_ops)
+    log2: float = 0.0  # vlog2() calls (log2_ops, a division among them)
     pow_weight: float = 0.0  # power_weight() calls at p/2 = half_p (their ops: pow_ops)
 
     def pipe_seconds(self, r: dict, half_p: float | None = None) -> float:
-        """The vector pipes' time: the busiest pipe class, then the exp2/log2 polynomials."""
-        fma, add = self.fma, self.add
+        """The vector pipes' time: the busiest pipe class, the instructions that any pipe can
+        run (integer and conversion) counted with both."""
+        fma, add, other = self.fma, self.add, 0.0
         if self.pow_weight:
             mults, selects, _ = pow_ops(half_p)
             fma += self.pow_weight * mults
             add += self.pow_weight * selects
-        t = max(
+        double = bool(r.get("double", False))
+        for calls, ops in ((self.exp2, exp2_ops(double)), (self.log2, log2_ops(double))):
+            fma += calls * ops[0]
+            add += calls * ops[1]
+            other += calls * ops[2]
+        return max(
             fma / r["fma"],
             add / r["add"],
-            (fma + add) / r["fma+add"],
+            (fma + add + other) / r["fma+add"],
             self.loads / load_rate(r),
             self.stores / r["store"] if self.stores else 0.0,
         )
-        return t + self.exp2 / r["exp2"] + self.log2 / r["log2"]
 
     def divider_seconds(self, r: dict, half_p: float | None = None) -> float:
-        """The divider's time: divisions and square roots (the weight's too)."""
+        """The divider's time: divisions and square roots (the weight's and log2's too)."""
         sqrt = self.sqrt + (self.pow_weight * pow_ops(half_p)[2] if self.pow_weight else 0)
-        return self.div / r["div"] + sqrt / r["sqrt"]
+        return (self.div + self.log2) / r["div"] + sqrt / r["sqrt"]
 
     def seconds(self, r: dict, half_p: float | None = None) -> float:
         """This phase alone: its pipes or its divider, whichever binds."""
@@ -195,6 +201,23 @@ def pow_ops(half_p: float) -> tuple[int, int, int]:
     sqrts = (1 if quarters else 0) + (quarters & 1)
     mults += (quarters & 2) // 2 + (quarters & 1)
     return mults, 3, sqrts
+
+
+def exp2_ops(double: bool = False) -> tuple[int, int, int]:
+    """(FMA-pipe, add-pipe, any-pipe) instructions of one simd.h vexp2 vector: the clamps (max,
+    min), the rounding (two additions), f = x - n, the Taylor polynomial (7 FMAs; 13 in float64)
+    and the product with the scale, the scale's integer conversion, addition and shift, and the
+    two range tests with their selects."""
+    return (14 if double else 8), 8, 3
+
+
+def log2_ops(double: bool = False) -> tuple[int, int, int]:
+    """The same for simd.h vlog2, whose s = (m - 1) / (m + 1) is a division (the divider's):
+    the exponent's and mantissa's integer extraction (shift, and, subtract, and, or), the
+    sqrt(2) test and its select, the halving, m - 1 and m + 1, s s, the polynomial in s^2 (5
+    FMAs; 11 in float64), s q and its constant, the exponent's adjustment (an and and an add),
+    its conversion and the final addition."""
+    return (15 if double else 9), 5, 8
 
 
 def load_rate(r: dict) -> float:

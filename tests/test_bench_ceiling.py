@@ -50,9 +50,14 @@ def test_phase_is_bounded_by_its_busiest_pipe():
     # loads: 6 over 2e9; stores: 4 over 1e9
     assert ceiling.Mix(fma=1, add=1, loads=6).seconds(RATES) == pytest.approx(3e-9)
     assert ceiling.Mix(fma=1, add=1, stores=4).seconds(RATES) == pytest.approx(4e-9)
-    # exp2/log2 polynomials run on the pipes: they add to the pipes' time
+    # exp2 and log2 by their instructions (simd.h): 8 + 9 FMA-pipe, 8 + 5 add-pipe and 3 + 8
+    # integer or conversion instructions that either pipe runs, so here the pipes' combined
+    # rate binds: (1 + 17 + 13 + 11) / 2e9; log2's division goes to the divider
     m = ceiling.Mix(fma=1, exp2=1, log2=1)
-    assert m.pipe_seconds(RATES) == pytest.approx(1e-9 + 5e-8 + 5e-8)
+    assert ceiling.exp2_ops() == (8, 8, 3) and ceiling.log2_ops() == (9, 5, 8)
+    assert m.pipe_seconds(RATES) == pytest.approx(42 / 2e9)
+    assert m.divider_seconds(RATES) == pytest.approx(1 / 1e8)
+    assert ceiling.exp2_ops(double=True)[0] == 14
     # divisions and square roots run on the divider beside the pipes: the phase takes the larger
     m = ceiling.Mix(fma=1, div=1, sqrt=1)
     assert m.pipe_seconds(RATES) == pytest.approx(1e-9)
