@@ -368,19 +368,27 @@ __attribute__((always_inline)) static inline void scores_block(const TileScratch
   const T* xq[QB];
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
   distance_block<T, QB, CB, false, kEmbed>(xq, xq, ytile + col, ld, D, acc, unused);
+  // The rows' softening and the score rows' addresses read once, before any store: vstore
+  // writes through memcpy, which may alias anything, and GCC re-read sc.e2[q] and sc.S from
+  // memory after every store (6 scalar instructions a vector of pairs)
+  T e2[QB];
+  T* srow[QB];
+  for (int q = 0; q < QB; ++q) {
+    e2[q] = sc.e2[q0 + q];
+    srow[q] = sc.S + (int64_t)(q0 + q) * CT + col;
+  }
   for (int c = 0; c < CB; ++c) {
     if constexpr (kPower) {
       const V g = vload<T>(pk.g + j + c * W);
       for (int q = 0; q < QB; ++q) {
-        const V r2 = vmax<T>(acc[q][c] + sc.e2[q0 + q], vbroadcast<T>(Limits<T>::kTiny));
-        vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, g / r2);
+        const V r2 = vmax<T>(acc[q][c] + e2[q], vbroadcast<T>(Limits<T>::kTiny));
+        vstore<T>(srow[q] + c * W, g / r2);
       }
     } else {
       const V lw = vload<T>(pk.lw + j + c * W);
       for (int q = 0; q < QB; ++q) {
-        const V s = pair_score<VecMath<T>>(acc[q][c] + sc.e2[q0 + q], lw, half_p,
-                                           Limits<T>::kTiny);
-        vstore<T>(sc.S + (int64_t)(q0 + q) * CT + col + c * W, s);
+        const V s = pair_score<VecMath<T>>(acc[q][c] + e2[q], lw, half_p, Limits<T>::kTiny);
+        vstore<T>(srow[q] + c * W, s);
       }
     }
   }
@@ -482,7 +490,6 @@ __attribute__((always_inline)) static inline bool power_row_weights(TileScratch<
                                                                     const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
-  const int64_t D = sc.D;
   T* srow = sc.S + (int64_t)q * sc.CT;
   V mx = vload<T>(srow);
   for (int c = 1; c < nvec; ++c) mx = vmax<T>(mx, vload<T>(srow + c * W));
