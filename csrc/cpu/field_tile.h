@@ -368,9 +368,8 @@ __attribute__((always_inline)) static inline void scores_block(const TileScratch
   const T* xq[QB];
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
   distance_block<T, QB, CB, false, kEmbed>(xq, xq, ytile + col, ld, D, acc, unused);
-  // The rows' softening and the score rows' addresses read once, before any store: vstore
-  // writes through memcpy, which may alias anything, and GCC re-read sc.e2[q] and sc.S from
-  // memory after every store (6 scalar instructions a vector of pairs)
+  // The rows' softening and the score rows' addresses read once, before any store: a store of
+  // floats may alias sc.e2, and GCC re-read it after every store
   T e2[QB];
   T* srow[QB];
   for (int q = 0; q < QB; ++q) {
