@@ -82,6 +82,9 @@ enum Op : int {
   kLoopC,      // the forward's phase C loop (accumulate_block) from L1
   kLoopAGrad,  // the backward's phase A' loop (distance_block with g.d) from L1
   kLoopCGrad,  // the backward's phase C' loop (dx and dy, with pi g) from L1
+  kAddStore,   // four dependent adds per chain and step, then a store of it: do stores take
+               // add-pipe slots? (the rate counts the adds)
+  kFmaStore,   // the same with FMAs
   kNumOps
 };
 
@@ -90,7 +93,7 @@ const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "d
                                        "load", "bcast+fma",
                                        "load+bcast+fma", "sub+fma", "phaseA", "clock",
                                        "store", "load+store", "loop_A", "loop_C",
-                                       "loop_A'", "loop_C'"};
+                                       "loop_A'", "loop_C'", "add4+store", "fma4+store"};
 
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
@@ -297,6 +300,43 @@ int64_t run_op(int op, int64_t iters, double param) {
     case kMul:
       chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return a * b; });
       break;
+    case kAddStore:
+    case kFmaStore: {
+      // 12 chains, each 4 dependent operations and a store of the result to its own line per
+      // step: 48 operations to 12 stores, the kernels' proportion or more. Were the stores free
+      // of the arithmetic pipes, the rate would be the operation's own ("add", "fma").
+      char* raw = (char*)aligned_buffer(2 * 4096);
+      if (!raw) return -1;
+      T* st = (T*)(raw + (4096 - ((uintptr_t)raw & 4095)) % 4096);
+      for (int64_t i = 0; i < 12 * W; ++i) st[i] = (T)0;
+#define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      per_iter = 4 * kChains;
+      const bool fma = op == kFmaStore;
+      for (int64_t it = 0; it < iters; ++it) {
+        T* sp = st;
+        __asm__ volatile("" : "+r"(sp));
+        if (fma) {
+#define PF_STEP(i)                                                   \
+  a##i = a##i * b + c; a##i = a##i * b + c; a##i = a##i * b + c;     \
+  a##i = a##i * b + c; vstore<T>(sp + (i) * W, a##i);
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        } else {
+#define PF_STEP(i)                                                   \
+  a##i = a##i + c; a##i = a##i + c; a##i = a##i + c; a##i = a##i + c; \
+  vstore<T>(sp + (i) * W, a##i);
+          PF_REP(PF_STEP)
+#undef PF_STEP
+        }
+#define PF_HIDE(i) PF_OPAQUE(a##i);
+        PF_REP(PF_HIDE)
+#undef PF_HIDE
+      }
+      free(raw);
+      break;
+    }
     case kFmaAdd: {
       // 12 FMA chains and 12 add chains, independent: do the two kinds issue side by side?
 #define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i)), s##i = a##i;
