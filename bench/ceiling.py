@@ -168,10 +168,6 @@ class Mix:
             fma += calls * ops[0]
             add += calls * ops[1]
             other += calls * ops[2]
-        if self.stores:
-            on_fma, on_add = store_slots(r)
-            fma += self.stores * on_fma
-            add += self.stores * on_add
         return max(
             fma / r["fma"],
             add / r["add"],
@@ -224,19 +220,6 @@ def log2_ops(double: bool = False) -> tuple[int, int, int]:
     FMAs; 11 in float64), s q and its constant, the exponent's adjustment (an and and an add),
     its conversion and the final addition."""
     return (15 if double else 9), 5, 8
-
-
-def store_slots(r: dict) -> tuple[float, float]:
-    """The FMA-pipe and add-pipe slots a vector store takes, in operations of each pipe, from
-    'fma4+store' and 'add4+store' (four dependent operations and a store per chain): 48
-    operations and 12 stores take 48 / rate, so each store costs 4 (R / rate - 1) of them. On a
-    Zen 4 a 512-bit store's data goes through the FMA pipes: about 1.1 FMA slots a store, none
-    of the add pipes'. 0 for a record without those rates."""
-    slots = []
-    for pipe in ("fma", "add"):
-        key = f"{pipe}4+store"
-        slots.append(max(4.0 * (r[pipe] / r[key] - 1.0), 0.0) if r.get(key) else 0.0)
-    return slots[0], slots[1]
 
 
 def load_rate(r: dict) -> float:

@@ -66,17 +66,6 @@ def test_phase_is_bounded_by_its_busiest_pipe():
     assert ceiling.Mix(fma=50, div=1).seconds(RATES) == pytest.approx(50e-9)
 
 
-def test_stores_take_the_pipe_slots_measured():
-    # no store rates measured: stores cost only their own rate
-    assert ceiling.store_slots(RATES) == (0.0, 0.0)
-    # an FMA pipe that ran 48 FMAs and 12 stores at 0.8 of its rate: each store took a slot
-    rates = dict(RATES, **{"fma4+store": 0.8e9, "add4+store": 1e9})
-    assert ceiling.store_slots(rates) == pytest.approx((1.0, 0.0))
-    m = ceiling.Mix(fma=14, add=14, stores=3)
-    assert m.pipe_seconds(RATES) == pytest.approx(28 / 2e9)
-    assert m.pipe_seconds(rates) == pytest.approx(17 / 1e9)
-
-
 def test_pow_ops_follow_the_power_form():
     # (multiplications, selects, square roots) per weight vector: t = q / Q is one
     # multiplication; p/2 = 1: nothing more

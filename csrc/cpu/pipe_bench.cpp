@@ -306,8 +306,8 @@ int64_t run_op(int op, int64_t iters, double param) {
       // step: 48 operations to 12 stores, the kernels' proportion or more. Were the stores free
       // of the arithmetic pipes, the rate would be the operation's own ("add", "fma"). A case
       // of its own: folded into kStore's loop (one loop body choosing among four variants) the
-      // adds ran at 0.96 a cycle beside the stores instead of 1.00, which the model would have
-      // charged to the stores.
+      // adds ran at 0.96 a cycle beside the stores instead of 1.00, which would have read as
+      // the stores' cost.
       char* raw = (char*)aligned_buffer(2 * 4096);
       if (!raw) return -1;
       T* st = (T*)(raw + (4096 - ((uintptr_t)raw & 4095)) % 4096);
