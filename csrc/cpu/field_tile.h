@@ -423,8 +423,8 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, con
   const int CT = sc.CT;
   V acc[QC][KBr];
   V xs[QC][KBr];
-  // the block's QC x KBr accumulators, consecutive (TileScratch::acc_index, k0 a block start)
-  T* const ablk = sc.acc + (k0 * sc.QT + (int64_t)q0 * KBr) * W;
+  // the block's QC x KBr accumulators, consecutive from its first (acc_index's order)
+  T* const ablk = sc.acc + sc.acc_index(q0, k0);
   for (int q = 0; q < QC; ++q)
     for (int kk = 0; kk < KBr; ++kk) {
       acc[q][kk] = vload<T>(ablk + (q * KBr + kk) * W);
