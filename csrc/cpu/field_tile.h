@@ -474,9 +474,17 @@ static inline void accumulate_tile(TileScratch<T>& sc, const Packed<T>& pk, cons
   for (; k0 + G::KB <= D; k0 += G::KB)
     for (int q0 = 0; q0 < sc.QT; q0 += G::QC)
       accumulate_block<T, G::QC, G::KB>(sc, pk, ytile, ld, q0, k0, nvec);
-  if (k0 < D)
-    for (int q0 = 0; q0 < sc.QT; q0 += G::QC)
-      accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, ytile, ld, q0, k0, nvec, (int)(D - k0));
+  if (k0 < D) {
+    const int rem = (int)(D - k0);
+    int q0 = 0;
+    // A tail of at most KB / 2 dimensions takes twice the queries, so that its loop still
+    // carries QC x KB accumulators (the same sums in the same order: the same bits)
+    if (2 * rem <= G::KB)
+      for (; q0 + 2 * G::QC <= sc.QT; q0 += 2 * G::QC)
+        accumulate_tail<T, 2 * G::QC, G::KB / 2>(sc, pk, ytile, ld, q0, k0, nvec, rem);
+    for (; q0 < sc.QT; q0 += G::QC)
+      accumulate_tail<T, G::QC, G::KB - 1>(sc, pk, ytile, ld, q0, k0, nvec, rem);
+  }
 }
 
 // Phase B of the power form for one row (power_form.h): the lazy reference update in q units
