@@ -487,6 +487,36 @@ static inline void accumulate_tile(TileScratch<T>& sc, const Packed<T>& pk, cons
   }
 }
 
+// The power form's weights of one row's nvec vectors of q in place, their sum added to l
+// (returned), with p/2's quarters known at compile time (vpow_plan_n). kGroup vectors at a time
+// (power_weight_n: independent squaring chains side by side); nvec is a multiple of the charge
+// block CB, and l adds the weights in the same order as one vector at a time.
+template <typename T, int kQuarters>
+__attribute__((always_inline)) static inline VecT<T> power_row_run(T* srow, int nvec, T inv_q,
+                                                                   const PowerPlan<T>& plan,
+                                                                   VecT<T> l) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W;
+  constexpr int kGroup = 4;
+  int c = 0;
+  for (; c + kGroup <= nvec; c += kGroup) {
+    V p[kGroup];
+    for (int i = 0; i < kGroup; ++i) p[i] = vload<T>(srow + (c + i) * W);
+    power_weight_n<T, kGroup, kQuarters>(p, inv_q, plan);
+    for (int i = 0; i < kGroup; ++i) {
+      vstore<T>(srow + (c + i) * W, p[i]);
+      l += p[i];
+    }
+  }
+  for (; c < nvec; ++c) {
+    V p[1] = {vload<T>(srow + c * W)};
+    power_weight_n<T, 1, kQuarters>(p, inv_q, plan);
+    vstore<T>(srow + c * W, p[0]);
+    l += p[0];
+  }
+  return l;
+}
+
 // Phase B of the power form for one row (power_form.h): the lazy reference update in q units
 // (the log domain's kTau rule: Q moves only when a tile beats it by 2^(kTau / (p/2))), the
 // rescaling, and the weights (q / Q)^(p/2). Returns false when the row has no charge yet.
@@ -515,23 +545,11 @@ __attribute__((always_inline)) static inline bool power_row_weights(TileScratch<
   }
   const T inv_q = (T)1 / sc.m[q];
   V l = vload<T>(sc.lvec + (int64_t)q * W);
-  // kGroup vectors at a time (power_weight_n: independent squaring chains side by side); nvec is
-  // a multiple of the charge block CB, and l adds the weights in the same order as before.
-  constexpr int kGroup = 4;
-  int c = 0;
-  for (; c + kGroup <= nvec; c += kGroup) {
-    V p[kGroup];
-    for (int i = 0; i < kGroup; ++i) p[i] = vload<T>(srow + (c + i) * W);
-    power_weight_n<T, kGroup>(p, inv_q, plan);
-    for (int i = 0; i < kGroup; ++i) {
-      vstore<T>(srow + (c + i) * W, p[i]);
-      l += p[i];
-    }
-  }
-  for (; c < nvec; ++c) {
-    const V p = power_weight<T>(vload<T>(srow + c * W), inv_q, plan);
-    vstore<T>(srow + c * W, p);
-    l += p;
+  switch (plan.quarters) {  // once per row: the weights' loop knows its square roots
+    case 0: l = power_row_run<T, 0>(srow, nvec, inv_q, plan, l); break;
+    case 1: l = power_row_run<T, 1>(srow, nvec, inv_q, plan, l); break;
+    case 2: l = power_row_run<T, 2>(srow, nvec, inv_q, plan, l); break;
+    default: l = power_row_run<T, 3>(srow, nvec, inv_q, plan, l); break;
   }
   vstore<T>(sc.lvec + (int64_t)q * W, l);
   return true;

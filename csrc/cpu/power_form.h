@@ -95,9 +95,14 @@ static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_b
 // vector's squaring chain is a string of dependent multiplications (and a square root) that,
 // vector after vector with the exponent's bits tested in between, held the weights' phase to
 // about a third of the multiply pipes' rate; K independent chains stepped together fill them.
-template <typename T, int K>
+//
+// kQuarters: plan.quarters when the caller knows it at compile time (power_row_weights
+// dispatches on it once per row), -1 to read it from the plan. A run-time test around the
+// square roots made GCC keep r in memory (four stores and reloads on the square roots' path).
+template <typename T, int K, int kQuarters = -1>
 static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   typedef VecT<T> V;
+  const int quarters = kQuarters >= 0 ? kQuarters : plan.quarters;
   V r[K], b[K];
   for (int i = 0; i < K; ++i) {
     r[i] = (plan.whole & 1) ? t[i] : vbroadcast<T>((T)1);
@@ -108,18 +113,18 @@ static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
     if (e & 1)
       for (int i = 0; i < K; ++i) r[i] = r[i] * b[i];
   }
-  if (plan.quarters) {
+  if (quarters) {
     for (int i = 0; i < K; ++i) {
       const V s = vsqrt<T>(t[i]);
-      if (plan.quarters & 2) r[i] = r[i] * s;
-      if (plan.quarters & 1) r[i] = r[i] * vsqrt<T>(s);
+      if (quarters & 2) r[i] = r[i] * s;
+      if (quarters & 1) r[i] = r[i] * vsqrt<T>(s);
     }
   }
   for (int i = 0; i < K; ++i) t[i] = r[i];
 }
 
 // power_weight on K vectors of one row at once (vpow_plan_n: the same bits as K calls).
-template <typename T, int K>
+template <typename T, int K, int kQuarters = -1>
 static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   const V cut = vbroadcast<T>(plan.cut);
@@ -128,7 +133,7 @@ static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& 
     t[i] = q[i] * inv_q;
     c[i] = vmax<T>(t[i], cut);
   }
-  vpow_plan_n<T, K>(c, plan);
+  vpow_plan_n<T, K, kQuarters>(c, plan);
   for (int i = 0; i < K; ++i) q[i] = t[i] < cut ? V{} : c[i];
 }
 
