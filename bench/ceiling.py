@@ -227,6 +227,9 @@ def load_rate(r: dict) -> float:
     return max(r["load"], 2.0 * r["load+bcast+fma"])
 
 
+SUM_BLOCK = 16  # csrc/cpu/field_tile.h distance_block's kSumBlock
+
+
 @dataclass
 class Geometry:
     """csrc/cpu/field_tile.h Geometry and field_backward.h BackwardBlock for one ISA."""
@@ -240,14 +243,21 @@ class Geometry:
     QCb: int = 4  # backward phase C' (with dy)
     KBb: int = 2
     held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
+    D: int = 129  # the dimension: the distance loops add one partial sum per SUM_BLOCK of it
 
     @staticmethod
     def for_isa(vector_bytes: int, double: bool = False, D: int = 129) -> Geometry:
         """avx512: phase A's block is 6 x 2 from D = 8 up (Geometry::qb), 4 x 2 below."""
         W = vector_bytes // (8 if double else 4)
         if vector_bytes >= 64:
-            return Geometry(W=W, QB=6 if D >= 8 else 4, KB=6, KBb=3, held=True)
-        return Geometry(W=W)
+            return Geometry(W=W, QB=6 if D >= 8 else 4, KB=6, KBb=3, held=True, D=D)
+        return Geometry(W=W, D=D)
+
+    def sum_adds_per_dim(self) -> float:
+        """Additions per pair and dimension for r2's partial sums (field_tile.h distance_block):
+        one per started block of SUM_BLOCK dimensions, the first (0 + part) included: 3 at
+        D = 33, where D / 16 would count 2.06."""
+        return math.ceil(self.D / SUM_BLOCK) / self.D
 
 
 @dataclass
@@ -269,7 +279,8 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
     """The forward field (field_tile): A r2 by differences, B weights, C p (y - x). Compiled
     (avx512, bench/asm_mix.py): A 12 FMA + 12 sub, 2 y loads and 6 broadcasts per 6 x 2 step
     (D >= 8; 8 + 8 and 2 + 4 at 4 x 2), C 12 FMA + 12 sub and 8 loads per 2 x 6 step."""
-    a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QB) / (g.QB * g.CB))  # d = y - x; r2 += d d
+    # d = y - x; r2 += d d; the partial sums' additions
+    a = Mix(fma=1, add=1 + g.sum_adds_per_dim(), loads=(g.CB + g.QB) / (g.QB * g.CB))
     c = Mix(fma=1, add=1, loads=(g.QC + g.KB) / (g.QC * g.KB))  # acc += p (y - x)
     # Per pair, each phase writes its vector of S (a store), B reads it twice (its maximum,
     # then the weight).
@@ -303,9 +314,9 @@ def backward_mix(
     if need_y and not has_g:
         raise ValueError("backward_mix: no model for dy without the gradient of v")
     if has_g:
-        a = Mix(fma=2, add=1 + 1 / 16, loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
+        a = Mix(fma=2, add=1 + g.sum_adds_per_dim(), loads=(g.CB + 2 * g.QBb) / (g.QBb * g.CB))
     else:
-        a = Mix(fma=1, add=1 + 1 / 16, loads=(g.CB + g.QBb) / (g.QBb * g.CB))
+        a = Mix(fma=1, add=1 + g.sum_adds_per_dim(), loads=(g.CB + g.QBb) / (g.QBb * g.CB))
     if not need_y:
         n = g.QC * g.KB
         c = Mix(fma=1, add=1, loads=(g.QC + g.KB + n) / n)

@@ -95,7 +95,11 @@ def test_forward_ceiling_arithmetic():
     assert c.geometry_at(3).QB == 4
     D = 129
     mix = ceiling.forward_mix(g)
-    per_dim = max(1 / 1e9, (1 + 1 / 16) / 1e9, (2 + 1 / 16) / 2e9, (8 / 12) / 2e9) + max(
+    # r2's partial sums: one addition per started 16-dimension block, 9 at D = 129
+    sums = 9 / 129
+    assert ceiling.Geometry.for_isa(64, D=33).sum_adds_per_dim() == pytest.approx(3 / 33)
+    assert ceiling.Geometry.for_isa(64, D=128).sum_adds_per_dim() == pytest.approx(1 / 16)
+    per_dim = max(1 / 1e9, (1 + sums) / 1e9, (2 + sums) / 2e9, (8 / 12) / 2e9) + max(
         1 / 1e9, 1 / 1e9, 2 / 2e9, (8 / 12) / 2e9
     )
     # per pair: A's 3 add-pipe instructions, a load and a store, B's 2 adds, 2 loads, a store
@@ -122,8 +126,8 @@ def test_backward_floor():
     r = c.backward_over_forward(513)
     # the compiled loops on this made-up machine (one FMA and one add pipe): A' 2 FMA per
     # pair-dim, C' 7/3 on each pipe (10 / 6 loads fit in 2e9 loads/s) against the forward's
-    # A (1 + 1/16 adds) and C (1 FMA); the per-pair terms add a little at D = 513
-    want = (2 + 7 / 3) / (1 + 1 / 16 + 1)
+    # A (1 + 33/513 adds: the partial sums) and C (1 FMA); the per-pair terms add a little
+    want = (2 + 7 / 3) / (1 + 33 / 513 + 1)
     assert r == pytest.approx(want, rel=0.05)
     assert r < want
     # at small D the divider can bind: D = 2, one division and (p/2 = 1) no square root per
@@ -144,11 +148,11 @@ def test_backward_floor():
 
 def test_backward_for_dx_alone():
     # the Riesz loss's calls: dL/dx only, no gradient on v. A' is the forward's distance step
-    # (1 FMA, 1 + 1/16 adds per pair-dimension), C' the forward's 2 x 6 block with c for p and x
+    # (1 FMA, 1 + 9/129 adds per pair-dimension), C' the forward's 2 x 6 block with c for p and x
     # as broadcast operands (1 FMA, 1 add, 20 loads per 12 pair-dimensions)
     c = ceiling.Ceiling(dict(RATES))
     mix = ceiling.backward_mix(c.geometry, need_y=False, has_g=False)
-    assert (mix.per_dim[0].fma, mix.per_dim[0].add) == (1, 1 + 1 / 16)
+    assert (mix.per_dim[0].fma, mix.per_dim[0].add) == (1, pytest.approx(1 + 9 / 129))
     assert (mix.per_dim[1].fma, mix.per_dim[1].add) == (1, 1)
     assert mix.per_dim[1].loads == pytest.approx(20 / 12)
     assert mix.per_dim[1].stores == 0
@@ -156,9 +160,9 @@ def test_backward_for_dx_alone():
     full = c.backward_seconds(100, 100, D)
     dx = c.backward_seconds(100, 100, D, need_y=False, has_g=False)
     assert dx < full
-    # per pair-dimension: A' 1.0625 / 1e9 and C' max(1 / 1e9, (20 / 12) / 2e9) on this machine;
-    # per pair, the same B' as the full backward
-    per_dim = (1 + 1 / 16) / 1e9 + 1 / 1e9
+    # per pair-dimension: A' (1 + 8/128) / 1e9 and C' max(1 / 1e9, (20 / 12) / 2e9) on this
+    # machine; per pair, the same B' as the full backward
+    per_dim = (1 + 8 / 128) / 1e9 + 1 / 1e9
     per_pair = sum(m.pipe_seconds(RATES, D / 2) for m in mix.per_pair)
     divider = sum(m.divider_seconds(RATES, D / 2) for m in mix.per_pair)
     assert dx / (100 * 100 / 16) == pytest.approx(max(D * per_dim + per_pair, divider))
@@ -179,9 +183,9 @@ def test_loop_attainment_sets_each_loop_against_its_phase():
         assert rows[op][0] == pytest.approx(model)
         assert rows[op][1] == pytest.approx(1e9 / rates[op])
         assert rows[op][2] == pytest.approx(model / rows[op][1])
-    # forward A: 1 FMA and 1 + 1/16 adds per pair-dimension on one pipe each: 1.0625 cycles
-    assert rows["loop_A"][0] == pytest.approx(1 + 1 / 16)
-    assert rows["loop_A"][2] == pytest.approx((1 + 1 / 16) / 2)
+    # forward A: 1 FMA and 1 + 9/129 adds per pair-dimension on one pipe each: 1.07 cycles
+    assert rows["loop_A"][0] == pytest.approx(1 + 9 / 129)
+    assert rows["loop_A"][2] == pytest.approx((1 + 9 / 129) / 2)
     # a machine record without the loops (an older JSON) has no rows
     assert ceiling.loop_attainment(ceiling.Ceiling(dict(RATES))) == []
 
