@@ -98,6 +98,9 @@ const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "d
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
 #define PF_REP(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+// Each chain (a, or a and its sink s) made opaque, so that the compiler computes and keeps it.
+#define PF_HIDE_A(i) PF_OPAQUE(a##i);
+#define PF_HIDE_AS(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
 
 // `iters` steps of `step` (a callable: V step(V a, int chain) returning the new a) on kChains
 // chains; with kSink the result goes to a separate sink and the input is only made opaque
@@ -113,21 +116,15 @@ __attribute__((noinline)) void chains(int64_t iters, T start, T spread, Step ste
 #define PF_STEP(i) s##i = step(a##i, i);
       PF_REP(PF_STEP)
 #undef PF_STEP
-#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
-      PF_REP(PF_HIDE)
-#undef PF_HIDE
+      PF_REP(PF_HIDE_AS)
     } else {
 #define PF_STEP(i) a##i = step(a##i, i);
       PF_REP(PF_STEP)
 #undef PF_STEP
-#define PF_HIDE(i) PF_OPAQUE(a##i);
-      PF_REP(PF_HIDE)
-#undef PF_HIDE
+      PF_REP(PF_HIDE_A)
     }
   }
-#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
-  PF_REP(PF_HIDE)
-#undef PF_HIDE
+  PF_REP(PF_HIDE_AS)
 }
 
 // distance_block's step for QB queries x CB charge vectors (d = y - x; r2 += d d), its operands
@@ -333,9 +330,7 @@ int64_t run_op(int op, int64_t iters, double param) {
           PF_REP(PF_STEP)
 #undef PF_STEP
         }
-#define PF_HIDE(i) PF_OPAQUE(a##i);
-        PF_REP(PF_HIDE)
-#undef PF_HIDE
+        PF_REP(PF_HIDE_A)
       }
       free(raw);
       break;
@@ -350,9 +345,7 @@ int64_t run_op(int op, int64_t iters, double param) {
 #define PF_STEP(i) a##i = a##i * b + c; s##i = s##i + c;
         PF_REP(PF_STEP)
 #undef PF_STEP
-#define PF_HIDE(i) PF_OPAQUE(a##i); PF_OPAQUE(s##i);
-        PF_REP(PF_HIDE)
-#undef PF_HIDE
+        PF_REP(PF_HIDE_AS)
       }
       break;
     }
@@ -392,9 +385,7 @@ int64_t run_op(int op, int64_t iters, double param) {
 #undef PF_STEP
         }
       }
-#define PF_HIDE(i) PF_OPAQUE(a##i);
-      PF_REP(PF_HIDE)
-#undef PF_HIDE
+      PF_REP(PF_HIDE_A)
       break;
     }
     case kSubFma: {
@@ -476,9 +467,7 @@ int64_t run_op(int op, int64_t iters, double param) {
           PF_REP(PF_STEP)
 #undef PF_STEP
         }
-#define PF_HIDE(i) PF_OPAQUE(a##i);
-        PF_REP(PF_HIDE)
-#undef PF_HIDE
+        PF_REP(PF_HIDE_A)
       }
       free(raw);
       break;
