@@ -519,10 +519,10 @@ __attribute__((always_inline)) static inline VecT<T> power_row_run(T* srow, int 
 
 // Phase B of the power form for one row (power_form.h): the lazy reference update in q units
 // (the log domain's kTau rule: Q moves only when a tile beats it by 2^(kTau / (p/2))), the
-// rescaling, and the weights (q / Q)^(p/2). Returns false when the row has no charge yet.
+// rescaling, and the weights (q / Q)^(p/2), all 0 while the row has no charge yet.
 // Always inlined: called once per row and tile, out of line it cost D = 3 about 7% of its time.
 template <typename T>
-__attribute__((always_inline)) static inline bool power_row_weights(TileScratch<T>& sc, int q,
+__attribute__((always_inline)) static inline void power_row_weights(TileScratch<T>& sc, int q,
                                                                     int nvec,
                                                                     const PowerPlan<T>& plan) {
   typedef VecT<T> V;
@@ -541,7 +541,7 @@ __attribute__((always_inline)) static inline bool power_row_weights(TileScratch<
   }
   if (!(sc.m[q] > (T)0)) {
     for (int c = 0; c < nvec; ++c) vstore<T>(srow + c * W, V{});
-    return false;
+    return;
   }
   const T inv_q = (T)1 / sc.m[q];
   V l = vload<T>(sc.lvec + (int64_t)q * W);
@@ -552,7 +552,6 @@ __attribute__((always_inline)) static inline bool power_row_weights(TileScratch<
     default: l = power_row_run<T, 3>(srow, nvec, inv_q, plan, l); break;
   }
   vstore<T>(sc.lvec + (int64_t)q * W, l);
-  return true;
 }
 
 // Field of the tile's first nq queries (sc.xt, sc.e2, sc.excl filled by the caller; rows nq..QT
