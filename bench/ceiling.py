@@ -37,6 +37,7 @@ and follow the register blocks of csrc/cpu/field_tile.h and field_backward.h (Ge
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,7 @@ PIPE_OPS = (
     "max",
     "div",
     "sqrt",
+    "sqrt_newton",
     "exp2",
     "log2",
     "load",
@@ -112,7 +114,7 @@ def measure_pipes(
         return max(C.pipe_rate(op, n, th, param, dtype_double, isa) for _ in range(repeats))
 
     for op in PIPE_OPS:
-        slow = op in ("div", "sqrt", "exp2", "log2")
+        slow = op in ("div", "sqrt", "sqrt_newton", "exp2", "log2")
         out[op] = threads * best(op, iters // 8 if slow else iters)
     for hp in half_ps:
         out[f"pow_weight@{hp:g}"] = threads * best("pow_weight", iters // 8, hp)
@@ -154,13 +156,14 @@ class Mix:
     exp2: float = 0.0  # vexp2() calls (their ops: exp2_ops)
     log2: float = 0.0  # vlog2() calls (log2_ops, a division among them)
     pow_weight: float = 0.0  # power_weight() calls at p/2 = half_p (their ops: pow_ops)
+    newton_roots: float = 0.0  # the share of those weights' square roots on the FMA pipes
 
     def pipe_seconds(self, r: dict, half_p: float | None = None) -> float:
         """The vector pipes' time: the busiest pipe class, the instructions that any pipe can
         run (integer and conversion) counted with both."""
         fma, add, other = self.fma, self.add, 0.0
         if self.pow_weight:
-            mults, selects, _ = pow_ops(half_p)
+            mults, selects, _ = pow_ops(half_p, self.newton_roots)
             fma += self.pow_weight * mults
             add += self.pow_weight * selects
         double = bool(r.get("double", False))
@@ -178,7 +181,8 @@ class Mix:
 
     def divider_seconds(self, r: dict, half_p: float | None = None) -> float:
         """The divider's time: divisions and square roots (the weight's and log2's too)."""
-        sqrt = self.sqrt + (self.pow_weight * pow_ops(half_p)[2] if self.pow_weight else 0)
+        roots = pow_ops(half_p, self.newton_roots)[2] if self.pow_weight else 0
+        sqrt = self.sqrt + self.pow_weight * roots
         return (self.div + self.log2) / r["div"] + sqrt / r["sqrt"]
 
     def seconds(self, r: dict, half_p: float | None = None) -> float:
@@ -186,12 +190,19 @@ class Mix:
         return max(self.pipe_seconds(r, half_p), self.divider_seconds(r, half_p))
 
 
-def pow_ops(half_p: float) -> tuple[int, int, int]:
-    """(multiplications, add-pipe selects, square roots) of one power-form weight vector at
-    p/2 = half_p, as csrc/cpu/power_form.h computes it: t = q / Q (a multiplication), the
-    floor max(t, cut), t^(whole part) by binary exponentiation (a squaring per bit after the
-    first, a multiplication per further set bit), t^(1/2) and t^(1/4) by square roots (each
-    multiplied in), and the select against the floor."""
+# simd.h vsqrt_newton: the estimate, s = x r, r / 2, the residual and the step (FMA pipes)
+NEWTON_SQRT_OPS = 5
+
+
+def pow_ops(half_p: float, newton_roots: float = 0.0) -> tuple[float, int, float]:
+    """(multiplications, add-pipe selects, square roots on the divider) of one power-form
+    weight vector at p/2 = half_p, as csrc/cpu/power_form.h computes it: t = q / Q (a
+    multiplication), the floor max(t, cut), t^(whole part) by binary exponentiation (a squaring
+    per bit after the first, a multiplication per further set bit), t^(1/2) and t^(1/4) by
+    square roots (each multiplied in), and the select against the floor. newton_roots: the
+    share of the square roots taken by vsqrt_newton on the FMA pipes (NEWTON_SQRT_OPS
+    multiplications each) instead of the divider, where the plan allows it (p/2 >= 1, the
+    cut a normal float: power_form.h newton_sqrt)."""
     if half_p is None:
         raise ValueError("pow_ops: the power form needs p/2")
     fourths = int(round(4 * half_p))
@@ -202,7 +213,10 @@ def pow_ops(half_p: float) -> tuple[int, int, int]:
         e >>= 1
     sqrts = (1 if quarters else 0) + (quarters & 1)
     mults += (quarters & 2) // 2 + (quarters & 1)
-    return mults, 3, sqrts
+    share = newton_roots if half_p >= 1 and sqrts else 0.0
+    if not share:
+        return mults, 3, sqrts
+    return mults + share * sqrts * NEWTON_SQRT_OPS, 3, sqrts * (1.0 - share)
 
 
 def exp2_ops(double: bool = False) -> tuple[int, int, int]:
@@ -244,13 +258,23 @@ class Geometry:
     KBb: int = 2
     held: bool = False  # C' with x and g in registers (field_backward.h HeldBlock: avx512)
     D: int = 129  # the dimension: the distance loops add one partial sum per SUM_BLOCK of it
+    # the square roots may run on the FMA pipes (simd.h kNewtonForms: avx512 float)
+    newton_forms: bool = False
 
     @staticmethod
     def for_isa(vector_bytes: int, double: bool = False, D: int = 129) -> Geometry:
         """avx512: phase A's block is 6 x 2 from D = 8 up (Geometry::qb), 4 x 2 below."""
         W = vector_bytes // (8 if double else 4)
         if vector_bytes >= 64:
-            return Geometry(W=W, QB=6 if D >= 8 else 4, KB=6, KBb=3, held=True, D=D)
+            return Geometry(
+                W=W,
+                QB=6 if D >= 8 else 4,
+                KB=6,
+                KBb=3,
+                held=True,
+                D=D,
+                newton_forms=not double,
+            )
         return Geometry(W=W, D=D)
 
     def sum_adds_per_dim(self) -> float:
@@ -267,12 +291,30 @@ class KernelMix:
     per_dim: list = field(default_factory=list)
     per_pair: list = field(default_factory=list)
 
+    newton_forms: bool = False  # the weights' roots may take the FMA pipes (Geometry)
+
     def seconds_per_vector(self, D: int, r: dict, half_p: float | None) -> float:
-        """The pipes' total or the divider's, whichever is larger."""
-        phases = [(D, m) for m in self.per_dim] + [(1, m) for m in self.per_pair]
+        """The pipes' total or the divider's, whichever is larger, at the best share of the
+        weights' square roots on the FMA pipes where the ISA allows it (NEWTON_SHARES): the
+        bound is the best placement of the roots, whatever share the code takes (field_tile.h
+        power_row_run: one vector in two), so that moving work between the units can never
+        lower the bar the kernel is measured against."""
+        shares = NEWTON_SHARES if self.newton_forms else (0.0,)
+        return min(self._seconds_at_share(D, r, half_p, s) for s in shares)
+
+    def _seconds_at_share(self, D: int, r: dict, half_p: float | None, share: float) -> float:
+        phases = [(D, m) for m in self.per_dim] + [
+            (1, dataclasses.replace(m, newton_roots=share) if m.pow_weight else m)
+            for m in self.per_pair
+        ]
         pipes = sum(n * m.pipe_seconds(r, half_p) for n, m in phases)
         divider = sum(n * m.divider_seconds(r, half_p) for n, m in phases)
         return max(pipes, divider)
+
+
+# The shares of the weights' square roots on the FMA pipes that the bound considers: the
+# kernels' weights run in groups of four vectors, each vector's roots on one unit.
+NEWTON_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
@@ -293,7 +335,7 @@ def forward_mix(g: Geometry, power_form: bool = True) -> KernelMix:
         # A: + e2, max, log2, s = lw - (p/2) log2 r2, select;  B: tile max, 2^(s - m), l += p
         pa = Mix(fma=1, add=3, loads=1, stores=1, log2=1)
         pb = Mix(add=3, loads=2, stores=1, exp2=1)
-    return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
+    return KernelMix(per_dim=[a, c], per_pair=[pa, pb], newton_forms=g.newton_forms)
 
 
 def backward_mix(
@@ -333,7 +375,7 @@ def backward_mix(
     else:
         pb = Mix(fma=5, add=5, loads=3, stores=2, div=1, log2=1, exp2=1)
     pa = Mix(add=1, stores=2)
-    return KernelMix(per_dim=[a, c], per_pair=[pa, pb])
+    return KernelMix(per_dim=[a, c], per_pair=[pa, pb], newton_forms=g.newton_forms)
 
 
 def floor_ratio_by_ops() -> float:

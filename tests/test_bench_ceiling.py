@@ -80,6 +80,11 @@ def test_pow_ops_follow_the_power_form():
     assert ceiling.pow_ops(16.75) == (8, 3, 2)
     # 7 = 111b: two squarings, two further set bits (the lowest bit starts the product)
     assert ceiling.pow_ops(7.0) == (5, 3, 0)
+    # half the square roots on the FMA pipes (vsqrt_newton: 5 instructions each) from p/2 = 1
+    # up; below it the cut is not a normal float and every root stays on the divider
+    assert ceiling.pow_ops(16.75, 0.5) == (8 + 0.5 * 2 * 5, 3, 1.0)
+    assert ceiling.pow_ops(0.5, 0.5) == (2, 3, 1)
+    assert ceiling.pow_ops(7.0, 0.5) == (5, 3, 0)
     # the weight's ops join its phase's pipes and divider
     m = ceiling.Mix(add=2, pow_weight=1)
     assert m.pipe_seconds(RATES, 64.5) == pytest.approx(max(9 / 1e9, 5 / 1e9, 14 / 2e9))
@@ -104,7 +109,8 @@ def test_forward_ceiling_arithmetic():
     )
     # per pair: A's 3 add-pipe instructions, a load and a store, B's 2 adds, 2 loads, a store
     # and the weight at p/2 = 64.5 (9 multiplications, 3 selects) on the pipes; A's division and
-    # the weight's square root on the divider, which is not the busier unit here
+    # the weight's square root on the divider, which is not the busier unit here (so the best
+    # placement of the root keeps it there: moving it to the FMA pipes would only add to them)
     per_pair = max(0.0, 3 / 1e9, 3 / 2e9, 1 / 2e9, 1 / 1e9) + max(
         9 / 1e9, 5 / 1e9, 14 / 2e9, 2 / 2e9, 1 / 1e9
     )
@@ -223,3 +229,29 @@ def test_pipe_benchmark_runs_every_operation():
         C.pipe_rate("no-such-op", 64, 1)
     assert C.vector_bytes() in (16, 32, 64)
     assert math.isfinite(C.pipe_rate("fma", 64, 1, 0.0, True))
+
+
+def test_the_bound_takes_the_best_placement_of_the_roots():
+    # D = 3, p/2 = 1.5 on a machine whose divider binds (10 ns a division, 20 a root): every
+    # share of the weights' roots on the FMA pipes is a placement the kernel could take, and the
+    # bound is the best of them, whatever share the code uses
+    g = ceiling.Geometry.for_isa(64, D=3)
+    assert g.newton_forms
+    assert not ceiling.Geometry.for_isa(64, double=True).newton_forms
+    assert not ceiling.Geometry.for_isa(32).newton_forms
+    mix = ceiling.forward_mix(g)
+    by_share = {s: mix._seconds_at_share(3, RATES, 1.5, s) for s in ceiling.NEWTON_SHARES}
+    assert mix.seconds_per_vector(3, RATES, 1.5) == pytest.approx(min(by_share.values()))
+    # all roots on the divider: it binds (10 + 20 ns against about 14 ns of pipe work)
+    assert by_share[0.0] == pytest.approx(1 / 1e8 + 1 / 5e7)
+    # each root moved to the FMA pipes takes 20 ns from the divider and adds 5 multiplications
+    # to phase B: the best share balances the two units, three roots in four here (the divider
+    # 10 + 5 ns against 15.75 ns of pipe work); all four leave the pipes the busier unit
+    assert min(by_share, key=by_share.get) == 0.75
+    assert by_share[0.75] == pytest.approx(15.75e-9, rel=0.01)
+    assert by_share[0.75] < by_share[1.0] < by_share[0.0]
+    # an ISA without the forms keeps every root on the divider
+    mix32 = ceiling.forward_mix(ceiling.Geometry.for_isa(32, D=3))
+    assert mix32.seconds_per_vector(3, RATES, 1.5) == pytest.approx(
+        mix32._seconds_at_share(3, RATES, 1.5, 0.0)
+    )

@@ -491,18 +491,23 @@ static inline void accumulate_tile(TileScratch<T>& sc, const Packed<T>& pk, cons
 // (returned), with p/2's quarters known at compile time (vpow_plan_n). kGroup vectors at a time
 // (power_weight_n: independent squaring chains side by side); nvec is a multiple of the charge
 // block CB, and l adds the weights in the same order as one vector at a time.
-template <typename T, int kQuarters>
+// kNewton (plan.newton_sqrt): vectors 1 and 3 of each group take their square roots on the FMA
+// pipes (vsqrt_newton), 0 and 2 and the run's remainder on the divider (power_form.h,
+// vpow_plan_n). Which vector does is fixed by its position in the charge tile, whose width
+// depends on D only, so no result depends on the thread or on the query tiles.
+template <typename T, int kQuarters, bool kNewton>
 __attribute__((always_inline)) static inline VecT<T> power_row_run(T* srow, int nvec, T inv_q,
                                                                    const PowerPlan<T>& plan,
                                                                    VecT<T> l) {
   typedef VecT<T> V;
   constexpr int W = VecTraits<T>::W;
   constexpr int kGroup = 4;
+  constexpr unsigned kMask = kNewton ? 0xAu : 0u;  // vectors 1 and 3
   int c = 0;
   for (; c + kGroup <= nvec; c += kGroup) {
     V p[kGroup];
     for (int i = 0; i < kGroup; ++i) p[i] = vload<T>(srow + (c + i) * W);
-    power_weight_n<T, kGroup, kQuarters>(p, inv_q, plan);
+    power_weight_n<T, kGroup, kQuarters, kMask>(p, inv_q, plan);
     for (int i = 0; i < kGroup; ++i) {
       vstore<T>(srow + (c + i) * W, p[i]);
       l += p[i];
@@ -545,11 +550,15 @@ __attribute__((always_inline)) static inline void power_row_weights(TileScratch<
   }
   const T inv_q = (T)1 / sc.m[q];
   V l = vload<T>(sc.lvec + (int64_t)q * W);
-  switch (plan.quarters) {  // once per row: the weights' loop knows its square roots
-    case 0: l = power_row_run<T, 0>(srow, nvec, inv_q, plan, l); break;
-    case 1: l = power_row_run<T, 1>(srow, nvec, inv_q, plan, l); break;
-    case 2: l = power_row_run<T, 2>(srow, nvec, inv_q, plan, l); break;
-    default: l = power_row_run<T, 3>(srow, nvec, inv_q, plan, l); break;
+  // once per row: the weights' loop knows its square roots and where they run
+  switch (plan.quarters + (plan.newton_sqrt ? 4 : 0)) {
+    case 0: case 4: l = power_row_run<T, 0, false>(srow, nvec, inv_q, plan, l); break;
+    case 1: l = power_row_run<T, 1, false>(srow, nvec, inv_q, plan, l); break;
+    case 2: l = power_row_run<T, 2, false>(srow, nvec, inv_q, plan, l); break;
+    case 3: l = power_row_run<T, 3, false>(srow, nvec, inv_q, plan, l); break;
+    case 5: l = power_row_run<T, 1, true>(srow, nvec, inv_q, plan, l); break;
+    case 6: l = power_row_run<T, 2, true>(srow, nvec, inv_q, plan, l); break;
+    default: l = power_row_run<T, 3, true>(srow, nvec, inv_q, plan, l); break;
   }
   vstore<T>(sc.lvec + (int64_t)q * W, l);
 }

@@ -85,6 +85,7 @@ enum Op : int {
   kAddStore,   // four dependent adds per chain and step, then a store of it: do stores take
                // add-pipe slots? (the rate counts the adds)
   kFmaStore,   // the same with FMAs
+  kSqrtNewton,  // a = vsqrt_newton(a), simd.h: the estimate and a Newton step (FMA pipes)
   kNumOps
 };
 
@@ -93,7 +94,8 @@ const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "d
                                        "load", "bcast+fma",
                                        "load+bcast+fma", "sub+fma", "phaseA", "clock",
                                        "store", "load+store", "loop_A", "loop_C",
-                                       "loop_A'", "loop_C'", "add4+store", "fma4+store"};
+                                       "loop_A'", "loop_C'", "add4+store", "fma4+store",
+                                       "sqrt_newton"};
 
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
@@ -490,6 +492,9 @@ int64_t run_op(int op, int64_t iters, double param) {
       break;
     case kSqrt:
       chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return vsqrt<T>(a); });
+      break;
+    case kSqrtNewton:
+      chains<T, false>(iters, (T)0.5, (T)0.01, [=](V a, int) { return vsqrt_newton<T>(a); });
       break;
     case kExp2:
       chains<T, true>(iters, (T)-3.3, (T)-0.7, [=](V a, int) { return vexp2<T>(a); });

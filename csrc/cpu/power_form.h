@@ -26,7 +26,10 @@
 // Accuracy: t carries one rounding (the division), and t^(p/2) amplifies it p/2-fold plus one
 // rounding per multiplication: about p ulp of relative error in a weight; the log-domain form
 // rounds log2 r2 and s, an error of about (p/2) |log2 r2| ulp, so the power form is never
-// worse for r2 away from 1 (the conformance suite checks both forms against float64).
+// worse for r2 away from 1 (the conformance suite checks both forms against float64). A square
+// root enters once, not amplified: on AVX-512 float every other weight vector takes it from
+// simd.h vsqrt_newton (about 1 ulp instead of 0.5), so that the divider and the FMA pipes share
+// the roots (field_tile.h power_row_run).
 #pragma once
 
 #include <math.h>
@@ -49,6 +52,9 @@ struct PowerPlan {
   T tau_factor = (T)0;  // 2^(kTau / (p/2)): the lazy rule's threshold in q units
   double w_max = 1.0;   // the largest weight (set by the caller, 1 without weights)
   double half_p = 0.0;
+  // Square roots may take vsqrt_newton (simd.h): this copy has it and every root's argument,
+  // at least the cut, is a normal number (p/2 >= 1)
+  bool newton_sqrt = false;
 };
 
 // The smallest q = g / r2 the power form accepts (a normal number with a margin of 1e8).
@@ -85,6 +91,7 @@ static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_b
   plan.half_p = 0.5 * power;
   plan.cut = (T)exp2(-PowerLimits<T>::kMinExp / plan.half_p);
   plan.tau_factor = (T)exp2((double)kTau / plan.half_p);
+  plan.newton_sqrt = kNewtonForms<T> && plan.cut >= Limits<T>::kTiny;
   return plan;
 }
 
@@ -99,7 +106,12 @@ static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_b
 // kQuarters: plan.quarters when the caller knows it at compile time (power_row_weights
 // dispatches on it once per row), -1 to read it from the plan. A run-time test around the
 // square roots made GCC keep r in memory (four stores and reloads on the square roots' path).
-template <typename T, int K, int kQuarters = -1>
+// kNewtonMask: the vectors i (bit i) whose square roots take vsqrt_newton, for callers that
+// checked plan.newton_sqrt; the rest use the divider's. On Zen 4 the divider takes 10 cycles
+// for a vector's root, the FMA pipes 5 for vsqrt_newton's, and the rest of a weight is 2
+// multiplications at p/2 = 1.5: with every other vector's roots on the pipes the two units
+// come close to finishing together where the weights' phase weighs most (small D).
+template <typename T, int K, int kQuarters = -1, unsigned kNewtonMask = 0>
 static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   const int quarters = kQuarters >= 0 ? kQuarters : plan.quarters;
@@ -115,16 +127,17 @@ static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   }
   if (quarters) {
     for (int i = 0; i < K; ++i) {
-      const V s = vsqrt<T>(t[i]);
+      const bool newton = (kNewtonMask >> i) & 1;
+      const V s = newton ? vsqrt_newton<T>(t[i]) : vsqrt<T>(t[i]);
       if (quarters & 2) r[i] = r[i] * s;
-      if (quarters & 1) r[i] = r[i] * vsqrt<T>(s);
+      if (quarters & 1) r[i] = r[i] * (newton ? vsqrt_newton<T>(s) : vsqrt<T>(s));
     }
   }
   for (int i = 0; i < K; ++i) t[i] = r[i];
 }
 
 // power_weight on K vectors of one row at once (vpow_plan_n: the same bits as K calls).
-template <typename T, int K, int kQuarters = -1>
+template <typename T, int K, int kQuarters = -1, unsigned kNewtonMask = 0>
 static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   const V cut = vbroadcast<T>(plan.cut);
@@ -133,7 +146,7 @@ static inline void power_weight_n(VecT<T> (&q)[K], T inv_q, const PowerPlan<T>& 
     t[i] = q[i] * inv_q;
     c[i] = vmax<T>(t[i], cut);
   }
-  vpow_plan_n<T, K, kQuarters>(c, plan);
+  vpow_plan_n<T, K, kQuarters, kNewtonMask>(c, plan);
   for (int i = 0; i < K; ++i) q[i] = t[i] < cut ? V{} : c[i];
 }
 
