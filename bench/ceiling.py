@@ -19,7 +19,9 @@ rates into the time a kernel could take at best:
     instructions on any pipe); the phases add up. Divisions and
     square roots run on the divider, a unit beside the pipes that works while they do: the
     kernel takes at least the larger of the pipes' total and the divider's total
-    (div/R_div + sqrt/R_sqrt).
+    (div/R_div + sqrt/R_sqrt). Where the ISA also has a square root on the FMA pipes
+    (simd.h vsqrt_newton), the bound takes the best share of the weights' roots there
+    (`KernelMix.seconds_per_vector`), whatever share the kernel takes.
 
 The ceiling is an upper bound on the rate (a lower bound on the time) with the busiest unit
 busy all the time: a kernel at 100% would have no stall, no cache miss and no overhead outside
