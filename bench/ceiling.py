@@ -200,8 +200,10 @@ def pow_ops(half_p: float, newton_roots: float = 0.0) -> tuple[float, int, float
     """(multiplications, add-pipe selects, square roots on the divider) of one power-form
     weight vector at p/2 = half_p, as csrc/cpu/power_form.h computes it: t = q / Q (a
     multiplication), the floor max(t, cut), t^(whole part) by binary exponentiation (a squaring
-    per bit after the first, a multiplication per further set bit), t^(1/2) and t^(1/4) by
-    square roots (each multiplied in), and the select against the floor. newton_roots: the
+    per bit after the first; the lowest set bit's power starts the product, each further set
+    bit multiplies it in), t^(1/2) and t^(1/4) by square roots (each multiplied in, or taken
+    as the product where it is the first factor: p/2 < 1), and the select against the floor.
+    newton_roots: the
     share of the square roots taken by vsqrt_newton on the FMA pipes (NEWTON_SQRT_OPS
     multiplications each) instead of the divider, where the plan allows it (p/2 >= 1, the
     cut a normal float: power_form.h newton_sqrt)."""
@@ -209,12 +211,10 @@ def pow_ops(half_p: float, newton_roots: float = 0.0) -> tuple[float, int, float
         raise ValueError("pow_ops: the power form needs p/2")
     fourths = int(round(4 * half_p))
     whole, quarters = fourths // 4, fourths % 4
-    mults, e = 1, whole >> 1
-    while e:
-        mults += 1 + (e & 1)
-        e >>= 1
+    squarings = max(whole.bit_length() - 1, 0)
+    factors = bin(whole).count("1") + (quarters & 2) // 2 + (quarters & 1)
+    mults = 1 + squarings + max(factors - 1, 0)
     sqrts = (1 if quarters else 0) + (quarters & 1)
-    mults += (quarters & 2) // 2 + (quarters & 1)
     share = newton_roots if half_p >= 1 and sqrts else 0.0
     if not share:
         return mults, 3, sqrts
@@ -299,8 +299,8 @@ class KernelMix:
         """The pipes' total or the divider's, whichever is larger, at the best share of the
         weights' square roots on the FMA pipes where the ISA allows it (NEWTON_SHARES): the
         bound is the best placement of the roots, whatever share the code takes (field_tile.h
-        power_row_run: one vector in two), so that moving work between the units can never
-        lower the bar the kernel is measured against."""
+        power_row_run: one vector in two, for 1 <= p/2 < 5), so that moving work between the
+        units can never lower the bar the kernel is measured against."""
         shares = NEWTON_SHARES if self.newton_forms else (0.0,)
         return min(self._seconds_at_share(D, r, half_p, s) for s in shares)
 

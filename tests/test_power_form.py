@@ -25,8 +25,9 @@ from poissonflow.testing import row_errors, tolerance
 
 # 0.5 and 1.5: p/2 < 1, every square root on the divider (the cut is below the normal numbers,
 # and zero weights give t = 0, where the Newton root of simd.h would be NaN); 2.5, 3, 5, 8.5:
-# the square roots (and 2.5's and 8.5's fourth roots) shared with the FMA pipes on AVX-512 float
-POWERS = [0.5, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 8.5]
+# the square roots (and 2.5's and 8.5's fourth roots) shared with the FMA pipes on AVX-512 float;
+# 11 (p/2 = 5.5, above power_form.h kNewtonMaxWhole): on the divider again
+POWERS = [0.5, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 8.5, 11.0]
 DTYPES = [torch.float32, torch.float64]
 
 

@@ -491,10 +491,10 @@ static inline void accumulate_tile(TileScratch<T>& sc, const Packed<T>& pk, cons
 // (returned), with p/2's quarters known at compile time (vpow_plan_n). kGroup vectors at a time
 // (power_weight_n: independent squaring chains side by side); nvec is a multiple of the charge
 // block CB, and l adds the weights in the same order as one vector at a time.
-// kNewton (plan.newton_sqrt): vectors 1 and 3 of each group take their square roots on the FMA
-// pipes (vsqrt_newton), 0 and 2 and the run's remainder on the divider (power_form.h,
-// vpow_plan_n). Which vector does is fixed by its position in the charge tile, whose width
-// depends on D only, so no result depends on the thread or on the query tiles.
+// kNewton (plan.newton_sqrt: 1 <= p/2 < 5): vectors 1 and 3 of each group take their square
+// roots on the FMA pipes (vsqrt_newton), 0 and 2 and the run's remainder on the divider
+// (power_form.h, vpow_plan_n). Which vector does is fixed by its position in the charge tile,
+// whose width depends on D only, so no result depends on the thread or on the query tiles.
 template <typename T, int kQuarters, bool kNewton>
 __attribute__((always_inline)) static inline VecT<T> power_row_run(T* srow, int nvec, T inv_q,
                                                                    const PowerPlan<T>& plan,

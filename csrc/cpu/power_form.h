@@ -27,9 +27,9 @@
 // rounding per multiplication: about p ulp of relative error in a weight; the log-domain form
 // rounds log2 r2 and s, an error of about (p/2) |log2 r2| ulp, so the power form is never
 // worse for r2 away from 1 (the conformance suite checks both forms against float64). A square
-// root enters once, not amplified: on AVX-512 float every other weight vector takes it from
-// simd.h vsqrt_newton (about 1 ulp instead of 0.5), so that the divider and the FMA pipes share
-// the roots (field_tile.h power_row_run).
+// root enters once, not amplified: on AVX-512 float, for 1 <= p/2 < kNewtonMaxWhole + 1, every
+// other weight vector takes it from simd.h vsqrt_newton (about 1 ulp instead of 0.5), so that
+// the divider and the FMA pipes share the roots (field_tile.h power_row_run).
 #pragma once
 
 #include <math.h>
@@ -52,10 +52,19 @@ struct PowerPlan {
   T tau_factor = (T)0;  // 2^(kTau / (p/2)): the lazy rule's threshold in q units
   double w_max = 1.0;   // the largest weight (set by the caller, 1 without weights)
   double half_p = 0.0;
-  // Square roots may take vsqrt_newton (simd.h): this copy has it and every root's argument,
-  // at least the cut, is a normal number (p/2 >= 1)
+  // Square roots may take vsqrt_newton (simd.h): this copy has it, every root's argument, at
+  // least the cut, is a normal number (p/2 >= 1), and the weight's own multiplications are few
+  // (whole <= kNewtonMaxWhole)
   bool newton_sqrt = false;
 };
+
+// The largest whole part of p/2 whose square roots share the FMA pipes. Measured on the Zen 4
+// (docs/performance.md, "Half the roots on the FMA pipes"): the forward 7% faster at D = 5
+// (p/2 = 2.5) and 2.5% at D = 9 (4.5), nothing measurable from D = 17 (8.5) up, where the
+// squarings keep the FMA pipes as busy as the roots keep the divider. Above it the roots stay
+// on the divider, correctly rounded, so that the flows at the studies' p = 129 keep the bits
+// of their committed results.
+constexpr int kNewtonMaxWhole = 4;
 
 // The smallest q = g / r2 the power form accepts (a normal number with a margin of 1e8).
 template <typename T>
@@ -91,7 +100,8 @@ static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_b
   plan.half_p = 0.5 * power;
   plan.cut = (T)exp2(-PowerLimits<T>::kMinExp / plan.half_p);
   plan.tau_factor = (T)exp2((double)kTau / plan.half_p);
-  plan.newton_sqrt = kNewtonForms<T> && plan.cut >= Limits<T>::kTiny;
+  plan.newton_sqrt =
+      kNewtonForms<T> && plan.cut >= Limits<T>::kTiny && plan.whole <= kNewtonMaxWhole;
   return plan;
 }
 
@@ -115,22 +125,35 @@ template <typename T, int K, int kQuarters = -1, unsigned kNewtonMask = 0>
 static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   const int quarters = kQuarters >= 0 ? kQuarters : plan.quarters;
+  // r is the product so far; while it is still 1 (`one`) the next factor is taken as it is
+  // rather than multiplied by 1 (the same bits: 1 x b is exact): one multiplication fewer
+  // wherever the whole part is even or 0
+  bool one = !(plan.whole & 1);
   V r[K], b[K];
   for (int i = 0; i < K; ++i) {
-    r[i] = (plan.whole & 1) ? t[i] : vbroadcast<T>((T)1);
+    r[i] = one ? vbroadcast<T>((T)1) : t[i];
     b[i] = t[i];
   }
   for (int e = plan.whole >> 1; e; e >>= 1) {
     for (int i = 0; i < K; ++i) b[i] = b[i] * b[i];
-    if (e & 1)
-      for (int i = 0; i < K; ++i) r[i] = r[i] * b[i];
+    if (e & 1) {
+      for (int i = 0; i < K; ++i) r[i] = one ? b[i] : r[i] * b[i];
+      one = false;
+    }
   }
   if (quarters) {
     for (int i = 0; i < K; ++i) {
       const bool newton = (kNewtonMask >> i) & 1;
       const V s = newton ? vsqrt_newton<T>(t[i]) : vsqrt<T>(t[i]);
-      if (quarters & 2) r[i] = r[i] * s;
-      if (quarters & 1) r[i] = r[i] * (newton ? vsqrt_newton<T>(s) : vsqrt<T>(s));
+      bool unit = one;
+      if (quarters & 2) {
+        r[i] = unit ? s : r[i] * s;
+        unit = false;
+      }
+      if (quarters & 1) {
+        const V s4 = newton ? vsqrt_newton<T>(s) : vsqrt<T>(s);
+        r[i] = unit ? s4 : r[i] * s4;
+      }
     }
   }
   for (int i = 0; i < K; ++i) t[i] = r[i];
