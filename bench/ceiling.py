@@ -192,6 +192,13 @@ class Mix:
         return max(self.pipe_seconds(r, half_p), self.divider_seconds(r, half_p))
 
 
+def power_form_applies(p: float) -> bool:
+    """Whether the kernels weigh pairs in the power form at power p (csrc/cpu/power_form.h
+    power_plan, data aside): 2p an integer and 2 <= p <= 4096. Below p = 2 the cut lies under
+    the normal numbers and they take the log domain."""
+    return 2.0 <= p <= 4096.0 and 2.0 * p == math.floor(2.0 * p)
+
+
 # simd.h vsqrt_newton: the estimate, s = x r, r / 2, the residual and the step (FMA pipes)
 NEWTON_SQRT_OPS = 5
 
@@ -409,19 +416,14 @@ class Ceiling:
         self, N: int, B: int, D: int, power: float | None = None, power_form: bool = True
     ) -> float:
         p = float(D if power is None else power)
-        return (
-            N * B / self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D, p / 2)
-        )
+        mix = forward_mix(self.geometry_at(D), power_form and power_form_applies(p))
+        return N * B / self._pairs_per_second(mix, D, p / 2)
 
     def forward_gflops(self, D: int, power: float | None = None, power_form: bool = True) -> float:
         """The forward's ceiling in the counted 4 D flops per pair."""
         p = float(D if power is None else power)
-        return (
-            4.0
-            * D
-            * self._pairs_per_second(forward_mix(self.geometry_at(D), power_form), D, p / 2)
-            / 1e9
-        )
+        mix = forward_mix(self.geometry_at(D), power_form and power_form_applies(p))
+        return 4.0 * D * self._pairs_per_second(mix, D, p / 2) / 1e9
 
     def backward_seconds(
         self,
@@ -436,7 +438,7 @@ class Ceiling:
         """dL/dx and, with need_y, dL/dy; has_g: the output v carries a gradient (else only the
         log-scale does, as in the Riesz loss)."""
         p = float(D if power is None else power)
-        mix = backward_mix(self.geometry_at(D), power_form, need_y, has_g)
+        mix = backward_mix(self.geometry_at(D), power_form and power_form_applies(p), need_y, has_g)
         return N * B / self._pairs_per_second(mix, D, p / 2)
 
     def riesz_seconds(self, N: int, charges, D: int, s: float) -> float:

@@ -258,3 +258,19 @@ def test_the_bound_takes_the_best_placement_of_the_roots():
     assert mix32.seconds_per_vector(3, RATES, 1.5) == pytest.approx(
         mix32._seconds_at_share(3, RATES, 1.5, 0.0)
     )
+
+
+def test_the_model_takes_the_log_domain_where_the_kernels_do():
+    # csrc/cpu/power_form.h power_plan: 2p an integer, 2 <= p <= 4096
+    assert ceiling.power_form_applies(2.0) and ceiling.power_form_applies(129.0)
+    assert ceiling.power_form_applies(2.5)
+    assert not ceiling.power_form_applies(1.5) and not ceiling.power_form_applies(1.0)
+    assert not ceiling.power_form_applies(7.3) and not ceiling.power_form_applies(5000.0)
+    c = ceiling.Ceiling(RATES)
+    # at p = 1.5 the forward is costed in the log domain, whatever power_form says
+    assert c.forward_seconds(1, 1, 3, 1.5) == pytest.approx(
+        c.forward_seconds(1, 1, 3, 1.5, power_form=False)
+    )
+    assert c.forward_seconds(1, 1, 3, 3.0) != pytest.approx(
+        c.forward_seconds(1, 1, 3, 3.0, power_form=False)
+    )

@@ -22,7 +22,11 @@
 // Range: q must stay a normal number for every pair that can carry weight. The plan (below)
 // takes the power form only when the smallest possible q, from a bound on r2 (the largest
 // coordinates, the dimension and the largest softening) and the smallest positive weight, is
-// above kMinQ; otherwise, and when 2p is not an integer, the kernels use the log domain.
+// above kMinQ, and only from p/2 = 1 up: below it the cut lies under the normal numbers, so a
+// base t = q / Q can be subnormal (a few bits) or 0 while its weight t^(p/2) is a normal number
+// that counts (at p = 1, D = 1, a query on a charge and a charge 1000 away: t ~ 1e-44, its
+// weight ~ 1e-22, 3% off). Otherwise, and when 2p is not an integer, the kernels use the log
+// domain.
 // Accuracy: t carries one rounding (the division), and t^(p/2) amplifies it p/2-fold plus one
 // rounding per multiplication: about p ulp of relative error in a weight; the log-domain form
 // rounds log2 r2 and s, an error of about (p/2) |log2 r2| ulp, so the power form is never
@@ -83,14 +87,14 @@ struct PowerLimits<double> {
 // The call's plan. weight_form: 0 auto, 1 log domain, 2 power form wherever it applies.
 // r2_bound: an upper bound on every pair's r2 (the caller's); wmin_ratio: the smallest positive
 // weight over the largest (1 without weights). The power form applies when 2p is an integer
-// (p <= 4096) and the smallest possible q, wmin_ratio^(2/p) / r2_bound, is at least kMinQ.
+// (2 <= p <= 4096) and the smallest possible q, wmin_ratio^(2/p) / r2_bound, is at least kMinQ.
 template <typename T>
 static inline PowerPlan<T> power_plan(double power, int weight_form, double r2_bound,
                                       double wmin_ratio) {
   PowerPlan<T> plan;
   const double two_p = 2.0 * power;
-  const bool half_integer = power > 0.0 && power <= 4096.0 && two_p == floor(two_p);
-  if (weight_form == 1 || !half_integer) return plan;
+  const bool applies = power >= 2.0 && power <= 4096.0 && two_p == floor(two_p);
+  if (weight_form == 1 || !applies) return plan;
   const double log_qmin = log(wmin_ratio) / (0.5 * power) - log(r2_bound > 1.0 ? r2_bound : 1.0);
   if (!(wmin_ratio > 0.0) || !(log_qmin >= log(PowerLimits<T>::kMinQ))) return plan;
   const int64_t fourths = (int64_t)two_p;  // p/2 in quarters
