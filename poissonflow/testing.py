@@ -6,7 +6,9 @@ dtype) are converted exactly to float64 for the reference.
 
 Error measure (all per row, relative; `field_errors`, `row_errors`, `flow_errors`):
 
-* v: max over rows of ||v_i - v_ref,i|| / ||v_ref,i||. Rows where v cancels (a query midway
+* v: max over rows of ||v_i - v_ref,i|| / ||v_ref,i||, less the error the kernels' flush of
+  weights below the smallest normal number allows (B * tiny * max_j ||x_i - y_j||, which
+  matters only where v is itself about that small). Rows where v cancels (a query midway
   between charges) make that ratio meaningless, so `field_errors` also reports the error
   relative to sum_j pi_ij ||x_i - y_j||, the natural scale of a weighted mean (always <= the
   relative error, by the triangle inequality); tests built to cancel bound that one.
@@ -103,16 +105,18 @@ def field_errors(x, y, v, ls, *, weights=None, power=None, eps=0.0, exclude=None
     dv = (v.double() - v_ref).norm(dim=1)
     scale, maxdist = _weighted_distance(xd, yd, wd, power, eps, exclude, er, floor)
     # Kernels flush weights below the compute dtype's smallest normal (relative to the largest
-    # weight) to zero; the most that can change v is B * tiny * max_j |x_i - y_j|, far below any
-    # tolerance unless v itself is that small (then it is not representable in the dtype).
+    # weight) to zero, by design: that changes v by at most B * tiny * max_j |x_i - y_j|, an
+    # error allowed outright (it matters only where v itself is about that small: a query on a
+    # charge, softened by almost nothing, beside a near one, whose v is ~1e-41 in float32).
     flush_floor = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).tiny
-    flush = yd.shape[0] * flush_floor * maxdist
+    flushed = yd.shape[0] * flush_floor * maxdist
     # A row whose v is below the output dtype's smallest normal number is subnormal or zero in
     # that dtype (float16: below 6.1e-5, e.g. a query on a charge, whose v is ~1e-13): it is
     # compared at that scale, the finest the dtype resolves in relative terms.
-    flush = flush + torch.finfo(v.dtype).tiny
-    rel = dv / (v_ref.norm(dim=1) + flush).clamp_min(1e-300)
-    cond = dv / (scale + flush).clamp_min(1e-300)
+    resolved = flushed + torch.finfo(v.dtype).tiny
+    beyond = (dv - flushed).clamp_min(0.0)
+    rel = beyond / (v_ref.norm(dim=1) + resolved).clamp_min(1e-300)
+    cond = beyond / (scale + resolved).clamp_min(1e-300)
     finite = torch.isfinite(ls_ref)
     ls_err = torch.zeros_like(ls_ref)
     lsd = ls.double()

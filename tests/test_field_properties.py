@@ -49,3 +49,21 @@ def test_cpu_matches_reference_on_random_problems(problem):
     _, cond, ls_err = field_errors(x, y, v, ls, weights=w, power=power, eps=eps)
     assert cond <= TOL_V[x.dtype]
     assert ls_err <= TOL_LS[x.dtype]
+
+
+def test_a_flushed_weight_is_the_error_the_measure_allows():
+    # Found by the property test (D = 10, float32): a query on a charge, softened by 1e-6, with
+    # another charge 0.007 away, whose weight relative to the coincident one (3.5e-39) is below
+    # float32's smallest normal: the kernels flush it to 0, by design, so v = 0 where the float64
+    # reference has -2.5e-41. That is within the flush's bound, B * tiny * max |x - y_j|, and
+    # field_errors must not count it; a real error of that size beyond the bound still counts.
+    x = torch.zeros(1, 10)
+    y = torch.zeros(2, 10)
+    y[0, 0] = 0.007
+    v, ls = poissonflow.poisson_field(x, y, eps=1e-6, backend="cpu")
+    assert torch.equal(v, torch.zeros_like(v))
+    rel, cond, ls_err = field_errors(x, y, v, ls, eps=1e-6)
+    assert rel <= TOL_V[x.dtype] and cond <= TOL_V[x.dtype] and ls_err <= TOL_LS[x.dtype]
+    off = v.clone()
+    off[0, 0] = 1e-36  # far beyond the flush bound (1.7e-40) and the dtype's resolution
+    assert field_errors(x, y, off, ls, eps=1e-6)[0] > TOL_V[x.dtype]
