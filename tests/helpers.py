@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from poissonflow.kernels.reference import poisson_field_reference
 from poissonflow.testing import (  # noqa: F401  (re-exported)
     ROW_FLOOR,
     TOLERANCES,
@@ -90,3 +93,39 @@ class forced_isa:
             os.environ.pop("POISSONFLOW_CPU_ISA", None)
         else:
             os.environ["POISSONFLOW_CPU_ISA"] = self.old
+
+
+def reference_gradients(case, gv, gl):
+    """(dx, dy, dw, de) of <v, gv> + <log_scale, gl> by autograd in float64 (None where the
+    input is absent), with the r2 floor of the inputs' dtype."""
+    cpu = {k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in case.items()}
+    floor = torch.finfo(cpu["x"].dtype).tiny
+    leaves = [
+        None if cpu[k] is None else cpu[k].double().requires_grad_()
+        for k in ("x", "y", "w", "eps_rows")
+    ]
+    v, ls = poisson_field_reference(
+        leaves[0],
+        leaves[1],
+        leaves[2],
+        cpu["power"],
+        cpu["eps"],
+        exclude=cpu["exclude"],
+        eps_rows=leaves[3],
+        r2_floor=floor,
+    )
+    loss = v.new_zeros(())
+    if gv is not None:
+        loss = loss + (v * gv.cpu().double()).sum()
+    if gl is not None:
+        loss = loss + torch.where(torch.isfinite(ls), ls * gl.cpu().double(), 0.0).sum()
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(loss, present, allow_unused=True))
+    out = []
+    for t in leaves:
+        if t is None:
+            out.append(None)
+            continue
+        g = next(grads)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return out
