@@ -208,19 +208,17 @@ def pow_ops(half_p: float, newton_roots: float = 0.0) -> tuple[float, int, float
     weight vector at p/2 = half_p, as csrc/cpu/power_form.h computes it: t = q / Q (a
     multiplication), the floor max(t, cut), t^(whole part) by binary exponentiation (a squaring
     per bit after the first; the lowest set bit's power starts the product, each further set
-    bit multiplies it in), t^(1/2) and t^(1/4) by square roots (each multiplied in, or taken
-    as the product where it is the first factor: p/2 < 1), and the select against the floor.
-    newton_roots: the
-    share of the square roots taken by vsqrt_newton on the FMA pipes (NEWTON_SQRT_OPS
-    multiplications each) instead of the divider, where the plan allows it (p/2 >= 1, the
-    cut a normal float: power_form.h newton_sqrt)."""
+    bit multiplies it in), t^(1/2) and t^(1/4) by square roots (each multiplied in), and the
+    select against the floor. newton_roots: the share of the square roots taken by
+    vsqrt_newton on the FMA pipes (NEWTON_SQRT_OPS multiplications each) instead of the
+    divider, where the plan allows it (power_form.h newton_sqrt)."""
     if half_p is None:
         raise ValueError("pow_ops: the power form needs p/2")
     fourths = int(round(4 * half_p))
     whole, quarters = fourths // 4, fourths % 4
     squarings = max(whole.bit_length() - 1, 0)
-    factors = bin(whole).count("1") + (quarters & 2) // 2 + (quarters & 1)
-    mults = 1 + squarings + max(factors - 1, 0)
+    products = max(bin(whole).count("1") - 1, 0) + (quarters & 2) // 2 + (quarters & 1)
+    mults = 1 + squarings + products
     sqrts = (1 if quarters else 0) + (quarters & 1)
     share = newton_roots if half_p >= 1 and sqrts else 0.0
     if not share:

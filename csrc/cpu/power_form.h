@@ -131,7 +131,8 @@ static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   const int quarters = kQuarters >= 0 ? kQuarters : plan.quarters;
   // r is the product so far; while it is still 1 (`one`) the next factor is taken as it is
   // rather than multiplied by 1 (the same bits: 1 x b is exact): one multiplication fewer
-  // wherever the whole part is even or 0
+  // wherever the whole part is even. The plan's p >= 2 makes the whole part at least 1, so r
+  // holds a factor by the time the square roots are multiplied in.
   bool one = !(plan.whole & 1);
   V r[K], b[K];
   for (int i = 0; i < K; ++i) {
@@ -149,15 +150,8 @@ static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
     for (int i = 0; i < K; ++i) {
       const bool newton = (kNewtonMask >> i) & 1;
       const V s = newton ? vsqrt_newton<T>(t[i]) : vsqrt<T>(t[i]);
-      bool unit = one;
-      if (quarters & 2) {
-        r[i] = unit ? s : r[i] * s;
-        unit = false;
-      }
-      if (quarters & 1) {
-        const V s4 = newton ? vsqrt_newton<T>(s) : vsqrt<T>(s);
-        r[i] = unit ? s4 : r[i] * s4;
-      }
+      if (quarters & 2) r[i] = r[i] * s;
+      if (quarters & 1) r[i] = r[i] * (newton ? vsqrt_newton<T>(s) : vsqrt<T>(s));
     }
   }
   for (int i = 0; i < K; ++i) t[i] = r[i];
