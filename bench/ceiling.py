@@ -419,9 +419,7 @@ class Ceiling:
 
     def forward_gflops(self, D: int, power: float | None = None, power_form: bool = True) -> float:
         """The forward's ceiling in the counted 4 D flops per pair."""
-        p = float(D if power is None else power)
-        mix = forward_mix(self.geometry_at(D), power_form and power_form_applies(p))
-        return 4.0 * D * self._pairs_per_second(mix, D, p / 2) / 1e9
+        return 4.0 * D / self.forward_seconds(1, 1, D, power, power_form) / 1e9
 
     def backward_seconds(
         self,
