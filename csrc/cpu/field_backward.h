@@ -37,15 +37,20 @@ struct BackwardScratch {
   T* lse2 = nullptr;   // (QT,) log-sum-exp in log2 units (+inf: dead row, every pi = 0)
   T* delta = nullptr;  // (QT,) g.v - gl
   T* inv_q = nullptr;  // (QT,) power form: 1 / Q of the row (0: dead row), power_form.h
+  // One item's pair terms (backward_item), which the scratches of the query tiles a thread
+  // sweeps together share (`owner`: the scratch that allocated them): an item uses them only
+  // while it runs.
   T* R = nullptr;      // (QT, CT) r2 (unclamped + eps2)
   T* G = nullptr;      // (QT, CT) gd = g.(x - y)
   T* P = nullptr;      // (QT, CT) pi
   T* C = nullptr;      // (QT, CT) c = p gs / r2
+  bool owner = false;
   T* accdx = nullptr;  // (QT, D, W)
   T* dx_sums = nullptr;  // (D,) one row's lane sums of accdx
   bool embed = false;    // phase A' with broadcast memory operands (simd.h vsub_broadcast)
 
-  bool allocate(TileShape<T> shape, int64_t D_) {
+  // share: a scratch whose pair terms this one uses (nullptr: its own)
+  bool allocate(TileShape<T> shape, int64_t D_, const BackwardScratch* share = nullptr) {
     QT = shape.QT;
     CT = shape.CT;
     D = D_;
@@ -56,10 +61,18 @@ struct BackwardScratch {
     lse2 = (T*)aligned_buffer(sizeof(T) * QT);
     delta = (T*)aligned_buffer(sizeof(T) * QT);
     inv_q = (T*)aligned_buffer(sizeof(T) * QT);
-    R = (T*)aligned_buffer(sizeof(T) * QT * CT);
-    G = (T*)aligned_buffer(sizeof(T) * QT * CT);
-    P = (T*)aligned_buffer(sizeof(T) * QT * CT);
-    C = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    owner = share == nullptr;
+    if (owner) {
+      R = (T*)aligned_buffer(sizeof(T) * QT * CT);
+      G = (T*)aligned_buffer(sizeof(T) * QT * CT);
+      P = (T*)aligned_buffer(sizeof(T) * QT * CT);
+      C = (T*)aligned_buffer(sizeof(T) * QT * CT);
+    } else {
+      R = share->R;
+      G = share->G;
+      P = share->P;
+      C = share->C;
+    }
     accdx = (T*)aligned_buffer(sizeof(T) * QT * D * W);
     dx_sums = (T*)aligned_buffer(sizeof(T) * D);
     return xt && gt && e2 && excl && lse2 && delta && inv_q && R && G && P && C && accdx &&
@@ -67,7 +80,10 @@ struct BackwardScratch {
   }
   void release() {
     free(xt); free(gt); free(e2); free(excl); free(lse2); free(delta); free(inv_q);
-    free(R); free(G); free(P); free(C); free(accdx); free(dx_sums);
+    if (owner) {
+      free(R); free(G); free(P); free(C);
+    }
+    free(accdx); free(dx_sums);
     xt = gt = e2 = lse2 = delta = inv_q = R = G = P = C = accdx = dx_sums = nullptr;
     excl = nullptr;
   }
@@ -98,13 +114,23 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
 }
 
 // Phase A' for the tile's QT queries over one charge tile (nvec charge vectors, rows ld apart).
+// ahead (ahead_lines cache lines, or none): memory that the next charge tile's phase C' will
+// update, prefetched a few lines after each register block. Phase A' reads none of the dy
+// partials, so their lines come from L3 here, beside its arithmetic, rather than in C'
+// (backward_rows: the first of the swept rows' items of each tile asks for it).
 template <typename T, bool kEmbed>
 static void backward_pairs_tile(BackwardScratch<T>& sc, const Packed<T>& pk, const T* ytile,
-                                int64_t ld, int nvec, bool has_g) {
+                                int64_t ld, int nvec, bool has_g, const char* ahead,
+                                int64_t ahead_lines) {
   typedef Geometry<T> G;
   constexpr int W = G::W;
+  const int64_t blocks = (int64_t)(sc.QT / G::QBb) * (nvec / G::CB);
+  const int64_t per_block = (ahead_lines + blocks - 1) / blocks;
+  int64_t line = 0;
   for (int q0 = 0; q0 < sc.QT; q0 += G::QBb)
     for (int c0 = 0; c0 < nvec; c0 += G::CB) {
+      for (const int64_t end = line + per_block; line < end && line < ahead_lines; ++line)
+        __builtin_prefetch(ahead + line * 64, 1, 3);
       if (has_g)
         backward_pairs_block<T, G::QBb, G::CB, true, kEmbed>(sc, pk, ytile, ld, q0, c0 * W);
       else
@@ -339,7 +365,7 @@ static inline PairGrad<VecT<T>> power_pair_gradient(VecT<T> r2c, VecT<T> gdot, V
 template <typename T>
 static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const PowerPlan<T>& plan,
                           int64_t j0, T half_p, bool has_g, bool need_x, bool need_y,
-                          bool need_w, T* dyT, T* gwT, int nq) {
+                          bool need_w, T* dyT, T* gwT, int nq, bool prefetch_next) {
   typedef VecT<T> V;
   typedef Geometry<T> G;
   constexpr int W = G::W;
@@ -349,10 +375,16 @@ static void backward_item(BackwardScratch<T>& sc, const Packed<T>& pk, const Pow
   const int nvec = ncharges / W;
   const T* ytile = pk.tile(j0);
 
+  const char* ahead = nullptr;
+  int64_t ahead_lines = 0;
+  if (prefetch_next && need_y && j0 + CT < pk.Bp) {  // the next tile's dy partials
+    ahead = (const char*)(dyT + (j0 + CT) * pk.D);
+    ahead_lines = (int64_t)sizeof(T) * pk.D * pk.width(j0 + CT) / 64;
+  }
   if (sc.embed)
-    backward_pairs_tile<T, true>(sc, pk, ytile, ncharges, nvec, has_g);
+    backward_pairs_tile<T, true>(sc, pk, ytile, ncharges, nvec, has_g, ahead, ahead_lines);
   else
-    backward_pairs_tile<T, false>(sc, pk, ytile, ncharges, nvec, has_g);
+    backward_pairs_tile<T, false>(sc, pk, ytile, ncharges, nvec, has_g, ahead, ahead_lines);
 
   // Phase B': the shared per-pair gradient term on a vector of charges.
   const T p = half_p * (T)2;

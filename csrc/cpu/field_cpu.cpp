@@ -167,6 +167,14 @@ static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a, const
   }
 }
 
+// Query tiles a thread sweeps together in the backward (backward_rows). Each charge tile's dy
+// partials (D x CT) then come from L3 once per 8 query tiles rather than once per tile, at the
+// price of 8 rows' dx accumulators, which are read and written once per block, outside C''s
+// dependency chains. Zen 4, N = B = 8192, D = 129, float32, one thread, min of 8 interleaved
+// rounds: 1 row 908-977 ms, 4 rows 873-900, 8 rows 835-856 (docs/performance.md, "The
+// backward").
+constexpr int kSweptRows = 8;
+
 // Number of row groups with private dy/dw partial sums: as many as fit a 64 MiB budget, at most
 // 8 and at most one per query tile. It depends on the problem's sizes only, never on the number
 // of threads, so the sums below have the same grouping (and bits) at any thread count. Fewer,
@@ -182,38 +190,52 @@ static int64_t backward_groups(int64_t I, int64_t D, int64_t Bp, bool need_y, bo
   return g < 1 ? 1 : g;
 }
 
-// One thread's sweep of query tiles [r0, r1) against every charge tile. With `progress` (the
-// single-group fallback) row i adds to charge tile j only after row i - 1 has.
+// One thread's sweep of query tiles [r0, r1) against every charge tile, `rows` query tiles at
+// a time (one scratch each): each charge tile's item runs for the rows in turn, so that tile's
+// dy and dw partials come from L3 into L2 once for all of them rather than once per row (the
+// dy partials of a row group are 4.3 MB at N = B = 8192, D = 129: docs/performance.md, "The
+// backward"). A row still adds to every partial after the row before it, so every sum has the
+// same order, and the same bits, as one row at a time. With `progress` (the single-group
+// fallback; rows must then be 1) row i adds to charge tile j only after row i - 1 has.
 template <typename T>
-static void backward_rows(BackwardScratch<T>& sc, const FieldArgs& a, const Packed<T>& pk,
-                          const PowerPlan<T>& plan, int64_t r0, int64_t r1, int64_t step,
-                          T* dyT, T* gwT, int64_t* progress) {
+static void backward_rows(BackwardScratch<T>* scs, int rows, const FieldArgs& a,
+                          const Packed<T>& pk, const PowerPlan<T>& plan, int64_t r0, int64_t r1,
+                          int64_t step, T* dyT, T* gwT, int64_t* progress) {
   const int64_t N = a.N, D = a.D;
   constexpr int W = VecTraits<T>::W;
-  const int QT = sc.QT, CT = sc.CT;
+  const int QT = scs[0].QT, CT = scs[0].CT;
   const int64_t J = (pk.Bp + CT - 1) / CT;
   const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   const T half_p = (T)(0.5 * a.power);
   T* gx = (T*)a.gx;
-  for (int64_t i = r0; i < r1; i += step) {
-    const int64_t i0 = i * QT;
-    const int nq = (int)(N - i0 < QT ? N - i0 : QT);
-    load_backward_tile<T>(sc, a, pk, plan, i0, nq);
-    if (need_x) memset(sc.accdx, 0, sizeof(T) * (size_t)(QT * D * W));
-    for (int64_t j = 0; j < J; ++j) {
-      if (progress && i > 0) wait_until_greater(&progress[i - 1], j);
-      backward_item<T>(sc, pk, plan, j * CT, half_p, a.gv != nullptr, need_x, need_y, need_w,
-                       dyT, gwT, nq);
-      if (progress) __atomic_store_n(&progress[i], j + 1, __ATOMIC_RELEASE);
+  for (int64_t i = r0; i < r1; i += step * rows) {
+    int nr = 0;
+    int nq[kSweptRows];
+    for (; nr < rows && i + nr * step < r1; ++nr) {
+      const int64_t i0 = (i + nr * step) * QT;
+      nq[nr] = (int)(N - i0 < QT ? N - i0 : QT);
+      load_backward_tile<T>(scs[nr], a, pk, plan, i0, nq[nr]);
+      if (need_x) memset(scs[nr].accdx, 0, sizeof(T) * (size_t)(QT * D * W));
     }
+    for (int64_t j = 0; j < J; ++j)
+      for (int r = 0; r < nr; ++r) {
+        const int64_t row = i + r * step;
+        if (progress && row > 0) wait_until_greater(&progress[row - 1], j);
+        backward_item<T>(scs[r], pk, plan, j * CT, half_p, a.gv != nullptr, need_x, need_y,
+                         need_w, dyT, gwT, nq[r], r == 0);
+        if (progress) __atomic_store_n(&progress[row], j + 1, __ATOMIC_RELEASE);
+      }
     if (need_x)
-      for (int q = 0; q < nq; ++q) {
-        const T* acc = sc.accdx + (int64_t)q * D * W;
-        T* sums = sc.dx_sums;
-        int64_t k = 0;
-        for (; k + W <= D; k += W) vhsum_block<T>(acc + k * W, sums + k);
-        for (; k < D; ++k) sums[k] = vhsum<T>(vload<T>(acc + k * W));
-        for (k = 0; k < D; ++k) gx[(i0 + q) * D + k] += sums[k];
+      for (int r = 0; r < nr; ++r) {
+        const int64_t i0 = (i + r * step) * QT;
+        for (int q = 0; q < nq[r]; ++q) {
+          const T* acc = scs[r].accdx + (int64_t)q * D * W;
+          T* sums = scs[r].dx_sums;
+          int64_t k = 0;
+          for (; k + W <= D; k += W) vhsum_block<T>(acc + k * W, sums + k);
+          for (; k < D; ++k) sums[k] = vhsum<T>(vload<T>(acc + k * W));
+          for (k = 0; k < D; ++k) gx[(i0 + q) * D + k] += sums[k];
+        }
       }
   }
 }
@@ -223,7 +245,10 @@ static int backward_impl(const FieldArgs& a) {
   const int64_t N = a.N, D = a.D, B = a.B;
   const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   // query tiles: multiples of phase A' and C' blocks (4 queries, or 2)
-  const TileShape<T> shape = tile_shape<T>(D, 4);
+  TileShape<T> shape = tile_shape<T>(D, 4);
+#ifdef PF_BCT
+  if (shape.CT > PF_BCT) shape.CT = PF_BCT;
+#endif
   // The power form recomputes pi without a log or an exp (power_form.h); dL/dw needs pi / w_j,
   // which the log domain gives finite at w_j = 0, so calls that ask for it stay there.
   const PowerPlan<T> plan = need_w ? PowerPlan<T>{} : field_plan<T>(a);
@@ -275,22 +300,31 @@ static int backward_impl(const FieldArgs& a) {
       }
     }
 #pragma omp barrier  // packing and zeroing done before the sweep
-    BackwardScratch<T> sc;
-    const bool ok = sc.allocate(shape, D);
-    sc.embed = a.broadcasts == 2;
+    BackwardScratch<T> scs[kSweptRows];
+    const bool ok = scs[0].allocate(shape, D);
     if (!ok) failed = 1;
-    if (partials || !(need_y || need_w)) {
+    const bool pipeline = !(partials || !(need_y || need_w));
+    // Query tiles swept together (backward_rows): only where there are dy partials to keep in
+    // L2 and the row order allows it (not the pipeline), at most a group's rows; a scratch that
+    // cannot be allocated only means fewer.
+    const int64_t group_rows = (I + G - 1) / G;
+    int rows = 1;
+    while (ok && !pipeline && need_y && rows < kSweptRows && rows < group_rows &&
+           scs[rows].allocate(shape, D, &scs[0]))
+      ++rows;
+    for (int r = 0; r < rows; ++r) scs[r].embed = a.broadcasts == 2;
+    if (!pipeline) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t g = 0; g < G; ++g) {
         if (!ok) continue;
         const int64_t r0 = g * I / G, r1 = (g + 1) * I / G;
-        backward_rows<T>(sc, a, pk, plan, r0, r1, 1,
+        backward_rows<T>(scs, rows, a, pk, plan, r0, r1, 1,
                          dyT ? dyT + (partials ? g * ny : 0) : nullptr,
                          gwT ? gwT + (partials ? g * nw : 0) : nullptr, nullptr);
       }
     } else {
       if (ok) {
-        backward_rows<T>(sc, a, pk, plan, tid, I, nth, dyT, gwT, progress);
+        backward_rows<T>(scs, 1, a, pk, plan, tid, I, nth, dyT, gwT, progress);
       } else {
         // keep the pipeline moving for the other threads: mark this thread's rows as done
         for (int64_t i = tid; i < I; i += nth)
@@ -298,7 +332,7 @@ static int backward_impl(const FieldArgs& a) {
       }
 #pragma omp barrier
     }
-    sc.release();
+    for (BackwardScratch<T>& sc : scs) sc.release();
     if (partials) {  // add the groups' partial sums, every element in group order
 #pragma omp for schedule(static)
       for (int64_t e = 0; e < ny; ++e) {
