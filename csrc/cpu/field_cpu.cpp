@@ -168,11 +168,11 @@ static void load_backward_tile(BackwardScratch<T>& sc, const FieldArgs& a, const
 }
 
 // Query tiles a thread sweeps together in the backward (backward_rows). Each charge tile's dy
-// partials (D x CT) then come from L3 once per 8 query tiles rather than once per tile, at the
-// price of 8 rows' dx accumulators, which are read and written once per block, outside C''s
-// dependency chains. Zen 4, N = B = 8192, D = 129, float32, one thread, min of 8 interleaved
-// rounds: 1 row 908-977 ms, 4 rows 873-900, 8 rows 835-856 (docs/performance.md, "The
-// backward").
+// partials (D x CT) then come from L3 once per 8 query tiles rather than once per tile; the 8
+// tiles' dx accumulators no longer stay in L2 instead, but a block reads and writes those once,
+// outside C''s loop. Zen 4, N = B = 8192, D = 129, float32, one thread: 908-1037 ms with 1,
+// 873-882 with 4, 835-841 with 8, no gain from 16 or 32 (docs/performance.md, "Eight query
+// tiles a sweep").
 constexpr int kSweptRows = 8;
 
 // Number of row groups with private dy/dw partial sums: as many as fit a 64 MiB budget, at most
@@ -245,10 +245,7 @@ static int backward_impl(const FieldArgs& a) {
   const int64_t N = a.N, D = a.D, B = a.B;
   const bool need_x = a.gx != nullptr, need_y = a.gy != nullptr, need_w = a.gw != nullptr;
   // query tiles: multiples of phase A' and C' blocks (4 queries, or 2)
-  TileShape<T> shape = tile_shape<T>(D, 4);
-#ifdef PF_BCT
-  if (shape.CT > PF_BCT) shape.CT = PF_BCT;
-#endif
+  const TileShape<T> shape = tile_shape<T>(D, 4);
   // The power form recomputes pi without a log or an exp (power_form.h); dL/dw needs pi / w_j,
   // which the log domain gives finite at w_j = 0, so calls that ask for it stay there.
   const PowerPlan<T> plan = need_w ? PowerPlan<T>{} : field_plan<T>(a);
