@@ -300,7 +300,7 @@ static int backward_impl(const FieldArgs& a) {
     BackwardScratch<T> scs[kSweptRows];
     const bool ok = scs[0].allocate(shape, D);
     if (!ok) failed = 1;
-    const bool pipeline = !(partials || !(need_y || need_w));
+    const bool pipeline = (need_y || need_w) && !partials;  // the single-group fallback
     // Query tiles swept together (backward_rows): only where there are dy partials to keep in
     // L2 and the row order allows it (not the pipeline), at most a group's rows; a scratch that
     // cannot be allocated only means fewer.
