@@ -440,7 +440,10 @@ static inline void accumulate_block(TileScratch<T>& sc, const Packed<T>& pk, con
   int c = 0;
   do {
     V p[QC];
-    for (int q = 0; q < QC; ++q) p[q] = vload<T>(prow[q] + c * W);
+    // held (vhold): otherwise GCC folded each p load into its KBr FMAs as a memory operand,
+    // in the 4 x 3 tail block 15 loads a step instead of 7 (12 cycles of pipe work, and Zen 4
+    // loads one 512-bit vector a cycle): phase C at D = 3 is that block alone
+    for (int q = 0; q < QC; ++q) p[q] = vhold<T>(vload<T>(prow[q] + c * W));
     for (int kk = 0; kk < KBr; ++kk) {
       const V y = vhold<T>(vload<T>(ybase + kk * ld + c * W));
       for (int q = 0; q < QC; ++q) acc[q][kk] += p[q] * (y - xs[q][kk]);

@@ -129,22 +129,30 @@ template <typename T, int K, int kQuarters = -1, unsigned kNewtonMask = 0>
 static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   typedef VecT<T> V;
   const int quarters = kQuarters >= 0 ? kQuarters : plan.quarters;
-  // r is the product so far; while it is still 1 (`one`) the next factor is taken as it is
-  // rather than multiplied by 1 (the same bits: 1 x b is exact): one multiplication fewer
-  // wherever the whole part is even. The plan's p >= 2 makes the whole part at least 1, so r
-  // holds a factor by the time the square roots are multiplied in.
-  bool one = !(plan.whole & 1);
+  // r is the product so far. Where the whole part is even, r starts as the first squared factor
+  // itself rather than 1 times it (the same bits: 1 x b is exact), one multiplication fewer;
+  // the squarings up to that factor run in a loop of their own, so that the main loop has no
+  // run-time "is r still 1" select (with one, GCC kept r in memory: stores and reloads on the
+  // squarings' path). The plan's p >= 2 makes the whole part at least 1, so r holds a factor by
+  // the time the square roots are multiplied in.
   V r[K], b[K];
-  for (int i = 0; i < K; ++i) {
-    r[i] = one ? vbroadcast<T>((T)1) : t[i];
-    b[i] = t[i];
-  }
-  for (int e = plan.whole >> 1; e; e >>= 1) {
-    for (int i = 0; i < K; ++i) b[i] = b[i] * b[i];
-    if (e & 1) {
-      for (int i = 0; i < K; ++i) r[i] = one ? b[i] : r[i] * b[i];
-      one = false;
+  for (int i = 0; i < K; ++i) b[i] = t[i];
+  int e = plan.whole >> 1;
+  if (plan.whole & 1) {
+    for (int i = 0; i < K; ++i) r[i] = t[i];
+  } else {  // whole >= 2: e has a set bit
+    for (;;) {
+      for (int i = 0; i < K; ++i) b[i] = b[i] * b[i];
+      if (e & 1) break;
+      e >>= 1;
     }
+    for (int i = 0; i < K; ++i) r[i] = b[i];
+    e >>= 1;
+  }
+  for (; e; e >>= 1) {
+    for (int i = 0; i < K; ++i) b[i] = b[i] * b[i];
+    if (e & 1)
+      for (int i = 0; i < K; ++i) r[i] = r[i] * b[i];
   }
   if (quarters) {
     for (int i = 0; i < K; ++i) {
