@@ -555,8 +555,8 @@ __attribute__((always_inline)) static inline void power_row_weights(TileScratch<
     return;
   }
   // 1 / Q kept with Q, not divided per row and tile: the division waited on the divider behind
-  // the previous row's square roots, and this row's roots on it, leaving the divider idle about
-  // 20 cycles a row (13% of the weights' phase at p = 33); Q moves on few tiles
+  // the previous row's square roots, and this row's roots on it, leaving the divider idle
+  // between rows (phase B 8% slower from L1 at p = 33); Q moves on few tiles
   const T inv_q = sc.m_inv[q];
   V l = vload<T>(sc.lvec + (int64_t)q * W);
   // once per row: the weights' loop knows its square roots and where they run

@@ -132,9 +132,9 @@ static inline void vpow_plan_n(VecT<T> (&t)[K], const PowerPlan<T>& plan) {
   // r is the product so far. Where the whole part is even, r starts as the first squared factor
   // itself rather than 1 times it (the same bits: 1 x b is exact), one multiplication fewer;
   // the squarings up to that factor run in a loop of their own, so that the main loop has no
-  // run-time "is r still 1" select (with one, GCC kept r in memory: stores and reloads on the
-  // squarings' path). The plan's p >= 2 makes the whole part at least 1, so r holds a factor by
-  // the time the square roots are multiplied in.
+  // run-time "is r still 1" select (with it, the weights' loop from L1 was 3% slower:
+  // docs/performance.md, "Three changes of the code as compiled"). The plan's p >= 2 makes the
+  // whole part at least 1, so r holds a factor by the time the square roots are multiplied in.
   V r[K], b[K];
   for (int i = 0; i < K; ++i) b[i] = t[i];
   int e = plan.whole >> 1;
