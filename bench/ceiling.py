@@ -19,7 +19,11 @@ rates into the time a kernel could take at best:
     instructions on any pipe); the phases add up. Divisions and
     square roots run on the divider, a unit beside the pipes that works while they do: the
     kernel takes at least the larger of the pipes' total and the divider's total
-    (div/R_div + sqrt/R_sqrt). Where the ISA also has a square root on the FMA pipes
+    (div/R_div + sqrt/R_sqrt). A divider instruction still issues through a pipe: beside FMA
+    pipes kept busy, each division or root costs them the FMAs the micro-benchmark measures it
+    to displace (`fma4+div`, `fma4+sqrt`: two on the Zen 4, whose 512-bit divisions and roots
+    are two 256-bit halves; `divider_fma_slots`), and the model counts those with the FMAs.
+    Where the ISA also has a square root on the FMA pipes
     (simd.h vsqrt_newton), the bound takes the best share of the weights' roots there
     (`KernelMix.seconds_per_vector`), whatever share the kernel takes.
 
@@ -69,6 +73,20 @@ PIPE_OPS = (
     "add4+store",
     "fma4+store",
 )
+# pipe_bench.cpp's fma4 (48 FMAs a step on 12 chains) and the same step beside one division
+# or one square root: the rate the FMAs lose is the FMA-pipe issue the divider's instruction
+# takes (divider_fma_slots). Measured interleaved, best of many: the difference of two rates.
+DIVIDER_SLOT_OPS = ("fma4", "fma4+div", "fma4+sqrt")
+DIVIDER_STEP_FMAS = 48
+
+
+def divider_fma_slots(r: dict, which: str) -> float:
+    """FMAs' worth of FMA-pipe issue one division (which='div') or square root ('sqrt') takes
+    beside busy FMA pipes, from the rates of `measure_pipes`; 0 for a record measured before
+    the micro-benchmark had it (the model of that day)."""
+    return float(r.get(f"{which}_fma_slots", 0.0))
+
+
 # pipe_bench.cpp's loop_* operations: the kernels' inner loops from L1, in pair-dimension
 # vectors per second, and the phase of the model each one is set against (kernel, index in
 # KernelMix.per_dim)
@@ -118,6 +136,17 @@ def measure_pipes(
     for op in PIPE_OPS:
         slow = op in ("div", "sqrt", "sqrt_newton", "exp2", "log2")
         out[op] = threads * best(op, iters // 8 if slow else iters)
+    # the divider's issue slots: a difference of two rates, so measured side by side (the
+    # host's clock moves between runs taken one operation after the other)
+    slot = dict.fromkeys(DIVIDER_SLOT_OPS, 0.0)
+    for _ in range(2 * repeats):
+        for op in DIVIDER_SLOT_OPS:
+            slot[op] = max(slot[op], C.pipe_rate(op, iters // 8, 1, 0.0, dtype_double, isa))
+    for op in DIVIDER_SLOT_OPS:
+        out[op] = threads * slot[op]
+    for which in ("div", "sqrt"):
+        lost = slot["fma4"] / slot[f"fma4+{which}"] - 1.0
+        out[f"{which}_fma_slots"] = max(0.0, DIVIDER_STEP_FMAS * lost)
     for hp in half_ps:
         out[f"pow_weight@{hp:g}"] = threads * best("pow_weight", iters // 8, hp)
     for name, param in PHASE_A_BLOCKS.items():
@@ -137,7 +166,12 @@ def pipe_table(rates: dict) -> list[tuple[str, float, float]]:
     th, clk = rates["threads"], rates["clock_hz"]
     rows = []
     for k, v in rates.items():
-        if isinstance(v, float) and k not in ("clock_hz", "team_fma") and k not in LOOP_OPS:
+        if (
+            isinstance(v, float)
+            and k not in ("clock_hz", "team_fma")
+            and k not in LOOP_OPS
+            and not k.endswith("_fma_slots")
+        ):
             rows.append((k, v / th, v / th / clk if not math.isnan(clk) else float("nan")))
     return rows
 
@@ -164,10 +198,14 @@ class Mix:
         """The vector pipes' time: the busiest pipe class, the instructions that any pipe can
         run (integer and conversion) counted with both."""
         fma, add, other = self.fma, self.add, 0.0
+        roots = 0.0  # the weight's square roots on the divider
         if self.pow_weight:
-            mults, selects, _ = pow_ops(half_p, self.newton_roots)
+            mults, selects, roots = pow_ops(half_p, self.newton_roots)
             fma += self.pow_weight * mults
             add += self.pow_weight * selects
+        # the divider's instructions take their issue from the FMA pipes
+        fma += divider_fma_slots(r, "div") * (self.div + self.log2)
+        fma += divider_fma_slots(r, "sqrt") * (self.sqrt + self.pow_weight * roots)
         double = bool(r.get("double", False))
         for calls, ops in ((self.exp2, exp2_ops(double)), (self.log2, log2_ops(double))):
             fma += calls * ops[0]
@@ -496,6 +534,11 @@ def report(ceil: Ceiling, dims=(2, 3, 8, 16, 33, 129, 513)) -> list[str]:
     ]
     for k, v, pc in pipe_table(r):
         lines.append(f"  {k:18} {v / 1e9:12.3f} {pc:10.3f}")
+    if "div_fma_slots" in r:
+        lines.append(
+            f"  FMA-pipe issue a divider instruction takes (fma4 against fma4+div, fma4+sqrt): "
+            f"division {r['div_fma_slots']:.2f} FMAs, square root {r['sqrt_fma_slots']:.2f}"
+        )
     lines.append(
         f"  FMA peak {ceil.fma_peak_gflops():.1f} GFLOP/s (2 flops per FMA lane, "
         f"{r['threads']} cores); the whole team measured at once: "

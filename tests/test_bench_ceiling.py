@@ -66,6 +66,31 @@ def test_phase_is_bounded_by_its_busiest_pipe():
     assert ceiling.Mix(fma=50, div=1).seconds(RATES) == pytest.approx(50e-9)
 
 
+def test_divider_instructions_take_fma_issue_where_measured():
+    # a record measured before the micro-benchmark had fma4+div counts none (its day's model)
+    assert ceiling.divider_fma_slots(RATES, "div") == 0.0
+    slots = dict(RATES, div_fma_slots=2.0, sqrt_fma_slots=1.5)
+    # beside busy FMA pipes each division costs them 2 FMAs' issue, each root 1.5
+    assert ceiling.Mix(fma=50, div=1).seconds(slots) == pytest.approx(52e-9)
+    assert ceiling.Mix(fma=1, div=1, sqrt=1).pipe_seconds(slots) == pytest.approx(4.5e-9)
+    # the divider's own time is unchanged, and where it binds it still sets the phase
+    assert ceiling.Mix(fma=1, div=1, sqrt=1).seconds(slots) == pytest.approx(3e-8)
+    # add-pipe work is untouched: the slots are the FMA pipes'
+    assert ceiling.Mix(add=50, div=1).seconds(slots) == pytest.approx(50e-9)
+    # log2's division and the weight's roots on the divider count too; roots moved to the FMA
+    # pipes (Newton) take their own multiplications instead
+    # (log2: 9 FMA-pipe, 5 add-pipe and 8 either-pipe instructions; with its division's 2:
+    # (11 + 5 + 8) / 2e9 against 22 / 2e9 before)
+    assert ceiling.Mix(log2=1).pipe_seconds(RATES) == pytest.approx(11e-9)
+    assert ceiling.Mix(log2=1).pipe_seconds(slots) == pytest.approx(12e-9)
+    mults, _, roots = ceiling.pow_ops(64.5)
+    w = ceiling.Mix(pow_weight=1)
+    assert roots == 1
+    assert w.pipe_seconds(slots, 64.5) == pytest.approx((mults + 1.5 * roots) / 1e9)
+    newton = ceiling.Mix(pow_weight=1, newton_roots=1.0)
+    assert newton.pipe_seconds(slots, 64.5) == pytest.approx(newton.pipe_seconds(RATES, 64.5))
+
+
 def test_pow_ops_follow_the_power_form():
     # (multiplications, selects, square roots) per weight vector: t = q / Q is one
     # multiplication; p/2 = 1: nothing more
@@ -222,7 +247,12 @@ def test_pipe_benchmark_runs_every_operation():
 
     C = _ext.cpu_module()
     ops = C.pipe_ops()
-    for op in ceiling.PIPE_OPS + tuple(ceiling.LOOP_OPS) + ("pow_weight", "phaseA"):
+    for op in (
+        ceiling.PIPE_OPS
+        + ceiling.DIVIDER_SLOT_OPS
+        + tuple(ceiling.LOOP_OPS)
+        + ("pow_weight", "phaseA")
+    ):
         assert op in ops
         assert C.pipe_rate(op, 64, 1, 1.5) > 0  # a rate, whatever it is
     with pytest.raises(ValueError):

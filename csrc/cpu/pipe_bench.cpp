@@ -86,6 +86,10 @@ enum Op : int {
                // add-pipe slots? (the rate counts the adds)
   kFmaStore,   // the same with FMAs
   kSqrtNewton,  // a = vsqrt_newton(a), simd.h: the estimate and a Newton step (FMA pipes)
+  kFma4,       // four dependent FMAs per chain and step (48 a step): fma+div's base
+  kFma4Div,    // the same and one division a step beside them: what the division takes of the
+               // FMA pipes (the rate counts the FMAs)
+  kFma4Sqrt,   // the same with one square root a step
   kNumOps
 };
 
@@ -95,7 +99,7 @@ const char* const kOpNames[kNumOps] = {"fma", "add", "mul", "fma+add", "max", "d
                                        "load+bcast+fma", "sub+fma", "phaseA", "clock",
                                        "store", "load+store", "loop_A", "loop_C",
                                        "loop_A'", "loop_C'", "add4+store", "fma4+store",
-                                       "sqrt_newton"};
+                                       "sqrt_newton", "fma4", "fma4+div", "fma4+sqrt"};
 
 // kChains independent chains as named variables (an array of vectors could stay in memory,
 // adding a load and a store to every step).
@@ -335,6 +339,33 @@ int64_t run_op(int op, int64_t iters, double param) {
         PF_REP(PF_HIDE_A)
       }
       free(raw);
+      break;
+    }
+    case kFma4:
+    case kFma4Div:
+    case kFma4Sqrt: {
+      // 48 FMAs a step keep the FMA pipes busy (12 chains of four, 16 cycles of latency
+      // against 48 of issue at one 512-bit FMA a cycle); the division or root beside them,
+      // whose result only the sink takes, needs the divider 6-10 cycles of the 48. Were the
+      // divider a unit beside the pipes, the FMAs would keep their rate; what they lose is
+      // the FMA-pipe issue the divider's instruction takes (on the Zen 4 two cycles: a 512-bit
+      // division or root is two 256-bit halves issued on an FMA pipe; docs/performance.md,
+      // "The divider").
+#define PF_DECL(i) V a##i = vbroadcast<T>((T)(0.5 + 0.01 * i));
+      PF_REP(PF_DECL)
+#undef PF_DECL
+      V q = vbroadcast<T>((T)1.7), s = V{};
+      per_iter = 4 * kChains;
+      for (int64_t it = 0; it < iters; ++it) {
+#define PF_STEP(i) a##i = a##i * b + c; a##i = a##i * b + c; a##i = a##i * b + c; a##i = a##i * b + c;
+        PF_REP(PF_STEP)
+#undef PF_STEP
+        if (op == kFma4Div) s = b / q;
+        if (op == kFma4Sqrt) s = vsqrt<T>(q);
+        PF_OPAQUE(q);
+        PF_OPAQUE(s);
+        PF_REP(PF_HIDE_A)
+      }
       break;
     }
     case kFmaAdd: {
