@@ -147,9 +147,13 @@ def one_run(quick: bool) -> dict:
     # the run from its stored pipe rates (docs/performance.md, "The divider")
     timings = out["timings"] = {}
     big = 4096 if quick else 8192
-    for D in (2, 3, 8, 16, 33, 129):
-        N = big * 2 if D < 16 and not quick else big
-        for form in ("auto", "log"):
+    # (D, N = B, weight forms): the throughput sweep's dimensions, and the top of the forward's
+    # target range ("from D = 33 up") in the power form at N = B = 4096 (0.2 s on 2 Zen 4 cores)
+    both = ("auto", "log")
+    shapes = [(D, big * 2 if D < 16 and not quick else big, both) for D in (2, 3, 8, 16, 33, 129)]
+    shapes.append((513, big // 2, ("auto",)))
+    for D, N, forms in shapes:
+        for form in forms:
             with weight_form(form):
                 wall, cpu_s = forward_seconds(cpu, N, D, repeat)
             suffix = "" if form == "auto" else "_log"
@@ -157,16 +161,8 @@ def one_run(quick: bool) -> dict:
             out[f"forward_D{D}{suffix}"] = best / wall
             timings[f"forward_D{D}{suffix}"] = {"N": N, "wall": wall, "cpu": cpu_s, "ceiling": best}
             out[f"forward_x_gemm_D{D}{suffix}"] = 4.0 * D * N * N / wall / 1e9 / gemm
-            if D in (3, 33, 129):
+            if D in (3, 33, 129, 513):
                 out[f"forward_D{D}{suffix}_by_cpu_time"] = th * best / cpu_s
-    # the top of the forward's target range ("from D = 33 up"): the widest rows of the
-    # throughput sweep, power form only, N = B = 4096 (a call of 0.2 s on 2 Zen 4 cores)
-    N = 1024 if quick else 4096
-    wall, cpu_s = forward_seconds(cpu, N, 513, repeat)
-    best = ceil.forward_seconds(N, N, 513)
-    out["forward_D513"] = best / wall
-    out["forward_D513_by_cpu_time"] = th * best / cpu_s
-    timings["forward_D513"] = {"N": N, "wall": wall, "cpu": cpu_s, "ceiling": best}
     # backward over forward at N = B = 8192, D = 129
     nb = 4096 if quick else 8192
     t = backward_seconds(nb, 129, repeat)
