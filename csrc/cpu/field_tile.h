@@ -74,6 +74,15 @@ struct Geometry {
   static constexpr int KB = 3;
 #endif
   static constexpr int kSmallD = 8;
+  // wide rows (D above this): a charge tile of twice the bytes, and phase A prefetching the
+  // charges' rows kWideAhead steps on (tile_shape, scores_tile). At D = 513 the narrow rows'
+  // budget gave 96 charges a tile, so phase C's blocks ran 6 charge vectors between loading
+  // and storing their accumulators (12% of the call); twice the bytes halve that, but phase A
+  // then streams the larger tile from L3 behind the hardware's prefetch (its loop 20% slower)
+  // unless told the rows ahead: both, N = B = 4096, one thread, 416 -> 385 ms (16, 24 and 32
+  // rows ahead alike, 8 a little slower, 4 no gain). Narrower rows keep their tiles and bits.
+  static constexpr int kWideD = 256;
+  static constexpr int kWideAhead = 24;
   // phase A's query block at dimension D
   static constexpr int qb(int64_t D) { return D < kSmallD ? QBs : QB; }
   static constexpr int CT_MAX = 16 * W;    // charges per tile, at most
@@ -197,7 +206,8 @@ template <typename T>
 static inline TileShape<T> tile_shape(int64_t D, int blk = 0) {
   typedef Geometry<T> G;
   const int64_t d = D > 0 ? D : 1, s = (int64_t)sizeof(T);
-  int64_t ct = (256 * 1024) / (d * s) / G::kChargeAlign * G::kChargeAlign;
+  const int64_t charge_bytes = (d > G::kWideD ? 512 : 256) * 1024;
+  int64_t ct = charge_bytes / (d * s) / G::kChargeAlign * G::kChargeAlign;
   if (ct > G::CT_MAX) ct = G::CT_MAX;
   if (ct < G::kChargeAlign) ct = G::kChargeAlign;
   int64_t qt = (512 * 1024) / (s * d * G::W);
@@ -323,7 +333,10 @@ struct TileScratch {
 // r2 is summed in blocks of kSumBlock dimensions, each block added to the total: a float32
 // running sum over D = 300 terms has a rounding error ~sqrt(D/3) ulp of r2, which p/2 in the
 // exponent turns into 3e-5 relative error of the weights; blocking cuts it about fourfold.
-template <typename T, int QB, int CB, bool kGrad, bool kEmbed>
+//
+// kAhead > 0: each step prefetches the charge rows kAhead steps on (wide rows: the tile's rows
+// then stream from L3, and the hardware's prefetch falls behind; docs/performance.md, "Targets").
+template <typename T, int QB, int CB, bool kGrad, bool kEmbed, int kAhead = 0>
 static inline void distance_block(const T* const* xq, const T* const* gq, const T* yk, int64_t ld,
                                   int64_t D, VecT<T> (&acc)[QB][CB], VecT<T> (&gd)[QB][CB]) {
   typedef VecT<T> V;
@@ -337,6 +350,8 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
     for (int q = 0; q < QB; ++q)
       for (int c = 0; c < CB; ++c) part[q][c] = V{};
     for (int64_t k = k0; k < k1; ++k, yk += ld) {
+      if constexpr (kAhead > 0)
+        for (int c = 0; c < CB; ++c) __builtin_prefetch(yk + kAhead * ld + c * W, 0, 3);
       V y[CB];
       for (int c = 0; c < CB; ++c) y[c] = vload<T>(yk + c * W);
       for (int q = 0; q < QB; ++q) {
@@ -357,7 +372,7 @@ static inline void distance_block(const T* const* xq, const T* const* gq, const 
 // q = g / max(r2 + eps2, tiny) (power_form.h). Always inlined: compiled on its own, GCC kept
 // the 12 running r2 sums in memory, 12 stores to the stack after every 16-dimension block
 // (docs/performance.md, "Zen 4"); inlined into scores_tile they stay in registers.
-template <typename T, int QB, int CB, bool kPower, bool kEmbed>
+template <typename T, int QB, int CB, bool kPower, bool kEmbed, int kAhead = 0>
 __attribute__((always_inline)) static inline void scores_block(const TileScratch<T>& sc,
                                                               const Packed<T>& pk,
                                                               const T* ytile, int64_t ld, int q0,
@@ -369,7 +384,7 @@ __attribute__((always_inline)) static inline void scores_block(const TileScratch
   V acc[QB][CB], unused[QB][CB];
   const T* xq[QB];
   for (int q = 0; q < QB; ++q) xq[q] = sc.xt + (int64_t)(q0 + q) * D;
-  distance_block<T, QB, CB, false, kEmbed>(xq, xq, ytile + col, ld, D, acc, unused);
+  distance_block<T, QB, CB, false, kEmbed, kAhead>(xq, xq, ytile + col, ld, D, acc, unused);
   // The rows' softening and the score rows' addresses read once, before any store: a store of
   // floats may alias sc.e2, and GCC re-read it after every store
   T e2[QB];
@@ -407,11 +422,16 @@ static void scores_tile(const TileScratch<T>& sc, const Packed<T>& pk, const T* 
       for (int c0 = 0; c0 < nvec; c0 += G::CB)
         scores_block<T, G::QBs, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
                                                        j0 + (int64_t)c0 * W, c0 * W, half_p);
-  } else {
+  } else if (pk.D <= G::kWideD) {
     for (int q0 = 0; q0 < sc.QT; q0 += G::QB)
       for (int c0 = 0; c0 < nvec; c0 += G::CB)
         scores_block<T, G::QB, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
                                                       j0 + (int64_t)c0 * W, c0 * W, half_p);
+  } else {
+    for (int q0 = 0; q0 < sc.QT; q0 += G::QB)
+      for (int c0 = 0; c0 < nvec; c0 += G::CB)
+        scores_block<T, G::QB, G::CB, kPower, kEmbed, G::kWideAhead>(
+            sc, pk, ytile, ld, q0, j0 + (int64_t)c0 * W, c0 * W, half_p);
   }
 }
 
