@@ -410,29 +410,34 @@ __attribute__((always_inline)) static inline void scores_block(const TileScratch
   }
 }
 
-// Phase A for the tile's QT queries over the charge tile at j0 (nvec charge vectors).
+// Phase A's QB x CB register blocks over the tile's QT queries and the charge tile at j0 (nvec
+// charge vectors); kAhead: distance_block's prefetch.
+template <typename T, int QB, bool kPower, bool kEmbed, int kAhead = 0>
+__attribute__((always_inline)) static inline void scores_blocks(const TileScratch<T>& sc,
+                                                               const Packed<T>& pk,
+                                                               const T* ytile, int64_t ld,
+                                                               int64_t j0, int nvec, T half_p) {
+  typedef Geometry<T> G;
+  constexpr int W = G::W;
+  for (int q0 = 0; q0 < sc.QT; q0 += QB)
+    for (int c0 = 0; c0 < nvec; c0 += G::CB)
+      scores_block<T, QB, G::CB, kPower, kEmbed, kAhead>(sc, pk, ytile, ld, q0,
+                                                         j0 + (int64_t)c0 * W, c0 * W, half_p);
+}
+
+// Phase A for the tile's QT queries over the charge tile at j0 (nvec charge vectors): the
+// block shape by D (Geometry::qb), and the wide rows' prefetch.
 template <typename T, bool kPower, bool kEmbed>
 static void scores_tile(const TileScratch<T>& sc, const Packed<T>& pk, const T* ytile, int64_t j0,
                         int nvec, T half_p) {
   typedef Geometry<T> G;
-  constexpr int W = G::W;
   const int64_t ld = pk.width(j0);
-  if (pk.D < G::kSmallD) {
-    for (int q0 = 0; q0 < sc.QT; q0 += G::QBs)
-      for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QBs, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
-                                                       j0 + (int64_t)c0 * W, c0 * W, half_p);
-  } else if (pk.D <= G::kWideD) {
-    for (int q0 = 0; q0 < sc.QT; q0 += G::QB)
-      for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QB, G::CB, kPower, kEmbed>(sc, pk, ytile, ld, q0,
-                                                      j0 + (int64_t)c0 * W, c0 * W, half_p);
-  } else {
-    for (int q0 = 0; q0 < sc.QT; q0 += G::QB)
-      for (int c0 = 0; c0 < nvec; c0 += G::CB)
-        scores_block<T, G::QB, G::CB, kPower, kEmbed, G::kWideAhead>(
-            sc, pk, ytile, ld, q0, j0 + (int64_t)c0 * W, c0 * W, half_p);
-  }
+  if (pk.D < G::kSmallD)
+    scores_blocks<T, G::QBs, kPower, kEmbed>(sc, pk, ytile, ld, j0, nvec, half_p);
+  else if (pk.D <= G::kWideD)
+    scores_blocks<T, G::QB, kPower, kEmbed>(sc, pk, ytile, ld, j0, nvec, half_p);
+  else
+    scores_blocks<T, G::QB, kPower, kEmbed, G::kWideAhead>(sc, pk, ytile, ld, j0, nvec, half_p);
 }
 
 // Phase C for QC queries x KBr dimensions starting at dimension k0, over nvec charge vectors.
