@@ -56,16 +56,19 @@ def disassemble(path: str) -> list[str]:
     return out.splitlines()
 
 
-def function_body(lines: list[str], isa: str, function: str) -> list[tuple[int, str, str]]:
+def function_body(
+    lines: list[str], isa: str, function: str | re.Pattern
+) -> list[tuple[int, str, str]]:
     """Instructions of the first function whose demangled name contains both the ISA's namespace
-    and `function` (e.g. 'field_tile<float, true>')."""
+    and `function` (e.g. 'field_tile<float, true>'; or a compiled pattern searched for)."""
     ns = f"isa_{isa}::"
     body, inside = [], False
     for ln in lines:
         if ln.endswith(">:") and re.match(r"^[0-9a-f]+ <", ln):
             if inside:
                 break
-            inside = ns in ln and function in ln
+            found = function.search(ln) if isinstance(function, re.Pattern) else function in ln
+            inside = ns in ln and bool(found)
             continue
         if inside:
             m = LINE.match(ln)
@@ -124,8 +127,80 @@ def mix(body, lo, hi) -> dict:
     return counts
 
 
-def object_file(isa: str) -> str:
-    """The kernels' object file of one instruction-set copy in the build tree."""
+# The micro-benchmark's copies of the kernels' inner loops (csrc/cpu/pipe_bench.cpp, the loop_*
+# operations) and the kernel functions that hold the loops they stand for: {T} the precision,
+# {embed} phase A's broadcast form (true: each coordinate a broadcast operand).
+BENCH_LOOPS = {
+    "loop_A": (r"distance_calls<{T}, \d+, false, {embed}>", r"scores_tile<{T}, true, {embed}>"),
+    "loop_C": (r"accumulate_calls<{T}, false>", r"field_tile<{T}, true>"),
+    "loop_A'": (r"distance_calls<{T}, \d+, true, {embed}>", r"backward_item<{T}>"),
+    "loop_C'": (r"accumulate_calls<{T}, true>", r"backward_item<{T}>"),
+}
+# what a loop's signature counts: the vector instructions by class and their memory operands
+# (scalar bookkeeping, an lea where the other has an add, is left out)
+SIGNATURE = (
+    "fma",
+    "add",
+    "mul",
+    "max",
+    "div",
+    "sqrt",
+    "cvt",
+    "int",
+    "perm",
+    "bcast",
+    "load",
+    "store",
+    "mov",
+    "other_vec",
+)
+
+
+def signature(m: dict) -> tuple:
+    return tuple(m.get(k, 0) for k in SIGNATURE)
+
+
+def arithmetic(m: dict) -> int:
+    return sum(m.get(k, 0) for k in ("fma", "add", "mul", "max", "div", "sqrt"))
+
+
+def agreement(bench: list[str], kernels: list[str], isa: str, dtype: str, embed: bool) -> dict:
+    """For each loop_* found in the micro-benchmark's disassembly `bench`: (its innermost
+    loop's signature as a dict, whether one of the kernel function's innermost loops in
+    `kernels` has the same signature)."""
+    form = "true" if embed else "false"
+    out = {}
+    for op, (bench_fn, kernel_fn) in BENCH_LOOPS.items():
+        sigs = []
+        for lines, fn in ((bench, bench_fn), (kernels, kernel_fn)):
+            body = function_body(lines, isa, re.compile(fn.format(T=dtype, embed=form)))
+            if not body and "{embed}" in fn:
+                # where both forms compile to the same code (no embedded broadcasts in the
+                # ISA), the compiler's identical-code folding keeps one of the two
+                other = "false" if embed else "true"
+                body = function_body(lines, isa, re.compile(fn.format(T=dtype, embed=other)))
+            mixes = [mix(body, lo, hi) for lo, hi in innermost(loops(body))] if body else []
+            sigs.append([signature(m) for m in mixes if arithmetic(m) >= 4])
+        if not sigs[0]:
+            continue
+        # the micro-benchmark's function holds one loop of the kind: its busiest
+        mine = max(sigs[0], key=lambda sg: sum(sg[:6]))
+        out[op] = (dict(zip(SIGNATURE, mine)), mine in sigs[1])
+    return out
+
+
+def loop_agreement(isa: str, dtype: str = "float", embed: bool = True) -> dict:
+    """`agreement` on the build tree's object files of one instruction-set copy. The
+    micro-benchmark's rates stand for the kernels' loops only where they are the same
+    instructions: compiled in another context the same source came out with other registers
+    spilled (docs/performance.md, "The loops alone")."""
+    bench = disassemble(object_file(isa, "pipe_bench"))
+    return agreement(bench, disassemble(object_file(isa)), isa, dtype, embed)
+
+
+def object_file(isa: str, source: str = "field_cpu") -> str:
+    """The kernels' object file (or the micro-benchmark's: source="pipe_bench") of one
+    instruction-set copy in the build tree."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     hits = sorted(
         glob.glob(
@@ -137,7 +212,7 @@ def object_file(isa: str) -> str:
                 f"pf_cpu_{isa}.dir",
                 "csrc",
                 "cpu",
-                "field_cpu.cpp.o",
+                f"{source}.cpp.o",
             )
         ),
         key=os.path.getmtime,
@@ -167,7 +242,22 @@ def main(argv=None):
         default=4,
         help="show loops with at least this many vector arithmetic instructions",
     )
+    ap.add_argument(
+        "--loops",
+        action="store_true",
+        help="check that the micro-benchmark's loop_* are the kernels' loops, instruction for "
+        "instruction class",
+    )
     args = ap.parse_args(argv)
+    if args.loops:
+        # the embedded form exists on avx512 only (dispatch.cpp, resolve_broadcasts)
+        for embed in (True, False) if args.isa == "avx512" else (False,):
+            for op, (sig, same) in loop_agreement(args.isa, embed=embed).items():
+                counts = " ".join(f"{k} {v}" for k, v in sig.items() if v)
+                verdict = "the kernel's loop" if same else "NOT the kernel's loop"
+                form = "embedded" if embed else "shared  "
+                print(f"{op:8} broadcasts {form}: {verdict} ({counts})")
+        return
     functions = args.function or [
         "field_tile<float, true>",
         "field_tile<float, false>",

@@ -64,3 +64,42 @@ def test_short_names():
         == "scores_block<float, 6, 2, true>"
     )
     assert phase_profile.short_name("poissonflow::isa_avx512::field_forward(x)") == "field_forward"
+
+
+def _function(addr: int, name: str, loop: list[str]) -> list[str]:
+    """A function of the avx512 copy whose body is one loop over `loop`'s instructions."""
+    lines = [f"{addr:016x} <void poissonflow::isa_avx512::{name}(long)>:"]
+    a = addr
+    for ins in loop:
+        lines.append(f"  {a:6x}:\t{ins}")
+        a += 6
+    lines += [f"  {a:6x}:\tjne    {addr:x} <x>", f"  {a + 2:6x}:\tret", ""]
+    return lines
+
+
+FORWARD_A = ["vmovups (%rcx),%zmm1"] + [
+    "vsubps (%rdx){1to16},%zmm1,%zmm27",
+    "vfmadd231ps %zmm27,%zmm27,%zmm14",
+] * 4
+SPILLED_A = FORWARD_A + ["vmovaps %zmm14,0x40(%rsp)"]
+
+
+def test_bench_loops_against_the_kernels_loops():
+    """asm_mix.agreement: a micro-benchmark loop is the kernel's when one of the kernel
+    function's innermost loops has the same vector instructions; a spill makes it another."""
+    kernels = _function(0x100, "scores_tile<float, true, true>", FORWARD_A)
+    bench = "(anonymous namespace)::distance_calls<float, 6, false, true>"
+    same = _function(0x500, bench, FORWARD_A)
+    spilled = _function(0x500, bench, SPILLED_A)
+    found = asm_mix.agreement(same, kernels, "avx512", "float", embed=True)
+    assert set(found) == {"loop_A"}  # the other loops' functions are not in either listing
+    sig, ok = found["loop_A"]
+    assert ok and (sig["fma"], sig["add"], sig["load"], sig["store"]) == (4, 4, 5, 0)
+    sig, ok = asm_mix.agreement(spilled, kernels, "avx512", "float", embed=True)["loop_A"]
+    assert not ok and sig["store"] == 1
+    # a form folded into the other's code (identical-code folding: an ISA without embedded
+    # broadcasts) is found under the other form's name, on both sides
+    sig, ok = asm_mix.agreement(same, kernels, "avx512", "float", embed=False)["loop_A"]
+    assert ok and sig["fma"] == 4
+    sig, ok = asm_mix.agreement(spilled, kernels, "avx512", "float", embed=False)["loop_A"]
+    assert not ok

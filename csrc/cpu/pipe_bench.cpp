@@ -190,40 +190,67 @@ __attribute__((noinline)) int64_t phase_a_step(int64_t iters) {
 // contiguous (2 vectors wide: a 16.5 KiB strip) so that everything stays in L1.
 constexpr int64_t kLoopDims = 129;
 
+// `calls` calls of phase A's or A''s register block as the kernels make them: the forward's
+// distance_block with its sums stored as scores_block stores its scores, the backward's own
+// block function (backward_pairs_block), the rows D apart from one base as in the kernels' tile
+// scratch. One function of its own, everything inlined into it, the repetitions inside: GCC
+// then allocates the loop's registers as it does in the kernels (`python bench/asm_mix.py
+// --loops` compares each loop_* with the kernels' loops, instruction class by class). Called
+// from the timing loop with its values live, the forward's loop moved three query pointers in
+// and out of vector registers every step and the backward's kept its g.(x - y) sums in memory,
+// a store a step: 0.85 and 0.84 of their model on a Zen 4, 0.98 and 0.99 as the kernels
+// compile them (docs/performance.md, "The loops alone").
+template <typename T, int QB, bool kGrad, bool kEmbed>
+__attribute__((noinline, flatten)) void distance_calls(BackwardScratch<T>& bs,
+                                                       const Packed<T>& pk, const T* yk,
+                                                       int64_t ld, T* out, int64_t calls) {
+  typedef VecT<T> V;
+  constexpr int W = VecTraits<T>::W, CB = Geometry<T>::CB;
+  const int64_t D = pk.D;
+  for (int64_t it = 0; it < calls; ++it) {
+    int q0 = 0;
+    __asm__ volatile("" : "+r"(q0));  // a run-time query row, as the kernels' q0
+    if constexpr (kGrad) {
+      backward_pairs_block<T, QB, CB, true, kEmbed>(bs, pk, yk, ld, q0, 0);
+    } else {
+      V acc[QB][CB], unused[QB][CB];
+      const T* xq[QB];
+      for (int q = 0; q < QB; ++q) xq[q] = bs.xt + (int64_t)(q0 + q) * D;
+      distance_block<T, QB, CB, false, kEmbed>(xq, xq, yk, ld, D, acc, unused);
+      for (int q = 0; q < QB; ++q)
+        for (int c = 0; c < CB; ++c) vstore<T>(out + (q * CB + c) * W, acc[q][c]);
+    }
+    __asm__ volatile("" : : : "memory");  // the stores are read: no call is dropped
+  }
+}
+
 template <typename T, int QB, bool kGrad, bool kEmbed>
 int64_t loop_distance(int64_t iters) {
-  typedef VecT<T> V;
-  typedef Geometry<T> G;
-  constexpr int W = VecTraits<T>::W, CB = G::CB;
+  constexpr int W = VecTraits<T>::W, CB = Geometry<T>::CB;
   const int64_t D = kLoopDims, ld = CB * W;
   T* y = (T*)aligned_buffer(sizeof(T) * (size_t)(D * ld));
-  T* x = (T*)aligned_buffer(sizeof(T) * (size_t)(QB * D));
-  T* gq = (T*)aligned_buffer(sizeof(T) * (size_t)(QB * D));
-  if (!y || !x || !gq) {
-    free(y); free(x); free(gq);
-    return 0;
+  T* out = (T*)aligned_buffer(sizeof(T) * (size_t)(QB * CB * W));
+  // the charges' rows as the kernels' packed layout has them (y is not owned by pk), the
+  // queries' coordinates (and g) in the backward's tile scratch, which both forms read
+  Packed<T> pk;
+  int64_t rows = D;
+  __asm__ volatile("" : "+r"(rows));  // a run-time row length, as the kernels': not folded
+  pk.D = rows;                         // into the loop's addresses
+  pk.CT = pk.Bp = pk.B = ld;
+  pk.yT = y;
+  BackwardScratch<T> bs;
+  const bool ok = y && out && bs.allocate(TileShape<T>{QB, (int)ld, QB}, D);
+  int64_t calls = 0;
+  if (ok) {
+    for (int64_t i = 0; i < D * ld; ++i) y[i] = (T)(1e-3 * (double)(i % 13));
+    for (int64_t i = 0; i < QB * D; ++i) bs.xt[i] = bs.gt[i] = (T)(1e-2 * (double)(i % 7));
+    for (int q = 0; q < QB; ++q) bs.e2[q] = (T)0;
+    calls = iters / D + 1;
+    distance_calls<T, QB, kGrad, kEmbed>(bs, pk, y, ld, out, calls);
   }
-  for (int64_t i = 0; i < D * ld; ++i) y[i] = (T)(1e-3 * (double)(i % 13));
-  for (int64_t i = 0; i < QB * D; ++i) x[i] = gq[i] = (T)(1e-2 * (double)(i % 7));
-  const T* xq[QB];
-  const T* gr[QB];
-  for (int q = 0; q < QB; ++q) {
-    xq[q] = x + q * D;
-    gr[q] = gq + q * D;
-  }
-  V acc[QB][CB], gd[QB][CB];
-  const int64_t calls = iters / D + 1;
-  for (int64_t it = 0; it < calls; ++it) {
-    const T* yk = y;
-    PF_OPAQUE_PTR(yk);
-    distance_block<T, QB, CB, kGrad, kEmbed>(xq, gr, yk, ld, D, acc, gd);
-    for (int q = 0; q < QB; ++q)
-      for (int c = 0; c < CB; ++c) {
-        PF_OPAQUE(acc[q][c]);
-        PF_OPAQUE(gd[q][c]);
-      }
-  }
-  free(y); free(x); free(gq);
+  bs.release();
+  free(y);
+  free(out);
   return calls * D * QB * CB;
 }
 
@@ -233,6 +260,22 @@ int64_t loop_distance(int64_t iters) {
 // backward_accumulate).
 constexpr int kLoopBlockDims = 6;  // a multiple of every ISA's dimension block (6, 3 and 2)
 constexpr int kLoopRows = 4;       // a multiple of every query block (2 and 4)
+
+// `calls` calls of phase C's or C''s tile function, in a function of their own with everything
+// inlined into it, as distance_calls and for the same reason: inlined into the operation's
+// switch, phase C''s loop read 14 vectors a step where the kernel's reads 10.
+template <typename T, bool kBackward>
+__attribute__((noinline, flatten)) void accumulate_calls(TileScratch<T>& sc, BackwardScratch<T>& bs,
+                                                         const Packed<T>& pk, const T* y, T* dy,
+                                                         int64_t ld, int nvec, int64_t calls) {
+  for (int64_t it = 0; it < calls; ++it) {
+    if constexpr (kBackward)
+      backward_accumulate<T, true, true, true>(bs, pk, dy, 0, nvec);
+    else
+      accumulate_tile<T>(sc, pk, y, ld, nvec);
+    __asm__ volatile("" : : : "memory");  // the accumulators are read: no call is dropped
+  }
+}
 
 template <typename T, bool kBackward>
 int64_t loop_accumulate(int64_t iters) {
@@ -269,13 +312,7 @@ int64_t loop_accumulate(int64_t iters) {
     }
     const int64_t per_call = (int64_t)QT * D * nvec;
     const int64_t calls = iters / per_call + 1;
-    for (int64_t it = 0; it < calls; ++it) {
-      if constexpr (kBackward)
-        backward_accumulate<T, true, true, true>(bs, pk, dy, 0, nvec);
-      else
-        accumulate_tile<T>(sc, pk, y, ld, nvec);
-      PF_OPAQUE_PTR(acc);
-    }
+    accumulate_calls<T, kBackward>(sc, bs, pk, y, dy, ld, nvec, calls);
     done = calls * per_call;
   }
   if (kBackward) bs.release(); else sc.release();
