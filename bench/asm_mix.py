@@ -77,6 +77,22 @@ def function_body(
     return body
 
 
+def function_bodies(lines: list[str], isa: str, pattern: re.Pattern) -> list[list]:
+    """The bodies of every function of the ISA's copy whose demangled name `pattern` finds."""
+    ns = f"isa_{isa}::"
+    bodies, body = [], None
+    for ln in lines:
+        if ln.endswith(">:") and re.match(r"^[0-9a-f]+ <", ln):
+            body = [] if ns in ln and pattern.search(ln) else None
+            if body is not None:
+                bodies.append(body)
+            continue
+        m = LINE.match(ln) if body is not None else None
+        if m:
+            body.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return [b for b in bodies if b]
+
+
 def classify(mn: str, ops: str) -> list[str]:
     """Pipe classes of one instruction, plus 'load' for a memory source and 'store' for a
     memory destination (AT&T syntax: the destination is the last operand)."""
@@ -133,7 +149,10 @@ def mix(body, lo, hi) -> dict:
 BENCH_LOOPS = {
     "loop_A": (r"distance_calls<{T}, \d+, false, {embed}>", r"scores_tile<{T}, true, {embed}>"),
     "loop_C": (r"accumulate_calls<{T}, false>", r"field_tile<{T}, true>"),
-    "loop_A'": (r"distance_calls<{T}, \d+, true, {embed}>", r"backward_item<{T}>"),
+    "loop_A'": (
+        r"distance_calls<{T}, \d+, true, {embed}>",
+        r"backward_item<{T}>|backward_pairs_tile<{T}, {embed}>",
+    ),
     "loop_C'": (r"accumulate_calls<{T}, true>", r"backward_item<{T}>"),
 }
 # what a loop's signature counts: the vector instructions by class and their memory operands
@@ -173,13 +192,13 @@ def agreement(bench: list[str], kernels: list[str], isa: str, dtype: str, embed:
     for op, (bench_fn, kernel_fn) in BENCH_LOOPS.items():
         sigs = []
         for lines, fn in ((bench, bench_fn), (kernels, kernel_fn)):
-            body = function_body(lines, isa, re.compile(fn.format(T=dtype, embed=form)))
-            if not body and "{embed}" in fn:
+            found = function_bodies(lines, isa, re.compile(fn.format(T=dtype, embed=form)))
+            if not found and "{embed}" in fn:
                 # where both forms compile to the same code (no embedded broadcasts in the
                 # ISA), the compiler's identical-code folding keeps one of the two
                 other = "false" if embed else "true"
-                body = function_body(lines, isa, re.compile(fn.format(T=dtype, embed=other)))
-            mixes = [mix(body, lo, hi) for lo, hi in innermost(loops(body))] if body else []
+                found = function_bodies(lines, isa, re.compile(fn.format(T=dtype, embed=other)))
+            mixes = [mix(b, lo, hi) for b in found for lo, hi in innermost(loops(b))]
             sigs.append([signature(m) for m in mixes if arithmetic(m) >= 4])
         if not sigs[0]:
             continue

@@ -118,10 +118,22 @@ static inline void backward_pairs_block(BackwardScratch<T>& sc, const Packed<T>&
 // update, prefetched a few lines after each register block. Phase A' reads none of the dy
 // partials, so their lines come from L3 here, beside its arithmetic, rather than in C'
 // (backward_rows: the first of the swept rows' items of each tile asks for it).
+//
+// On avx512 a function of its own with everything inlined into it: inlined into backward_item,
+// the shared-broadcast form's loop kept three of its g.(x - y) sums in memory (3 stores and 3
+// reloads a step, docs/performance.md, "The loops alone"); here GCC keeps all of them in
+// registers, the same instructions otherwise. On avx2 (16 registers) the inlined form spills
+// less, so it stays.
+#if defined(PF_ISA_AVX512)
+#define PF_PAIRS_TILE_ATTR __attribute__((noinline, flatten))
+#else
+#define PF_PAIRS_TILE_ATTR
+#endif
 template <typename T, bool kEmbed>
-static void backward_pairs_tile(BackwardScratch<T>& sc, const Packed<T>& pk, const T* ytile,
-                                int64_t ld, int nvec, bool has_g, const char* ahead,
-                                int64_t ahead_lines) {
+PF_PAIRS_TILE_ATTR static void backward_pairs_tile(BackwardScratch<T>& sc, const Packed<T>& pk,
+                                                   const T* ytile, int64_t ld, int nvec,
+                                                   bool has_g, const char* ahead,
+                                                   int64_t ahead_lines) {
   typedef Geometry<T> G;
   constexpr int W = G::W;
   const int64_t blocks = (int64_t)(sc.QT / G::QBb) * (nvec / G::CB);
