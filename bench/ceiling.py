@@ -388,9 +388,10 @@ def backward_mix(
 ) -> KernelMix:
     """The backward (backward_item): A' r2 and g.(x - y), B' the pair term, C' dx += a d (lanes),
     dy -= a d + pi g. The per-dimension counts are the compiled loops' (bench/asm_mix.py).
-    A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts (plus 3 reloads of a
-    spilled y vector on avx512: not binding, the FMA pipes are); without g (has_g False: the
-    output v carries no gradient) the forward's distance step, 8 + 8, 2 loads and 4 broadcasts.
+    A' (4 x 2 block): 16 FMA + 8 sub per step, 2 y loads and 8 broadcasts (until 2026-12-08
+    also 3 spilled registers' stores and reloads on avx512: not binding, the FMA pipes are);
+    without g (has_g False: the output v carries no gradient) the forward's distance step,
+    8 + 8, 2 loads and 4 broadcasts.
     C' for dx and dy on avx512 (backward_accumulate_held, 2 x 3 block, x and g in registers):
     10 FMA + 4 mul and 14 add/sub per step, 10 loads (c, pi, y, dy) and 3 stores; elsewhere
     (4 x KBb block, x and g as broadcast loads): 2 FMA + 1 mul and 2 add/sub per pair-dimension,
