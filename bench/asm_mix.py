@@ -283,22 +283,7 @@ def main(argv=None):
         "backward_item<float>",
     ]
     lines = disassemble(args.obj or object_file(args.isa))
-    keys = (
-        "fma",
-        "add",
-        "mul",
-        "max",
-        "div",
-        "sqrt",
-        "cvt",
-        "int",
-        "perm",
-        "bcast",
-        "load",
-        "store",
-        "mov",
-        "scalar",
-    )
+    keys = tuple(k for k in SIGNATURE if k != "other_vec") + ("scalar",)
     for fn in functions:
         body = function_body(lines, args.isa, fn)
         print(f"\n{fn} ({args.isa}): {len(body)} instructions")
