@@ -56,27 +56,6 @@ def disassemble(path: str) -> list[str]:
     return out.splitlines()
 
 
-def function_body(
-    lines: list[str], isa: str, function: str | re.Pattern
-) -> list[tuple[int, str, str]]:
-    """Instructions of the first function whose demangled name contains both the ISA's namespace
-    and `function` (e.g. 'field_tile<float, true>'; or a compiled pattern searched for)."""
-    ns = f"isa_{isa}::"
-    body, inside = [], False
-    for ln in lines:
-        if ln.endswith(">:") and re.match(r"^[0-9a-f]+ <", ln):
-            if inside:
-                break
-            found = function.search(ln) if isinstance(function, re.Pattern) else function in ln
-            inside = ns in ln and bool(found)
-            continue
-        if inside:
-            m = LINE.match(ln)
-            if m:
-                body.append((int(m.group(1), 16), m.group(2), m.group(3)))
-    return body
-
-
 def function_bodies(lines: list[str], isa: str, pattern: re.Pattern) -> list[list]:
     """The bodies of every function of the ISA's copy whose demangled name `pattern` finds."""
     ns = f"isa_{isa}::"
@@ -91,6 +70,13 @@ def function_bodies(lines: list[str], isa: str, pattern: re.Pattern) -> list[lis
         if m:
             body.append((int(m.group(1), 16), m.group(2), m.group(3)))
     return [b for b in bodies if b]
+
+
+def function_body(lines: list[str], isa: str, function: str) -> list[tuple[int, str, str]]:
+    """Instructions of the first function whose demangled name contains both the ISA's namespace
+    and `function` (e.g. 'field_tile<float, true>')."""
+    bodies = function_bodies(lines, isa, re.compile(re.escape(function)))
+    return bodies[0] if bodies else []
 
 
 def classify(mn: str, ops: str) -> list[str]:
