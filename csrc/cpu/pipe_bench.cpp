@@ -46,8 +46,6 @@ namespace {
 #else
 #define PF_OPAQUE(v) __asm__ volatile("" : "+m"(v))
 #endif
-// a pointer whose target the compiler must assume read and written (no hoisting across calls)
-#define PF_OPAQUE_PTR(p) __asm__ volatile("" : "+r"(p) : : "memory")
 
 constexpr int kChains = 12;
 
